@@ -1,0 +1,48 @@
+# Two commands do everything on a fresh clone: `make serve` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
+CHECKPOINT ?= build/checkpoints/ret_v21
+SERVE_ARGS ?=
+
+.PHONY: serve test proto lint venv dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps re-run the install whenever the project's requirements change.
+$(VENV)/.server: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e '.[server]'
+	touch $@
+
+$(VENV)/.dev: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e '.[dev]'
+	touch $@ $(VENV)/.server
+
+venv: $(VENV)/.server
+dev: $(VENV)/.dev
+
+$(CHECKPOINT)/model.safetensors: | $(VENV)/.server
+	$(BIN)/retd init-checkpoint --out $(CHECKPOINT)
+
+## Serve the default model on 127.0.0.1:50051 (Ctrl-C stops it gracefully).
+serve: $(VENV)/.server $(CHECKPOINT)/model.safetensors
+	$(BIN)/retd serve --checkpoint $(CHECKPOINT) $(SERVE_ARGS)
+
+## Install what the tests need and run them all.
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest
+
+## Regenerate the Python code of protos/ (a test fails when it is stale).
+proto: $(VENV)/.dev
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
+		--grpc_python_out=protos protos/retd/v1/decoder.proto
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy client server model
+
+clean:
+	rm -rf $(VENV) build

@@ -1,0 +1,1 @@
+"""retd generated protobuf and gRPC code for the retd.v1 contract (see decoder.proto)."""
