@@ -1,0 +1,132 @@
+"""The daemon: load and warm up every model, serve Decoder + health + reflection on one
+grpc.aio server, and drain gracefully on SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from retd.model.checkpoint import load_checkpoint, parse_dtype, resolve_device
+from retd.server.config import ModelSpec, ServerConfig
+from retd.server.engine import ModelEngine
+from retd.server.service import DecoderService
+from retd.v1 import decoder_pb2 as pb
+from retd.v1 import decoder_pb2_grpc as pb_grpc
+
+log = logging.getLogger("retd.server")
+
+DECODER_SERVICE = pb.DESCRIPTOR.services_by_name["Decoder"].full_name
+
+
+def load_engine(spec: ModelSpec) -> ModelEngine:
+    """Load a checkpoint onto its device and warm it up (runs off the event loop)."""
+    device = resolve_device(spec.device)
+    loaded = load_checkpoint(spec.checkpoint, device=device, dtype=parse_dtype(spec.dtype))
+    engine = ModelEngine(spec.name, loaded, max_batch_size=spec.max_batch_size)
+    engine.warm_up()
+    log.info(
+        "model %s loaded: %s %s, %d parameters, %s on %s, sha256 %s",
+        spec.name,
+        loaded.architecture,
+        loaded.version,
+        loaded.model.num_parameters(),
+        spec.dtype,
+        device,
+        loaded.sha256[:12],
+    )
+    if not loaded.trained:
+        log.warning(
+            "model %s is UNTRAINED (random weights from %s): it decodes noise, not text",
+            spec.name,
+            spec.checkpoint,
+        )
+    return engine
+
+
+class Daemon:
+    """A running retd server; `stop()` drains it."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.engines: dict[str, ModelEngine] = {}
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        config = self.config
+        for spec in config.models:
+            self.engines[spec.name] = await asyncio.to_thread(load_engine, spec)
+        for engine in self.engines.values():
+            engine.start()
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_DecoderServicer_to_server(
+            DecoderService(self.engines, config.default_model), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (DECODER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        self.port = server.add_insecure_port(config.address)
+        self.server = server
+        await server.start()
+        for name in ("", DECODER_SERVICE, *self.engines):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "retd serving %s on %s:%d (default model %s)",
+            ", ".join(self.engines),
+            config.host,
+            self.port,
+            config.default_model,
+        )
+
+    async def stop(self) -> None:
+        """Health goes NOT_SERVING, new calls get UNAVAILABLE, calls in flight get the grace
+        period to finish; then the workers stop."""
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(self.config.grace_period)
+        for engine in self.engines.values():
+            await engine.close()
+
+
+def _write_ready_file(path: Path, host: str, port: int) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(
+        json.dumps({"address": f"{host}:{port}", "port": port, "pid": os.getpid()})
+    )
+    temporary.replace(path)  # readers never see a half-written file
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run the daemon until SIGTERM or SIGINT; returns the process exit status."""
+    daemon = Daemon(config)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    try:
+        await daemon.start()
+    except Exception:
+        await daemon.stop()
+        raise
+    if config.ready_file is not None:
+        _write_ready_file(config.ready_file, config.host, daemon.port)
+    await stop_requested.wait()
+    log.info("shutting down: draining calls in flight (grace period %.1fs)", config.grace_period)
+    await daemon.stop()
+    log.info("stopped")
+    return 0

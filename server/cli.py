@@ -1,0 +1,78 @@
+"""Server-side commands of the `retd` CLI: `serve` and `init-checkpoint`.
+
+`retd.client.cli` dispatches these here lazily, so the client never imports torch."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from retd.server.config import ConfigError, add_arguments, load_config
+
+log = logging.getLogger("retd.server")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args)
+    except ConfigError as exc:
+        print(f"retd serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from retd.model.checkpoint import CheckpointError
+    from retd.server.app import serve
+
+    try:
+        return asyncio.run(serve(config))
+    except (CheckpointError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    except RuntimeError as exc:  # e.g. grpc cannot bind the address
+        log.error("cannot start on %s: %s", config.address, exc)
+        return 1
+
+
+def _init_checkpoint(args: argparse.Namespace) -> int:
+    from retd.model.checkpoint import init_checkpoint
+
+    path = init_checkpoint(args.out, seed=args.seed, architecture=args.architecture)
+    print(f"wrote an untrained (random, seed {args.seed}) {args.architecture} checkpoint to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retd", description="retd server commands")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the daemon",
+        description="Serve RET models over gRPC (Decoder, health, reflection). Settings come "
+        "from flags, then RETD_* environment variables, then the --config TOML file.",
+    )
+    add_arguments(serve)
+    serve.set_defaults(run=_serve)
+    init = commands.add_parser(
+        "init-checkpoint",
+        help="write a seeded, randomly initialised checkpoint",
+        description="Write a seeded random (untrained) checkpoint: safetensors weights and a "
+        "JSON card. It decodes noise; the server warns when it serves one.",
+    )
+    init.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write")
+    init.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    init.add_argument(
+        "--architecture", default="ret_v21", help="registry name of the architecture (ret_v21)"
+    )
+    init.set_defaults(run=_init_checkpoint)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args))

@@ -1,0 +1,303 @@
+"""Server configuration: frozen dataclasses built from CLI flags, `RETD_*` environment
+variables and an optional TOML file, in that order of precedence.
+
+Every server-wide setting is declared once in `SETTINGS`; its CLI flag (`--grace-period`),
+environment variable (`RETD_GRACE_PERIOD`) and TOML key (`grace_period`) follow from its name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PORT = 50051
+MiB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to load: a checkpoint directory served under `name`."""
+
+    name: str
+    checkpoint: Path
+    device: str = "auto"
+    dtype: str = "float32"
+    max_batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    models: tuple[ModelSpec, ...] = ()
+    default_model: str = ""
+    device: str = "auto"
+    dtype: str = "float32"
+    max_batch_size: int = 32
+    grace_period: float = 10.0
+    max_message_bytes: int = 4 * MiB
+    log_level: str = "INFO"
+    ready_file: Path | None = None
+    config_file: Path | None = field(default=None, compare=False)
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def _positive_int(name: str) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+        if number < 1:
+            raise ConfigError(f"{name}: expected an integer >= 1, got {number}")
+        return number
+
+    return parse
+
+
+def _port(value: Any) -> int:
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"port: expected an integer, got {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port: expected 0..65535 (0 picks a free port), got {port}")
+    return port
+
+
+def _non_negative_float(name: str) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+        if not number >= 0:
+            raise ConfigError(f"{name}: expected a number >= 0, got {value!r}")
+        return number
+
+    return parse
+
+
+def _choice(name: str, choices: Sequence[str]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value)
+        if text.upper() in choices:
+            return text.upper()
+        raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+
+    return parse
+
+
+def _optional_path(value: Any) -> Path | None:
+    return Path(value) if value not in (None, "") else None
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    parse: Callable[[Any], Any]
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "RETD_" + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", str, "address to bind (default 127.0.0.1; use 0.0.0.0 for all interfaces)"),
+    Setting("port", _port, f"port to listen on (default {DEFAULT_PORT}; 0 picks a free one)"),
+    Setting("device", str, "default device for models: auto (CUDA if present), cpu, cuda, cuda:N"),
+    Setting("dtype", str, "default dtype for models: float32, bfloat16, float16 (CUDA only)"),
+    Setting(
+        "max_batch_size",
+        _positive_int("max_batch_size"),
+        "sequences one model decodes together (default 32)",
+    ),
+    Setting(
+        "grace_period",
+        _non_negative_float("grace_period"),
+        "seconds in-flight calls get to finish on SIGTERM/SIGINT (default 10)",
+    ),
+    Setting(
+        "max_message_bytes",
+        _positive_int("max_message_bytes"),
+        "largest request message accepted, in bytes (default 4 MiB)",
+    ),
+    Setting(
+        "log_level",
+        _choice("log_level", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        "DEBUG, INFO, WARNING or ERROR (default INFO)",
+    ),
+    Setting("default_model", str, "model that requests naming none are served by"),
+    Setting(
+        "ready_file",
+        _optional_path,
+        "write {address, port, pid} as JSON to this file once every model is serving",
+    ),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `retd serve`'s flags. Every default is None so that absent flags fall through
+    to the environment and the TOML file."""
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="TOML file of settings and [[models]]"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="DIR",
+        help="serve this checkpoint directory (model named after its card; env RETD_CHECKPOINT)",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME=DIR",
+        dest="model_specs",
+        help="serve checkpoint DIR as model NAME (repeatable; env RETD_MODELS, comma-separated)",
+    )
+    for setting in SETTINGS:
+        parser.add_argument(
+            setting.flag, dest=setting.name, default=None, help=f"{setting.help}; env {setting.env}"
+        )
+
+
+def _models_from_toml(entries: Any, base: Path) -> list[tuple[ModelSpec, dict[str, Any]]]:
+    """Each `[[models]]` table as a spec and the per-model settings it overrides."""
+    if not isinstance(entries, list):
+        raise ConfigError("models: expected an array of tables ([[models]])")
+    specs = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"models[{index}]: expected a table")
+        unknown = set(entry) - {f.name for f in fields(ModelSpec)}
+        if unknown:
+            raise ConfigError(f"models[{index}]: unknown keys {sorted(unknown)}")
+        if "name" not in entry or "checkpoint" not in entry:
+            raise ConfigError(f"models[{index}]: needs both 'name' and 'checkpoint'")
+        checkpoint = Path(entry["checkpoint"])
+        spec = ModelSpec(
+            name=str(entry["name"]),
+            checkpoint=checkpoint if checkpoint.is_absolute() else base / checkpoint,
+        )
+        overrides: dict[str, Any] = {}
+        for key in ("device", "dtype"):
+            if key in entry:
+                overrides[key] = str(entry[key])
+        if "max_batch_size" in entry:
+            overrides["max_batch_size"] = _positive_int(f"models[{index}].max_batch_size")(
+                entry["max_batch_size"]
+            )
+        specs.append((spec, overrides))
+    return specs
+
+
+def _parse_model_pairs(pairs: Sequence[str], source: str) -> list[ModelSpec]:
+    specs = []
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"{source}: expected NAME=DIR, got {pair!r}")
+        specs.append(ModelSpec(name=name.strip(), checkpoint=Path(path.strip())))
+    return specs
+
+
+def _model_name_for(checkpoint: Path) -> str:
+    """A checkpoint served without a name is named after its card (else its directory)."""
+    import json
+
+    try:
+        card = json.loads((checkpoint / "card.json").read_text())
+        return str(card.get("name") or card.get("architecture") or checkpoint.name)
+    except (OSError, ValueError):
+        return checkpoint.name
+
+
+def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Merge parsed CLI flags over `RETD_*` variables over the TOML file over defaults."""
+    environ = os.environ if environ is None else environ
+    config_file = args.config or _optional_path(environ.get("RETD_CONFIG"))
+    from_toml: dict[str, Any] = {}
+    toml_models: list[tuple[ModelSpec, dict[str, Any]]] = []
+    if config_file is not None:
+        try:
+            from_toml = tomllib.loads(Path(config_file).read_text())
+        except OSError as exc:
+            raise ConfigError(f"config: cannot read {config_file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config: {config_file} is not valid TOML: {exc}") from None
+        toml_models = _models_from_toml(
+            from_toml.pop("models", []), Path(config_file).resolve().parent
+        )
+        unknown = set(from_toml) - {s.name for s in SETTINGS}
+        if unknown:
+            raise ConfigError(f"config: unknown keys {sorted(unknown)} in {config_file}")
+
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = getattr(args, setting.name, None)
+        if raw is None:
+            raw = environ.get(setting.env)
+        if raw is None:
+            raw = from_toml.get(setting.name)
+        if raw is not None:
+            values[setting.name] = setting.parse(raw)
+
+    # Models: the CLI's, else the environment's, else the TOML file's.
+    models: list[tuple[ModelSpec, dict[str, Any]]] = []
+    if args.checkpoint is not None or args.model_specs:
+        if args.checkpoint is not None:
+            models.append((ModelSpec(_model_name_for(args.checkpoint), args.checkpoint), {}))
+        models += [(s, {}) for s in _parse_model_pairs(args.model_specs or [], "--model")]
+    elif environ.get("RETD_CHECKPOINT") or environ.get("RETD_MODELS"):
+        if environ.get("RETD_CHECKPOINT"):
+            checkpoint = Path(environ["RETD_CHECKPOINT"])
+            models.append((ModelSpec(_model_name_for(checkpoint), checkpoint), {}))
+        if environ.get("RETD_MODELS"):
+            pairs = [p for p in environ["RETD_MODELS"].split(",") if p.strip()]
+            models += [(s, {}) for s in _parse_model_pairs(pairs, "RETD_MODELS")]
+    else:
+        models = toml_models
+    if not models:
+        raise ConfigError(
+            "no model to serve: pass --checkpoint DIR (make one with `retd init-checkpoint`), "
+            "--model NAME=DIR, RETD_CHECKPOINT, or [[models]] in a --config file"
+        )
+
+    base = ServerConfig()
+    server_wide = {
+        "device": values.get("device", base.device),
+        "dtype": values.get("dtype", base.dtype),
+        "max_batch_size": values.get("max_batch_size", base.max_batch_size),
+    }
+    resolved = [replace(spec, **{**server_wide, **overrides}) for spec, overrides in models]
+    names = [spec.name for spec in resolved]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"models: names must be unique, repeated: {duplicates}")
+    default_model = values.pop("default_model", "") or names[0]
+    if default_model not in names:
+        raise ConfigError(f"default_model: {default_model!r} is not among the models {names}")
+    return ServerConfig(
+        **values,
+        models=tuple(resolved),
+        default_model=default_model,
+        config_file=Path(config_file) if config_file else None,
+    )

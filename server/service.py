@@ -1,0 +1,308 @@
+"""The `retd.v1.Decoder` service: validates requests, hands sequences to the model
+engines, and turns their results into responses with clear gRPC statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import struct_pb2
+from retd.model.generation import FinishReason
+from retd.server.engine import ModelEngine, SequenceError, SequenceRequest, SequenceResult
+from retd.server.validation import (
+    ModelLimits,
+    RequestError,
+    greedy_params,
+    parse_embedding,
+    parse_generate,
+)
+from retd.v1 import decoder_pb2 as pb
+from retd.v1 import decoder_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+}
+DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
+
+
+def model_limits(engine: ModelEngine) -> ModelLimits:
+    config = engine.loaded.config
+    encoder = engine.loaded.card.get("encoder", {}).get("name", "sentence encoder")
+    return ModelLimits(engine.name, config.embedding_dim, config.max_length, encoder)
+
+
+def model_info(engine: ModelEngine) -> pb.ModelInfo:
+    loaded = engine.loaded
+    config = loaded.config
+    card = struct_pb2.Struct()
+    card.update(_json_safe(loaded.card))
+    return pb.ModelInfo(
+        name=engine.name,
+        version=loaded.version,
+        architecture=loaded.architecture,
+        parameter_count=loaded.model.num_parameters(),
+        embedding_dim=config.embedding_dim,
+        vocab_size=config.vocab_size,
+        max_length=config.max_length,
+        dtype=DTYPE_NAMES.get(str(engine.dtype), str(engine.dtype)),
+        device=str(engine.device),
+        checkpoint_sha256=loaded.sha256,
+        card=card,
+        trained=loaded.trained,
+        encoder=str(loaded.card.get("encoder", {}).get("name", "")),
+    )
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def _timing(result: SequenceResult, received_at: float) -> pb.Timing:
+    return pb.Timing(
+        queue_ms=result.queue_s * 1e3,
+        compute_ms=result.compute_s * 1e3,
+        total_ms=(time.monotonic() - received_at) * 1e3,
+    )
+
+
+def _decode_response(result: SequenceResult, model: str, received_at: float) -> pb.DecodeResponse:
+    return pb.DecodeResponse(
+        text=result.text,
+        finish_reason=FINISH_REASONS[result.finish_reason],
+        usage=pb.Usage(generated_tokens=len(result.token_ids)),
+        timing=_timing(result, received_at),
+        model=model,
+    )
+
+
+def _item_error(code: grpc.StatusCode, message: str) -> pb.ItemError:
+    return pb.ItemError(code=code.value[0], code_name=code.name, message=message)
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext, error: RequestError | SequenceError
+) -> NoReturn:
+    await context.abort(error.code, error.message)
+    raise AssertionError("context.abort raises")
+
+
+class DecoderService(pb_grpc.DecoderServicer):
+    """Serves every loaded model; requests naming no model go to `default_model`."""
+
+    def __init__(self, engines: Mapping[str, ModelEngine], default_model: str) -> None:
+        self._engines = dict(engines)
+        self._default_model = default_model
+
+    def _engine(self, name: str) -> ModelEngine:
+        engine = self._engines.get(name or self._default_model)
+        if engine is None:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                f"model: {name!r} is not loaded; expected one of {sorted(self._engines)}",
+            )
+        return engine
+
+    @staticmethod
+    def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    async def _run(self, engine: ModelEngine, request: SequenceRequest) -> SequenceResult:
+        handle = engine.submit(request)
+        try:
+            return await handle.result()
+        finally:
+            handle.cancel()  # the caller left (task cancelled) or it is done: free its slot
+
+    async def Decode(
+        self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DecodeResponse:
+        received_at = time.monotonic()
+        try:
+            engine = self._engine(request.model)
+            limits = model_limits(engine)
+            sequence = SequenceRequest(
+                embedding=parse_embedding(request.embedding, "embedding", limits),
+                params=greedy_params(request.max_new_tokens, "max_new_tokens", limits),
+                seed=0,
+                deadline=self._deadline(context),
+            )
+            result = await self._run(engine, sequence)
+        except (RequestError, SequenceError) as error:
+            await _abort(context, error)
+        return _decode_response(result, engine.name, received_at)
+
+    async def _generate_request(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, stream: bool
+    ) -> tuple[ModelEngine, SequenceRequest]:
+        engine = self._engine(request.model)
+        limits = model_limits(engine)
+        embedding = parse_embedding(request.embedding, "embedding", limits)
+        params, seed = parse_generate(request, limits)
+        return engine, SequenceRequest(
+            embedding, params, seed, stream=stream, deadline=self._deadline(context)
+        )
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        received_at = time.monotonic()
+        try:
+            engine, sequence = await self._generate_request(request, context, stream=False)
+            result = await self._run(engine, sequence)
+        except (RequestError, SequenceError) as error:
+            await _abort(context, error)
+        return pb.GenerateResponse(
+            text=result.text,
+            token_ids=result.token_ids,
+            finish_reason=FINISH_REASONS[result.finish_reason],
+            usage=pb.Usage(generated_tokens=len(result.token_ids)),
+            timing=_timing(result, received_at),
+            mean_logprob=result.mean_logprob,
+            model=engine.name,
+            seed=result.seed,
+        )
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        received_at = time.monotonic()
+        try:
+            engine, sequence = await self._generate_request(request, context, stream=True)
+            handle = engine.submit(sequence)
+        except (RequestError, SequenceError) as error:
+            await _abort(context, error)
+        try:
+            async for event in handle.events():
+                if isinstance(event, SequenceResult):
+                    yield pb.GenerateChunk(
+                        text=event.tail_text,
+                        token_ids=event.tail_token_ids,
+                        finish_reason=FINISH_REASONS[event.finish_reason],
+                        usage=pb.Usage(generated_tokens=len(event.token_ids)),
+                        timing=_timing(event, received_at),
+                        mean_logprob=event.mean_logprob,
+                        model=engine.name,
+                        seed=event.seed,
+                    )
+                else:
+                    yield pb.GenerateChunk(text=event.text, token_ids=event.token_ids)
+        except SequenceError as error:
+            await _abort(context, error)
+        finally:
+            handle.cancel()
+
+    async def _decode_item(
+        self,
+        model: str,
+        embedding: pb.Embedding,
+        max_new_tokens: int,
+        field: str,
+        deadline: float | None,
+    ) -> tuple[pb.DecodeResponse | None, pb.ItemError | None]:
+        """One item of a batch or stream: its response, or its own error."""
+        received_at = time.monotonic()
+        try:
+            engine = self._engine(model)
+            limits = model_limits(engine)
+            sequence = SequenceRequest(
+                embedding=parse_embedding(embedding, field, limits),
+                params=greedy_params(max_new_tokens, "max_new_tokens", limits),
+                seed=0,
+                deadline=deadline,
+            )
+            result = await self._run(engine, sequence)
+        except (RequestError, SequenceError) as error:
+            return None, _item_error(error.code, error.message)
+        return _decode_response(result, engine.name, received_at), None
+
+    async def DecodeBatch(
+        self, request: pb.DecodeBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DecodeBatchResponse:
+        if not request.embeddings:
+            await _abort(
+                context,
+                RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "embeddings: empty; expected at least one embedding",
+                ),
+            )
+        try:
+            self._engine(request.model)  # an unknown model fails the whole call
+        except RequestError as error:
+            await _abort(context, error)
+        deadline = self._deadline(context)
+        outcomes = await asyncio.gather(
+            *(
+                self._decode_item(
+                    request.model, embedding, request.max_new_tokens, f"embeddings[{i}]", deadline
+                )
+                for i, embedding in enumerate(request.embeddings)
+            )
+        )
+        return pb.DecodeBatchResponse(
+            results=[pb.DecodeBatchResult(response=ok, error=err) for ok, err in outcomes]
+        )
+
+    async def DecodeStream(
+        self,
+        request_iterator: AsyncIterator[pb.DecodeStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.DecodeStreamResponse]:
+        answers: asyncio.Queue[pb.DecodeStreamResponse | None] = asyncio.Queue()
+        deadline = self._deadline(context)
+        pending: set[asyncio.Task[None]] = set()
+
+        async def answer(item: pb.DecodeStreamRequest) -> None:
+            ok, err = await self._decode_item(
+                item.model, item.embedding, item.max_new_tokens, "embedding", deadline
+            )
+            answers.put_nowait(pb.DecodeStreamResponse(id=item.id, response=ok, error=err))
+
+        async def read_requests() -> None:
+            async for item in request_iterator:
+                task = asyncio.create_task(answer(item))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            if pending:
+                await asyncio.gather(*list(pending))
+            answers.put_nowait(None)
+
+        reader = asyncio.create_task(read_requests())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+            await reader  # re-raises a failure of the request stream
+        finally:
+            for task in [reader, *pending]:
+                task.cancel()
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[model_info(engine) for engine in self._engines.values()],
+            default_model=self._default_model,
+        )
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        try:
+            return model_info(self._engine(request.model))
+        except RequestError as error:
+            await _abort(context, error)

@@ -1,0 +1,121 @@
+"""Request validation: protobuf messages in, checked numpy arrays and sampling parameters
+out, or a `RequestError` whose message names the field and what was expected."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from retd.model.generation import SamplingParams
+from retd.v1 import decoder_pb2 as pb
+
+
+class RequestError(Exception):
+    """A request (or one item of a batch or stream) cannot be served as asked."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a model accepts, for validation and for messages that explain it."""
+
+    name: str
+    embedding_dim: int
+    max_length: int
+    encoder: str
+
+
+def parse_embedding(embedding: pb.Embedding, field: str, limits: ModelLimits) -> np.ndarray:
+    """The embedding as a (embedding_dim,) float32 array of finite values."""
+    expected = (
+        f"expected {limits.embedding_dim} float32 values "
+        f"(a {limits.encoder} embedding, which model {limits.name!r} decodes)"
+    )
+    kind = embedding.WhichOneof("data")
+    if kind is None:
+        raise invalid(f"{field}: missing; set {field}.vector.values or {field}.raw; {expected}")
+    if kind == "vector":
+        values = np.asarray(embedding.vector.values, dtype=np.float32)
+        where = f"{field}.vector.values"
+        if values.size == 0:
+            raise invalid(f"{where}: empty; {expected}")
+    else:
+        raw = embedding.raw
+        where = f"{field}.raw"
+        if len(raw.data) == 0:
+            raise invalid(f"{where}.data: empty; {expected}")
+        if len(raw.data) % 4:
+            raise invalid(
+                f"{where}.data: {len(raw.data)} bytes is not a multiple of 4; "
+                "expected little-endian float32 values"
+            )
+        values = np.frombuffer(raw.data, dtype="<f4").astype(np.float32, copy=False)
+        shape = list(raw.shape)
+        if shape:
+            if shape not in ([values.size], [1, values.size]):
+                raise invalid(
+                    f"{where}.shape: {shape} does not match {values.size} values in "
+                    f"{where}.data; expected [{values.size}] or [1, {values.size}]"
+                )
+    if values.size != limits.embedding_dim:
+        raise invalid(f"{where}: got {values.size} values; {expected}")
+    finite = np.isfinite(values)
+    if not finite.all():
+        index = int(np.argmin(finite))
+        raise invalid(f"{where}: value {index} is {values[index]}; expected finite floats")
+    return values
+
+
+def parse_max_new_tokens(value: int, field: str, limits: ModelLimits) -> int:
+    if value == 0:
+        return limits.max_length
+    if value > limits.max_length:
+        raise invalid(
+            f"{field}: {value} exceeds model {limits.name!r}'s max_length {limits.max_length}; "
+            f"expected 1..{limits.max_length} (0 means {limits.max_length})"
+        )
+    return value
+
+
+def greedy_params(max_new_tokens: int, field: str, limits: ModelLimits) -> SamplingParams:
+    return SamplingParams(max_new_tokens=parse_max_new_tokens(max_new_tokens, field, limits))
+
+
+def parse_generate(request: pb.GenerateRequest, limits: ModelLimits) -> tuple[SamplingParams, int]:
+    """Sampling parameters and the seed of a Generate / GenerateStream request."""
+    temperature = request.temperature if request.HasField("temperature") else 1.0
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise invalid(f"temperature: {temperature} is invalid; expected a number >= 0 (0 = greedy)")
+    top_p = request.top_p if request.HasField("top_p") else 1.0
+    if not (0 < top_p <= 1):
+        raise invalid(f"top_p: {top_p} is outside (0, 1]; expected 0 < top_p <= 1")
+    stops = _parse_stops(request.stop)
+    seed = request.seed if request.HasField("seed") else secrets.randbits(63)
+    params = SamplingParams(
+        max_new_tokens=parse_max_new_tokens(request.max_new_tokens, "max_new_tokens", limits),
+        temperature=float(temperature),
+        top_k=int(request.top_k),
+        top_p=float(top_p),
+        seed=seed,
+        stop=stops,
+    )
+    return params, seed
+
+
+def _parse_stops(stops: Sequence[str]) -> tuple[str, ...]:
+    for index, stop in enumerate(stops):
+        if not stop:
+            raise invalid(f"stop[{index}]: empty; expected a non-empty string")
+    return tuple(stops)

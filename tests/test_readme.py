@@ -1,0 +1,85 @@
+"""The README's examples work as printed, against a real server.
+
+Blocks preceded by `<!-- readme-test: KIND -->` are run: `exact` console blocks must print
+exactly what the README shows, `exact-fails` too but exit non-zero, `runs` blocks must
+succeed, and `python` blocks run as a script. `localhost:50051` is replaced by the test
+server's address and `.venv/bin/` by this interpreter's folder.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, RunningServer
+
+BLOCK = re.compile(
+    r"<!-- readme-test: (?P<kind>[\w-]+) -->\n```(?P<lang>\w+)\n(?P<body>.*?)```", re.S
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    kind: str
+    command: str
+    expected: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.command[:60]}"
+
+
+def readme_examples() -> list[Example]:
+    examples = []
+    for match in BLOCK.finditer((REPO / "README.md").read_text()):
+        body = match["body"]
+        if match["lang"] == "python":
+            examples.append(Example("python", body, ""))
+            continue
+        lines = body.splitlines()
+        assert lines[0].startswith("$ "), f"a tested console block starts with '$ ': {lines[0]}"
+        examples.append(Example(match["kind"], lines[0][2:], "\n".join(lines[1:])))
+    return examples
+
+
+EXAMPLES = readme_examples()
+
+
+def test_readme_has_tested_examples() -> None:
+    kinds = {example.kind for example in EXAMPLES}
+    assert {"exact", "exact-fails", "runs", "python"} <= kinds
+
+
+def _localise(text: str, server: RunningServer) -> str:
+    bin_dir = str(Path(sys.executable).parent) + "/"
+    return text.replace("localhost:50051", server.address).replace(".venv/bin/", bin_dir)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=str)
+def test_readme_example(example: Example, server: RunningServer) -> None:
+    if example.kind == "python":
+        run = subprocess.run(
+            [sys.executable, "-c", _localise(example.command, server)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stderr
+        return
+    command = _localise(example.command, server).replace("python3 ", f"{sys.executable} ", 1)
+    run = subprocess.run(command, shell=True, capture_output=True, text=True, cwd=REPO, timeout=120)
+    output = (run.stdout + run.stderr).strip()
+    if example.kind == "exact":
+        assert run.returncode == 0, output
+        assert output == example.expected.strip()
+    elif example.kind == "exact-fails":
+        assert run.returncode != 0
+        assert output == example.expected.strip()
+    else:
+        assert run.returncode == 0, output
+        assert output.startswith("{") and '"text"' in output, output
