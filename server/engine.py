@@ -10,6 +10,7 @@ step, so a sequence whose caller went away leaves its batch within one step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -97,10 +98,8 @@ class SequenceHandle:
 
     def deliver(self, event: Event) -> None:
         """Called from the worker thread."""
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
 
     async def events(self) -> AsyncIterator[TokenDelta | SequenceResult]:
         """Deltas (streams only), then the result; a failure raises SequenceError."""

@@ -63,12 +63,11 @@ def parse_embedding(embedding: pb.Embedding, field: str, limits: ModelLimits) ->
             )
         values = np.frombuffer(raw.data, dtype="<f4").astype(np.float32, copy=False)
         shape = list(raw.shape)
-        if shape:
-            if shape not in ([values.size], [1, values.size]):
-                raise invalid(
-                    f"{where}.shape: {shape} does not match {values.size} values in "
-                    f"{where}.data; expected [{values.size}] or [1, {values.size}]"
-                )
+        if shape and shape not in ([values.size], [1, values.size]):
+            raise invalid(
+                f"{where}.shape: {shape} does not match {values.size} values in "
+                f"{where}.data; expected [{values.size}] or [1, {values.size}]"
+            )
     if values.size != limits.embedding_dim:
         raise invalid(f"{where}: got {values.size} values; {expected}")
     finite = np.isfinite(values)
