@@ -1,0 +1,289 @@
+"""RET v2.1: a one-block byte-level decoder from a sentence embedding to text.
+
+The whole model in one file, in the spirit of nanoGPT's model.py:
+
+    embedding (B, E) --bridge+LN--> cond (B, C)
+    inputs: position 0 = cond, position t >= 1 = wte(byte_{t-1}) + cond
+    -> one pre-norm transformer block (RoPE attention + GELU MLP) -> ln_f
+    -> logits = x @ wte.weight.T   (head tied to the byte embedding)
+
+Shapes: B batch, T sequence length, E embedding_dim, C n_embd, H n_head, D head_dim, V vocab_size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class RETConfig:
+    """Hyper-parameters of a RET decoder. The defaults are RET v2.1 (722,944 parameters)."""
+
+    embedding_dim: int = 768  # size of the sentence embedding that conditions the decoder
+    n_embd: int = 256
+    n_head: int = 2
+    n_layer: int = 1
+    mlp_hidden: int = 384
+    vocab_size: int = 256  # one token per byte
+    max_length: int = 256  # most bytes one sequence can generate (= KV cache positions)
+    rope_base: float = 10000.0
+    eos_id: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("embedding_dim", "n_embd", "n_head", "n_layer", "mlp_hidden", "vocab_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"RETConfig.{name} must be a positive int, got {value!r}")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int):
+            raise ValueError(f"RETConfig.max_length must be an int, got {self.max_length!r}")
+        if self.max_length <= 0:
+            raise ValueError(f"RETConfig.max_length must be positive, got {self.max_length}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"RETConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"RETConfig head_dim ({self.head_dim}) must be even for RoPE")
+        if not (isinstance(self.rope_base, int | float) and self.rope_base > 1):
+            raise ValueError(f"RETConfig.rope_base must be a number > 1, got {self.rope_base!r}")
+        if not (isinstance(self.eos_id, int) and 0 <= self.eos_id < self.vocab_size):
+            raise ValueError(
+                f"RETConfig.eos_id must be in [0, {self.vocab_size}), got {self.eos_id!r}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RETConfig:
+        """Build a config from a dict; missing keys take defaults, unknown keys raise ValueError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown RETConfig key(s): {', '.join(unknown)}; "
+                f"known keys: {', '.join(sorted(known))}"
+            )
+        return cls(**dict(d))
+
+
+ARCHITECTURES: Mapping[str, RETConfig] = MappingProxyType(
+    {
+        "ret_v21": RETConfig(),
+        # Same interface (768-dim embedding, bytes), small enough for fast tests.
+        "ret_tiny": RETConfig(n_embd=64, n_head=2, mlp_hidden=96, max_length=64),
+    }
+)
+
+
+def config_for(architecture: str, overrides: Mapping[str, Any] | None = None) -> RETConfig:
+    """The config of a named architecture, with optional field overrides."""
+    if architecture not in ARCHITECTURES:
+        raise KeyError(
+            f"unknown architecture {architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    config = ARCHITECTURES[architecture]
+    if overrides:
+        merged = config.to_dict()
+        merged.update(overrides)
+        config = RETConfig.from_dict(merged)  # raises ValueError on unknown keys
+    return config
+
+
+class KVCache:
+    """Preallocated keys/values for `num_slots` sequences.
+
+    k, v: (n_layer, num_slots, n_head, max_length, head_dim). A slot is one sequence's row; the
+    caller decides which slot each sequence uses and which positions are valid.
+    """
+
+    def __init__(
+        self,
+        config: RETConfig,
+        num_slots: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if num_slots <= 0:
+            raise ValueError(f"num_slots must be positive, got {num_slots}")
+        shape = (config.n_layer, num_slots, config.n_head, config.max_length, config.head_dim)
+        self.config = config
+        self.num_slots = num_slots
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+
+def apply_rope(x: Tensor, positions: Tensor, base: float) -> Tensor:
+    """Rotate x (B, H, T, D) by its positions (B, T) or (T,), rotate-half convention.
+
+    Angles are computed in float32 so low-precision models keep exact positions.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)  # (D/2,)
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # (B, T, D/2) or (T, D/2)
+    cos, sin = angles.cos().unsqueeze(-3), angles.sin().unsqueeze(-3)  # broadcast over heads
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with RoPE on q and k, and a KV-cached single step."""
+
+    def __init__(self, config: RETConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.rope_base = config.rope_base
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, T, C) -> q, k, v each (B, H, T, D)."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        return tuple(t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Full causal attention over x (B, T, C), positions 0..T-1."""
+        B, T, C = x.shape
+        q, k, v = self._heads(x)  # (B, H, T, D)
+        positions = torch.arange(T, device=x.device)
+        q, k = apply_rope(q, positions, self.rope_base), apply_rope(k, positions, self.rope_base)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def step(
+        self, x: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor
+    ) -> Tensor:
+        """One new position per row: x (B, 1, C) at positions (B,), cached in k/v_cache[slots].
+
+        k_cache, v_cache: (num_slots, H, max_length, D) for this layer; written in place.
+        """
+        B, _, C = x.shape
+        q, k, v = self._heads(x)  # (B, H, 1, D)
+        q = apply_rope(q, positions[:, None], self.rope_base)
+        k = apply_rope(k, positions[:, None], self.rope_base)
+        k_cache[slots, :, positions] = k[:, :, 0]  # (B, H, D) into each row's own position
+        v_cache[slots, :, positions] = v[:, :, 0]
+        length = int(positions.max()) + 1  # attend only as far as the furthest row
+        keys = k_cache[slots, :, :length]  # (B, H, L, D)
+        values = v_cache[slots, :, :length]
+        visible = torch.arange(length, device=x.device)[None, :] <= positions[:, None]  # (B, L)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None, :])
+        return self.proj(y.transpose(1, 2).reshape(B, 1, C))
+
+
+class MLP(nn.Module):
+    """Linear -> GELU -> Linear, no biases."""
+
+    def __init__(self, config: RETConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.gelu = nn.GELU()
+        self.proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: RETConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+    def step(
+        self, x: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor
+    ) -> Tensor:
+        x = x + self.attn.step(self.ln_1(x), positions, k_cache, v_cache, slots)
+        return x + self.mlp(self.ln_2(x))
+
+
+class RET(nn.Module):
+    """The RET decoder: sentence embedding in, next-byte logits out."""
+
+    def __init__(self, config: RETConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.bridge = nn.Linear(config.embedding_dim, config.n_embd, bias=False)
+        self.ln_bridge = nn.LayerNorm(config.n_embd)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # also the output head (tied)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.init_weights()
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """nanoGPT init: N(0, 0.02) weights, residual projections N(0, 0.02/sqrt(2*n_layer)),
+        LayerNorm weight 1 and bias 0. Pass a generator for seeded init without global RNG."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                std = residual_std if name.endswith(".proj") else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        """Number of parameters (the tied head counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def condition(self, embedding: Tensor) -> Tensor:
+        """Sentence embedding (B, E) -> conditioning vector cond (B, C)."""
+        embedding = embedding.to(self.bridge.weight.dtype)
+        return self.ln_bridge(self.bridge(embedding))
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """Final norm and tied head: (..., C) -> (..., V)."""
+        return self.ln_f(x) @ self.wte.weight.T
+
+    def forward(self, embedding: Tensor, tokens: Tensor) -> Tensor:
+        """Reference path without a cache.
+
+        embedding (B, E), tokens (B, T) long, T >= 0 -> logits (B, T+1, V);
+        row t predicts byte t (row 0 from cond alone).
+        """
+        cond = self.condition(embedding)[:, None, :]  # (B, 1, C)
+        x = torch.cat((cond, self.wte(tokens) + cond), dim=1)  # (B, T+1, C)
+        for block in self.blocks:
+            x = block(x)
+        return self._logits(x)  # (B, T+1, V)
+
+    def step(
+        self, cond: Tensor, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Tensor
+    ) -> Tensor:
+        """Decode one new position per row with the KV cache (continuous batching).
+
+        cond (B, C); tokens (B,) long: previous byte, ignored where positions == 0;
+        positions (B,) long, may differ per row; slots (B,) long: rows of `cache`.
+        Returns logits (B, V).
+        """
+        first = positions == 0
+        prev = self.wte(tokens.masked_fill(first, 0))  # (B, C); ignored ids may be out of range
+        x = torch.where(first[:, None], cond, prev + cond)[:, None, :]  # (B, 1, C)
+        for layer, block in enumerate(self.blocks):
+            x = cast(Block, block).step(x, positions, cache.k[layer], cache.v[layer], slots)
+        return self._logits(x[:, 0])  # (B, V)

@@ -1,0 +1,217 @@
+"""Sampling and batched generation: cache vs reference, batching independence, stops, seeds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from retd.model.generation import (
+    FinishReason,
+    SamplingParams,
+    generate,
+    make_generator,
+    sample,
+)
+from retd.model.model import RET
+
+RiggedModel = tuple[RET, torch.Tensor, torch.Tensor]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_with_and_without_cache_agree(make_model: Callable[..., RET], seed: int) -> None:
+    model = make_model("ret_tiny", seed=seed)
+    emb = torch.randn(4, 768)
+    params = [SamplingParams(max_new_tokens=n) for n in (64, 40, 17, 1)]
+    cached = generate(model, emb, params, use_cache=True)
+    reference = generate(model, emb, params, use_cache=False)
+    assert [r.token_ids for r in cached] == [r.token_ids for r in reference]
+    assert [r.finish_reason for r in cached] == [r.finish_reason for r in reference]
+    for c, r in zip(cached, reference, strict=True):
+        assert c.mean_logprob == pytest.approx(r.mean_logprob, abs=1e-5)
+    assert len(cached[0].token_ids) > 1  # a real multi-step comparison
+
+
+def test_greedy_with_and_without_cache_agree_on_ret_v21(make_model: Callable[..., RET]) -> None:
+    model = make_model("ret_v21", seed=0)
+    emb = torch.randn(2, 768)
+    params = [SamplingParams(max_new_tokens=24)] * 2
+    cached = generate(model, emb, params)
+    reference = generate(model, emb, params, use_cache=False)
+    assert [r.token_ids for r in cached] == [r.token_ids for r in reference]
+
+
+def test_greedy_batched_equals_alone(tiny_model: RET) -> None:
+    emb = torch.randn(5, 768)
+    params = [SamplingParams(max_new_tokens=n) for n in (30, 64, 5, 50, 64)]
+    batched = generate(tiny_model, emb, params)
+    for i in range(5):
+        (alone,) = generate(tiny_model, emb[i : i + 1], [params[i]])
+        assert alone.token_ids == batched[i].token_ids
+        assert (alone.text, alone.finish_reason) == (batched[i].text, batched[i].finish_reason)
+        assert alone.mean_logprob == pytest.approx(batched[i].mean_logprob, abs=1e-5)
+
+
+def _sampled(seed: int | None, n: int = 40) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=1.0, top_k=50, top_p=0.95, seed=seed)
+
+
+def test_seeded_sampling_is_reproducible(tiny_model: RET) -> None:
+    emb = torch.randn(1, 768)
+    first = generate(tiny_model, emb, [_sampled(7)])
+    assert generate(tiny_model, emb, [_sampled(7)]) == first
+    assert generate(tiny_model, emb, [_sampled(8)]) != first
+
+
+def test_seeded_sampling_is_independent_of_batch_mates(tiny_model: RET) -> None:
+    emb = torch.randn(4, 768)
+    (alone,) = generate(tiny_model, emb[1:2], [_sampled(7)])
+    for mates in ([_sampled(1), _sampled(2), _sampled(3)], [SamplingParams(5), _sampled(None)] * 2):
+        params = [mates[0], _sampled(7), mates[1], mates[2]]
+        for use_cache in (True, False):
+            batch = generate(tiny_model, emb, params, use_cache=use_cache)
+            assert batch[1].token_ids == alone.token_ids
+
+
+def test_rigged_model_emits_eos_or_a(rigged: RiggedModel) -> None:
+    model, eos_emb, a_emb = rigged
+    out = generate(model, torch.stack([eos_emb, a_emb]), [SamplingParams(6)] * 2)
+    assert out[0].token_ids == [0] and out[0].finish_reason is FinishReason.EOS
+    assert out[0].text == ""
+    assert out[1].text == "AAAAAA" and out[1].finish_reason is FinishReason.LENGTH
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_each_row_stops_on_its_own(rigged: RiggedModel, use_cache: bool) -> None:
+    model, eos_emb, a_emb = rigged
+    emb = torch.stack([a_emb, eos_emb, a_emb, a_emb, a_emb])
+    params = [
+        SamplingParams(max_new_tokens=5),
+        SamplingParams(max_new_tokens=64),
+        SamplingParams(max_new_tokens=64, stop=("AAA",)),
+        SamplingParams(max_new_tokens=64, stop=("xyz", "AA")),
+        SamplingParams(max_new_tokens=9, stop=("B",)),
+    ]
+    sizes: list[int] = []
+    original = model.step if use_cache else model.forward
+
+    def spy(embedding_or_cond: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        sizes.append(embedding_or_cond.shape[0])
+        return original(embedding_or_cond, *args, **kwargs)
+
+    setattr(model, "step" if use_cache else "forward", spy)
+    out = generate(model, emb, params, use_cache=use_cache)
+    assert [(r.text, r.finish_reason, len(r.token_ids)) for r in out] == [
+        ("AAAAA", FinishReason.LENGTH, 5),
+        ("", FinishReason.EOS, 1),
+        ("", FinishReason.STOP, 3),
+        ("", FinishReason.STOP, 2),
+        ("AAAAAAAAA", FinishReason.LENGTH, 9),
+    ]
+    assert out[2].token_ids == [65, 65, 65]
+    # finished rows drop out: 5 rows, then 4 after the EOS, 3 after "AA", 2 after "AAA", ...
+    assert sizes == [5, 4, 3, 2, 2, 1, 1, 1, 1]
+
+
+def test_mean_logprob_is_a_mean_of_log_probabilities(rigged: RiggedModel) -> None:
+    model, _, a_emb = rigged
+    (out,) = generate(model, a_emb[None], [SamplingParams(4)])
+    assert -1e-3 < out.mean_logprob <= 0.0  # the rigged model is certain
+
+
+def test_generate_rejects_bad_requests(tiny_model: RET) -> None:
+    with pytest.raises(ValueError, match="max_length"):
+        generate(tiny_model, torch.randn(1, 768), [SamplingParams(65)])
+    with pytest.raises(ValueError, match="2 embeddings"):
+        generate(tiny_model, torch.randn(2, 768), [SamplingParams(3)])
+
+
+def test_generate_runs_in_bfloat16(make_model: Callable[..., RET]) -> None:
+    model = make_model("ret_tiny").to(torch.bfloat16)
+    out = generate(model, torch.randn(2, 768), [SamplingParams(8), _sampled(3, 8)])
+    assert all(1 <= len(r.token_ids) <= 8 for r in out)
+
+
+# --- sample() --------------------------------------------------------------------------------
+
+
+def test_sample_greedy_rows_take_the_argmax_and_report_logprobs() -> None:
+    logits = torch.randn(3, 256)
+    tokens, logprobs = sample(logits, [SamplingParams(1)] * 3, [None] * 3)
+    assert torch.equal(tokens, logits.argmax(-1))
+    assert tokens.dtype == torch.long and logprobs.dtype == torch.float32
+    expected = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(logprobs, expected)
+
+
+def test_sample_logprob_ignores_temperature_and_filters() -> None:
+    logits = torch.randn(1, 256)
+    params = [SamplingParams(1, temperature=0.3, top_k=5, top_p=0.5, seed=0)]
+    tokens, logprobs = sample(logits, params, [make_generator(0)])
+    torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1)[0, tokens])
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy() -> None:
+    logits = torch.randn(2, 256)
+    params = [
+        SamplingParams(1, temperature=5.0, top_k=1, seed=1),
+        SamplingParams(1, temperature=5.0, top_p=1e-6, seed=2),
+    ]
+    for _ in range(20):
+        tokens, _ = sample(logits, params, [make_generator(1), make_generator(2)])
+        assert torch.equal(tokens, logits.argmax(-1))
+
+
+def test_filters_keep_only_the_allowed_tokens() -> None:
+    logits = torch.linspace(0, 3, 256)[None]  # token 255 most likely
+    probs = logits.softmax(-1)[0]
+    nucleus = int((probs.sort(descending=True).values.cumsum(0) < 0.5).sum()) + 1
+    generator = make_generator(0)
+    top_k = [sample(logits, [SamplingParams(1, 1.0, top_k=3)], [generator])[0].item()]
+    top_p = [sample(logits, [SamplingParams(1, 1.0, top_p=0.5)], [generator])[0].item()]
+    for _ in range(200):
+        top_k.append(sample(logits, [SamplingParams(1, 1.0, top_k=3)], [generator])[0].item())
+        top_p.append(sample(logits, [SamplingParams(1, 1.0, top_p=0.5)], [generator])[0].item())
+    assert set(top_k) == {253, 254, 255}
+    assert set(top_p) <= set(range(256 - nucleus, 256)) and len(set(top_p)) > 3
+
+
+def test_sample_rows_use_their_own_generators() -> None:
+    logits = torch.zeros(3, 256)
+    p = SamplingParams(1, temperature=1.0)
+    tokens, _ = sample(logits, [p, p, p], [make_generator(5), make_generator(6), make_generator(5)])
+    assert tokens[0] == tokens[2]
+    first, _ = sample(logits[:1], [p], [make_generator(5)])
+    assert first[0] == tokens[0]
+
+
+# --- SamplingParams --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"seed": -3}, "seed"),
+        ({"seed": "7"}, "seed"),
+        ({"stop": "END"}, "stop"),
+        ({"stop": ("",)}, "stop"),
+        ({"stop": (3,)}, "stop"),
+    ],
+)
+def test_sampling_params_validation_names_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{"max_new_tokens": 4, **kwargs})
+
+
+def test_sampling_params_defaults() -> None:
+    params = SamplingParams(4, stop=["a", "b"])  # type: ignore[arg-type]
+    assert params.greedy and params.stop == ("a", "b")
+    assert not SamplingParams(4, temperature=0.7).greedy
+    assert FinishReason.EOS == "eos"

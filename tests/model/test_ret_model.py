@@ -1,0 +1,188 @@
+"""The RET network: size, shapes, causality, and the KV-cached step against the reference."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import pytest
+import torch
+from retd.model.model import ARCHITECTURES, RET, KVCache, RETConfig, config_for
+
+
+def test_ret_v21_has_exactly_722944_parameters() -> None:
+    model = RET(config_for("ret_v21"))
+    assert model.num_parameters() == 722_944
+    assert sum(t.numel() for t in model.state_dict().values()) == 722_944  # head is tied
+
+
+def test_default_config_is_ret_v21() -> None:
+    assert ARCHITECTURES["ret_v21"] == RETConfig()
+    assert RETConfig().head_dim == 128
+
+
+def test_init_is_nanogpt_like() -> None:
+    model = RET(config_for("ret_v21"))
+    assert model.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    residual = 0.02 / 2**0.5
+    assert model.blocks[0].mlp.proj.weight.std().item() == pytest.approx(residual, rel=0.05)
+    assert model.blocks[0].attn.proj.weight.std().item() == pytest.approx(residual, rel=0.05)
+    assert torch.equal(model.ln_f.weight, torch.ones(256))
+    assert torch.equal(model.ln_f.bias, torch.zeros(256))
+
+
+def test_seeded_init_is_reproducible_and_leaves_global_rng_alone(
+    make_model: Callable[..., RET],
+) -> None:
+    state = torch.random.get_rng_state()
+    a, b = make_model(seed=3), make_model(seed=3)
+    torch.random.set_rng_state(state)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    assert not torch.equal(a.wte.weight, make_model(seed=4).wte.weight)
+
+
+def test_config_dict_round_trip_and_unknown_keys() -> None:
+    config = config_for("ret_tiny")
+    assert RETConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="bogus"):
+        RETConfig.from_dict({**config.to_dict(), "bogus": 1})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.n_embd = 3  # type: ignore[misc]
+
+
+def test_config_for_overrides_and_unknown_names() -> None:
+    assert config_for("ret_v21", {"max_length": 32}).max_length == 32
+    with pytest.raises(KeyError, match="ret_v21"):
+        config_for("ret_v99")
+    with pytest.raises(ValueError, match="n_layers"):
+        config_for("ret_v21", {"n_layers": 2})
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        RETConfig(n_embd=100, n_head=3)
+    with pytest.raises(ValueError, match="eos_id"):
+        RETConfig(eos_id=256)
+
+
+@pytest.mark.parametrize("T", [0, 1, 7])
+def test_forward_shapes(tiny_model: RET, T: int) -> None:
+    emb = torch.randn(3, 768)
+    tokens = torch.randint(0, 256, (3, T))
+    assert tiny_model(emb, tokens).shape == (3, T + 1, 256)
+    assert tiny_model.condition(emb).shape == (3, 64)
+
+
+def test_forward_is_causal(tiny_model: RET) -> None:
+    emb = torch.randn(2, 768)
+    tokens = torch.randint(1, 256, (2, 12))
+    changed = tokens.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % 256  # byte 5 is the input at position 6
+    a, b = tiny_model(emb, tokens), tiny_model(emb, changed)
+    torch.testing.assert_close(a[:, :6], b[:, :6], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 6], b[:, 6])
+
+
+def test_forward_depends_on_the_embedding(tiny_model: RET) -> None:
+    tokens = torch.randint(1, 256, (1, 4))
+    a, b = tiny_model(torch.randn(1, 768), tokens), tiny_model(torch.randn(1, 768), tokens)
+    assert not torch.allclose(a[:, 0], b[:, 0])
+    assert not torch.allclose(a[:, -1], b[:, -1])
+
+
+def test_kv_cache_shapes() -> None:
+    cache = KVCache(config_for("ret_v21"), num_slots=5)
+    assert cache.num_slots == 5
+    assert cache.k.shape == cache.v.shape == (1, 5, 2, 256, 128)
+
+
+@torch.no_grad()
+def test_step_matches_forward_under_continuous_batching(make_model: Callable[..., RET]) -> None:
+    """Rows at different positions in nonconsecutive slots, with stale data in the cache."""
+    model = make_model("ret_tiny", seed=2)
+    lengths = [9, 4, 12]
+    starts = [0, 3, 1]  # step at which each sequence joins the batch
+    slots = [5, 0, 2]
+    emb = torch.randn(3, 768)
+    seqs = [torch.randint(1, 256, (n,)) for n in lengths]
+    cache = KVCache(model.config, num_slots=6)
+    cache.k.normal_()  # stale garbage must be masked, not attended to
+    cache.v.normal_()
+    cond = model.condition(emb)
+    got: list[list[torch.Tensor]] = [[] for _ in lengths]
+    for clock in range(max(s + n for s, n in zip(starts, lengths, strict=True))):
+        rows = [i for i in range(3) if starts[i] <= clock < starts[i] + lengths[i]]
+        pos = [clock - starts[i] for i in rows]
+        prev = torch.tensor([seqs[i][p - 1] if p else 999 for i, p in zip(rows, pos, strict=True)])
+        positions = torch.tensor(pos)
+        logits = model.step(
+            cond[rows], prev, positions, cache, torch.tensor([slots[i] for i in rows])
+        )
+        for j, i in enumerate(rows):
+            got[i].append(logits[j])
+    for i, n in enumerate(lengths):
+        reference = model(emb[i : i + 1], seqs[i][None, : n - 1])[0]  # (n, V)
+        torch.testing.assert_close(torch.stack(got[i]), reference, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_batched_step_equals_each_row_alone(tiny_model: RET) -> None:
+    emb = torch.randn(4, 768)
+    tokens = torch.randint(1, 256, (4, 10))
+    cond = tiny_model.condition(emb)
+    batched_cache = KVCache(tiny_model.config, num_slots=4)
+    batched = [
+        tiny_model.step(
+            cond,
+            tokens[:, t - 1] if t else tokens[:, 0],
+            torch.full((4,), t),
+            batched_cache,
+            torch.arange(4),
+        )
+        for t in range(10)
+    ]
+    for row in range(4):
+        cache = KVCache(tiny_model.config, num_slots=1)
+        for t in range(10):
+            alone = tiny_model.step(
+                cond[row : row + 1],
+                tokens[row : row + 1, t - 1] if t else tokens[row : row + 1, 0],
+                torch.tensor([t]),
+                cache,
+                torch.tensor([0]),
+            )
+            torch.testing.assert_close(alone[0], batched[t][row], rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_step_at_position_zero_ignores_the_token(tiny_model: RET) -> None:
+    cond = tiny_model.condition(torch.randn(2, 768))
+    a = tiny_model.step(
+        cond,
+        torch.tensor([5, 7]),
+        torch.zeros(2, dtype=torch.long),
+        KVCache(tiny_model.config, 2),
+        torch.arange(2),
+    )
+    b = tiny_model.step(
+        cond,
+        torch.tensor([-1, 300]),
+        torch.zeros(2, dtype=torch.long),
+        KVCache(tiny_model.config, 2),
+        torch.arange(2),
+    )
+    assert torch.equal(a, b)
+
+
+@torch.no_grad()
+def test_bfloat16_model_runs_close_to_float32(
+    tiny_model: RET, make_model: Callable[..., RET]
+) -> None:
+    emb = torch.randn(2, 768)
+    tokens = torch.randint(1, 256, (2, 6))
+    ref = tiny_model(emb, tokens)
+    low = make_model("ret_tiny", seed=0).to(torch.bfloat16)(emb, tokens)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref, rtol=0.1, atol=0.1)
