@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from retd.model.checkpoint import load_checkpoint, parse_dtype, resolve_device
 from retd.server.config import ModelSpec, ServerConfig
 from retd.server.engine import ModelEngine
+from retd.server.scheduler import SchedulerConfig
 from retd.server.service import DecoderService
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
@@ -29,7 +30,7 @@ def load_engine(spec: ModelSpec) -> ModelEngine:
     """Load a checkpoint onto its device and warm it up (runs off the event loop)."""
     device = resolve_device(spec.device)
     loaded = load_checkpoint(spec.checkpoint, device=device, dtype=parse_dtype(spec.dtype))
-    engine = ModelEngine(spec.name, loaded, max_batch_size=spec.max_batch_size)
+    engine = ModelEngine(spec.name, loaded, SchedulerConfig(max_batch_size=spec.max_batch_size))
     engine.warm_up()
     log.info(
         "model %s loaded: %s %s, %d parameters, %s on %s, sha256 %s",

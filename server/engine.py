@@ -1,35 +1,41 @@
-"""One model's engine: a worker thread that owns the model and runs decode steps over a
-batch of sequences, and the asyncio side that submits sequences and receives their tokens.
+"""One model's engine: the asyncio side that submits sequences and receives their tokens,
+and the worker thread that executes the scheduler's decode steps on the model.
 
-The event loop never touches torch: handlers call `ModelEngine.submit()` and await the
-returned `SequenceHandle`; the worker thread delivers deltas and results back with
-`loop.call_soon_threadsafe`. Cancellation and deadlines are checked by the worker at every
-step, so a sequence whose caller went away leaves its batch within one step.
+The event loop never touches torch and the worker never decides: handlers call
+`ModelEngine.submit()` and await the returned `SequenceHandle`; the worker asks the
+`Scheduler` for a `Step`, runs it (one token for every row), hands the tokens back to
+`Scheduler.update()`, and delivers what it returns with `loop.call_soon_threadsafe`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
-import queue
 import threading
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import grpc
 import numpy as np
 import torch
 from retd.model.checkpoint import LoadedModel
-from retd.model.generation import (
-    FinishReason,
-    OutputBuffer,
-    SamplingParams,
-    make_generator,
-    sample,
-)
+from retd.model.generation import FinishReason, OutputBuffer, SamplingParams, make_generator, sample
 from retd.model.model import KVCache
+from retd.server.scheduler import (
+    Aborted,
+    AbortReason,
+    Delta,
+    Finished,
+    QueueFullError,
+    Row,
+    Scheduler,
+    SchedulerConfig,
+    SequenceState,
+    Step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,7 @@ class SequenceRequest:
     seed: int
     stream: bool = False  # deliver a TokenDelta after every step
     deadline: float | None = None  # time.monotonic() by which it must finish
+    priority: int = 0  # higher is served first; FIFO among equals
 
 
 @dataclass(frozen=True)
@@ -76,25 +83,30 @@ class SequenceError(Exception):
 
 Event = TokenDelta | SequenceResult | SequenceError
 
+ABORT_CODES = {
+    AbortReason.CANCELLED: grpc.StatusCode.CANCELLED,
+    AbortReason.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
+    AbortReason.FAILED: grpc.StatusCode.INTERNAL,
+}
+
 
 class SequenceHandle:
     """The event-loop side of one submitted sequence."""
 
-    def __init__(self, request: SequenceRequest, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, request: SequenceRequest, loop: asyncio.AbstractEventLoop, engine: ModelEngine
+    ) -> None:
         self.request = request
-        self.submitted_at = time.monotonic()
+        self.seq_id = -1
         self._loop = loop
+        self._engine = engine
         self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._cancelled = threading.Event()
         self._done = False
 
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
     def cancel(self) -> None:
-        """Ask the worker to drop this sequence at its next step (no-op once finished)."""
-        self._cancelled.set()
+        """The caller left: the sequence leaves its batch at the next step (no-op once done)."""
+        if not self._done:
+            self._engine.cancel(self.seq_id)
 
     def deliver(self, event: Event) -> None:
         """Called from the worker thread."""
@@ -119,190 +131,235 @@ class SequenceHandle:
         raise AssertionError("a sequence's events end with its result")
 
 
-@dataclass
-class _Running:
-    """Worker-side state of one sequence in the running batch."""
-
-    handle: SequenceHandle
-    output: OutputBuffer
-    generator: torch.Generator | None
-    started_at: float = field(default_factory=time.monotonic)
-
-
-_STOP = object()
+@dataclass(frozen=True)
+class EngineStats:
+    waiting: int
+    running: int
+    free_slots: int
 
 
 class ModelEngine:
-    """Serves one loaded model: a queue of sequences in front of one worker thread."""
+    """Serves one loaded model: a scheduler in front of one worker thread."""
 
-    def __init__(self, name: str, loaded: LoadedModel, *, max_batch_size: int = 32) -> None:
+    def __init__(
+        self, name: str, loaded: LoadedModel, scheduler_config: SchedulerConfig | None = None
+    ) -> None:
         self.name = name
         self.loaded = loaded
-        self.max_batch_size = max_batch_size
-        self._device = next(loaded.model.parameters()).device
-        self._dtype = next(loaded.model.parameters()).dtype
-        self._cache = KVCache(loaded.config, max_batch_size, self._device, self._dtype)
-        self._inbox: queue.SimpleQueue[SequenceHandle | object] = queue.SimpleQueue()
+        self.scheduler_config = scheduler_config or SchedulerConfig()
+        self._scheduler = Scheduler(self.scheduler_config)
+        parameter = next(loaded.model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        slots = self.scheduler_config.max_batch_size
+        self._cache = KVCache(loaded.config, slots, self.device, self.dtype)
+        self._cond = torch.zeros(slots, loaded.config.n_embd, device=self.device, dtype=self.dtype)
+        self._generators: dict[int, torch.Generator | None] = {}  # worker thread only
+        self._handles: dict[int, SequenceHandle] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._closing = False
         self._thread = threading.Thread(target=self._work, name=f"retd-worker-{name}", daemon=True)
-        self._closed = False
 
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
+    # ---- the event-loop side -----------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
 
-    def warm_up(self) -> None:
-        """Run a short greedy generation so the first caller pays no start-up cost.
-        Called before the worker starts, from a thread that is not the event loop's."""
-        embedding = np.zeros(self.loaded.config.embedding_dim, dtype=np.float32)
-        params = SamplingParams(max_new_tokens=4)
-        running = [
-            _Running(
-                _DiscardHandle(SequenceRequest(embedding, params, 0)),
-                OutputBuffer(params, self.loaded.config.eos_id),
-                None,
-            )
-        ]
-        self._run_batch(running)
+    def stats(self) -> EngineStats:
+        with self._lock:
+            s = self._scheduler
+            return EngineStats(s.num_waiting, s.num_running, s.free_slots)
 
     def submit(self, request: SequenceRequest) -> SequenceHandle:
-        if self._closed:
-            raise SequenceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        handle = SequenceHandle(request, asyncio.get_running_loop())
-        self._inbox.put(handle)
+        """Queue a sequence; raises SequenceError (RESOURCE_EXHAUSTED when the queue is full,
+        UNAVAILABLE when shutting down)."""
+        handle = SequenceHandle(request, asyncio.get_running_loop(), self)
+        output = OutputBuffer(request.params, self.loaded.config.eos_id)
+        with self._lock:
+            if self._closing:
+                raise SequenceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            handle.seq_id = next(self._ids)
+            state = SequenceState(
+                handle.seq_id,
+                request.params,
+                output,
+                arrival=time.monotonic(),
+                priority=request.priority,
+                deadline=request.deadline,
+                stream=request.stream,
+            )
+            try:
+                self._scheduler.add(state)
+            except QueueFullError as exc:
+                raise SequenceError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {self.name!r}: {exc}"
+                ) from None
+            self._handles[handle.seq_id] = handle
+            self._wakeup.notify()
         return handle
 
+    def cancel(self, seq_id: int) -> None:
+        with self._lock:
+            self._scheduler.cancel(seq_id)
+            self._wakeup.notify()
+
     async def close(self) -> None:
-        """Finish every sequence already submitted, then stop the worker."""
-        self._closed = True
-        self._inbox.put(_STOP)
-        await asyncio.to_thread(self._thread.join)
+        """Finish every sequence already accepted, then stop the worker."""
+        with self._lock:
+            self._closing = True
+            self._wakeup.notify()
+        if self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join)
 
     # ---- the worker thread -------------------------------------------------------------
 
+    def warm_up(self, steps: int = 4) -> None:
+        """Run a few decode steps so the first caller pays no start-up cost; call it before
+        `start()`."""
+        config = self.loaded.config
+        params = SamplingParams(max_new_tokens=steps)
+        request = SequenceRequest(np.zeros(config.embedding_dim, dtype=np.float32), params, 0)
+        for position in range(steps):
+            step = Step((Row(-1, 0, position, 0, params),), (-1,) if position == 0 else (), ())
+            self._execute(step, {-1: request})
+        self._generators.clear()
+
     def _work(self) -> None:
         torch.set_grad_enabled(False)
-        stopping = False
-        while not stopping:
-            item = self._inbox.get()
-            if item is _STOP:
-                break
-            batch = [item]
-            while len(batch) < self.max_batch_size:
-                try:
-                    item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(item)
-            running = [self._admit(h) for h in batch if isinstance(h, SequenceHandle)]
-            admitted = [r for r in running if r is not None]
-            if not admitted:
-                continue
+        while True:
+            with self._lock:
+                step = self._next_step()
+                if step is None:
+                    return
+                joining = {i: self._handles[i].request for i in step.joined}
             try:
-                self._run_batch(admitted)
-            except Exception as exc:  # a failed step fails its batch, never the daemon
-                log.exception("model %s: batch of %d failed", self.name, len(admitted))
-                for r in admitted:
-                    r.handle.deliver(
-                        SequenceError(grpc.StatusCode.INTERNAL, f"model step failed: {exc}")
-                    )
-
-    def _admit(self, handle: SequenceHandle) -> _Running | None:
-        """Drop a sequence whose caller left or whose deadline passed while it was queued."""
-        failure = _stop_check(handle, time.monotonic(), "queued")
-        if failure is not None:
-            handle.deliver(failure)
-            return None
-        request = handle.request
-        generator = None if request.params.greedy else make_generator(request.seed, self._device)
-        return _Running(handle, OutputBuffer(request.params, self.loaded.config.eos_id), generator)
-
-    def _run_batch(self, batch: list[_Running]) -> None:
-        """Decode every sequence of `batch` to its end, one step (one byte each) at a time;
-        a sequence leaves the batch as soon as it finishes, fails or is cancelled."""
-        model = self.loaded.model
-        size = len(batch)
-        embeddings = np.stack([r.handle.request.embedding for r in batch])
-        cond = model.condition(torch.from_numpy(embeddings).to(self._device, self._dtype))
-        slots = torch.arange(size, device=self._device)
-        positions = torch.zeros(size, dtype=torch.long, device=self._device)
-        tokens = torch.zeros(size, dtype=torch.long, device=self._device)
-        started_at = time.monotonic()
-        for r in batch:
-            r.started_at = started_at
-        while batch:
-            logits = model.step(cond, tokens, positions, self._cache, slots)
-            new_tokens, logprobs = sample(
-                logits, [r.handle.request.params for r in batch], [r.generator for r in batch]
-            )
-            token_list, logprob_list = new_tokens.tolist(), logprobs.tolist()
+                tokens, logprobs, failures = self._execute_isolating_faults(step, joining)
+            except Exception as exc:  # never let the worker die
+                log.exception("model %s: step failed", self.name)
+                tokens, logprobs, failures = [], [], {r.seq_id: str(exc) for r in step.rows}
             now = time.monotonic()
-            keep: list[int] = []
-            for row, r in enumerate(batch):
-                reason = r.output.append(token_list[row], logprob_list[row])
-                if reason is not None:
-                    r.handle.deliver(self._result(r, now, token_list[row]))
-                    continue
-                failure = _stop_check(r.handle, now, "generating")
-                if failure is not None:
-                    r.handle.deliver(failure)
-                    continue
-                if r.handle.request.stream:
-                    r.handle.deliver(TokenDelta(r.output.take_delta(), (token_list[row],)))
-                keep.append(row)
-            if len(keep) < len(batch):
-                index = torch.tensor(keep, dtype=torch.long, device=self._device)
-                cond, slots = cond[index], slots[index]
-                positions, new_tokens = positions[index], new_tokens[index]
-                batch = [batch[row] for row in keep]
-            tokens = new_tokens
-            positions = positions + 1
+            with self._lock:
+                events: list[tuple[int, Event]] = []
+                for seq_id, message in failures.items():
+                    events += self._abort_events(self._scheduler.fail([seq_id], message))
+                ok_rows = tuple(r for r in step.rows if r.seq_id not in failures)
+                outcomes = self._scheduler.update(
+                    replace(step, rows=ok_rows), tokens, logprobs, now
+                )
+                for outcome in outcomes:
+                    if isinstance(outcome, Delta):
+                        events.append((outcome.seq_id, TokenDelta(outcome.text, (outcome.token,))))
+                    else:
+                        events.append((outcome.seq_id, self._result(outcome)))
+                self._deliver(events)
 
-    def _result(self, r: _Running, now: float, last_token: int) -> SequenceResult:
-        output = r.output
-        assert output.finish_reason is not None
-        stream = r.handle.request.stream
+    def _next_step(self) -> Step | None:
+        """Under the lock: the next step with rows, or None once closing and drained."""
+        while True:
+            step = self._scheduler.schedule(time.monotonic())
+            self._deliver(self._abort_events(step.aborted))
+            if not step.empty:
+                return step
+            if self._closing and not self._scheduler.has_work():
+                return None
+            timeout = None if step.wake_at is None else max(0.0, step.wake_at - time.monotonic())
+            self._wakeup.wait(timeout)
+
+    def _execute_isolating_faults(
+        self, step: Step, joining: Mapping[int, SequenceRequest]
+    ) -> tuple[list[int], list[float], dict[int, str]]:
+        """Run the step; if it fails, run halves of it to find the rows that fail, so one
+        bad sequence (or an out-of-memory batch) never fails the rest."""
+        try:
+            tokens, logprobs = self._execute(step, joining)
+            return tokens, logprobs, {}
+        except Exception as exc:
+            if len(step.rows) == 1:
+                log.warning("model %s: sequence %d failed: %r", self.name, step.rows[0].seq_id, exc)
+                return [], [], {step.rows[0].seq_id: f"model step failed: {exc}"}
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            log.warning(
+                "model %s: a step of %d failed (%r); retrying in halves",
+                self.name,
+                len(step.rows),
+                exc,
+            )
+        half = len(step.rows) // 2
+        tokens, logprobs, failures = [], [], {}
+        for part in (step.rows[:half], step.rows[half:]):
+            ids = {r.seq_id for r in part}
+            sub = Step(part, tuple(i for i in step.joined if i in ids), ())
+            t, lp, f = self._execute_isolating_faults(sub, joining)
+            tokens += t
+            logprobs += lp
+            failures.update(f)
+        return tokens, logprobs, failures
+
+    def _execute(
+        self, step: Step, joining: Mapping[int, SequenceRequest]
+    ) -> tuple[list[int], list[float]]:
+        """One decode step on the model: a token and its log-probability for every row;
+        `joining` holds the requests of the sequences whose first step this is."""
+        model, device = self.loaded.model, self.device
+        rows = step.rows
+        if step.joined:
+            joined = [r for r in rows if r.seq_id in joining]
+            batch = np.stack([joining[r.seq_id].embedding for r in joined])
+            joined_slots = torch.tensor([r.slot for r in joined], device=device)
+            self._cond[joined_slots] = model.condition(
+                torch.from_numpy(batch).to(device, self.dtype)
+            )
+            for r in joined:
+                seed = joining[r.seq_id].seed
+                greedy = r.params.greedy
+                self._generators[r.seq_id] = None if greedy else make_generator(seed, device)
+        slots = torch.tensor([r.slot for r in rows], device=device)
+        positions = torch.tensor([r.position for r in rows], device=device)
+        tokens = torch.tensor([r.token for r in rows], device=device)
+        logits = model.step(self._cond[slots], tokens, positions, self._cache, slots)
+        sampled, logprobs = sample(
+            logits, [r.params for r in rows], [self._generators.get(r.seq_id) for r in rows]
+        )
+        return sampled.tolist(), logprobs.tolist()
+
+    def _abort_events(self, aborted: Sequence[Aborted]) -> list[tuple[int, Event]]:
+        events: list[tuple[int, Event]] = []
+        for a in aborted:
+            if a.reason is AbortReason.FAILED:
+                message = a.message
+            elif a.reason is AbortReason.DEADLINE:
+                message = f"the deadline passed while {a.stage}"
+            else:
+                message = f"the call was cancelled while {a.stage}"
+            events.append((a.seq_id, SequenceError(ABORT_CODES[a.reason], message)))
+        return events
+
+    def _result(self, finished: Finished) -> SequenceResult:
+        state = finished.state
+        output = state.output
+        assert output.finish_reason is not None and state.admitted_at is not None
+        request = self._handles[state.seq_id].request
         return SequenceResult(
             text=output.text(),
             token_ids=tuple(output.token_ids),
             finish_reason=output.finish_reason,
             mean_logprob=output.mean_logprob,
-            seed=r.handle.request.seed,
-            queue_s=r.started_at - r.handle.submitted_at,
-            compute_s=now - r.started_at,
-            tail_text=output.take_delta() if stream else "",
-            tail_token_ids=(last_token,) if stream else (),
+            seed=request.seed,
+            queue_s=state.admitted_at - state.arrival,
+            compute_s=finished.finished_at - state.admitted_at,
+            tail_text=finished.tail_text,
+            tail_token_ids=(output.token_ids[-1],) if state.stream else (),
         )
 
-
-def _stop_check(handle: SequenceHandle, now: float, stage: str) -> SequenceError | None:
-    if handle.cancelled:
-        return SequenceError(grpc.StatusCode.CANCELLED, f"the call was cancelled while {stage}")
-    deadline = handle.request.deadline
-    if deadline is not None and now >= deadline:
-        return SequenceError(
-            grpc.StatusCode.DEADLINE_EXCEEDED, f"the deadline passed while {stage}"
-        )
-    return None
-
-
-class _DiscardHandle(SequenceHandle):
-    """A handle for the warm-up run, which has no caller and no event loop."""
-
-    def __init__(self, request: SequenceRequest) -> None:
-        self.request = request
-        self.submitted_at = time.monotonic()
-        self._cancelled = threading.Event()
-        self._done = False
-
-    def deliver(self, event: Event) -> None:
-        pass
+    def _deliver(self, events: Sequence[tuple[int, Event]]) -> None:
+        """Under the lock: hand events to their callers; a sequence's last event forgets it."""
+        for seq_id, event in events:
+            handle = self._handles.get(seq_id)
+            if handle is None:
+                continue
+            if not isinstance(event, TokenDelta):
+                del self._handles[seq_id]
+                self._generators.pop(seq_id, None)
+            handle.deliver(event)

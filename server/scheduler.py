@@ -1,0 +1,287 @@
+"""The per-model scheduler: a bounded queue in front of a running batch of KV-cache slots.
+
+Plain Python, no tensors (in the spirit of vLLM's v1 `Scheduler`):
+
+- `add()` queues a sequence, or raises `QueueFullError` at once;
+- `schedule(now)` decides one decode step: which waiting sequences join (and into which
+  slot), which running ones continue, and which leave because their caller cancelled or
+  their deadline passed;
+- the worker executes the returned `Step` on the model and samples one token per row;
+- `update(step, tokens, logprobs, now)` appends the tokens, applies the stops (EOS, length,
+  stop strings), frees the slots of finished sequences and returns what to tell callers.
+
+Iteration-level (continuous) batching is the default: waiting sequences join at every step
+and finished ones leave at once. `policy="static"` is request-level batching for
+comparison: a batch is filled, run until its longest member ends, then the next is taken.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from retd.model.generation import OutputBuffer, SamplingParams
+
+
+class QueueFullError(Exception):
+    """The waiting queue is at its bound; the caller should retry later."""
+
+
+class AbortReason(enum.Enum):
+    CANCELLED = "cancelled"
+    DEADLINE = "deadline"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_size: int = 32  # KV-cache slots: sequences decoded together
+    max_queue_size: int = 1024  # sequences waiting for a slot
+    max_wait_ms: float = 0.0  # with an idle model, wait this long for a fuller first batch
+    policy: str = "continuous"  # or "static"
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size: expected >= 1, got {self.max_batch_size}")
+        if self.max_queue_size < 0:
+            raise ValueError(f"max_queue_size: expected >= 0, got {self.max_queue_size}")
+        if not self.max_wait_ms >= 0:
+            raise ValueError(f"max_wait_ms: expected >= 0, got {self.max_wait_ms}")
+        if self.policy not in ("continuous", "static"):
+            raise ValueError(f"policy: expected 'continuous' or 'static', got {self.policy!r}")
+
+
+@dataclass
+class SequenceState:
+    """Everything the scheduler knows of one sequence."""
+
+    seq_id: int
+    params: SamplingParams
+    output: OutputBuffer
+    arrival: float
+    priority: int = 0
+    deadline: float | None = None
+    stream: bool = False
+    slot: int | None = None
+    position: int = 0  # the position this sequence's next step writes
+    last_token: int = 0
+    admitted_at: float | None = None
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class Row:
+    """One sequence's part of a decode step."""
+
+    seq_id: int
+    slot: int
+    position: int  # 0: the first step, whose input is the embedding prefix
+    token: int  # the byte generated last (ignored at position 0)
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class Aborted:
+    seq_id: int
+    reason: AbortReason
+    stage: str  # "queued" or "generating"
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Step:
+    """The scheduler's decisions for one decode step."""
+
+    rows: tuple[Row, ...]  # every sequence to step now, joiners included
+    joined: tuple[int, ...]  # sequence ids whose first step this is
+    aborted: tuple[Aborted, ...]  # left the queue or the batch before this step
+    wake_at: float | None = None  # with no rows: nothing to do before this time
+
+    @property
+    def empty(self) -> bool:
+        return not self.rows
+
+
+@dataclass(frozen=True)
+class Delta:
+    seq_id: int
+    text: str
+    token: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    seq_id: int
+    state: SequenceState
+    finished_at: float
+    tail_text: str  # for streams: the text of the last step, not yet sent as a Delta
+
+
+Outcome = Delta | Finished
+
+
+@dataclass
+class Scheduler:
+    config: SchedulerConfig
+    _waiting: list[tuple[int, int, int]] = field(default_factory=list)  # (-priority, n, id)
+    _states: dict[int, SequenceState] = field(default_factory=dict)
+    _running: dict[int, SequenceState] = field(default_factory=dict)  # slot -> sequence
+    _free_slots: list[int] = field(default_factory=list)
+    _order: itertools.count[int] = field(default_factory=itertools.count)
+    _num_waiting: int = 0
+
+    def __post_init__(self) -> None:
+        self._free_slots = list(range(self.config.max_batch_size))
+        heapq.heapify(self._free_slots)
+
+    # ---- what callers see --------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return self._num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def has_work(self) -> bool:
+        return self._num_waiting > 0 or bool(self._running)
+
+    def add(self, state: SequenceState) -> None:
+        """Queue a sequence; raises QueueFullError when the queue is at its bound."""
+        if self._num_waiting >= self.config.max_queue_size:
+            raise QueueFullError(
+                f"the queue of waiting requests is full ({self._num_waiting} of "
+                f"max_queue_size {self.config.max_queue_size}); retry later"
+            )
+        if state.seq_id in self._states:
+            raise ValueError(f"sequence {state.seq_id} is already scheduled")
+        self._states[state.seq_id] = state
+        heapq.heappush(self._waiting, (-state.priority, next(self._order), state.seq_id))
+        self._num_waiting += 1
+
+    def cancel(self, seq_id: int) -> None:
+        """The caller left: the sequence is dropped at the next `schedule()`."""
+        state = self._states.get(seq_id)
+        if state is not None:
+            state.cancelled = True
+
+    # ---- one decode step ---------------------------------------------------------------
+
+    def schedule(self, now: float) -> Step:
+        aborted = self._drop_departed(now)
+        joined = self._admit(now)
+        rows = tuple(
+            Row(s.seq_id, slot, s.position, s.last_token, s.params)
+            for slot, s in sorted(self._running.items())
+        )
+        wake_at = None
+        if not rows and self._num_waiting:  # held back by max_wait_ms
+            wake_at = self._oldest_arrival() + self.config.max_wait_ms / 1e3
+        return Step(rows, tuple(joined), tuple(aborted), wake_at)
+
+    def update(
+        self, step: Step, tokens: Sequence[int], logprobs: Sequence[float], now: float
+    ) -> list[Outcome]:
+        """Apply one step's sampled tokens (aligned with `step.rows`)."""
+        outcomes: list[Outcome] = []
+        for row, token, logprob in zip(step.rows, tokens, logprobs, strict=True):
+            state = self._running[row.slot]
+            reason = state.output.append(token, logprob)
+            state.position += 1
+            state.last_token = token
+            if reason is not None:
+                self._release(state)
+                tail = state.output.take_delta() if state.stream else ""
+                outcomes.append(Finished(state.seq_id, state, now, tail))
+            elif state.stream:
+                outcomes.append(Delta(state.seq_id, state.output.take_delta(), token))
+        return outcomes
+
+    def fail(self, seq_ids: Sequence[int], message: str) -> list[Aborted]:
+        """The worker could not run these sequences: they leave, their slots are freed."""
+        failed = []
+        for seq_id in seq_ids:
+            state = self._states.get(seq_id)
+            if state is None:
+                continue
+            stage = "generating" if state.slot is not None else "queued"
+            self._release(state)
+            failed.append(Aborted(seq_id, AbortReason.FAILED, stage, message))
+        return failed
+
+    # ---- bookkeeping -------------------------------------------------------------------
+
+    def _release(self, state: SequenceState) -> None:
+        del self._states[state.seq_id]
+        if state.slot is not None:
+            del self._running[state.slot]
+            heapq.heappush(self._free_slots, state.slot)
+            state.slot = None
+        # a waiting entry is removed lazily: its id is no longer in _states
+        elif state.admitted_at is None:
+            self._num_waiting -= 1
+
+    def _departed(self, state: SequenceState, now: float) -> AbortReason | None:
+        if state.cancelled:
+            return AbortReason.CANCELLED
+        if state.deadline is not None and now >= state.deadline:
+            return AbortReason.DEADLINE
+        return None
+
+    def _drop_departed(self, now: float) -> list[Aborted]:
+        aborted = []
+        for state in list(self._running.values()):
+            reason = self._departed(state, now)
+            if reason is not None:
+                self._release(state)
+                aborted.append(Aborted(state.seq_id, reason, "generating"))
+        if self._num_waiting:
+            for state in [s for s in self._states.values() if s.slot is None]:
+                reason = self._departed(state, now)
+                if reason is not None:
+                    self._release(state)
+                    aborted.append(Aborted(state.seq_id, reason, "queued"))
+        return aborted
+
+    def _pop_waiting(self) -> SequenceState | None:
+        while self._waiting:
+            _, _, seq_id = heapq.heappop(self._waiting)
+            state = self._states.get(seq_id)
+            if state is not None and state.slot is None:
+                return state
+        return None
+
+    def _oldest_arrival(self) -> float:
+        return min(s.arrival for s in self._states.values() if s.slot is None)
+
+    def _admit(self, now: float) -> list[int]:
+        if not self._num_waiting or not self._free_slots:
+            return []
+        if self.config.policy == "static" and self._running:
+            return []  # request-level batching: the batch runs to its longest member's end
+        if (
+            not self._running
+            and self.config.max_wait_ms > 0
+            and self._num_waiting < len(self._free_slots)
+            and now < self._oldest_arrival() + self.config.max_wait_ms / 1e3
+        ):
+            return []  # an idle model may wait a little for a fuller first batch
+        joined = []
+        while self._free_slots:
+            state = self._pop_waiting()
+            if state is None:
+                break
+            state.slot = heapq.heappop(self._free_slots)
+            state.admitted_at = now
+            self._running[state.slot] = state
+            self._num_waiting -= 1
+            joined.append(state.seq_id)
+        return joined
