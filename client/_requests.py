@@ -1,0 +1,109 @@
+"""Request messages, built the same way for :class:`Client` and :class:`AsyncClient`."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Sequence
+
+from retd.v1 import decoder_pb2
+
+from .convert import EmbeddingEncoding, EmbeddingLike, to_embedding, to_embeddings
+from .errors import InvalidArgumentError
+
+__all__ = ["decode", "decode_batch", "generate", "split_stream_item", "stream_item"]
+
+
+def _uint(name: str, value: int | None) -> int:
+    if value is None:
+        return 0
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = -1
+    if isinstance(value, bool) or number < 0:
+        raise InvalidArgumentError(f"{name}: expected an integer >= 0, got {value!r}")
+    return number
+
+
+def decode(
+    embedding: EmbeddingLike,
+    *,
+    model: str | None,
+    max_new_tokens: int | None,
+    encoding: EmbeddingEncoding,
+) -> decoder_pb2.DecodeRequest:
+    return decoder_pb2.DecodeRequest(
+        model=model or "",
+        embedding=to_embedding(embedding, encoding=encoding),
+        max_new_tokens=_uint("max_new_tokens", max_new_tokens),
+    )
+
+
+def generate(
+    embedding: EmbeddingLike,
+    *,
+    model: str | None,
+    max_new_tokens: int | None,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    stop: str | Sequence[str] | None,
+    encoding: EmbeddingEncoding,
+) -> decoder_pb2.GenerateRequest:
+    """Unset (``None``) optional fields stay unset, so the server applies its defaults."""
+    request = decoder_pb2.GenerateRequest(
+        model=model or "",
+        embedding=to_embedding(embedding, encoding=encoding),
+        max_new_tokens=_uint("max_new_tokens", max_new_tokens),
+        top_k=_uint("top_k", top_k),
+        stop=[stop] if isinstance(stop, str) else list(stop or ()),
+    )
+    if temperature is not None:
+        request.temperature = temperature
+    if top_p is not None:
+        request.top_p = top_p
+    if seed is not None:
+        request.seed = _uint("seed", seed)
+    return request
+
+
+def decode_batch(
+    embeddings: Iterable[EmbeddingLike],
+    *,
+    model: str | None,
+    max_new_tokens: int | None,
+    encoding: EmbeddingEncoding,
+) -> decoder_pb2.DecodeBatchRequest:
+    return decoder_pb2.DecodeBatchRequest(
+        model=model or "",
+        embeddings=to_embeddings(embeddings, encoding=encoding),
+        max_new_tokens=_uint("max_new_tokens", max_new_tokens),
+    )
+
+
+def split_stream_item(index: int, item: object) -> tuple[str, EmbeddingLike]:
+    """``(id, embedding)`` of one :meth:`Client.decode_stream` input; the id defaults to the index.
+
+    An item is an embedding, or a pair ``(id, embedding)`` whose id is a ``str``.
+    """
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+        return item[0], item[1]
+    return str(index), item
+
+
+def stream_item(
+    index: int,
+    item: object,
+    *,
+    model: str | None,
+    max_new_tokens: int | None,
+    encoding: EmbeddingEncoding,
+) -> decoder_pb2.DecodeStreamRequest:
+    item_id, embedding = split_stream_item(index, item)
+    return decoder_pb2.DecodeStreamRequest(
+        id=item_id,
+        model=model or "",
+        embedding=to_embedding(embedding, encoding=encoding, name=f"items[{index}]"),
+        max_new_tokens=_uint("max_new_tokens", max_new_tokens),
+    )

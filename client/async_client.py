@@ -1,0 +1,307 @@
+"""The asyncio retd client (``grpc.aio``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Sequence,
+)
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+from retd.v1 import decoder_pb2, decoder_pb2_grpc
+
+from . import _health, _requests, convert
+from .client import DEFAULT_TARGET
+from .convert import EmbeddingEncoding, EmbeddingLike
+from .errors import UnavailableError, from_rpc_error
+from .types import (
+    DecodeBatchItem,
+    DecodeResult,
+    GenerateResult,
+    HealthStatus,
+    ModelInfo,
+    StreamChunk,
+    StreamItem,
+)
+
+__all__ = ["AsyncClient"]
+
+_T = TypeVar("_T")
+
+
+class AsyncClient:
+    """An asyncio client of a retd server: the methods of :class:`Client` as coroutines.
+
+    The streaming methods return async iterators. Create it inside a running event loop
+    (``grpc.aio`` channels belong to one loop). The arguments are those of :class:`Client`.
+
+    Example::
+
+        >>> import asyncio, numpy as np
+        >>> from retd.client import AsyncClient
+        >>> async def main():
+        ...     async with AsyncClient("127.0.0.1:50051") as client:
+        ...         embedding = np.random.randn(768).astype(np.float32)
+        ...         print((await client.decode(embedding)).text)
+        ...         async for chunk in client.generate_stream(embedding, seed=0):
+        ...             print(chunk.text, end="", flush=True)
+        >>> asyncio.run(main())  # doctest: +SKIP
+
+    Leaving an ``async for`` early cancels the call once the iterator is closed: wrap it in
+    :func:`contextlib.aclosing` to close it at once.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        channel: grpc.aio.Channel | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] | None = None,
+        encoding: EmbeddingEncoding = "raw",
+    ) -> None:
+        if encoding not in ("raw", "vector"):
+            raise ValueError(f"encoding must be 'raw' or 'vector', not {encoding!r}")
+        self.target = target
+        self.timeout = timeout
+        self.encoding: EmbeddingEncoding = encoding
+        self._metadata = tuple(metadata) if metadata else None
+        self._owns_channel = channel is None
+        if channel is None:
+            if credentials is None:
+                channel = grpc.aio.insecure_channel(target, options=list(options))
+            else:
+                channel = grpc.aio.secure_channel(target, credentials, options=list(options))
+        self.channel: grpc.aio.Channel = channel
+        self._stub = decoder_pb2_grpc.DecoderStub(channel)
+        self._health_check = channel.unary_unary(
+            _health.CHECK_METHOD,
+            request_serializer=_health.HealthCheckRequest.SerializeToString,
+            response_deserializer=_health.HealthCheckResponse.FromString,
+        )
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def close(self, grace: float | None = None) -> None:
+        """Close the channel (unless it was passed in); calls in flight are cancelled."""
+        if self._owns_channel:
+            await self.channel.close(grace)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncClient(target={self.target!r}, timeout={self.timeout!r})"
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the channel is connected; raise :class:`UnavailableError` on timeout."""
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), timeout)
+        except TimeoutError:
+            raise UnavailableError(f"{self.target}: not ready after {timeout} s") from None
+
+    # --- calls -------------------------------------------------------------------------------
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    async def _unary(
+        self, method: Callable[..., Awaitable[_T]], request: Any, timeout: float | None
+    ) -> _T:
+        try:
+            return await method(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    async def decode(
+        self,
+        embedding: EmbeddingLike,
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        timeout: float | None = None,
+    ) -> DecodeResult:
+        """Decode one embedding to text, greedily; see :meth:`Client.decode`."""
+        request = _requests.decode(
+            embedding, model=model, max_new_tokens=max_new_tokens, encoding=self.encoding
+        )
+        return convert.decode_result(await self._unary(self._stub.Decode, request, timeout))
+
+    async def generate(
+        self,
+        embedding: EmbeddingLike,
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> GenerateResult:
+        """Decode one embedding to text with sampling; see :meth:`Client.generate`."""
+        request = _requests.generate(
+            embedding,
+            model=model,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            encoding=self.encoding,
+        )
+        return convert.generate_result(await self._unary(self._stub.Generate, request, timeout))
+
+    def generate_stream(
+        self,
+        embedding: EmbeddingLike,
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> AsyncGenerator[StreamChunk, None]:
+        """Text deltas as they are generated; see :meth:`Client.generate_stream`.
+
+        Arguments are checked at once; the call starts on the first iteration.
+        """
+        request = _requests.generate(
+            embedding,
+            model=model,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            encoding=self.encoding,
+        )
+        deadline = self._deadline(timeout)
+        return _iterate(
+            lambda: self._stub.GenerateStream(request, timeout=deadline, metadata=self._metadata),
+            convert.stream_chunk,
+        )
+
+    async def decode_batch(
+        self,
+        embeddings: Iterable[EmbeddingLike],
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        timeout: float | None = None,
+    ) -> list[DecodeBatchItem]:
+        """Decode N embeddings in one call, in request order; see :meth:`Client.decode_batch`."""
+        request = _requests.decode_batch(
+            embeddings, model=model, max_new_tokens=max_new_tokens, encoding=self.encoding
+        )
+        response: decoder_pb2.DecodeBatchResponse = await self._unary(
+            self._stub.DecodeBatch, request, timeout
+        )
+        return [convert.batch_item(result) for result in response.results]
+
+    def decode_stream(
+        self,
+        items: Iterable[EmbeddingLike | tuple[str, EmbeddingLike]]
+        | AsyncIterable[EmbeddingLike | tuple[str, EmbeddingLike]],
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        timeout: float | None = None,
+    ) -> AsyncGenerator[StreamItem, None]:
+        """Stream embeddings in and texts out; see :meth:`Client.decode_stream`.
+
+        ``items`` may also be an async iterable.
+        """
+        failure: list[BaseException] = []
+
+        def request(index: int, item: object) -> decoder_pb2.DecodeStreamRequest:
+            return _requests.stream_item(
+                index, item, model=model, max_new_tokens=max_new_tokens, encoding=self.encoding
+            )
+
+        async def requests() -> AsyncIterator[decoder_pb2.DecodeStreamRequest]:
+            try:
+                if isinstance(items, AsyncIterable):
+                    index = 0
+                    async for item in items:
+                        yield request(index, item)
+                        index += 1
+                else:
+                    for index, item in enumerate(items):
+                        yield request(index, item)
+            except Exception as err:  # raised to the caller from the response iterator
+                failure.append(err)
+
+        deadline = self._deadline(timeout)
+        return _iterate(
+            lambda: self._stub.DecodeStream(requests(), timeout=deadline, metadata=self._metadata),
+            convert.stream_item,
+            failure,
+        )
+
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """The models the server has loaded."""
+        response: decoder_pb2.ListModelsResponse = await self._unary(
+            self._stub.ListModels, decoder_pb2.ListModelsRequest(), timeout
+        )
+        return [convert.model_info(m) for m in response.models]
+
+    async def default_model(self, *, timeout: float | None = None) -> str:
+        """The name of the model that serves requests naming none."""
+        response: decoder_pb2.ListModelsResponse = await self._unary(
+            self._stub.ListModels, decoder_pb2.ListModelsRequest(), timeout
+        )
+        return response.default_model
+
+    async def model_info(
+        self, model: str | None = None, *, timeout: float | None = None
+    ) -> ModelInfo:
+        """One model's description; ``None`` means the server's default model."""
+        request = decoder_pb2.GetModelInfoRequest(model=model or "")
+        return convert.model_info(await self._unary(self._stub.GetModelInfo, request, timeout))
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> HealthStatus:
+        """The standard ``grpc.health.v1`` status of ``service`` ("" is the whole server)."""
+        request = _health.HealthCheckRequest(service=service)
+        return _health.health_status(await self._unary(self._health_check, request, timeout))
+
+
+async def _iterate(
+    start: Callable[[], Any],
+    convert_one: Callable[[Any], _T],
+    failure: list[BaseException] | None = None,
+) -> AsyncGenerator[_T, None]:
+    """Start a streaming call, yield converted responses; typed errors; cancel when closed."""
+    call = start()
+    try:
+        async for message in call:
+            if failure:
+                raise failure[0]
+            yield convert_one(message)
+        if failure:
+            raise failure[0]
+    except grpc.RpcError as err:
+        if failure:
+            raise failure[0] from err
+        raise from_rpc_error(err) from err
+    finally:
+        call.cancel()

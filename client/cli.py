@@ -1,0 +1,329 @@
+"""The ``retd`` command line: talk to a retd server, or run one (``retd serve``).
+
+The client commands need only the thin client; ``serve``, ``init-checkpoint`` and ``bench``
+are handed to :mod:`retd.server.cli`, imported only then (it needs ``retd[server]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from .client import DEFAULT_TARGET, Client
+from .errors import RetdError
+from .inputs import EmbeddingInputError, read_embeddings
+from .types import DecodeBatchItem, HealthStatus
+
+__all__ = ["SERVER_COMMANDS", "build_parser", "main"]
+
+#: Subcommands implemented by the server package, with their one-line help.
+SERVER_COMMANDS = {
+    "serve": "run the retd server (needs retd[server]; `retd serve --help`)",
+    "init-checkpoint": "write a checkpoint for the server (needs retd[server])",
+    "bench": "benchmark a server or a model (needs retd[server])",
+}
+
+_EPILOG = """\
+EMBEDDING is a .npy file, a JSON array literal, or - (the default) to read stdin
+(.npy bytes or a JSON array). A 2-D array is a batch: one output line per row.
+
+examples:
+  retd health
+  retd decode emb.npy
+  python -c 'import json; print(json.dumps([0.0] * 768))' | retd decode --json
+  retd generate emb.npy --temperature 0.8 --seed 7 --stream
+  retd info --json
+  retd serve --help
+
+The server address comes from --target, else $RETD_TARGET, else 127.0.0.1:50051.
+Exit status: 0 on success, 1 when `retd health` finds the server not serving,
+2 on any error (printed as `error: CODE: details`).
+"""
+
+
+def _default_target() -> str:
+    return os.environ.get("RETD_TARGET") or DEFAULT_TARGET
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the client commands (the server's are listed, not parsed)."""
+    parser = argparse.ArgumentParser(
+        prog="retd",
+        description="retd: decode 768-dim sentence embeddings into text over gRPC.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    connection = argparse.ArgumentParser(add_help=False)
+    connection.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        default=_default_target(),
+        help=f"server address (default: $RETD_TARGET or {DEFAULT_TARGET})",
+    )
+    connection.add_argument(
+        "--timeout", type=float, metavar="S", help="deadline of the call in seconds"
+    )
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", metavar="M", help="model name (default: the server's default)")
+    decoding = argparse.ArgumentParser(add_help=False)
+    decoding.add_argument(
+        "embedding",
+        nargs="?",
+        metavar="EMBEDDING",
+        help="a .npy file, a JSON array, or - for stdin (default)",
+    )
+    decoding.add_argument(
+        "--max-new-tokens", type=int, metavar="N", help="bytes to generate at most"
+    )
+    decoding.add_argument(
+        "--json", action="store_true", help="print the full result as JSON (one line per item)"
+    )
+
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = [connection, model]
+    formatter = argparse.RawDescriptionHelpFormatter
+
+    commands.add_parser(
+        "decode",
+        parents=[*common, decoding],
+        formatter_class=formatter,
+        help="decode embedding(s) to text, greedily",
+        description="Decode one embedding (or a 2-D batch, one line per row) to text, "
+        "greedily. Newlines inside a text are printed as \\n in batch mode; "
+        "use --json for exact text.",
+    ).set_defaults(func=_decode)
+
+    generate = commands.add_parser(
+        "generate",
+        parents=[*common, decoding],
+        formatter_class=formatter,
+        help="generate text from one embedding with sampling",
+        description="Generate text from one embedding with sampling parameters.",
+    )
+    generate.add_argument("--temperature", type=float, help="0 is greedy (default: 1.0)")
+    generate.add_argument("--top-k", type=int, metavar="K", help="keep the K likeliest bytes")
+    generate.add_argument("--top-p", type=float, metavar="P", help="nucleus threshold in (0, 1]")
+    generate.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    generate.add_argument(
+        "--stop", action="append", metavar="TEXT", help="stop at TEXT (repeatable)"
+    )
+    generate.add_argument("--stream", action="store_true", help="print text as it is generated")
+    generate.set_defaults(func=_generate)
+
+    info = commands.add_parser(
+        "info", parents=common, help="describe a model", description="Describe a model."
+    )
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=_info)
+
+    models = commands.add_parser(
+        "models",
+        parents=[connection],
+        help="list the server's models",
+        description="List the server's models; * marks the default.",
+    )
+    models.add_argument("--json", action="store_true", help="print JSON")
+    models.set_defaults(func=_models)
+
+    health = commands.add_parser(
+        "health",
+        parents=[connection],
+        help="check the server's health (exit 0 when SERVING)",
+        description="Query grpc.health.v1; exit 0 when SERVING, 1 otherwise, 2 on error.",
+    )
+    health.add_argument(
+        "--service", default="", help='service name (default: "", the whole server)'
+    )
+    health.set_defaults(func=_health)
+
+    for name, text in SERVER_COMMANDS.items():
+        commands.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+# --- output --------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, RetdError):
+        return {"code": value.code.name, "details": value.details}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _print_json(value: Any, out: TextIO) -> None:
+    print(json.dumps(_jsonable(value), ensure_ascii=False), file=out, flush=True)
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _print_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.target, timeout=args.timeout)
+
+
+def _decode(args: argparse.Namespace, out: TextIO) -> int:
+    embeddings = read_embeddings(args.embedding)
+    with _client(args) as client:
+        if embeddings.ndim == 1:
+            result = client.decode(embeddings, model=args.model, max_new_tokens=args.max_new_tokens)
+            if args.json:
+                _print_json(result, out)
+            else:
+                print(result.text, file=out)
+            return 0
+        items = client.decode_batch(
+            embeddings, model=args.model, max_new_tokens=args.max_new_tokens
+        )
+    return _print_batch(items, out, as_json=args.json)
+
+
+def _print_batch(items: Sequence[DecodeBatchItem], out: TextIO, *, as_json: bool) -> int:
+    status = 0
+    for index, item in enumerate(items):
+        if as_json:
+            _print_json({"index": index, "result": item.result, "error": item.error}, out)
+        elif item.result is not None:
+            print(_one_line(item.result.text), file=out)
+        else:
+            print(file=out)
+        if item.error is not None:
+            _print_error(f"item {index}: {item.error}")
+            status = 2
+    out.flush()
+    return status
+
+
+def _generate(args: argparse.Namespace, out: TextIO) -> int:
+    embedding = read_embeddings(args.embedding)
+    if embedding.ndim == 2:
+        if embedding.shape[0] != 1:
+            raise EmbeddingInputError(
+                f"generate takes one embedding, got {embedding.shape[0]} "
+                "(use `retd decode` for batches)"
+            )
+        embedding = embedding[0]
+    params = dict(
+        model=args.model,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+    )
+    with _client(args) as client:
+        if not args.stream:
+            result = client.generate(embedding, **params)
+            if args.json:
+                _print_json(result, out)
+            else:
+                print(result.text, file=out)
+            return 0
+        stream = client.generate_stream(embedding, **params)
+        try:
+            for chunk in stream:
+                if args.json:
+                    _print_json(chunk, out)
+                else:
+                    print(chunk.text, end="", file=out, flush=True)
+        finally:
+            stream.close()
+        if not args.json:
+            print(file=out)
+    return 0
+
+
+def _info(args: argparse.Namespace, out: TextIO) -> int:
+    with _client(args) as client:
+        info = client.model_info(args.model)
+    if args.json:
+        _print_json(info, out)
+        return 0
+    for f in dataclasses.fields(info):
+        value = getattr(info, f.name)
+        if isinstance(value, dict):
+            value = json.dumps(value, ensure_ascii=False, sort_keys=True)
+        print(f"{f.name}: {value}", file=out)
+    return 0
+
+
+def _models(args: argparse.Namespace, out: TextIO) -> int:
+    with _client(args) as client:
+        models = client.list_models()
+        default = client.default_model()
+    if args.json:
+        _print_json({"default_model": default, "models": models}, out)
+        return 0
+    for m in models:
+        mark = "*" if m.name == default else " "
+        print(f"{mark} {m.name}\t{m.version}\t{m.architecture}\t{m.device}\t{m.dtype}", file=out)
+    return 0
+
+
+def _health(args: argparse.Namespace, out: TextIO) -> int:
+    with _client(args) as client:
+        status = client.health(args.service)
+    print(status.value, file=out)
+    return 0 if status is HealthStatus.SERVING else 1
+
+
+def _run_server_command(argv: list[str]) -> int:
+    try:
+        from retd.server.cli import main as server_main
+    except ImportError as err:
+        _print_error(
+            f"`retd {argv[0]}` needs the server, which is not installed or failed to import "
+            f"({err}). Install it with: pip install 'retd[server]'"
+        )
+        return 2
+    return int(server_main(argv) or 0)
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
+    """Run ``retd`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SERVER_COMMANDS:
+        return _run_server_command(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args, out if out is not None else sys.stdout)
+    except RetdError as err:
+        _print_error(f"{err.code.name}: {err.details}")
+    except EmbeddingInputError as err:
+        _print_error(str(err))
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): not worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

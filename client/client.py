@@ -1,0 +1,343 @@
+"""The synchronous retd client."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from retd.v1 import decoder_pb2, decoder_pb2_grpc
+
+from . import _health, _requests, convert
+from .convert import EmbeddingEncoding, EmbeddingLike
+from .errors import UnavailableError, from_rpc_error
+from .types import (
+    DecodeBatchItem,
+    DecodeResult,
+    GenerateResult,
+    HealthStatus,
+    ModelInfo,
+    StreamChunk,
+    StreamItem,
+)
+
+__all__ = ["DEFAULT_TARGET", "Client"]
+
+#: Where ``retd serve`` listens by default.
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+_T = TypeVar("_T")
+_Options = Sequence[tuple[str, Any]]
+_Metadata = Sequence[tuple[str, str]]
+
+
+class Client:
+    """A blocking client of a retd server.
+
+    Args:
+        target: ``host:port`` of the server (any gRPC target string).
+        timeout: default deadline of every call, in seconds; ``None`` waits forever. Each
+            method's own ``timeout=`` overrides it.
+        options: gRPC channel options, e.g. ``[("grpc.max_receive_message_length", 64 << 20)]``.
+        channel: use this channel instead of opening one (``target``, ``options`` and
+            ``credentials`` are then ignored); the caller keeps ownership: :meth:`close` leaves
+            it open.
+        credentials: open a secure channel with these; ``None`` means plaintext.
+        metadata: sent with every call, e.g. ``[("authorization", "Bearer ...")]``.
+        encoding: how embeddings travel: ``"raw"`` float32 bytes (default) or ``"vector"``.
+
+    Every failed call raises a :class:`~retd.client.errors.RetdError` subclass.
+
+    Example::
+
+        >>> import numpy as np
+        >>> from retd.client import Client
+        >>> with Client("127.0.0.1:50051", timeout=30) as client:  # doctest: +SKIP
+        ...     result = client.decode(np.random.randn(768).astype(np.float32))
+        ...     print(result.text, result.finish_reason, result.usage.generated_tokens)
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        options: _Options = (),
+        channel: grpc.Channel | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: _Metadata | None = None,
+        encoding: EmbeddingEncoding = "raw",
+    ) -> None:
+        if encoding not in ("raw", "vector"):
+            raise ValueError(f"encoding must be 'raw' or 'vector', not {encoding!r}")
+        self.target = target
+        self.timeout = timeout
+        self.encoding: EmbeddingEncoding = encoding
+        self._metadata = tuple(metadata) if metadata else None
+        self._owns_channel = channel is None
+        if channel is None:
+            if credentials is None:
+                channel = grpc.insecure_channel(target, options=list(options))
+            else:
+                channel = grpc.secure_channel(target, credentials, options=list(options))
+        self.channel: grpc.Channel = channel
+        self._stub = decoder_pb2_grpc.DecoderStub(channel)
+        self._health_check = channel.unary_unary(
+            _health.CHECK_METHOD,
+            request_serializer=_health.HealthCheckRequest.SerializeToString,
+            response_deserializer=_health.HealthCheckResponse.FromString,
+        )
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channel (unless it was passed in); calls in flight are cancelled."""
+        if self._owns_channel:
+            self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client(target={self.target!r}, timeout={self.timeout!r})"
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until the channel is connected; raise :class:`UnavailableError` on timeout."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise UnavailableError(f"{self.target}: not ready after {timeout} s") from None
+
+    # --- calls -------------------------------------------------------------------------------
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def _unary(self, method: Callable[..., _T], request: Any, timeout: float | None) -> _T:
+        try:
+            return method(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    def decode(
+        self,
+        embedding: EmbeddingLike,
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        timeout: float | None = None,
+    ) -> DecodeResult:
+        """Decode one embedding to text, greedily (deterministic).
+
+        Args:
+            embedding: a 1-D array of ``embedding_dim`` floats (numpy, list, tensor, ...).
+            model: the model to use; ``None`` means the server's default.
+            max_new_tokens: bytes to generate at most; ``None`` means the model's max_length.
+            timeout: deadline of this call in seconds (default: the client's).
+
+        >>> client.decode(embedding).text  # doctest: +SKIP
+        'a cat sits on the mat'
+        """
+        request = _requests.decode(
+            embedding, model=model, max_new_tokens=max_new_tokens, encoding=self.encoding
+        )
+        return convert.decode_result(self._unary(self._stub.Decode, request, timeout))
+
+    def generate(
+        self,
+        embedding: EmbeddingLike,
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> GenerateResult:
+        """Decode one embedding to text with sampling.
+
+        Args:
+            temperature: softmax temperature; ``None`` means 1.0, ``0`` means greedy.
+            top_k: keep only the k most likely bytes; ``None``/0 keeps all.
+            top_p: nucleus sampling threshold in (0, 1]; ``None`` means 1.0.
+            seed: seed of this request's random stream; ``None`` lets the server pick one
+                (returned as ``result.seed``).
+            stop: a string or strings that end generation (left out of the text).
+
+        The other arguments are those of :meth:`decode`.
+
+        >>> result = client.generate(embedding, temperature=0.7, seed=1)  # doctest: +SKIP
+        >>> again = client.generate(embedding, temperature=0.7, seed=result.seed)  # doctest: +SKIP
+        >>> again.text == result.text  # doctest: +SKIP
+        True
+        """
+        request = _requests.generate(
+            embedding,
+            model=model,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            encoding=self.encoding,
+        )
+        return convert.generate_result(self._unary(self._stub.Generate, request, timeout))
+
+    def generate_stream(
+        self,
+        embedding: EmbeddingLike,
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> Generator[StreamChunk, None, None]:
+        """Like :meth:`generate`, yielding text deltas as they are generated.
+
+        The call starts at once; the last chunk has ``finish_reason``, ``usage`` and the rest.
+        A failure raises its typed error from the iteration; closing the iterator early
+        (``.close()``, or leaving a ``for`` loop and dropping it) cancels the call.
+
+        >>> for chunk in client.generate_stream(embedding, seed=0):  # doctest: +SKIP
+        ...     print(chunk.text, end="", flush=True)
+        """
+        request = _requests.generate(
+            embedding,
+            model=model,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            encoding=self.encoding,
+        )
+        call = self._stub.GenerateStream(
+            request, timeout=self._deadline(timeout), metadata=self._metadata
+        )
+        return _iterate(call, convert.stream_chunk)
+
+    def decode_batch(
+        self,
+        embeddings: Iterable[EmbeddingLike],
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        timeout: float | None = None,
+    ) -> list[DecodeBatchItem]:
+        """Decode N embeddings in one call; the items come back in request order.
+
+        ``embeddings`` is a 2-D array ``(N, dim)`` or a sequence of 1-D embeddings. A bad item
+        does not fail the call: its :class:`DecodeBatchItem` has ``ok == False`` and a typed
+        ``error``; ``item.unwrap()`` returns the result or raises that error.
+
+        >>> [item.unwrap().text for item in client.decode_batch(matrix)]  # doctest: +SKIP
+        ['first sentence', 'second sentence']
+        """
+        request = _requests.decode_batch(
+            embeddings, model=model, max_new_tokens=max_new_tokens, encoding=self.encoding
+        )
+        response: decoder_pb2.DecodeBatchResponse = self._unary(
+            self._stub.DecodeBatch, request, timeout
+        )
+        return [convert.batch_item(result) for result in response.results]
+
+    def decode_stream(
+        self,
+        items: Iterable[EmbeddingLike | tuple[str, EmbeddingLike]],
+        *,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
+        timeout: float | None = None,
+    ) -> Generator[StreamItem, None, None]:
+        """Stream embeddings in, decoded texts out, as they finish (possibly out of order).
+
+        Each of ``items`` is an embedding (its id is then its index, as a string) or a pair
+        ``(id, embedding)`` with a ``str`` id. ``items`` is read lazily, so it may be a
+        generator. Answers carry the id; a bad item gets an ``error`` and the rest go on.
+        If reading or converting ``items`` fails, that exception is raised from the
+        iteration. Closing the iterator early cancels the call.
+
+        >>> for item in client.decode_stream([("a", e1), ("b", e2)]):  # doctest: +SKIP
+        ...     print(item.id, item.unwrap().text)
+        """
+        failure: list[BaseException] = []
+
+        def requests() -> Iterator[decoder_pb2.DecodeStreamRequest]:
+            try:
+                for index, item in enumerate(items):
+                    yield _requests.stream_item(
+                        index,
+                        item,
+                        model=model,
+                        max_new_tokens=max_new_tokens,
+                        encoding=self.encoding,
+                    )
+            except Exception as err:  # raised to the caller from the response iterator
+                failure.append(err)
+
+        call = self._stub.DecodeStream(
+            requests(), timeout=self._deadline(timeout), metadata=self._metadata
+        )
+        return _iterate(call, convert.stream_item, failure)
+
+    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """The models the server has loaded (see :meth:`default_model` for the default)."""
+        response: decoder_pb2.ListModelsResponse = self._unary(
+            self._stub.ListModels, decoder_pb2.ListModelsRequest(), timeout
+        )
+        return [convert.model_info(m) for m in response.models]
+
+    def default_model(self, *, timeout: float | None = None) -> str:
+        """The name of the model that serves requests naming none."""
+        response: decoder_pb2.ListModelsResponse = self._unary(
+            self._stub.ListModels, decoder_pb2.ListModelsRequest(), timeout
+        )
+        return response.default_model
+
+    def model_info(self, model: str | None = None, *, timeout: float | None = None) -> ModelInfo:
+        """One model's description; ``None`` means the server's default model.
+
+        >>> info = client.model_info()  # doctest: +SKIP
+        >>> info.name, info.embedding_dim, info.trained  # doctest: +SKIP
+        ('ret_v21', 768, True)
+        """
+        request = decoder_pb2.GetModelInfoRequest(model=model or "")
+        return convert.model_info(self._unary(self._stub.GetModelInfo, request, timeout))
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> HealthStatus:
+        """The standard ``grpc.health.v1`` status of ``service`` ("" is the whole server).
+
+        The result is a ``str`` enum: ``client.health() == "SERVING"`` works.
+        """
+        request = _health.HealthCheckRequest(service=service)
+        return _health.health_status(self._unary(self._health_check, request, timeout))
+
+
+def _iterate(
+    call: Any, convert_one: Callable[[Any], _T], failure: list[BaseException] | None = None
+) -> Generator[_T, None, None]:
+    """Yield converted responses of a streaming call; typed errors; cancel when closed early."""
+    try:
+        for message in call:
+            if failure:
+                raise failure[0]
+            yield convert_one(message)
+        if failure:
+            raise failure[0]
+    except grpc.RpcError as err:
+        if failure:
+            raise failure[0] from err
+        raise from_rpc_error(err) from err
+    finally:
+        call.cancel()

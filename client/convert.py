@@ -1,0 +1,215 @@
+"""Conversions between Python values and retd.v1 messages.
+
+Embeddings go out as :class:`decoder_pb2.Embedding`: by default as a ``RawTensor`` of
+little-endian float32 bytes (the fast path), or with ``encoding="vector"`` as a
+``FloatVector``. Anything :func:`numpy.asarray` understands is accepted: numpy arrays, lists
+and tuples of numbers, and objects with ``__array__`` (a CPU torch tensor works without this
+module importing torch).
+
+>>> import numpy as np
+>>> msg = to_embedding(np.ones(768, dtype=np.float32))
+>>> msg.WhichOneof("data"), list(msg.raw.shape), len(msg.raw.data)
+('raw', [768], 3072)
+>>> to_embedding([0.5, 1.0], encoding="vector").vector.values
+[0.5, 1.0]
+
+Only what is unambiguous is checked here (one embedding is 1-D, or 2-D with one row); the
+server checks the dimension and the values and names the offending field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal, TypeAlias
+
+import numpy as np
+from google.protobuf import json_format
+from retd.v1 import decoder_pb2
+
+from .errors import InvalidArgumentError, error_from_code
+from .types import (
+    DecodeBatchItem,
+    DecodeResult,
+    FinishReason,
+    GenerateResult,
+    ModelInfo,
+    StreamChunk,
+    StreamItem,
+    Timing,
+    Usage,
+)
+
+__all__ = [
+    "EmbeddingEncoding",
+    "EmbeddingLike",
+    "decode_result",
+    "generate_result",
+    "model_info",
+    "stream_chunk",
+    "to_array",
+    "to_embedding",
+    "to_embeddings",
+]
+
+#: One embedding: a 1-D numpy array, a list of floats, a tensor, or a ready ``Embedding``.
+EmbeddingLike: TypeAlias = Any
+#: How embeddings travel: ``"raw"`` float32 bytes (default, fast) or a ``"vector"`` of floats.
+EmbeddingEncoding: TypeAlias = Literal["raw", "vector"]
+
+_LITTLE_F32 = np.dtype("<f4")
+
+
+def to_array(value: EmbeddingLike, *, name: str = "embedding") -> np.ndarray:
+    """``value`` as a 1-D little-endian float32 array; raise if it cannot be one embedding.
+
+    A ``(1, dim)`` array is accepted and flattened. ``name`` prefixes error messages.
+    """
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InvalidArgumentError(f"{name}: not an array of numbers ({err})") from err
+    if array.dtype.kind not in "fiu":
+        raise InvalidArgumentError(f"{name}: expected numbers, got an array of dtype {array.dtype}")
+    if array.ndim == 2 and array.shape[0] == 1:
+        array = array.reshape(-1)
+    if array.ndim != 1:
+        raise InvalidArgumentError(
+            f"{name}: expected one embedding (shape [dim] or [1, dim]), "
+            f"got shape {list(array.shape)}"
+        )
+    return array.astype(_LITTLE_F32, copy=False)
+
+
+def to_embedding(
+    value: EmbeddingLike, *, encoding: EmbeddingEncoding = "raw", name: str = "embedding"
+) -> decoder_pb2.Embedding:
+    """One embedding as a ``retd.v1.Embedding`` message (an ``Embedding`` passes through)."""
+    if isinstance(value, decoder_pb2.Embedding):
+        return value
+    array = to_array(value, name=name)
+    if encoding == "raw":
+        raw = decoder_pb2.RawTensor(data=array.tobytes(), shape=[array.shape[0]])
+        return decoder_pb2.Embedding(raw=raw)
+    if encoding == "vector":
+        return decoder_pb2.Embedding(vector=decoder_pb2.FloatVector(values=array.tolist()))
+    raise ValueError(f"encoding must be 'raw' or 'vector', not {encoding!r}")
+
+
+def to_embeddings(
+    values: Iterable[EmbeddingLike] | np.ndarray,
+    *,
+    encoding: EmbeddingEncoding = "raw",
+    name: str = "embeddings",
+) -> list[decoder_pb2.Embedding]:
+    """Several embeddings: a 2-D array ``(N, dim)`` or a sequence of 1-D embeddings.
+
+    Items of a sequence are converted one by one, so items of different lengths still go to
+    the server, which reports each bad item in that item's own answer.
+    """
+    if isinstance(values, decoder_pb2.Embedding | str | bytes):
+        raise InvalidArgumentError(f"{name}: expected several embeddings, got one")
+    if not isinstance(values, list | tuple) and hasattr(values, "__array__"):
+        array = np.asarray(values)
+        if array.ndim != 2:
+            raise InvalidArgumentError(
+                f"{name}: expected a 2-D array (N, dim) or a sequence of embeddings, "
+                f"got shape {list(array.shape)}"
+            )
+        values = list(array)
+    items = list(values)
+    if items and all(isinstance(v, int | float | np.number) for v in items):
+        raise InvalidArgumentError(
+            f"{name}: expected a sequence of embeddings, got a single list of numbers"
+        )
+    return [to_embedding(v, encoding=encoding, name=f"{name}[{i}]") for i, v in enumerate(items)]
+
+
+# --- responses -----------------------------------------------------------------------------
+
+_FINISH = {
+    decoder_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    decoder_pb2.FINISH_REASON_EOS: FinishReason.EOS,
+    decoder_pb2.FINISH_REASON_STOP: FinishReason.STOP,
+}
+
+
+def finish_reason(value: int) -> FinishReason:
+    """The proto enum number as a :class:`FinishReason`."""
+    return _FINISH.get(value, FinishReason.UNSPECIFIED)
+
+
+def usage(msg: decoder_pb2.Usage) -> Usage:
+    return Usage(generated_tokens=msg.generated_tokens)
+
+
+def timing(msg: decoder_pb2.Timing) -> Timing:
+    return Timing(queue_ms=msg.queue_ms, compute_ms=msg.compute_ms, total_ms=msg.total_ms)
+
+
+def decode_result(msg: decoder_pb2.DecodeResponse) -> DecodeResult:
+    return DecodeResult(
+        text=msg.text,
+        finish_reason=finish_reason(msg.finish_reason),
+        usage=usage(msg.usage),
+        timing=timing(msg.timing),
+        model=msg.model,
+    )
+
+
+def generate_result(msg: decoder_pb2.GenerateResponse) -> GenerateResult:
+    return GenerateResult(
+        text=msg.text,
+        token_ids=list(msg.token_ids),
+        finish_reason=finish_reason(msg.finish_reason),
+        usage=usage(msg.usage),
+        timing=timing(msg.timing),
+        mean_logprob=msg.mean_logprob,
+        model=msg.model,
+        seed=msg.seed,
+    )
+
+
+def stream_chunk(msg: decoder_pb2.GenerateChunk) -> StreamChunk:
+    last = msg.finish_reason != decoder_pb2.FINISH_REASON_UNSPECIFIED
+    if not last:
+        return StreamChunk(text=msg.text, token_ids=list(msg.token_ids))
+    return StreamChunk(
+        text=msg.text,
+        token_ids=list(msg.token_ids),
+        finish_reason=finish_reason(msg.finish_reason),
+        usage=usage(msg.usage),
+        timing=timing(msg.timing),
+        mean_logprob=msg.mean_logprob,
+        seed=msg.seed,
+        model=msg.model,
+    )
+
+
+def batch_item(msg: decoder_pb2.DecodeBatchResult) -> DecodeBatchItem:
+    if msg.WhichOneof("outcome") == "response":
+        return DecodeBatchItem(result=decode_result(msg.response))
+    return DecodeBatchItem(error=error_from_code(msg.error.code, msg.error.message))
+
+
+def stream_item(msg: decoder_pb2.DecodeStreamResponse) -> StreamItem:
+    if msg.WhichOneof("outcome") == "response":
+        return StreamItem(id=msg.id, result=decode_result(msg.response))
+    return StreamItem(id=msg.id, error=error_from_code(msg.error.code, msg.error.message))
+
+
+def model_info(msg: decoder_pb2.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        name=msg.name,
+        version=msg.version,
+        architecture=msg.architecture,
+        parameter_count=msg.parameter_count,
+        embedding_dim=msg.embedding_dim,
+        vocab_size=msg.vocab_size,
+        max_length=msg.max_length,
+        dtype=msg.dtype,
+        device=msg.device,
+        checkpoint_sha256=msg.checkpoint_sha256,
+        card=json_format.MessageToDict(msg.card),
+        trained=msg.trained,
+        encoder=msg.encoder,
+    )
