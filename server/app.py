@@ -30,7 +30,13 @@ def load_engine(spec: ModelSpec) -> ModelEngine:
     """Load a checkpoint onto its device and warm it up (runs off the event loop)."""
     device = resolve_device(spec.device)
     loaded = load_checkpoint(spec.checkpoint, device=device, dtype=parse_dtype(spec.dtype))
-    engine = ModelEngine(spec.name, loaded, SchedulerConfig(max_batch_size=spec.max_batch_size))
+    scheduler = SchedulerConfig(
+        max_batch_size=spec.max_batch_size,
+        max_queue_size=spec.max_queue_size,
+        max_wait_ms=spec.max_wait_ms,
+        policy=spec.batching,
+    )
+    engine = ModelEngine(spec.name, loaded, scheduler)
     engine.warm_up()
     log.info(
         "model %s loaded: %s %s, %d parameters, %s on %s, sha256 %s",

@@ -32,6 +32,13 @@ class ModelSpec:
     device: str = "auto"
     dtype: str = "float32"
     max_batch_size: int = 32
+    max_queue_size: int = 1024
+    max_wait_ms: float = 0.0
+    batching: str = "continuous"
+
+
+# Settings a [[models]] table may override for its model.
+PER_MODEL = ("device", "dtype", "max_batch_size", "max_queue_size", "max_wait_ms", "batching")
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,9 @@ class ServerConfig:
     device: str = "auto"
     dtype: str = "float32"
     max_batch_size: int = 32
+    max_queue_size: int = 1024
+    max_wait_ms: float = 0.0
+    batching: str = "continuous"
     grace_period: float = 10.0
     max_message_bytes: int = 4 * MiB
     log_level: str = "INFO"
@@ -101,6 +111,12 @@ def _choice(name: str, choices: Sequence[str]) -> Callable[[Any], str]:
     return parse
 
 
+def _batching(value: Any) -> str:
+    if value in ("continuous", "static"):
+        return str(value)
+    raise ConfigError(f"batching: expected 'continuous' or 'static', got {value!r}")
+
+
 def _optional_path(value: Any) -> Path | None:
     return Path(value) if value not in (None, "") else None
 
@@ -128,7 +144,23 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "max_batch_size",
         _positive_int("max_batch_size"),
-        "sequences one model decodes together (default 32)",
+        "sequences one model decodes together: its KV-cache slots (default 32)",
+    ),
+    Setting(
+        "max_queue_size",
+        _positive_int("max_queue_size"),
+        "sequences that may wait for a slot; beyond it calls get RESOURCE_EXHAUSTED (1024)",
+    ),
+    Setting(
+        "max_wait_ms",
+        _non_negative_float("max_wait_ms"),
+        "with an idle model, wait up to this long for a fuller first batch (default 0)",
+    ),
+    Setting(
+        "batching",
+        _batching,
+        "continuous (sequences join and leave at every step, the default) or static "
+        "(request-level: a batch runs to its longest member's end)",
     ),
     Setting(
         "grace_period",
@@ -197,14 +229,14 @@ def _models_from_toml(entries: Any, base: Path) -> list[tuple[ModelSpec, dict[st
             name=str(entry["name"]),
             checkpoint=checkpoint if checkpoint.is_absolute() else base / checkpoint,
         )
+        parsers = {setting.name: setting.parse for setting in SETTINGS}
         overrides: dict[str, Any] = {}
-        for key in ("device", "dtype"):
+        for key in PER_MODEL:
             if key in entry:
-                overrides[key] = str(entry[key])
-        if "max_batch_size" in entry:
-            overrides["max_batch_size"] = _positive_int(f"models[{index}].max_batch_size")(
-                entry["max_batch_size"]
-            )
+                try:
+                    overrides[key] = parsers[key](entry[key])
+                except ConfigError as exc:
+                    raise ConfigError(f"models[{index}].{exc}") from None
         specs.append((spec, overrides))
     return specs
 
@@ -282,11 +314,7 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
         )
 
     base = ServerConfig()
-    server_wide = {
-        "device": values.get("device", base.device),
-        "dtype": values.get("dtype", base.dtype),
-        "max_batch_size": values.get("max_batch_size", base.max_batch_size),
-    }
+    server_wide = {key: values.get(key, getattr(base, key)) for key in PER_MODEL}
     resolved = [replace(spec, **{**server_wide, **overrides}) for spec, overrides in models]
     names = [spec.name for spec in resolved]
     duplicates = sorted({n for n in names if names.count(n) > 1})

@@ -44,6 +44,7 @@ def model_info(engine: ModelEngine) -> pb.ModelInfo:
     config = loaded.config
     card = struct_pb2.Struct()
     card.update(_json_safe(loaded.card))
+    stats = engine.stats()
     return pb.ModelInfo(
         name=engine.name,
         version=loaded.version,
@@ -58,6 +59,14 @@ def model_info(engine: ModelEngine) -> pb.ModelInfo:
         card=card,
         trained=loaded.trained,
         encoder=str(loaded.card.get("encoder", {}).get("name", "")),
+        load=pb.ModelLoad(
+            waiting=stats.waiting,
+            max_queue_size=engine.scheduler_config.max_queue_size,
+            running=stats.running,
+            max_batch_size=engine.scheduler_config.max_batch_size,
+            batching=engine.scheduler_config.policy,
+            max_wait_ms=engine.scheduler_config.max_wait_ms,
+        ),
     )
 
 
@@ -140,6 +149,7 @@ class DecoderService(pb_grpc.DecoderServicer):
                 params=greedy_params(request.max_new_tokens, "max_new_tokens", limits),
                 seed=0,
                 deadline=self._deadline(context),
+                priority=request.priority,
             )
             result = await self._run(engine, sequence)
         except (RequestError, SequenceError) as error:
@@ -154,7 +164,12 @@ class DecoderService(pb_grpc.DecoderServicer):
         embedding = parse_embedding(request.embedding, "embedding", limits)
         params, seed = parse_generate(request, limits)
         return engine, SequenceRequest(
-            embedding, params, seed, stream=stream, deadline=self._deadline(context)
+            embedding,
+            params,
+            seed,
+            stream=stream,
+            deadline=self._deadline(context),
+            priority=request.priority,
         )
 
     async def Generate(
@@ -213,6 +228,7 @@ class DecoderService(pb_grpc.DecoderServicer):
         max_new_tokens: int,
         field: str,
         deadline: float | None,
+        priority: int,
     ) -> tuple[pb.DecodeResponse | None, pb.ItemError | None]:
         """One item of a batch or stream: its response, or its own error."""
         received_at = time.monotonic()
@@ -224,6 +240,7 @@ class DecoderService(pb_grpc.DecoderServicer):
                 params=greedy_params(max_new_tokens, "max_new_tokens", limits),
                 seed=0,
                 deadline=deadline,
+                priority=priority,
             )
             result = await self._run(engine, sequence)
         except (RequestError, SequenceError) as error:
@@ -249,7 +266,12 @@ class DecoderService(pb_grpc.DecoderServicer):
         outcomes = await asyncio.gather(
             *(
                 self._decode_item(
-                    request.model, embedding, request.max_new_tokens, f"embeddings[{i}]", deadline
+                    request.model,
+                    embedding,
+                    request.max_new_tokens,
+                    f"embeddings[{i}]",
+                    deadline,
+                    request.priority,
                 )
                 for i, embedding in enumerate(request.embeddings)
             )
@@ -269,7 +291,12 @@ class DecoderService(pb_grpc.DecoderServicer):
 
         async def answer(item: pb.DecodeStreamRequest) -> None:
             ok, err = await self._decode_item(
-                item.model, item.embedding, item.max_new_tokens, "embedding", deadline
+                item.model,
+                item.embedding,
+                item.max_new_tokens,
+                "embedding",
+                deadline,
+                item.priority,
             )
             answers.put_nowait(pb.DecodeStreamResponse(id=item.id, response=ok, error=err))
 
