@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from retd.server import bench as bench_module
 from retd.server.config import ConfigError, add_arguments, load_config
 
 log = logging.getLogger("retd.server")
@@ -70,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--architecture", default="ret_v21", help="registry name of the architecture (ret_v21)"
     )
     init.set_defaults(run=_init_checkpoint)
+    bench = commands.add_parser(
+        "bench",
+        help="load-test a server (or time the model alone with --raw)",
+        description=bench_module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_module.add_arguments(bench)
+    bench.set_defaults(run=bench_module.main)
     return parser
 
 
