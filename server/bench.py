@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -378,6 +378,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="device for --raw")
     parser.add_argument("--dtype", default="float32", help="dtype for --raw")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--suite",
+        action="store_true",
+        help="run BENCHMARKS.md's comparisons on --checkpoint and print a markdown table",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -398,6 +403,13 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    if args.suite:
+        if args.checkpoint is None:
+            print("retd bench --suite needs --checkpoint DIR", file=sys.stderr)
+            return 2
+        results = run_suite(args.checkpoint, issue_suite(config.duration or 10.0))
+        print(markdown_table(results))
+        return 0
     if args.raw:
         if args.checkpoint is None:
             print("retd bench --raw needs --checkpoint DIR", file=sys.stderr)
@@ -415,3 +427,63 @@ def main(args: argparse.Namespace) -> int:
     report.extra.setdefault("pid", os.getpid())
     print(json.dumps(asdict(report)) if args.json else report.render(), flush=True)
     return 0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One line of the suite: a load (or --raw) against a server started with `server_args`."""
+
+    name: str
+    config: BenchConfig
+    server_args: str = ""
+    raw: bool = False
+
+
+def issue_suite(duration: float) -> list[Scenario]:
+    """The comparisons BENCHMARKS.md reports, measured side by side in one run."""
+    fixed = BenchConfig(concurrency=64, duration=duration)
+    mixed = replace(fixed, min_new_tokens=8, max_new_tokens=128)
+    lone = replace(fixed, concurrency=1)
+    batch256 = replace(fixed, mode="decode_batch", batch_size=256, concurrency=1)
+    return [
+        Scenario("64 callers, batching (max batch 64)", fixed, "--max-batch-size 64"),
+        Scenario("64 callers, max batch 1", fixed, "--max-batch-size 1"),
+        Scenario("raw model, batch 64", replace(fixed, batch_size=64), raw=True),
+        Scenario("mixed 8..128, continuous", mixed, "--max-batch-size 64"),
+        Scenario("mixed 8..128, static", mixed, "--max-batch-size 64 --batching static"),
+        Scenario("1 caller, batching (max batch 64)", lone, "--max-batch-size 64"),
+        Scenario("1 caller, max batch 1", lone, "--max-batch-size 1"),
+        Scenario("DecodeBatch of 256, one call", batch256, "--max-batch-size 256"),
+        Scenario("raw model, batch 256", replace(batch256, mode="decode"), raw=True),
+    ]
+
+
+def run_suite(checkpoint: Path, scenarios: Sequence[Scenario]) -> list[tuple[str, BenchReport]]:
+    results = []
+    for scenario in scenarios:
+        if scenario.raw:
+            report = run_raw(checkpoint, scenario.config, "auto", "float32")
+        else:
+            with spawned_server(checkpoint, scenario.server_args) as address:
+                report = asyncio.run(LoadGenerator(address, scenario.config).run())
+            report.server_args = scenario.server_args
+        print(f"{scenario.name}\n{report.render()}", file=sys.stderr, flush=True)
+        results.append((scenario.name, report))
+    return results
+
+
+def markdown_table(results: Sequence[tuple[str, BenchReport]]) -> str:
+    lines = [
+        "| scenario | seq/s | bytes/s | p50 ms | p90 ms | p99 ms | short p99 ms | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, r in results:
+        latency = r.latency_ms
+        short = r.short_latency_ms.get("p99")
+        lines.append(
+            f"| {name} | {r.sequences_per_s:.1f} | {r.tokens_per_s:.0f} | "
+            f"{latency.get('p50', 0):.1f} | {latency.get('p90', 0):.1f} | "
+            f"{latency.get('p99', 0):.1f} | {'' if short is None else f'{short:.1f}'} | "
+            f"{sum(r.errors.values())} |"
+        )
+    return "\n".join(lines)
