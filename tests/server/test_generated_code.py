@@ -1,0 +1,35 @@
+"""The committed generated code of protos/ is what `make proto` produces from decoder.proto."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+GENERATED = ("decoder_pb2.py", "decoder_pb2.pyi", "decoder_pb2_grpc.py")
+
+
+@pytest.fixture(scope="module")
+def regenerated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("proto")
+    subprocess.run(
+        [
+            sys.executable, "-m", "grpc_tools.protoc", "-I", "protos", f"--python_out={out}",
+            f"--pyi_out={out}", f"--grpc_python_out={out}", "protos/retd/v1/decoder.proto",
+        ],
+        check=True, cwd=REPO,
+    )  # fmt: skip
+    return out / "retd" / "v1"
+
+
+@pytest.mark.parametrize("name", GENERATED)
+def test_committed_generated_code_is_fresh(regenerated: Path, name: str) -> None:
+    fresh = (regenerated / name).read_bytes()
+    committed = (REPO / "protos" / "retd" / "v1" / name).read_bytes()
+    assert committed == fresh, (
+        f"protos/retd/v1/{name} is stale: it differs from what protoc generates from "
+        "protos/retd/v1/decoder.proto; run `make proto` and commit the result"
+    )

@@ -1,0 +1,147 @@
+"""Graceful shutdown with calls in flight, cancellation, deadlines, refusing to start."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from retd.v1 import decoder_pb2 as pb
+from retd.v1 import decoder_pb2_grpc as pb_grpc
+
+from tests.conftest import start_server
+
+VALUES = np.random.default_rng(3).standard_normal(768).astype(np.float32).tolist()
+EMBEDDING = pb.Embedding(vector=pb.FloatVector(values=VALUES))
+POLL_LIMIT_S = 20.0
+
+
+def long_stream(stub: pb_grpc.DecoderStub) -> Any:
+    request = pb.GenerateRequest(embedding=EMBEDDING, max_new_tokens=256, seed=11)
+    return stub.GenerateStream(request, timeout=60)
+
+
+def wait_until_not_serving(address: str) -> str:
+    """Poll health on fresh channels until NOT_SERVING or calls fail; bounded."""
+    deadline = time.monotonic() + POLL_LIMIT_S
+    while time.monotonic() < deadline:
+        with grpc.insecure_channel(address) as channel:
+            try:
+                status = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=2
+                )
+            except grpc.RpcError as error:
+                return error.code().name
+            if status.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                return "NOT_SERVING"
+        time.sleep(0.01)  # bounded poll for a state change
+    raise AssertionError(f"health still SERVING {POLL_LIMIT_S}s after the signal")
+
+
+def decode_after_stop(address: str) -> grpc.StatusCode:
+    """A new call to a stopping server: UNAVAILABLE, once the server stopped accepting."""
+    deadline = time.monotonic() + POLL_LIMIT_S
+    while time.monotonic() < deadline:
+        with grpc.insecure_channel(address) as channel:
+            try:
+                pb_grpc.DecoderStub(channel).Decode(
+                    pb.DecodeRequest(embedding=EMBEDDING, max_new_tokens=4), timeout=5
+                )
+            except grpc.RpcError as error:
+                return error.code()
+        time.sleep(0.01)  # health said NOT_SERVING; the listener closes right after
+    raise AssertionError("new calls still succeed after the shutdown signal")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_graceful_shutdown_finishes_the_call_in_flight(
+    tmp_path: Path, checkpoint: Path, sig: int
+) -> None:
+    server = start_server(tmp_path, ["--checkpoint", str(checkpoint)])
+    try:
+        with server.channel() as channel:
+            stub = pb_grpc.DecoderStub(channel)
+            reference = stub.Generate(
+                pb.GenerateRequest(embedding=EMBEDDING, max_new_tokens=256, seed=11)
+            )
+            call_started = time.monotonic()
+            stream = long_stream(stub)
+            chunks = [next(stream)]  # the call is surely in flight
+            signalled = time.monotonic()
+            server.process.send_signal(sig)
+            # A health call racing the listener's close may be CANCELLED rather than
+            # UNAVAILABLE (grpc cancels calls it accepted but never started); see the report.
+            state = wait_until_not_serving(server.address)
+            assert state in ("NOT_SERVING", "UNAVAILABLE", "CANCELLED")
+            assert decode_after_stop(server.address) == grpc.StatusCode.UNAVAILABLE
+            chunks += list(stream)
+        last = chunks[-1]
+        assert last.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS)
+        assert "".join(c.text for c in chunks) == reference.text
+        assert [t for c in chunks for t in c.token_ids] == list(reference.token_ids)
+        # The server answered after the signal: received at or after call_started, and
+        # total_ms later it sent the last chunk (both processes share CLOCK_MONOTONIC).
+        assert call_started + last.timing.total_ms / 1e3 > signalled
+        assert server.process.wait(timeout=60) == 0, server.log()
+        assert "shutting down" in server.log()
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def stub(server: Any) -> Iterator[pb_grpc.DecoderStub]:
+    with server.channel() as channel:
+        yield pb_grpc.DecoderStub(channel)
+
+
+def test_cancelling_a_stream_leaves_the_server_healthy(stub: pb_grpc.DecoderStub) -> None:
+    expected = stub.Decode(pb.DecodeRequest(embedding=EMBEDDING, max_new_tokens=16))
+    stream = long_stream(stub)
+    first = next(stream)
+    assert first.finish_reason == pb.FINISH_REASON_UNSPECIFIED
+    stream.cancel()
+    with pytest.raises(grpc.RpcError) as raised:
+        list(stream)
+    assert raised.value.code() == grpc.StatusCode.CANCELLED
+    for _ in range(3):
+        again = stub.Decode(pb.DecodeRequest(embedding=EMBEDDING, max_new_tokens=16), timeout=30)
+        assert again.text == expected.text
+        assert again.usage.generated_tokens == expected.usage.generated_tokens
+    chunks = list(long_stream(stub))
+    assert chunks[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+
+
+def test_a_deadline_shorter_than_the_generation_is_exceeded(
+    stub: pb_grpc.DecoderStub, server: Any
+) -> None:
+    expected = stub.Decode(pb.DecodeRequest(embedding=EMBEDDING, max_new_tokens=16))
+    request = pb.DecodeRequest(embedding=EMBEDDING, max_new_tokens=256)
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Decode(request, timeout=0.005)
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    generate = pb.GenerateRequest(embedding=EMBEDDING, max_new_tokens=256, seed=1)
+    with pytest.raises(grpc.RpcError) as raised:
+        list(stub.GenerateStream(generate, timeout=0.005))
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    again = stub.Decode(pb.DecodeRequest(embedding=EMBEDDING, max_new_tokens=16), timeout=30)
+    assert again.text == expected.text
+    assert server.process.poll() is None
+
+
+def test_refuses_to_start_without_its_checkpoint(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-checkpoint"
+    with pytest.raises(RuntimeError) as raised:
+        start_server(tmp_path, ["--checkpoint", str(missing)])
+    message = str(raised.value)
+    code = re.search(r"server exited with (-?\d+)", message)
+    assert code is not None and int(code.group(1)) != 0, message
+    assert "cannot start" in message and "does not exist" in message
+    assert str(missing) in message
+    assert "Traceback" not in message
