@@ -65,6 +65,7 @@ class Daemon:
         self.engines: dict[str, ModelEngine] = {}
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
+        self.service: DecoderService | None = None
         self.port = 0
 
     async def start(self) -> None:
@@ -80,9 +81,8 @@ class Daemon:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_DecoderServicer_to_server(
-            DecoderService(self.engines, config.default_model), server
-        )
+        self.service = DecoderService(self.engines, config.default_model)
+        pb_grpc.add_DecoderServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (DECODER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -102,10 +102,17 @@ class Daemon:
 
     async def stop(self) -> None:
         """Health goes NOT_SERVING, new calls get UNAVAILABLE, calls in flight get the grace
-        period to finish; then the workers stop."""
+        period to finish (health and reflection keep answering meanwhile); then the listener
+        closes, whatever is left is cancelled, and the workers stop."""
         await self.health.enter_graceful_shutdown()
+        if self.service is not None:
+            drained = await self.service.gate.close(self.config.grace_period)
+            if not drained:
+                log.warning(
+                    "grace period over: cancelling %d calls in flight", self.service.gate.in_flight
+                )
         if self.server is not None:
-            await self.server.stop(self.config.grace_period)
+            await self.server.stop(0.5)
         for engine in self.engines.values():
             await engine.close()
 

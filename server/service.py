@@ -13,6 +13,7 @@ import grpc
 from google.protobuf import struct_pb2
 from retd.model.generation import FinishReason
 from retd.server.engine import ModelEngine, SequenceError, SequenceRequest, SequenceResult
+from retd.server.gate import SHUTTING_DOWN, CallGate, gated
 from retd.server.validation import (
     ModelLimits,
     RequestError,
@@ -115,6 +116,7 @@ class DecoderService(pb_grpc.DecoderServicer):
     def __init__(self, engines: Mapping[str, ModelEngine], default_model: str) -> None:
         self._engines = dict(engines)
         self._default_model = default_model
+        self.gate = CallGate()
 
     def _engine(self, name: str) -> ModelEngine:
         engine = self._engines.get(name or self._default_model)
@@ -137,6 +139,7 @@ class DecoderService(pb_grpc.DecoderServicer):
         finally:
             handle.cancel()  # the caller left (task cancelled) or it is done: free its slot
 
+    @gated
     async def Decode(
         self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> pb.DecodeResponse:
@@ -172,6 +175,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             priority=request.priority,
         )
 
+    @gated
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
@@ -192,6 +196,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             seed=result.seed,
         )
 
+    @gated
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
@@ -232,6 +237,8 @@ class DecoderService(pb_grpc.DecoderServicer):
     ) -> tuple[pb.DecodeResponse | None, pb.ItemError | None]:
         """One item of a batch or stream: its response, or its own error."""
         received_at = time.monotonic()
+        if not self.gate.open:  # an item sent on a stream after shutdown began
+            return None, _item_error(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         try:
             engine = self._engine(model)
             limits = model_limits(engine)
@@ -247,6 +254,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             return None, _item_error(error.code, error.message)
         return _decode_response(result, engine.name, received_at), None
 
+    @gated
     async def DecodeBatch(
         self, request: pb.DecodeBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.DecodeBatchResponse:
@@ -280,6 +288,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             results=[pb.DecodeBatchResult(response=ok, error=err) for ok, err in outcomes]
         )
 
+    @gated
     async def DecodeStream(
         self,
         request_iterator: AsyncIterator[pb.DecodeStreamRequest],
@@ -318,6 +327,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             for task in [reader, *pending]:
                 task.cancel()
 
+    @gated
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
@@ -326,6 +336,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             default_model=self._default_model,
         )
 
+    @gated
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
