@@ -192,8 +192,11 @@ def sample(
             f"got {B} rows of logits, {len(params)} params and {len(generators)} generators"
         )
     logits = logits.float()
-    tokens = torch.empty(B, dtype=torch.long, device=logits.device)
     greedy = [i for i, p in enumerate(params) if p.greedy]
+    if len(greedy) == B:  # the common case: no indexing, no per-row work
+        tokens = logits.argmax(dim=-1)
+        return tokens, F.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
+    tokens = torch.empty(B, dtype=torch.long, device=logits.device)
     if greedy:
         rows = torch.tensor(greedy, device=logits.device)
         tokens[rows] = logits[rows].argmax(dim=-1)

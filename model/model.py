@@ -168,11 +168,18 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
     def step(
-        self, x: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor
+        self,
+        x: Tensor,
+        positions: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        slots: Tensor,
+        length: int | None = None,
     ) -> Tensor:
         """One new position per row: x (B, 1, C) at positions (B,), cached in k/v_cache[slots].
 
         k_cache, v_cache: (num_slots, H, max_length, D) for this layer; written in place.
+        length: max(positions) + 1 when the caller knows it (saves a device sync on CUDA).
         """
         B, _, C = x.shape
         q, k, v = self._heads(x)  # (B, H, 1, D)
@@ -180,7 +187,8 @@ class CausalSelfAttention(nn.Module):
         k = apply_rope(k, positions[:, None], self.rope_base)
         k_cache[slots, :, positions] = k[:, :, 0]  # (B, H, D) into each row's own position
         v_cache[slots, :, positions] = v[:, :, 0]
-        length = int(positions.max()) + 1  # attend only as far as the furthest row
+        if length is None:
+            length = int(positions.max()) + 1  # attend only as far as the furthest row
         keys = k_cache[slots, :, :length]  # (B, H, L, D)
         values = v_cache[slots, :, :length]
         visible = torch.arange(length, device=x.device)[None, :] <= positions[:, None]  # (B, L)
@@ -216,9 +224,15 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
     def step(
-        self, x: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor
+        self,
+        x: Tensor,
+        positions: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        slots: Tensor,
+        length: int | None = None,
     ) -> Tensor:
-        x = x + self.attn.step(self.ln_1(x), positions, k_cache, v_cache, slots)
+        x = x + self.attn.step(self.ln_1(x), positions, k_cache, v_cache, slots, length)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -273,17 +287,24 @@ class RET(nn.Module):
         return self._logits(x)  # (B, T+1, V)
 
     def step(
-        self, cond: Tensor, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Tensor
+        self,
+        cond: Tensor,
+        tokens: Tensor,
+        positions: Tensor,
+        cache: KVCache,
+        slots: Tensor,
+        length: int | None = None,
     ) -> Tensor:
         """Decode one new position per row with the KV cache (continuous batching).
 
         cond (B, C); tokens (B,) long: previous byte, ignored where positions == 0;
-        positions (B,) long, may differ per row; slots (B,) long: rows of `cache`.
+        positions (B,) long, may differ per row; slots (B,) long: rows of `cache`;
+        length: max(positions) + 1 if known on the host (else read from the device).
         Returns logits (B, V).
         """
         first = positions == 0
         prev = self.wte(tokens.masked_fill(first, 0))  # (B, C); ignored ids may be out of range
         x = torch.where(first[:, None], cond, prev + cond)[:, None, :]  # (B, 1, C)
         for layer, block in enumerate(self.blocks):
-            x = cast(Block, block).step(x, positions, cache.k[layer], cache.v[layer], slots)
+            x = cast(Block, block).step(x, positions, cache.k[layer], cache.v[layer], slots, length)
         return self._logits(x[:, 0])  # (B, V)

@@ -318,7 +318,8 @@ class ModelEngine:
         slots = torch.tensor([r.slot for r in rows], device=device)
         positions = torch.tensor([r.position for r in rows], device=device)
         tokens = torch.tensor([r.token for r in rows], device=device)
-        logits = model.step(self._cond[slots], tokens, positions, self._cache, slots)
+        length = max(r.position for r in rows) + 1
+        logits = model.step(self._cond[slots], tokens, positions, self._cache, slots, length)
         sampled, logprobs = sample(
             logits, [r.params for r in rows], [self._generators.get(r.seq_id) for r in rows]
         )
