@@ -361,7 +361,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", "-c", type=int, default=64, help="concurrent callers")
     parser.add_argument("--requests", "-n", type=int, help="stop after this many requests")
     parser.add_argument(
-        "--duration", "-t", type=float, default=10.0, help="seconds to run (default 10)"
+        "--duration", "-t", type=float, help="seconds to run (default 10 unless --requests)"
     )
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load")
     parser.add_argument(
@@ -391,7 +391,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         mode=args.mode,
         concurrency=args.concurrency,
         requests=args.requests,
-        duration=None if args.requests and args.duration == 10.0 else args.duration,
+        duration=args.duration if args.duration or args.requests else 10.0,
         warmup=args.warmup,
         min_new_tokens=int(low),
         max_new_tokens=int(high or low),

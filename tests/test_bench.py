@@ -1,0 +1,60 @@
+"""`retd bench` runs in its own process against a real server and reports what it measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import RunningServer
+
+
+def bench(*args: str) -> dict[str, Any]:
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "retd"), "bench", "--json", "--warmup", "0", *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+@pytest.mark.parametrize(
+    ("mode", "batch"),
+    [("decode", 1), ("generate", 1), ("generate_stream", 1), ("decode_batch", 3),
+     ("decode_stream", 3)],
+)  # fmt: skip
+def test_bench_modes_against_a_server(server: RunningServer, mode: str, batch: int) -> None:
+    report = bench(
+        "--target", server.address, "--mode", mode, "-c", "4", "-n", "12",
+        "--max-new-tokens", "4:12", "-b", str(batch),
+    )  # fmt: skip
+    assert report["errors"] == {}
+    assert report["requests"] == 12
+    assert report["sequences"] == 12 * batch
+    assert 12 * batch * 4 <= report["tokens_per_s"] * report["seconds"] <= 12 * batch * 12
+    assert set(report["latency_ms"]) == {"p50", "p90", "p99"}
+    assert report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
+    assert bool(report["first_delta_ms"]) == (mode in ("generate_stream", "decode_stream"))
+
+
+def test_bench_counts_errors_by_status(server: RunningServer) -> None:
+    report = bench(
+        "--target", server.address, "-c", "2", "-n", "4", "--max-new-tokens", "256",
+        "--timeout", "0.001",
+    )  # fmt: skip
+    assert report["errors"] == {"DEADLINE_EXCEEDED": 4}
+
+
+def test_bench_starts_its_own_server_and_times_the_raw_model(checkpoint: Path) -> None:
+    served = bench(
+        "--checkpoint", str(checkpoint), "--server-args", "--max-batch-size 2", "-c", "3",
+        "-n", "6", "--max-new-tokens", "8",
+    )  # fmt: skip
+    assert served["server_args"] == "--max-batch-size 2" and served["errors"] == {}
+    raw = bench("--raw", "--checkpoint", str(checkpoint), "-b", "4", "-n", "8",
+                "--max-new-tokens", "8")  # fmt: skip
+    assert raw["raw"] and raw["sequences"] == 8 and raw["batch_size"] == 4
