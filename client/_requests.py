@@ -10,7 +10,14 @@ from retd.v1 import decoder_pb2
 from .convert import EmbeddingEncoding, EmbeddingLike, to_embedding, to_embeddings
 from .errors import InvalidArgumentError
 
-__all__ = ["decode", "decode_batch", "generate", "split_stream_item", "stream_item"]
+__all__ = [
+    "check_priority",
+    "decode",
+    "decode_batch",
+    "generate",
+    "split_stream_item",
+    "stream_item",
+]
 
 
 def _uint(name: str, value: int | None) -> int:
@@ -25,17 +32,34 @@ def _uint(name: str, value: int | None) -> int:
     return number
 
 
+def check_priority(value: int | None) -> int:
+    """``priority`` as an int32; ``None`` means 0 (the server's default)."""
+    if value is None:
+        return 0
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = 2**31  # out of range: refused below
+    if isinstance(value, bool) or not -(2**31) <= number < 2**31:
+        raise InvalidArgumentError(
+            f"priority: expected an integer in [-2**31, 2**31 - 1], got {value!r}"
+        )
+    return number
+
+
 def decode(
     embedding: EmbeddingLike,
     *,
     model: str | None,
     max_new_tokens: int | None,
     encoding: EmbeddingEncoding,
+    priority: int | None = None,
 ) -> decoder_pb2.DecodeRequest:
     return decoder_pb2.DecodeRequest(
         model=model or "",
         embedding=to_embedding(embedding, encoding=encoding),
         max_new_tokens=_uint("max_new_tokens", max_new_tokens),
+        priority=check_priority(priority),
     )
 
 
@@ -50,6 +74,7 @@ def generate(
     seed: int | None,
     stop: str | Sequence[str] | None,
     encoding: EmbeddingEncoding,
+    priority: int | None = None,
 ) -> decoder_pb2.GenerateRequest:
     """Unset (``None``) optional fields stay unset, so the server applies its defaults."""
     request = decoder_pb2.GenerateRequest(
@@ -58,6 +83,7 @@ def generate(
         max_new_tokens=_uint("max_new_tokens", max_new_tokens),
         top_k=_uint("top_k", top_k),
         stop=[stop] if isinstance(stop, str) else list(stop or ()),
+        priority=check_priority(priority),
     )
     if temperature is not None:
         request.temperature = temperature
@@ -74,11 +100,13 @@ def decode_batch(
     model: str | None,
     max_new_tokens: int | None,
     encoding: EmbeddingEncoding,
+    priority: int | None = None,
 ) -> decoder_pb2.DecodeBatchRequest:
     return decoder_pb2.DecodeBatchRequest(
         model=model or "",
         embeddings=to_embeddings(embeddings, encoding=encoding),
         max_new_tokens=_uint("max_new_tokens", max_new_tokens),
+        priority=check_priority(priority),
     )
 
 
@@ -99,6 +127,7 @@ def stream_item(
     model: str | None,
     max_new_tokens: int | None,
     encoding: EmbeddingEncoding,
+    priority: int | None = None,
 ) -> decoder_pb2.DecodeStreamRequest:
     item_id, embedding = split_stream_item(index, item)
     return decoder_pb2.DecodeStreamRequest(
@@ -106,4 +135,5 @@ def stream_item(
         model=model or "",
         embedding=to_embedding(embedding, encoding=encoding, name=f"items[{index}]"),
         max_new_tokens=_uint("max_new_tokens", max_new_tokens),
+        priority=check_priority(priority),
     )

@@ -132,11 +132,20 @@ class AsyncClient:
         *,
         model: str | None = None,
         max_new_tokens: int | None = None,
+        priority: int | None = None,
         timeout: float | None = None,
     ) -> DecodeResult:
-        """Decode one embedding to text, greedily; see :meth:`Client.decode`."""
+        """Decode one embedding to text, greedily; see :meth:`Client.decode`.
+
+        ``priority``: higher is served first when requests wait for a slot; FIFO among equals
+        (``None`` means 0). The streaming and batch methods take it too.
+        """
         request = _requests.decode(
-            embedding, model=model, max_new_tokens=max_new_tokens, encoding=self.encoding
+            embedding,
+            model=model,
+            max_new_tokens=max_new_tokens,
+            encoding=self.encoding,
+            priority=priority,
         )
         return convert.decode_result(await self._unary(self._stub.Decode, request, timeout))
 
@@ -151,6 +160,7 @@ class AsyncClient:
         top_p: float | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        priority: int | None = None,
         timeout: float | None = None,
     ) -> GenerateResult:
         """Decode one embedding to text with sampling; see :meth:`Client.generate`."""
@@ -164,6 +174,7 @@ class AsyncClient:
             seed=seed,
             stop=stop,
             encoding=self.encoding,
+            priority=priority,
         )
         return convert.generate_result(await self._unary(self._stub.Generate, request, timeout))
 
@@ -178,6 +189,7 @@ class AsyncClient:
         top_p: float | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        priority: int | None = None,
         timeout: float | None = None,
     ) -> AsyncGenerator[StreamChunk, None]:
         """Text deltas as they are generated; see :meth:`Client.generate_stream`.
@@ -194,6 +206,7 @@ class AsyncClient:
             seed=seed,
             stop=stop,
             encoding=self.encoding,
+            priority=priority,
         )
         deadline = self._deadline(timeout)
         return _iterate(
@@ -207,11 +220,16 @@ class AsyncClient:
         *,
         model: str | None = None,
         max_new_tokens: int | None = None,
+        priority: int | None = None,
         timeout: float | None = None,
     ) -> list[DecodeBatchItem]:
         """Decode N embeddings in one call, in request order; see :meth:`Client.decode_batch`."""
         request = _requests.decode_batch(
-            embeddings, model=model, max_new_tokens=max_new_tokens, encoding=self.encoding
+            embeddings,
+            model=model,
+            max_new_tokens=max_new_tokens,
+            encoding=self.encoding,
+            priority=priority,
         )
         response: decoder_pb2.DecodeBatchResponse = await self._unary(
             self._stub.DecodeBatch, request, timeout
@@ -225,6 +243,7 @@ class AsyncClient:
         *,
         model: str | None = None,
         max_new_tokens: int | None = None,
+        priority: int | None = None,
         timeout: float | None = None,
     ) -> AsyncGenerator[StreamItem, None]:
         """Stream embeddings in and texts out; see :meth:`Client.decode_stream`.
@@ -232,10 +251,16 @@ class AsyncClient:
         ``items`` may also be an async iterable.
         """
         failure: list[BaseException] = []
+        priority = _requests.check_priority(priority)  # bad arguments raise here, at once
 
         def request(index: int, item: object) -> decoder_pb2.DecodeStreamRequest:
             return _requests.stream_item(
-                index, item, model=model, max_new_tokens=max_new_tokens, encoding=self.encoding
+                index,
+                item,
+                model=model,
+                max_new_tokens=max_new_tokens,
+                encoding=self.encoding,
+                priority=priority,
             )
 
         async def requests() -> AsyncIterator[decoder_pb2.DecodeStreamRequest]:

@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-new-tokens", type=int, metavar="N", help="bytes to generate at most"
     )
     decoding.add_argument(
+        "--priority",
+        type=int,
+        metavar="P",
+        help="higher is served first when requests wait for a slot; FIFO among equals (0)",
+    )
+    decoding.add_argument(
         "--json", action="store_true", help="print the full result as JSON (one line per item)"
     )
 
@@ -187,14 +193,22 @@ def _decode(args: argparse.Namespace, out: TextIO) -> int:
     embeddings = read_embeddings(args.embedding)
     with _client(args) as client:
         if embeddings.ndim == 1:
-            result = client.decode(embeddings, model=args.model, max_new_tokens=args.max_new_tokens)
+            result = client.decode(
+                embeddings,
+                model=args.model,
+                max_new_tokens=args.max_new_tokens,
+                priority=args.priority,
+            )
             if args.json:
                 _print_json(result, out)
             else:
                 print(result.text, file=out)
             return 0
         items = client.decode_batch(
-            embeddings, model=args.model, max_new_tokens=args.max_new_tokens
+            embeddings,
+            model=args.model,
+            max_new_tokens=args.max_new_tokens,
+            priority=args.priority,
         )
     return _print_batch(items, out, as_json=args.json)
 
@@ -232,6 +246,7 @@ def _generate(args: argparse.Namespace, out: TextIO) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stop=args.stop,
+        priority=args.priority,
     )
     with _client(args) as client:
         if not args.stream:
@@ -263,8 +278,8 @@ def _info(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     for f in dataclasses.fields(info):
         value = getattr(info, f.name)
-        if isinstance(value, dict):
-            value = json.dumps(value, ensure_ascii=False, sort_keys=True)
+        if isinstance(value, dict) or dataclasses.is_dataclass(value):
+            value = json.dumps(_jsonable(value), ensure_ascii=False, sort_keys=True)
         print(f"{f.name}: {value}", file=out)
     return 0
 

@@ -128,6 +128,7 @@ class Client:
         *,
         model: str | None = None,
         max_new_tokens: int | None = None,
+        priority: int | None = None,
         timeout: float | None = None,
     ) -> DecodeResult:
         """Decode one embedding to text, greedily (deterministic).
@@ -136,13 +137,19 @@ class Client:
             embedding: a 1-D array of ``embedding_dim`` floats (numpy, list, tensor, ...).
             model: the model to use; ``None`` means the server's default.
             max_new_tokens: bytes to generate at most; ``None`` means the model's max_length.
+            priority: higher is served first when requests wait for a slot; FIFO among
+                equals. ``None`` means 0, the server's default; any int32, negative included.
             timeout: deadline of this call in seconds (default: the client's).
 
         >>> client.decode(embedding).text  # doctest: +SKIP
         'a cat sits on the mat'
         """
         request = _requests.decode(
-            embedding, model=model, max_new_tokens=max_new_tokens, encoding=self.encoding
+            embedding,
+            model=model,
+            max_new_tokens=max_new_tokens,
+            encoding=self.encoding,
+            priority=priority,
         )
         return convert.decode_result(self._unary(self._stub.Decode, request, timeout))
 
@@ -157,6 +164,7 @@ class Client:
         top_p: float | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        priority: int | None = None,
         timeout: float | None = None,
     ) -> GenerateResult:
         """Decode one embedding to text with sampling.
@@ -186,6 +194,7 @@ class Client:
             seed=seed,
             stop=stop,
             encoding=self.encoding,
+            priority=priority,
         )
         return convert.generate_result(self._unary(self._stub.Generate, request, timeout))
 
@@ -200,6 +209,7 @@ class Client:
         top_p: float | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        priority: int | None = None,
         timeout: float | None = None,
     ) -> Generator[StreamChunk, None, None]:
         """Like :meth:`generate`, yielding text deltas as they are generated.
@@ -221,6 +231,7 @@ class Client:
             seed=seed,
             stop=stop,
             encoding=self.encoding,
+            priority=priority,
         )
         call = self._stub.GenerateStream(
             request, timeout=self._deadline(timeout), metadata=self._metadata
@@ -233,19 +244,25 @@ class Client:
         *,
         model: str | None = None,
         max_new_tokens: int | None = None,
+        priority: int | None = None,
         timeout: float | None = None,
     ) -> list[DecodeBatchItem]:
         """Decode N embeddings in one call; the items come back in request order.
 
         ``embeddings`` is a 2-D array ``(N, dim)`` or a sequence of 1-D embeddings. A bad item
         does not fail the call: its :class:`DecodeBatchItem` has ``ok == False`` and a typed
-        ``error``; ``item.unwrap()`` returns the result or raises that error.
+        ``error``; ``item.unwrap()`` returns the result or raises that error. ``priority``
+        (see :meth:`decode`) applies to every item.
 
         >>> [item.unwrap().text for item in client.decode_batch(matrix)]  # doctest: +SKIP
         ['first sentence', 'second sentence']
         """
         request = _requests.decode_batch(
-            embeddings, model=model, max_new_tokens=max_new_tokens, encoding=self.encoding
+            embeddings,
+            model=model,
+            max_new_tokens=max_new_tokens,
+            encoding=self.encoding,
+            priority=priority,
         )
         response: decoder_pb2.DecodeBatchResponse = self._unary(
             self._stub.DecodeBatch, request, timeout
@@ -258,6 +275,7 @@ class Client:
         *,
         model: str | None = None,
         max_new_tokens: int | None = None,
+        priority: int | None = None,
         timeout: float | None = None,
     ) -> Generator[StreamItem, None, None]:
         """Stream embeddings in, decoded texts out, as they finish (possibly out of order).
@@ -266,12 +284,14 @@ class Client:
         ``(id, embedding)`` with a ``str`` id. ``items`` is read lazily, so it may be a
         generator. Answers carry the id; a bad item gets an ``error`` and the rest go on.
         If reading or converting ``items`` fails, that exception is raised from the
-        iteration. Closing the iterator early cancels the call.
+        iteration. Closing the iterator early cancels the call. ``priority`` (see
+        :meth:`decode`) applies to every item.
 
         >>> for item in client.decode_stream([("a", e1), ("b", e2)]):  # doctest: +SKIP
         ...     print(item.id, item.unwrap().text)
         """
         failure: list[BaseException] = []
+        priority = _requests.check_priority(priority)  # bad arguments raise here, at once
 
         def requests() -> Iterator[decoder_pb2.DecodeStreamRequest]:
             try:
@@ -282,6 +302,7 @@ class Client:
                         model=model,
                         max_new_tokens=max_new_tokens,
                         encoding=self.encoding,
+                        priority=priority,
                     )
             except Exception as err:  # raised to the caller from the response iterator
                 failure.append(err)

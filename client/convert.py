@@ -33,6 +33,7 @@ from .types import (
     FinishReason,
     GenerateResult,
     ModelInfo,
+    ModelLoad,
     StreamChunk,
     StreamItem,
     Timing,
@@ -45,6 +46,7 @@ __all__ = [
     "decode_result",
     "generate_result",
     "model_info",
+    "model_load",
     "stream_chunk",
     "to_array",
     "to_embedding",
@@ -212,4 +214,16 @@ def model_info(msg: decoder_pb2.ModelInfo) -> ModelInfo:
         card=json_format.MessageToDict(msg.card),
         trained=msg.trained,
         encoder=msg.encoder,
+        load=model_load(msg.load),
+    )
+
+
+def model_load(msg: decoder_pb2.ModelLoad) -> ModelLoad:
+    return ModelLoad(
+        waiting=msg.waiting,
+        max_queue_size=msg.max_queue_size,
+        running=msg.running,
+        max_batch_size=msg.max_batch_size,
+        batching=msg.batching,
+        max_wait_ms=msg.max_wait_ms,
     )

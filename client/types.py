@@ -15,6 +15,7 @@ __all__ = [
     "GenerateResult",
     "HealthStatus",
     "ModelInfo",
+    "ModelLoad",
     "StreamChunk",
     "StreamItem",
     "Timing",
@@ -153,6 +154,27 @@ class StreamItem(_Outcome):
 
 
 @dataclass(frozen=True)
+class ModelLoad:
+    """A model's scheduler: its limits, and its state when the server answered.
+
+    The zero defaults are what a server that does not report its load sends.
+    """
+
+    #: Sequences waiting for a slot.
+    waiting: int = 0
+    #: The most sequences that may wait; beyond it calls get :class:`ResourceExhaustedError`.
+    max_queue_size: int = 0
+    #: Sequences in the running batch.
+    running: int = 0
+    #: The running batch's KV-cache slots.
+    max_batch_size: int = 0
+    #: ``"continuous"`` (iteration-level) or ``"static"`` (request-level) batching.
+    batching: str = ""
+    #: With an idle model, how long a first request may wait for a fuller batch.
+    max_wait_ms: float = 0.0
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """A model loaded on the server (:meth:`Client.model_info`, :meth:`Client.list_models`)."""
 
@@ -176,3 +198,5 @@ class ModelInfo:
     trained: bool = False
     #: The sentence encoder whose embeddings this model decodes.
     encoder: str = ""
+    #: The scheduler's limits and its queue and running batch when the call was answered.
+    load: ModelLoad = field(default_factory=ModelLoad)

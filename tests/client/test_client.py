@@ -1,159 +1,332 @@
-"""Client and AsyncClient against a fake in-process server: every method, errors, streams."""
+"""Client against the real retd daemon (the session's `server`): every method, typed errors,
+streams and their cancellation, priority, and the model's load."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import hashlib
+import math
+import re
 
+import grpc
 import numpy as np
 import pytest
-from fake_decoder import DIM, MODEL
 from retd.client import (
-    AsyncClient,
     Client,
+    DeadlineExceededError,
+    DecodeBatchItem,
     DecodeResult,
     FinishReason,
+    GenerateResult,
     HealthStatus,
     InvalidArgumentError,
+    ModelInfo,
+    ModelLoad,
     NotFoundError,
-    RequestCancelledError,
+    StreamChunk,
     StreamItem,
     UnavailableError,
     _health,
 )
 from retd.v1 import decoder_pb2
 
-E = np.arange(DIM, dtype=np.float32)  # text "8 28"
+from tests.client.conftest import DIM, MODEL, embeddings, poll, stop_case
+
+E = embeddings(4, seed=9)  # greedy texts "000…", "\ufffd…", "444…", "]]]…": distinct
+N = 16  # max_new_tokens of most calls: enough to tell texts apart, fast on a CPU
 
 
-@pytest.fixture
-def client(fake):
-    servicer, target = fake
-    with Client(target, timeout=10) as c:
-        yield c
+def assert_sane_timing(timing) -> None:
+    assert timing.queue_ms >= 0 and timing.compute_ms > 0
+    assert timing.total_ms >= timing.compute_ms
 
 
-def test_decode(client, fake):
-    result = client.decode(E, max_new_tokens=5)
+# --- decode ---------------------------------------------------------------------------------
+
+
+def test_decode(client):
+    result = client.decode(E[0], max_new_tokens=N)
     assert isinstance(result, DecodeResult)
-    assert result.text == "8 28"
-    assert result.finish_reason is FinishReason.EOS
     assert result.model == MODEL
-    sent = fake[0].requests[-1]
-    assert sent.max_new_tokens == 5 and sent.model == ""
-    assert np.frombuffer(sent.embedding.raw.data, "<f4").tobytes() == E.tobytes()
+    assert result.finish_reason is FinishReason.LENGTH
+    assert result.usage.generated_tokens == N
+    assert_sane_timing(result.timing)
+    assert client.decode(E[0], max_new_tokens=N).text == result.text  # greedy: deterministic
+    assert client.decode(E[0], model=MODEL, max_new_tokens=N).text == result.text
 
 
-def test_decode_vector_encoding(fake):
-    with Client(fake[1], encoding="vector") as c:
-        assert c.decode(E.tolist()).text == "8 28"
-    assert fake[0].requests[-1].embedding.WhichOneof("data") == "vector"
+def test_raw_and_vector_encodings_give_identical_text(server):
+    with (
+        Client(server.address, timeout=30) as raw,
+        Client(server.address, timeout=30, encoding="vector") as vector,
+    ):
+        for e in E:
+            assert raw.decode(e, max_new_tokens=N).text == vector.decode(e, max_new_tokens=N).text
+            assert raw.decode(e.tolist(), max_new_tokens=N).text == (
+                vector.decode(e, max_new_tokens=N).text
+            )
 
 
-def test_errors_are_typed(client):
-    with pytest.raises(InvalidArgumentError, match="embedding: got 3 values"):
-        client.decode([1.0, 2.0, 3.0])
-    with pytest.raises(NotFoundError, match="model"):
-        client.decode(E, model="other")
-    with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
-        client.decode(E, max_new_tokens=-1)
+def test_distinct_embeddings_decode_differently(client):
+    texts = [client.decode(e, max_new_tokens=N).text for e in E]
+    assert len(set(texts)) == len(texts)  # else the order checks below would prove nothing
 
 
-def test_generate_sends_only_what_was_set(client, fake):
-    result = client.generate(E, temperature=0.0, seed=7, stop="x", top_k=3)
-    assert result.seed == 7 and result.token_ids == [104, 105, 0]
-    sent = fake[0].requests[-1]
-    assert sent.HasField("temperature") and sent.temperature == 0.0
-    assert not sent.HasField("top_p")
-    assert list(sent.stop) == ["x"] and sent.top_k == 3
-    assert client.generate(E).seed == 42
-    sent = fake[0].requests[-1]
-    assert not sent.HasField("temperature") and not sent.HasField("seed")
+def test_torch_tensor_input(client):
+    torch = pytest.importorskip("torch")
+    expected = client.decode(E[1], max_new_tokens=N).text
+    assert client.decode(torch.from_numpy(E[1]), max_new_tokens=N).text == expected
+    assert client.decode(torch.from_numpy(E[1]).reshape(1, DIM), max_new_tokens=N).text == expected
+    assert client.decode(torch.from_numpy(E[1]).double(), max_new_tokens=N).text == expected
 
 
-def test_generate_stream(client):
-    chunks = list(client.generate_stream(E, max_new_tokens=4, seed=1))
-    assert "".join(c.text for c in chunks) == "abcd"
-    assert [c.is_last for c in chunks] == [False] * 4 + [True]
+# --- generate -------------------------------------------------------------------------------
+
+
+def test_generate_fields(client):
+    result = client.generate(E[0], max_new_tokens=N, seed=7)
+    assert isinstance(result, GenerateResult)
+    assert result.seed == 7 and result.model == MODEL
+    assert result.finish_reason is FinishReason.LENGTH
+    assert result.usage.generated_tokens == len(result.token_ids) == N
+    assert all(0 <= t < 256 for t in result.token_ids)
+    assert result.text == bytes(result.token_ids).decode("utf-8", errors="replace")
+    assert math.isfinite(result.mean_logprob) and result.mean_logprob < 0
+    assert_sane_timing(result.timing)
+
+
+def test_generate_is_reproducible_by_seed(client):
+    first = client.generate(E[0], max_new_tokens=N, seed=7)
+    again = client.generate(E[0], max_new_tokens=N, seed=7)
+    assert (again.text, again.token_ids, again.mean_logprob) == (
+        first.text,
+        first.token_ids,
+        first.mean_logprob,
+    )
+    assert client.generate(E[0], max_new_tokens=N, seed=8).token_ids != first.token_ids
+    picked = client.generate(E[0], max_new_tokens=N)  # the server picks the seed, returns it
+    assert client.generate(E[0], max_new_tokens=N, seed=picked.seed).token_ids == picked.token_ids
+
+
+def test_temperature_zero_is_decode(client):
+    for e in E[:2]:
+        greedy = client.generate(e, max_new_tokens=N, temperature=0.0, seed=123)
+        decoded = client.decode(e, max_new_tokens=N)
+        assert greedy.text == decoded.text
+        assert greedy.finish_reason is decoded.finish_reason
+
+
+def test_sampling_parameters_are_applied(client):
+    top1 = client.generate(E[0], max_new_tokens=N, top_k=1, seed=3)  # top-1 sampling is greedy
+    assert top1.text == client.decode(E[0], max_new_tokens=N).text
+    tight = client.generate(E[0], max_new_tokens=N, top_p=1e-6, seed=4)  # so is a tiny nucleus
+    assert tight.text == top1.text
+
+
+def test_stop_strings(client):
+    base, stop, index, seed = stop_case(client, E[0], N)
+    stopped = client.generate(E[0], max_new_tokens=N, seed=seed, stop=stop)
+    assert stopped.finish_reason is FinishReason.STOP
+    assert stopped.text == base.text[: base.text.index(stop)]
+    assert stopped.token_ids == base.token_ids[: index + 1]  # the stop string's byte included
+    assert stopped.usage.generated_tokens == index + 1
+    listed = client.generate(E[0], max_new_tokens=N, seed=seed, stop=["\x01never", stop])
+    assert (listed.text, listed.finish_reason) == (stopped.text, FinishReason.STOP)
+    streamed = list(client.generate_stream(E[0], max_new_tokens=N, seed=seed, stop=stop))
+    assert "".join(c.text for c in streamed) == stopped.text
+    assert streamed[-1].finish_reason is FinishReason.STOP
+
+
+# --- generate_stream ------------------------------------------------------------------------
+
+
+def test_generate_stream_joins_to_generate(client):
+    chunks = list(client.generate_stream(E[2], max_new_tokens=N, seed=11))
+    whole = client.generate(E[2], max_new_tokens=N, seed=11)
+    assert all(isinstance(c, StreamChunk) for c in chunks)
+    assert "".join(c.text for c in chunks) == whole.text
+    assert [t for c in chunks for t in c.token_ids] == whole.token_ids
+    assert [c.is_last for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    for chunk in chunks[:-1]:
+        assert chunk.finish_reason is None and chunk.usage is None and chunk.seed is None
     last = chunks[-1]
-    assert last.finish_reason is FinishReason.LENGTH and last.usage.generated_tokens == 4
-    assert last.seed == 1 and last.mean_logprob == -0.25
+    assert last.finish_reason is whole.finish_reason is FinishReason.LENGTH
+    assert last.usage == whole.usage
+    assert last.seed == 11 and last.model == MODEL
+    assert last.mean_logprob == pytest.approx(whole.mean_logprob, abs=1e-6)
+    assert last.timing is not None
+    assert_sane_timing(last.timing)
 
 
-def test_generate_stream_errors_raise_from_iteration(client):
-    stream = client.generate_stream([0.0], max_new_tokens=2)
-    with pytest.raises(InvalidArgumentError):
+def test_closing_a_stream_early_cancels_it_on_the_server(client):
+    stream = client.generate_stream(E[3], max_new_tokens=256, seed=1)
+    first = next(stream)
+    assert not first.is_last
+    stream.close()
+    poll(lambda: client.model_info().load.running == 0, what="load.running == 0")
+
+
+def test_stream_errors_raise_from_the_iteration(client):
+    stream = client.generate_stream(E[0][:5], max_new_tokens=N)
+    with pytest.raises(InvalidArgumentError, match=r"embedding\.raw: got 5 values"):
         next(stream)
 
 
-def test_closing_a_stream_cancels_the_call(client, fake):
-    servicer = fake[0]
-    servicer.stream_cancelled.clear()
-    stream = client.generate_stream(E, max_new_tokens=200, stop=["slow"])
-    assert next(stream).text == "a"
-    stream.close()
-    assert servicer.stream_cancelled.wait(5)
+# --- decode_batch ---------------------------------------------------------------------------
 
 
-def test_timeout_is_deadline_exceeded(client):
-    from retd.client import DeadlineExceededError
+def test_decode_batch_keeps_request_order(client):
+    expected = [client.decode(e, max_new_tokens=N).text for e in E]
+    items = client.decode_batch(E, max_new_tokens=N)  # a 2-D array
+    assert all(isinstance(i, DecodeBatchItem) and i.ok for i in items)
+    assert [i.unwrap().text for i in items] == expected
+    items = client.decode_batch(list(reversed(list(E))), max_new_tokens=N)  # a sequence
+    assert [i.unwrap().text for i in items] == expected[::-1]
 
-    with pytest.raises(DeadlineExceededError):
-        list(client.generate_stream(E, max_new_tokens=200, stop=["slow"], timeout=0.2))
 
-
-def test_decode_batch(client):
-    matrix = np.stack([E, E * 2])
-    items = client.decode_batch(matrix)
-    assert [i.unwrap().text for i in items] == ["8 28", "8 56"]
-    items = client.decode_batch([E, np.zeros(3), E])
+def test_decode_batch_bad_item_fails_alone(client):
+    items = client.decode_batch([E[0], E[1][:3], E[2]], max_new_tokens=N)
     assert [i.ok for i in items] == [True, False, True]
-    assert isinstance(items[1].error, InvalidArgumentError)
-    assert "embeddings[1]" in items[1].error.details
+    assert items[0].unwrap().text == client.decode(E[0], max_new_tokens=N).text
+    assert items[2].unwrap().text == client.decode(E[2], max_new_tokens=N).text
+    error = items[1].error
+    assert isinstance(error, InvalidArgumentError)
+    assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details.startswith("embeddings[1].raw: got 3 values")
     with pytest.raises(InvalidArgumentError):
         items[1].unwrap()
 
 
-def test_decode_stream_ids(client):
-    items = list(client.decode_stream([E, ("mine", E * 2), np.zeros(2)]))
-    by_id = {i.id: i for i in items}
-    assert set(by_id) == {"0", "mine", "2"}
-    assert by_id["0"].unwrap().text == "8 28"
-    assert by_id["mine"].unwrap().text == "8 56"
-    assert isinstance(by_id["2"].error, InvalidArgumentError)
+def test_decode_batch_whole_call_errors(client):
+    with pytest.raises(NotFoundError, match="model"):
+        client.decode_batch(E, model="nope")
+    with pytest.raises(InvalidArgumentError, match="embeddings: empty"):
+        client.decode_batch([])
+
+
+# --- decode_stream --------------------------------------------------------------------------
+
+
+def test_decode_stream_echoes_ids_and_isolates_a_bad_item(client):
+    expected = [client.decode(e, max_new_tokens=N).text for e in E]
+    items = list(
+        client.decode_stream([E[0], ("mine", E[1]), E[2][:7], ("last", E[3])], max_new_tokens=N)
+    )
     assert all(isinstance(i, StreamItem) for i in items)
+    by_id = {i.id: i for i in items}
+    assert len(items) == len(by_id) == 4
+    assert by_id["0"].unwrap().text == expected[0]
+    assert by_id["mine"].unwrap().text == expected[1]
+    assert by_id["last"].unwrap().text == expected[3]
+    assert not by_id["2"].ok
+    assert isinstance(by_id["2"].error, InvalidArgumentError)
+    assert "got 7 values" in by_id["2"].error.details
 
 
-def test_decode_stream_reads_a_generator_lazily(client):
+def test_decode_stream_reads_a_generator(client):
+    expected = {f"k{k}": client.decode(E[k], max_new_tokens=N).text for k in range(3)}
+    read = []
+
     def items():
         for k in range(3):
-            yield (f"k{k}", E * k)
+            read.append(k)
+            yield (f"k{k}", E[k])
 
-    assert [i.id for i in client.decode_stream(items())] == ["k0", "k1", "k2"]
+    stream = client.decode_stream(items(), max_new_tokens=N)
+    got = {i.id: i.unwrap().text for i in stream}
+    assert got == expected and read == [0, 1, 2]
+
+
+def test_decode_stream_unknown_model_is_per_item(client):
+    [item] = list(client.decode_stream([("a", E[0])], model="nope", max_new_tokens=N))
+    assert item.id == "a" and isinstance(item.error, NotFoundError)
 
 
 def test_decode_stream_input_failure_is_raised(client):
     def items():
-        yield E
+        yield E[0]
         yield np.zeros((2, DIM))  # not one embedding: rejected client-side
 
     with pytest.raises(InvalidArgumentError, match=r"items\[1\]"):
-        list(client.decode_stream(items()))
+        list(client.decode_stream(items(), max_new_tokens=N))
 
 
-def test_models_and_info(client):
+# --- priority -------------------------------------------------------------------------------
+
+
+def test_priority_is_accepted_by_every_method(client):
+    text = client.decode(E[0], max_new_tokens=N).text
+    assert client.decode(E[0], max_new_tokens=N, priority=5).text == text
+    assert client.decode(E[0], max_new_tokens=N, priority=-(2**31)).text == text
+    sampled = client.generate(E[0], max_new_tokens=N, seed=2)
+    assert client.generate(E[0], max_new_tokens=N, seed=2, priority=2**31 - 1).text == sampled.text
+    chunks = client.generate_stream(E[0], max_new_tokens=N, seed=2, priority=-1)
+    assert "".join(c.text for c in chunks) == sampled.text
+    items = client.decode_batch(E[:2], max_new_tokens=N, priority=3)
+    assert items[0].unwrap().text == text
+    [item] = list(client.decode_stream([("p", E[0])], max_new_tokens=N, priority=9))
+    assert item.unwrap().text == text
+
+
+@pytest.mark.parametrize("priority", [2**31, -(2**31) - 1, True, 1.5, "1"])
+def test_bad_priority_is_rejected_before_any_call(client, priority):
+    calls = [
+        lambda: client.decode(E[0], priority=priority),
+        lambda: client.generate(E[0], priority=priority),
+        lambda: client.generate_stream(E[0], priority=priority),
+        lambda: client.decode_batch(E, priority=priority),
+        lambda: client.decode_stream(E, priority=priority),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidArgumentError, match="priority"):
+            call()
+
+
+# --- models, info, health -------------------------------------------------------------------
+
+
+def test_list_models_and_default_model(client):
     [info] = client.list_models()
-    assert info.name == MODEL and info.embedding_dim == DIM
-    assert info.card == {"encoder": {"name": "fake-encoder", "dim": float(DIM)}}
+    assert isinstance(info, ModelInfo) and info.name == MODEL
     assert client.default_model() == MODEL
-    assert client.model_info() == info
-    with pytest.raises(NotFoundError):
-        client.model_info("other")
+
+
+def test_model_info(client, checkpoint):
+    info = client.model_info()
+    assert info.name == MODEL and info.architecture == "ret_v21"
+    assert info.parameter_count == 722944
+    assert info.embedding_dim == DIM
+    assert (info.vocab_size, info.max_length) == (256, 256)
+    assert info.trained is False and info.version == "2.1.0-untrained"
+    assert (info.dtype, info.device) == ("float32", "cpu")
+    assert info.encoder == info.card["encoder"]["name"]
+    assert info.card["trained"] is False
+    hashes = {hashlib.sha256(p.read_bytes()).hexdigest() for p in checkpoint.iterdir()}
+    assert info.checkpoint_sha256 in hashes
+    assert isinstance(info.load, ModelLoad)
+    named = client.model_info(MODEL)
+    assert (named.name, named.checkpoint_sha256) == (info.name, info.checkpoint_sha256)
+    with pytest.raises(NotFoundError, match="model: 'nope' is not loaded"):
+        client.model_info("nope")
+
+
+def test_model_load_shows_the_server_defaults(client):
+    load = poll(lambda: (x := client.model_info().load).running == 0 and x, what="idle model")
+    assert load == ModelLoad(
+        waiting=0,
+        max_queue_size=1024,
+        running=0,
+        max_batch_size=32,
+        batching="continuous",
+        max_wait_ms=0.0,
+    )
+    [listed] = client.list_models()
+    assert (listed.load.max_batch_size, listed.load.max_queue_size) == (32, 1024)
 
 
 def test_health(client):
     assert client.health() is HealthStatus.SERVING
-    assert client.health("retd.v1.Decoder") == "NOT_SERVING"
+    assert client.health("retd.v1.Decoder") == "SERVING"
+    assert client.health(MODEL) is HealthStatus.SERVING
     with pytest.raises(NotFoundError):
         client.health("nope")
 
@@ -170,93 +343,94 @@ def test_health_messages_match_grpc_health():
         )
 
 
+# --- typed errors ---------------------------------------------------------------------------
+
+
+def test_wrong_dimension_is_invalid_argument_naming_the_field(client, server):
+    with pytest.raises(InvalidArgumentError) as info:
+        client.decode(E[0][:3])
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details.startswith("embedding.raw: got 3 values; expected 768")
+    vector_error = r"^INVALID_ARGUMENT: embedding\.vector"
+    with (
+        Client(server.address, timeout=30, encoding="vector") as vector,
+        pytest.raises(InvalidArgumentError, match=vector_error),
+    ):
+        vector.generate(np.ones(5))
+    with pytest.raises(InvalidArgumentError, match=re.escape("embedding.raw: value 2 is nan")):
+        client.decode(np.where(np.arange(DIM) == 2, np.nan, 1.0))
+
+
+def test_bad_parameters_are_invalid_argument_naming_the_field(client):
+    cases = [
+        (dict(max_new_tokens=1000), "max_new_tokens: 1000 exceeds"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(stop=["ok", ""]), r"stop\[1\]: empty"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(InvalidArgumentError, match=match):
+            client.generate(E[0], **kwargs)
+    with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
+        client.decode(E[0], max_new_tokens=-1)  # refused client-side
+
+
+def test_unknown_model_is_not_found(client):
+    with pytest.raises(NotFoundError, match="model: 'nope' is not loaded") as info:
+        client.decode(E[0], model="nope")
+    assert info.value.code is grpc.StatusCode.NOT_FOUND
+    with pytest.raises(NotFoundError):
+        client.generate(E[0], model="nope")
+    with pytest.raises(NotFoundError):
+        list(client.generate_stream(E[0], model="nope"))
+
+
+def test_tiny_timeout_is_deadline_exceeded(client):
+    with pytest.raises(DeadlineExceededError) as info:
+        client.decode(E[0], max_new_tokens=256, timeout=0.001)
+    assert isinstance(info.value, TimeoutError)
+    with pytest.raises(DeadlineExceededError):
+        client.generate(E[0], max_new_tokens=256, timeout=0.001)
+    with pytest.raises(DeadlineExceededError):
+        list(client.generate_stream(E[0], max_new_tokens=256, timeout=0.001))
+    hasty = Client(client.target, timeout=0.001)  # the client's default deadline applies
+    with hasty, pytest.raises(DeadlineExceededError):
+        hasty.decode(E[0], max_new_tokens=256)
+    poll(lambda: client.model_info().load.running == 0, what="expired sequences dropped")
+
+
+# --- channels -------------------------------------------------------------------------------
+
+
 def test_unreachable_server():
     with Client("127.0.0.1:1", timeout=5) as c:
         with pytest.raises(UnavailableError):
-            c.decode(E)
+            c.decode(E[0])
         with pytest.raises(UnavailableError):
             c.wait_ready(timeout=0.2)
 
 
-def test_passed_channel_stays_open(fake):
-    import grpc
-
-    channel = grpc.insecure_channel(fake[1])
+def test_wait_ready_and_passed_channel_stays_open(server):
+    channel = server.channel()
     with Client(channel=channel) as c:
-        c.decode(E)
+        c.wait_ready(timeout=10)
+        text = c.decode(E[0], max_new_tokens=N).text
     with Client(channel=channel) as c:  # still usable
-        assert c.decode(E).text == "8 28"
+        assert c.decode(E[0], max_new_tokens=N).text == text
     channel.close()
 
 
-def test_closed_client_cancels(fake):
-    c = Client(fake[1])
-    stream = c.generate_stream(E, max_new_tokens=200, stop=["slow"])
-    next(stream)
-    c.close()
-    with pytest.raises((RequestCancelledError, UnavailableError)):
-        list(stream)
-
-
-# --- asyncio --------------------------------------------------------------------------------
-
-
-def test_async_client(fake):
-    servicer, target = fake
-
-    async def run() -> None:
-        async with AsyncClient(target, timeout=10) as c:
-            await c.wait_ready(5)
-            assert (await c.decode(E)).text == "8 28"
-            assert (await c.generate(E, seed=3)).seed == 3
-            chunks = [ch async for ch in c.generate_stream(E, max_new_tokens=3)]
-            assert "".join(ch.text for ch in chunks) == "abc" and chunks[-1].is_last
-            items = await c.decode_batch([E, [1.0]])
-            assert [i.ok for i in items] == [True, False]
-
-            async def agen():
-                yield ("x", E)
-                yield E
-
-            ids = sorted([i.id async for i in c.decode_stream(agen())])
-            assert ids == ["1", "x"]
-            assert [i.id async for i in c.decode_stream([E])] == ["0"]
-            assert (await c.list_models())[0].name == MODEL
-            assert await c.default_model() == MODEL
-            assert (await c.model_info()).name == MODEL
-            assert await c.health() == "SERVING"
-            with pytest.raises(NotFoundError):
-                await c.decode(E, model="other")
-            with pytest.raises(InvalidArgumentError):
-                async for _ in c.generate_stream([1.0]):
-                    pass
-
-            servicer.stream_cancelled.clear()
-            async with contextlib.aclosing(
-                c.generate_stream(E, max_new_tokens=200, stop=["slow"])
-            ) as stream:
-                async for chunk in stream:
-                    assert chunk.text == "a"
-                    break
-        assert await asyncio.to_thread(servicer.stream_cancelled.wait, 5)
-
-    asyncio.run(run())
-
-
-def test_async_decode_stream_input_failure(fake):
-    async def run() -> None:
-        async with AsyncClient(fake[1], timeout=10) as c:
-            with pytest.raises(InvalidArgumentError, match=r"items\[1\]"):
-                [i async for i in c.decode_stream([E, "bad"])]
-
-    asyncio.run(run())
+def test_metadata_is_sent_and_harmless(server):
+    with Client(server.address, timeout=30, metadata=[("x-retd-test", "1")]) as c:
+        assert c.health() is HealthStatus.SERVING
+        assert c.decode(E[0], max_new_tokens=4).usage.generated_tokens == 4
 
 
 def test_request_builders_do_not_need_a_server():
     from retd.client import _requests
 
     req = _requests.generate(
-        E,
+        E[0],
         model="m",
         max_new_tokens=np.int64(4),
         temperature=None,
@@ -265,13 +439,25 @@ def test_request_builders_do_not_need_a_server():
         seed=2**64 - 1,
         stop=("a", "b"),
         encoding="raw",
+        priority=np.int32(-7),
     )
     assert isinstance(req, decoder_pb2.GenerateRequest)
     assert req.max_new_tokens == 4 and req.seed == 2**64 - 1 and list(req.stop) == ["a", "b"]
-    assert abs(req.top_p - 0.9) < 1e-6
+    assert abs(req.top_p - 0.9) < 1e-6 and req.priority == -7
+    assert not req.HasField("temperature") and req.HasField("seed")
+    for build in (_requests.decode, _requests.decode_batch):
+        arg = E[0] if build is _requests.decode else E
+        assert build(arg, model=None, max_new_tokens=None, encoding="raw").priority == 0
+        assert build(arg, model=None, max_new_tokens=None, encoding="raw", priority=2).priority == 2
+    assert (
+        _requests.stream_item(
+            0, E[0], model=None, max_new_tokens=None, encoding="raw", priority=4
+        ).priority
+        == 4
+    )
     with pytest.raises(InvalidArgumentError, match="seed"):
         _requests.generate(
-            E,
+            E[0],
             model=None,
             max_new_tokens=None,
             temperature=None,

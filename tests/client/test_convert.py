@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from google.protobuf import struct_pb2
@@ -11,6 +13,7 @@ from hypothesis.extra import numpy as hnp
 from retd.client import (
     FinishReason,
     InvalidArgumentError,
+    ModelLoad,
     NotFoundError,
     StreamChunk,
     Timing,
@@ -243,3 +246,16 @@ def test_model_info_card_becomes_a_dict():
     assert info.card == {"encoder": {"name": "mpnet", "dim": 768.0}, "metrics": {}}
     assert info.trained is True
     assert info.embedding_dim == 768
+
+
+def test_model_load_is_converted():
+    load = decoder_pb2.ModelLoad(
+        waiting=2, max_queue_size=7, running=3, max_batch_size=4, batching="static", max_wait_ms=5.5
+    )
+    info = convert.model_info(decoder_pb2.ModelInfo(name="ret", load=load))
+    assert info.load == ModelLoad(
+        waiting=2, max_queue_size=7, running=3, max_batch_size=4, batching="static", max_wait_ms=5.5
+    )
+    assert convert.model_info(decoder_pb2.ModelInfo(name="ret")).load == ModelLoad()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.load.running = 0  # type: ignore[misc]
