@@ -222,7 +222,11 @@ class ModelEngine:
         request = SequenceRequest(np.zeros(config.embedding_dim, dtype=np.float32), params, 0)
         for position in range(steps):
             step = Step((Row(-1, 0, position, 0, params),), (-1,) if position == 0 else (), ())
-            self._execute(step, {-1: request})
+            _, _, failures = self._execute_isolating_faults(
+                step, {-1: request} if position == 0 else {}
+            )
+            if failures:
+                raise RuntimeError(f"model {self.name}: warm-up failed: {failures[-1]}")
         self._generators.clear()
 
     def _work(self) -> None:
@@ -269,61 +273,84 @@ class ModelEngine:
     def _execute_isolating_faults(
         self, step: Step, joining: Mapping[int, SequenceRequest]
     ) -> tuple[list[int], list[float], dict[int, str]]:
-        """Run the step; if it fails, run halves of it to find the rows that fail, so one
-        bad sequence (or an out-of-memory batch) never fails the rest."""
+        """Run the step: a token and its log-probability for every row that did not fail,
+        and the failed rows' messages, so one bad sequence (or an out-of-memory batch)
+        never fails the rest."""
+        for seq_id, request in joining.items():
+            greedy = request.params.greedy
+            self._generators[seq_id] = None if greedy else make_generator(request.seed, self.device)
+        rows, logits, failures = self._forward_isolating_faults(step.rows, joining)
+        if not rows:
+            return [], [], failures
+        generators = [self._generators.get(r.seq_id) for r in rows]
+        saved = [None if g is None else g.get_state() for g in generators]
         try:
-            tokens, logprobs = self._execute(step, joining)
-            return tokens, logprobs, {}
+            sampled, logprobs = sample(logits, [r.params for r in rows], generators)
+            return sampled.tolist(), logprobs.tolist(), failures
         except Exception as exc:
-            if len(step.rows) == 1:
-                log.warning("model %s: sequence %d failed: %r", self.name, step.rows[0].seq_id, exc)
-                return [], [], {step.rows[0].seq_id: f"model step failed: {exc}"}
+            log.warning(
+                "model %s: sampling %d rows failed (%r); row by row", self.name, len(rows), exc
+            )
+        tokens: list[int] = []
+        logprob_list: list[float] = []
+        for i, (row, generator, state) in enumerate(zip(rows, generators, saved, strict=True)):
+            if generator is not None and state is not None:
+                generator.set_state(state)  # undo the draws of the failed batched call
+            try:
+                token, logprob = sample(logits[i : i + 1], [row.params], [generator])
+            except Exception as exc:
+                failures[row.seq_id] = f"sampling failed: {exc}"
+                continue
+            tokens.append(int(token[0]))
+            logprob_list.append(float(logprob[0]))
+        return tokens, logprob_list, failures
+
+    def _forward_isolating_faults(
+        self, rows: tuple[Row, ...], joining: Mapping[int, SequenceRequest]
+    ) -> tuple[tuple[Row, ...], torch.Tensor, dict[int, str]]:
+        """The model's logits for `rows`; if the step raises, its halves are run to find the
+        rows that fail. Returns the rows that succeeded, their logits, and the failures."""
+        try:
+            return rows, self._forward(rows, joining), {}
+        except Exception as exc:
+            if len(rows) == 1:
+                log.warning("model %s: sequence %d failed: %r", self.name, rows[0].seq_id, exc)
+                return (), torch.empty(0), {rows[0].seq_id: f"model step failed: {exc}"}
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
             log.warning(
-                "model %s: a step of %d failed (%r); retrying in halves",
-                self.name,
-                len(step.rows),
-                exc,
+                "model %s: a step of %d failed (%r); retrying in halves", self.name, len(rows), exc
             )
-        half = len(step.rows) // 2
-        tokens, logprobs, failures = [], [], {}
-        for part in (step.rows[:half], step.rows[half:]):
-            ids = {r.seq_id for r in part}
-            sub = Step(part, tuple(i for i in step.joined if i in ids), ())
-            t, lp, f = self._execute_isolating_faults(sub, joining)
-            tokens += t
-            logprobs += lp
-            failures.update(f)
-        return tokens, logprobs, failures
+        half = len(rows) // 2
+        ok_rows: tuple[Row, ...] = ()
+        parts: list[torch.Tensor] = []
+        failures: dict[int, str] = {}
+        for part in (rows[:half], rows[half:]):
+            part_rows, logits, part_failures = self._forward_isolating_faults(part, joining)
+            ok_rows += part_rows
+            if part_rows:
+                parts.append(logits)
+            failures.update(part_failures)
+        return ok_rows, torch.cat(parts) if parts else torch.empty(0), failures
 
-    def _execute(
-        self, step: Step, joining: Mapping[int, SequenceRequest]
-    ) -> tuple[list[int], list[float]]:
-        """One decode step on the model: a token and its log-probability for every row;
-        `joining` holds the requests of the sequences whose first step this is."""
+    def _forward(
+        self, rows: tuple[Row, ...], joining: Mapping[int, SequenceRequest]
+    ) -> torch.Tensor:
+        """One decode step on the model: next-byte logits (len(rows), V). `joining` holds the
+        requests of the sequences whose first step this is (their input is the prefix)."""
         model, device = self.loaded.model, self.device
-        rows = step.rows
-        if step.joined:
-            joined = [r for r in rows if r.seq_id in joining]
+        joined = [r for r in rows if r.seq_id in joining]
+        if joined:
             batch = np.stack([joining[r.seq_id].embedding for r in joined])
             joined_slots = torch.tensor([r.slot for r in joined], device=device)
             self._cond[joined_slots] = model.condition(
                 torch.from_numpy(batch).to(device, self.dtype)
             )
-            for r in joined:
-                seed = joining[r.seq_id].seed
-                greedy = r.params.greedy
-                self._generators[r.seq_id] = None if greedy else make_generator(seed, device)
         slots = torch.tensor([r.slot for r in rows], device=device)
         positions = torch.tensor([r.position for r in rows], device=device)
         tokens = torch.tensor([r.token for r in rows], device=device)
         length = max(r.position for r in rows) + 1
-        logits = model.step(self._cond[slots], tokens, positions, self._cache, slots, length)
-        sampled, logprobs = sample(
-            logits, [r.params for r in rows], [self._generators.get(r.seq_id) for r in rows]
-        )
-        return sampled.tolist(), logprobs.tolist()
+        return model.step(self._cond[slots], tokens, positions, self._cache, slots, length)
 
     def _abort_events(self, aborted: Sequence[Aborted]) -> list[tuple[int, Event]]:
         events: list[tuple[int, Event]] = []

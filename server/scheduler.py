@@ -132,6 +132,7 @@ class Scheduler:
     _free_slots: list[int] = field(default_factory=list)
     _order: itertools.count[int] = field(default_factory=itertools.count)
     _num_waiting: int = 0
+    _cancelled_waiting: list[Aborted] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._free_slots = list(range(self.config.max_batch_size))
@@ -168,23 +169,34 @@ class Scheduler:
         self._num_waiting += 1
 
     def cancel(self, seq_id: int) -> None:
-        """The caller left: the sequence is dropped at the next `schedule()`."""
+        """The caller left. A waiting sequence leaves the queue now (its place is free at
+        once); a running one leaves the batch at the next `schedule()`. Either way its
+        Aborted comes out of that `schedule()`."""
         state = self._states.get(seq_id)
-        if state is not None:
-            state.cancelled = True
+        if state is None:
+            return
+        state.cancelled = True
+        if state.slot is None:
+            self._release(state)
+            self._cancelled_waiting.append(Aborted(seq_id, AbortReason.CANCELLED, "queued"))
 
     # ---- one decode step ---------------------------------------------------------------
 
     def schedule(self, now: float) -> Step:
-        aborted = self._drop_departed(now)
+        aborted = self._cancelled_waiting + self._drop_departed(now)
+        self._cancelled_waiting = []
         joined = self._admit(now)
         rows = tuple(
             Row(s.seq_id, slot, s.position, s.last_token, s.params)
             for slot, s in sorted(self._running.items())
         )
         wake_at = None
-        if not rows and self._num_waiting:  # held back by max_wait_ms
-            wake_at = self._oldest_arrival() + self.config.max_wait_ms / 1e3
+        if not rows and self._num_waiting:  # held back by max_wait_ms, or by a deadline
+            waiting = [s for s in self._states.values() if s.slot is None]
+            wake_at = min(
+                [min(s.arrival for s in waiting) + self.config.max_wait_ms / 1e3]
+                + [s.deadline for s in waiting if s.deadline is not None]
+            )
         return Step(rows, tuple(joined), tuple(aborted), wake_at)
 
     def update(

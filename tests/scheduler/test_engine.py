@@ -430,21 +430,13 @@ def test_a_failing_row_fails_only_its_sequence_with_internal(
     asyncio.run(main())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "server/engine.py _execute_isolating_faults (~l.268-297) re-runs the rows of a failed "
-        "step in halves, but the rows sampled before the failing one already advanced their "
-        "torch.Generator (generation.sample draws row by row), and only joining rows get a "
-        "fresh generator in _execute: the redraw changes their seeded tokens"
-    ),
-)
 def test_sampled_batch_mates_keep_their_tokens_when_a_row_fails_in_sampling(
     sharp_model: LoadedModel,
 ) -> None:
     """A NaN embedding makes its sampled row's probabilities NaN, so `sample()` raises after the
     rows before it have drawn from their generators; the engine retries the step in halves.
-    The sequences that did not fail must still get exactly their seeded tokens."""
+    The sequences that did not fail must still get exactly their seeded tokens (the engine
+    restores their generators' states before sampling row by row)."""
     params = [
         SamplingParams(max_new_tokens=40, temperature=1.5, seed=seed) for seed in (11, 12, 13)
     ]

@@ -452,3 +452,29 @@ def test_random_operations_keep_slots_and_account_for_every_sequence(
     assert (s.num_waiting, s.num_running, s.free_slots) == (0, 0, batch)
     assert set(ended) == accepted
     assert all(count == 1 for count in ended.values()), ended
+
+
+def test_cancelling_a_waiting_sequence_frees_its_queue_place_at_once() -> None:
+    s = scheduler(max_batch_size=1, max_queue_size=2)
+    s.add(state(0, max_new_tokens=100))
+    s.schedule(0.0)
+    s.add(state(1))
+    s.add(state(2))
+    with pytest.raises(QueueFullError):
+        s.add(state(3))
+    s.cancel(1)  # no schedule() in between: the place is free now
+    assert s.num_waiting == 1
+    s.add(state(3))
+    step = s.schedule(1.0)
+    assert [a.seq_id for a in step.aborted] == [1]
+
+
+def test_a_held_queue_wakes_for_the_earliest_deadline() -> None:
+    s = scheduler(max_batch_size=4, max_wait_ms=1000)
+    s.add(state(1, arrival=0.0, deadline=0.25))
+    s.add(state(2, arrival=0.1))
+    step = s.schedule(0.1)
+    assert step.empty and step.wake_at == pytest.approx(0.25)  # not 1.0: a deadline comes first
+    step = s.schedule(0.25)
+    assert step.aborted == (Aborted(1, AbortReason.DEADLINE, "queued"),)
+    assert step.empty and step.wake_at == pytest.approx(1.1)
