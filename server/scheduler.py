@@ -153,7 +153,9 @@ class Scheduler:
         return len(self._free_slots)
 
     def has_work(self) -> bool:
-        return self._num_waiting > 0 or bool(self._running)
+        """Anything for `schedule()` to do or report: waiting, running, or cancelled waiting
+        sequences whose Aborted is not out yet."""
+        return self._num_waiting > 0 or bool(self._running) or bool(self._cancelled_waiting)
 
     def add(self, state: SequenceState) -> None:
         """Queue a sequence; raises QueueFullError when the queue is at its bound."""

@@ -256,7 +256,9 @@ def test_cancellation_frees_running_and_queued_slots(sharp_model: LoadedModel) -
     gated = GatedRET(sharp_model.model)
 
     async def main() -> None:
-        engine = start_engine(dataclasses.replace(sharp_model, model=gated), max_batch_size=2)
+        # Started only after all four are queued, so the first step takes two of them.
+        loaded = dataclasses.replace(sharp_model, model=gated)
+        engine = ModelEngine("test", loaded, SchedulerConfig(max_batch_size=2))
         try:
             runs: dict[int, Run] = {}
 
@@ -278,6 +280,7 @@ def test_cancellation_frees_running_and_queued_slots(sharp_model: LoadedModel) -
                 request = SequenceRequest(embedding(100 + i), long, 0, stream=True)
                 runs[i] = Run(engine.submit(request))
                 tasks.append(asyncio.create_task(consume(i)))
+            engine.start()
             gated.gate.release(2)  # two steps, then the worker blocks inside the third
             await wait_for(lambda: runs[0].tokens >= 2 and runs[1].tokens >= 2, "two running")
             assert engine.stats().waiting == 2 and engine.stats().running == 2
