@@ -175,11 +175,13 @@ class CausalSelfAttention(nn.Module):
         v_cache: Tensor,
         slots: Tensor,
         length: int | None = None,
+        span: int | None = None,
     ) -> Tensor:
         """One new position per row: x (B, 1, C) at positions (B,), cached in k/v_cache[slots].
 
         k_cache, v_cache: (num_slots, H, max_length, D) for this layer; written in place.
-        length: max(positions) + 1 when the caller knows it (saves a device sync on CUDA).
+        length = max(positions) + 1 and span = max(slots) + 1 when the caller knows them
+        (else they are read from the device, a sync on CUDA).
         """
         B, _, C = x.shape
         q, k, v = self._heads(x)  # (B, H, 1, D)
@@ -189,10 +191,21 @@ class CausalSelfAttention(nn.Module):
         v_cache[slots, :, positions] = v[:, :, 0]
         if length is None:
             length = int(positions.max()) + 1  # attend only as far as the furthest row
-        keys = k_cache[slots, :, :length]  # (B, H, L, D)
-        values = v_cache[slots, :, :length]
-        visible = torch.arange(length, device=x.device)[None, :] <= positions[:, None]  # (B, L)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None, :])
+        if span is None:
+            span = int(slots.max()) + 1
+        # Attend through a view of cache slots 0..span-1 rather than gathering each row's
+        # slot (a copy of B*H*L*D keys and values every step): queries go to their slots,
+        # and slots no row uses attend to their position 0 only, their output unused.
+        q_at_slot = q.new_zeros(span, self.n_head, 1, self.head_dim)
+        q_at_slot[slots] = q
+        position_at_slot = positions.new_zeros(span)
+        position_at_slot[slots] = positions
+        steps = torch.arange(length, device=x.device)
+        visible = steps[None, :] <= position_at_slot[:, None]  # (S, L)
+        keys, values = k_cache[:span, :, :length], v_cache[:span, :, :length]  # (S, H, L, D)
+        y = F.scaled_dot_product_attention(
+            q_at_slot, keys, values, attn_mask=visible[:, None, None, :]
+        )[slots]  # (B, H, 1, D)
         return self.proj(y.transpose(1, 2).reshape(B, 1, C))
 
 
@@ -231,8 +244,9 @@ class Block(nn.Module):
         v_cache: Tensor,
         slots: Tensor,
         length: int | None = None,
+        span: int | None = None,
     ) -> Tensor:
-        x = x + self.attn.step(self.ln_1(x), positions, k_cache, v_cache, slots, length)
+        x = x + self.attn.step(self.ln_1(x), positions, k_cache, v_cache, slots, length, span)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -294,12 +308,14 @@ class RET(nn.Module):
         cache: KVCache,
         slots: Tensor,
         length: int | None = None,
+        span: int | None = None,
     ) -> Tensor:
         """Decode one new position per row with the KV cache (continuous batching).
 
         cond (B, C); tokens (B,) long: previous byte, ignored where positions == 0;
         positions (B,) long, may differ per row; slots (B,) long: rows of `cache`;
-        length: max(positions) + 1 if known on the host (else read from the device).
+        length = max(positions) + 1 and span = max(slots) + 1 if known on the host (else read
+        from the device).
         Returns logits (B, V).
         """
         first = positions == 0

@@ -350,7 +350,8 @@ class ModelEngine:
         positions = torch.tensor([r.position for r in rows], device=device)
         tokens = torch.tensor([r.token for r in rows], device=device)
         length = max(r.position for r in rows) + 1
-        return model.step(self._cond[slots], tokens, positions, self._cache, slots, length)
+        span = max(r.slot for r in rows) + 1
+        return model.step(self._cond[slots], tokens, positions, self._cache, slots, length, span)
 
     def _abort_events(self, aborted: Sequence[Aborted]) -> list[tuple[int, Event]]:
         events: list[tuple[int, Event]] = []
