@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from retd.model.checkpoint import load_checkpoint, parse_dtype, resolve_device
@@ -125,8 +126,17 @@ def _write_ready_file(path: Path, host: str, port: int) -> None:
     temporary.replace(path)  # readers never see a half-written file
 
 
+def torch_threads(setting: int) -> int:
+    """Threads for torch's CPU kernels: the setting, or one less than the cores (at most 4),
+    so the event loop keeps a core for itself (with both busy, measured slower)."""
+    if setting > 0:
+        return setting
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
 async def serve(config: ServerConfig) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the process exit status."""
+    torch.set_num_threads(torch_threads(config.torch_threads))
     daemon = Daemon(config)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()

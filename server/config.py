@@ -53,6 +53,7 @@ class ServerConfig:
     max_queue_size: int = 1024
     max_wait_ms: float = 0.0
     batching: str = "continuous"
+    torch_threads: int = 0
     grace_period: float = 10.0
     max_message_bytes: int = 4 * MiB
     log_level: str = "INFO"
@@ -73,6 +74,19 @@ def _positive_int(name: str) -> Callable[[Any], int]:
             raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
         if number < 1:
             raise ConfigError(f"{name}: expected an integer >= 1, got {number}")
+        return number
+
+    return parse
+
+
+def _non_negative_int(name: str) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+        if number < 0:
+            raise ConfigError(f"{name}: expected an integer >= 0, got {number}")
         return number
 
     return parse
@@ -161,6 +175,12 @@ SETTINGS: tuple[Setting, ...] = (
         _batching,
         "continuous (sequences join and leave at every step, the default) or static "
         "(request-level: a batch runs to its longest member's end)",
+    ),
+    Setting(
+        "torch_threads",
+        _non_negative_int("torch_threads"),
+        "CPU threads for torch; 0 (default) = one less than the cores, at most 4, "
+        "leaving a core to the event loop",
     ),
     Setting(
         "grace_period",
