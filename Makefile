@@ -30,8 +30,8 @@ $(CHECKPOINT)/model.safetensors: | $(VENV)/.server
 serve: $(VENV)/.server $(CHECKPOINT)/model.safetensors
 	$(BIN)/retd serve --checkpoint $(CHECKPOINT) $(SERVE_ARGS)
 
-## Install what the tests need and run them all.
-test: $(VENV)/.dev
+## Install what the tests need, check hygiene (ruff, mypy), and run every test.
+test: lint
 	$(BIN)/python -m pytest
 
 ## Regenerate the Python code of protos/ (a test fails when it is stale).

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
+
 from retd.v1 import decoder_pb2, decoder_pb2_grpc
 
 from . import _health, _requests, convert

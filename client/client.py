@@ -6,6 +6,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
+
 from retd.v1 import decoder_pb2, decoder_pb2_grpc
 
 from . import _health, _requests, convert

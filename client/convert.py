@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeAlias
 
 import numpy as np
 from google.protobuf import json_format
+
 from retd.v1 import decoder_pb2
 
 from .errors import InvalidArgumentError, error_from_code

@@ -14,6 +14,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from retd.model.checkpoint import load_checkpoint, parse_dtype, resolve_device
 from retd.server.config import ModelSpec, ServerConfig
 from retd.server.engine import ModelEngine

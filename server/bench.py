@@ -33,6 +33,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
 
@@ -100,6 +101,11 @@ class BenchReport:
             )
         if self.first_delta_ms:
             lines.append("  first delta ms  " + _render_percentiles(self.first_delta_ms))
+        if self.extra.get("server_rss_mib_before") is not None:
+            lines.append(
+                f"  server RSS MiB  before {self.extra['server_rss_mib_before']:.1f}  "
+                f"after {self.extra['server_rss_mib_after']:.1f}"
+            )
         lines.append("  errors  " + (", ".join(f"{k}: {v}" for k, v in self.errors.items()) or "0"))
         return "\n".join(lines)
 
@@ -184,7 +190,8 @@ class LoadGenerator:
             tokens += answer.response.usage.generated_tokens
         return Sample(time.perf_counter() - started, tokens, n, status, first)
 
-    async def run(self) -> BenchReport:
+    async def run(self, server_pid: int | None = None) -> BenchReport:
+        """Warm up, then measure; with `server_pid`, the server's RSS before and after."""
         config = self.config
         options = [("grpc.max_receive_message_length", 64 << 20)]
         async with grpc.aio.insecure_channel(self.target, options=options) as channel:
@@ -192,10 +199,16 @@ class LoadGenerator:
             stub = pb_grpc.DecoderStub(channel)
             if config.warmup > 0:
                 await self._phase(stub, requests=None, duration=config.warmup)
+            rss_before = rss_mib(server_pid)
             started = time.perf_counter()
             samples = await self._phase(stub, config.requests, config.duration)
             seconds = time.perf_counter() - started
-        return self._report(samples, seconds)
+        report = self._report(samples, seconds)
+        if server_pid is not None:
+            report.extra.update(
+                server_rss_mib_before=rss_before, server_rss_mib_after=rss_mib(server_pid)
+            )
+        return report
 
     async def _phase(
         self, stub: pb_grpc.DecoderStub, requests: int | None, duration: float | None
@@ -253,17 +266,37 @@ class LoadGenerator:
         )
 
 
+def rss_mib(pid: int | None) -> float | None:
+    """Resident memory of a process in MiB (Linux), or None."""
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def _token_range(config: BenchConfig) -> str:
     if config.min_new_tokens == config.max_new_tokens:
         return str(config.max_new_tokens)
     return f"{config.min_new_tokens}..{config.max_new_tokens}"
 
 
-def run_raw(checkpoint: Path, config: BenchConfig, device: str, dtype: str) -> BenchReport:
-    """The model alone: batches of `batch_size` through `generate()` for the duration."""
+def run_raw(
+    checkpoint: Path, config: BenchConfig, device: str, dtype: str, threads: int = 0
+) -> BenchReport:
+    """The model alone: batches of `batch_size` through `generate()` for the duration, on as
+    many torch threads as a server started with `--torch-threads threads` uses."""
     import torch
+
     from retd.model.checkpoint import load_checkpoint, parse_dtype, resolve_device
     from retd.model.generation import SamplingParams, generate
+    from retd.server.app import torch_threads
+
+    torch.set_num_threads(torch_threads(threads))
 
     loaded = load_checkpoint(checkpoint, device=resolve_device(device), dtype=parse_dtype(dtype))
     rng = np.random.default_rng(config.seed)
@@ -320,8 +353,8 @@ def run_raw(checkpoint: Path, config: BenchConfig, device: str, dtype: str) -> B
 
 
 @contextlib.contextmanager
-def spawned_server(checkpoint: Path, server_args: str) -> Iterator[str]:
-    """A `retd serve` subprocess on a free loopback port; yields its address."""
+def spawned_server(checkpoint: Path, server_args: str) -> Iterator[tuple[str, int]]:
+    """A `retd serve` subprocess on a free loopback port; yields its address and pid."""
     with tempfile.TemporaryDirectory() as folder:
         ready = Path(folder) / "ready.json"
         command = [
@@ -338,7 +371,7 @@ def spawned_server(checkpoint: Path, server_args: str) -> Iterator[str]:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the server did not start within 120 s")
                 time.sleep(0.05)
-            yield json.loads(ready.read_text())["address"]
+            yield json.loads(ready.read_text())["address"], process.pid
         finally:
             process.send_signal(signal.SIGTERM)
             try:
@@ -377,6 +410,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw", action="store_true", help="time the model alone (no gRPC)")
     parser.add_argument("--device", default="auto", help="device for --raw")
     parser.add_argument("--dtype", default="float32", help="dtype for --raw")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch threads for --raw; 0 = what the server uses by default",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
         "--suite",
@@ -414,12 +453,12 @@ def main(args: argparse.Namespace) -> int:
         if args.checkpoint is None:
             print("retd bench --raw needs --checkpoint DIR", file=sys.stderr)
             return 2
-        report = run_raw(args.checkpoint, config, args.device, args.dtype)
+        report = run_raw(args.checkpoint, config, args.device, args.dtype, args.torch_threads)
     elif args.target:
         report = asyncio.run(LoadGenerator(args.target, config).run())
     elif args.checkpoint is not None:
-        with spawned_server(args.checkpoint, args.server_args) as address:
-            report = asyncio.run(LoadGenerator(address, config).run())
+        with spawned_server(args.checkpoint, args.server_args) as (address, pid):
+            report = asyncio.run(LoadGenerator(address, config).run(pid))
         report.server_args = args.server_args
     else:
         print("retd bench needs --target HOST:PORT or --checkpoint DIR", file=sys.stderr)
@@ -464,8 +503,8 @@ def run_suite(checkpoint: Path, scenarios: Sequence[Scenario]) -> list[tuple[str
         if scenario.raw:
             report = run_raw(checkpoint, scenario.config, "auto", "float32")
         else:
-            with spawned_server(checkpoint, scenario.server_args) as address:
-                report = asyncio.run(LoadGenerator(address, scenario.config).run())
+            with spawned_server(checkpoint, scenario.server_args) as (address, pid):
+                report = asyncio.run(LoadGenerator(address, scenario.config).run(pid))
             report.server_args = scenario.server_args
         print(f"{scenario.name}\n{report.render()}", file=sys.stderr, flush=True)
         results.append((scenario.name, report))

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import grpc
 import numpy as np
 import torch
+
 from retd.model.checkpoint import LoadedModel
 from retd.model.generation import FinishReason, OutputBuffer, SamplingParams, make_generator, sample
 from retd.model.model import KVCache

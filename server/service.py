@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import struct_pb2
+
 from retd.model.generation import FinishReason
 from retd.server.engine import ModelEngine, SequenceError, SequenceRequest, SequenceResult
 from retd.server.gate import SHUTTING_DOWN, CallGate, gated

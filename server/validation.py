@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+
 from retd.model.generation import SamplingParams
 from retd.v1 import decoder_pb2 as pb
 

@@ -10,11 +10,11 @@ import grpc
 import numpy as np
 import pytest
 import torch
+
 from retd.model.checkpoint import load_checkpoint
 from retd.model.generation import SamplingParams, generate
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
-
 from tests.conftest import start_server
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

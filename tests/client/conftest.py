@@ -9,6 +9,7 @@ from typing import TypeVar
 
 import numpy as np
 import pytest
+
 from retd.client import Client, GenerateResult
 
 T = TypeVar("T")

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pytest
+
 from retd.client import (
     AsyncClient,
     Client,
@@ -20,7 +21,6 @@ from retd.client import (
     NotFoundError,
     UnavailableError,
 )
-
 from tests.client.conftest import DIM, MODEL, embeddings, stop_case
 
 E = embeddings(4, seed=9)  # distinct greedy texts, as in test_client

@@ -12,9 +12,9 @@ import sys
 
 import numpy as np
 import pytest
+
 from retd.client import DEFAULT_TARGET, Client, cli
 from retd.client.inputs import EmbeddingInputError, parse_embeddings, read_embeddings
-
 from tests.client.conftest import DIM, MODEL, embeddings
 
 E = np.arange(DIM, dtype=np.float32)

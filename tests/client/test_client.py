@@ -10,6 +10,7 @@ import re
 import grpc
 import numpy as np
 import pytest
+
 from retd.client import (
     Client,
     DeadlineExceededError,
@@ -28,7 +29,6 @@ from retd.client import (
     _health,
 )
 from retd.v1 import decoder_pb2
-
 from tests.client.conftest import DIM, MODEL, embeddings, poll, stop_case
 
 E = embeddings(4, seed=9)  # greedy texts "000…", "\ufffd…", "444…", "]]]…": distinct

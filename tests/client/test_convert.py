@@ -10,6 +10,7 @@ from google.protobuf import struct_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
 from retd.client import (
     FinishReason,
     InvalidArgumentError,

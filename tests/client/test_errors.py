@@ -9,6 +9,7 @@ from concurrent import futures
 import grpc
 import grpc.aio
 import pytest
+
 from retd.client import (
     DeadlineExceededError,
     InternalError,

@@ -14,6 +14,7 @@ import signal
 from collections.abc import Iterator
 
 import pytest
+
 from retd.client import (
     AsyncClient,
     Client,
@@ -24,7 +25,6 @@ from retd.client import (
     UnavailableError,
     cli,
 )
-
 from tests.client.conftest import embeddings, poll
 from tests.conftest import RunningServer, start_server
 

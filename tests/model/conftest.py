@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+
 from retd.model.model import RET, config_for
 
 EOS = 0

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from retd.model.checkpoint import (
     CARD_FILE,
     DEFAULT_ENCODER,
@@ -22,7 +24,6 @@ from retd.model.checkpoint import (
     save_checkpoint,
 )
 from retd.model.model import RET
-from safetensors.torch import load_file, save_file
 
 CARD = {"version": "2.1.0-test", "trained": True, "training": {"steps": 3}, "metrics": {"ppl": 2}}
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+
 from retd.model.model import ARCHITECTURES, RET, KVCache, RETConfig, config_for
 
 

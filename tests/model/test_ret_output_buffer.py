@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from retd.model.generation import FinishReason, OutputBuffer, SamplingParams
 from retd.model.tokenizer import EOS_ID, VOCAB_SIZE, decode, encode
 

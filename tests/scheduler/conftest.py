@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from retd.model.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
 from retd.model.model import RET, config_for
 

@@ -10,11 +10,11 @@ import grpc
 import numpy as np
 import pytest
 import torch
+
 from retd.model.checkpoint import LoadedModel
 from retd.model.generation import GenerationResult, SamplingParams, generate
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
-
 from tests.conftest import RunningServer, start_server
 
 POLL_LIMIT_S = 30.0

@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from retd.model.checkpoint import LoadedModel
 from retd.model.generation import GenerationResult, SamplingParams, generate
 from retd.model.model import RET

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from retd.model.generation import FinishReason, OutputBuffer, SamplingParams
 from retd.server.scheduler import (
     Aborted,

@@ -13,9 +13,9 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
-
 from tests.conftest import start_server
 
 VALUES = np.random.default_rng(3).standard_normal(768).astype(np.float32).tolist()
