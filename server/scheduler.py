@@ -13,6 +13,8 @@ Plain Python, no tensors (in the spirit of vLLM's v1 `Scheduler`):
 Iteration-level (continuous) batching is the default: waiting sequences join at every step
 and finished ones leave at once. `policy="static"` is request-level batching for
 comparison: a batch is filled, run until its longest member ends, then the next is taken.
+As in request-level batching systems, a member that ends early keeps its row in the batch as
+padding (computed, its tokens discarded) until the batch ends; its answer goes out at once.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from retd.model.generation import OutputBuffer, SamplingParams
+
+# Padding rows (static batching) run greedy; their id is -1 - slot.
+PADDING_PARAMS = SamplingParams(max_new_tokens=1)
 
 
 class QueueFullError(Exception):
@@ -81,6 +86,7 @@ class Row:
     position: int  # 0: the first step, whose input is the embedding prefix
     token: int  # the byte generated last (ignored at position 0)
     params: SamplingParams
+    padding: bool = False  # a static batch's ended member: computed, its token discarded
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,7 @@ class Scheduler:
     _order: itertools.count[int] = field(default_factory=itertools.count)
     _num_waiting: int = 0
     _cancelled_waiting: list[Aborted] = field(default_factory=list)
+    _padding: dict[int, int] = field(default_factory=dict)  # slot -> next position (static)
 
     def __post_init__(self) -> None:
         self._free_slots = list(range(self.config.max_batch_size))
@@ -151,6 +158,11 @@ class Scheduler:
     @property
     def free_slots(self) -> int:
         return len(self._free_slots)
+
+    @property
+    def num_padding(self) -> int:
+        """Slots of a static batch whose sequence ended before the batch did."""
+        return len(self._padding)
 
     def has_work(self) -> bool:
         """Anything for `schedule()` to do or report: waiting, running, or cancelled waiting
@@ -191,6 +203,9 @@ class Scheduler:
         rows = tuple(
             Row(s.seq_id, slot, s.position, s.last_token, s.params)
             for slot, s in sorted(self._running.items())
+        ) + tuple(
+            Row(-1 - slot, slot, position, 0, PADDING_PARAMS, padding=True)
+            for slot, position in sorted(self._padding.items())
         )
         wake_at = None
         if not rows and self._num_waiting:  # held back by max_wait_ms, or by a deadline
@@ -207,6 +222,10 @@ class Scheduler:
         """Apply one step's sampled tokens (aligned with `step.rows`)."""
         outcomes: list[Outcome] = []
         for row, token, logprob in zip(step.rows, tokens, logprobs, strict=True):
+            if row.padding:
+                if row.slot in self._padding:
+                    self._padding[row.slot] += 1
+                continue
             state = self._running[row.slot]
             reason = state.output.append(token, logprob)
             state.position += 1
@@ -237,8 +256,15 @@ class Scheduler:
         del self._states[state.seq_id]
         if state.slot is not None:
             del self._running[state.slot]
-            heapq.heappush(self._free_slots, state.slot)
+            if self.config.policy == "static" and self._running:
+                self._padding[state.slot] = state.position  # the batch runs on without it
+            else:
+                heapq.heappush(self._free_slots, state.slot)
             state.slot = None
+            if not self._running:  # the (static) batch is over: its padding slots are free
+                for slot in self._padding:
+                    heapq.heappush(self._free_slots, slot)
+                self._padding.clear()
         # a waiting entry is removed lazily: its id is no longer in _states
         elif state.admitted_at is None:
             self._num_waiting -= 1

@@ -147,11 +147,13 @@ def test_static_policy_admits_only_into_an_empty_batch() -> None:
     s.add(state(2, max_new_tokens=1))
     step, outcomes = run_step(s, 0.0)
     assert sorted(step.joined) == [1, 2] and finished_ids(outcomes) == [2]
+    pad_slot = next(r.slot for r in step.rows if r.seq_id == 2)
     s.add(state(3, max_new_tokens=2))
-    for t in range(1, 4):  # 1 still runs: 3 waits although a slot is free
+    for t in range(1, 4):  # 1 still runs: 3 waits; 2's row stays in the batch as padding
         step, outcomes = run_step(s, float(t))
-        assert ids(step) == [1] and step.joined == () and s.num_waiting == 1
-        assert s.free_slots == (1 if t < 3 else 2)
+        assert ids(step) == [1, -1 - pad_slot] and step.joined == () and s.num_waiting == 1
+        assert [r.position for r in step.rows] == [t, t]  # the padding row advances too
+        assert (s.free_slots, s.num_padding) == ((0, 1) if t < 3 else (2, 0))
     assert finished_ids(outcomes) == [1]
     step, _ = run_step(s, 4.0)
     assert step.joined == (3,)
@@ -382,9 +384,16 @@ def test_random_operations_keep_slots_and_account_for_every_sequence(
         row_slots = [r.slot for r in step.rows]
         assert len(set(row_slots)) == len(row_slots)  # never double-booked
         assert all(0 <= slot < batch for slot in row_slots)
-        assert len(step.rows) == s.num_running <= batch
-        assert s.free_slots + s.num_running == batch
+        assert len(step.rows) == s.num_running + s.num_padding <= batch
+        assert s.free_slots + s.num_running + s.num_padding == batch
+        if policy == "continuous":
+            assert s.num_padding == 0
+        padding = [r for r in step.rows if r.padding]
+        assert all(r.seq_id == -1 - r.slot and r.slot not in slot_of.values() for r in padding)
+        row_slots = [r.slot for r in step.rows if not r.padding]
         for r in step.rows:
+            if r.padding:
+                continue
             assert ended[r.seq_id] == 0
             if r.seq_id in step.joined:
                 assert r.position == 0 and r.seq_id not in slot_of
@@ -393,19 +402,20 @@ def test_random_operations_keep_slots_and_account_for_every_sequence(
             assert r.position == tokens_of[r.seq_id]
         assert set(slot_of.values()) == set(row_slots)
         if policy == "static" and step.joined:
-            assert set(step.joined) == {r.seq_id for r in step.rows}
+            assert set(step.joined) == {r.seq_id for r in step.rows}  # no padding then either
         if draw_tokens:
             token_st = st.sampled_from([0, BYTE, BYTE, BYTE, ord("!")])
             tokens = [data.draw(token_st, label="token") for _ in step.rows]
         else:
             tokens = [BYTE] * len(step.rows)
         for r in step.rows:
-            tokens_of[r.seq_id] += 1
+            if not r.padding:
+                tokens_of[r.seq_id] += 1
         for outcome in s.update(step, tokens, [0.0] * len(tokens), now):
             if isinstance(outcome, Finished):
                 ended[outcome.seq_id] += 1
                 del slot_of[outcome.seq_id]
-        assert s.free_slots + s.num_running == batch
+        assert s.free_slots + s.num_running + s.num_padding == batch
 
     for _ in range(data.draw(st.integers(1, 40), label="n_ops")):
         op = data.draw(OPS, label="op")
@@ -439,7 +449,7 @@ def test_random_operations_keep_slots_and_account_for_every_sequence(
                 assert a.stage == ("generating" if was_running else "queued")
                 ended[victim] += 1
                 slot_of.pop(victim, None)
-            assert s.free_slots + s.num_running == batch
+            assert s.free_slots + s.num_running + s.num_padding == batch
         elif op == "step":
             apply_step(s.schedule(now), draw_tokens=True)
 
