@@ -112,7 +112,7 @@ class OutputBuffer:
         else:
             self._bytes.append(token)
             # Checked after every byte, so a new match can only end at the last byte.
-            if any(self._bytes.endswith(s) for s in self._stops):
+            if self._stops and any(self._bytes.endswith(s) for s in self._stops):
                 self.finish_reason = FinishReason.STOP
             elif len(self.token_ids) >= self.params.max_new_tokens:
                 self.finish_reason = FinishReason.LENGTH

@@ -152,6 +152,11 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
+    def _rope(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE on q and k (B, H, T, D) in one pass: the same elementwise ops, half the calls."""
+        rotated = apply_rope(torch.cat((q, k), dim=1), positions, self.rope_base)
+        return rotated[:, : self.n_head], rotated[:, self.n_head :]
+
     def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, T, C) -> q, k, v each (B, H, T, D)."""
         B, T, C = x.shape
@@ -163,7 +168,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self._heads(x)  # (B, H, T, D)
         positions = torch.arange(T, device=x.device)
-        q, k = apply_rope(q, positions, self.rope_base), apply_rope(k, positions, self.rope_base)
+        q, k = self._rope(q, k, positions)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -185,8 +190,7 @@ class CausalSelfAttention(nn.Module):
         """
         B, _, C = x.shape
         q, k, v = self._heads(x)  # (B, H, 1, D)
-        q = apply_rope(q, positions[:, None], self.rope_base)
-        k = apply_rope(k, positions[:, None], self.rope_base)
+        q, k = self._rope(q, k, positions[:, None])
         k_cache[slots, :, positions] = k[:, :, 0]  # (B, H, D) into each row's own position
         v_cache[slots, :, positions] = v[:, :, 0]
         if length is None:

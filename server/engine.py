@@ -248,10 +248,10 @@ class ModelEngine:
                 events: list[tuple[int, Event]] = []
                 for seq_id, message in failures.items():
                     events += self._abort_events(self._scheduler.fail([seq_id], message))
-                ok_rows = tuple(r for r in step.rows if r.seq_id not in failures)
-                outcomes = self._scheduler.update(
-                    replace(step, rows=ok_rows), tokens, logprobs, now
-                )
+                if failures:
+                    ok_rows = tuple(r for r in step.rows if r.seq_id not in failures)
+                    step = replace(step, rows=ok_rows)
+                outcomes = self._scheduler.update(step, tokens, logprobs, now)
                 for outcome in outcomes:
                     if isinstance(outcome, Delta):
                         events.append((outcome.seq_id, TokenDelta(outcome.text, (outcome.token,))))
