@@ -185,3 +185,30 @@ def test_draining_server_keeps_health_up_and_turns_new_calls_away(
         assert server.process.wait(timeout=60) == 0, server.log()
     finally:
         server.stop(signal.SIGKILL)
+
+
+def test_health_and_info_answer_while_the_model_is_busy(tmp_path: Path, checkpoint: Path) -> None:
+    """Model work runs on the worker thread: while a long batch keeps the model busy (one
+    slot, 32 sequences of 256 bytes, seconds of work), health and info calls are answered."""
+    server = start_server(tmp_path, ["--checkpoint", str(checkpoint), "--max-batch-size", "1"])
+    try:
+        with server.channel() as channel:
+            stub = pb_grpc.DecoderStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            batch = stub.DecodeBatch.future(
+                pb.DecodeBatchRequest(embeddings=[EMBEDDING] * 32, max_new_tokens=256), timeout=120
+            )
+            deadline = time.monotonic() + POLL_LIMIT_S
+            while stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).load.running != 1:
+                assert time.monotonic() < deadline, "the batch never started"
+                time.sleep(0.01)  # bounded poll for the batch to start
+            for _ in range(5):
+                status = health.Check(health_pb2.HealthCheckRequest(service="ret_v21"), timeout=10)
+                assert status.status == health_pb2.HealthCheckResponse.SERVING
+                assert (
+                    stub.ListModels(pb.ListModelsRequest(), timeout=10).models[0].load.waiting > 0
+                )
+            assert not batch.done()  # all of that was answered while the model was busy
+            assert len(batch.result().results) == 32
+    finally:
+        assert server.stop() == 0

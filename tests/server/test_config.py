@@ -1,0 +1,111 @@
+"""Server configuration: CLI flags over RETD_* variables over the TOML file over defaults."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from retd.server.config import ConfigError, ServerConfig, add_arguments, load_config
+
+
+def parse(argv: list[str], env: dict[str, str] | None = None) -> ServerConfig:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return load_config(parser.parse_args(argv), env or {})
+
+
+def write_toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "retd.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_with_one_checkpoint(checkpoint: Path) -> None:
+    config = parse(["--checkpoint", str(checkpoint)])
+    assert (config.host, config.port, config.grace_period) == ("127.0.0.1", 50051, 10.0)
+    assert config.default_model == "ret_v21"
+    (model,) = config.models
+    assert (model.name, model.checkpoint, model.device) == ("ret_v21", checkpoint, "auto")
+    assert (model.max_batch_size, model.max_queue_size, model.batching) == (32, 1024, "continuous")
+
+
+def test_flags_beat_environment_which_beats_toml(tmp_path: Path, checkpoint: Path) -> None:
+    toml = write_toml(
+        tmp_path,
+        f'port = 1111\ngrace_period = 3\nmax_batch_size = 8\nlog_level = "debug"\n'
+        f'[[models]]\nname = "a"\ncheckpoint = "{checkpoint}"\n',
+    )
+    env = {"RETD_PORT": "2222", "RETD_GRACE_PERIOD": "4"}
+    config = parse(["--config", str(toml), "--port", "3333"], env)
+    assert config.port == 3333  # flag over env over TOML
+    assert config.grace_period == 4.0  # env over TOML
+    assert config.max_batch_size == 8 and config.models[0].max_batch_size == 8  # TOML only
+    assert config.log_level == "DEBUG"
+    assert [m.name for m in config.models] == ["a"]
+
+
+def test_toml_models_take_per_model_overrides_over_server_wide_values(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    toml = write_toml(
+        tmp_path,
+        'device = "cpu"\nmax_batch_size = 16\n'
+        '[[models]]\nname = "a"\ncheckpoint = "ck"\nmax_batch_size = 4\nbatching = "static"\n'
+        '[[models]]\nname = "b"\ncheckpoint = "/abs/ck"\n',
+    )
+    a, b = parse(["--config", str(toml)], {"RETD_MAX_WAIT_MS": "2.5"}).models
+    assert a.checkpoint == tmp_path / "ck"  # relative to the TOML file
+    assert (a.max_batch_size, a.batching, a.device, a.max_wait_ms) == (4, "static", "cpu", 2.5)
+    assert (b.checkpoint, b.max_batch_size, b.batching) == (Path("/abs/ck"), 16, "continuous")
+
+
+def test_models_from_flags_and_environment(checkpoint: Path) -> None:
+    config = parse(["--model", f"x={checkpoint}", "--model", f"y={checkpoint}"])
+    assert [m.name for m in config.models] == ["x", "y"] and config.default_model == "x"
+    config = parse([], {"RETD_MODELS": f"p={checkpoint},q={checkpoint}", "RETD_DEFAULT_MODEL": "q"})
+    assert [m.name for m in config.models] == ["p", "q"] and config.default_model == "q"
+    config = parse([], {"RETD_CHECKPOINT": str(checkpoint)})
+    assert [m.name for m in config.models] == ["ret_v21"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        ([], {}, "no model to serve"),
+        (["--port", "70000"], {}, "port: expected 0..65535"),
+        (["--port", "http"], {}, "port: expected an integer"),
+        (["--max-batch-size", "0"], {}, "max_batch_size: expected an integer >= 1"),
+        (["--grace-period", "-1"], {}, "grace_period: expected a number >= 0"),
+        (["--batching", "dynamic"], {}, "batching: expected 'continuous' or 'static'"),
+        (["--log-level", "loud"], {}, "log_level: expected one of"),
+        ([], {"RETD_MAX_QUEUE_SIZE": "many"}, "max_queue_size: expected an integer"),
+        (["--model", "nameonly"], {}, "--model: expected NAME=DIR"),
+        (["--default-model", "zzz"], {}, "default_model: 'zzz' is not among the models"),
+    ],
+)
+def test_bad_settings_name_the_setting(
+    checkpoint: Path, argv: list[str], env: dict[str, str], message: str
+) -> None:
+    needs_model = [] if argv[:1] == ["--model"] or not (argv or env) else ["--checkpoint", "c"]
+    with pytest.raises(ConfigError) as raised:
+        parse(argv + needs_model, env)
+    assert message in str(raised.value)
+
+
+def test_bad_toml_is_reported_with_its_path(tmp_path: Path) -> None:
+    broken = write_toml(tmp_path, "port = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        parse(["--config", str(broken)])
+    unknown = write_toml(tmp_path, 'colour = "blue"\n[[models]]\nname = "a"\ncheckpoint = "c"\n')
+    with pytest.raises(ConfigError, match=r"unknown keys \['colour'\]"):
+        parse(["--config", str(unknown)])
+    duplicate = write_toml(
+        tmp_path,
+        '[[models]]\nname = "a"\ncheckpoint = "c"\n[[models]]\nname = "a"\ncheckpoint = "d"\n',
+    )
+    with pytest.raises(ConfigError, match="names must be unique"):
+        parse(["--config", str(duplicate)])
+    with pytest.raises(ConfigError, match="cannot read"):
+        parse(["--config", str(tmp_path / "missing.toml")])
