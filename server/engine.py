@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -71,6 +72,39 @@ class SequenceResult:
     # For streams: the text and tokens of the last step, not yet sent as a delta.
     tail_text: str = ""
     tail_token_ids: tuple[int, ...] = ()
+    # Where the time and memory went, for telemetry.
+    first_token_s: float = 0.0  # from submission to the first token
+    batch_min: int = 0
+    batch_max: int = 0
+    batch_mean: float = 0.0
+    memory: MemorySample | None = None
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    """Memory when a sequence finished: device memory on CUDA (allocated now, and the peak
+    since the process started), resident memory of the process on the CPU."""
+
+    device_allocated_bytes: int | None = None
+    device_peak_bytes: int | None = None
+    rss_bytes: int | None = None
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def sample_memory(device: torch.device) -> MemorySample:
+    """Cheap: host-side counters only, no device sync."""
+    if device.type == "cuda":
+        return MemorySample(
+            device_allocated_bytes=torch.cuda.memory_allocated(device),
+            device_peak_bytes=torch.cuda.max_memory_allocated(device),
+        )
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return MemorySample(rss_bytes=int(statm.read().split()[1]) * _PAGE_SIZE)
+    except OSError:  # not Linux
+        return MemorySample()
 
 
 class SequenceError(Exception):
@@ -252,11 +286,13 @@ class ModelEngine:
                     ok_rows = tuple(r for r in step.rows if r.seq_id not in failures)
                     step = replace(step, rows=ok_rows)
                 outcomes = self._scheduler.update(step, tokens, logprobs, now)
+                memory = None
                 for outcome in outcomes:
                     if isinstance(outcome, Delta):
                         events.append((outcome.seq_id, TokenDelta(outcome.text, (outcome.token,))))
                     else:
-                        events.append((outcome.seq_id, self._result(outcome)))
+                        memory = memory or sample_memory(self.device)  # once per step at most
+                        events.append((outcome.seq_id, self._result(outcome, memory)))
                 self._deliver(events)
 
     def _next_step(self) -> Step | None:
@@ -366,10 +402,11 @@ class ModelEngine:
             events.append((a.seq_id, SequenceError(ABORT_CODES[a.reason], message)))
         return events
 
-    def _result(self, finished: Finished) -> SequenceResult:
+    def _result(self, finished: Finished, memory: MemorySample) -> SequenceResult:
         state = finished.state
         output = state.output
         assert output.finish_reason is not None and state.admitted_at is not None
+        assert state.first_token_at is not None
         request = self._handles[state.seq_id].request
         return SequenceResult(
             text=output.text(),
@@ -381,6 +418,11 @@ class ModelEngine:
             compute_s=finished.finished_at - state.admitted_at,
             tail_text=finished.tail_text,
             tail_token_ids=(output.token_ids[-1],) if state.stream else (),
+            first_token_s=state.first_token_at - state.arrival,
+            batch_min=state.batch_min,
+            batch_max=state.batch_max,
+            batch_mean=state.batch_mean,
+            memory=memory,
         )
 
     def _deliver(self, events: Sequence[tuple[int, Event]]) -> None:

@@ -74,7 +74,17 @@ class SequenceState:
     position: int = 0  # the position this sequence's next step writes
     last_token: int = 0
     admitted_at: float | None = None
+    first_token_at: float | None = None
     cancelled: bool = False
+    # The sizes of the batches this sequence ran in (padding rows included).
+    batch_min: int = 0
+    batch_max: int = 0
+    batch_total: int = 0
+
+    @property
+    def batch_mean(self) -> float:
+        steps = self.position
+        return self.batch_total / steps if steps else 0.0
 
 
 @dataclass(frozen=True)
@@ -221,6 +231,7 @@ class Scheduler:
     ) -> list[Outcome]:
         """Apply one step's sampled tokens (aligned with `step.rows`)."""
         outcomes: list[Outcome] = []
+        size = len(step.rows)
         for row, token, logprob in zip(step.rows, tokens, logprobs, strict=True):
             if row.padding:
                 if row.slot in self._padding:
@@ -228,8 +239,14 @@ class Scheduler:
                 continue
             state = self._running[row.slot]
             reason = state.output.append(token, logprob)
+            if state.position == 0:
+                state.first_token_at = now
+                state.batch_min = size
             state.position += 1
             state.last_token = token
+            state.batch_min = min(state.batch_min, size)
+            state.batch_max = max(state.batch_max, size)
+            state.batch_total += size
             if reason is not None:
                 self._release(state)
                 tail = state.output.take_delta() if state.stream else ""
