@@ -20,6 +20,7 @@ from retd.server.config import ModelSpec, ServerConfig
 from retd.server.engine import ModelEngine
 from retd.server.scheduler import SchedulerConfig
 from retd.server.service import DecoderService
+from retd.server.telemetry import Telemetry, TelemetryConfig
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
 
@@ -62,8 +63,10 @@ def load_engine(spec: ModelSpec) -> ModelEngine:
 class Daemon:
     """A running retd server; `stop()` drains it."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, telemetry: Telemetry | None = None) -> None:
+        """`telemetry`: built from the config when None (tests pass their own providers)."""
         self.config = config
+        self.telemetry = telemetry
         self.engines: dict[str, ModelEngine] = {}
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -72,6 +75,8 @@ class Daemon:
 
     async def start(self) -> None:
         config = self.config
+        if self.telemetry is None:
+            self.telemetry = Telemetry.from_config(telemetry_config(config))
         for spec in config.models:
             self.engines[spec.name] = await asyncio.to_thread(load_engine, spec)
         for engine in self.engines.values():
@@ -83,13 +88,15 @@ class Daemon:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        self.service = DecoderService(self.engines, config.default_model)
+        self.service = DecoderService(self.engines, config.default_model, self.telemetry)
+        gate = self.service.gate
+        self.telemetry.observe(self.engines, lambda: gate.in_flight)
         pb_grpc.add_DecoderServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (DECODER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = server.add_insecure_port(config.address)
+        self.port = self.service.port = server.add_insecure_port(config.address)
         self.server = server
         await server.start()
         for name in ("", DECODER_SERVICE, *self.engines):
@@ -117,6 +124,20 @@ class Daemon:
             await self.server.stop(0.5)
         for engine in self.engines.values():
             await engine.close()
+        if self.telemetry is not None:
+            await asyncio.to_thread(self.telemetry.shutdown)  # flushes spans still batched
+
+
+def telemetry_config(config: ServerConfig) -> TelemetryConfig:
+    return TelemetryConfig(
+        service_name=config.service_name,
+        traces_exporter=config.traces_exporter,
+        metrics_exporter=config.metrics_exporter,
+        otlp_endpoint=config.otlp_endpoint,
+        metrics_host=config.metrics_host,
+        metrics_port=config.metrics_port,
+        log_format=config.log_format,
+    )
 
 
 def _write_ready_file(path: Path, host: str, port: int) -> None:

@@ -23,16 +23,18 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"retd serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     from retd.model.checkpoint import CheckpointError
     from retd.server.app import serve
+    from retd.server.telemetry import configure_logging
+
+    configure_logging(config.log_level, config.log_format)
 
     try:
         return asyncio.run(serve(config))
     except (CheckpointError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    except OSError as exc:  # e.g. the metrics port is taken
         log.error("cannot start: %s", exc)
         return 1
     except RuntimeError as exc:  # e.g. grpc cannot bind the address

@@ -17,6 +17,7 @@ from typing import Any
 
 DEFAULT_PORT = 50051
 MiB = 1024 * 1024
+ZERO_PORT = {"port": "picks a free port", "metrics_port": "no metrics endpoint"}
 
 
 class ConfigError(ValueError):
@@ -57,6 +58,13 @@ class ServerConfig:
     grace_period: float = 10.0
     max_message_bytes: int = 4 * MiB
     log_level: str = "INFO"
+    log_format: str = "text"
+    service_name: str = "retd"
+    traces_exporter: str = "none"
+    metrics_exporter: str = "prometheus"
+    otlp_endpoint: str | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
     ready_file: Path | None = None
     config_file: Path | None = field(default=None, compare=False)
 
@@ -92,14 +100,17 @@ def _non_negative_int(name: str) -> Callable[[Any], int]:
     return parse
 
 
-def _port(value: Any) -> int:
-    try:
-        port = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"port: expected an integer, got {value!r}") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"port: expected 0..65535 (0 picks a free port), got {port}")
-    return port
+def _port(name: str) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        try:
+            port = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{name}: expected 0..65535 (0: {ZERO_PORT[name]}), got {port}")
+        return port
+
+    return parse
 
 
 def _non_negative_float(name: str) -> Callable[[Any], float]:
@@ -125,6 +136,16 @@ def _choice(name: str, choices: Sequence[str]) -> Callable[[Any], str]:
     return parse
 
 
+def _one_of(name: str, choices: Sequence[str]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text in choices:
+            return text
+        raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+
+    return parse
+
+
 def _batching(value: Any) -> str:
     if value in ("continuous", "static"):
         return str(value)
@@ -140,6 +161,8 @@ class Setting:
     name: str
     parse: Callable[[Any], Any]
     help: str
+    # Standard variables read after RETD_<NAME> (OpenTelemetry's OTEL_* ones).
+    aliases: tuple[str, ...] = ()
 
     @property
     def flag(self) -> str:
@@ -152,7 +175,9 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", str, "address to bind (default 127.0.0.1; use 0.0.0.0 for all interfaces)"),
-    Setting("port", _port, f"port to listen on (default {DEFAULT_PORT}; 0 picks a free one)"),
+    Setting(
+        "port", _port("port"), f"port to listen on (default {DEFAULT_PORT}; 0 picks a free one)"
+    ),
     Setting("device", str, "default device for models: auto (CUDA if present), cpu, cuda, cuda:N"),
     Setting("dtype", str, "default dtype for models: float32, bfloat16, float16 (CUDA only)"),
     Setting(
@@ -197,6 +222,41 @@ SETTINGS: tuple[Setting, ...] = (
         _choice("log_level", ("DEBUG", "INFO", "WARNING", "ERROR")),
         "DEBUG, INFO, WARNING or ERROR (default INFO)",
     ),
+    Setting(
+        "log_format",
+        _one_of("log_format", ("text", "json")),
+        "text or json (one object per line); every line carries the trace and span ids",
+    ),
+    Setting(
+        "service_name",
+        str,
+        "service.name of traces and metrics (default retd)",
+        ("OTEL_SERVICE_NAME",),
+    ),
+    Setting(
+        "traces_exporter",
+        _one_of("traces_exporter", ("otlp", "console", "none")),
+        "where spans go: otlp, console or none (default; tracing off costs nothing)",
+        ("OTEL_TRACES_EXPORTER",),
+    ),
+    Setting(
+        "metrics_exporter",
+        str,
+        "prometheus (default), otlp, both comma-separated, or none",
+        ("OTEL_METRICS_EXPORTER",),
+    ),
+    Setting(
+        "otlp_endpoint",
+        str,
+        "OTLP/gRPC collector, e.g. http://127.0.0.1:4317 (the exporter's default otherwise)",
+        ("OTEL_EXPORTER_OTLP_ENDPOINT",),
+    ),
+    Setting("metrics_host", str, "address of the Prometheus /metrics endpoint (127.0.0.1)"),
+    Setting(
+        "metrics_port",
+        _port("metrics_port"),
+        "port of the Prometheus /metrics endpoint (default 9464; 0 turns it off)",
+    ),
     Setting("default_model", str, "model that requests naming none are served by"),
     Setting(
         "ready_file",
@@ -227,7 +287,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for setting in SETTINGS:
         parser.add_argument(
-            setting.flag, dest=setting.name, default=None, help=f"{setting.help}; env {setting.env}"
+            setting.flag,
+            dest=setting.name,
+            default=None,
+            help=f"{setting.help}; env {' or '.join((setting.env, *setting.aliases))}",
         )
 
 
@@ -305,8 +368,9 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
     values: dict[str, Any] = {}
     for setting in SETTINGS:
         raw = getattr(args, setting.name, None)
-        if raw is None:
-            raw = environ.get(setting.env)
+        for variable in (setting.env, *setting.aliases):
+            if raw is None:
+                raw = environ.get(variable)
         if raw is None:
             raw = from_toml.get(setting.name)
         if raw is not None:

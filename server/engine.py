@@ -73,6 +73,7 @@ class SequenceResult:
     tail_text: str = ""
     tail_token_ids: tuple[int, ...] = ()
     # Where the time and memory went, for telemetry.
+    submitted_at: float = 0.0  # time.monotonic()
     first_token_s: float = 0.0  # from submission to the first token
     batch_min: int = 0
     batch_max: int = 0
@@ -418,6 +419,7 @@ class ModelEngine:
             compute_s=finished.finished_at - state.admitted_at,
             tail_text=finished.tail_text,
             tail_token_ids=(output.token_ids[-1],) if state.stream else (),
+            submitted_at=state.arrival,
             first_token_s=state.first_token_at - state.arrival,
             batch_min=state.batch_min,
             batch_max=state.batch_max,

@@ -4,12 +4,6 @@ calls away with UNAVAILABLE while the ones already accepted finish."""
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol, TypeVar
-
-import grpc
 
 SHUTTING_DOWN = "the server is shutting down; retry on another replica"
 
@@ -51,41 +45,3 @@ class CallGate:
         except TimeoutError:
             return False
         return True
-
-
-class Gated(Protocol):
-    gate: CallGate
-
-
-S = TypeVar("S", bound=Gated)
-Method = Callable[..., Any]
-
-
-def gated(method: Method) -> Method:
-    """Wrap a servicer method (coroutine or async generator) so it passes `self.gate`."""
-    if inspect.isasyncgenfunction(method):
-
-        @functools.wraps(method)
-        async def stream(
-            self: S, request: Any, context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
-            if not self.gate.enter():
-                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-            try:
-                async for item in method(self, request, context):
-                    yield item
-            finally:
-                self.gate.exit()
-
-        return stream
-
-    @functools.wraps(method)
-    async def unary(self: S, request: Any, context: grpc.aio.ServicerContext) -> Awaitable[Any]:
-        if not self.gate.enter():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-        try:
-            return await method(self, request, context)
-        finally:
-            self.gate.exit()
-
-    return unary

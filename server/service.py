@@ -11,10 +11,14 @@ from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import struct_pb2
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from retd.model.generation import FinishReason
+from retd.server.calls import rpc
 from retd.server.engine import ModelEngine, SequenceError, SequenceRequest, SequenceResult
-from retd.server.gate import SHUTTING_DOWN, CallGate, gated
+from retd.server.gate import SHUTTING_DOWN, CallGate
+from retd.server.telemetry import Telemetry
 from retd.server.validation import (
     ModelLimits,
     RequestError,
@@ -32,6 +36,7 @@ FINISH_REASONS = {
     FinishReason.EOS: pb.FINISH_REASON_EOS,
     FinishReason.STOP: pb.FINISH_REASON_STOP,
 }
+DECODER_SERVICE = pb.DESCRIPTOR.services_by_name["Decoder"].full_name
 DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
 
 
@@ -114,10 +119,19 @@ async def _abort(
 class DecoderService(pb_grpc.DecoderServicer):
     """Serves every loaded model; requests naming no model go to `default_model`."""
 
-    def __init__(self, engines: Mapping[str, ModelEngine], default_model: str) -> None:
+    service_name = DECODER_SERVICE
+
+    def __init__(
+        self,
+        engines: Mapping[str, ModelEngine],
+        default_model: str,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self._engines = dict(engines)
         self._default_model = default_model
         self.gate = CallGate()
+        self.telemetry = telemetry or Telemetry()
+        self.port = 0  # set once the server is bound
 
     def _engine(self, name: str) -> ModelEngine:
         engine = self._engines.get(name or self._default_model)
@@ -136,11 +150,32 @@ class DecoderService(pb_grpc.DecoderServicer):
     async def _run(self, engine: ModelEngine, request: SequenceRequest) -> SequenceResult:
         handle = engine.submit(request)
         try:
-            return await handle.result()
+            result = await handle.result()
         finally:
             handle.cancel()  # the caller left (task cancelled) or it is done: free its slot
+        self._record(engine, request, result)
+        return result
 
-    @gated
+    def _record(
+        self, engine: ModelEngine, request: SequenceRequest, result: SequenceResult
+    ) -> None:
+        """The finished sequence into the current span (the call's, or its item's)."""
+        params = request.params
+        self.telemetry.record_sequence(
+            trace.get_current_span(),
+            engine,
+            result,
+            {
+                "gen_ai.request.max_tokens": params.max_new_tokens,
+                "gen_ai.request.temperature": params.temperature,
+                "gen_ai.request.top_k": params.top_k or None,
+                "gen_ai.request.top_p": params.top_p,
+                "gen_ai.request.seed": request.seed if not params.greedy else None,
+                "retd.priority": request.priority,
+            },
+        )
+
+    @rpc
     async def Decode(
         self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> pb.DecodeResponse:
@@ -176,7 +211,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             priority=request.priority,
         )
 
-    @gated
+    @rpc
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
@@ -197,7 +232,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             seed=result.seed,
         )
 
-    @gated
+    @rpc
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
@@ -210,6 +245,7 @@ class DecoderService(pb_grpc.DecoderServicer):
         try:
             async for event in handle.events():
                 if isinstance(event, SequenceResult):
+                    self._record(engine, sequence, event)
                     yield pb.GenerateChunk(
                         text=event.tail_text,
                         token_ids=event.tail_token_ids,
@@ -235,8 +271,27 @@ class DecoderService(pb_grpc.DecoderServicer):
         field: str,
         deadline: float | None,
         priority: int,
+        item: str,
+        method: str,
     ) -> tuple[pb.DecodeResponse | None, pb.ItemError | None]:
-        """One item of a batch or stream: its response, or its own error."""
+        """One item of a batch or stream, in a span of its own: its response, or its error."""
+        with self.telemetry.item_span(f"{self.service_name}/{method} item", item) as span:
+            response, error = await self._decode_one(
+                model, embedding, max_new_tokens, field, deadline, priority
+            )
+            if error is not None and span.is_recording():
+                span.set_status(Status(StatusCode.ERROR, f"{error.code_name}: {error.message}"))
+            return response, error
+
+    async def _decode_one(
+        self,
+        model: str,
+        embedding: pb.Embedding,
+        max_new_tokens: int,
+        field: str,
+        deadline: float | None,
+        priority: int,
+    ) -> tuple[pb.DecodeResponse | None, pb.ItemError | None]:
         received_at = time.monotonic()
         if not self.gate.open:  # an item sent on a stream after shutdown began
             return None, _item_error(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
@@ -255,7 +310,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             return None, _item_error(error.code, error.message)
         return _decode_response(result, engine.name, received_at), None
 
-    @gated
+    @rpc
     async def DecodeBatch(
         self, request: pb.DecodeBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.DecodeBatchResponse:
@@ -281,6 +336,8 @@ class DecoderService(pb_grpc.DecoderServicer):
                     f"embeddings[{i}]",
                     deadline,
                     request.priority,
+                    str(i),
+                    "DecodeBatch",
                 )
                 for i, embedding in enumerate(request.embeddings)
             )
@@ -289,7 +346,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             results=[pb.DecodeBatchResult(response=ok, error=err) for ok, err in outcomes]
         )
 
-    @gated
+    @rpc
     async def DecodeStream(
         self,
         request_iterator: AsyncIterator[pb.DecodeStreamRequest],
@@ -307,6 +364,8 @@ class DecoderService(pb_grpc.DecoderServicer):
                 "embedding",
                 deadline,
                 item.priority,
+                item.id,
+                "DecodeStream",
             )
             answers.put_nowait(pb.DecodeStreamResponse(id=item.id, response=ok, error=err))
 
@@ -328,7 +387,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             for task in [reader, *pending]:
                 task.cancel()
 
-    @gated
+    @rpc
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
@@ -337,7 +396,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             default_model=self._default_model,
         )
 
-    @gated
+    @rpc
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:

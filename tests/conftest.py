@@ -45,18 +45,12 @@ def start_server(
     is serving (it writes its ready file only after every model is loaded and warm)."""
     ready = tmp_path / f"ready-{time.monotonic_ns()}.json"
     log_path = ready.with_suffix(".log")
+    # No Prometheus endpoint unless asked: test servers run side by side.
+    defaults = [] if "--metrics-port" in args else ["--metrics-port", "0"]
     command = [
-        sys.executable,
-        "-m",
-        "retd.server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--ready-file",
-        str(ready),
-        *args,
-    ]
+        sys.executable, "-m", "retd.server", "--host", "127.0.0.1", "--port", "0",
+        "--ready-file", str(ready), *defaults, *args,
+    ]  # fmt: skip
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             command,

@@ -1,0 +1,369 @@
+"""Telemetry: an OpenTelemetry span per call (and per batch or stream item), the metrics
+every model server exposes, and structured access logs that carry the trace ids.
+
+Configured by OpenTelemetry's standard environment (`OTEL_SERVICE_NAME`,
+`OTEL_TRACES_EXPORTER`, `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_SAMPLER[_ARG]`, ...), with
+CLI flags for the common ones. With tracing off the tracer is OpenTelemetry's no-op one and
+no attribute is computed: telemetry off costs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+)
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+
+from retd.server.engine import MemorySample, ModelEngine, SequenceResult, sample_memory
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("retd.access")
+
+# Monotonic seconds -> wall-clock nanoseconds, for span events stamped after the fact.
+_WALL_OFFSET_NS = time.time_ns() - time.monotonic_ns()
+
+
+def wall_ns(monotonic_s: float) -> int:
+    return int(monotonic_s * 1e9) + _WALL_OFFSET_NS
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    service_name: str = "retd"
+    traces_exporter: str = "none"  # otlp, console, none
+    metrics_exporter: str = "prometheus"  # prometheus, otlp, none (comma-separated)
+    otlp_endpoint: str | None = None  # else OTEL_EXPORTER_OTLP_ENDPOINT, else localhost:4317
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464  # 0 turns the Prometheus endpoint off
+    log_format: str = "text"  # or json
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> TelemetryConfig:
+        environ = os.environ if environ is None else environ
+        return cls(
+            service_name=environ.get("OTEL_SERVICE_NAME", "retd"),
+            traces_exporter=environ.get("OTEL_TRACES_EXPORTER", "none"),
+            metrics_exporter=environ.get("OTEL_METRICS_EXPORTER", "prometheus"),
+            otlp_endpoint=environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        )
+
+
+def _span_exporter(config: TelemetryConfig) -> SpanExporter | None:
+    kind = config.traces_exporter.strip().lower()
+    if kind in ("", "none"):
+        return None
+    if kind == "console":
+        return ConsoleSpanExporter()
+    if kind == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        endpoint = config.otlp_endpoint
+        insecure = endpoint is None or not endpoint.startswith("https://")
+        return OTLPSpanExporter(endpoint=endpoint, insecure=insecure)
+    raise ValueError(f"traces exporter: expected otlp, console or none, got {kind!r}")
+
+
+def _metric_readers(config: TelemetryConfig) -> list[MetricReader]:
+    readers: list[MetricReader] = []
+    for kind in {k.strip().lower() for k in config.metrics_exporter.split(",")} - {"", "none"}:
+        if kind == "prometheus":
+            if config.metrics_port:
+                from opentelemetry.exporter.prometheus import PrometheusMetricReader
+                from prometheus_client import start_http_server
+
+                start_http_server(config.metrics_port, addr=config.metrics_host)
+                readers.append(PrometheusMetricReader())
+        elif kind == "otlp":
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+                OTLPMetricExporter,
+            )
+
+            endpoint = config.otlp_endpoint
+            insecure = endpoint is None or not endpoint.startswith("https://")
+            exporter = OTLPMetricExporter(endpoint=endpoint, insecure=insecure)
+            readers.append(PeriodicExportingMetricReader(exporter))
+        else:
+            raise ValueError(f"metrics exporter: expected prometheus, otlp or none, got {kind!r}")
+    return readers
+
+
+class Telemetry:
+    """The tracer, the meter's instruments, and what records one call into them."""
+
+    def __init__(
+        self,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+    ) -> None:
+        self._tracer_provider = tracer_provider
+        self._meter_provider = meter_provider
+        self.tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer("retd.server")
+        meter = (meter_provider or metrics.NoOpMeterProvider()).get_meter("retd.server")
+        self.request_duration = meter.create_histogram(
+            "retd.request.duration", unit="s", description="Duration of calls, by method and status"
+        )
+        self.queue_duration = meter.create_histogram(
+            "retd.queue.duration", unit="s", description="Time sequences waited for a slot"
+        )
+        self.time_to_first_token = meter.create_histogram(
+            "retd.time_to_first_token", unit="s", description="From arrival to the first byte"
+        )
+        self.tokens_generated = meter.create_counter(
+            "retd.tokens.generated", unit="{token}", description="Bytes generated"
+        )
+        self.requests = meter.create_counter(
+            "retd.requests", unit="{request}", description="Calls, by method and status"
+        )
+        self._meter = meter
+
+    @classmethod
+    def from_config(cls, config: TelemetryConfig) -> Telemetry:
+        resource = Resource.create({"service.name": config.service_name})
+        exporter = _span_exporter(config)
+        tracer_provider = None
+        if exporter is not None:
+            tracer_provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
+            tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+        readers = _metric_readers(config)
+        meter_provider = (
+            MeterProvider(resource=resource, metric_readers=readers) if readers else None
+        )
+        return cls(tracer_provider, meter_provider)
+
+    def observe(self, engines: Mapping[str, ModelEngine], in_flight: Callable[[], int]) -> None:
+        """Gauges read when the metrics are collected: queue depth, running batch, calls in
+        flight, memory."""
+
+        def per_model(read: Callable[[ModelEngine], int]) -> Callable[..., Iterable[Observation]]:
+            def callback(options: CallbackOptions) -> Iterable[Observation]:
+                return [Observation(read(e), {"retd.model": n}) for n, e in engines.items()]
+
+            return callback
+
+        def memory(options: CallbackOptions) -> Iterable[Observation]:
+            observations = []
+            for name, engine in engines.items():
+                sample = sample_memory(engine.device)
+                if sample.device_allocated_bytes is not None:
+                    observations.append(
+                        Observation(sample.device_allocated_bytes, {"retd.model": name})
+                    )
+            return observations
+
+        def rss(options: CallbackOptions) -> Iterable[Observation]:
+            sample = sample_memory(torch.device("cpu"))
+            return [Observation(sample.rss_bytes)] if sample.rss_bytes is not None else []
+
+        meter = self._meter
+        meter.create_observable_gauge(
+            "retd.queue.depth", [per_model(lambda e: e.stats().waiting)], unit="{sequence}",
+            description="Sequences waiting for a slot",
+        )  # fmt: skip
+        meter.create_observable_gauge(
+            "retd.batch.running", [per_model(lambda e: e.stats().running)], unit="{sequence}",
+            description="Sequences in the running batch",
+        )  # fmt: skip
+        meter.create_observable_gauge(
+            "retd.requests.in_flight", [lambda options: [Observation(in_flight())]],
+            unit="{request}", description="Calls being served",
+        )  # fmt: skip
+        meter.create_observable_gauge(
+            "retd.process.memory.rss", [rss], unit="By", description="Resident memory"
+        )
+        meter.create_observable_gauge(
+            "retd.device.memory.allocated", [memory], unit="By",
+            description="CUDA memory allocated by the model's device",
+        )  # fmt: skip
+
+    def shutdown(self) -> None:
+        for provider in (self._tracer_provider, self._meter_provider):
+            shutdown = getattr(provider, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+
+    # ---- one call ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def rpc_span(
+        self, service: str, method: str, context: grpc.aio.ServicerContext, server_port: int
+    ) -> Iterator[Span]:
+        """The server span of one call, continuing the caller's trace (W3C traceparent)."""
+        carrier = {key: value for key, value in (context.invocation_metadata() or ())}
+        parent = propagate.extract(carrier)
+        with self.tracer.start_as_current_span(
+            f"{service}/{method}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "rpc.system": "grpc",
+                        "rpc.service": service,
+                        "rpc.method": method,
+                        "server.address": "127.0.0.1",
+                        "server.port": server_port,
+                    }
+                )
+            yield span
+
+    def finish_rpc(
+        self, span: Span, method: str, code: grpc.StatusCode, details: str, seconds: float
+    ) -> None:
+        attributes = {"rpc.method": method, "rpc.grpc.status_code": code.value[0]}
+        self.request_duration.record(seconds, attributes)
+        self.requests.add(1, attributes)
+        if span.is_recording():
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code is not grpc.StatusCode.OK:
+                span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}"))
+        span_context = span.get_span_context()
+        access_log.info(
+            "%s %s %.1fms",
+            method,
+            code.name,
+            seconds * 1e3,
+            extra={
+                "rpc_method": method,
+                "status": code.name,
+                "latency_ms": round(seconds * 1e3, 3),
+                "trace_id": _hex(span_context.trace_id, 32),
+                "span_id": _hex(span_context.span_id, 16),
+            },
+        )
+
+    @contextlib.contextmanager
+    def item_span(self, name: str, index: str) -> Iterator[Span]:
+        """A span for one item of a DecodeBatch or DecodeStream, a child of the call's span
+        and linked to it."""
+        parent = trace.get_current_span()
+        links = [Link(parent.get_span_context())] if parent.is_recording() else []
+        with self.tracer.start_as_current_span(
+            name, links=links, record_exception=False, set_status_on_exception=False
+        ) as span:
+            if span.is_recording():
+                span.set_attribute("retd.item", index)
+            yield span
+
+    def record_sequence(
+        self,
+        span: Span,
+        engine: ModelEngine,
+        result: SequenceResult,
+        request: Mapping[str, Any],
+    ) -> None:
+        """A finished sequence: metrics, and the span's attributes and stage events."""
+        model = {"retd.model": engine.name}
+        self.queue_duration.record(result.queue_s, model)
+        self.time_to_first_token.record(result.first_token_s, model)
+        self.tokens_generated.add(len(result.token_ids), model)
+        if not span.is_recording():
+            return
+        loaded = engine.loaded
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": "generate_content",
+            "gen_ai.request.model": engine.name,
+            "gen_ai.response.model": f"{engine.name}@{loaded.version}",
+            "gen_ai.usage.output_tokens": len(result.token_ids),
+            "gen_ai.response.finish_reasons": [str(result.finish_reason)],
+            "retd.model.version": loaded.version,
+            "retd.model.device": str(engine.device),
+            "retd.queue_ms": result.queue_s * 1e3,
+            "retd.time_to_first_token_ms": result.first_token_s * 1e3,
+            "retd.compute_ms": result.compute_s * 1e3,
+            "retd.total_ms": (result.queue_s + result.compute_s) * 1e3,
+            "retd.batch_size.min": result.batch_min,
+            "retd.batch_size.max": result.batch_max,
+            "retd.batch_size.mean": result.batch_mean,
+            **{key: value for key, value in request.items() if value is not None},
+            **_memory_attributes(result.memory),
+        }
+        span.set_attributes(attributes)
+        submitted = result.submitted_at
+        span.add_event("queued", timestamp=wall_ns(submitted))
+        span.add_event("admitted", timestamp=wall_ns(submitted + result.queue_s))
+        span.add_event("first_token", timestamp=wall_ns(submitted + result.first_token_s))
+        span.add_event("finished", timestamp=wall_ns(submitted + result.queue_s + result.compute_s))
+
+
+def _memory_attributes(memory: MemorySample | None) -> dict[str, int]:
+    if memory is None:
+        return {}
+    names = {
+        "retd.memory.device_allocated_bytes": memory.device_allocated_bytes,
+        "retd.memory.device_peak_bytes": memory.device_peak_bytes,
+        "retd.memory.rss_bytes": memory.rss_bytes,
+    }
+    return {name: value for name, value in names.items() if value is not None}
+
+
+def _hex(value: int, width: int) -> str:
+    return format(value, f"0{width}x") if value else ""
+
+
+class TraceContextFilter(logging.Filter):
+    """Puts the current trace and span ids on every log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = trace.get_current_span().get_span_context()
+        if not hasattr(record, "trace_id"):
+            record.trace_id = _hex(context.trace_id, 32)
+            record.span_id = _hex(context.span_id, 16)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, trace ids and extras."""
+
+    FIELDS = ("rpc_method", "status", "latency_ms", "tokens", "model")
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "trace_id": getattr(record, "trace_id", ""),
+            "span_id": getattr(record, "span_id", ""),
+        }
+        entry.update({k: getattr(record, k) for k in self.FIELDS if hasattr(record, k)})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Root logging as text or JSON lines, every record carrying trace and span ids."""
+    handler = logging.StreamHandler()
+    handler.addFilter(TraceContextFilter())
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter(
+                "%(asctime)s %(levelname)s %(name)s: %(message)s"
+                " trace_id=%(trace_id)s span_id=%(span_id)s"
+            )
+        )
+    logging.basicConfig(level=level, handlers=[handler], force=True)
