@@ -20,6 +20,7 @@ import grpc.aio
 from retd.v1 import decoder_pb2, decoder_pb2_grpc
 
 from . import _health, _requests, convert
+from ._tracing import with_trace_context
 from .client import DEFAULT_TARGET
 from .convert import EmbeddingEncoding, EmbeddingLike
 from .errors import UnavailableError, from_rpc_error
@@ -123,7 +124,11 @@ class AsyncClient:
         self, method: Callable[..., Awaitable[_T]], request: Any, timeout: float | None
     ) -> _T:
         try:
-            return await method(request, timeout=self._deadline(timeout), metadata=self._metadata)
+            return await method(
+                request,
+                timeout=self._deadline(timeout),
+                metadata=with_trace_context(self._metadata),
+            )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
@@ -211,7 +216,9 @@ class AsyncClient:
         )
         deadline = self._deadline(timeout)
         return _iterate(
-            lambda: self._stub.GenerateStream(request, timeout=deadline, metadata=self._metadata),
+            lambda: self._stub.GenerateStream(
+                request, timeout=deadline, metadata=with_trace_context(self._metadata)
+            ),
             convert.stream_chunk,
         )
 
@@ -279,7 +286,9 @@ class AsyncClient:
 
         deadline = self._deadline(timeout)
         return _iterate(
-            lambda: self._stub.DecodeStream(requests(), timeout=deadline, metadata=self._metadata),
+            lambda: self._stub.DecodeStream(
+                requests(), timeout=deadline, metadata=with_trace_context(self._metadata)
+            ),
             convert.stream_item,
             failure,
         )

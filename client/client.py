@@ -10,6 +10,7 @@ import grpc
 from retd.v1 import decoder_pb2, decoder_pb2_grpc
 
 from . import _health, _requests, convert
+from ._tracing import with_trace_context
 from .convert import EmbeddingEncoding, EmbeddingLike
 from .errors import UnavailableError, from_rpc_error
 from .types import (
@@ -119,7 +120,11 @@ class Client:
 
     def _unary(self, method: Callable[..., _T], request: Any, timeout: float | None) -> _T:
         try:
-            return method(request, timeout=self._deadline(timeout), metadata=self._metadata)
+            return method(
+                request,
+                timeout=self._deadline(timeout),
+                metadata=with_trace_context(self._metadata),
+            )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
@@ -235,7 +240,7 @@ class Client:
             priority=priority,
         )
         call = self._stub.GenerateStream(
-            request, timeout=self._deadline(timeout), metadata=self._metadata
+            request, timeout=self._deadline(timeout), metadata=with_trace_context(self._metadata)
         )
         return _iterate(call, convert.stream_chunk)
 
@@ -309,7 +314,7 @@ class Client:
                 failure.append(err)
 
         call = self._stub.DecodeStream(
-            requests(), timeout=self._deadline(timeout), metadata=self._metadata
+            requests(), timeout=self._deadline(timeout), metadata=with_trace_context(self._metadata)
         )
         return _iterate(call, convert.stream_item, failure)
 
