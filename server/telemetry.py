@@ -15,7 +15,8 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -37,6 +38,22 @@ from retd.server.engine import MemorySample, ModelEngine, SequenceResult, sample
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("retd.access")
+
+# Histogram buckets for latencies, in seconds (the SDK's defaults suit milliseconds).
+LATENCY_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+
+@dataclass
+class CallTally:
+    """What one call's sequences added up to, for its access-log line."""
+
+    tokens: int = 0
+    models: set[str] = field(default_factory=set)
+
+
+_current_call: ContextVar[CallTally | None] = ContextVar("retd_call", default=None)
 
 # Monotonic seconds -> wall-clock nanoseconds, for span events stamped after the fact.
 _WALL_OFFSET_NS = time.time_ns() - time.monotonic_ns()
@@ -119,13 +136,22 @@ class Telemetry:
         self.tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer("retd.server")
         meter = (meter_provider or metrics.NoOpMeterProvider()).get_meter("retd.server")
         self.request_duration = meter.create_histogram(
-            "retd.request.duration", unit="s", description="Duration of calls, by method and status"
+            "retd.request.duration",
+            unit="s",
+            description="Duration of calls, by method and status",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
         )
         self.queue_duration = meter.create_histogram(
-            "retd.queue.duration", unit="s", description="Time sequences waited for a slot"
+            "retd.queue.duration",
+            unit="s",
+            description="Time sequences waited for a slot",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
         )
         self.time_to_first_token = meter.create_histogram(
-            "retd.time_to_first_token", unit="s", description="From arrival to the first byte"
+            "retd.time_to_first_token",
+            unit="s",
+            description="From arrival to the first byte",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
         )
         self.tokens_generated = meter.create_counter(
             "retd.tokens.generated", unit="{token}", description="Bytes generated"
@@ -209,6 +235,7 @@ class Telemetry:
         """The server span of one call, continuing the caller's trace (W3C traceparent)."""
         carrier = {key: value for key, value in (context.invocation_metadata() or ())}
         parent = propagate.extract(carrier)
+        _current_call.set(CallTally())
         with self.tracer.start_as_current_span(
             f"{service}/{method}",
             context=parent,
@@ -234,20 +261,26 @@ class Telemetry:
         attributes = {"rpc.method": method, "rpc.grpc.status_code": code.value[0]}
         self.request_duration.record(seconds, attributes)
         self.requests.add(1, attributes)
+        tally = _current_call.get() or CallTally()
         if span.is_recording():
             span.set_attribute("rpc.grpc.status_code", code.value[0])
             if code is not grpc.StatusCode.OK:
                 span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}"))
         span_context = span.get_span_context()
+        model = ",".join(sorted(tally.models))
         access_log.info(
-            "%s %s %.1fms",
+            "%s %s %.1fms %d tokens %s",
             method,
             code.name,
             seconds * 1e3,
+            tally.tokens,
+            model,
             extra={
                 "rpc_method": method,
                 "status": code.name,
                 "latency_ms": round(seconds * 1e3, 3),
+                "tokens": tally.tokens,
+                "model": model,
                 "trace_id": _hex(span_context.trace_id, 32),
                 "span_id": _hex(span_context.span_id, 16),
             },
@@ -274,6 +307,10 @@ class Telemetry:
         request: Mapping[str, Any],
     ) -> None:
         """A finished sequence: metrics, and the span's attributes and stage events."""
+        tally = _current_call.get()
+        if tally is not None:
+            tally.tokens += len(result.token_ids)
+            tally.models.add(engine.name)
         model = {"retd.model": engine.name}
         self.queue_duration.record(result.queue_s, model)
         self.time_to_first_token.record(result.first_token_s, model)
