@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -419,8 +420,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
         "--suite",
-        action="store_true",
-        help="run BENCHMARKS.md's comparisons on --checkpoint and print a markdown table",
+        nargs="?",
+        const="batching",
+        choices=sorted(SUITES),
+        help="run BENCHMARKS.md's comparisons (batching, the default, or telemetry) on "
+        "--checkpoint and print a markdown table",
     )
 
 
@@ -446,7 +450,7 @@ def main(args: argparse.Namespace) -> int:
         if args.checkpoint is None:
             print("retd bench --suite needs --checkpoint DIR", file=sys.stderr)
             return 2
-        results = run_suite(args.checkpoint, issue_suite(config.duration or 10.0))
+        results = run_suite(args.checkpoint, SUITES[args.suite](config.duration or 10.0))
         print(markdown_table(results))
         return 0
     if args.raw:
@@ -497,13 +501,79 @@ def issue_suite(duration: float) -> list[Scenario]:
     ]
 
 
+def telemetry_suite(duration: float) -> list[Scenario]:
+    """Tracing off against tracing on (every span sampled, exported by OTLP to a receiver
+    on loopback), twice each, interleaved, at 64 callers."""
+    fixed = BenchConfig(concurrency=64, duration=duration)
+    off = Scenario("tracing off", fixed, "--max-batch-size 64 --traces-exporter none")
+    on = Scenario(
+        "tracing on (100%, OTLP to loopback)",
+        fixed,
+        "--max-batch-size 64 --traces-exporter otlp --otlp-endpoint http://{otlp}",
+    )
+    return [off, on, off, on]
+
+
+SUITES = {"batching": issue_suite, "telemetry": telemetry_suite}
+
+
+def run_otlp_sink(ready: str) -> None:
+    """An OTLP/gRPC trace receiver that counts what it gets (for `--suite telemetry`);
+    writes its address to `ready` and serves until killed."""
+    from concurrent import futures
+
+    from opentelemetry.proto.collector.trace.v1 import (
+        trace_service_pb2,
+        trace_service_pb2_grpc,
+    )
+
+    class Sink(trace_service_pb2_grpc.TraceServiceServicer):
+        spans = 0
+
+        def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC's name)
+            for resource in request.resource_spans:
+                for scope in resource.scope_spans:
+                    Sink.spans += len(scope.spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Sink(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    Path(ready).write_text(f"127.0.0.1:{port}")
+    server.wait_for_termination()
+
+
+@contextlib.contextmanager
+def spawned_otlp_sink() -> Iterator[str]:
+    """`run_otlp_sink` in a process of its own; yields its address."""
+    with tempfile.TemporaryDirectory() as folder:
+        ready = Path(folder) / "sink"
+        code = f"from retd.server.bench import run_otlp_sink; run_otlp_sink({str(ready)!r})"
+        process = subprocess.Popen([sys.executable, "-c", code])
+        try:
+            deadline = time.monotonic() + 60
+            while not ready.exists() or not ready.read_text():
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the OTLP receiver did not start")
+                time.sleep(0.05)
+            yield ready.read_text()
+        finally:
+            process.kill()
+            process.wait()
+
+
 def run_suite(checkpoint: Path, scenarios: Sequence[Scenario]) -> list[tuple[str, BenchReport]]:
     results = []
     for scenario in scenarios:
         if scenario.raw:
             report = run_raw(checkpoint, scenario.config, "auto", "float32")
         else:
-            with spawned_server(checkpoint, scenario.server_args) as (address, pid):
+            with contextlib.ExitStack() as stack:
+                server_args = scenario.server_args
+                if "{otlp}" in server_args:
+                    server_args = server_args.format(otlp=stack.enter_context(spawned_otlp_sink()))
+                address, pid = stack.enter_context(spawned_server(checkpoint, server_args))
                 report = asyncio.run(LoadGenerator(address, scenario.config).run(pid))
             report.server_args = scenario.server_args
         print(f"{scenario.name}\n{report.render()}", file=sys.stderr, flush=True)
