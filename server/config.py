@@ -74,43 +74,32 @@ class ServerConfig:
         return f"{host}:{self.port}"
 
 
-def _positive_int(name: str) -> Callable[[Any], int]:
+def _integer(name: str, minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         try:
             number = int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
-        if number < 1:
-            raise ConfigError(f"{name}: expected an integer >= 1, got {number}")
+        if maximum is None and number < minimum:
+            raise ConfigError(f"{name}: expected an integer >= {minimum}, got {number}")
+        if maximum is not None and not minimum <= number <= maximum:
+            note = f" (0: {ZERO_PORT[name]})" if name in ZERO_PORT else ""
+            raise ConfigError(f"{name}: expected {minimum}..{maximum}{note}, got {number}")
         return number
 
     return parse
+
+
+def _positive_int(name: str) -> Callable[[Any], int]:
+    return _integer(name, 1)
 
 
 def _non_negative_int(name: str) -> Callable[[Any], int]:
-    def parse(value: Any) -> int:
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
-        if number < 0:
-            raise ConfigError(f"{name}: expected an integer >= 0, got {number}")
-        return number
-
-    return parse
+    return _integer(name, 0)
 
 
 def _port(name: str) -> Callable[[Any], int]:
-    def parse(value: Any) -> int:
-        try:
-            port = int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"{name}: expected 0..65535 (0: {ZERO_PORT[name]}), got {port}")
-        return port
-
-    return parse
+    return _integer(name, 0, 65535)
 
 
 def _non_negative_float(name: str) -> Callable[[Any], float]:
