@@ -95,6 +95,18 @@ def _timing(result: SequenceResult, received_at: float) -> pb.Timing:
     )
 
 
+def _generation_summary(result: SequenceResult, model: str, received_at: float) -> dict[str, Any]:
+    """The fields a GenerateResponse and a stream's last GenerateChunk share."""
+    return {
+        "finish_reason": FINISH_REASONS[result.finish_reason],
+        "usage": pb.Usage(generated_tokens=len(result.token_ids)),
+        "timing": _timing(result, received_at),
+        "mean_logprob": result.mean_logprob,
+        "model": model,
+        "seed": result.seed,
+    }
+
+
 def _decode_response(result: SequenceResult, model: str, received_at: float) -> pb.DecodeResponse:
     return pb.DecodeResponse(
         text=result.text,
@@ -224,12 +236,7 @@ class DecoderService(pb_grpc.DecoderServicer):
         return pb.GenerateResponse(
             text=result.text,
             token_ids=result.token_ids,
-            finish_reason=FINISH_REASONS[result.finish_reason],
-            usage=pb.Usage(generated_tokens=len(result.token_ids)),
-            timing=_timing(result, received_at),
-            mean_logprob=result.mean_logprob,
-            model=engine.name,
-            seed=result.seed,
+            **_generation_summary(result, engine.name, received_at),
         )
 
     @rpc
@@ -249,12 +256,7 @@ class DecoderService(pb_grpc.DecoderServicer):
                     yield pb.GenerateChunk(
                         text=event.tail_text,
                         token_ids=event.tail_token_ids,
-                        finish_reason=FINISH_REASONS[event.finish_reason],
-                        usage=pb.Usage(generated_tokens=len(event.token_ids)),
-                        timing=_timing(event, received_at),
-                        mean_logprob=event.mean_logprob,
-                        model=engine.name,
-                        seed=event.seed,
+                        **_generation_summary(event, engine.name, received_at),
                     )
                 else:
                     yield pb.GenerateChunk(text=event.text, token_ids=event.token_ids)
