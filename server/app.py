@@ -97,6 +97,7 @@ class Daemon:
             (DECODER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         self.port = self.service.port = server.add_insecure_port(config.address)
+        self.service.host = config.host
         self.server = server
         await server.start()
         for name in ("", DECODER_SERVICE, *self.engines):

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
 import grpc
-from opentelemetry.trace import Span
 
 from retd.server.gate import SHUTTING_DOWN, CallGate
 from retd.server.telemetry import Telemetry
@@ -22,6 +21,7 @@ class Observed(Protocol):
     gate: CallGate
     telemetry: Telemetry
     service_name: str
+    host: str
     port: int
 
 
@@ -34,18 +34,24 @@ def _outcome(context: grpc.aio.ServicerContext, error: BaseException | None) -> 
 
 
 @contextlib.contextmanager
-def _observed(service: Observed, name: str, context: grpc.aio.ServicerContext) -> Iterator[Span]:
-    """Around an admitted call: its span; at its end, its status, metrics and log line."""
+def _observed(service: Observed, name: str, context: grpc.aio.ServicerContext) -> Iterator[bool]:
+    """Around a call, admitted or turned away: its span, current while it runs; at its end,
+    its status, metrics and log line. Yields whether the gate admitted it."""
     started = time.monotonic()
     error: BaseException | None = None
-    with service.telemetry.rpc_span(service.service_name, name, context, service.port) as span:
+    telemetry = service.telemetry
+    admitted = service.gate.enter()
+    with telemetry.rpc_span(
+        service.service_name, name, context, service.host, service.port
+    ) as span:
         try:
-            yield span
+            yield admitted
         except BaseException as exc:
             error = exc
             raise
         finally:
-            service.gate.exit()
+            if admitted:
+                service.gate.exit()
             code = _outcome(context, error)
             details = context.details() or (str(error) if error else "")
             service.telemetry.finish_rpc(span, name, code, details, time.monotonic() - started)
@@ -57,18 +63,18 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     async def unary(self: Observed, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if not self.gate.enter():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-        with _observed(self, name, context):
+        with _observed(self, name, context) as admitted:
+            if not admitted:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             return await method(self, request, context)
 
     @functools.wraps(method)
     async def stream(
         self: Observed, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        if not self.gate.enter():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-        with _observed(self, name, context):
+        with _observed(self, name, context) as admitted:
+            if not admitted:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             async for item in method(self, request, context):
                 yield item
 

@@ -143,7 +143,8 @@ class DecoderService(pb_grpc.DecoderServicer):
         self._default_model = default_model
         self.gate = CallGate()
         self.telemetry = telemetry or Telemetry()
-        self.port = 0  # set once the server is bound
+        self.host = "127.0.0.1"  # set once the server is bound
+        self.port = 0
 
     def _engine(self, name: str) -> ModelEngine:
         engine = self._engines.get(name or self._default_model)

@@ -107,7 +107,13 @@ def _metric_readers(config: TelemetryConfig) -> list[MetricReader]:
                 from opentelemetry.exporter.prometheus import PrometheusMetricReader
                 from prometheus_client import start_http_server
 
-                start_http_server(config.metrics_port, addr=config.metrics_host)
+                try:
+                    start_http_server(config.metrics_port, addr=config.metrics_host)
+                except OSError as exc:
+                    where = f"{config.metrics_host}:{config.metrics_port}"
+                    raise OSError(
+                        exc.errno, f"the metrics endpoint cannot listen on {where}: {exc.strerror}"
+                    ) from None
                 readers.append(PrometheusMetricReader())
         elif kind == "otlp":
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
@@ -230,7 +236,12 @@ class Telemetry:
 
     @contextlib.contextmanager
     def rpc_span(
-        self, service: str, method: str, context: grpc.aio.ServicerContext, server_port: int
+        self,
+        service: str,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        server_address: str,
+        server_port: int,
     ) -> Iterator[Span]:
         """The server span of one call, continuing the caller's trace (W3C traceparent)."""
         carrier = {key: value for key, value in (context.invocation_metadata() or ())}
@@ -249,7 +260,7 @@ class Telemetry:
                         "rpc.system": "grpc",
                         "rpc.service": service,
                         "rpc.method": method,
-                        "server.address": "127.0.0.1",
+                        "server.address": server_address,
                         "server.port": server_port,
                     }
                 )

@@ -231,11 +231,6 @@ def test_a_taken_metrics_port_stops_the_server_with_a_clear_error(
     assert "Traceback" not in str(caught.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/cli.py:38 logs the bare OSError ('cannot start: [Errno 98] Address already "
-    "in use'): it does not say it is the metrics endpoint, nor which address:port",
-)
 def test_a_taken_metrics_port_is_named_in_the_error(tmp_path: Path, checkpoint: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -247,11 +242,6 @@ def test_a_taken_metrics_port_is_named_in_the_error(tmp_path: Path, checkpoint: 
     assert str(port) in line and "metrics" in line.lower()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/calls.py rpc(): a call the closed gate turns away (UNAVAILABLE while "
-    "draining) is aborted before _observed, so it is in no metric, span or access line",
-)
 def test_calls_refused_while_draining_are_counted(checkpoint: Path) -> None:
     with in_process_daemon(checkpoint) as daemon:
         requests: queue.Queue[pb.DecodeStreamRequest | None] = queue.Queue()

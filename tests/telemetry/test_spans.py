@@ -235,11 +235,6 @@ def test_concurrent_calls_share_batches(daemon: InProcess) -> None:
     assert max((s.attributes or {})["retd.batch_size.max"] for s in spans) > 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/telemetry.py rpc_span sets server.address to a hard-coded '127.0.0.1', "
-    "whatever address the daemon serves on (--host) or the caller dialled",
-)
 def test_server_address_is_the_address_served_on(checkpoint: Path) -> None:
     # All of 127.0.0.0/8 is loopback: a second address on the same machine.
     with in_process_daemon(checkpoint, ["--host", "127.0.0.2"]) as daemon:
