@@ -19,7 +19,13 @@ from retd.model.checkpoint import load_checkpoint, parse_dtype, resolve_device
 from retd.server.config import ModelSpec, ServerConfig
 from retd.server.engine import ModelEngine
 from retd.server.scheduler import SchedulerConfig
-from retd.server.service import DecoderService
+from retd.server.security import (
+    TokenAuthInterceptor,
+    TokenStore,
+    is_loopback,
+    server_credentials,
+)
+from retd.server.service import DecoderService, ServiceLimits
 from retd.server.telemetry import Telemetry, TelemetryConfig
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
@@ -71,6 +77,7 @@ class Daemon:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.service: DecoderService | None = None
+        self.tokens: TokenStore | None = None
         self.port = 0
 
     async def start(self) -> None:
@@ -81,22 +88,49 @@ class Daemon:
             self.engines[spec.name] = await asyncio.to_thread(load_engine, spec)
         for engine in self.engines.values():
             engine.start()
+        credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        open_services = {health.SERVICE_NAME, reflection.SERVICE_NAME}
+        interceptors = []
+        if config.auth_tokens is not None:
+            self.tokens = TokenStore(config.auth_tokens)
+            interceptors.append(TokenAuthInterceptor(self.tokens, open_services))
         server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.so_reuseport", 0),
-            ]
+                ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+                # Clients that ping more often than this get GOAWAY (ENHANCE_YOUR_CALM).
+                ("grpc.http2.min_ping_interval_without_data_ms", config.keepalive_min_ping_ms),
+                ("grpc.http2.max_ping_strikes", 2),
+            ],
         )
-        self.service = DecoderService(self.engines, config.default_model, self.telemetry)
+        limits = ServiceLimits(
+            max_batch_items=config.max_batch_items,
+            max_stream_items=config.max_stream_items,
+            max_new_tokens_limit=config.max_new_tokens_limit,
+        )
+        self.service = DecoderService(self.engines, config.default_model, self.telemetry, limits)
         gate = self.service.gate
         self.telemetry.observe(self.engines, lambda: gate.in_flight)
         pb_grpc.add_DecoderServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (DECODER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
-        self.port = self.service.port = server.add_insecure_port(config.address)
+        if config.reflection:
+            reflection.enable_server_reflection(
+                (DECODER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+        if credentials is None:
+            self.port = server.add_insecure_port(config.address)
+            if not is_loopback(config.host):
+                log.warning(
+                    "serving PLAINTEXT on %s, which is not a loopback address: anyone on the "
+                    "network can read and send calls; use --tls-cert/--tls-key",
+                    config.address,
+                )
+        else:
+            self.port = server.add_secure_port(config.address, credentials)
+        self.service.port = self.port
         self.service.host = config.host
         self.server = server
         await server.start()
@@ -109,6 +143,11 @@ class Daemon:
             self.port,
             config.default_model,
         )
+
+    def reload_tokens(self) -> None:
+        """SIGHUP: read the token file again (no-op without --auth-tokens)."""
+        if self.tokens is not None:
+            self.tokens.reload()
 
     async def stop(self) -> None:
         """Health goes NOT_SERVING, new calls get UNAVAILABLE, calls in flight get the grace
@@ -165,6 +204,7 @@ async def serve(config: ServerConfig) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload_tokens)
     try:
         await daemon.start()
     except Exception:

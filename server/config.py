@@ -65,6 +65,16 @@ class ServerConfig:
     otlp_endpoint: str | None = None
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_tokens: Path | None = None
+    reflection: bool = True
+    max_batch_items: int = 1024
+    max_stream_items: int = 100_000
+    max_new_tokens_limit: int = 0
+    max_concurrent_streams: int = 100
+    keepalive_min_ping_ms: int = 10_000
     ready_file: Path | None = None
     config_file: Path | None = field(default=None, compare=False)
 
@@ -139,6 +149,20 @@ def _batching(value: Any) -> str:
     if value in ("continuous", "static"):
         return str(value)
     raise ConfigError(f"batching: expected 'continuous' or 'static', got {value!r}")
+
+
+def _on_off(name: str) -> Callable[[Any], bool]:
+    def parse(value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("on", "true", "1", "yes"):
+            return True
+        if text in ("off", "false", "0", "no"):
+            return False
+        raise ConfigError(f"{name}: expected on or off, got {value!r}")
+
+    return parse
 
 
 def _optional_path(value: Any) -> Path | None:
@@ -245,6 +269,48 @@ SETTINGS: tuple[Setting, ...] = (
         "metrics_port",
         _port("metrics_port"),
         "port of the Prometheus /metrics endpoint (default 9464; 0 turns it off)",
+    ),
+    Setting("tls_cert", _optional_path, "PEM certificate (chain) for TLS on the port"),
+    Setting("tls_key", _optional_path, "PEM private key of --tls-cert"),
+    Setting(
+        "tls_client_ca",
+        _optional_path,
+        "mutual TLS: clients must present a certificate this PEM CA signed",
+    ),
+    Setting(
+        "auth_tokens",
+        _optional_path,
+        "file of accepted bearer tokens (one per line, or sha256:<hex>); reloaded on SIGHUP",
+    ),
+    Setting(
+        "reflection",
+        _on_off("reflection"),
+        "on (default) or off: serve gRPC reflection (always open to all callers, like health)",
+    ),
+    Setting(
+        "max_batch_items",
+        _positive_int("max_batch_items"),
+        "most embeddings in one DecodeBatch (default 1024)",
+    ),
+    Setting(
+        "max_stream_items",
+        _positive_int("max_stream_items"),
+        "most items in one DecodeStream call (default 100000)",
+    ),
+    Setting(
+        "max_new_tokens_limit",
+        _non_negative_int("max_new_tokens_limit"),
+        "most bytes a request may ask for; 0 (default) = each model's max_length",
+    ),
+    Setting(
+        "max_concurrent_streams",
+        _positive_int("max_concurrent_streams"),
+        "calls one connection may have open at once (default 100)",
+    ),
+    Setting(
+        "keepalive_min_ping_ms",
+        _positive_int("keepalive_min_ping_ms"),
+        "clients pinging more often than this get GOAWAY (default 10000)",
     ),
     Setting("default_model", str, "model that requests naming none are served by"),
     Setting(

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -40,9 +41,26 @@ DECODER_SERVICE = pb.DESCRIPTOR.services_by_name["Decoder"].full_name
 DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
 
 
-def model_limits(engine: ModelEngine) -> ModelLimits:
+@dataclass(frozen=True)
+class ServiceLimits:
+    """Per-call limits that protect the process (0 = no server-wide cap)."""
+
+    max_batch_items: int = 1024
+    max_stream_items: int = 100_000
+    max_new_tokens_limit: int = 0
+
+
+def model_limits(engine: ModelEngine, max_new_tokens_limit: int = 0) -> ModelLimits:
     config = engine.loaded.config
     encoder = engine.loaded.card.get("encoder", {}).get("name", "sentence encoder")
+    if 0 < max_new_tokens_limit < config.max_length:
+        return ModelLimits(
+            engine.name,
+            config.embedding_dim,
+            max_new_tokens_limit,
+            encoder,
+            "the server's max_new_tokens_limit",
+        )
     return ModelLimits(engine.name, config.embedding_dim, config.max_length, encoder)
 
 
@@ -138,8 +156,10 @@ class DecoderService(pb_grpc.DecoderServicer):
         engines: Mapping[str, ModelEngine],
         default_model: str,
         telemetry: Telemetry | None = None,
+        limits: ServiceLimits | None = None,
     ) -> None:
         self._engines = dict(engines)
+        self._limits = limits or ServiceLimits()
         self._default_model = default_model
         self.gate = CallGate()
         self.telemetry = telemetry or Telemetry()
@@ -195,7 +215,7 @@ class DecoderService(pb_grpc.DecoderServicer):
         received_at = time.monotonic()
         try:
             engine = self._engine(request.model)
-            limits = model_limits(engine)
+            limits = model_limits(engine, self._limits.max_new_tokens_limit)
             sequence = SequenceRequest(
                 embedding=parse_embedding(request.embedding, "embedding", limits),
                 params=greedy_params(request.max_new_tokens, "max_new_tokens", limits),
@@ -212,7 +232,7 @@ class DecoderService(pb_grpc.DecoderServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, stream: bool
     ) -> tuple[ModelEngine, SequenceRequest]:
         engine = self._engine(request.model)
-        limits = model_limits(engine)
+        limits = model_limits(engine, self._limits.max_new_tokens_limit)
         embedding = parse_embedding(request.embedding, "embedding", limits)
         params, seed = parse_generate(request, limits)
         return engine, SequenceRequest(
@@ -300,7 +320,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             return None, _item_error(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         try:
             engine = self._engine(model)
-            limits = model_limits(engine)
+            limits = model_limits(engine, self._limits.max_new_tokens_limit)
             sequence = SequenceRequest(
                 embedding=parse_embedding(embedding, field, limits),
                 params=greedy_params(max_new_tokens, "max_new_tokens", limits),
@@ -323,6 +343,15 @@ class DecoderService(pb_grpc.DecoderServicer):
                 RequestError(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     "embeddings: empty; expected at least one embedding",
+                ),
+            )
+        if len(request.embeddings) > self._limits.max_batch_items:
+            await _abort(
+                context,
+                RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"embeddings: {len(request.embeddings)} items exceed the server's "
+                    f"max_batch_items {self._limits.max_batch_items}; split the batch",
                 ),
             )
         try:
@@ -373,7 +402,17 @@ class DecoderService(pb_grpc.DecoderServicer):
             answers.put_nowait(pb.DecodeStreamResponse(id=item.id, response=ok, error=err))
 
         async def read_requests() -> None:
+            count = 0
             async for item in request_iterator:
+                count += 1
+                if count > self._limits.max_stream_items:
+                    error = _item_error(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"this DecodeStream passed the server's max_stream_items "
+                        f"{self._limits.max_stream_items}; open a new stream",
+                    )
+                    answers.put_nowait(pb.DecodeStreamResponse(id=item.id, error=error))
+                    continue
                 task = asyncio.create_task(answer(item))
                 pending.add(task)
                 task.add_done_callback(pending.discard)

@@ -34,8 +34,14 @@ class ModelLimits:
 
     name: str
     embedding_dim: int
-    max_length: int
+    max_length: int  # the most bytes a request may ask for
     encoder: str
+    # What sets max_length: the model, or the server's max_new_tokens_limit.
+    max_length_source: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.max_length_source:
+            object.__setattr__(self, "max_length_source", f"model {self.name!r}'s max_length")
 
 
 def parse_embedding(embedding: pb.Embedding, field: str, limits: ModelLimits) -> np.ndarray:
@@ -83,7 +89,7 @@ def parse_max_new_tokens(value: int, field: str, limits: ModelLimits) -> int:
         return limits.max_length
     if value > limits.max_length:
         raise invalid(
-            f"{field}: {value} exceeds model {limits.name!r}'s max_length {limits.max_length}; "
+            f"{field}: {value} exceeds {limits.max_length_source} {limits.max_length}; "
             f"expected 1..{limits.max_length} (0 means {limits.max_length})"
         )
     return value

@@ -1,0 +1,177 @@
+"""Who may call: TLS and mutual TLS on the listening port, and bearer tokens.
+
+Tokens come from a file (`--auth-tokens`): one per line, either the token itself or
+`sha256:<hex>` of it; blank lines and `#` comments are skipped. Only SHA-256 digests are
+kept in memory and a presented token is compared with every one in constant time. The
+file is read again on SIGHUP; a file that cannot be read leaves the tokens as they were.
+Health and reflection stay open (for probes and grpcurl) unless configured otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Collection
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+UNAUTHENTICATED = "missing or invalid credentials: send metadata 'authorization: Bearer <token>'"
+
+
+class SecurityError(ValueError):
+    """A TLS or token file is missing or malformed; the message says which."""
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SecurityError(f"{what}: cannot read {path}: {exc.strerror}") from None
+
+
+def server_credentials(
+    cert: Path | None, key: Path | None, client_ca: Path | None
+) -> grpc.ServerCredentials | None:
+    """TLS credentials for the listening port, or None for plaintext. With `client_ca`,
+    clients must present a certificate it signed (refused at the handshake otherwise)."""
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise SecurityError("tls_client_ca: mutual TLS needs tls_cert and tls_key too")
+        return None
+    if cert is None or key is None:
+        raise SecurityError("tls_cert and tls_key: give both (the certificate and its key)")
+    pair = (_read(key, "tls_key"), _read(cert, "tls_cert"))
+    root = _read(client_ca, "tls_client_ca") if client_ca is not None else None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=root, require_client_auth=bool(root)
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class TokenStore:
+    """The accepted tokens' SHA-256 digests, reloadable from their file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._digests: tuple[bytes, ...] = ()
+        self.load()
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def load(self) -> None:
+        """Read the file; raises SecurityError and keeps the current tokens if it is bad."""
+        digests = []
+        text = _read(self.path, "auth_tokens").decode("utf-8", errors="strict")
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("sha256:"):
+                try:
+                    digest = bytes.fromhex(line.removeprefix("sha256:"))
+                except ValueError:
+                    digest = b""
+                if len(digest) != 32:
+                    raise SecurityError(
+                        f"auth_tokens: {self.path} line {number}: expected sha256:<64 hex digits>"
+                    )
+                digests.append(digest)
+            else:
+                digests.append(_digest(line))
+        if not digests:
+            raise SecurityError(f"auth_tokens: {self.path} holds no token")
+        with self._lock:
+            self._digests = tuple(digests)
+
+    def reload(self) -> None:
+        """For SIGHUP: load, or log why not and keep the tokens as they were."""
+        try:
+            self.load()
+        except (SecurityError, UnicodeDecodeError) as exc:
+            log.error("tokens not reloaded, the previous ones stay: %s", exc)
+        else:
+            log.info("tokens reloaded from %s: %d accepted", self.path, len(self))
+
+    def accepts(self, authorization: str) -> bool:
+        """Whether `authorization` is `Bearer <token>` for an accepted token (constant time
+        in the token: every digest is compared)."""
+        scheme, _, token = authorization.partition(" ")
+        presented = _digest(token.strip())
+        with self._lock:
+            digests = self._digests
+        matched = False
+        for digest in digests:
+            matched |= hmac.compare_digest(presented, digest)
+        return matched and scheme.lower() == "bearer"
+
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Turns away calls without an accepted bearer token, except to `open_services`."""
+
+    def __init__(self, tokens: TokenStore, open_services: Collection[str]) -> None:
+        self.tokens = tokens
+        self.open_services = frozenset(open_services)
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method  # "/package.Service/Method"
+        service = method.split("/")[1] if method.count("/") >= 2 else ""
+        handler = await continuation(handler_call_details)
+        if handler is None or service in self.open_services:
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if self.tokens.accepts(str(metadata.get("authorization", ""))):
+            return handler
+        return _refusing(handler)
+
+
+async def _refuse(context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
+
+
+def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming shape as `handler` that answers UNAUTHENTICATED."""
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await _refuse(context)
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await _refuse(context)
+        yield  # pragma: no cover - makes this an async generator
+
+    options = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(stream, **options)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary, **options)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(stream, **options)
+    return grpc.unary_unary_rpc_method_handler(unary, **options)
