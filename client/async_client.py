@@ -19,7 +19,8 @@ import grpc.aio
 
 from retd.v1 import decoder_pb2, decoder_pb2_grpc
 
-from . import _health, _requests, convert
+from . import _health, _requests, _security, convert
+from ._security import PemSource
 from ._tracing import with_trace_context
 from .client import DEFAULT_TARGET
 from .convert import EmbeddingEncoding, EmbeddingLike
@@ -71,13 +72,26 @@ class AsyncClient:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
         encoding: EmbeddingEncoding = "raw",
+        tls: bool = False,
+        root_certificates: PemSource | None = None,
+        certificate_chain: PemSource | None = None,
+        private_key: PemSource | None = None,
+        token: str | None = None,
     ) -> None:
         if encoding not in ("raw", "vector"):
             raise ValueError(f"encoding must be 'raw' or 'vector', not {encoding!r}")
         self.target = target
         self.timeout = timeout
         self.encoding: EmbeddingEncoding = encoding
-        self._metadata = tuple(metadata) if metadata else None
+        credentials, self._metadata = _security.resolve(
+            credentials,
+            metadata,
+            tls=tls,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+            token=token,
+        )
         self._owns_channel = channel is None
         if channel is None:
             if credentials is None:

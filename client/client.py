@@ -9,7 +9,8 @@ import grpc
 
 from retd.v1 import decoder_pb2, decoder_pb2_grpc
 
-from . import _health, _requests, convert
+from . import _health, _requests, _security, convert
+from ._security import PemSource
 from ._tracing import with_trace_context
 from .convert import EmbeddingEncoding, EmbeddingLike
 from .errors import UnavailableError, from_rpc_error
@@ -45,7 +46,13 @@ class Client:
             ``credentials`` are then ignored); the caller keeps ownership: :meth:`close` leaves
             it open.
         credentials: open a secure channel with these; ``None`` means plaintext.
-        metadata: sent with every call, e.g. ``[("authorization", "Bearer ...")]``.
+        metadata: sent with every call, e.g. ``[("x-request-source", "batch-job")]``.
+        tls: open a TLS channel trusting the system's roots (or ``root_certificates``).
+        root_certificates: PEM bytes, or a path to them, of the CA that signed the server's
+            certificate; implies ``tls``.
+        certificate_chain, private_key: the client's own certificate and key (PEM bytes or
+            paths) for servers that require mutual TLS; implies ``tls``.
+        token: sent as ``authorization: Bearer <token>`` with every call.
         encoding: how embeddings travel: ``"raw"`` float32 bytes (default) or ``"vector"``.
 
     Every failed call raises a :class:`~retd.client.errors.RetdError` subclass.
@@ -69,13 +76,26 @@ class Client:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: _Metadata | None = None,
         encoding: EmbeddingEncoding = "raw",
+        tls: bool = False,
+        root_certificates: PemSource | None = None,
+        certificate_chain: PemSource | None = None,
+        private_key: PemSource | None = None,
+        token: str | None = None,
     ) -> None:
         if encoding not in ("raw", "vector"):
             raise ValueError(f"encoding must be 'raw' or 'vector', not {encoding!r}")
         self.target = target
         self.timeout = timeout
         self.encoding: EmbeddingEncoding = encoding
-        self._metadata = tuple(metadata) if metadata else None
+        credentials, self._metadata = _security.resolve(
+            credentials,
+            metadata,
+            tls=tls,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+            token=token,
+        )
         self._owns_channel = channel is None
         if channel is None:
             if credentials is None:
