@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .model import ARCHITECTURES, RET, RETConfig, config_for
+from .model import ARCHITECTURES, RET, RETConfig, config_for, model_class
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
@@ -145,7 +145,7 @@ def save_checkpoint(
 
 def init_checkpoint(directory: str | Path, *, seed: int = 0, architecture: str = "ret_v21") -> Path:
     """Write a checkpoint of seeded random (untrained) weights; return the directory."""
-    model = RET(config_for(architecture))
+    model = model_class(architecture)(config_for(architecture))
     model.init_weights(generator=torch.Generator().manual_seed(seed))
     card = {
         "version": "2.1.0-untrained",
@@ -221,7 +221,7 @@ def load_checkpoint(
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read {weights_path}: {exc}") from exc
 
-    model = RET(config)
+    model = model_class(architecture)(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     if missing:

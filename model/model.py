@@ -86,6 +86,8 @@ ARCHITECTURES: Mapping[str, RETConfig] = MappingProxyType(
         "ret_v21": RETConfig(),
         # Same interface (768-dim embedding, bytes), small enough for fast tests.
         "ret_tiny": RETConfig(n_embd=64, n_head=2, mlp_hidden=96, max_length=64),
+        # Test-only: ret_v21 whose decode step raises for marked inputs (FaultInjectingRET).
+        "ret_faulty": RETConfig(),
     }
 )
 
@@ -328,3 +330,38 @@ class RET(nn.Module):
         for layer, block in enumerate(self.blocks):
             x = cast(Block, block).step(x, positions, cache.k[layer], cache.v[layer], slots, length)
         return self._logits(x[:, 0])  # (B, V)
+
+
+# An embedding whose first value is this (finite, so it passes validation) marks a
+# sequence that FaultInjectingRET fails on.
+FAULT_MARKER = 1e30
+
+
+class FaultInjectingRET(RET):
+    """Test-only model kind (architecture `ret_faulty`): RET whose decode step raises while a
+    marked sequence (embedding[0] == FAULT_MARKER) is in the batch, so tests can prove that a
+    failing sequence fails alone and the rest of its batch finishes correctly."""
+
+    def condition(self, embedding: Tensor) -> Tensor:
+        cond = super().condition(embedding)
+        marked = embedding[:, 0] == FAULT_MARKER
+        return cond.masked_fill(marked[:, None], float("nan"))
+
+    def step(
+        self,
+        cond: Tensor,
+        tokens: Tensor,
+        positions: Tensor,
+        cache: KVCache,
+        slots: Tensor,
+        length: int | None = None,
+        span: int | None = None,
+    ) -> Tensor:
+        if bool(torch.isnan(cond).any()):
+            raise RuntimeError("injected fault: a marked sequence is in this step")
+        return super().step(cond, tokens, positions, cache, slots, length, span)
+
+
+def model_class(architecture: str) -> type[RET]:
+    """The module class that implements a registered architecture."""
+    return FaultInjectingRET if architecture == "ret_faulty" else RET
