@@ -135,6 +135,11 @@ def _decode_response(result: SequenceResult, model: str, received_at: float) -> 
     )
 
 
+def _shorten(text: str, limit: int = 80) -> str:
+    """Caller-chosen text quoted in a message, cut so the status stays small."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _item_error(code: grpc.StatusCode, message: str) -> pb.ItemError:
     return pb.ItemError(code=code.value[0], code_name=code.name, message=message)
 
@@ -171,7 +176,7 @@ class DecoderService(pb_grpc.DecoderServicer):
         if engine is None:
             raise RequestError(
                 grpc.StatusCode.NOT_FOUND,
-                f"model: {name!r} is not loaded; expected one of {sorted(self._engines)}",
+                f"model: {_shorten(name)!r} is not loaded; expected one of {sorted(self._engines)}",
             )
         return engine
 
@@ -416,15 +421,32 @@ class DecoderService(pb_grpc.DecoderServicer):
                 task = asyncio.create_task(answer(item))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
-            if pending:
-                await asyncio.gather(*list(pending))
-            answers.put_nowait(None)
 
-        reader = asyncio.create_task(read_requests())
+        async def read_then_finish() -> None:
+            """Read every item, wait for their answers, then end the response stream,
+            also when reading fails (an unparseable message): the call never hangs."""
+            try:
+                await read_requests()
+            finally:
+                if pending:
+                    await asyncio.gather(*list(pending), return_exceptions=True)
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read_then_finish())
         try:
             while (response := await answers.get()) is not None:
                 yield response
-            await reader  # re-raises a failure of the request stream
+            try:
+                await reader  # a failure to read the request stream
+            except Exception as exc:
+                await _abort(
+                    context,
+                    RequestError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"request stream: an item could not be read ({exc}); "
+                        "the items before it were answered",
+                    ),
+                )
         finally:
             for task in [reader, *pending]:
                 task.cancel()

@@ -24,6 +24,12 @@ class RequestError(Exception):
         self.message = message
 
 
+# Below this a temperature overflows the logits (1/t): use 0 for greedy decoding.
+MIN_TEMPERATURE = 1e-3
+# Larger values overflow the model's float32 bridge into inf/NaN.
+MAX_ABS_VALUE = 1e6
+
+
 def invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
@@ -81,6 +87,13 @@ def parse_embedding(embedding: pb.Embedding, field: str, limits: ModelLimits) ->
     if not finite.all():
         index = int(np.argmin(finite))
         raise invalid(f"{where}: value {index} is {values[index]}; expected finite floats")
+    too_large = np.abs(values) > MAX_ABS_VALUE
+    if too_large.any():
+        index = int(np.argmax(too_large))
+        raise invalid(
+            f"{where}: value {index} is {values[index]:g}; expected magnitudes below "
+            f"{MAX_ABS_VALUE:g} (sentence embeddings are about unit length)"
+        )
     return values
 
 
@@ -102,8 +115,11 @@ def greedy_params(max_new_tokens: int, field: str, limits: ModelLimits) -> Sampl
 def parse_generate(request: pb.GenerateRequest, limits: ModelLimits) -> tuple[SamplingParams, int]:
     """Sampling parameters and the seed of a Generate / GenerateStream request."""
     temperature = request.temperature if request.HasField("temperature") else 1.0
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise invalid(f"temperature: {temperature} is invalid; expected a number >= 0 (0 = greedy)")
+    if not (math.isfinite(temperature) and (temperature == 0 or temperature >= MIN_TEMPERATURE)):
+        raise invalid(
+            f"temperature: {temperature} is invalid; expected 0 (greedy) or a number >= "
+            f"{MIN_TEMPERATURE}"
+        )
     top_p = request.top_p if request.HasField("top_p") else 1.0
     if not (0 < top_p <= 1):
         raise invalid(f"top_p: {top_p} is outside (0, 1]; expected 0 < top_p <= 1")

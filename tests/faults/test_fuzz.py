@@ -264,12 +264,6 @@ def test_fuzzed_decode_stream_items_end_with_a_status(
     assert_serving_correctly(daemon, reference)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/service.py DecodeStream: when the request iterator raises (a message "
-    "that does not parse), read_requests() dies before queueing its end marker, so the "
-    "handler waits on answers.get() until the caller's deadline",
-)
 @pytest.mark.parametrize("valid_first", [False, True], ids=["corrupt", "valid-then-corrupt"])
 def test_decode_stream_with_an_unparseable_item_ends(
     valid_first: bool, channel: grpc.Channel, daemon: RunningServer
@@ -347,10 +341,8 @@ def test_non_finite_embedding_values_are_invalid(stub: pb_grpc.DecoderStub, bad:
         [-0.0] * 768,
         [1e-45] * 768,  # the smallest float32 denormal
         [1.1754942e-38 if i % 2 else -1e-40 for i in range(768)],
-        [3.4028235e38 if i % 2 else -3.4028235e38 for i in range(768)],
-        [3.4028235e38] * 768,
     ],
-    ids=["minus-zero", "denormal", "mixed-denormal", "max-float-alternating", "max-float"],
+    ids=["minus-zero", "denormal", "mixed-denormal"],
 )
 def test_finite_extreme_embeddings_decode_like_generate_alone(
     stub: pb_grpc.DecoderStub, greedy: Greedy, values: list[float]
@@ -360,12 +352,28 @@ def test_finite_extreme_embeddings_decode_like_generate_alone(
     assert response.text == greedy(values, 16)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a finite embedding the validation accepts (max-float values) makes the model's "
-    "logits NaN; sampled Generate then fails INTERNAL 'sampling failed' "
-    "(model/generation.py sample: torch.multinomial on NaN probabilities)",
+@pytest.mark.parametrize(
+    "values",
+    [
+        [3.4028235e38 if i % 2 else -3.4028235e38 for i in range(768)],
+        [3.4028235e38] * 768,
+        [0.0] * 767 + [2e6],
+    ],
+    ids=["max-float-alternating", "max-float", "one-huge"],
 )
+def test_huge_embedding_values_are_refused_naming_the_bound(
+    stub: pb_grpc.DecoderStub, values: list[float]
+) -> None:
+    """Values that would overflow the model into inf/NaN get INVALID_ARGUMENT, not INTERNAL."""
+    e = pb.Embedding(vector=pb.FloatVector(values=values))
+    for call in (
+        lambda: stub.Decode(pb.DecodeRequest(embedding=e, max_new_tokens=16), timeout=10),
+        lambda: stub.Generate(pb.GenerateRequest(embedding=e, max_new_tokens=8, seed=1)),
+    ):
+        code, details = call_code(call)
+        assert code == INVALID and "magnitudes below" in str(details), (code, details)
+
+
 def test_max_float_embedding_generate_is_not_internal(stub: pb_grpc.DecoderStub) -> None:
     e = pb.Embedding(vector=pb.FloatVector(values=[3.4028235e38] * 768))
     code, details = call_code(
@@ -417,16 +425,15 @@ def test_minus_zero_temperature_is_greedy(stub: pb_grpc.DecoderStub, reference: 
     assert answer.text == reference(4, 16)  # type: ignore[union-attr]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model/generation.py sample(): logits / temperature overflows to inf for a "
-    "denormal temperature the validation accepts (>= 0, finite); torch.multinomial then "
-    "fails and the call ends INTERNAL 'sampling failed'",
-)
 @pytest.mark.parametrize("temperature", [1e-45, 1e-40], ids=["1e-45", "1e-40"])
-def test_denormal_temperature_is_served(stub: pb_grpc.DecoderStub, temperature: float) -> None:
+def test_denormal_temperature_is_refused_clearly(
+    stub: pb_grpc.DecoderStub, temperature: float
+) -> None:
+    """1/t would overflow the logits: the request is refused, naming the field, rather than
+    failing inside the model."""
     code, answer = generate(stub, temperature=temperature, seed=3)
-    assert code == OK, (code, answer)
+    assert code == INVALID, (code, answer)
+    assert "temperature" in str(answer), answer
 
 
 @pytest.mark.parametrize("priority", [-(2**31), 2**31 - 1])
@@ -452,12 +459,6 @@ def test_long_model_names_are_not_found(stub: pb_grpc.DecoderStub) -> None:
     assert [a.error.code_name for a in answers] == ["NOT_FOUND"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/service.py DecoderService._engine: the NOT_FOUND message repeats the whole "
-    "requested model name; past gRPC's 16 KiB metadata limit the caller gets "
-    "RESOURCE_EXHAUSTED 'received metadata size exceeds hard limit' instead of NOT_FOUND",
-)
 @pytest.mark.parametrize("method", ["Decode", "GetModelInfo", "DecodeBatch"])
 def test_very_long_model_name_is_not_found(stub: pb_grpc.DecoderStub, method: str) -> None:
     name = "m" * 100_000

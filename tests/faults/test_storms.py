@@ -354,10 +354,10 @@ def test_signal_drains_accepted_calls_and_exits_0(shutdown_run: ShutdownRun) -> 
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="server/app.py Daemon.stop: calls that reach the daemon while `server.stop(0.5)` "
-    "closes the listener (after the gate drained) end CANCELLED, not the documented "
-    "UNAVAILABLE",
+    strict=False,  # a race: some runs have no call in the window (then it passes)
+    reason="known, open: calls that reach the daemon in the instant `server.stop()` closes "
+    "the listener (after the gate drained) can end CANCELLED instead of the documented "
+    "UNAVAILABLE; grpc cancels calls it accepted but had not handed to a handler",
 )
 def test_signal_loses_no_call_every_call_is_answered_or_refused(
     shutdown_run: ShutdownRun,
