@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraint
 CHECKPOINT ?= build/checkpoints/ret_v21
 SERVE_ARGS ?=
 
-.PHONY: serve test proto lint venv dev clean
+.PHONY: serve test proto lint venv dev clean fuzz soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ serve: $(VENV)/.server $(CHECKPOINT)/model.safetensors
 ## Install what the tests need, check hygiene (ruff, mypy), and run every test.
 test: lint
 	$(BIN)/python -m pytest
+
+## Fuzz every method with malformed and extreme requests, a longer budget than make test's.
+fuzz: $(VENV)/.dev
+	RETD_FUZZ_EXAMPLES=$${RETD_FUZZ_EXAMPLES:-1000} $(BIN)/python -m pytest tests/faults/test_fuzz.py -q
+
+## Soak: 64 callers, every RPC kind, cancellations and bad requests, for RETD_SOAK_SECONDS.
+soak: $(VENV)/.dev
+	RETD_SOAK_CALLERS=$${RETD_SOAK_CALLERS:-64} RETD_SOAK_SECONDS=$${RETD_SOAK_SECONDS:-600} \
+		$(BIN)/python -m pytest tests/faults/test_soak.py -q -s -p no:timeout
 
 ## Regenerate the Python code of protos/ (a test fails when it is stale).
 proto: $(VENV)/.dev
