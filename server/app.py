@@ -24,6 +24,7 @@ from retd.server.security import (
     TokenStore,
     is_loopback,
     server_credentials,
+    unusable_credentials,
 )
 from retd.server.service import DecoderService, ServiceLimits
 from retd.server.telemetry import Telemetry, TelemetryConfig
@@ -124,12 +125,20 @@ class Daemon:
             self.port = server.add_insecure_port(config.address)
             if not is_loopback(config.host):
                 log.warning(
-                    "serving PLAINTEXT on %s, which is not a loopback address: anyone on the "
+                    "serving PLAINTEXT on %s:%d, which is not a loopback address: anyone on the "
                     "network can read and send calls; use --tls-cert/--tls-key",
-                    config.address,
+                    config.host,
+                    self.port,
                 )
         else:
-            self.port = server.add_secure_port(config.address, credentials)
+            try:
+                self.port = server.add_secure_port(config.address, credentials)
+            except RuntimeError:
+                self.port = 0
+            if not self.port:
+                raise unusable_credentials(
+                    config.tls_cert, config.tls_key, config.tls_client_ca, config.address
+                )
         self.service.port = self.port
         self.service.host = config.host
         self.server = server

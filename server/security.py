@@ -36,6 +36,29 @@ def _read(path: Path, what: str) -> bytes:
         raise SecurityError(f"{what}: cannot read {path}: {exc.strerror}") from None
 
 
+def _pem(path: Path, what: str, marker: bytes) -> bytes:
+    """A PEM file's bytes, refused early (naming the setting) when it holds no `marker` block."""
+    data = _read(path, what)
+    if b"-----BEGIN " + marker not in data:
+        kind = marker.decode().lower()
+        raise SecurityError(f"{what}: {path} is not a PEM {kind} (no 'BEGIN {marker.decode()}')")
+    return data
+
+
+def unusable_credentials(
+    cert: Path | None, key: Path | None, client_ca: Path | None, address: str
+) -> SecurityError:
+    """What to say when `add_secure_port` failed although the PEM blocks were present: the
+    key does not belong to the certificate, or a block is corrupt."""
+    files = f"tls_cert {cert}, tls_key {key}"
+    if client_ca is not None:
+        files += f", tls_client_ca {client_ca}"
+    return SecurityError(
+        f"{files}: cannot be used together (is the key the certificate's? is a file "
+        f"corrupt?); TLS could not listen on {address}"
+    )
+
+
 def server_credentials(
     cert: Path | None, key: Path | None, client_ca: Path | None
 ) -> grpc.ServerCredentials | None:
@@ -47,8 +70,8 @@ def server_credentials(
         return None
     if cert is None or key is None:
         raise SecurityError("tls_cert and tls_key: give both (the certificate and its key)")
-    pair = (_read(key, "tls_key"), _read(cert, "tls_cert"))
-    root = _read(client_ca, "tls_client_ca") if client_ca is not None else None
+    pair = (_pem(key, "tls_key", b"PRIVATE KEY"), _pem(cert, "tls_cert", b"CERTIFICATE"))
+    root = _pem(client_ca, "tls_client_ca", b"CERTIFICATE") if client_ca is not None else None
     return grpc.ssl_server_credentials(
         [pair], root_certificates=root, require_client_auth=bool(root)
     )
@@ -82,7 +105,12 @@ class TokenStore:
     def load(self) -> None:
         """Read the file; raises SecurityError and keeps the current tokens if it is bad."""
         digests = []
-        text = _read(self.path, "auth_tokens").decode("utf-8", errors="strict")
+        try:
+            text = _read(self.path, "auth_tokens").decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SecurityError(
+                f"auth_tokens: {self.path} is not UTF-8 text (byte {exc.start})"
+            ) from None
         for number, raw in enumerate(text.splitlines(), 1):
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -108,7 +136,7 @@ class TokenStore:
         """For SIGHUP: load, or log why not and keep the tokens as they were."""
         try:
             self.load()
-        except (SecurityError, UnicodeDecodeError) as exc:
+        except SecurityError as exc:
             log.error("tokens not reloaded, the previous ones stay: %s", exc)
         else:
             log.info("tokens reloaded from %s: %d accepted", self.path, len(self))

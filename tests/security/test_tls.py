@@ -258,12 +258,6 @@ def test_malformed_tls_material_exits(exits: dict[str, tuple[int, str]], case: s
     assert "cannot start" in output, output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/security.py server_credentials only checks that the files can be read; a "
-    "malformed PEM fails later in add_secure_port and the daemon says 'cannot start on "
-    "127.0.0.1:0: Failed to bind to address', naming neither the setting nor the file",
-)
 @pytest.mark.parametrize(
     ("case", "named"),
     [
@@ -306,11 +300,6 @@ def test_plaintext_on_all_interfaces_logs_the_warning(open_server: RunningServer
     assert "WARNING" in warnings[0] and "0.0.0.0" in warnings[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/app.py Daemon.start logs config.address (the configured port, 0 here) in "
-    "the PLAINTEXT warning instead of the port it bound",
-)
 def test_plaintext_warning_names_the_bound_port(open_server: RunningServer) -> None:
     warning = next(line for line in open_server.log().splitlines() if "PLAINTEXT" in line)
     assert f"0.0.0.0:{open_server.port}" in warning, warning

@@ -456,12 +456,6 @@ def test_non_utf8_token_file_at_start_exits(exits: dict[str, tuple[int, str]]) -
     assert status != 0, output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/security.py TokenStore.load decodes the file with errors='strict' and lets "
-    "UnicodeDecodeError out; server/cli.py reports it as a bare codec error that names "
-    "neither auth_tokens nor the file",
-)
 def test_non_utf8_token_file_at_start_exits_naming_auth_tokens(
     exits: dict[str, tuple[int, str]],
 ) -> None:

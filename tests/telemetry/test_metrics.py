@@ -258,9 +258,15 @@ def test_calls_refused_while_draining_are_counted(checkpoint: Path) -> None:
         with pytest.raises(grpc.RpcError) as caught:
             daemon.stub.Decode(pb.DecodeRequest(embedding=embedding(2), max_new_tokens=2))
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
-        try:
+
+        def refusal_counted() -> dict[object, object]:
+            # the client can see the status before the server's wrapper has recorded it
             counter = collect(daemon.metrics).get("retd.requests")
             counts = {key: p.value for key, p in points(counter).items()} if counter else {}
+            return counts if counts.get(by_call("Decode", 14)) == 1 else {}
+
+        try:
+            counts = wait_for(refusal_counted, "the refused call to be counted")
         finally:
             requests.put(None)  # let the drain finish
             assert list(answers) == []
