@@ -159,33 +159,29 @@ def decode_result(msg: decoder_pb2.DecodeResponse) -> DecodeResult:
     )
 
 
+def _generation_summary(
+    msg: decoder_pb2.GenerateResponse | decoder_pb2.GenerateChunk,
+) -> dict[str, Any]:
+    """The fields a GenerateResponse and a stream's last GenerateChunk share."""
+    return {
+        "finish_reason": finish_reason(msg.finish_reason),
+        "usage": usage(msg.usage),
+        "timing": timing(msg.timing),
+        "mean_logprob": msg.mean_logprob,
+        "model": msg.model,
+        "seed": msg.seed,
+    }
+
+
 def generate_result(msg: decoder_pb2.GenerateResponse) -> GenerateResult:
-    return GenerateResult(
-        text=msg.text,
-        token_ids=list(msg.token_ids),
-        finish_reason=finish_reason(msg.finish_reason),
-        usage=usage(msg.usage),
-        timing=timing(msg.timing),
-        mean_logprob=msg.mean_logprob,
-        model=msg.model,
-        seed=msg.seed,
-    )
+    return GenerateResult(text=msg.text, token_ids=list(msg.token_ids), **_generation_summary(msg))
 
 
 def stream_chunk(msg: decoder_pb2.GenerateChunk) -> StreamChunk:
     last = msg.finish_reason != decoder_pb2.FINISH_REASON_UNSPECIFIED
     if not last:
         return StreamChunk(text=msg.text, token_ids=list(msg.token_ids))
-    return StreamChunk(
-        text=msg.text,
-        token_ids=list(msg.token_ids),
-        finish_reason=finish_reason(msg.finish_reason),
-        usage=usage(msg.usage),
-        timing=timing(msg.timing),
-        mean_logprob=msg.mean_logprob,
-        seed=msg.seed,
-        model=msg.model,
-    )
+    return StreamChunk(text=msg.text, token_ids=list(msg.token_ids), **_generation_summary(msg))
 
 
 def batch_item(msg: decoder_pb2.DecodeBatchResult) -> DecodeBatchItem:
