@@ -473,25 +473,36 @@ def test_very_long_model_name_is_not_found(stub: pb_grpc.DecoderStub, method: st
     assert code == NOT_FOUND, (code, str(details)[:200])
 
 
-def ten_thousand_stops() -> list[str]:
+def many_stops(count: int) -> list[str]:
     # Distinct, 6..12 bytes, unlikely to occur in 64 bytes of output.
-    return [f"\x01stop{i:05d}" + "~" * (i % 7) for i in range(10_000)]
+    return [f"\x01stop{i:05d}" + "~" * (i % 7) for i in range(count)]
 
 
-def test_ten_thousand_stop_strings(stub: pb_grpc.DecoderStub, daemon: RunningServer) -> None:
-    stops = ten_thousand_stops()
+def test_the_most_stop_strings_work_and_more_are_refused(
+    stub: pb_grpc.DecoderStub, daemon: RunningServer
+) -> None:
+    stops = many_stops(16)
     request = pb.GenerateRequest(embedding=embedding(7), max_new_tokens=64, seed=5, stop=stops)
     unary = stub.Generate(request, timeout=CALL_DEADLINE_S)
     chunks = list(stub.GenerateStream(request, timeout=CALL_DEADLINE_S))
     assert "".join(c.text for c in chunks) == unary.text
     assert chunks[-1].finish_reason == unary.finish_reason
-    assert not any(stop in unary.text for stop in stops[:100])
-    code, details = call_code(
-        lambda: stub.Generate(
-            pb.GenerateRequest(embedding=embedding(7), stop=[*stops, ""]), timeout=10
+    assert not any(stop in unary.text for stop in stops)
+    for too_many in (many_stops(17), many_stops(10_000)):
+        code, details = call_code(
+            lambda stops=too_many: stub.Generate(
+                pb.GenerateRequest(embedding=embedding(7), stop=stops), timeout=10
+            )
         )
+        assert code == INVALID and "at most 16" in str(details), (code, details)
+    code, details = call_code(
+        lambda: stub.Generate(pb.GenerateRequest(embedding=embedding(7), stop=["x" * 257]))
     )
-    assert code == INVALID and "stop[10000]" in str(details), (code, details)
+    assert code == INVALID and "stop[0]: 257 bytes" in str(details), (code, details)
+    code, details = call_code(
+        lambda: stub.Generate(pb.GenerateRequest(embedding=embedding(7), stop=[*stops[:15], ""]))
+    )
+    assert code == INVALID and "stop[15]" in str(details), (code, details)
     wait_idle(daemon.address)
 
 
