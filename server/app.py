@@ -26,10 +26,9 @@ from retd.server.security import (
     server_credentials,
     unusable_credentials,
 )
-from retd.server.service import DecoderService, ServiceLimits
+from retd.server.service import DecoderService, ServiceLimits, add_decoder_service
 from retd.server.telemetry import Telemetry, TelemetryConfig
 from retd.v1 import decoder_pb2 as pb
-from retd.v1 import decoder_pb2_grpc as pb_grpc
 
 log = logging.getLogger("retd.server")
 
@@ -115,7 +114,7 @@ class Daemon:
         self.service = DecoderService(self.engines, config.default_model, self.telemetry, limits)
         gate = self.service.gate
         self.telemetry.observe(self.engines, lambda: gate.in_flight)
-        pb_grpc.add_DecoderServicer_to_server(self.service, server)
+        add_decoder_service(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if config.reflection:
             reflection.enable_server_reflection(

@@ -9,6 +9,7 @@ import functools
 import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -57,6 +58,19 @@ def _observed(service: Observed, name: str, context: grpc.aio.ServicerContext) -
             service.telemetry.finish_rpc(span, name, code, details, time.monotonic() - started)
 
 
+@dataclass(frozen=True)
+class Unparseable:
+    """A request message that could not be parsed: handlers answer INVALID_ARGUMENT (grpc
+    itself would answer UNKNOWN and log a traceback per call)."""
+
+    type_name: str
+    error: str
+
+    @property
+    def message(self) -> str:
+        return f"request: not a valid {self.type_name} message ({self.error})"
+
+
 def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a servicer method (coroutine or async generator)."""
     name = method.__name__
@@ -66,6 +80,8 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
         with _observed(self, name, context) as admitted:
             if not admitted:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            if isinstance(request, Unparseable):  # a request stream checks each item
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             return await method(self, request, context)
 
     @functools.wraps(method)
@@ -75,6 +91,8 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
         with _observed(self, name, context) as admitted:
             if not admitted:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            if isinstance(request, Unparseable):  # a request stream checks each item
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             async for item in method(self, request, context):
                 yield item
 

@@ -6,17 +6,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from retd.model.generation import FinishReason
-from retd.server.calls import rpc
+from retd.server.calls import Unparseable, rpc
 from retd.server.engine import ModelEngine, SequenceError, SequenceRequest, SequenceResult
 from retd.server.gate import SHUTTING_DOWN, CallGate
 from retd.server.telemetry import Telemetry
@@ -410,6 +411,10 @@ class DecoderService(pb_grpc.DecoderServicer):
             count = 0
             async for item in request_iterator:
                 count += 1
+                if isinstance(item, Unparseable):
+                    error = _item_error(grpc.StatusCode.INVALID_ARGUMENT, item.message)
+                    answers.put_nowait(pb.DecodeStreamResponse(error=error))
+                    continue
                 if count > self._limits.max_stream_items:
                     error = _item_error(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -468,3 +473,36 @@ class DecoderService(pb_grpc.DecoderServicer):
             return model_info(self._engine(request.model))
         except RequestError as error:
             await _abort(context, error)
+
+
+def _tolerant(message_class: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return Unparseable(message_class.DESCRIPTOR.full_name, str(exc) or "malformed")
+
+    return parse
+
+
+def add_decoder_service(servicer: DecoderService, server: grpc.aio.Server) -> None:
+    """Register the Decoder's methods (as the generated `add_DecoderServicer_to_server` does)
+    with request parsers that hand unparseable messages to the handlers."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Decoder"].methods:
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(DECODER_SERVICE, handlers),)
+    )

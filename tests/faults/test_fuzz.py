@@ -211,8 +211,9 @@ def check_outcome(
     if parsed:
         # A message that parses is the service's to judge: never an unhandled exception.
         assert code not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNIMPLEMENTED), method
-    else:
-        assert code != OK, f"{method}: bytes that do not parse were answered OK"
+    elif method != "DecodeStream":  # a stream answers a bad item in the item (see below)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{method}: unparseable bytes: {code}"
+        assert "not a valid retd.v1." in details, details
     if code == OK:
         for response in responses:
             RESPONSE_TYPES[method].FromString(response)  # well-formed answers only
@@ -275,12 +276,19 @@ def test_decode_stream_with_an_unparseable_item_ends(
     call = channel.stream_stream(path, request_serializer=None, response_deserializer=None)
     started = time.monotonic()
     try:
-        list(call(iter(items), timeout=3.0))
+        raw_answers = list(call(iter(items), timeout=3.0))
         code = OK
     except grpc.RpcError as error:
         code = error.code()
     wait_idle(daemon.address)
     assert code != grpc.StatusCode.DEADLINE_EXCEEDED, f"hung {time.monotonic() - started:.1f}s"
+    # The unparseable item gets its own INVALID_ARGUMENT answer; the stream ends OK.
+    assert code == OK
+    answers = [pb.DecodeStreamResponse.FromString(raw) for raw in raw_answers]
+    errors = [a.error for a in answers if a.HasField("error")]
+    assert [e.code_name for e in errors] == ["INVALID_ARGUMENT"]
+    assert "not a valid retd.v1.DecodeStreamRequest" in errors[0].message
+    assert len(answers) == len(items)
 
 
 # ---- well-formed messages with extreme values -----------------------------------------
