@@ -173,9 +173,9 @@ def test_typed_errors(server):
             async for _ in client.generate_stream([1.0]):
                 pass
         with pytest.raises(DeadlineExceededError):
-            await client.decode(E[0], max_new_tokens=256, timeout=0.001)
+            await client.decode(E[0], max_new_tokens=256, timeout=1e-6)
         with pytest.raises(DeadlineExceededError):
-            async for _ in client.generate_stream(E[0], max_new_tokens=256, timeout=0.001):
+            async for _ in client.generate_stream(E[0], max_new_tokens=256, timeout=1e-6):
                 pass
         with pytest.raises(InvalidArgumentError, match="priority"):
             await client.decode(E[0], priority=2**31)

@@ -243,7 +243,9 @@ def test_rpc_errors_print_code_and_field(target, capsys, monkeypatch):
     e = json.dumps(B[0].tolist())
     code, _, err = run(["decode", e, "--target", target, "--model", "nope"], capsys, monkeypatch)
     assert code == 2 and err.startswith("error: NOT_FOUND: model: 'nope' is not loaded")
-    argv = ["generate", e, "--target", target, "--max-new-tokens", "256", "--timeout", "0.001"]
+    # A deadline that passes before any answer can come, whatever the sampled text's length
+    # (a sampled byte 0 can end a generation at once).
+    argv = ["generate", e, "--target", target, "--max-new-tokens", "256", "--timeout", "1e-6"]
     code, _, err = run(argv, capsys, monkeypatch)
     assert code == 2 and err.startswith("error: DEADLINE_EXCEEDED")
     argv = ["generate", e, "--target", target, "--top-p", "0"]

@@ -387,13 +387,13 @@ def test_unknown_model_is_not_found(client):
 
 def test_tiny_timeout_is_deadline_exceeded(client):
     with pytest.raises(DeadlineExceededError) as info:
-        client.decode(E[0], max_new_tokens=256, timeout=0.001)
+        client.decode(E[0], max_new_tokens=256, timeout=1e-6)
     assert isinstance(info.value, TimeoutError)
     with pytest.raises(DeadlineExceededError):
-        client.generate(E[0], max_new_tokens=256, timeout=0.001)
+        client.generate(E[0], max_new_tokens=256, timeout=1e-6)
     with pytest.raises(DeadlineExceededError):
-        list(client.generate_stream(E[0], max_new_tokens=256, timeout=0.001))
-    hasty = Client(client.target, timeout=0.001)  # the client's default deadline applies
+        list(client.generate_stream(E[0], max_new_tokens=256, timeout=1e-6))
+    hasty = Client(client.target, timeout=1e-6)  # the client's default deadline applies
     with hasty, pytest.raises(DeadlineExceededError):
         hasty.decode(E[0], max_new_tokens=256)
     poll(lambda: client.model_info().load.running == 0, what="expired sequences dropped")
