@@ -184,7 +184,6 @@ def telemetry_config(config: ServerConfig) -> TelemetryConfig:
         otlp_endpoint=config.otlp_endpoint,
         metrics_host=config.metrics_host,
         metrics_port=config.metrics_port,
-        log_format=config.log_format,
     )
 
 

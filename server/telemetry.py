@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
@@ -71,17 +70,6 @@ class TelemetryConfig:
     otlp_endpoint: str | None = None  # else OTEL_EXPORTER_OTLP_ENDPOINT, else localhost:4317
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464  # 0 turns the Prometheus endpoint off
-    log_format: str = "text"  # or json
-
-    @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None) -> TelemetryConfig:
-        environ = os.environ if environ is None else environ
-        return cls(
-            service_name=environ.get("OTEL_SERVICE_NAME", "retd"),
-            traces_exporter=environ.get("OTEL_TRACES_EXPORTER", "none"),
-            metrics_exporter=environ.get("OTEL_METRICS_EXPORTER", "prometheus"),
-            otlp_endpoint=environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
-        )
 
 
 def _span_exporter(config: TelemetryConfig) -> SpanExporter | None:
