@@ -354,17 +354,24 @@ def test_queue_full_is_refused_at_once_and_accepted_sequences_all_finish(
 
 class PoisonableRET(torch.nn.Module):
     """A test-only model around the real one whose decode step raises when the batch holds a
-    row conditioned on a NaN embedding (its conditioning vector is all NaN)."""
+    row conditioned on a NaN embedding (its conditioning vector is all NaN). Each step first
+    takes a permit from `gate` and counts itself in `entered`, so a test can hold the worker
+    inside a step of its choosing."""
 
-    def __init__(self, inner: RET) -> None:
+    def __init__(self, inner: RET, permits: int = 1_000_000) -> None:
         super().__init__()
         self.inner = inner
         self.config = inner.config
+        self.gate = threading.Semaphore(permits)
+        self.entered = 0
 
     def condition(self, emb: torch.Tensor) -> torch.Tensor:
         return self.inner.condition(emb)
 
     def step(self, cond: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        self.entered += 1
+        if not self.gate.acquire(timeout=RUN_LIMIT_S):
+            raise RuntimeError("the test never opened the gate")
         if torch.isnan(cond).all(dim=1).any():
             raise RuntimeError("poisoned row in the batch")
         return self.inner.step(cond, *args)
@@ -387,7 +394,10 @@ def test_a_failing_row_fails_only_its_sequence_with_internal(
     joins_running_batch: bool,
     lengths: list[int],
 ) -> None:
-    poisonable = dataclasses.replace(sharp_model, model=PoisonableRET(sharp_model.model))
+    # joining a running batch: the good ones take the first step together and the worker is
+    # held inside the second, so the poisoned row surely joins sequences mid-generation
+    model = PoisonableRET(sharp_model.model, permits=1 if joins_running_batch else 1_000_000)
+    poisonable = dataclasses.replace(sharp_model, model=model)
     params = [SamplingParams(max_new_tokens=n) for n in lengths[:n_good]]
     poison_at = min(poison_at, n_good)
 
@@ -395,19 +405,24 @@ def test_a_failing_row_fails_only_its_sequence_with_internal(
         batch = n_good + 1
         # joining together: the idle model waits (up to a minute) until the batch is full
         wait_ms = 0.0 if joins_running_batch else 60_000.0
-        engine = start_engine(poisonable, max_batch_size=batch, max_wait_ms=wait_ms)
+        engine = ModelEngine(
+            "test", poisonable, SchedulerConfig(max_batch_size=batch, max_wait_ms=wait_ms)
+        )
         try:
             first = n_good if joins_running_batch else poison_at
             good = [
                 engine.submit(SequenceRequest(embedding(i), params[i], 0)) for i in range(first)
             ]
+            engine.start()
             if joins_running_batch:
-                await wait_for(lambda: engine.stats().running == n_good, "the good ones to run")
+                await wait_for(lambda: model.entered == 2, "the worker to enter its second step")
+                assert engine.stats().running >= 1 and engine.stats().waiting == 0
             bad = engine.submit(SequenceRequest(POISON, SamplingParams(max_new_tokens=5), 0))
             good += [
                 engine.submit(SequenceRequest(embedding(i), params[i], 0))
                 for i in range(first, n_good)
             ]
+            model.gate.release(1_000_000)
             with pytest.raises(SequenceError) as info:
                 await asyncio.wait_for(bad.result(), RUN_LIMIT_S)
             assert info.value.code == grpc.StatusCode.INTERNAL
@@ -429,6 +444,7 @@ def test_a_failing_row_fails_only_its_sequence_with_internal(
                 assert list(result.token_ids) == reference(sharp_model, i, params[0]).token_ids
             await wait_idle(engine)
         finally:
+            model.gate.release(1_000_000)  # never leave the worker blocked
             await engine.close()
 
     asyncio.run(main())
