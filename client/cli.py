@@ -27,6 +27,10 @@ SERVER_COMMANDS = {
     "serve": "run the retd server (needs retd[server]; `retd serve --help`)",
     "init-checkpoint": "write a checkpoint for the server (needs retd[server])",
     "bench": "benchmark a server or a model (needs retd[server])",
+    "corpus": "build the training corpus from WordNet and fortunes (needs retd[encoder])",
+    "embed": "embed the corpus with the sentence encoder (needs retd[encoder])",
+    "train": "train a RET decoder on the embedded corpus (needs retd[encoder])",
+    "eval": "score a checkpoint on the held-out split (needs retd[encoder])",
 }
 
 _EPILOG = """\
@@ -36,6 +40,7 @@ EMBEDDING is a .npy file, a JSON array literal, or - (the default) to read stdin
 examples:
   retd health
   retd decode emb.npy
+  retd decode --text "A small dog barked at the mailman."   # needs `make encoder`
   python -c 'import json; print(json.dumps([0.0] * 768))' | retd decode --json
   retd generate emb.npy --temperature 0.8 --seed 7 --stream
   retd info --json
@@ -77,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         metavar="EMBEDDING",
         help="a .npy file, a JSON array, or - for stdin (default)",
+    )
+    decoding.add_argument(
+        "--text",
+        action="append",
+        metavar="TEXT",
+        help="embed TEXT with the sentence encoder and decode that (repeatable; a batch when "
+        "repeated; needs the encoder: `make encoder`)",
     )
     decoding.add_argument(
         "--max-new-tokens", type=int, metavar="N", help="bytes to generate at most"
@@ -189,8 +201,28 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.target, timeout=args.timeout)
 
 
+def _embeddings(args: argparse.Namespace) -> Any:
+    """The EMBEDDING argument's array, or the encoder's embeddings of the --text values."""
+    if not args.text:
+        return read_embeddings(args.embedding)
+    if args.embedding is not None:
+        raise EmbeddingInputError("give either EMBEDDING or --text, not both")
+    try:
+        from retd.model.encoder import EncoderError, SentenceEncoder
+    except ImportError as err:
+        raise EmbeddingInputError(
+            f"--text needs the sentence encoder, which is not installed ({err}): run "
+            "`make encoder` (pip install 'retd[encoder]' and the encoder's weights)"
+        ) from err
+    try:
+        vectors = SentenceEncoder.load().encode(args.text)
+    except EncoderError as err:
+        raise EmbeddingInputError(f"--text: {err}") from err
+    return vectors[0] if len(args.text) == 1 else vectors
+
+
 def _decode(args: argparse.Namespace, out: TextIO) -> int:
-    embeddings = read_embeddings(args.embedding)
+    embeddings = _embeddings(args)
     with _client(args) as client:
         if embeddings.ndim == 1:
             result = client.decode(
@@ -230,7 +262,7 @@ def _print_batch(items: Sequence[DecodeBatchItem], out: TextIO, *, as_json: bool
 
 
 def _generate(args: argparse.Namespace, out: TextIO) -> int:
-    embedding = read_embeddings(args.embedding)
+    embedding = _embeddings(args)
     if embedding.ndim == 2:
         if embedding.shape[0] != 1:
             raise EmbeddingInputError(

@@ -1,4 +1,5 @@
-"""Server-side commands of the `retd` CLI: `serve` and `init-checkpoint`.
+"""Server-side commands of the `retd` CLI: `serve`, `init-checkpoint`, `bench`, and the
+training commands of `retd.model.commands` (`corpus`, `embed`, `train`, `eval`).
 
 `retd.client.cli` dispatches these here lazily, so the client never imports torch."""
 
@@ -11,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from retd.model.commands import add_commands as add_training_commands
 from retd.server import bench as bench_module
 from retd.server.config import ConfigError, add_arguments, load_config
 
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_module.add_arguments(bench)
     bench.set_defaults(run=bench_module.main)
+    add_training_commands(commands)
     return parser
 
 

