@@ -29,6 +29,9 @@ DEFAULT_ENCODER: Mapping[str, Any] = MappingProxyType(
     {"name": "sentence-transformers/all-mpnet-base-v2", "dim": 768}
 )
 
+#: The trained RET v2.1 shipped in the package: what `retd serve` serves when given no model.
+DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "ret_v21"
+
 _DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
     {
         "float32": torch.float32,
@@ -138,6 +141,7 @@ def save_checkpoint(
         directory / WEIGHTS_FILE,
         lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
     )
+    full_card["weights_sha256"] = _sha256(directory / WEIGHTS_FILE)
     text = json.dumps(full_card, indent=2, sort_keys=True) + "\n"
     _atomic_write(directory / CARD_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return directory
@@ -237,6 +241,12 @@ def load_checkpoint(
             )
         if not tensor.is_floating_point():
             raise CheckpointError(f"{weights_path}: tensor {name!r} has dtype {tensor.dtype}")
+    digest = _sha256(weights_path)
+    if card.get("weights_sha256", digest) != digest:
+        raise CheckpointError(
+            f"{weights_path} has sha256 {digest} but {card_path.name} names "
+            f"{card['weights_sha256']}: the weights are not the ones the card describes"
+        )
     model.load_state_dict(tensors)
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return LoadedModel(
@@ -244,6 +254,6 @@ def load_checkpoint(
         architecture=architecture,
         config=config,
         card=card,
-        sha256=_sha256(weights_path),
+        sha256=digest,
         path=directory,
     )

@@ -447,6 +447,11 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
     else:
         models = toml_models
     if not models:
+        from retd.model.checkpoint import DEFAULT_CHECKPOINT
+
+        if (DEFAULT_CHECKPOINT / "card.json").is_file():
+            models = [(ModelSpec(_model_name_for(DEFAULT_CHECKPOINT), DEFAULT_CHECKPOINT), {})]
+    if not models:
         raise ConfigError(
             "no model to serve: pass --checkpoint DIR (make one with `retd init-checkpoint`), "
             "--model NAME=DIR, RETD_CHECKPOINT, or [[models]] in a --config file"

@@ -128,6 +128,14 @@ def test_missing_and_unexpected_tensors_are_named(tiny_dir: Path) -> None:
         load_checkpoint(tiny_dir)
 
 
+def test_weights_that_are_not_the_cards_are_refused(tiny_dir: Path) -> None:
+    card = json.loads((tiny_dir / CARD_FILE).read_text())
+    assert card["weights_sha256"] == load_checkpoint(tiny_dir).sha256
+    _rewrite_weights(tiny_dir, lambda t: t["ln_f.bias"].add_(1.0))  # same shapes, other values
+    with pytest.raises(CheckpointError, match="not the ones the card describes"):
+        load_checkpoint(tiny_dir)
+
+
 def _edit_card(directory: Path, **changes: object) -> None:
     path = directory / CARD_FILE
     card = json.loads(path.read_text())
