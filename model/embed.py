@@ -36,6 +36,10 @@ def embed_corpus(
     from retd.model.corpus import read_texts
 
     counts = {}
+    (data_dir / "embeddings").mkdir(parents=True, exist_ok=True)
+    (data_dir / "embeddings" / "embeddings.json").write_text(
+        json.dumps({"shard_size": shard_size}, indent=2) + "\n"
+    )
     for split in splits:
         texts = read_texts(data_dir / "corpus" / f"{split}.txt")
         n_shards = (len(texts) + shard_size - 1) // shard_size
@@ -61,10 +65,12 @@ def embed_corpus(
             bar.update(len(chunk))
         bar.close()
         counts[split] = n_shards
-    (data_dir / "embeddings" / "embeddings.json").write_text(
-        json.dumps({"shard_size": shard_size, "shards": counts}, indent=2) + "\n"
-    )
     return counts
+
+
+def count_shards(data_dir: Path, split: str) -> int:
+    """How many complete shards of a split exist now."""
+    return len(list((data_dir / "embeddings" / split).glob("shard-?????.npy")))
 
 
 @dataclass(frozen=True)
@@ -73,10 +79,12 @@ class EmbeddedSplit:
     embeddings: np.ndarray  # (N, 768) float16, row i embeds texts[i]
 
 
-def load_split(data_dir: Path, split: str, shard_size: int = SHARD_SIZE) -> EmbeddedSplit:
+def load_split(data_dir: Path, split: str) -> EmbeddedSplit:
     """The texts of a split that have embeddings so far (its complete shards, in line order)."""
     from retd.model.corpus import read_texts
 
+    settings = data_dir / "embeddings" / "embeddings.json"
+    shard_size = json.loads(settings.read_text())["shard_size"] if settings.exists() else SHARD_SIZE
     texts = read_texts(data_dir / "corpus" / f"{split}.txt")
     kept_texts: list[str] = []
     arrays = []

@@ -183,7 +183,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     """Train until max_steps (or max_minutes); returns the exported checkpoint's directory."""
     from tqdm import tqdm
 
-    from retd.model.embed import load_split
+    from retd.model.embed import count_shards, load_split
     from retd.model.evaluate import greedy_texts, text_scores
 
     torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
@@ -191,14 +191,21 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path, log_path = out_dir / "state.pt", out_dir / "metrics.jsonl"
 
-    train_split = load_split(data_dir, "train")
-    heldout_split = load_split(data_dir, "heldout")
-    if not train_split.texts or not heldout_split.texts:
-        raise ValueError(f"no embedded texts under {data_dir}: run `retd corpus` and `retd embed`")
     model_config = config_for(config.architecture)
-    encoded = encode_texts(train_split.texts, model_config.max_length)
-    lengths = np.array([len(b) for b in encoded])
-    train_embeddings = torch.from_numpy(train_split.embeddings.astype(np.float32))
+
+    def load_train() -> tuple[int, list[bytes], np.ndarray, torch.Tensor]:
+        shards = count_shards(data_dir, "train")
+        split = load_split(data_dir, "train")
+        encoded = encode_texts(split.texts, model_config.max_length)
+        lengths = np.array([len(b) for b in encoded])
+        return shards, encoded, lengths, torch.from_numpy(split.embeddings.astype(np.float32))
+
+    # Training may start while `retd embed` is still running: each epoch takes in the shards
+    # that have been completed since the last.
+    shards, encoded, lengths, train_embeddings = load_train()
+    heldout_split = load_split(data_dir, "heldout")
+    if not encoded or not heldout_split.texts:
+        raise ValueError(f"no embedded texts under {data_dir}: run `retd corpus` and `retd embed`")
     n_eval = min(config.eval_texts, len(heldout_split.texts))
     eval_texts = heldout_split.texts[:n_eval]
     eval_encoded = encode_texts(eval_texts, model_config.max_length)
@@ -216,6 +223,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
         optimizer.load_state_dict(state["optimizer"])
         noise_generator.set_state(state["noise_generator"])
         step, epoch, next_batch = state["step"], state["epoch"], state["next_batch"]
+        if state["texts"] != len(encoded):  # more shards since: their epoch's batches differ
+            epoch, next_batch = epoch + 1, 0
         seen_bytes, elapsed = state["bytes"], state["elapsed"]
 
     def save_state() -> None:
@@ -228,6 +237,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
                 "step": step,
                 "epoch": epoch,
                 "next_batch": next_batch,
+                "texts": len(encoded),
                 "bytes": seen_bytes,
                 "elapsed": elapsed,
                 "config": dataclasses.asdict(config),
@@ -247,7 +257,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
             },
             "training": {
                 "steps": step,
-                "epochs": round(step * config.batch_size / len(encoded), 3),
+                "epochs": epoch,
                 "bytes": seen_bytes,
                 "minutes": round(elapsed / 60, 1),
                 "texts": len(encoded),
@@ -288,6 +298,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
 
     with log_path.open("a", encoding="utf-8") as log:
         while not done():
+            if next_batch == 0 and count_shards(data_dir, "train") != shards:
+                shards, encoded, lengths, train_embeddings = load_train()
+                bar.write(f"epoch {epoch}: {len(encoded)} texts from {shards} shards")
             epoch_rng = np.random.default_rng([config.seed, epoch])
             batches = list(bucketed_batches(lengths, config.batch_size, epoch_rng))
             while next_batch < len(batches) and not done():

@@ -65,17 +65,15 @@ def test_embedding_resumes_at_the_missing_shards(encoder: SentenceEncoder, tmp_p
     assert embed_corpus(tmp_path, encode, splits=("train",), shard_size=4, progress=False) == {
         "train": 3
     }
-    first = load_split(tmp_path, "train", shard_size=4)
+    first = load_split(tmp_path, "train")
     assert first.texts == texts and first.embeddings.dtype == np.float16
     shard_path(tmp_path, "train", 1).unlink()
-    partial = load_split(tmp_path, "train", shard_size=4)
+    partial = load_split(tmp_path, "train")
     assert partial.texts == texts[:4] + texts[8:]  # complete shards only, in line order
     calls.clear()
     embed_corpus(tmp_path, encode, splits=("train",), shard_size=4, progress=False)
     assert calls == [4]  # only the missing shard was embedded again
-    np.testing.assert_array_equal(
-        load_split(tmp_path, "train", shard_size=4).embeddings, first.embeddings
-    )
+    np.testing.assert_array_equal(load_split(tmp_path, "train").embeddings, first.embeddings)
 
 
 def test_assembly_refuses_weights_with_the_wrong_hash(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -206,3 +207,23 @@ def test_eval_scores_a_checkpoint_and_writes_its_card(tmp_path: Path) -> None:
     texts = (FIXTURE / "corpus/heldout.txt").read_text().splitlines()[:8]
     decoded = greedy_texts(loaded.model, emb, max_new_tokens=loaded.model.config.max_length - 1)
     assert report["greedy"]["chrf"] == pytest.approx(text_scores(decoded, texts)["chrf"], abs=0.01)
+
+
+def test_training_takes_in_shards_embedded_since_it_started(tmp_path: Path) -> None:
+    """`retd train` may start while `retd embed` runs: a shard completed later joins at the
+    next epoch (here: at the resume), and the run goes on from where it was."""
+    data = tmp_path / "data"
+    shutil.copytree(FIXTURE, data)
+    texts = (data / "corpus/train.txt").read_text().splitlines()
+    embeddings = np.load(data / "embeddings/train/shard-00000.npy")
+    (data / "embeddings/embeddings.json").write_text('{"shard_size": 96}')
+    np.save(data / "embeddings/train/shard-00000.npy", embeddings[:96])
+    config = fixture_config(tmp_path, data_dir=str(data), max_steps=8, stop_at_step=4)
+    train(config, progress=False)
+    state = torch.load(Path(config.out_dir) / "state.pt", weights_only=False)
+    assert (state["texts"], state["step"]) == (96, 4)
+    np.save(data / "embeddings/train/shard-00001.npy", embeddings[96:])
+    train(dataclasses.replace(config, stop_at_step=0), resume=True, progress=False)
+    state = torch.load(Path(config.out_dir) / "state.pt", weights_only=False)
+    assert (state["texts"], state["step"]) == (len(texts), 8)
+    assert len(losses(Path(config.out_dir))) == 8
