@@ -47,7 +47,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # the cosine decays to learning_rate times this
     warmup_steps: int = 300
     max_steps: int = 20_000
-    max_minutes: float = 0.0  # stop (and save) after this long; 0 = no limit
+    # A budget of training time (summed over resumes; evaluations not counted): when set,
+    # training ends at max_steps or max_minutes, whichever comes first, and the cosine decays
+    # over whichever is nearer, so a slow machine still ends at a low learning rate.
+    max_minutes: float = 0.0
     stop_at_step: int = 0  # pause (and save) at this step, to go on with --resume; 0 = never
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -122,13 +125,15 @@ def sequence_loss(
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warmup to learning_rate, then cosine decay to min_lr_ratio of it."""
+def lr_at(step: int, config: TrainConfig, minutes: float = 0.0) -> float:
+    """Linear warmup to learning_rate, then cosine decay to min_lr_ratio of it, over the steps
+    or (with max_minutes) the training minutes, whichever is further along."""
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
-    progress = min(
-        1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
-    )
+    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    if config.max_minutes:
+        progress = max(progress, minutes / config.max_minutes)
+    progress = min(1.0, progress)
     floor = config.min_lr_ratio
     return config.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -223,6 +228,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
         optimizer.load_state_dict(state["optimizer"])
         noise_generator.set_state(state["noise_generator"])
         step, epoch, next_batch = state["step"], state["epoch"], state["next_batch"]
+        if log_path.exists():  # drop what was logged after the saved state
+            kept = [
+                line
+                for line in log_path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if json.loads(line)["step"] <= step
+            ]
+            log_path.write_text("".join(kept), encoding="utf-8")
         if state["texts"] != len(encoded):  # more shards since: their epoch's batches differ
             epoch, next_batch = epoch + 1, 0
         seen_bytes, elapsed = state["bytes"], state["elapsed"]
@@ -288,13 +300,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     bar = tqdm(
         total=config.max_steps, initial=step, desc="train", unit="step", disable=not progress
     )
-    deadline = time.monotonic() + config.max_minutes * 60 if config.max_minutes else math.inf
+    budget_s = config.max_minutes * 60 if config.max_minutes else math.inf
     last_metrics: dict[str, Any] = {}
 
     last_step = min(config.max_steps, config.stop_at_step or config.max_steps)
 
     def done() -> bool:
-        return step >= last_step or time.monotonic() >= deadline
+        return step >= last_step or elapsed >= budget_s
 
     with log_path.open("a", encoding="utf-8") as log:
         while not done():
@@ -307,7 +319,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
                 rows = batches[next_batch]
                 next_batch += 1
                 started = time.perf_counter()
-                lr = lr_at(step, config)
+                lr = lr_at(step, config, elapsed / 60)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group["lr_scale"]
                 inputs, targets = make_batch(encoded, rows, model_config.eos_id)

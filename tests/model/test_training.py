@@ -227,3 +227,16 @@ def test_training_takes_in_shards_embedded_since_it_started(tmp_path: Path) -> N
     state = torch.load(Path(config.out_dir) / "state.pt", weights_only=False)
     assert (state["texts"], state["step"]) == (len(texts), 8)
     assert len(losses(Path(config.out_dir))) == 8
+
+
+@given(minutes=st.floats(0, 200), step=st.integers(500, 10_000))
+def test_with_a_time_budget_the_learning_rate_decays_over_the_minutes(
+    minutes: float, step: int
+) -> None:
+    budget = TrainConfig(learning_rate=1e-3, warmup_steps=100, max_steps=10**9, max_minutes=60)
+    lr = lr_at(step, budget, minutes)
+    if minutes >= 60:
+        assert lr == pytest.approx(1e-3 * budget.min_lr_ratio)
+    else:  # it follows the clock, not the (far away) step budget
+        assert lr <= lr_at(step, budget, 0.0) + 1e-12
+        assert lr >= lr_at(step, budget, min(60.0, minutes + 1)) - 1e-12
