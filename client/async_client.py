@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -19,7 +20,7 @@ import grpc.aio
 
 from retd.v1 import decoder_pb2, decoder_pb2_grpc
 
-from . import _health, _requests, _security, convert
+from . import _balancing, _health, _requests, _security, convert
 from ._security import PemSource
 from ._tracing import with_trace_context
 from .client import DEFAULT_TARGET
@@ -44,7 +45,8 @@ class AsyncClient:
     """An asyncio client of a retd server: the methods of :class:`Client` as coroutines.
 
     The streaming methods return async iterators. Create it inside a running event loop
-    (``grpc.aio`` channels belong to one loop). The arguments are those of :class:`Client`.
+    (``grpc.aio`` channels belong to one loop). The arguments are those of :class:`Client`,
+    several replicas included (balanced and retried by the same rules).
 
     Example::
 
@@ -64,7 +66,7 @@ class AsyncClient:
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         timeout: float | None = None,
         options: Sequence[tuple[str, Any]] = (),
@@ -80,7 +82,6 @@ class AsyncClient:
     ) -> None:
         if encoding not in ("raw", "vector"):
             raise ValueError(f"encoding must be 'raw' or 'vector', not {encoding!r}")
-        self.target = target
         self.timeout = timeout
         self.encoding: EmbeddingEncoding = encoding
         credentials, self._metadata = _security.resolve(
@@ -93,11 +94,18 @@ class AsyncClient:
             token=token,
         )
         self._owns_channel = channel is None
+        #: Whether the channel balances over replicas with the client's retry policy.
+        self.balanced = False
         if channel is None:
+            resolved = _balancing.resolve(target, options)
+            target, self.balanced = resolved.target, resolved.balanced
+            options = resolved.options
             if credentials is None:
                 channel = grpc.aio.insecure_channel(target, options=list(options))
             else:
                 channel = grpc.aio.secure_channel(target, credentials, options=list(options))
+        #: The gRPC target of the channel (several replicas: the ``ipv4:``/``dns:`` form).
+        self.target = target if isinstance(target, str) else ",".join(target)
         self.channel: grpc.aio.Channel = channel
         self._stub = decoder_pb2_grpc.DecoderStub(channel)
         self._health_check = channel.unary_unary(
@@ -135,16 +143,29 @@ class AsyncClient:
         return self.timeout if timeout is None else timeout
 
     async def _unary(
-        self, method: Callable[..., Awaitable[_T]], request: Any, timeout: float | None
+        self,
+        method: Callable[..., Awaitable[_T]],
+        request: Any,
+        timeout: float | None,
+        retry: bool = False,
     ) -> _T:
-        try:
-            return await method(
-                request,
-                timeout=self._deadline(timeout),
-                metadata=with_trace_context(self._metadata),
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        """Make the call; with ``retry``, as :meth:`Client._unary`."""
+        deadline = self._deadline(timeout)
+        end = None if deadline is None else time.monotonic() + deadline
+        pauses = _balancing.backoffs() if retry else iter(())
+        remaining = deadline
+        while True:
+            try:
+                return await method(
+                    request, timeout=remaining, metadata=with_trace_context(self._metadata)
+                )
+            except grpc.RpcError as err:
+                error = from_rpc_error(err)
+                pause = next(pauses, None) if _balancing.retryable(error.code) else None
+                if pause is None or (end is not None and time.monotonic() + pause >= end):
+                    raise error from err
+            await asyncio.sleep(pause)
+            remaining = None if end is None else end - time.monotonic()
 
     async def decode(
         self,
@@ -196,7 +217,9 @@ class AsyncClient:
             encoding=self.encoding,
             priority=priority,
         )
-        return convert.generate_result(await self._unary(self._stub.Generate, request, timeout))
+        retry = self.balanced and _balancing.deterministic(request)
+        response = await self._unary(self._stub.Generate, request, timeout, retry)
+        return convert.generate_result(response)
 
     def generate_stream(
         self,

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from ._balancing import TargetError
 from .client import DEFAULT_TARGET, Client
 from .errors import RetdError
 from .inputs import EmbeddingInputError, read_embeddings
@@ -46,7 +47,8 @@ examples:
   retd info --json
   retd serve --help
 
-The server address comes from --target, else $RETD_TARGET, else 127.0.0.1:50051.
+The server address comes from --target, else $RETD_TARGET, else 127.0.0.1:50051; it may
+name several replicas (a,b,c or dns:///name:port): calls are balanced over the healthy ones.
 Exit status: 0 on success, 1 when `retd health` finds the server not serving,
 2 on any error (printed as `error: CODE: details`).
 """
@@ -69,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         metavar="HOST:PORT",
         default=_default_target(),
-        help=f"server address (default: $RETD_TARGET or {DEFAULT_TARGET})",
+        help=f"server address (default: $RETD_TARGET or {DEFAULT_TARGET}); several replicas "
+        "as HOST:PORT,HOST:PORT,... or dns:///NAME:PORT are balanced round-robin, with retries "
+        "of the calls safe to repeat",
     )
     connection.add_argument(
         "--timeout", type=float, metavar="S", help="deadline of the call in seconds"
@@ -362,7 +366,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         return args.func(args, out if out is not None else sys.stdout)
     except RetdError as err:
         _print_error(f"{err.code.name}: {err.details}")
-    except EmbeddingInputError as err:
+    except (EmbeddingInputError, TargetError) as err:
         _print_error(str(err))
     except BrokenPipeError:  # the reader went away (e.g. `| head`): not worth a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

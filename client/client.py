@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -9,7 +10,7 @@ import grpc
 
 from retd.v1 import decoder_pb2, decoder_pb2_grpc
 
-from . import _health, _requests, _security, convert
+from . import _balancing, _health, _requests, _security, convert
 from ._security import PemSource
 from ._tracing import with_trace_context
 from .convert import EmbeddingEncoding, EmbeddingLike
@@ -38,10 +39,19 @@ class Client:
     """A blocking client of a retd server.
 
     Args:
-        target: ``host:port`` of the server (any gRPC target string).
+        target: ``host:port`` of the server (any gRPC target string), or several replicas: a
+            list of ``host:port`` addresses, one string of them separated by commas, or a
+            ``dns:///name:port`` target that resolves to every replica (a Kubernetes headless
+            Service). Several replicas get gRPC's ``round_robin`` policy, a health watch of
+            each (a draining replica gets no new calls) and gRPC's retries on UNAVAILABLE
+            (and on CANCELLED by a replica that is stopping) of the calls safe to repeat:
+            ``decode``, ``decode_batch``, ``model_info``, ``list_models``, and ``generate``
+            when it has a ``seed`` or ``temperature=0`` (retried by the client, with gRPC's
+            backoff). Streams and a sampled ``generate`` without a seed are not retried.
         timeout: default deadline of every call, in seconds; ``None`` waits forever. Each
             method's own ``timeout=`` overrides it.
-        options: gRPC channel options, e.g. ``[("grpc.max_receive_message_length", 64 << 20)]``.
+        options: gRPC channel options, e.g. ``[("grpc.max_receive_message_length", 64 << 20)]``;
+            a ``grpc.service_config`` of yours replaces the client's balancing and retries.
         channel: use this channel instead of opening one (``target``, ``options`` and
             ``credentials`` are then ignored); the caller keeps ownership: :meth:`close` leaves
             it open.
@@ -68,7 +78,7 @@ class Client:
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         timeout: float | None = None,
         options: _Options = (),
@@ -84,7 +94,6 @@ class Client:
     ) -> None:
         if encoding not in ("raw", "vector"):
             raise ValueError(f"encoding must be 'raw' or 'vector', not {encoding!r}")
-        self.target = target
         self.timeout = timeout
         self.encoding: EmbeddingEncoding = encoding
         credentials, self._metadata = _security.resolve(
@@ -97,11 +106,17 @@ class Client:
             token=token,
         )
         self._owns_channel = channel is None
+        #: Whether the channel balances over replicas with the client's retry policy.
+        self.balanced = False
         if channel is None:
+            resolved = _balancing.resolve(target, options)
+            target, self.balanced = resolved.target, resolved.balanced
             if credentials is None:
-                channel = grpc.insecure_channel(target, options=list(options))
+                channel = grpc.insecure_channel(target, options=list(resolved.options))
             else:
-                channel = grpc.secure_channel(target, credentials, options=list(options))
+                channel = grpc.secure_channel(target, credentials, options=list(resolved.options))
+        #: The gRPC target of the channel (several replicas: the ``ipv4:``/``dns:`` form).
+        self.target = target if isinstance(target, str) else ",".join(target)
         self.channel: grpc.Channel = channel
         self._stub = decoder_pb2_grpc.DecoderStub(channel)
         self._health_check = channel.unary_unary(
@@ -138,15 +153,27 @@ class Client:
     def _deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
-    def _unary(self, method: Callable[..., _T], request: Any, timeout: float | None) -> _T:
-        try:
-            return method(
-                request,
-                timeout=self._deadline(timeout),
-                metadata=with_trace_context(self._metadata),
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+    def _unary(
+        self, method: Callable[..., _T], request: Any, timeout: float | None, retry: bool = False
+    ) -> _T:
+        """Make the call; with ``retry``, repeat it on a retryable status with gRPC's backoff
+        within the call's deadline (for the calls gRPC's own policy cannot single out)."""
+        deadline = self._deadline(timeout)
+        end = None if deadline is None else time.monotonic() + deadline
+        pauses = _balancing.backoffs() if retry else iter(())
+        remaining = deadline
+        while True:
+            try:
+                return method(
+                    request, timeout=remaining, metadata=with_trace_context(self._metadata)
+                )
+            except grpc.RpcError as err:
+                error = from_rpc_error(err)
+                pause = next(pauses, None) if _balancing.retryable(error.code) else None
+                if pause is None or (end is not None and time.monotonic() + pause >= end):
+                    raise error from err
+            time.sleep(pause)
+            remaining = None if end is None else end - time.monotonic()
 
     def decode(
         self,
@@ -222,7 +249,8 @@ class Client:
             encoding=self.encoding,
             priority=priority,
         )
-        return convert.generate_result(self._unary(self._stub.Generate, request, timeout))
+        retry = self.balanced and _balancing.deterministic(request)
+        return convert.generate_result(self._unary(self._stub.Generate, request, timeout, retry))
 
     def generate_stream(
         self,
