@@ -58,3 +58,15 @@ def test_bench_starts_its_own_server_and_times_the_raw_model(checkpoint: Path) -
     raw = bench("--raw", "--checkpoint", str(checkpoint), "-b", "4", "-n", "8",
                 "--max-new-tokens", "8")  # fmt: skip
     assert raw["raw"] and raw["sequences"] == 8 and raw["batch_size"] == 4
+
+
+def test_bench_balances_over_replicas(server: RunningServer, checkpoint: Path) -> None:
+    report = bench(
+        "--checkpoint", str(checkpoint), "--replicas", "2", "-c", "4", "-n", "12",
+        "--max-new-tokens", "8",
+    )  # fmt: skip
+    assert report["errors"] == {} and report["requests"] == 12
+    assert report["extra"]["replicas"] == 2
+    assert report["extra"]["server_rss_mib_before"] > 2 * 50  # two daemons' RSS, summed
+    listed = bench("--target", f"{server.address},{server.address}", "-c", "2", "-n", "4")
+    assert listed["errors"] == {} and listed["requests"] == 4
