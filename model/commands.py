@@ -74,6 +74,7 @@ def _eval(args: argparse.Namespace) -> int:
         args.data_dir,
         limit=args.limit,
         num_beams=tuple(args.beams),
+        no_repeat_ngram=tuple(args.no_repeat_ngram),
         use_encoder=not args.no_encoder,
         write_card=not args.no_write,
     )
@@ -135,6 +136,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     evaluate.add_argument("--limit", type=int, default=500, help="held-out texts to score")
     evaluate.add_argument(
         "--beams", type=int, nargs="*", default=[4], help="beam widths to score (default 4)"
+    )
+    evaluate.add_argument(
+        "--no-repeat-ngram",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="N",
+        help="also score greedy decoding that never repeats a byte N-gram (e.g. 8 12)",
     )
     evaluate.add_argument("--no-encoder", action="store_true", help="skip the re-encoded cosine")
     evaluate.add_argument("--no-write", action="store_true", help="leave the card unchanged")

@@ -38,6 +38,48 @@ def greedy_texts(
 
 
 @torch.no_grad()
+def greedy_no_repeat(
+    model: RET, embeddings: torch.Tensor, ngram: int, max_new_tokens: int = 200
+) -> list[list[int]]:
+    """Greedy decoding that never repeats a byte n-gram within a row: at each step the bytes
+    that would complete an n-gram the row already holds are ruled out (a loop breaker; the
+    figures say whether it pays)."""
+    config = model.config
+    B = len(embeddings)
+    cond = model.condition(embeddings)  # (B, C)
+    cache = KVCache(config, B, dtype=model.wte.weight.dtype)
+    sequences: list[list[int]] = [[] for _ in range(B)]
+    followers: list[dict[tuple[int, ...], set[int]]] = [{} for _ in range(B)]
+    alive = list(range(B))
+    previous = torch.zeros(B, dtype=torch.long)
+    for t in range(max_new_tokens):
+        rows = torch.tensor(alive)
+        positions = torch.full((len(alive),), t, dtype=torch.long)
+        logits = model.step(cond[rows], previous[rows], positions, cache, rows, length=t + 1)
+        for j, i in enumerate(alive):
+            seq = sequences[i]
+            if len(seq) >= ngram - 1:
+                banned = followers[i].get(tuple(seq[len(seq) - ngram + 1 :]))
+                if banned:
+                    logits[j, list(banned)] = -torch.inf
+        chosen = logits.argmax(dim=-1).tolist()
+        still = []
+        for i, token in zip(alive, chosen, strict=True):
+            seq = sequences[i]
+            if token == config.eos_id:
+                continue
+            if len(seq) >= ngram - 1:
+                followers[i].setdefault(tuple(seq[len(seq) - ngram + 1 :]), set()).add(token)
+            seq.append(token)
+            previous[i] = token
+            still.append(i)
+        alive = still
+        if not alive:
+            break
+    return sequences
+
+
+@torch.no_grad()
 def beam_search(
     model: RET,
     embeddings: torch.Tensor,
@@ -131,6 +173,22 @@ def beam_texts(
     return texts
 
 
+def no_repeat_texts(
+    model: RET,
+    embeddings: torch.Tensor,
+    ngram: int,
+    max_new_tokens: int = 200,
+    batch_size: int = 256,
+) -> list[str]:
+    texts: list[str] = []
+    for start in range(0, len(embeddings), batch_size):
+        chunk = embeddings[start : start + batch_size]
+        texts += [
+            decode_bytes(bytes(s)) for s in greedy_no_repeat(model, chunk, ngram, max_new_tokens)
+        ]
+    return texts
+
+
 def text_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Corpus chrF and BLEU (sacrebleu) and exact match (%), hypotheses against references."""
     import sacrebleu
@@ -184,6 +242,7 @@ def evaluate_checkpoint(
     data_dir: Path,
     limit: int = 500,
     num_beams: Sequence[int] = (4,),
+    no_repeat_ngram: Sequence[int] = (),
     use_encoder: bool = True,
     write_card: bool = True,
 ) -> dict[str, Any]:
@@ -220,6 +279,10 @@ def evaluate_checkpoint(
     started = time.perf_counter()
     greedy = greedy_texts(model, embeddings, max_new)
     report["greedy"] = scored(greedy, time.perf_counter() - started)
+    for ngram in no_repeat_ngram:
+        started = time.perf_counter()
+        decoded = no_repeat_texts(model, embeddings, ngram, max_new)
+        report[f"greedy_no_repeat{ngram}"] = scored(decoded, time.perf_counter() - started)
     for beams in num_beams:
         started = time.perf_counter()
         decoded = beam_texts(model, embeddings, beams, max_new)

@@ -17,6 +17,7 @@ from retd.model.checkpoint import load_checkpoint
 from retd.model.evaluate import (
     beam_search,
     evaluate_checkpoint,
+    greedy_no_repeat,
     greedy_texts,
     retrieval_baseline,
     text_scores,
@@ -240,3 +241,23 @@ def test_with_a_time_budget_the_learning_rate_decays_over_the_minutes(
     else:  # it follows the clock, not the (far away) step budget
         assert lr <= lr_at(step, budget, 0.0) + 1e-12
         assert lr >= lr_at(step, budget, min(60.0, minutes + 1)) - 1e-12
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000), ngram=st.integers(2, 6))
+def test_no_repeat_decoding_holds_no_ngram_twice_and_is_greedy_until_a_repeat(
+    seed: int, ngram: int
+) -> None:
+    model = RET(config_for("ret_tiny")).eval()
+    model.init_weights(generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        model.wte.weight.mul_(25)
+    emb = torch.randn(4, 768, generator=torch.Generator().manual_seed(seed))
+    greedy = generate(model, emb, [SamplingParams(max_new_tokens=40)] * 4)
+    for g, seq in zip(greedy, greedy_no_repeat(model, emb, ngram, max_new_tokens=40), strict=True):
+        grams = [tuple(seq[i : i + ngram]) for i in range(len(seq) - ngram + 1)]
+        assert len(grams) == len(set(grams))
+        plain = g.token_ids[:-1] if g.finish_reason == "eos" else g.token_ids
+        plain_grams = [tuple(plain[i : i + ngram]) for i in range(len(plain) - ngram + 1)]
+        if len(plain_grams) == len(set(plain_grams)):  # greedy repeated nothing: same output
+            assert seq == plain
