@@ -1,7 +1,9 @@
 """RET checkpoints: a directory with model.safetensors (fp32 weights) and card.json (metadata).
 
 card.json holds at least: format, architecture, config, version, trained, encoder {name, dim},
-training {...}, metrics {...}.
+training {...}, metrics {...}. Its `kind` names the kind of model (`ret` here; a card without
+one is a RET card); the other kinds load through their own modules (`phrase_bank`:
+retd.model.phrase_bank).
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from .model import ARCHITECTURES, RET, RETConfig, config_for, model_class
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
 CARD_FORMAT = "retd-checkpoint/1"
+RET_KIND = "ret"
+PHRASE_BANK_KIND = "phrase_bank"
+#: Every kind of checkpoint retd serves, by the `kind` its card names.
+KINDS = (RET_KIND, PHRASE_BANK_KIND)
 DEFAULT_ENCODER: Mapping[str, Any] = MappingProxyType(
     {"name": "sentence-transformers/all-mpnet-base-v2", "dim": 768}
 )
@@ -92,7 +98,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     """Write via a temporary file in the same directory, then rename over path."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -122,6 +128,7 @@ def save_checkpoint(
     full_card: dict[str, Any] = {
         **dict(card),
         "format": CARD_FORMAT,
+        "kind": RET_KIND,
         "architecture": architecture,
         "config": config.to_dict(),
         "version": str(card.get("version", "unversioned")),
@@ -137,13 +144,13 @@ def save_checkpoint(
         name: t.detach().to("cpu", torch.float32).contiguous()
         for name, t in model.state_dict().items()
     }
-    _atomic_write(
+    atomic_write(
         directory / WEIGHTS_FILE,
         lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
     )
     full_card["weights_sha256"] = _sha256(directory / WEIGHTS_FILE)
     text = json.dumps(full_card, indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / CARD_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(directory / CARD_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return directory
 
 
@@ -161,7 +168,8 @@ def init_checkpoint(directory: str | Path, *, seed: int = 0, architecture: str =
     return save_checkpoint(model, directory, architecture=architecture, card=card)
 
 
-def _read_card(path: Path) -> dict[str, Any]:
+def read_card(path: Path) -> dict[str, Any]:
+    """A card.json of any kind: a JSON object of our format naming a known `kind`."""
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -170,6 +178,25 @@ def _read_card(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} must hold a JSON object, got {type(card).__name__}")
     if card.get("format") != CARD_FORMAT:
         raise CheckpointError(f"{path} has format {card.get('format')!r}, expected {CARD_FORMAT!r}")
+    kind = card.get("kind", RET_KIND)
+    if kind not in KINDS:
+        raise CheckpointError(f"{path}: unknown kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    return card
+
+
+def checkpoint_kind(directory: str | Path) -> str:
+    """The kind of model a checkpoint directory holds, from its card (`ret` when unnamed)."""
+    card_path = Path(directory) / CARD_FILE
+    if not card_path.is_file():
+        raise CheckpointError(f"checkpoint {directory} is missing {CARD_FILE}")
+    return str(read_card(card_path).get("kind", RET_KIND))
+
+
+def _read_card(path: Path) -> dict[str, Any]:
+    card = read_card(path)
+    kind = card.get("kind", RET_KIND)
+    if kind != RET_KIND:
+        raise CheckpointError(f"{path} describes a {kind!r} model, not a {RET_KIND!r} one")
     for key in ("architecture", "version", "trained", "encoder"):
         if key not in card:
             raise CheckpointError(f"{path} lacks the key {key!r}")
@@ -214,11 +241,11 @@ def load_checkpoint(
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     weights_path, card_path = directory / WEIGHTS_FILE, directory / CARD_FILE
-    for required in (card_path, weights_path):
-        if not required.is_file():
-            raise CheckpointError(f"checkpoint {directory} is missing {required.name}")
-
-    card = _read_card(card_path)
+    if not card_path.is_file():
+        raise CheckpointError(f"checkpoint {directory} is missing {CARD_FILE}")
+    card = _read_card(card_path)  # first: a checkpoint of another kind says so
+    if not weights_path.is_file():
+        raise CheckpointError(f"checkpoint {directory} is missing {WEIGHTS_FILE}")
     architecture, config = _config_from_card(card, card_path)
     try:
         tensors = load_file(weights_path)
