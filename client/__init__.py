@@ -37,11 +37,14 @@ from .errors import (
     from_rpc_error,
 )
 from .types import (
+    AnswerSource,
+    Candidate,
     DecodeBatchItem,
     DecodeResult,
     FinishReason,
     GenerateResult,
     HealthStatus,
+    Hybrid,
     ModelInfo,
     ModelLoad,
     StreamChunk,
@@ -52,7 +55,9 @@ from .types import (
 
 __all__ = [
     "DEFAULT_TARGET",
+    "AnswerSource",
     "AsyncClient",
+    "Candidate",
     "Client",
     "DecodeBatchItem",
     "DecodeResult",
@@ -60,6 +65,7 @@ __all__ = [
     "FinishReason",
     "GenerateResult",
     "HealthStatus",
+    "Hybrid",
     "InternalError",
     "InvalidArgumentError",
     "ModelInfo",

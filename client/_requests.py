@@ -9,6 +9,7 @@ from retd.v1 import decoder_pb2
 
 from .convert import EmbeddingEncoding, EmbeddingLike, to_embedding, to_embeddings
 from .errors import InvalidArgumentError
+from .types import Hybrid
 
 __all__ = [
     "check_priority",
@@ -47,6 +48,24 @@ def check_priority(value: int | None) -> int:
     return number
 
 
+def _hybrid(value: Hybrid | None) -> decoder_pb2.Hybrid | None:
+    """The request's hybrid message; the server checks the bank and the range."""
+    if value is None:
+        return None
+    if not isinstance(value, Hybrid):
+        raise InvalidArgumentError(
+            f"hybrid: expected a retd.client.Hybrid(phrase_bank=..., min_similarity=...), "
+            f"got {value!r}"
+        )
+    try:
+        min_similarity = float(value.min_similarity)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(
+            f"hybrid.min_similarity: expected a number, got {value.min_similarity!r}"
+        ) from None
+    return decoder_pb2.Hybrid(phrase_bank=value.phrase_bank, min_similarity=min_similarity)
+
+
 def decode(
     embedding: EmbeddingLike,
     *,
@@ -54,12 +73,14 @@ def decode(
     max_new_tokens: int | None,
     encoding: EmbeddingEncoding,
     priority: int | None = None,
+    hybrid: Hybrid | None = None,
 ) -> decoder_pb2.DecodeRequest:
     return decoder_pb2.DecodeRequest(
         model=model or "",
         embedding=to_embedding(embedding, encoding=encoding),
         max_new_tokens=_uint("max_new_tokens", max_new_tokens),
         priority=check_priority(priority),
+        hybrid=_hybrid(hybrid),
     )
 
 

@@ -31,6 +31,7 @@ from .types import (
     DecodeResult,
     GenerateResult,
     HealthStatus,
+    Hybrid,
     ModelInfo,
     StreamChunk,
     StreamItem,
@@ -174,12 +175,14 @@ class AsyncClient:
         model: str | None = None,
         max_new_tokens: int | None = None,
         priority: int | None = None,
+        hybrid: Hybrid | None = None,
         timeout: float | None = None,
     ) -> DecodeResult:
         """Decode one embedding to text, greedily; see :meth:`Client.decode`.
 
         ``priority``: higher is served first when requests wait for a slot; FIFO among equals
-        (``None`` means 0). The streaming and batch methods take it too.
+        (``None`` means 0). The streaming and batch methods take it too. ``hybrid``: a
+        :class:`Hybrid` (a phrase bank first, ``model`` when its phrase is not similar enough).
         """
         request = _requests.decode(
             embedding,
@@ -187,6 +190,7 @@ class AsyncClient:
             max_new_tokens=max_new_tokens,
             encoding=self.encoding,
             priority=priority,
+            hybrid=hybrid,
         )
         return convert.decode_result(await self._unary(self._stub.Decode, request, timeout))
 

@@ -20,6 +20,7 @@ from .types import (
     DecodeResult,
     GenerateResult,
     HealthStatus,
+    Hybrid,
     ModelInfo,
     StreamChunk,
     StreamItem,
@@ -182,20 +183,33 @@ class Client:
         model: str | None = None,
         max_new_tokens: int | None = None,
         priority: int | None = None,
+        hybrid: Hybrid | None = None,
         timeout: float | None = None,
     ) -> DecodeResult:
         """Decode one embedding to text, greedily (deterministic).
+
+        A generative model generates the text; a phrase bank (a model of kind
+        ``"phrase_bank"``) returns its nearest phrase, whole, with its cosine similarity in
+        ``result.similarity``. ``result.source`` says which.
 
         Args:
             embedding: a 1-D array of ``embedding_dim`` floats (numpy, list, tensor, ...).
             model: the model to use; ``None`` means the server's default.
             max_new_tokens: bytes to generate at most; ``None`` means the model's max_length.
+                A phrase bank ignores it.
             priority: higher is served first when requests wait for a slot; FIFO among
                 equals. ``None`` means 0, the server's default; any int32, negative included.
+            hybrid: a :class:`Hybrid`: ask its phrase bank first, and take its phrase when
+                the similarity reaches ``min_similarity``; otherwise ``model`` (a generative
+                model) generates. ``result.similarity`` is the bank's best either way.
             timeout: deadline of this call in seconds (default: the client's).
 
         >>> client.decode(embedding).text  # doctest: +SKIP
         'a cat sits on the mat'
+        >>> hybrid = Hybrid(phrase_bank="faq", min_similarity=0.9)
+        >>> result = client.decode(embedding, hybrid=hybrid)  # doctest: +SKIP
+        >>> result.source, result.model, round(result.similarity, 2)  # doctest: +SKIP
+        (<AnswerSource.PHRASE_BANK: 'phrase_bank'>, 'faq', 0.97)
         """
         request = _requests.decode(
             embedding,
@@ -203,6 +217,7 @@ class Client:
             max_new_tokens=max_new_tokens,
             encoding=self.encoding,
             priority=priority,
+            hybrid=hybrid,
         )
         return convert.decode_result(self._unary(self._stub.Decode, request, timeout))
 
@@ -222,9 +237,14 @@ class Client:
     ) -> GenerateResult:
         """Decode one embedding to text with sampling.
 
+        A phrase bank returns its ``top_k`` nearest phrases in ``result.candidates`` (best
+        first, with their cosine similarities; ``result.text`` is the first one's) and
+        ignores the sampling arguments, which are checked all the same.
+
         Args:
             temperature: softmax temperature; ``None`` means 1.0, ``0`` means greedy.
-            top_k: keep only the k most likely bytes; ``None``/0 keeps all.
+            top_k: keep only the k most likely bytes; ``None``/0 keeps all. For a phrase
+                bank: how many candidates to return; ``None``/0 means 5, at most 100.
             top_p: nucleus sampling threshold in (0, 1]; ``None`` means 1.0.
             seed: seed of this request's random stream; ``None`` lets the server pick one
                 (returned as ``result.seed``).

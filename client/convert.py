@@ -29,6 +29,8 @@ from retd.v1 import decoder_pb2
 
 from .errors import InvalidArgumentError, error_from_code
 from .types import (
+    AnswerSource,
+    Candidate,
     DecodeBatchItem,
     DecodeResult,
     FinishReason,
@@ -44,6 +46,7 @@ from .types import (
 __all__ = [
     "EmbeddingEncoding",
     "EmbeddingLike",
+    "candidate",
     "decode_result",
     "generate_result",
     "model_info",
@@ -149,6 +152,12 @@ def timing(msg: decoder_pb2.Timing) -> Timing:
     return Timing(queue_ms=msg.queue_ms, compute_ms=msg.compute_ms, total_ms=msg.total_ms)
 
 
+_SOURCE = {
+    decoder_pb2.ANSWER_SOURCE_GENERATED: AnswerSource.GENERATED,
+    decoder_pb2.ANSWER_SOURCE_PHRASE_BANK: AnswerSource.PHRASE_BANK,
+}
+
+
 def decode_result(msg: decoder_pb2.DecodeResponse) -> DecodeResult:
     return DecodeResult(
         text=msg.text,
@@ -156,7 +165,13 @@ def decode_result(msg: decoder_pb2.DecodeResponse) -> DecodeResult:
         usage=usage(msg.usage),
         timing=timing(msg.timing),
         model=msg.model,
+        source=_SOURCE.get(msg.source, AnswerSource.UNSPECIFIED),
+        similarity=msg.similarity if msg.HasField("similarity") else None,
     )
+
+
+def candidate(msg: decoder_pb2.Candidate) -> Candidate:
+    return Candidate(text=msg.text, score=msg.score, index=msg.index)
 
 
 def _generation_summary(
@@ -170,6 +185,7 @@ def _generation_summary(
         "mean_logprob": msg.mean_logprob,
         "model": msg.model,
         "seed": msg.seed,
+        "candidates": [candidate(c) for c in msg.candidates],
     }
 
 
@@ -212,6 +228,8 @@ def model_info(msg: decoder_pb2.ModelInfo) -> ModelInfo:
         trained=msg.trained,
         encoder=msg.encoder,
         load=model_load(msg.load),
+        kind=msg.kind or "ret",  # a server older than phrase banks serves RET only
+        phrase_count=msg.phrase_count,
     )
 
 

@@ -9,11 +9,14 @@ from typing import Any
 from .errors import RetdError
 
 __all__ = [
+    "AnswerSource",
+    "Candidate",
     "DecodeBatchItem",
     "DecodeResult",
     "FinishReason",
     "GenerateResult",
     "HealthStatus",
+    "Hybrid",
     "ModelInfo",
     "ModelLoad",
     "StreamChunk",
@@ -33,6 +36,17 @@ class FinishReason(enum.StrEnum):
     #: The text reached one of the request's stop strings.
     STOP = "stop"
     #: The server did not say (never sent by a conforming server).
+    UNSPECIFIED = "unspecified"
+
+
+class AnswerSource(enum.StrEnum):
+    """What produced a decoded text."""
+
+    #: A generative model (kind ``"ret"``) generated it.
+    GENERATED = "generated"
+    #: It is a phrase bank's nearest phrase.
+    PHRASE_BANK = "phrase_bank"
+    #: The server did not say (a server older than phrase banks).
     UNSPECIFIED = "unspecified"
 
 
@@ -62,15 +76,45 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class Hybrid:
+    """Hybrid decoding, :meth:`Client.decode`'s ``hybrid=``: the phrase bank ``phrase_bank``
+    answers when its nearest phrase has a cosine similarity of at least ``min_similarity``
+    (in [-1, 1]) to the embedding; otherwise the call's generative model generates.
+
+    >>> Hybrid(phrase_bank="faq", min_similarity=0.9)
+    Hybrid(phrase_bank='faq', min_similarity=0.9)
+    """
+
+    phrase_bank: str
+    min_similarity: float
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One of a phrase bank's nearest phrases (:attr:`GenerateResult.candidates`)."""
+
+    text: str
+    #: Cosine similarity to the embedding, in [-1, 1].
+    score: float
+    #: The phrase's row in the bank.
+    index: int
+
+
+@dataclass(frozen=True)
 class DecodeResult:
-    """The answer of :meth:`Client.decode` (greedy decoding)."""
+    """The answer of :meth:`Client.decode` (greedy decoding, or a phrase bank's phrase)."""
 
     text: str
     finish_reason: FinishReason
     usage: Usage
     timing: Timing
-    #: The model that answered.
+    #: The model that answered (in hybrid decoding: the bank or the generative model).
     model: str
+    #: Whether a generative model generated the text or a phrase bank returned it.
+    source: AnswerSource = AnswerSource.UNSPECIFIED
+    #: Cosine similarity of the phrase bank's nearest phrase: set when a bank answered, and in
+    #: hybrid decoding also when the generative model did (the phrase was not similar enough).
+    similarity: float | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +132,9 @@ class GenerateResult:
     model: str
     #: The seed used: pass it back as ``seed=`` to reproduce this text.
     seed: int
+    #: A phrase bank's ``top_k`` nearest phrases, best first (``text`` is the first one's);
+    #: empty for a generative model.
+    candidates: list[Candidate] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -106,6 +153,8 @@ class StreamChunk:
     mean_logprob: float | None = None
     seed: int | None = None
     model: str | None = None
+    #: On a phrase bank's last chunk: its nearest phrases, as :attr:`GenerateResult.candidates`.
+    candidates: list[Candidate] = field(default_factory=list)
 
     @property
     def is_last(self) -> bool:
@@ -180,12 +229,14 @@ class ModelInfo:
 
     name: str
     version: str
-    #: Registry name of the architecture, e.g. ``"ret_v21"``.
+    #: Registry name of the architecture, e.g. ``"ret_v21"``; ``"phrase_bank"`` for a bank.
     architecture: str
+    #: For a phrase bank: the entries of its matrix (phrases x embedding_dim).
     parameter_count: int
     embedding_dim: int
+    #: 0 for a phrase bank.
     vocab_size: int
-    #: Most bytes one request can generate.
+    #: Most bytes one request can generate; for a phrase bank, its longest phrase in bytes.
     max_length: int
     #: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
     dtype: str
@@ -200,3 +251,7 @@ class ModelInfo:
     encoder: str = ""
     #: The scheduler's limits and its queue and running batch when the call was answered.
     load: ModelLoad = field(default_factory=ModelLoad)
+    #: ``"ret"`` (a generative model) or ``"phrase_bank"`` (retrieval of whole phrases).
+    kind: str = "ret"
+    #: How many phrases a phrase bank holds; 0 for a generative model.
+    phrase_count: int = 0

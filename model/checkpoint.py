@@ -186,6 +186,8 @@ def read_card(path: Path) -> dict[str, Any]:
 
 def checkpoint_kind(directory: str | Path) -> str:
     """The kind of model a checkpoint directory holds, from its card (`ret` when unnamed)."""
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
     card_path = Path(directory) / CARD_FILE
     if not card_path.is_file():
         raise CheckpointError(f"checkpoint {directory} is missing {CARD_FILE}")

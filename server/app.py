@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -15,9 +16,18 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from retd.model.checkpoint import load_checkpoint, parse_dtype, resolve_device
+from retd.model.checkpoint import (
+    PHRASE_BANK_KIND,
+    RET_KIND,
+    checkpoint_kind,
+    load_checkpoint,
+    parse_dtype,
+    resolve_device,
+)
+from retd.model.phrase_bank import load_phrase_bank
 from retd.server.config import ModelSpec, ServerConfig
-from retd.server.engine import ModelEngine
+from retd.server.engine import Engine, RETEngine
+from retd.server.phrase_bank_engine import PhraseBankEngine
 from retd.server.scheduler import SchedulerConfig
 from retd.server.security import (
     TokenAuthInterceptor,
@@ -35,18 +45,45 @@ log = logging.getLogger("retd.server")
 DECODER_SERVICE = pb.DESCRIPTOR.services_by_name["Decoder"].full_name
 
 
-def load_engine(spec: ModelSpec) -> ModelEngine:
-    """Load a checkpoint onto its device and warm it up (runs off the event loop)."""
-    device = resolve_device(spec.device)
-    loaded = load_checkpoint(spec.checkpoint, device=device, dtype=parse_dtype(spec.dtype))
-    scheduler = SchedulerConfig(
+def load_engine(spec: ModelSpec) -> Engine:
+    """Load a checkpoint of any kind (its card names it) onto its device and warm it up
+    (runs off the event loop)."""
+    kind = checkpoint_kind(spec.checkpoint)
+    engine = ENGINE_LOADERS[kind](spec)
+    engine.warm_up()
+    return engine
+
+
+def _scheduler_config(spec: ModelSpec) -> SchedulerConfig:
+    return SchedulerConfig(
         max_batch_size=spec.max_batch_size,
         max_queue_size=spec.max_queue_size,
         max_wait_ms=spec.max_wait_ms,
         policy=spec.batching,
     )
-    engine = ModelEngine(spec.name, loaded, scheduler)
-    engine.warm_up()
+
+
+def _load_phrase_bank_engine(spec: ModelSpec) -> Engine:
+    device = resolve_device(spec.device)
+    loaded = load_phrase_bank(spec.checkpoint, device=device, dtype=parse_dtype(spec.dtype))
+    bank = loaded.bank
+    log.info(
+        "model %s loaded: phrase bank %s, %d phrases x %d, %s on %s, sha256 %s",
+        spec.name,
+        loaded.version,
+        len(bank),
+        bank.dim,
+        spec.dtype,
+        device,
+        loaded.sha256[:12],
+    )
+    return PhraseBankEngine(spec.name, loaded, _scheduler_config(spec))
+
+
+def _load_ret_engine(spec: ModelSpec) -> Engine:
+    device = resolve_device(spec.device)
+    loaded = load_checkpoint(spec.checkpoint, device=device, dtype=parse_dtype(spec.dtype))
+    engine = RETEngine(spec.name, loaded, _scheduler_config(spec))
     log.info(
         "model %s loaded: %s %s, %d parameters, %s on %s, sha256 %s",
         spec.name,
@@ -66,6 +103,12 @@ def load_engine(spec: ModelSpec) -> ModelEngine:
     return engine
 
 
+ENGINE_LOADERS: dict[str, Callable[[ModelSpec], Engine]] = {
+    RET_KIND: _load_ret_engine,
+    PHRASE_BANK_KIND: _load_phrase_bank_engine,
+}
+
+
 class Daemon:
     """A running retd server; `stop()` drains it."""
 
@@ -73,7 +116,7 @@ class Daemon:
         """`telemetry`: built from the config when None (tests pass their own providers)."""
         self.config = config
         self.telemetry = telemetry
-        self.engines: dict[str, ModelEngine] = {}
+        self.engines: dict[str, Engine] = {}
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.service: DecoderService | None = None

@@ -2,13 +2,18 @@
 and the worker thread that executes the scheduler's decode steps on the model.
 
 The event loop never touches torch and the worker never decides: handlers call
-`ModelEngine.submit()` and await the returned `SequenceHandle`; the worker asks the
-`Scheduler` for a `Step`, runs it (one token for every row), hands the tokens back to
+`Engine.submit()` and await the returned `SequenceHandle`; the worker asks the `Scheduler`
+for a `Step`, runs it (one token for every row), hands the tokens back to
 `Scheduler.update()`, and delivers what it returns with `loop.call_soon_threadsafe`.
+
+`Engine` holds what every kind of model shares (the scheduler, the callers' handles, the
+worker thread's locking and delivery); `RETEngine` runs RET's decode steps, and
+`PhraseBankEngine` (server/phrase_bank_engine.py) answers a whole step with one search.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import itertools
@@ -17,13 +22,14 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import grpc
 import numpy as np
 import torch
 
-from retd.model.checkpoint import LoadedModel
+from retd.model.checkpoint import RET_KIND, LoadedModel
 from retd.model.generation import FinishReason, OutputBuffer, SamplingParams, make_generator, sample
 from retd.model.model import KVCache
 from retd.server.scheduler import (
@@ -52,12 +58,22 @@ class SequenceRequest:
     stream: bool = False  # deliver a TokenDelta after every step
     deadline: float | None = None  # time.monotonic() by which it must finish
     priority: int = 0  # higher is served first; FIFO among equals
+    candidates: int = 1  # a phrase bank returns this many nearest phrases
 
 
 @dataclass(frozen=True)
 class TokenDelta:
     text: str
     token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One of a phrase bank's nearest phrases."""
+
+    text: str
+    score: float  # cosine similarity to the query
+    index: int  # the phrase's row in the bank
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,8 @@ class SequenceResult:
     batch_max: int = 0
     batch_mean: float = 0.0
     memory: MemorySample | None = None
+    # A phrase bank's nearest phrases, best first (text is the first one's); empty for RET.
+    candidates: tuple[Candidate, ...] = field(default=())
 
 
 @dataclass(frozen=True)
@@ -130,7 +148,7 @@ class SequenceHandle:
     """The event-loop side of one submitted sequence."""
 
     def __init__(
-        self, request: SequenceRequest, loop: asyncio.AbstractEventLoop, engine: ModelEngine
+        self, request: SequenceRequest, loop: asyncio.AbstractEventLoop, engine: Engine
     ) -> None:
         self.request = request
         self.seq_id = -1
@@ -174,22 +192,45 @@ class EngineStats:
     free_slots: int
 
 
-class ModelEngine:
-    """Serves one loaded model: a scheduler in front of one worker thread."""
+@dataclass(frozen=True)
+class ModelDescription:
+    """What callers are told of a model (ModelInfo) and what its requests are checked
+    against, whatever its kind."""
+
+    architecture: str
+    version: str
+    card: dict[str, object]
+    sha256: str  # of the checkpoint's weights (a bank's embeddings)
+    trained: bool
+    encoder: str  # the sentence encoder whose embeddings it decodes
+    embedding_dim: int
+    vocab_size: int
+    max_length: int  # the most bytes one answer can have
+    parameter_count: int
+    phrase_count: int = 0
+
+
+class Engine(abc.ABC):
+    """Serves one loaded model: a scheduler in front of one worker thread. Subclasses run
+    the steps of one kind of model (`kind`) in `_work` and warm it up in `warm_up`."""
+
+    kind: ClassVar[str]
 
     def __init__(
-        self, name: str, loaded: LoadedModel, scheduler_config: SchedulerConfig | None = None
+        self,
+        name: str,
+        description: ModelDescription,
+        device: torch.device,
+        dtype: torch.dtype,
+        scheduler_config: SchedulerConfig | None = None,
+        eos_id: int = 0,
     ) -> None:
         self.name = name
-        self.loaded = loaded
+        self.description = description
+        self.device, self.dtype = device, dtype
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self._scheduler = Scheduler(self.scheduler_config)
-        parameter = next(loaded.model.parameters())
-        self.device, self.dtype = parameter.device, parameter.dtype
-        slots = self.scheduler_config.max_batch_size
-        self._cache = KVCache(loaded.config, slots, self.device, self.dtype)
-        self._cond = torch.zeros(slots, loaded.config.n_embd, device=self.device, dtype=self.dtype)
-        self._generators: dict[int, torch.Generator | None] = {}  # worker thread only
+        self._eos_id = eos_id
         self._handles: dict[int, SequenceHandle] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -211,7 +252,7 @@ class ModelEngine:
         """Queue a sequence; raises SequenceError (RESOURCE_EXHAUSTED when the queue is full,
         UNAVAILABLE when shutting down)."""
         handle = SequenceHandle(request, asyncio.get_running_loop(), self)
-        output = OutputBuffer(request.params, self.loaded.config.eos_id)
+        output = OutputBuffer(request.params, self._eos_id)
         with self._lock:
             if self._closing:
                 raise SequenceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
@@ -249,6 +290,85 @@ class ModelEngine:
             await asyncio.to_thread(self._thread.join)
 
     # ---- the worker thread -------------------------------------------------------------
+
+    @abc.abstractmethod
+    def warm_up(self) -> None:
+        """Run the model once so the first caller pays no start-up cost; call it before
+        `start()`."""
+
+    @abc.abstractmethod
+    def _work(self) -> None:
+        """The worker thread: run steps until closing and drained."""
+
+    def _next_step(self) -> Step | None:
+        """Under the lock: the next step with rows, or None once closing and drained."""
+        while True:
+            step = self._scheduler.schedule(time.monotonic())
+            self._deliver(self._abort_events(step.aborted))
+            if not step.empty:
+                return step
+            if self._closing and not self._scheduler.has_work():
+                return None
+            timeout = None if step.wake_at is None else max(0.0, step.wake_at - time.monotonic())
+            self._wakeup.wait(timeout)
+
+    def _abort_events(self, aborted: Sequence[Aborted]) -> list[tuple[int, Event]]:
+        events: list[tuple[int, Event]] = []
+        for a in aborted:
+            if a.reason is AbortReason.FAILED:
+                message = a.message
+            elif a.reason is AbortReason.DEADLINE:
+                message = f"the deadline passed while {a.stage}"
+            else:
+                message = f"the call was cancelled while {a.stage}"
+            events.append((a.seq_id, SequenceError(ABORT_CODES[a.reason], message)))
+        return events
+
+    def _deliver(self, events: Sequence[tuple[int, Event]]) -> None:
+        """Under the lock: hand events to their callers; a sequence's last event forgets it."""
+        for seq_id, event in events:
+            handle = self._handles.get(seq_id)
+            if handle is None:
+                continue
+            if not isinstance(event, TokenDelta):
+                del self._handles[seq_id]
+                self._forget(seq_id)
+            handle.deliver(event)
+
+    def _forget(self, seq_id: int) -> None:  # noqa: B027 (a hook; most kinds keep nothing)
+        """Under the lock: drop what the worker kept of a sequence that is over."""
+
+
+class RETEngine(Engine):
+    """Serves a RET model: continuous batching of decode steps over KV-cache slots."""
+
+    kind = RET_KIND
+
+    def __init__(
+        self, name: str, loaded: LoadedModel, scheduler_config: SchedulerConfig | None = None
+    ) -> None:
+        parameter = next(loaded.model.parameters())
+        config = loaded.config
+        description = ModelDescription(
+            architecture=loaded.architecture,
+            version=loaded.version,
+            card=loaded.card,
+            sha256=loaded.sha256,
+            trained=loaded.trained,
+            encoder=str(loaded.card.get("encoder", {}).get("name", "")),
+            embedding_dim=config.embedding_dim,
+            vocab_size=config.vocab_size,
+            max_length=config.max_length,
+            parameter_count=sum(p.numel() for p in loaded.model.parameters()),  # tied once
+        )
+        super().__init__(
+            name, description, parameter.device, parameter.dtype, scheduler_config, config.eos_id
+        )
+        self.loaded = loaded
+        slots = self.scheduler_config.max_batch_size
+        self._cache = KVCache(config, slots, self.device, self.dtype)
+        self._cond = torch.zeros(slots, config.n_embd, device=self.device, dtype=self.dtype)
+        self._generators: dict[int, torch.Generator | None] = {}  # worker thread only
 
     def warm_up(self, steps: int = 4) -> None:
         """Run a few decode steps so the first caller pays no start-up cost; call it before
@@ -295,18 +415,6 @@ class ModelEngine:
                         memory = memory or sample_memory(self.device)  # once per step at most
                         events.append((outcome.seq_id, self._result(outcome, memory)))
                 self._deliver(events)
-
-    def _next_step(self) -> Step | None:
-        """Under the lock: the next step with rows, or None once closing and drained."""
-        while True:
-            step = self._scheduler.schedule(time.monotonic())
-            self._deliver(self._abort_events(step.aborted))
-            if not step.empty:
-                return step
-            if self._closing and not self._scheduler.has_work():
-                return None
-            timeout = None if step.wake_at is None else max(0.0, step.wake_at - time.monotonic())
-            self._wakeup.wait(timeout)
 
     def _execute_isolating_faults(
         self, step: Step, joining: Mapping[int, SequenceRequest]
@@ -391,18 +499,6 @@ class ModelEngine:
         span = max(r.slot for r in rows) + 1
         return model.step(self._cond[slots], tokens, positions, self._cache, slots, length, span)
 
-    def _abort_events(self, aborted: Sequence[Aborted]) -> list[tuple[int, Event]]:
-        events: list[tuple[int, Event]] = []
-        for a in aborted:
-            if a.reason is AbortReason.FAILED:
-                message = a.message
-            elif a.reason is AbortReason.DEADLINE:
-                message = f"the deadline passed while {a.stage}"
-            else:
-                message = f"the call was cancelled while {a.stage}"
-            events.append((a.seq_id, SequenceError(ABORT_CODES[a.reason], message)))
-        return events
-
     def _result(self, finished: Finished, memory: MemorySample) -> SequenceResult:
         state = finished.state
         output = state.output
@@ -427,13 +523,5 @@ class ModelEngine:
             memory=memory,
         )
 
-    def _deliver(self, events: Sequence[tuple[int, Event]]) -> None:
-        """Under the lock: hand events to their callers; a sequence's last event forgets it."""
-        for seq_id, event in events:
-            handle = self._handles.get(seq_id)
-            if handle is None:
-                continue
-            if not isinstance(event, TokenDelta):
-                del self._handles[seq_id]
-                self._generators.pop(seq_id, None)
-            handle.deliver(event)
+    def _forget(self, seq_id: int) -> None:
+        self._generators.pop(seq_id, None)

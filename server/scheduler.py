@@ -8,7 +8,9 @@ Plain Python, no tensors (in the spirit of vLLM's v1 `Scheduler`):
   their deadline passed;
 - the worker executes the returned `Step` on the model and samples one token per row;
 - `update(step, tokens, logprobs, now)` appends the tokens, applies the stops (EOS, length,
-  stop strings), frees the slots of finished sequences and returns what to tell callers.
+  stop strings), frees the slots of finished sequences and returns what to tell callers;
+  `complete(step, now)` ends every row instead, for models that answer in one step (a phrase
+  bank's search).
 
 Iteration-level (continuous) batching is the default: waiting sequences join at every step
 and finished ones leave at once. `policy="static"` is request-level batching for
@@ -254,6 +256,22 @@ class Scheduler:
             elif state.stream:
                 outcomes.append(Delta(state.seq_id, state.output.take_delta(), token))
         return outcomes
+
+    def complete(self, step: Step, now: float) -> list[Finished]:
+        """End every row of `step` now: for models that answer a sequence in one step and
+        generate no token (a phrase bank's search). Their slots are free at once."""
+        finished = []
+        size = len(step.rows)
+        for row in step.rows:
+            if row.padding:
+                continue
+            state = self._running[row.slot]
+            state.first_token_at = now
+            state.position += 1
+            state.batch_min = state.batch_max = state.batch_total = size
+            self._release(state)
+            finished.append(Finished(state.seq_id, state, now, ""))
+        return finished
 
     def fail(self, seq_ids: Sequence[int], message: str) -> list[Aborted]:
         """The worker could not run these sequences: they leave, their slots are freed."""

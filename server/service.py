@@ -1,12 +1,16 @@
 """The `retd.v1.Decoder` service: validates requests, hands sequences to the model
-engines, and turns their results into responses with clear gRPC statuses."""
+engines, and turns their results into responses with clear gRPC statuses.
+
+Every RPC serves both kinds of model: a generative one (`ret`) generates, a phrase bank
+(`phrase_bank`) returns its nearest phrases. A hybrid Decode asks a bank first and a
+generative model when the bank's phrase is not similar enough."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -16,17 +20,22 @@ from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from retd.model.generation import FinishReason
+from retd.model.checkpoint import PHRASE_BANK_KIND, RET_KIND
+from retd.model.generation import FinishReason, SamplingParams
 from retd.server.calls import Unparseable, rpc
-from retd.server.engine import ModelEngine, SequenceError, SequenceRequest, SequenceResult
+from retd.server.engine import Engine, SequenceError, SequenceRequest, SequenceResult
 from retd.server.gate import SHUTTING_DOWN, CallGate
 from retd.server.telemetry import Telemetry
 from retd.server.validation import (
     ModelLimits,
     RequestError,
     greedy_params,
+    invalid,
+    parse_bank_generate,
     parse_embedding,
     parse_generate,
+    parse_min_similarity,
+    parse_query,
 )
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
@@ -40,6 +49,8 @@ FINISH_REASONS = {
 }
 DECODER_SERVICE = pb.DESCRIPTOR.services_by_name["Decoder"].full_name
 DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
+# A phrase bank's sequences: one step, no token generated.
+BANK_PARAMS = SamplingParams(max_new_tokens=1)
 
 
 @dataclass(frozen=True)
@@ -51,40 +62,41 @@ class ServiceLimits:
     max_new_tokens_limit: int = 0
 
 
-def model_limits(engine: ModelEngine, max_new_tokens_limit: int = 0) -> ModelLimits:
-    config = engine.loaded.config
-    encoder = engine.loaded.card.get("encoder", {}).get("name", "sentence encoder")
-    if 0 < max_new_tokens_limit < config.max_length:
+def model_limits(engine: Engine, max_new_tokens_limit: int = 0) -> ModelLimits:
+    model = engine.description
+    encoder = model.encoder or "sentence encoder"
+    if 0 < max_new_tokens_limit < model.max_length:
         return ModelLimits(
             engine.name,
-            config.embedding_dim,
+            model.embedding_dim,
             max_new_tokens_limit,
             encoder,
             "the server's max_new_tokens_limit",
         )
-    return ModelLimits(engine.name, config.embedding_dim, config.max_length, encoder)
+    return ModelLimits(engine.name, model.embedding_dim, model.max_length, encoder)
 
 
-def model_info(engine: ModelEngine) -> pb.ModelInfo:
-    loaded = engine.loaded
-    config = loaded.config
+def model_info(engine: Engine) -> pb.ModelInfo:
+    model = engine.description
     card = struct_pb2.Struct()
-    card.update(_json_safe(loaded.card))
+    card.update(_json_safe(model.card))
     stats = engine.stats()
     return pb.ModelInfo(
         name=engine.name,
-        version=loaded.version,
-        architecture=loaded.architecture,
-        parameter_count=loaded.model.num_parameters(),
-        embedding_dim=config.embedding_dim,
-        vocab_size=config.vocab_size,
-        max_length=config.max_length,
+        version=model.version,
+        architecture=model.architecture,
+        parameter_count=model.parameter_count,
+        embedding_dim=model.embedding_dim,
+        vocab_size=model.vocab_size,
+        max_length=model.max_length,
         dtype=DTYPE_NAMES.get(str(engine.dtype), str(engine.dtype)),
         device=str(engine.device),
-        checkpoint_sha256=loaded.sha256,
+        checkpoint_sha256=model.sha256,
         card=card,
-        trained=loaded.trained,
-        encoder=str(loaded.card.get("encoder", {}).get("name", "")),
+        trained=model.trained,
+        encoder=model.encoder,
+        kind=engine.kind,
+        phrase_count=model.phrase_count,
         load=pb.ModelLoad(
             waiting=stats.waiting,
             max_queue_size=engine.scheduler_config.max_queue_size,
@@ -106,10 +118,11 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-def _timing(result: SequenceResult, received_at: float) -> pb.Timing:
+def _timing(results: Sequence[SequenceResult], received_at: float) -> pb.Timing:
+    """The call's timing; with several results (a hybrid decode's), their times summed."""
     return pb.Timing(
-        queue_ms=result.queue_s * 1e3,
-        compute_ms=result.compute_s * 1e3,
+        queue_ms=sum(r.queue_s for r in results) * 1e3,
+        compute_ms=sum(r.compute_s for r in results) * 1e3,
         total_ms=(time.monotonic() - received_at) * 1e3,
     )
 
@@ -119,21 +132,40 @@ def _generation_summary(result: SequenceResult, model: str, received_at: float) 
     return {
         "finish_reason": FINISH_REASONS[result.finish_reason],
         "usage": pb.Usage(generated_tokens=len(result.token_ids)),
-        "timing": _timing(result, received_at),
+        "timing": _timing([result], received_at),
         "mean_logprob": result.mean_logprob,
         "model": model,
         "seed": result.seed,
+        "candidates": [
+            pb.Candidate(text=c.text, score=c.score, index=c.index) for c in result.candidates
+        ],
     }
 
 
-def _decode_response(result: SequenceResult, model: str, received_at: float) -> pb.DecodeResponse:
-    return pb.DecodeResponse(
+def _decode_response(
+    result: SequenceResult,
+    engine: Engine,
+    received_at: float,
+    similarity: float | None = None,
+    earlier: Sequence[SequenceResult] = (),
+) -> pb.DecodeResponse:
+    """`engine`'s answer. A phrase bank's carries its phrase's similarity; a generative
+    model's carries `similarity` when given (hybrid decoding: the bank's best, too low), and
+    the times of the `earlier` results (the bank's) count in its timing."""
+    from_bank = engine.kind == PHRASE_BANK_KIND
+    if from_bank:
+        similarity = result.candidates[0].score
+    response = pb.DecodeResponse(
         text=result.text,
         finish_reason=FINISH_REASONS[result.finish_reason],
         usage=pb.Usage(generated_tokens=len(result.token_ids)),
-        timing=_timing(result, received_at),
-        model=model,
+        timing=_timing([*earlier, result], received_at),
+        model=engine.name,
+        source=pb.ANSWER_SOURCE_PHRASE_BANK if from_bank else pb.ANSWER_SOURCE_GENERATED,
     )
+    if similarity is not None:
+        response.similarity = similarity
+    return response
 
 
 def _shorten(text: str, limit: int = 80) -> str:
@@ -159,7 +191,7 @@ class DecoderService(pb_grpc.DecoderServicer):
 
     def __init__(
         self,
-        engines: Mapping[str, ModelEngine],
+        engines: Mapping[str, Engine],
         default_model: str,
         telemetry: Telemetry | None = None,
         limits: ServiceLimits | None = None,
@@ -172,7 +204,7 @@ class DecoderService(pb_grpc.DecoderServicer):
         self.host = "127.0.0.1"  # set once the server is bound
         self.port = 0
 
-    def _engine(self, name: str) -> ModelEngine:
+    def _engine(self, name: str) -> Engine:
         engine = self._engines.get(name or self._default_model)
         if engine is None:
             raise RequestError(
@@ -181,12 +213,74 @@ class DecoderService(pb_grpc.DecoderServicer):
             )
         return engine
 
+    def _names(self, kind: str) -> list[str]:
+        return sorted(name for name, engine in self._engines.items() if engine.kind == kind)
+
+    def _hybrid_models(self, request: pb.DecodeRequest) -> tuple[Engine, Engine]:
+        """(the generative model, the phrase bank) a hybrid Decode names, checked."""
+        generator = self._engine(request.model)
+        name = request.hybrid.phrase_bank
+        banks = self._names(PHRASE_BANK_KIND)
+        if not name:
+            raise invalid(
+                f"hybrid.phrase_bank: empty; expected a phrase_bank model, one of {banks}"
+            )
+        bank = self._engines.get(name)
+        if bank is None:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                f"hybrid.phrase_bank: {_shorten(name)!r} is not loaded; expected a phrase_bank "
+                f"model, one of {banks}",
+            )
+        if bank.kind != PHRASE_BANK_KIND:
+            raise invalid(
+                f"hybrid.phrase_bank: {name!r} is a {bank.kind!r} model; expected a phrase_bank "
+                f"model, one of {banks}"
+            )
+        if generator.kind != RET_KIND:
+            raise invalid(
+                f"model: {generator.name!r} is a {generator.kind!r} model; hybrid decoding falls "
+                f"back to a generative ({RET_KIND!r}) model, one of {self._names(RET_KIND)}"
+            )
+        ours, theirs = bank.description, generator.description
+        if (ours.encoder, ours.embedding_dim) != (theirs.encoder, theirs.embedding_dim):
+            raise invalid(
+                f"hybrid.phrase_bank: {name!r} holds {ours.encoder} embeddings "
+                f"({ours.embedding_dim} values) but model {generator.name!r} decodes "
+                f"{theirs.encoder} ones ({theirs.embedding_dim}); both must read the same "
+                "encoder's embeddings"
+            )
+        return generator, bank
+
+    def _decode_sequence(
+        self,
+        engine: Engine,
+        embedding: pb.Embedding,
+        field: str,
+        max_new_tokens: int,
+        deadline: float | None,
+        priority: int,
+    ) -> SequenceRequest:
+        """A Decode (or an item of a batch or stream) for `engine`, checked. A phrase bank
+        returns its phrase whole: max_new_tokens does not apply to it."""
+        limits = model_limits(engine, self._limits.max_new_tokens_limit)
+        if engine.kind == PHRASE_BANK_KIND:
+            query = parse_query(embedding, field, limits)
+            return SequenceRequest(query, BANK_PARAMS, 0, deadline=deadline, priority=priority)
+        return SequenceRequest(
+            embedding=parse_embedding(embedding, field, limits),
+            params=greedy_params(max_new_tokens, "max_new_tokens", limits),
+            seed=0,
+            deadline=deadline,
+            priority=priority,
+        )
+
     @staticmethod
     def _deadline(context: grpc.aio.ServicerContext) -> float | None:
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
-    async def _run(self, engine: ModelEngine, request: SequenceRequest) -> SequenceResult:
+    async def _run(self, engine: Engine, request: SequenceRequest) -> SequenceResult:
         handle = engine.submit(request)
         try:
             result = await handle.result()
@@ -195,24 +289,23 @@ class DecoderService(pb_grpc.DecoderServicer):
         self._record(engine, request, result)
         return result
 
-    def _record(
-        self, engine: ModelEngine, request: SequenceRequest, result: SequenceResult
-    ) -> None:
+    def _record(self, engine: Engine, request: SequenceRequest, result: SequenceResult) -> None:
         """The finished sequence into the current span (the call's, or its item's)."""
         params = request.params
-        self.telemetry.record_sequence(
-            trace.get_current_span(),
-            engine,
-            result,
-            {
-                "gen_ai.request.max_tokens": params.max_new_tokens,
-                "gen_ai.request.temperature": params.temperature,
-                "gen_ai.request.top_k": params.top_k or None,
-                "gen_ai.request.top_p": params.top_p,
-                "gen_ai.request.seed": request.seed if not params.greedy else None,
-                "retd.priority": request.priority,
-            },
-        )
+        attributes: dict[str, Any] = {"retd.priority": request.priority}
+        if engine.kind == PHRASE_BANK_KIND:
+            attributes["retd.candidates"] = request.candidates
+        else:
+            attributes.update(
+                {
+                    "gen_ai.request.max_tokens": params.max_new_tokens,
+                    "gen_ai.request.temperature": params.temperature,
+                    "gen_ai.request.top_k": params.top_k or None,
+                    "gen_ai.request.top_p": params.top_p,
+                    "gen_ai.request.seed": request.seed if not params.greedy else None,
+                }
+            )
+        self.telemetry.record_sequence(trace.get_current_span(), engine, result, attributes)
 
     @rpc
     async def Decode(
@@ -220,25 +313,61 @@ class DecoderService(pb_grpc.DecoderServicer):
     ) -> pb.DecodeResponse:
         received_at = time.monotonic()
         try:
+            if request.HasField("hybrid"):
+                return await self._hybrid_decode(request, context, received_at)
             engine = self._engine(request.model)
-            limits = model_limits(engine, self._limits.max_new_tokens_limit)
-            sequence = SequenceRequest(
-                embedding=parse_embedding(request.embedding, "embedding", limits),
-                params=greedy_params(request.max_new_tokens, "max_new_tokens", limits),
-                seed=0,
-                deadline=self._deadline(context),
-                priority=request.priority,
+            sequence = self._decode_sequence(
+                engine,
+                request.embedding,
+                "embedding",
+                request.max_new_tokens,
+                self._deadline(context),
+                request.priority,
             )
             result = await self._run(engine, sequence)
         except (RequestError, SequenceError) as error:
             await _abort(context, error)
-        return _decode_response(result, engine.name, received_at)
+        return _decode_response(result, engine, received_at)
+
+    async def _hybrid_decode(
+        self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext, received_at: float
+    ) -> pb.DecodeResponse:
+        """The bank's nearest phrase when its similarity reaches min_similarity, else the
+        generative model's text. Everything is checked before the bank is asked."""
+        generator, bank = self._hybrid_models(request)
+        min_similarity = parse_min_similarity(request.hybrid)
+        limits = model_limits(generator, self._limits.max_new_tokens_limit)
+        query = parse_query(request.embedding, "embedding", limits)
+        params = greedy_params(request.max_new_tokens, "max_new_tokens", limits)
+        deadline, priority = self._deadline(context), request.priority
+        found = await self._run(
+            bank, SequenceRequest(query, BANK_PARAMS, 0, deadline=deadline, priority=priority)
+        )
+        similarity = found.candidates[0].score
+        if similarity >= min_similarity:
+            return _decode_response(found, bank, received_at)
+        generated = await self._run(
+            generator, SequenceRequest(query, params, 0, deadline=deadline, priority=priority)
+        )
+        return _decode_response(generated, generator, received_at, similarity, earlier=[found])
 
     async def _generate_request(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, stream: bool
-    ) -> tuple[ModelEngine, SequenceRequest]:
+    ) -> tuple[Engine, SequenceRequest]:
         engine = self._engine(request.model)
         limits = model_limits(engine, self._limits.max_new_tokens_limit)
+        if engine.kind == PHRASE_BANK_KIND:
+            query = parse_query(request.embedding, "embedding", limits)
+            candidates, seed = parse_bank_generate(request)
+            return engine, SequenceRequest(
+                query,
+                BANK_PARAMS,
+                seed,
+                stream=stream,
+                deadline=self._deadline(context),
+                priority=request.priority,
+                candidates=candidates,
+            )
         embedding = parse_embedding(request.embedding, "embedding", limits)
         params, seed = parse_generate(request, limits)
         return engine, SequenceRequest(
@@ -326,18 +455,13 @@ class DecoderService(pb_grpc.DecoderServicer):
             return None, _item_error(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         try:
             engine = self._engine(model)
-            limits = model_limits(engine, self._limits.max_new_tokens_limit)
-            sequence = SequenceRequest(
-                embedding=parse_embedding(embedding, field, limits),
-                params=greedy_params(max_new_tokens, "max_new_tokens", limits),
-                seed=0,
-                deadline=deadline,
-                priority=priority,
+            sequence = self._decode_sequence(
+                engine, embedding, field, max_new_tokens, deadline, priority
             )
             result = await self._run(engine, sequence)
         except (RequestError, SequenceError) as error:
             return None, _item_error(error.code, error.message)
-        return _decode_response(result, engine.name, received_at), None
+        return _decode_response(result, engine, received_at), None
 
     @rpc
     async def DecodeBatch(

@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
-from retd.server.engine import MemorySample, ModelEngine, SequenceResult, sample_memory
+from retd.server.engine import Engine, MemorySample, SequenceResult, sample_memory
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("retd.access")
@@ -169,11 +169,11 @@ class Telemetry:
         )
         return cls(tracer_provider, meter_provider)
 
-    def observe(self, engines: Mapping[str, ModelEngine], in_flight: Callable[[], int]) -> None:
+    def observe(self, engines: Mapping[str, Engine], in_flight: Callable[[], int]) -> None:
         """Gauges read when the metrics are collected: queue depth, running batch, calls in
         flight, memory."""
 
-        def per_model(read: Callable[[ModelEngine], int]) -> Callable[..., Iterable[Observation]]:
+        def per_model(read: Callable[[Engine], int]) -> Callable[..., Iterable[Observation]]:
             def callback(options: CallbackOptions) -> Iterable[Observation]:
                 return [Observation(read(e), {"retd.model": n}) for n, e in engines.items()]
 
@@ -301,7 +301,7 @@ class Telemetry:
     def record_sequence(
         self,
         span: Span,
-        engine: ModelEngine,
+        engine: Engine,
         result: SequenceResult,
         request: Mapping[str, Any],
     ) -> None:
@@ -316,14 +316,15 @@ class Telemetry:
         self.tokens_generated.add(len(result.token_ids), model)
         if not span.is_recording():
             return
-        loaded = engine.loaded
+        version = engine.description.version
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "generate_content",
             "gen_ai.request.model": engine.name,
-            "gen_ai.response.model": f"{engine.name}@{loaded.version}",
+            "gen_ai.response.model": f"{engine.name}@{version}",
             "gen_ai.usage.output_tokens": len(result.token_ids),
             "gen_ai.response.finish_reasons": [str(result.finish_reason)],
-            "retd.model.version": loaded.version,
+            "retd.model.version": version,
+            "retd.model.kind": engine.kind,
             "retd.model.device": str(engine.device),
             "retd.queue_ms": result.queue_s * 1e3,
             "retd.time_to_first_token_ms": result.first_token_s * 1e3,

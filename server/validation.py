@@ -32,6 +32,9 @@ MAX_ABS_VALUE = 1e6
 # inside a model's max_length anyway.
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
+# A phrase bank's Generate returns top_k candidates: this many when top_k is 0, at most MAX.
+DEFAULT_CANDIDATES = 5
+MAX_CANDIDATES = 100
 
 
 def invalid(message: str) -> RequestError:
@@ -101,6 +104,17 @@ def parse_embedding(embedding: pb.Embedding, field: str, limits: ModelLimits) ->
     return values
 
 
+def parse_query(embedding: pb.Embedding, field: str, limits: ModelLimits) -> np.ndarray:
+    """An embedding to search a phrase bank with: as `parse_embedding`, and not all zeros."""
+    values = parse_embedding(embedding, field, limits)
+    if not values.any():
+        raise invalid(
+            f"{field}: all zeros; a phrase bank ranks phrases by cosine similarity, which a "
+            f"zero vector does not have; expected a {limits.encoder} embedding"
+        )
+    return values
+
+
 def parse_max_new_tokens(value: int, field: str, limits: ModelLimits) -> int:
     if value == 0:
         return limits.max_length
@@ -118,16 +132,7 @@ def greedy_params(max_new_tokens: int, field: str, limits: ModelLimits) -> Sampl
 
 def parse_generate(request: pb.GenerateRequest, limits: ModelLimits) -> tuple[SamplingParams, int]:
     """Sampling parameters and the seed of a Generate / GenerateStream request."""
-    temperature = request.temperature if request.HasField("temperature") else 1.0
-    if not (math.isfinite(temperature) and (temperature == 0 or temperature >= MIN_TEMPERATURE)):
-        raise invalid(
-            f"temperature: {temperature} is invalid; expected 0 (greedy) or a number >= "
-            f"{MIN_TEMPERATURE}"
-        )
-    top_p = request.top_p if request.HasField("top_p") else 1.0
-    if not (0 < top_p <= 1):
-        raise invalid(f"top_p: {top_p} is outside (0, 1]; expected 0 < top_p <= 1")
-    stops = _parse_stops(request.stop)
+    temperature, top_p, stops = _sampling_fields(request)
     seed = request.seed if request.HasField("seed") else secrets.randbits(63)
     params = SamplingParams(
         max_new_tokens=parse_max_new_tokens(request.max_new_tokens, "max_new_tokens", limits),
@@ -138,6 +143,45 @@ def parse_generate(request: pb.GenerateRequest, limits: ModelLimits) -> tuple[Sa
         stop=stops,
     )
     return params, seed
+
+
+def parse_bank_generate(request: pb.GenerateRequest) -> tuple[int, int]:
+    """How many candidates a Generate / GenerateStream request to a phrase bank wants, and
+    the seed it echoes (0 when unset). The sampling fields are checked as for a generative
+    model, so one request suits either kind, and then ignored: a bank's answer is exact."""
+    _sampling_fields(request)
+    candidates = request.top_k or DEFAULT_CANDIDATES
+    if candidates > MAX_CANDIDATES:
+        raise invalid(
+            f"top_k: {candidates} candidates exceed the {MAX_CANDIDATES} a phrase bank returns "
+            f"at most; expected 1..{MAX_CANDIDATES} (0 means {DEFAULT_CANDIDATES})"
+        )
+    return candidates, request.seed if request.HasField("seed") else 0
+
+
+def parse_min_similarity(hybrid: pb.Hybrid) -> float:
+    """The threshold of a hybrid Decode: a cosine similarity, required."""
+    expected = "expected a cosine similarity in [-1, 1], the least at which the bank answers"
+    if not hybrid.HasField("min_similarity"):
+        raise invalid(f"hybrid.min_similarity: missing; {expected}")
+    value = hybrid.min_similarity
+    if not (math.isfinite(value) and -1 <= value <= 1):
+        raise invalid(f"hybrid.min_similarity: {value:g} is outside [-1, 1]; {expected}")
+    return value
+
+
+def _sampling_fields(request: pb.GenerateRequest) -> tuple[float, float, tuple[str, ...]]:
+    """temperature, top_p and stop strings, checked."""
+    temperature = request.temperature if request.HasField("temperature") else 1.0
+    if not (math.isfinite(temperature) and (temperature == 0 or temperature >= MIN_TEMPERATURE)):
+        raise invalid(
+            f"temperature: {temperature} is invalid; expected 0 (greedy) or a number >= "
+            f"{MIN_TEMPERATURE}"
+        )
+    top_p = request.top_p if request.HasField("top_p") else 1.0
+    if not (0 < top_p <= 1):
+        raise invalid(f"top_p: {top_p} is outside (0, 1]; expected 0 < top_p <= 1")
+    return temperature, top_p, _parse_stops(request.stop)
 
 
 def _parse_stops(stops: Sequence[str]) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""The ModelEngine with a real loaded model, driven from asyncio: continuous batching must give
+"""The RETEngine with a real loaded model, driven from asyncio: continuous batching must give
 every sequence exactly what it would get alone."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from retd.model.checkpoint import LoadedModel
 from retd.model.generation import GenerationResult, SamplingParams, generate
 from retd.model.model import RET
 from retd.server.engine import (
-    ModelEngine,
+    RETEngine,
     SequenceError,
     SequenceHandle,
     SequenceRequest,
@@ -59,13 +59,13 @@ def reference(loaded: LoadedModel, emb_seed: int, params: SamplingParams) -> Gen
     return cached[key]
 
 
-def start_engine(loaded: LoadedModel, **config: object) -> ModelEngine:
-    engine = ModelEngine("test", loaded, SchedulerConfig(**config))  # type: ignore[arg-type]
+def start_engine(loaded: LoadedModel, **config: object) -> RETEngine:
+    engine = RETEngine("test", loaded, SchedulerConfig(**config))  # type: ignore[arg-type]
     engine.start()
     return engine
 
 
-async def wait_idle(engine: ModelEngine) -> None:
+async def wait_idle(engine: RETEngine) -> None:
     """Bounded poll until the engine holds nothing: no waiting, no running sequence."""
     deadline = time.monotonic() + POLL_LIMIT_S
     while (stats := engine.stats()).waiting or stats.running:
@@ -98,7 +98,7 @@ class Run:
     outcome: SequenceResult | SequenceError | None = None
 
 
-async def serve(engine: ModelEngine, plans: list[Plan], order: list[int]) -> dict[int, Run]:
+async def serve(engine: RETEngine, plans: list[Plan], order: list[int]) -> dict[int, Run]:
     """Submit the plans in `order` (each after its `after` condition), stream them all and
     cancel those that ask for it; return every run once all have ended."""
     runs: dict[int, Run] = {}
@@ -259,7 +259,7 @@ def test_cancellation_frees_running_and_queued_slots(sharp_model: LoadedModel) -
     async def main() -> None:
         # Started only after all four are queued, so the first step takes two of them.
         loaded = dataclasses.replace(sharp_model, model=gated)
-        engine = ModelEngine("test", loaded, SchedulerConfig(max_batch_size=2))
+        engine = RETEngine("test", loaded, SchedulerConfig(max_batch_size=2))
         try:
             runs: dict[int, Run] = {}
 
@@ -405,7 +405,7 @@ def test_a_failing_row_fails_only_its_sequence_with_internal(
         batch = n_good + 1
         # joining together: the idle model waits (up to a minute) until the batch is full
         wait_ms = 0.0 if joins_running_batch else 60_000.0
-        engine = ModelEngine(
+        engine = RETEngine(
             "test", poisonable, SchedulerConfig(max_batch_size=batch, max_wait_ms=wait_ms)
         )
         try:

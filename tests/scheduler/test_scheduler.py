@@ -489,3 +489,35 @@ def test_a_held_queue_wakes_for_the_earliest_deadline() -> None:
     step = s.schedule(0.25)
     assert step.aborted == (Aborted(1, AbortReason.DEADLINE, "queued"),)
     assert step.empty and step.wake_at == pytest.approx(1.1)
+
+
+# ---- one-step models (phrase banks) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["continuous", "static"])
+def test_complete_ends_every_row_at_once_and_frees_its_slots(policy: str) -> None:
+    s = scheduler(max_batch_size=2, policy=policy)
+    for seq_id in (1, 2, 3):
+        s.add(state(seq_id, max_new_tokens=1, arrival=0.0))
+    step = s.schedule(1.0)
+    assert ids(step) == [1, 2] and step.joined == (1, 2)
+    finished = s.complete(step, 2.0)
+    assert [f.seq_id for f in finished] == [1, 2]
+    assert all(f.finished_at == 2.0 and f.tail_text == "" for f in finished)
+    assert all(f.state.batch_min == f.state.batch_max == 2 for f in finished)
+    assert (s.num_running, s.free_slots, s.num_padding, s.num_waiting) == (0, 2, 0, 1)
+    step = s.schedule(3.0)
+    assert ids(step) == [3]
+    assert [f.seq_id for f in s.complete(step, 4.0)] == [3]
+    assert not s.has_work()
+
+
+def test_complete_after_a_failed_row_ends_the_others() -> None:
+    s = scheduler(max_batch_size=4, policy="static")
+    for seq_id in (1, 2, 3):
+        s.add(state(seq_id, max_new_tokens=1))
+    step = s.schedule(0.0)
+    assert [a.seq_id for a in s.fail([2], "boom")] == [2]
+    rest = Step(tuple(r for r in step.rows if r.seq_id != 2), step.joined, ())
+    assert [f.seq_id for f in s.complete(rest, 1.0)] == [1, 3]
+    assert (s.num_running, s.free_slots, s.num_padding) == (0, 4, 0)

@@ -14,10 +14,19 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_EOS: _ClassVar[FinishReason]
     FINISH_REASON_STOP: _ClassVar[FinishReason]
+
+class AnswerSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ANSWER_SOURCE_UNSPECIFIED: _ClassVar[AnswerSource]
+    ANSWER_SOURCE_GENERATED: _ClassVar[AnswerSource]
+    ANSWER_SOURCE_PHRASE_BANK: _ClassVar[AnswerSource]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_EOS: FinishReason
 FINISH_REASON_STOP: FinishReason
+ANSWER_SOURCE_UNSPECIFIED: AnswerSource
+ANSWER_SOURCE_GENERATED: AnswerSource
+ANSWER_SOURCE_PHRASE_BANK: AnswerSource
 
 class FloatVector(_message.Message):
     __slots__ = ("values",)
@@ -58,30 +67,44 @@ class Timing(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("model", "embedding", "max_new_tokens", "priority")
+    __slots__ = ("model", "embedding", "max_new_tokens", "priority", "hybrid")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    HYBRID_FIELD_NUMBER: _ClassVar[int]
     model: str
     embedding: Embedding
     max_new_tokens: int
     priority: int
-    def __init__(self, model: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
+    hybrid: Hybrid
+    def __init__(self, model: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., hybrid: _Optional[_Union[Hybrid, _Mapping]] = ...) -> None: ...
+
+class Hybrid(_message.Message):
+    __slots__ = ("phrase_bank", "min_similarity")
+    PHRASE_BANK_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    phrase_bank: str
+    min_similarity: float
+    def __init__(self, phrase_bank: _Optional[str] = ..., min_similarity: _Optional[float] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
-    __slots__ = ("text", "finish_reason", "usage", "timing", "model")
+    __slots__ = ("text", "finish_reason", "usage", "timing", "model", "source", "similarity")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     text: str
     finish_reason: FinishReason
     usage: Usage
     timing: Timing
     model: str
-    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
+    source: AnswerSource
+    similarity: float
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., model: _Optional[str] = ..., source: _Optional[_Union[AnswerSource, str]] = ..., similarity: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "embedding", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "priority")
@@ -106,7 +129,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "token_ids", "finish_reason", "usage", "timing", "mean_logprob", "model", "seed")
+    __slots__ = ("text", "token_ids", "finish_reason", "usage", "timing", "mean_logprob", "model", "seed", "candidates")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +138,7 @@ class GenerateResponse(_message.Message):
     MEAN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: FinishReason
@@ -123,10 +147,21 @@ class GenerateResponse(_message.Message):
     mean_logprob: float
     model: str
     seed: int
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., mean_logprob: _Optional[float] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., mean_logprob: _Optional[float] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+
+class Candidate(_message.Message):
+    __slots__ = ("text", "score", "index")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    score: float
+    index: int
+    def __init__(self, text: _Optional[str] = ..., score: _Optional[float] = ..., index: _Optional[int] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("text", "token_ids", "finish_reason", "usage", "timing", "mean_logprob", "model", "seed")
+    __slots__ = ("text", "token_ids", "finish_reason", "usage", "timing", "mean_logprob", "model", "seed", "candidates")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +170,7 @@ class GenerateChunk(_message.Message):
     MEAN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: FinishReason
@@ -143,7 +179,8 @@ class GenerateChunk(_message.Message):
     mean_logprob: float
     model: str
     seed: int
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., mean_logprob: _Optional[float] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., mean_logprob: _Optional[float] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
 
 class DecodeBatchRequest(_message.Message):
     __slots__ = ("model", "embeddings", "max_new_tokens", "priority")
@@ -224,7 +261,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "architecture", "parameter_count", "embedding_dim", "vocab_size", "max_length", "dtype", "device", "checkpoint_sha256", "card", "trained", "encoder", "load")
+    __slots__ = ("name", "version", "architecture", "parameter_count", "embedding_dim", "vocab_size", "max_length", "dtype", "device", "checkpoint_sha256", "card", "trained", "encoder", "load", "kind", "phrase_count")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +276,8 @@ class ModelInfo(_message.Message):
     TRAINED_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PHRASE_COUNT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     architecture: str
@@ -253,7 +292,9 @@ class ModelInfo(_message.Message):
     trained: bool
     encoder: str
     load: ModelLoad
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., card: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., trained: _Optional[bool] = ..., encoder: _Optional[str] = ..., load: _Optional[_Union[ModelLoad, _Mapping]] = ...) -> None: ...
+    kind: str
+    phrase_count: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., card: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., trained: _Optional[bool] = ..., encoder: _Optional[str] = ..., load: _Optional[_Union[ModelLoad, _Mapping]] = ..., kind: _Optional[str] = ..., phrase_count: _Optional[int] = ...) -> None: ...
 
 class ModelLoad(_message.Message):
     __slots__ = ("waiting", "max_queue_size", "running", "max_batch_size", "batching", "max_wait_ms")

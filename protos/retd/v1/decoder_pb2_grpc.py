@@ -26,9 +26,13 @@ if _version_not_supported:
 
 
 class DecoderStub:
-    """Decodes sentence embeddings into text with a generative model (RET v2.1).
+    """Decodes sentence embeddings into text with a generative model (RET v2.1, kind "ret") or
+    a phrase bank (kind "phrase_bank": the nearest phrases by cosine similarity).
 
-    Every request may name a `model`; empty means the server's default model.
+    Every request may name a `model`; empty means the server's default model. A phrase bank
+    answers every RPC: its text is a whole phrase (finish_reason EOS, no bytes generated), it
+    ignores max_new_tokens and the sampling fields (validated as for RET all the same, so one
+    request suits either kind), and Generate's top_k is how many candidates it returns.
     Errors come back as gRPC statuses whose message names the offending field:
     INVALID_ARGUMENT (bad input), NOT_FOUND (unknown model), RESOURCE_EXHAUSTED
     (queue full or message too large), DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE
@@ -80,9 +84,13 @@ class DecoderStub:
 
 
 class DecoderServicer:
-    """Decodes sentence embeddings into text with a generative model (RET v2.1).
+    """Decodes sentence embeddings into text with a generative model (RET v2.1, kind "ret") or
+    a phrase bank (kind "phrase_bank": the nearest phrases by cosine similarity).
 
-    Every request may name a `model`; empty means the server's default model.
+    Every request may name a `model`; empty means the server's default model. A phrase bank
+    answers every RPC: its text is a whole phrase (finish_reason EOS, no bytes generated), it
+    ignores max_new_tokens and the sampling fields (validated as for RET all the same, so one
+    request suits either kind), and Generate's top_k is how many candidates it returns.
     Errors come back as gRPC statuses whose message names the offending field:
     INVALID_ARGUMENT (bad input), NOT_FOUND (unknown model), RESOURCE_EXHAUSTED
     (queue full or message too large), DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE
@@ -188,9 +196,13 @@ def add_DecoderServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Decoder:
-    """Decodes sentence embeddings into text with a generative model (RET v2.1).
+    """Decodes sentence embeddings into text with a generative model (RET v2.1, kind "ret") or
+    a phrase bank (kind "phrase_bank": the nearest phrases by cosine similarity).
 
-    Every request may name a `model`; empty means the server's default model.
+    Every request may name a `model`; empty means the server's default model. A phrase bank
+    answers every RPC: its text is a whole phrase (finish_reason EOS, no bytes generated), it
+    ignores max_new_tokens and the sampling fields (validated as for RET all the same, so one
+    request suits either kind), and Generate's top_k is how many candidates it returns.
     Errors come back as gRPC statuses whose message names the offending field:
     INVALID_ARGUMENT (bad input), NOT_FOUND (unknown model), RESOURCE_EXHAUSTED
     (queue full or message too large), DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE
