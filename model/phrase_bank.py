@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -185,6 +185,40 @@ def save_phrase_bank(
     text = json.dumps(card, indent=2, sort_keys=True) + "\n"
     atomic_write(directory / CARD_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return directory
+
+
+def read_phrases(path: Path) -> tuple[list[str], int]:
+    """The phrases of a UTF-8 text file, one per line (without its line break): blank lines
+    are skipped and a phrase seen before is dropped, so a bank never lists one twice. Returns
+    the phrases in file order and how many repeats were dropped."""
+    seen: dict[str, None] = {}
+    repeats = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        if line in seen:
+            repeats += 1
+        seen[line] = None
+    return list(seen), repeats
+
+
+def embed_phrases(
+    phrases: Sequence[str],
+    encode: Callable[[Sequence[str]], np.ndarray],
+    chunk_size: int = 1024,
+    progress: bool = True,
+) -> np.ndarray:
+    """`encode` (a sentence encoder) over the phrases, `chunk_size` at a time, with a
+    progress bar: (len(phrases), dim) float32, row i embedding phrases[i]."""
+    from tqdm import tqdm
+
+    parts = []
+    with tqdm(total=len(phrases), desc="embed phrases", unit="phrase", disable=not progress) as bar:
+        for start in range(0, len(phrases), chunk_size):
+            chunk = phrases[start : start + chunk_size]
+            parts.append(np.asarray(encode(chunk), dtype=np.float32))
+            bar.update(len(chunk))
+    return np.concatenate(parts) if parts else np.zeros((0, ENCODER_DIM), np.float32)
 
 
 def _bank_card(path: Path) -> dict[str, Any]:

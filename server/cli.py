@@ -1,5 +1,6 @@
 """Server-side commands of the `retd` CLI: `serve`, `init-checkpoint`, `bench`, and the
-training commands of `retd.model.commands` (`corpus`, `embed`, `train`, `eval`).
+training commands of `retd.model.commands` (`corpus`, `embed`, `train`, `eval`,
+`build-phrase-bank`).
 
 `retd.client.cli` dispatches these here lazily, so the client never imports torch."""
 
