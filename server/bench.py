@@ -481,12 +481,12 @@ def spawned_servers(
     checkpoint: Path, server_args: str, replicas: int
 ) -> Iterator[tuple[list[str], list[int]]]:
     """`replicas` servers as `spawned_server` starts them; yields their addresses and pids.
-    Several replicas get a free metrics port each (unless `server_args` names one)."""
+    Each gets a free metrics port (unless `server_args` names one)."""
     with contextlib.ExitStack() as stack:
         started = []
         for _ in range(replicas):
             args = server_args
-            if replicas > 1 and "--metrics-port" not in args:
+            if "--metrics-port" not in args:  # never the default port a daemon may hold
                 args = f"{args} --metrics-port {_free_port()}"
             started.append(stack.enter_context(spawned_server(checkpoint, args)))
         yield [address for address, _ in started], [pid for _, pid in started]
