@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
-CHECKPOINT ?= build/checkpoints/ret_v21
+CHECKPOINT ?=
 SERVE_ARGS ?=
 
 .PHONY: serve test proto lint venv dev encoder train clean fuzz soak
@@ -34,12 +34,9 @@ venv: $(VENV)/.server
 dev: $(VENV)/.dev
 encoder: $(VENV)/.encoder
 
-$(CHECKPOINT)/model.safetensors: | $(VENV)/.server
-	$(BIN)/retd init-checkpoint --out $(CHECKPOINT)
-
-## Serve the default model on 127.0.0.1:50051 (Ctrl-C stops it gracefully).
-serve: $(VENV)/.server $(CHECKPOINT)/model.safetensors
-	$(BIN)/retd serve --checkpoint $(CHECKPOINT) $(SERVE_ARGS)
+## Serve the shipped, trained RET v2.1 on 127.0.0.1:50051 (or CHECKPOINT=DIR; Ctrl-C drains).
+serve: $(VENV)/.server
+	$(BIN)/retd serve $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(SERVE_ARGS)
 
 ## Install what the tests need, check hygiene (ruff, mypy), and run every test.
 test: lint

@@ -70,10 +70,16 @@ def test_models_from_flags_and_environment(checkpoint: Path) -> None:
     assert [m.name for m in config.models] == ["ret_v21"]
 
 
+def test_no_model_named_serves_the_shipped_checkpoint() -> None:
+    from retd.model.checkpoint import DEFAULT_CHECKPOINT
+
+    (model,) = parse([]).models
+    assert (model.name, model.checkpoint) == ("ret_v21", DEFAULT_CHECKPOINT)
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [
-        ([], {}, "no model to serve"),
         (["--port", "70000"], {}, "port: expected 0..65535"),
         (["--port", "http"], {}, "port: expected an integer"),
         (["--max-batch-size", "0"], {}, "max_batch_size: expected an integer >= 1"),
