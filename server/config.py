@@ -73,7 +73,7 @@ class ServerConfig:
     max_batch_items: int = 1024
     max_stream_items: int = 100_000
     max_new_tokens_limit: int = 0
-    max_concurrent_streams: int = 100
+    max_concurrent_streams: int = 1000
     keepalive_min_ping_ms: int = 10_000
     ready_file: Path | None = None
     config_file: Path | None = field(default=None, compare=False)
@@ -305,7 +305,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "max_concurrent_streams",
         _positive_int("max_concurrent_streams"),
-        "calls one connection may have open at once (default 100)",
+        "calls one connection may have open at once (default 1000)",
     ),
     Setting(
         "keepalive_min_ping_ms",
