@@ -249,6 +249,15 @@ class Load:
         return list(self.outcomes)
 
 
+def spread_once_in_rotation(replicas: list[Replica], what: str) -> list[int]:
+    """Wait until every replica is in rotation (a few calls each: a restarted one must first be
+    reconnected), then count a window of calls: round_robin shares it fairly."""
+    serve_more(replicas, 3, f"{what} (all in rotation)")
+    deltas = serve_more(replicas, 30, what)
+    assert_spread(deltas)
+    return deltas
+
+
 def serve_more(replicas: list[Replica], calls: int, what: str) -> list[int]:
     """Bounded poll until each replica has served `calls` more calls than now; their counts."""
     since = [r.served() for r in replicas]
@@ -282,8 +291,7 @@ def test_failover_under_load_loses_no_call(tmp_path: Path, checkpoint: Path) -> 
         report: dict[str, Any] = {}
         try:
             # 1. Three replicas share the load.
-            deltas = serve_more(replicas, 30, "three replicas serving")
-            assert_spread(deltas)
+            deltas = spread_once_in_rotation(replicas, "three replicas serving")
             report["three"] = deltas
 
             # 2. SIGKILL one with calls in flight: they are retried on the others.
@@ -291,8 +299,7 @@ def test_failover_under_load_loses_no_call(tmp_path: Path, checkpoint: Path) -> 
             poll(lambda: victim.in_flight() > 0, POLL_S, "a call in flight on the victim")
             victim.server.process.send_signal(signal.SIGKILL)
             assert victim.server.process.wait(timeout=30) == -signal.SIGKILL
-            deltas = serve_more(rest, 30, "two replicas serving")
-            assert_spread(deltas)
+            deltas = spread_once_in_rotation(rest, "two replicas serving")
             report["after SIGKILL"] = deltas
 
             # 3. SIGTERM another with calls in flight: it drains and exits 0.
@@ -308,8 +315,7 @@ def test_failover_under_load_loses_no_call(tmp_path: Path, checkpoint: Path) -> 
             restarted = start_replica(tmp_path, checkpoint, port=port)
             replicas.append(restarted)
             assert restarted.server.port == port
-            deltas = serve_more([restarted, survivor], 30, "the restarted serving")
-            assert_spread(deltas)
+            deltas = spread_once_in_rotation([restarted, survivor], "the restarted serving")
             report["restarted and survivor"] = deltas
         finally:
             outcomes = load.stop()
