@@ -8,7 +8,6 @@ retd.model.phrase_bank).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -22,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .encoder import sha256_file
 from .model import ARCHITECTURES, RET, RETConfig, config_for, model_class
 
 WEIGHTS_FILE = "model.safetensors"
@@ -90,14 +90,6 @@ class LoadedModel:
         return str(self.card["version"])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def atomic_write(path: Path, write: Any) -> None:
     """Write via a temporary file in the same directory, then rename over path."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -148,7 +140,7 @@ def save_checkpoint(
         directory / WEIGHTS_FILE,
         lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
     )
-    full_card["weights_sha256"] = _sha256(directory / WEIGHTS_FILE)
+    full_card["weights_sha256"] = sha256_file(directory / WEIGHTS_FILE)
     text = json.dumps(full_card, indent=2, sort_keys=True) + "\n"
     atomic_write(directory / CARD_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return directory
@@ -270,7 +262,7 @@ def load_checkpoint(
             )
         if not tensor.is_floating_point():
             raise CheckpointError(f"{weights_path}: tensor {name!r} has dtype {tensor.dtype}")
-    digest = _sha256(weights_path)
+    digest = sha256_file(weights_path)
     if card.get("weights_sha256", digest) != digest:
         raise CheckpointError(
             f"{weights_path} has sha256 {digest} but {card_path.name} names "

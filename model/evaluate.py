@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,21 @@ def greedy_texts(
     model: RET, embeddings: torch.Tensor, max_new_tokens: int = 200, batch_size: int = 256
 ) -> list[str]:
     """Greedy decoding of each embedding row (the server's Decode)."""
-    texts: list[str] = []
     params = SamplingParams(max_new_tokens=max_new_tokens)
+    return _texts_in_chunks(
+        embeddings,
+        batch_size,
+        lambda chunk: [r.text for r in generate(model, chunk, [params] * len(chunk))],
+    )
+
+
+def _texts_in_chunks(
+    embeddings: torch.Tensor, batch_size: int, decode: Callable[[torch.Tensor], list[str]]
+) -> list[str]:
+    """decode() applied to successive chunks of at most batch_size rows, outputs in order."""
+    texts: list[str] = []
     for start in range(0, len(embeddings), batch_size):
-        chunk = embeddings[start : start + batch_size]
-        texts += [r.text for r in generate(model, chunk, [params] * len(chunk))]
+        texts += decode(embeddings[start : start + batch_size])
     return texts
 
 
@@ -164,13 +174,13 @@ def beam_texts(
     max_new_tokens: int = 200,
     batch_size: int = 128,
 ) -> list[str]:
-    texts: list[str] = []
-    for start in range(0, len(embeddings), batch_size):
-        chunk = embeddings[start : start + batch_size]
-        texts += [
+    return _texts_in_chunks(
+        embeddings,
+        batch_size,
+        lambda chunk: [
             decode_bytes(bytes(seq)) for seq in beam_search(model, chunk, num_beams, max_new_tokens)
-        ]
-    return texts
+        ],
+    )
 
 
 def no_repeat_texts(
@@ -180,13 +190,13 @@ def no_repeat_texts(
     max_new_tokens: int = 200,
     batch_size: int = 256,
 ) -> list[str]:
-    texts: list[str] = []
-    for start in range(0, len(embeddings), batch_size):
-        chunk = embeddings[start : start + batch_size]
-        texts += [
+    return _texts_in_chunks(
+        embeddings,
+        batch_size,
+        lambda chunk: [
             decode_bytes(bytes(s)) for s in greedy_no_repeat(model, chunk, ngram, max_new_tokens)
-        ]
-    return texts
+        ],
+    )
 
 
 def text_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
