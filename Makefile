@@ -54,7 +54,7 @@ soak: $(VENV)/.dev
 ## Regenerate the Python code of protos/ (a test fails when it is stale).
 proto: $(VENV)/.dev
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
-		--grpc_python_out=protos protos/retd/v1/decoder.proto
+		--grpc_python_out=protos protos/retd/v1/decoder.proto protos/retd/v1/repository.proto
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

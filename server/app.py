@@ -25,9 +25,12 @@ from retd.model.checkpoint import (
     resolve_device,
 )
 from retd.model.phrase_bank import load_phrase_bank
+from retd.server.admin import ADMIN_SERVICE, RepositoryService
 from retd.server.config import ModelSpec, ServerConfig
 from retd.server.engine import Engine, RETEngine
+from retd.server.gate import CallGate
 from retd.server.phrase_bank_engine import PhraseBankEngine
+from retd.server.repository import ModelRegistry
 from retd.server.scheduler import SchedulerConfig
 from retd.server.security import (
     TokenAuthInterceptor,
@@ -36,9 +39,10 @@ from retd.server.security import (
     server_credentials,
     unusable_credentials,
 )
-from retd.server.service import DecoderService, ServiceLimits, add_decoder_service
+from retd.server.service import DecoderService, ServiceLimits, add_service
 from retd.server.telemetry import Telemetry, TelemetryConfig
 from retd.v1 import decoder_pb2 as pb
+from retd.v1 import repository_pb2
 
 log = logging.getLogger("retd.server")
 
@@ -116,27 +120,30 @@ class Daemon:
         """`telemetry`: built from the config when None (tests pass their own providers)."""
         self.config = config
         self.telemetry = telemetry
-        self.engines: dict[str, Engine] = {}
         self.health = health.aio.HealthServicer()
+        self.models = ModelRegistry(
+            config.models,
+            load_engine,
+            repository=config.model_repo,
+            repository_models=config.repo_models,
+            repository_defaults=config.model_defaults(),
+            default_model=config.default_model,
+            drain_timeout=config.unload_timeout,
+            health_servicer=self.health,
+        )
         self.server: grpc.aio.Server | None = None
         self.service: DecoderService | None = None
-        self.tokens: TokenStore | None = None
+        self.token_stores: list[TokenStore] = []
         self.port = 0
+        self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         config = self.config
         if self.telemetry is None:
             self.telemetry = Telemetry.from_config(telemetry_config(config))
-        for spec in config.models:
-            self.engines[spec.name] = await asyncio.to_thread(load_engine, spec)
-        for engine in self.engines.values():
-            engine.start()
+        await self.models.start()
         credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-        open_services = {health.SERVICE_NAME, reflection.SERVICE_NAME}
-        interceptors = []
-        if config.auth_tokens is not None:
-            self.tokens = TokenStore(config.auth_tokens)
-            interceptors.append(TokenAuthInterceptor(self.tokens, open_services))
+        interceptors = [self._access_control()]
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -154,14 +161,17 @@ class Daemon:
             max_stream_items=config.max_stream_items,
             max_new_tokens_limit=config.max_new_tokens_limit,
         )
-        self.service = DecoderService(self.engines, config.default_model, self.telemetry, limits)
-        gate = self.service.gate
-        self.telemetry.observe(self.engines, lambda: gate.in_flight)
-        add_decoder_service(self.service, server)
+        gate = CallGate()
+        self.service = DecoderService(self.models, self.telemetry, limits, gate)
+        self.admin = RepositoryService(self.models, self.telemetry, gate)
+        self.telemetry.observe(self.models.engines, lambda: gate.in_flight)
+        add_service(self.service, server, pb, "Decoder")
+        add_service(self.admin, server, repository_pb2, "ModelRepository")
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if config.reflection:
             reflection.enable_server_reflection(
-                (DECODER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+                (DECODER_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                server,
             )
         if credentials is None:
             self.port = server.add_insecure_port(config.address)
@@ -181,24 +191,55 @@ class Daemon:
                 raise unusable_credentials(
                     config.tls_cert, config.tls_key, config.tls_client_ca, config.address
                 )
-        self.service.port = self.port
-        self.service.host = config.host
+        for service in (self.service, self.admin):
+            service.port, service.host = self.port, config.host
         self.server = server
         await server.start()
-        for name in ("", DECODER_SERVICE, *self.engines):
+        for name in ("", DECODER_SERVICE, ADMIN_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.models.publish_health()
+        if config.watch > 0:
+            self._watcher = asyncio.create_task(self.models.watch(config.watch))
         log.info(
-            "retd serving %s on %s:%d (default model %s)",
-            ", ".join(self.engines),
+            "retd serving %s on %s:%d (default model %s)%s",
+            ", ".join(f"{m.name} v{m.version}" for m in self.models.ready()) or "no model",
             config.host,
             self.port,
-            config.default_model,
+            self.models.default_model,
+            f"; watching {config.model_repo} every {config.watch:g} s" if self._watcher else "",
+        )
+
+    def _access_control(self) -> TokenAuthInterceptor:
+        """Who may call what: health and reflection are open; the Decoder needs a token with
+        --auth-tokens; the admin service needs an --admin-tokens token (else an
+        --auth-tokens one) and, with neither, is closed on a non-loopback address."""
+        config = self.config
+        decoder_tokens = admin_tokens = None
+        if config.auth_tokens is not None:
+            decoder_tokens = admin_tokens = TokenStore(config.auth_tokens)
+            self.token_stores.append(decoder_tokens)
+        if config.admin_tokens is not None:
+            admin_tokens = TokenStore(config.admin_tokens)
+            self.token_stores.append(admin_tokens)
+        closed = set()
+        if admin_tokens is None and not is_loopback(config.host):
+            closed.add(ADMIN_SERVICE)
+            log.warning(
+                "the ModelRepository admin service is closed: %s is not a loopback address "
+                "and no --admin-tokens or --auth-tokens was given",
+                config.host,
+            )
+        return TokenAuthInterceptor(
+            decoder_tokens,
+            {health.SERVICE_NAME, reflection.SERVICE_NAME},
+            service_tokens={ADMIN_SERVICE: admin_tokens} if admin_tokens is not None else {},
+            closed_services=closed,
         )
 
     def reload_tokens(self) -> None:
-        """SIGHUP: read the token file again (no-op without --auth-tokens)."""
-        if self.tokens is not None:
-            self.tokens.reload()
+        """SIGHUP: read the token files again (no-op without --auth-tokens/--admin-tokens)."""
+        for tokens in self.token_stores:
+            tokens.reload()
 
     async def stop(self) -> None:
         """Health goes NOT_SERVING, new calls get UNAVAILABLE, calls in flight get the grace
@@ -213,8 +254,9 @@ class Daemon:
                 )
         if self.server is not None:
             await self.server.stop(0.5)
-        for engine in self.engines.values():
-            await engine.close()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        await self.models.close()
         if self.telemetry is not None:
             await asyncio.to_thread(self.telemetry.shutdown)  # flushes spans still batched
 

@@ -36,6 +36,8 @@ class ModelSpec:
     max_queue_size: int = 1024
     max_wait_ms: float = 0.0
     batching: str = "continuous"
+    # Its version: the directory name in a model repository, 1 for a checkpoint named directly.
+    version: int = 1
 
 
 # Settings a [[models]] table may override for its model.
@@ -76,7 +78,17 @@ class ServerConfig:
     max_concurrent_streams: int = 1000
     keepalive_min_ping_ms: int = 10_000
     ready_file: Path | None = None
+    model_repo: Path | None = None
+    repo_models: tuple[str, ...] = ()
+    watch: float = 0.0
+    unload_timeout: float = 60.0
+    admin_tokens: Path | None = None
     config_file: Path | None = field(default=None, compare=False)
+
+    def model_defaults(self) -> ModelSpec:
+        """The per-model settings a model without its own gets (repository models)."""
+        settings = {key: getattr(self, key) for key in PER_MODEL}
+        return ModelSpec(name="", checkpoint=Path(), **settings)
 
     @property
     def address(self) -> str:
@@ -165,6 +177,11 @@ def _on_off(name: str) -> Callable[[Any], bool]:
     return parse
 
 
+def _names(value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    return tuple(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
+
+
 def _optional_path(value: Any) -> Path | None:
     return Path(value) if value not in (None, "") else None
 
@@ -176,6 +193,8 @@ class Setting:
     help: str
     # Standard variables read after RETD_<NAME> (OpenTelemetry's OTEL_* ones).
     aliases: tuple[str, ...] = ()
+    # The value of the flag given bare (`--watch`); None: the flag needs a value.
+    const: str | None = None
 
     @property
     def flag(self) -> str:
@@ -314,6 +333,34 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("default_model", str, "model that requests naming none are served by"),
     Setting(
+        "model_repo",
+        _optional_path,
+        "model repository DIR/<name>/<version>/: serve the newest version of its models",
+    ),
+    Setting(
+        "repo_models",
+        _names,
+        "serve only these models of --model-repo (comma-separated; default: all)",
+    ),
+    Setting(
+        "watch",
+        _non_negative_float("watch"),
+        "poll --model-repo every this many seconds (bare --watch: 2) and load new versions, "
+        "hot; 0 (default) = never",
+        const="2",
+    ),
+    Setting(
+        "unload_timeout",
+        _non_negative_float("unload_timeout"),
+        "seconds a replaced or unloaded version waits for its calls before it is closed (60)",
+    ),
+    Setting(
+        "admin_tokens",
+        _optional_path,
+        "bearer tokens for the ModelRepository admin service (default: --auth-tokens'); "
+        "reloaded on SIGHUP",
+    ),
+    Setting(
         "ready_file",
         _optional_path,
         "write {address, port, pid} as JSON to this file once every model is serving",
@@ -345,6 +392,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             setting.flag,
             dest=setting.name,
             default=None,
+            nargs=None if setting.const is None else "?",
+            const=setting.const,
             help=f"{setting.help}; env {' or '.join((setting.env, *setting.aliases))}",
         )
 
@@ -357,7 +406,7 @@ def _models_from_toml(entries: Any, base: Path) -> list[tuple[ModelSpec, dict[st
     for index, entry in enumerate(entries):
         if not isinstance(entry, Mapping):
             raise ConfigError(f"models[{index}]: expected a table")
-        unknown = set(entry) - {f.name for f in fields(ModelSpec)}
+        unknown = set(entry) - ({f.name for f in fields(ModelSpec)} - {"version"})
         if unknown:
             raise ConfigError(f"models[{index}]: unknown keys {sorted(unknown)}")
         if "name" not in entry or "checkpoint" not in entry:
@@ -446,16 +495,22 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
             models += [(s, {}) for s in _parse_model_pairs(pairs, "RETD_MODELS")]
     else:
         models = toml_models
-    if not models:
+    if not models and values.get("model_repo") is None:
         from retd.model.checkpoint import DEFAULT_CHECKPOINT
 
         if (DEFAULT_CHECKPOINT / "card.json").is_file():
             models = [(ModelSpec(_model_name_for(DEFAULT_CHECKPOINT), DEFAULT_CHECKPOINT), {})]
-    if not models:
+    repository = values.get("model_repo")
+    if repository is not None and not repository.is_dir():
+        raise ConfigError(f"model_repo: {repository} is not a directory")
+    if not models and repository is None:
         raise ConfigError(
             "no model to serve: pass --checkpoint DIR (make one with `retd init-checkpoint`), "
-            "--model NAME=DIR, RETD_CHECKPOINT, or [[models]] in a --config file"
+            "--model NAME=DIR, RETD_CHECKPOINT, --model-repo DIR, or [[models]] in a --config "
+            "file"
         )
+    if values.get("watch") and repository is None:
+        raise ConfigError("watch: needs --model-repo (the directory it polls)")
 
     base = ServerConfig()
     server_wide = {key: values.get(key, getattr(base, key)) for key in PER_MODEL}
@@ -464,8 +519,10 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"models: names must be unique, repeated: {duplicates}")
-    default_model = values.pop("default_model", "") or names[0]
-    if default_model not in names:
+    # With a repository, its models are known once it is read: an empty default is settled
+    # then (the first model by name), and a named one need not be among `names`.
+    default_model = values.pop("default_model", "") or (names[0] if names else "")
+    if default_model not in names and repository is None:
         raise ConfigError(f"default_model: {default_model!r} is not among the models {names}")
     return ServerConfig(
         **values,

@@ -14,7 +14,7 @@ import hmac
 import ipaddress
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,10 @@ import grpc
 log = logging.getLogger(__name__)
 
 UNAUTHENTICATED = "missing or invalid credentials: send metadata 'authorization: Bearer <token>'"
+ADMIN_CLOSED = (
+    "the admin service is closed on a non-loopback address without tokens: start the "
+    "server with --admin-tokens FILE (or --auth-tokens FILE)"
+)
 
 
 class SecurityError(ValueError):
@@ -158,11 +162,23 @@ Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandl
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Turns away calls without an accepted bearer token, except to `open_services`."""
+    """Turns away calls without an accepted bearer token, except to `open_services`.
 
-    def __init__(self, tokens: TokenStore, open_services: Collection[str]) -> None:
+    `tokens` guards every other service (None: they are open), `service_tokens` names
+    services guarded by tokens of their own, and `closed_services` are refused to everyone
+    with PERMISSION_DENIED."""
+
+    def __init__(
+        self,
+        tokens: TokenStore | None,
+        open_services: Collection[str],
+        service_tokens: Mapping[str, TokenStore] | None = None,
+        closed_services: Collection[str] = (),
+    ) -> None:
         self.tokens = tokens
         self.open_services = frozenset(open_services)
+        self.service_tokens = dict(service_tokens or {})
+        self.closed_services = frozenset(closed_services)
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -172,24 +188,27 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or service in self.open_services:
             return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        if self.tokens.accepts(str(metadata.get("authorization", ""))):
+        if service in self.closed_services:
+            return _refusing(handler, grpc.StatusCode.PERMISSION_DENIED, ADMIN_CLOSED)
+        tokens = self.service_tokens.get(service, self.tokens)
+        if tokens is None:
             return handler
-        return _refusing(handler)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if tokens.accepts(str(metadata.get("authorization", ""))):
+            return handler
+        return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
 
 
-async def _refuse(context: grpc.aio.ServicerContext) -> None:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
-
-
-def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming shape as `handler` that answers UNAUTHENTICATED."""
+def _refusing(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming shape as `handler` that answers `code`."""
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await _refuse(context)
+        await context.abort(code, message)
 
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await _refuse(context)
+        await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
     options = {

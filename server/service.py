@@ -8,9 +8,12 @@ generative model when the bank's phrase is not similar enough."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -25,6 +28,7 @@ from retd.model.generation import FinishReason, SamplingParams
 from retd.server.calls import Unparseable, rpc
 from retd.server.engine import Engine, SequenceError, SequenceRequest, SequenceResult
 from retd.server.gate import SHUTTING_DOWN, CallGate
+from retd.server.repository import ModelRegistry, ModelVersion
 from retd.server.telemetry import Telemetry
 from retd.server.validation import (
     ModelLimits,
@@ -76,7 +80,9 @@ def model_limits(engine: Engine, max_new_tokens_limit: int = 0) -> ModelLimits:
     return ModelLimits(engine.name, model.embedding_dim, model.max_length, encoder)
 
 
-def model_info(engine: Engine) -> pb.ModelInfo:
+def model_info(served: ModelVersion, serving: bool) -> pb.ModelInfo:
+    """A loaded version's description; `serving`: calls naming no version get it."""
+    engine = served.ready_engine
     model = engine.description
     card = struct_pb2.Struct()
     card.update(_json_safe(model.card))
@@ -97,6 +103,8 @@ def model_info(engine: Engine) -> pb.ModelInfo:
         encoder=model.encoder,
         kind=engine.kind,
         phrase_count=model.phrase_count,
+        repository_version=served.version,
+        serving=serving,
         load=pb.ModelLoad(
             waiting=stats.waiting,
             max_queue_size=engine.scheduler_config.max_queue_size,
@@ -127,14 +135,17 @@ def _timing(results: Sequence[SequenceResult], received_at: float) -> pb.Timing:
     )
 
 
-def _generation_summary(result: SequenceResult, model: str, received_at: float) -> dict[str, Any]:
+def _generation_summary(
+    result: SequenceResult, served: ModelVersion, received_at: float
+) -> dict[str, Any]:
     """The fields a GenerateResponse and a stream's last GenerateChunk share."""
     return {
         "finish_reason": FINISH_REASONS[result.finish_reason],
         "usage": pb.Usage(generated_tokens=len(result.token_ids)),
         "timing": _timing([result], received_at),
         "mean_logprob": result.mean_logprob,
-        "model": model,
+        "model": served.name,
+        "version": served.version,
         "seed": result.seed,
         "candidates": [
             pb.Candidate(text=c.text, score=c.score, index=c.index) for c in result.candidates
@@ -144,7 +155,7 @@ def _generation_summary(result: SequenceResult, model: str, received_at: float) 
 
 def _decode_response(
     result: SequenceResult,
-    engine: Engine,
+    served: ModelVersion,
     received_at: float,
     similarity: float | None = None,
     earlier: Sequence[SequenceResult] = (),
@@ -152,7 +163,7 @@ def _decode_response(
     """`engine`'s answer. A phrase bank's carries its phrase's similarity; a generative
     model's carries `similarity` when given (hybrid decoding: the bank's best, too low), and
     the times of the `earlier` results (the bank's) count in its timing."""
-    from_bank = engine.kind == PHRASE_BANK_KIND
+    from_bank = served.kind == PHRASE_BANK_KIND
     if from_bank:
         similarity = result.candidates[0].score
     response = pb.DecodeResponse(
@@ -160,7 +171,8 @@ def _decode_response(
         finish_reason=FINISH_REASONS[result.finish_reason],
         usage=pb.Usage(generated_tokens=len(result.token_ids)),
         timing=_timing([*earlier, result], received_at),
-        model=engine.name,
+        model=served.name,
+        version=served.version,
         source=pb.ANSWER_SOURCE_PHRASE_BANK if from_bank else pb.ANSWER_SOURCE_GENERATED,
     )
     if similarity is not None:
@@ -185,72 +197,69 @@ async def _abort(
 
 
 class DecoderService(pb_grpc.DecoderServicer):
-    """Serves every loaded model; requests naming no model go to `default_model`."""
+    """Serves every loaded model; requests naming no model go to the registry's default."""
 
     service_name = DECODER_SERVICE
 
     def __init__(
         self,
-        engines: Mapping[str, Engine],
-        default_model: str,
+        models: ModelRegistry,
         telemetry: Telemetry | None = None,
         limits: ServiceLimits | None = None,
+        gate: CallGate | None = None,
     ) -> None:
-        self._engines = dict(engines)
+        self.models = models
         self._limits = limits or ServiceLimits()
-        self._default_model = default_model
-        self.gate = CallGate()
+        self.gate = gate or CallGate()
         self.telemetry = telemetry or Telemetry()
         self.host = "127.0.0.1"  # set once the server is bound
         self.port = 0
 
-    def _engine(self, name: str) -> Engine:
-        engine = self._engines.get(name or self._default_model)
-        if engine is None:
-            raise RequestError(
-                grpc.StatusCode.NOT_FOUND,
-                f"model: {_shorten(name)!r} is not loaded; expected one of {sorted(self._engines)}",
-            )
-        return engine
-
-    def _names(self, kind: str) -> list[str]:
-        return sorted(name for name, engine in self._engines.items() if engine.kind == kind)
-
-    def _hybrid_models(self, request: pb.DecodeRequest) -> tuple[Engine, Engine]:
-        """(the generative model, the phrase bank) a hybrid Decode names, checked."""
-        generator = self._engine(request.model)
+    @contextlib.contextmanager
+    def _hybrid_models(
+        self, request: pb.DecodeRequest
+    ) -> Iterator[tuple[ModelVersion, ModelVersion]]:
+        """(the generative model, the phrase bank) a hybrid Decode names, checked and leased."""
         name = request.hybrid.phrase_bank
-        banks = self._names(PHRASE_BANK_KIND)
+        banks = self.models.names(PHRASE_BANK_KIND)
         if not name:
             raise invalid(
                 f"hybrid.phrase_bank: empty; expected a phrase_bank model, one of {banks}"
             )
-        bank = self._engines.get(name)
-        if bank is None:
-            raise RequestError(
-                grpc.StatusCode.NOT_FOUND,
-                f"hybrid.phrase_bank: {_shorten(name)!r} is not loaded; expected a phrase_bank "
-                f"model, one of {banks}",
-            )
+        with contextlib.ExitStack() as leases:
+            generator = leases.enter_context(self.models.lease(request.model, request.version))
+            try:
+                bank = leases.enter_context(self.models.lease(name))
+            except RequestError as error:
+                if error.code is grpc.StatusCode.NOT_FOUND:
+                    raise RequestError(
+                        error.code,
+                        f"hybrid.phrase_bank: {_shorten(name)!r} is not loaded; expected a "
+                        f"phrase_bank model, one of {banks}",
+                    ) from None
+                raise RequestError(error.code, f"hybrid.phrase_bank: {error.message}") from None
+            self._check_hybrid(generator, bank, banks)
+            yield generator, bank
+
+    def _check_hybrid(self, generator: ModelVersion, bank: ModelVersion, banks: list[str]) -> None:
         if bank.kind != PHRASE_BANK_KIND:
             raise invalid(
-                f"hybrid.phrase_bank: {name!r} is a {bank.kind!r} model; expected a phrase_bank "
-                f"model, one of {banks}"
+                f"hybrid.phrase_bank: {bank.name!r} is a {bank.kind!r} model; expected a "
+                f"phrase_bank model, one of {banks}"
             )
         if generator.kind != RET_KIND:
             raise invalid(
                 f"model: {generator.name!r} is a {generator.kind!r} model; hybrid decoding falls "
-                f"back to a generative ({RET_KIND!r}) model, one of {self._names(RET_KIND)}"
+                f"back to a generative ({RET_KIND!r}) model, one of {self.models.names(RET_KIND)}"
             )
-        ours, theirs = bank.description, generator.description
+        ours, theirs = bank.ready_engine.description, generator.ready_engine.description
         if (ours.encoder, ours.embedding_dim) != (theirs.encoder, theirs.embedding_dim):
             raise invalid(
-                f"hybrid.phrase_bank: {name!r} holds {ours.encoder} embeddings "
+                f"hybrid.phrase_bank: {bank.name!r} holds {ours.encoder} embeddings "
                 f"({ours.embedding_dim} values) but model {generator.name!r} decodes "
                 f"{theirs.encoder} ones ({theirs.embedding_dim}); both must read the same "
                 "encoder's embeddings"
             )
-        return generator, bank
 
     def _decode_sequence(
         self,
@@ -280,20 +289,25 @@ class DecoderService(pb_grpc.DecoderServicer):
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
-    async def _run(self, engine: Engine, request: SequenceRequest) -> SequenceResult:
-        handle = engine.submit(request)
+    async def _run(self, served: ModelVersion, request: SequenceRequest) -> SequenceResult:
+        handle = served.ready_engine.submit(request)
         try:
             result = await handle.result()
         finally:
             handle.cancel()  # the caller left (task cancelled) or it is done: free its slot
-        self._record(engine, request, result)
+        self._record(served, request, result)
         return result
 
-    def _record(self, engine: Engine, request: SequenceRequest, result: SequenceResult) -> None:
+    def _record(
+        self, served: ModelVersion, request: SequenceRequest, result: SequenceResult
+    ) -> None:
         """The finished sequence into the current span (the call's, or its item's)."""
         params = request.params
-        attributes: dict[str, Any] = {"retd.priority": request.priority}
-        if engine.kind == PHRASE_BANK_KIND:
+        attributes: dict[str, Any] = {
+            "retd.priority": request.priority,
+            "retd.model.version": served.version,
+        }
+        if served.kind == PHRASE_BANK_KIND:
             attributes["retd.candidates"] = request.candidates
         else:
             attributes.update(
@@ -305,7 +319,8 @@ class DecoderService(pb_grpc.DecoderServicer):
                     "gen_ai.request.seed": request.seed if not params.greedy else None,
                 }
             )
-        self.telemetry.record_sequence(trace.get_current_span(), engine, result, attributes)
+        span = trace.get_current_span()
+        self.telemetry.record_sequence(span, served.ready_engine, result, attributes)
 
     @rpc
     async def Decode(
@@ -315,51 +330,54 @@ class DecoderService(pb_grpc.DecoderServicer):
         try:
             if request.HasField("hybrid"):
                 return await self._hybrid_decode(request, context, received_at)
-            engine = self._engine(request.model)
-            sequence = self._decode_sequence(
-                engine,
-                request.embedding,
-                "embedding",
-                request.max_new_tokens,
-                self._deadline(context),
-                request.priority,
-            )
-            result = await self._run(engine, sequence)
+            with self.models.lease(request.model, request.version) as served:
+                sequence = self._decode_sequence(
+                    served.ready_engine,
+                    request.embedding,
+                    "embedding",
+                    request.max_new_tokens,
+                    self._deadline(context),
+                    request.priority,
+                )
+                result = await self._run(served, sequence)
         except (RequestError, SequenceError) as error:
             await _abort(context, error)
-        return _decode_response(result, engine, received_at)
+        return _decode_response(result, served, received_at)
 
     async def _hybrid_decode(
         self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext, received_at: float
     ) -> pb.DecodeResponse:
         """The bank's nearest phrase when its similarity reaches min_similarity, else the
         generative model's text. Everything is checked before the bank is asked."""
-        generator, bank = self._hybrid_models(request)
-        min_similarity = parse_min_similarity(request.hybrid)
-        limits = model_limits(generator, self._limits.max_new_tokens_limit)
-        query = parse_query(request.embedding, "embedding", limits)
-        params = greedy_params(request.max_new_tokens, "max_new_tokens", limits)
-        deadline, priority = self._deadline(context), request.priority
-        found = await self._run(
-            bank, SequenceRequest(query, BANK_PARAMS, 0, deadline=deadline, priority=priority)
-        )
-        similarity = found.candidates[0].score
-        if similarity >= min_similarity:
-            return _decode_response(found, bank, received_at)
-        generated = await self._run(
-            generator, SequenceRequest(query, params, 0, deadline=deadline, priority=priority)
-        )
-        return _decode_response(generated, generator, received_at, similarity, earlier=[found])
+        with self._hybrid_models(request) as (generator, bank):
+            min_similarity = parse_min_similarity(request.hybrid)
+            limits = model_limits(generator.ready_engine, self._limits.max_new_tokens_limit)
+            query = parse_query(request.embedding, "embedding", limits)
+            params = greedy_params(request.max_new_tokens, "max_new_tokens", limits)
+            deadline, priority = self._deadline(context), request.priority
+            found = await self._run(
+                bank, SequenceRequest(query, BANK_PARAMS, 0, deadline=deadline, priority=priority)
+            )
+            similarity = found.candidates[0].score
+            if similarity >= min_similarity:
+                return _decode_response(found, bank, received_at)
+            generated = await self._run(
+                generator, SequenceRequest(query, params, 0, deadline=deadline, priority=priority)
+            )
+            return _decode_response(generated, generator, received_at, similarity, earlier=[found])
 
-    async def _generate_request(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, stream: bool
-    ) -> tuple[Engine, SequenceRequest]:
-        engine = self._engine(request.model)
+    def _generate_request(
+        self,
+        request: pb.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        engine: Engine,
+        stream: bool,
+    ) -> SequenceRequest:
         limits = model_limits(engine, self._limits.max_new_tokens_limit)
         if engine.kind == PHRASE_BANK_KIND:
             query = parse_query(request.embedding, "embedding", limits)
             candidates, seed = parse_bank_generate(request)
-            return engine, SequenceRequest(
+            return SequenceRequest(
                 query,
                 BANK_PARAMS,
                 seed,
@@ -370,7 +388,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             )
         embedding = parse_embedding(request.embedding, "embedding", limits)
         params, seed = parse_generate(request, limits)
-        return engine, SequenceRequest(
+        return SequenceRequest(
             embedding,
             params,
             seed,
@@ -385,14 +403,17 @@ class DecoderService(pb_grpc.DecoderServicer):
     ) -> pb.GenerateResponse:
         received_at = time.monotonic()
         try:
-            engine, sequence = await self._generate_request(request, context, stream=False)
-            result = await self._run(engine, sequence)
+            with self.models.lease(request.model, request.version) as served:
+                sequence = self._generate_request(
+                    request, context, served.ready_engine, stream=False
+                )
+                result = await self._run(served, sequence)
         except (RequestError, SequenceError) as error:
             await _abort(context, error)
         return pb.GenerateResponse(
             text=result.text,
             token_ids=result.token_ids,
-            **_generation_summary(result, engine.name, received_at),
+            **_generation_summary(result, served, received_at),
         )
 
     @rpc
@@ -400,30 +421,34 @@ class DecoderService(pb_grpc.DecoderServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
         received_at = time.monotonic()
-        try:
-            engine, sequence = await self._generate_request(request, context, stream=True)
-            handle = engine.submit(sequence)
-        except (RequestError, SequenceError) as error:
-            await _abort(context, error)
-        try:
-            async for event in handle.events():
-                if isinstance(event, SequenceResult):
-                    self._record(engine, sequence, event)
-                    yield pb.GenerateChunk(
-                        text=event.tail_text,
-                        token_ids=event.tail_token_ids,
-                        **_generation_summary(event, engine.name, received_at),
-                    )
-                else:
-                    yield pb.GenerateChunk(text=event.text, token_ids=event.token_ids)
-        except SequenceError as error:
-            await _abort(context, error)
-        finally:
-            handle.cancel()
+        with contextlib.ExitStack() as lease:
+            try:
+                served = lease.enter_context(self.models.lease(request.model, request.version))
+                sequence = self._generate_request(
+                    request, context, served.ready_engine, stream=True
+                )
+                handle = served.ready_engine.submit(sequence)
+            except (RequestError, SequenceError) as error:
+                await _abort(context, error)
+            try:
+                async for event in handle.events():
+                    if isinstance(event, SequenceResult):
+                        self._record(served, sequence, event)
+                        yield pb.GenerateChunk(
+                            text=event.tail_text,
+                            token_ids=event.tail_token_ids,
+                            **_generation_summary(event, served, received_at),
+                        )
+                    else:
+                        yield pb.GenerateChunk(text=event.text, token_ids=event.token_ids)
+            except SequenceError as error:
+                await _abort(context, error)
+            finally:
+                handle.cancel()
 
     async def _decode_item(
         self,
-        model: str,
+        served_by: Callable[[], ContextManager[ModelVersion]],
         embedding: pb.Embedding,
         max_new_tokens: int,
         field: str,
@@ -432,10 +457,11 @@ class DecoderService(pb_grpc.DecoderServicer):
         item: str,
         method: str,
     ) -> tuple[pb.DecodeResponse | None, pb.ItemError | None]:
-        """One item of a batch or stream, in a span of its own: its response, or its error."""
+        """One item of a batch or stream, in a span of its own: its response, or its error.
+        `served_by` leases the model version that serves it."""
         with self.telemetry.item_span(f"{self.service_name}/{method} item", item) as span:
             response, error = await self._decode_one(
-                model, embedding, max_new_tokens, field, deadline, priority
+                served_by, embedding, max_new_tokens, field, deadline, priority
             )
             if error is not None and span.is_recording():
                 span.set_status(Status(StatusCode.ERROR, f"{error.code_name}: {error.message}"))
@@ -443,7 +469,7 @@ class DecoderService(pb_grpc.DecoderServicer):
 
     async def _decode_one(
         self,
-        model: str,
+        served_by: Callable[[], ContextManager[ModelVersion]],
         embedding: pb.Embedding,
         max_new_tokens: int,
         field: str,
@@ -454,14 +480,14 @@ class DecoderService(pb_grpc.DecoderServicer):
         if not self.gate.open:  # an item sent on a stream after shutdown began
             return None, _item_error(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         try:
-            engine = self._engine(model)
-            sequence = self._decode_sequence(
-                engine, embedding, field, max_new_tokens, deadline, priority
-            )
-            result = await self._run(engine, sequence)
+            with served_by() as served:
+                sequence = self._decode_sequence(
+                    served.ready_engine, embedding, field, max_new_tokens, deadline, priority
+                )
+                result = await self._run(served, sequence)
         except (RequestError, SequenceError) as error:
             return None, _item_error(error.code, error.message)
-        return _decode_response(result, engine, received_at), None
+        return _decode_response(result, served, received_at), None
 
     @rpc
     async def DecodeBatch(
@@ -484,26 +510,27 @@ class DecoderService(pb_grpc.DecoderServicer):
                     f"max_batch_items {self._limits.max_batch_items}; split the batch",
                 ),
             )
-        try:
-            self._engine(request.model)  # an unknown model fails the whole call
-        except RequestError as error:
-            await _abort(context, error)
-        deadline = self._deadline(context)
-        outcomes = await asyncio.gather(
-            *(
-                self._decode_item(
-                    request.model,
-                    embedding,
-                    request.max_new_tokens,
-                    f"embeddings[{i}]",
-                    deadline,
-                    request.priority,
-                    str(i),
-                    "DecodeBatch",
+        with contextlib.ExitStack() as lease:
+            try:  # one version serves the whole batch; an unknown model fails the call
+                served = lease.enter_context(self.models.lease(request.model, request.version))
+            except RequestError as error:
+                await _abort(context, error)
+            deadline = self._deadline(context)
+            outcomes = await asyncio.gather(
+                *(
+                    self._decode_item(
+                        lambda: contextlib.nullcontext(served),
+                        embedding,
+                        request.max_new_tokens,
+                        f"embeddings[{i}]",
+                        deadline,
+                        request.priority,
+                        str(i),
+                        "DecodeBatch",
+                    )
+                    for i, embedding in enumerate(request.embeddings)
                 )
-                for i, embedding in enumerate(request.embeddings)
             )
-        )
         return pb.DecodeBatchResponse(
             results=[pb.DecodeBatchResult(response=ok, error=err) for ok, err in outcomes]
         )
@@ -520,7 +547,7 @@ class DecoderService(pb_grpc.DecoderServicer):
 
         async def answer(item: pb.DecodeStreamRequest) -> None:
             ok, err = await self._decode_item(
-                item.model,
+                functools.partial(self.models.lease, item.model, item.version),
                 item.embedding,
                 item.max_new_tokens,
                 "embedding",
@@ -585,8 +612,11 @@ class DecoderService(pb_grpc.DecoderServicer):
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
-            models=[model_info(engine) for engine in self._engines.values()],
-            default_model=self._default_model,
+            models=[
+                model_info(served, served.version == self.models.serving_version(served.name))
+                for served in self.models.ready()
+            ],
+            default_model=self.models.default_model,
         )
 
     @rpc
@@ -594,7 +624,9 @@ class DecoderService(pb_grpc.DecoderServicer):
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         try:
-            return model_info(self._engine(request.model))
+            with self.models.lease(request.model, request.version) as served:
+                serving = served.version == self.models.serving_version(served.name)
+                return model_info(served, serving)
         except RequestError as error:
             await _abort(context, error)
 
@@ -609,13 +641,17 @@ def _tolerant(message_class: Any) -> Callable[[bytes], Any]:
     return parse
 
 
-def add_decoder_service(servicer: DecoderService, server: grpc.aio.Server) -> None:
-    """Register the Decoder's methods (as the generated `add_DecoderServicer_to_server` does)
-    with request parsers that hand unparseable messages to the handlers."""
+def add_service(
+    servicer: Any, server: grpc.aio.Server, module: Any, service: str = "Decoder"
+) -> None:
+    """Register `service`'s methods of the generated `module` (as its generated
+    `add_<Service>Servicer_to_server` does) with request parsers that hand unparseable
+    messages to the handlers."""
+    descriptor = module.DESCRIPTOR.services_by_name[service]
     handlers = {}
-    for method in pb.DESCRIPTOR.services_by_name["Decoder"].methods:
-        request_class = getattr(pb, method.input_type.name)
-        response_class = getattr(pb, method.output_type.name)
+    for method in descriptor.methods:
+        request_class = getattr(module, method.input_type.name)
+        response_class = getattr(module, method.output_type.name)
         make = {
             (False, False): grpc.unary_unary_rpc_method_handler,
             (False, True): grpc.unary_stream_rpc_method_handler,
@@ -628,5 +664,5 @@ def add_decoder_service(servicer: DecoderService, server: grpc.aio.Server) -> No
             response_serializer=response_class.SerializeToString,
         )
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(DECODER_SERVICE, handlers),)
+        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
     )

@@ -169,25 +169,29 @@ class Telemetry:
         )
         return cls(tracer_provider, meter_provider)
 
-    def observe(self, engines: Mapping[str, Engine], in_flight: Callable[[], int]) -> None:
+    def observe(
+        self, engines: Callable[[], Iterable[Engine]], in_flight: Callable[[], int]
+    ) -> None:
         """Gauges read when the metrics are collected: queue depth, running batch, calls in
-        flight, memory."""
+        flight, memory. `engines()`: the engines loaded then (versions come and go); the
+        figures of several versions of one model are summed."""
 
         def per_model(read: Callable[[Engine], int]) -> Callable[..., Iterable[Observation]]:
             def callback(options: CallbackOptions) -> Iterable[Observation]:
-                return [Observation(read(e), {"retd.model": n}) for n, e in engines.items()]
+                totals: dict[str, int] = {}
+                for engine in engines():
+                    totals[engine.name] = totals.get(engine.name, 0) + read(engine)
+                return [Observation(v, {"retd.model": n}) for n, v in totals.items()]
 
             return callback
 
         def memory(options: CallbackOptions) -> Iterable[Observation]:
-            observations = []
-            for name, engine in engines.items():
+            totals: dict[str, int] = {}
+            for engine in engines():
                 sample = sample_memory(engine.device)
                 if sample.device_allocated_bytes is not None:
-                    observations.append(
-                        Observation(sample.device_allocated_bytes, {"retd.model": name})
-                    )
-            return observations
+                    totals[engine.name] = totals.get(engine.name, 0) + sample.device_allocated_bytes
+            return [Observation(v, {"retd.model": n}) for n, v in totals.items()]
 
         def rss(options: CallbackOptions) -> Iterable[Observation]:
             sample = sample_memory(torch.device("cpu"))

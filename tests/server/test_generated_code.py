@@ -1,4 +1,4 @@
-"""The committed generated code of protos/ is what `make proto` produces from decoder.proto."""
+"""The committed generated code of protos/ is what `make proto` produces from the .proto files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-GENERATED = ("decoder_pb2.py", "decoder_pb2.pyi", "decoder_pb2_grpc.py")
+PROTOS = ("protos/retd/v1/decoder.proto", "protos/retd/v1/repository.proto")
+GENERATED = tuple(
+    f"{name}{suffix}"
+    for name in ("decoder", "repository")
+    for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+)
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +23,7 @@ def regenerated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run(
         [
             sys.executable, "-m", "grpc_tools.protoc", "-I", "protos", f"--python_out={out}",
-            f"--pyi_out={out}", f"--grpc_python_out={out}", "protos/retd/v1/decoder.proto",
+            f"--pyi_out={out}", f"--grpc_python_out={out}", *PROTOS,
         ],
         check=True, cwd=REPO,
     )  # fmt: skip
@@ -31,5 +36,5 @@ def test_committed_generated_code_is_fresh(regenerated: Path, name: str) -> None
     committed = (REPO / "protos" / "retd" / "v1" / name).read_bytes()
     assert committed == fresh, (
         f"protos/retd/v1/{name} is stale: it differs from what protoc generates from "
-        "protos/retd/v1/decoder.proto; run `make proto` and commit the result"
+        f"{' and '.join(PROTOS)}; run `make proto` and commit the result"
     )

@@ -230,7 +230,9 @@ def test_random_vectors_succeed_or_are_invalid(
     stub: pb_grpc.DecoderStub, values: list[float], as_raw: bool
 ) -> None:
     embedding = raw(struct.pack(f"<{len(values)}f", *values)) if as_raw else vector(values)
-    valid = len(values) == 768 and all(np.isfinite(values))
+    # The server refuses non-finite values and magnitudes above 1e6 (float32, as sent).
+    as_sent = np.asarray(values, dtype=np.float32)
+    valid = len(values) == 768 and bool(np.isfinite(as_sent).all() and (abs(as_sent) <= 1e6).all())
     try:
         answer = stub.Decode(pb.DecodeRequest(embedding=embedding, max_new_tokens=4), timeout=30)
     except grpc.RpcError as error:

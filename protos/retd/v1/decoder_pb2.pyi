@@ -67,18 +67,20 @@ class Timing(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("model", "embedding", "max_new_tokens", "priority", "hybrid")
+    __slots__ = ("model", "embedding", "max_new_tokens", "priority", "hybrid", "version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     HYBRID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     embedding: Embedding
     max_new_tokens: int
     priority: int
     hybrid: Hybrid
-    def __init__(self, model: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., hybrid: _Optional[_Union[Hybrid, _Mapping]] = ...) -> None: ...
+    version: int
+    def __init__(self, model: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., hybrid: _Optional[_Union[Hybrid, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Hybrid(_message.Message):
     __slots__ = ("phrase_bank", "min_similarity")
@@ -89,7 +91,7 @@ class Hybrid(_message.Message):
     def __init__(self, phrase_bank: _Optional[str] = ..., min_similarity: _Optional[float] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
-    __slots__ = ("text", "finish_reason", "usage", "timing", "model", "source", "similarity")
+    __slots__ = ("text", "finish_reason", "usage", "timing", "model", "source", "similarity", "version")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +99,7 @@ class DecodeResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     text: str
     finish_reason: FinishReason
     usage: Usage
@@ -104,10 +107,11 @@ class DecodeResponse(_message.Message):
     model: str
     source: AnswerSource
     similarity: float
-    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., model: _Optional[str] = ..., source: _Optional[_Union[AnswerSource, str]] = ..., similarity: _Optional[float] = ...) -> None: ...
+    version: int
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., model: _Optional[str] = ..., source: _Optional[_Union[AnswerSource, str]] = ..., similarity: _Optional[float] = ..., version: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "embedding", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "priority")
+    __slots__ = ("model", "embedding", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "priority", "version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +121,7 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     embedding: Embedding
     max_new_tokens: int
@@ -126,10 +131,11 @@ class GenerateRequest(_message.Message):
     seed: int
     stop: _containers.RepeatedScalarFieldContainer[str]
     priority: int
-    def __init__(self, model: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ...) -> None: ...
+    version: int
+    def __init__(self, model: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "token_ids", "finish_reason", "usage", "timing", "mean_logprob", "model", "seed", "candidates")
+    __slots__ = ("text", "token_ids", "finish_reason", "usage", "timing", "mean_logprob", "model", "seed", "candidates", "version")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +145,7 @@ class GenerateResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: FinishReason
@@ -148,7 +155,8 @@ class GenerateResponse(_message.Message):
     model: str
     seed: int
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., mean_logprob: _Optional[float] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+    version: int
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., mean_logprob: _Optional[float] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("text", "score", "index")
@@ -161,7 +169,7 @@ class Candidate(_message.Message):
     def __init__(self, text: _Optional[str] = ..., score: _Optional[float] = ..., index: _Optional[int] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("text", "token_ids", "finish_reason", "usage", "timing", "mean_logprob", "model", "seed", "candidates")
+    __slots__ = ("text", "token_ids", "finish_reason", "usage", "timing", "mean_logprob", "model", "seed", "candidates", "version")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +179,7 @@ class GenerateChunk(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: FinishReason
@@ -180,19 +189,22 @@ class GenerateChunk(_message.Message):
     model: str
     seed: int
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., mean_logprob: _Optional[float] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+    version: int
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., mean_logprob: _Optional[float] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class DecodeBatchRequest(_message.Message):
-    __slots__ = ("model", "embeddings", "max_new_tokens", "priority")
+    __slots__ = ("model", "embeddings", "max_new_tokens", "priority", "version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     max_new_tokens: int
     priority: int
-    def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
+    version: int
+    def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("code", "code_name", "message")
@@ -219,18 +231,20 @@ class DecodeBatchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[DecodeBatchResult, _Mapping]]] = ...) -> None: ...
 
 class DecodeStreamRequest(_message.Message):
-    __slots__ = ("id", "model", "embedding", "max_new_tokens", "priority")
+    __slots__ = ("id", "model", "embedding", "max_new_tokens", "priority", "version")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     embedding: Embedding
     max_new_tokens: int
     priority: int
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
+    version: int
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class DecodeStreamResponse(_message.Message):
     __slots__ = ("id", "response", "error")
@@ -255,13 +269,15 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
+    version: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "architecture", "parameter_count", "embedding_dim", "vocab_size", "max_length", "dtype", "device", "checkpoint_sha256", "card", "trained", "encoder", "load", "kind", "phrase_count")
+    __slots__ = ("name", "version", "architecture", "parameter_count", "embedding_dim", "vocab_size", "max_length", "dtype", "device", "checkpoint_sha256", "card", "trained", "encoder", "load", "kind", "phrase_count", "repository_version", "serving")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -278,6 +294,8 @@ class ModelInfo(_message.Message):
     LOAD_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     PHRASE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    REPOSITORY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     architecture: str
@@ -294,7 +312,9 @@ class ModelInfo(_message.Message):
     load: ModelLoad
     kind: str
     phrase_count: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., card: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., trained: _Optional[bool] = ..., encoder: _Optional[str] = ..., load: _Optional[_Union[ModelLoad, _Mapping]] = ..., kind: _Optional[str] = ..., phrase_count: _Optional[int] = ...) -> None: ...
+    repository_version: int
+    serving: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., card: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., trained: _Optional[bool] = ..., encoder: _Optional[str] = ..., load: _Optional[_Union[ModelLoad, _Mapping]] = ..., kind: _Optional[str] = ..., phrase_count: _Optional[int] = ..., repository_version: _Optional[int] = ..., serving: _Optional[bool] = ...) -> None: ...
 
 class ModelLoad(_message.Message):
     __slots__ = ("waiting", "max_queue_size", "running", "max_batch_size", "batching", "max_wait_ms")

@@ -36,7 +36,7 @@ class DecoderStub:
     Errors come back as gRPC statuses whose message names the offending field:
     INVALID_ARGUMENT (bad input), NOT_FOUND (unknown model), RESOURCE_EXHAUSTED
     (queue full or message too large), DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE
-    (shutting down). Batch and stream forms report a bad item in that item's own
+    (shutting down, or the model is still loading). Batch and stream forms report a bad item in that item's own
     answer and carry on with the rest.
     """
 
@@ -94,7 +94,7 @@ class DecoderServicer:
     Errors come back as gRPC statuses whose message names the offending field:
     INVALID_ARGUMENT (bad input), NOT_FOUND (unknown model), RESOURCE_EXHAUSTED
     (queue full or message too large), DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE
-    (shutting down). Batch and stream forms report a bad item in that item's own
+    (shutting down, or the model is still loading). Batch and stream forms report a bad item in that item's own
     answer and carry on with the rest.
     """
 
@@ -206,7 +206,7 @@ class Decoder:
     Errors come back as gRPC statuses whose message names the offending field:
     INVALID_ARGUMENT (bad input), NOT_FOUND (unknown model), RESOURCE_EXHAUSTED
     (queue full or message too large), DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE
-    (shutting down). Batch and stream forms report a bad item in that item's own
+    (shutting down, or the model is still loading). Batch and stream forms report a bad item in that item's own
     answer and carry on with the rest.
     """
 
