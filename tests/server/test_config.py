@@ -115,3 +115,32 @@ def test_bad_toml_is_reported_with_its_path(tmp_path: Path) -> None:
         parse(["--config", str(duplicate)])
     with pytest.raises(ConfigError, match="cannot read"):
         parse(["--config", str(tmp_path / "missing.toml")])
+
+
+def test_a_model_repository_needs_no_checkpoint_and_watch_defaults_to_two_seconds(
+    tmp_path: Path,
+) -> None:
+    config = parse(["--model-repo", str(tmp_path), "--watch"])
+    assert (config.model_repo, config.watch, config.models) == (tmp_path, 2.0, ())
+    named = parse(
+        ["--model-repo", str(tmp_path), "--repo-models", "a, b,a", "--watch", "0.5"],
+        env={"RETD_UNLOAD_TIMEOUT": "7", "RETD_DEFAULT_MODEL": "b"},
+    )
+    assert (named.repo_models, named.watch, named.unload_timeout) == (("a", "b"), 0.5, 7.0)
+    assert named.default_model == "b"  # known once the repository is read
+    assert parse(["--model-repo", str(tmp_path), "--dtype", "bfloat16"]).model_defaults().dtype == (
+        "bfloat16"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--watch", "1"], "watch: needs --model-repo"),
+        (["--model-repo", "/no/such/repository"], "model_repo: /no/such/repository is not a"),
+        (["--model-repo", ".", "--watch", "-1"], "watch: expected a number >= 0"),
+    ],
+)
+def test_bad_repository_settings_name_the_setting(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse(argv)

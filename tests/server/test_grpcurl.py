@@ -31,6 +31,7 @@ def ok(done: subprocess.CompletedProcess[str]) -> str:
 def test_list_shows_every_service(server: Any) -> None:
     services = ok(grpcurl(server, "list")).split()
     assert "retd.v1.Decoder" in services
+    assert "retd.v1.ModelRepository" in services
     assert "grpc.health.v1.Health" in services
     assert any(s.startswith("grpc.reflection.") for s in services)
 
@@ -88,3 +89,23 @@ def test_list_models(server: Any) -> None:
     assert model["parameter_count"] == "722944"  # uint64 is a JSON string
     assert model["embedding_dim"] == 768
     assert model["card"]["encoder"]["dim"] == 768
+
+
+def test_the_admin_service_lists_model_versions_from_reflection(server: Any) -> None:
+    described = ok(grpcurl(server, "describe", "retd.v1.ModelRepository"))
+    rpcs = [line.split()[1] for line in described.splitlines() if line.strip().startswith("rpc ")]
+    assert sorted(rpcs) == ["List", "Load", "Unload"]
+    listing = json.loads(ok(grpcurl(server, "retd.v1.ModelRepository/List", data="{}")))
+    assert listing["models"] == [
+        {
+            "name": "ret_v21",
+            "version": "1",
+            "state": "MODEL_STATE_READY",
+            "kind": "ret",
+            "path": listing["models"][0]["path"],
+            "serving": True,
+        }
+    ]
+    assert listing["default_model"] == "ret_v21" and "repository" not in listing
+    refused = grpcurl(server, "retd.v1.ModelRepository/Load", data="{}")
+    assert refused.returncode != 0 and "model: empty; expected a model name" in refused.stderr

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from retd.model.checkpoint import CARD_FILE, DEFAULT_CHECKPOINT, init_checkpoint, load_checkpoint
 from retd.model.embed import load_split
@@ -437,3 +439,58 @@ def test_watch_loads_a_model_that_appears_and_unloads_one_whose_directory_goes(
             decode(stub, 4, model="bank")
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
         assert decode(stub, 0).version == 1  # the other model never noticed
+
+
+# ---- the admin service takes any bytes --------------------------------------------------------
+
+ADMIN_METHODS = {
+    "List": admin_pb.RepositoryListRequest,
+    "Load": admin_pb.LoadModelRequest,
+    "Unload": admin_pb.UnloadModelRequest,
+}
+ADMIN_CODES = {
+    "List": {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT},
+    "Load": {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    },
+    "Unload": {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND},
+}
+
+
+def _admin_inputs(method: str) -> st.SearchStrategy[bytes]:
+    request = ADMIN_METHODS[method](model="zz")  # no such model: the served ones stay as they are
+    if method != "List":
+        request.version = 3  # type: ignore[union-attr]
+    valid = request.SerializeToString()
+    names = (
+        st.text(max_size=40)
+        .filter(lambda name: name not in ("ret", "bank"))
+        .map(lambda name: ADMIN_METHODS[method](model=name).SerializeToString())
+    )
+    flipped = st.integers(0, len(valid) - 1).map(lambda i: valid[:i] + bytes([valid[i] ^ 0x55]))
+    return st.one_of(st.binary(max_size=200), names, flipped)
+
+
+@pytest.mark.parametrize("method", sorted(ADMIN_METHODS))
+def test_fuzzed_admin_requests_end_with_a_status_and_the_model_keeps_serving(
+    method: str, channel: grpc.Channel, repository: Repository
+) -> None:
+    call = channel.unary_unary(f"/retd.v1.ModelRepository/{method}")
+
+    @settings(
+        max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
+    @given(data=_admin_inputs(method))
+    def run(data: bytes) -> None:
+        try:
+            call(data, timeout=30)
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as error:
+            code = error.code()
+        assert code in ADMIN_CODES[method], (code, data)
+
+    run()
+    stub = pb_grpc.DecoderStub(channel)
+    assert decode(stub, 2).text == repository.expected[2][2]
