@@ -82,4 +82,6 @@ def test_readme_example(example: Example, server: RunningServer) -> None:
         assert output == example.expected.strip()
     else:
         assert run.returncode == 0, output
-        assert output.startswith("{") and '"text"' in output, output
+        assert output.startswith("{"), output
+        if "retd.v1.Decoder/" in example.command:  # a decoding call answers with text
+            assert '"text"' in output, output
