@@ -15,6 +15,17 @@ Needs only ``grpcio``, ``protobuf`` and ``numpy`` (never torch). Start a server 
     ...     for item in client.decode_batch(np.stack([embedding, embedding])):
     ...         print(item.unwrap().text if item.ok else item.error)
 
+A server with a model repository (``retd serve --model-repo DIR``) serves versions of its
+models: ``version=`` picks one on every call (0, the default, means the newest loaded), and
+the admin calls list, load and unload them::
+
+    >>> with Client("127.0.0.1:50051", token="s3cret") as client:  # doctest: +SKIP
+    ...     for row in client.list_versions():
+    ...         print(row.name, row.version, row.state.value, row.serving)
+    ...     client.load_model("ret", 1)                 # pin version 1 beside the newest
+    ...     print(client.decode(embedding, model="ret", version=1).version)   # 1
+    ...     client.unload_model("ret", 1)
+
 :class:`AsyncClient` has the same methods for asyncio. Failures raise a
 :class:`RetdError` subclass per status code (:class:`InvalidArgumentError`,
 :class:`NotFoundError`, ...). The ``retd`` command line (``retd --help``) wraps this client.
@@ -24,6 +35,7 @@ from .async_client import AsyncClient
 from .client import DEFAULT_TARGET, Client
 from .errors import (
     DeadlineExceededError,
+    FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
     NotFoundError,
@@ -47,6 +59,9 @@ from .types import (
     Hybrid,
     ModelInfo,
     ModelLoad,
+    ModelState,
+    ModelVersionStatus,
+    RepositoryListing,
     StreamChunk,
     StreamItem,
     Timing,
@@ -62,6 +77,7 @@ __all__ = [
     "DecodeBatchItem",
     "DecodeResult",
     "DeadlineExceededError",
+    "FailedPreconditionError",
     "FinishReason",
     "GenerateResult",
     "HealthStatus",
@@ -70,8 +86,11 @@ __all__ = [
     "InvalidArgumentError",
     "ModelInfo",
     "ModelLoad",
+    "ModelState",
+    "ModelVersionStatus",
     "NotFoundError",
     "PermissionDeniedError",
+    "RepositoryListing",
     "RequestCancelledError",
     "ResourceExhaustedError",
     "RetdError",

@@ -10,7 +10,8 @@ A target names several replicas when it is
   addresses).
 
 Any other target (one ``host:port``, ``unix:...``) keeps gRPC's defaults: one connection, no
-retries. The rule for retries is in :data:`RETRIED_METHODS` and :func:`deterministic`.
+retries. The rule for retries is in :data:`RETRIED_METHODS`, :data:`ADMIN_RETRIED_METHODS` and
+:func:`deterministic`.
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ from typing import Any
 import grpc
 
 from retd.v1 import decoder_pb2 as pb
+from retd.v1 import repository_pb2
 
 __all__ = [
+    "ADMIN_RETRIED_METHODS",
+    "ADMIN_SERVICE",
     "BACKOFF_MULTIPLIER",
     "HEALTH_SERVICE",
     "INITIAL_BACKOFF_S",
@@ -51,6 +55,12 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Decoder"].full_name
 #: request is :func:`deterministic`: the service config cannot tell one request from another.
 #: Streams are never retried: a retry would repeat deltas or answers already delivered.
 RETRIED_METHODS = ("Decode", "DecodeBatch", "GetModelInfo", "ListModels")
+#: The admin service (``retd.v1.ModelRepository``)...
+ADMIN_SERVICE = repository_pb2.DESCRIPTOR.services_by_name["ModelRepository"].full_name
+#: ...whose List only reads, so gRPC retries it like the methods above. Load and Unload change
+#: what a replica serves and wait for it: they are never repeated behind the caller's back
+#: (a Load retried after a replica stopped mid-call would load on another replica).
+ADMIN_RETRIED_METHODS = ("List",)
 #: A replica that is shutting down refuses calls with UNAVAILABLE before it runs them, and a
 #: replica that died drops its connections with UNAVAILABLE: both are worth another replica.
 #: CANCELLED too: a call that reaches a replica in the instant its listener closes (after the
@@ -91,7 +101,10 @@ def service_config() -> str:
             "healthCheckConfig": {"serviceName": HEALTH_SERVICE},
             "methodConfig": [
                 {
-                    "name": [{"service": SERVICE, "method": m} for m in RETRIED_METHODS],
+                    "name": [
+                        *({"service": SERVICE, "method": m} for m in RETRIED_METHODS),
+                        *({"service": ADMIN_SERVICE, "method": m} for m in ADMIN_RETRIED_METHODS),
+                    ],
                     "retryPolicy": retry,
                 }
             ],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Iterable, Sequence
 
-from retd.v1 import decoder_pb2
+from retd.v1 import decoder_pb2, repository_pb2
 
 from .convert import EmbeddingEncoding, EmbeddingLike, to_embedding, to_embeddings
 from .errors import InvalidArgumentError
@@ -13,11 +13,16 @@ from .types import Hybrid
 
 __all__ = [
     "check_priority",
+    "check_version",
     "decode",
     "decode_batch",
     "generate",
+    "list_versions",
+    "load_model",
+    "model_info",
     "split_stream_item",
     "stream_item",
+    "unload_model",
 ]
 
 
@@ -48,6 +53,14 @@ def check_priority(value: int | None) -> int:
     return number
 
 
+def check_version(value: int | None) -> int:
+    """``version`` as a uint64; ``None`` and 0 mean the model's newest loaded version."""
+    number = _uint("version", value)
+    if number >= 2**64:
+        raise InvalidArgumentError(f"version: expected an integer < 2**64, got {value!r}")
+    return number
+
+
 def _hybrid(value: Hybrid | None) -> decoder_pb2.Hybrid | None:
     """The request's hybrid message; the server checks the bank and the range."""
     if value is None:
@@ -74,6 +87,7 @@ def decode(
     encoding: EmbeddingEncoding,
     priority: int | None = None,
     hybrid: Hybrid | None = None,
+    version: int | None = 0,
 ) -> decoder_pb2.DecodeRequest:
     return decoder_pb2.DecodeRequest(
         model=model or "",
@@ -81,6 +95,7 @@ def decode(
         max_new_tokens=_uint("max_new_tokens", max_new_tokens),
         priority=check_priority(priority),
         hybrid=_hybrid(hybrid),
+        version=check_version(version),
     )
 
 
@@ -96,6 +111,7 @@ def generate(
     stop: str | Sequence[str] | None,
     encoding: EmbeddingEncoding,
     priority: int | None = None,
+    version: int | None = 0,
 ) -> decoder_pb2.GenerateRequest:
     """Unset (``None``) optional fields stay unset, so the server applies its defaults."""
     request = decoder_pb2.GenerateRequest(
@@ -105,6 +121,7 @@ def generate(
         top_k=_uint("top_k", top_k),
         stop=[stop] if isinstance(stop, str) else list(stop or ()),
         priority=check_priority(priority),
+        version=check_version(version),
     )
     if temperature is not None:
         request.temperature = temperature
@@ -122,12 +139,14 @@ def decode_batch(
     max_new_tokens: int | None,
     encoding: EmbeddingEncoding,
     priority: int | None = None,
+    version: int | None = 0,
 ) -> decoder_pb2.DecodeBatchRequest:
     return decoder_pb2.DecodeBatchRequest(
         model=model or "",
         embeddings=to_embeddings(embeddings, encoding=encoding),
         max_new_tokens=_uint("max_new_tokens", max_new_tokens),
         priority=check_priority(priority),
+        version=check_version(version),
     )
 
 
@@ -149,6 +168,7 @@ def stream_item(
     max_new_tokens: int | None,
     encoding: EmbeddingEncoding,
     priority: int | None = None,
+    version: int | None = 0,
 ) -> decoder_pb2.DecodeStreamRequest:
     item_id, embedding = split_stream_item(index, item)
     return decoder_pb2.DecodeStreamRequest(
@@ -157,4 +177,39 @@ def stream_item(
         embedding=to_embedding(embedding, encoding=encoding, name=f"items[{index}]"),
         max_new_tokens=_uint("max_new_tokens", max_new_tokens),
         priority=check_priority(priority),
+        version=check_version(version),
+    )
+
+
+def model_info(model: str | None, version: int | None = 0) -> decoder_pb2.GetModelInfoRequest:
+    return decoder_pb2.GetModelInfoRequest(
+        model=_model_name(model, required=False), version=check_version(version)
+    )
+
+
+# --- the admin service ---------------------------------------------------------------------
+
+
+def _model_name(model: str | None, *, required: bool) -> str:
+    """``model`` as the request's string; the server checks that it names a model."""
+    if model is None and not required:
+        return ""
+    if not isinstance(model, str):
+        raise InvalidArgumentError(f"model: expected a model name (str), got {model!r}")
+    return model
+
+
+def list_versions(model: str | None) -> repository_pb2.RepositoryListRequest:
+    return repository_pb2.RepositoryListRequest(model=_model_name(model, required=False))
+
+
+def load_model(model: str, version: int | None) -> repository_pb2.LoadModelRequest:
+    return repository_pb2.LoadModelRequest(
+        model=_model_name(model, required=True), version=check_version(version)
+    )
+
+
+def unload_model(model: str, version: int | None) -> repository_pb2.UnloadModelRequest:
+    return repository_pb2.UnloadModelRequest(
+        model=_model_name(model, required=True), version=check_version(version)
     )

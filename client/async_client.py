@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from retd.v1 import decoder_pb2, decoder_pb2_grpc
+from retd.v1 import decoder_pb2, decoder_pb2_grpc, repository_pb2, repository_pb2_grpc
 
 from . import _balancing, _health, _requests, _security, convert
 from ._security import PemSource
@@ -33,6 +33,8 @@ from .types import (
     HealthStatus,
     Hybrid,
     ModelInfo,
+    ModelVersionStatus,
+    RepositoryListing,
     StreamChunk,
     StreamItem,
 )
@@ -109,6 +111,7 @@ class AsyncClient:
         self.target = target if isinstance(target, str) else ",".join(target)
         self.channel: grpc.aio.Channel = channel
         self._stub = decoder_pb2_grpc.DecoderStub(channel)
+        self._admin = repository_pb2_grpc.ModelRepositoryStub(channel)
         self._health_check = channel.unary_unary(
             _health.CHECK_METHOD,
             request_serializer=_health.HealthCheckRequest.SerializeToString,
@@ -173,6 +176,7 @@ class AsyncClient:
         embedding: EmbeddingLike,
         *,
         model: str | None = None,
+        version: int = 0,
         max_new_tokens: int | None = None,
         priority: int | None = None,
         hybrid: Hybrid | None = None,
@@ -183,6 +187,8 @@ class AsyncClient:
         ``priority``: higher is served first when requests wait for a slot; FIFO among equals
         (``None`` means 0). The streaming and batch methods take it too. ``hybrid``: a
         :class:`Hybrid` (a phrase bank first, ``model`` when its phrase is not similar enough).
+        ``version``: a loaded version of ``model`` (0: the newest); every decoding method and
+        :meth:`model_info` take it, and ``result.version`` says which version answered.
         """
         request = _requests.decode(
             embedding,
@@ -191,6 +197,7 @@ class AsyncClient:
             encoding=self.encoding,
             priority=priority,
             hybrid=hybrid,
+            version=version,
         )
         return convert.decode_result(await self._unary(self._stub.Decode, request, timeout))
 
@@ -199,6 +206,7 @@ class AsyncClient:
         embedding: EmbeddingLike,
         *,
         model: str | None = None,
+        version: int = 0,
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         top_k: int | None = None,
@@ -220,6 +228,7 @@ class AsyncClient:
             stop=stop,
             encoding=self.encoding,
             priority=priority,
+            version=version,
         )
         retry = self.balanced and _balancing.deterministic(request)
         response = await self._unary(self._stub.Generate, request, timeout, retry)
@@ -230,6 +239,7 @@ class AsyncClient:
         embedding: EmbeddingLike,
         *,
         model: str | None = None,
+        version: int = 0,
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         top_k: int | None = None,
@@ -254,6 +264,7 @@ class AsyncClient:
             stop=stop,
             encoding=self.encoding,
             priority=priority,
+            version=version,
         )
         deadline = self._deadline(timeout)
         return _iterate(
@@ -268,6 +279,7 @@ class AsyncClient:
         embeddings: Iterable[EmbeddingLike],
         *,
         model: str | None = None,
+        version: int = 0,
         max_new_tokens: int | None = None,
         priority: int | None = None,
         timeout: float | None = None,
@@ -279,6 +291,7 @@ class AsyncClient:
             max_new_tokens=max_new_tokens,
             encoding=self.encoding,
             priority=priority,
+            version=version,
         )
         response: decoder_pb2.DecodeBatchResponse = await self._unary(
             self._stub.DecodeBatch, request, timeout
@@ -291,6 +304,7 @@ class AsyncClient:
         | AsyncIterable[EmbeddingLike | tuple[str, EmbeddingLike]],
         *,
         model: str | None = None,
+        version: int = 0,
         max_new_tokens: int | None = None,
         priority: int | None = None,
         timeout: float | None = None,
@@ -301,6 +315,7 @@ class AsyncClient:
         """
         failure: list[BaseException] = []
         priority = _requests.check_priority(priority)  # bad arguments raise here, at once
+        version = _requests.check_version(version)
 
         def request(index: int, item: object) -> decoder_pb2.DecodeStreamRequest:
             return _requests.stream_item(
@@ -310,6 +325,7 @@ class AsyncClient:
                 max_new_tokens=max_new_tokens,
                 encoding=self.encoding,
                 priority=priority,
+                version=version,
             )
 
         async def requests() -> AsyncIterator[decoder_pb2.DecodeStreamRequest]:
@@ -349,11 +365,69 @@ class AsyncClient:
         return response.default_model
 
     async def model_info(
-        self, model: str | None = None, *, timeout: float | None = None
+        self, model: str | None = None, *, version: int = 0, timeout: float | None = None
     ) -> ModelInfo:
-        """One model's description; ``None`` means the server's default model."""
-        request = decoder_pb2.GetModelInfoRequest(model=model or "")
+        """One model's description; ``None`` means the server's default model, ``version``
+        0 the version calls naming none get; see :meth:`Client.model_info`."""
+        request = _requests.model_info(model, version)
         return convert.model_info(await self._unary(self._stub.GetModelInfo, request, timeout))
+
+    # --- the admin service (retd.v1.ModelRepository) -----------------------------------------
+
+    async def list_versions(
+        self, model: str = "", *, timeout: float | None = None
+    ) -> RepositoryListing:
+        """Every model version the server knows (only ``model``'s when given); see
+        :meth:`Client.list_versions`.
+
+        >>> async def show(client):
+        ...     listing = await client.list_versions()
+        ...     for row in listing:
+        ...         print(row.name, row.version, row.state.value, row.serving)
+        >>> asyncio.run(show(AsyncClient()))  # doctest: +SKIP
+        ret 1 available False
+        ret 2 ready True
+        """
+        request = _requests.list_versions(model)
+        response: repository_pb2.RepositoryListResponse = await self._unary(
+            self._admin.List, request, timeout
+        )
+        return convert.repository_listing(response)
+
+    async def load_model(
+        self, model: str, version: int = 0, *, timeout: float | None = None
+    ) -> ModelVersionStatus:
+        """Load ``version`` of ``model`` (0: the newest in the repository) and return its
+        status once READY; never retried. See :meth:`Client.load_model`.
+
+        >>> async def pin(client):
+        ...     await client.load_model("ret", 1, timeout=300)
+        ...     return (await client.decode(embedding, model="ret", version=1)).version
+        >>> asyncio.run(pin(AsyncClient()))  # doctest: +SKIP
+        1
+        """
+        request = _requests.load_model(model, version)
+        response: repository_pb2.LoadModelResponse = await self._unary(
+            self._admin.Load, request, timeout
+        )
+        return convert.version_status(response.status)
+
+    async def unload_model(
+        self, model: str, version: int = 0, *, timeout: float | None = None
+    ) -> list[ModelVersionStatus]:
+        """Release ``version`` of ``model`` (0: every loaded version) once its calls finish;
+        return the versions released. Never retried. See :meth:`Client.unload_model`.
+
+        >>> async def release(client):
+        ...     return [row.version for row in await client.unload_model("ret", 1)]
+        >>> asyncio.run(release(AsyncClient()))  # doctest: +SKIP
+        [1]
+        """
+        request = _requests.unload_model(model, version)
+        response: repository_pb2.UnloadModelResponse = await self._unary(
+            self._admin.Unload, request, timeout
+        )
+        return [convert.version_status(row) for row in response.unloaded]
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> HealthStatus:
         """The standard ``grpc.health.v1`` status of ``service`` ("" is the whole server)."""

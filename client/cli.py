@@ -19,7 +19,7 @@ from ._balancing import TargetError
 from .client import DEFAULT_TARGET, Client
 from .errors import RetdError
 from .inputs import EmbeddingInputError, read_embeddings
-from .types import DecodeBatchItem, HealthStatus
+from .types import DecodeBatchItem, HealthStatus, ModelVersionStatus, RepositoryListing
 
 __all__ = ["SERVER_COMMANDS", "build_parser", "main"]
 
@@ -46,10 +46,16 @@ examples:
   python -c 'import json; print(json.dumps([0.0] * 768))' | retd decode --json
   retd generate emb.npy --temperature 0.8 --seed 7 --stream
   retd info --json
+  retd decode emb.npy --model ret --version 1   # one version of a repository model
+  retd repo list                                # every model version the server knows
+  retd repo load ret --version 1                # load (and pin) version 1 beside the newest
+  retd repo unload ret --version 1
   retd serve --help
 
 The server address comes from --target, else $RETD_TARGET, else 127.0.0.1:50051; it may
-name several replicas (a,b,c or dns:///name:port): calls are balanced over the healthy ones.
+name several replicas (a,b,c or dns:///name:port): calls are balanced over the healthy ones
+(`retd repo` acts on one of them: give it one replica's address). A bearer token comes from
+--token, else $RETD_TOKEN; TLS from --tls, --ca-cert, and --cert/--key for mutual TLS.
 Exit status: 0 on success, 1 when `retd health` finds the server not serving,
 2 on any error (printed as `error: CODE: details`).
 """
@@ -57,6 +63,10 @@ Exit status: 0 on success, 1 when `retd health` finds the server not serving,
 
 def _default_target() -> str:
     return os.environ.get("RETD_TARGET") or DEFAULT_TARGET
+
+
+class _OptionError(Exception):
+    """A bad connection option (a TLS file that cannot be read, a malformed token)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,8 +89,34 @@ def build_parser() -> argparse.ArgumentParser:
     connection.add_argument(
         "--timeout", type=float, metavar="S", help="deadline of the call in seconds"
     )
+    connection.add_argument(
+        "--token",
+        default=os.environ.get("RETD_TOKEN") or None,
+        help="bearer token sent as `authorization: Bearer TOKEN` (default: $RETD_TOKEN, "
+        "which other users cannot read from the process list)",
+    )
+    connection.add_argument(
+        "--tls", action="store_true", help="connect with TLS, trusting the system's CAs"
+    )
+    connection.add_argument(
+        "--ca-cert",
+        metavar="PEM",
+        help="trust the CA in this PEM file for the server's certificate (implies --tls)",
+    )
+    connection.add_argument(
+        "--cert", metavar="PEM", help="client certificate for mutual TLS (with --key)"
+    )
+    connection.add_argument("--key", metavar="PEM", help="client private key for mutual TLS")
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--model", metavar="M", help="model name (default: the server's default)")
+    model.add_argument(
+        "--version",
+        type=int,
+        default=0,
+        metavar="N",
+        help="version N of the model in the server's model repository (default 0: the "
+        "newest loaded one)",
+    )
     decoding = argparse.ArgumentParser(add_help=False)
     decoding.add_argument(
         "embedding",
@@ -165,6 +201,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     health.set_defaults(func=_health)
 
+    repo = commands.add_parser(
+        "repo",
+        help="list, load and unload model versions (the admin service)",
+        description="The server's model repository (`retd serve --model-repo DIR`): list "
+        "its model versions, load or unload one. A server with --auth-tokens or "
+        "--admin-tokens needs --token (an admin one); a server on a non-loopback address "
+        "without tokens refuses these calls.",
+    )
+    actions = repo.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser(
+        "list",
+        parents=[connection],
+        help="every model version: ready, loading, unloading, failed, or on disk",
+        description="List every model version the server knows; * marks the version that "
+        "calls naming none get.",
+    )
+    listing.add_argument("model", nargs="?", default="", metavar="MODEL", help="only MODEL's")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=_repo_list)
+    for action, text, what in (
+        ("load", "load a model version and wait until it serves", "load (0: the newest)"),
+        ("unload", "unload a model version once its calls finish", "unload (0: every one)"),
+    ):
+        sub = actions.add_parser(action, parents=[connection], help=text, description=text + ".")
+        sub.add_argument("model", metavar="MODEL", help="model name")
+        sub.add_argument(
+            "--version", type=int, default=0, metavar="N", help=f"the version to {what}"
+        )
+        sub.add_argument("--json", action="store_true", help="print JSON")
+        sub.set_defaults(func=_repo_load if action == "load" else _repo_unload)
+
     for name, text in SERVER_COMMANDS.items():
         commands.add_parser(name, help=text, add_help=False)
     return parser
@@ -203,7 +270,24 @@ def _print_error(message: str) -> None:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.target, timeout=args.timeout)
+    try:
+        return Client(
+            args.target,
+            timeout=args.timeout,
+            token=args.token,
+            tls=args.tls,
+            root_certificates=args.ca_cert,
+            certificate_chain=args.cert,
+            private_key=args.key,
+        )
+    except OSError as err:
+        raise _OptionError(f"cannot read {err.filename}: {err.strerror}") from err
+    except ValueError as err:  # TargetError is one: reported the same way
+        if isinstance(err, TargetError):
+            raise
+        raise _OptionError(
+            str(err).replace("certificate_chain and private_key", "--cert and --key")
+        ) from err
 
 
 def _embeddings(args: argparse.Namespace) -> Any:
@@ -233,6 +317,7 @@ def _decode(args: argparse.Namespace, out: TextIO) -> int:
             result = client.decode(
                 embeddings,
                 model=args.model,
+                version=args.version,
                 max_new_tokens=args.max_new_tokens,
                 priority=args.priority,
             )
@@ -244,6 +329,7 @@ def _decode(args: argparse.Namespace, out: TextIO) -> int:
         items = client.decode_batch(
             embeddings,
             model=args.model,
+            version=args.version,
             max_new_tokens=args.max_new_tokens,
             priority=args.priority,
         )
@@ -277,6 +363,7 @@ def _generate(args: argparse.Namespace, out: TextIO) -> int:
         embedding = embedding[0]
     params = dict(
         model=args.model,
+        version=args.version,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -309,7 +396,7 @@ def _generate(args: argparse.Namespace, out: TextIO) -> int:
 
 def _info(args: argparse.Namespace, out: TextIO) -> int:
     with _client(args) as client:
-        info = client.model_info(args.model)
+        info = client.model_info(args.model, version=args.version)
     if args.json:
         _print_json(info, out)
         return 0
@@ -341,6 +428,72 @@ def _health(args: argparse.Namespace, out: TextIO) -> int:
     return 0 if status is HealthStatus.SERVING else 1
 
 
+def _version_rows(rows: Sequence[ModelVersionStatus]) -> list[list[str]]:
+    table = [["", "MODEL", "VERSION", "STATE", "KIND", "CALLS", "PATH / REASON"]]
+    for row in rows:
+        table.append(
+            [
+                "*" if row.serving else "",
+                row.name,
+                str(row.version),
+                row.state.value,
+                row.kind or "-",
+                str(row.active_calls),
+                _one_line(f"{row.path}: {row.reason}" if row.reason else row.path),
+            ]
+        )
+    return table
+
+
+def _print_table(table: Sequence[Sequence[str]], out: TextIO) -> None:
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        cells = [cell.ljust(width) for cell, width in zip(line[:-1], widths, strict=False)]
+        print("  ".join([*cells, line[-1]]).rstrip(), file=out)
+
+
+def _repo_list(args: argparse.Namespace, out: TextIO) -> int:
+    with _client(args) as client:
+        listing: RepositoryListing = client.list_versions(args.model)
+    if args.json:
+        _print_json(listing, out)
+        return 0
+    where = listing.repository or "none (models from --checkpoint/--model only)"
+    print(f"repository: {where}", file=out)
+    print(f"default model: {listing.default_model or '-'}", file=out)
+    if not listing.versions:
+        print(f"no model {args.model!r}" if args.model else "no models", file=out)
+        return 0
+    _print_table(_version_rows(listing.versions), out)
+    return 0
+
+
+def _describe(row: ModelVersionStatus) -> str:
+    serving = ", serving calls naming no version" if row.serving else ""
+    return f"{row.name} version {row.version}: {row.state.value}{serving} ({row.path})"
+
+
+def _repo_load(args: argparse.Namespace, out: TextIO) -> int:
+    with _client(args) as client:
+        status = client.load_model(args.model, args.version)
+    if args.json:
+        _print_json(status, out)
+    else:
+        print(f"loaded {_describe(status)}", file=out)
+    return 0
+
+
+def _repo_unload(args: argparse.Namespace, out: TextIO) -> int:
+    with _client(args) as client:
+        released = client.unload_model(args.model, args.version)
+    if args.json:
+        _print_json(released, out)
+        return 0
+    for row in released:
+        print(f"unloaded {row.name} version {row.version} ({row.path})", file=out)
+    return 0
+
+
 def _run_server_command(argv: list[str]) -> int:
     try:
         from retd.server.cli import main as server_main
@@ -367,7 +520,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         return args.func(args, out if out is not None else sys.stdout)
     except RetdError as err:
         _print_error(f"{err.code.name}: {err.details}")
-    except (EmbeddingInputError, TargetError) as err:
+    except (EmbeddingInputError, TargetError, _OptionError) as err:
         _print_error(str(err))
     except BrokenPipeError:  # the reader went away (e.g. `| head`): not worth a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from retd.v1 import decoder_pb2, decoder_pb2_grpc
+from retd.v1 import decoder_pb2, decoder_pb2_grpc, repository_pb2, repository_pb2_grpc
 
 from . import _balancing, _health, _requests, _security, convert
 from ._security import PemSource
@@ -22,6 +22,8 @@ from .types import (
     HealthStatus,
     Hybrid,
     ModelInfo,
+    ModelVersionStatus,
+    RepositoryListing,
     StreamChunk,
     StreamItem,
 )
@@ -46,9 +48,10 @@ class Client:
             Service). Several replicas get gRPC's ``round_robin`` policy, a health watch of
             each (a draining replica gets no new calls) and gRPC's retries on UNAVAILABLE
             (and on CANCELLED by a replica that is stopping) of the calls safe to repeat:
-            ``decode``, ``decode_batch``, ``model_info``, ``list_models``, and ``generate``
-            when it has a ``seed`` or ``temperature=0`` (retried by the client, with gRPC's
-            backoff). Streams and a sampled ``generate`` without a seed are not retried.
+            ``decode``, ``decode_batch``, ``model_info``, ``list_models``,
+            ``list_versions``, and ``generate`` when it has a ``seed`` or ``temperature=0``
+            (retried by the client, with gRPC's backoff). Streams, a sampled ``generate``
+            without a seed, ``load_model`` and ``unload_model`` are not retried.
         timeout: default deadline of every call, in seconds; ``None`` waits forever. Each
             method's own ``timeout=`` overrides it.
         options: gRPC channel options, e.g. ``[("grpc.max_receive_message_length", 64 << 20)]``;
@@ -63,7 +66,8 @@ class Client:
             certificate; implies ``tls``.
         certificate_chain, private_key: the client's own certificate and key (PEM bytes or
             paths) for servers that require mutual TLS; implies ``tls``.
-        token: sent as ``authorization: Bearer <token>`` with every call.
+        token: sent as ``authorization: Bearer <token>`` with every call, the admin calls
+            (:meth:`list_versions`, :meth:`load_model`, :meth:`unload_model`) included.
         encoding: how embeddings travel: ``"raw"`` float32 bytes (default) or ``"vector"``.
 
     Every failed call raises a :class:`~retd.client.errors.RetdError` subclass.
@@ -120,6 +124,7 @@ class Client:
         self.target = target if isinstance(target, str) else ",".join(target)
         self.channel: grpc.Channel = channel
         self._stub = decoder_pb2_grpc.DecoderStub(channel)
+        self._admin = repository_pb2_grpc.ModelRepositoryStub(channel)
         self._health_check = channel.unary_unary(
             _health.CHECK_METHOD,
             request_serializer=_health.HealthCheckRequest.SerializeToString,
@@ -181,6 +186,7 @@ class Client:
         embedding: EmbeddingLike,
         *,
         model: str | None = None,
+        version: int = 0,
         max_new_tokens: int | None = None,
         priority: int | None = None,
         hybrid: Hybrid | None = None,
@@ -195,6 +201,11 @@ class Client:
         Args:
             embedding: a 1-D array of ``embedding_dim`` floats (numpy, list, tensor, ...).
             model: the model to use; ``None`` means the server's default.
+            version: the version of ``model`` to use, as numbered in the server's model
+                repository (``MODEL_REPO/<model>/<version>/``); 0 means the one the model
+                serves by default (its newest loaded version). A version that is not loaded
+                raises :class:`NotFoundError` listing the loaded ones; ``result.version``
+                says which version answered.
             max_new_tokens: bytes to generate at most; ``None`` means the model's max_length.
                 A phrase bank ignores it.
             priority: higher is served first when requests wait for a slot; FIFO among
@@ -210,6 +221,8 @@ class Client:
         >>> result = client.decode(embedding, hybrid=hybrid)  # doctest: +SKIP
         >>> result.source, result.model, round(result.similarity, 2)  # doctest: +SKIP
         (<AnswerSource.PHRASE_BANK: 'phrase_bank'>, 'faq', 0.97)
+        >>> client.decode(embedding, model="ret", version=1).version  # doctest: +SKIP
+        1
         """
         request = _requests.decode(
             embedding,
@@ -218,6 +231,7 @@ class Client:
             encoding=self.encoding,
             priority=priority,
             hybrid=hybrid,
+            version=version,
         )
         return convert.decode_result(self._unary(self._stub.Decode, request, timeout))
 
@@ -226,6 +240,7 @@ class Client:
         embedding: EmbeddingLike,
         *,
         model: str | None = None,
+        version: int = 0,
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         top_k: int | None = None,
@@ -268,6 +283,7 @@ class Client:
             stop=stop,
             encoding=self.encoding,
             priority=priority,
+            version=version,
         )
         retry = self.balanced and _balancing.deterministic(request)
         return convert.generate_result(self._unary(self._stub.Generate, request, timeout, retry))
@@ -277,6 +293,7 @@ class Client:
         embedding: EmbeddingLike,
         *,
         model: str | None = None,
+        version: int = 0,
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         top_k: int | None = None,
@@ -306,6 +323,7 @@ class Client:
             stop=stop,
             encoding=self.encoding,
             priority=priority,
+            version=version,
         )
         call = self._stub.GenerateStream(
             request, timeout=self._deadline(timeout), metadata=with_trace_context(self._metadata)
@@ -317,6 +335,7 @@ class Client:
         embeddings: Iterable[EmbeddingLike],
         *,
         model: str | None = None,
+        version: int = 0,
         max_new_tokens: int | None = None,
         priority: int | None = None,
         timeout: float | None = None,
@@ -326,7 +345,8 @@ class Client:
         ``embeddings`` is a 2-D array ``(N, dim)`` or a sequence of 1-D embeddings. A bad item
         does not fail the call: its :class:`DecodeBatchItem` has ``ok == False`` and a typed
         ``error``; ``item.unwrap()`` returns the result or raises that error. ``priority``
-        (see :meth:`decode`) applies to every item.
+        and ``version`` (see :meth:`decode`) apply to every item; a ``version`` that is not
+        loaded fails the whole call (:class:`NotFoundError`).
 
         >>> [item.unwrap().text for item in client.decode_batch(matrix)]  # doctest: +SKIP
         ['first sentence', 'second sentence']
@@ -337,6 +357,7 @@ class Client:
             max_new_tokens=max_new_tokens,
             encoding=self.encoding,
             priority=priority,
+            version=version,
         )
         response: decoder_pb2.DecodeBatchResponse = self._unary(
             self._stub.DecodeBatch, request, timeout
@@ -348,6 +369,7 @@ class Client:
         items: Iterable[EmbeddingLike | tuple[str, EmbeddingLike]],
         *,
         model: str | None = None,
+        version: int = 0,
         max_new_tokens: int | None = None,
         priority: int | None = None,
         timeout: float | None = None,
@@ -358,14 +380,15 @@ class Client:
         ``(id, embedding)`` with a ``str`` id. ``items`` is read lazily, so it may be a
         generator. Answers carry the id; a bad item gets an ``error`` and the rest go on.
         If reading or converting ``items`` fails, that exception is raised from the
-        iteration. Closing the iterator early cancels the call. ``priority`` (see
-        :meth:`decode`) applies to every item.
+        iteration. Closing the iterator early cancels the call. ``model``, ``version`` and
+        ``priority`` (see :meth:`decode`) apply to every item.
 
         >>> for item in client.decode_stream([("a", e1), ("b", e2)]):  # doctest: +SKIP
         ...     print(item.id, item.unwrap().text)
         """
         failure: list[BaseException] = []
         priority = _requests.check_priority(priority)  # bad arguments raise here, at once
+        version = _requests.check_version(version)
 
         def requests() -> Iterator[decoder_pb2.DecodeStreamRequest]:
             try:
@@ -377,6 +400,7 @@ class Client:
                         max_new_tokens=max_new_tokens,
                         encoding=self.encoding,
                         priority=priority,
+                        version=version,
                     )
             except Exception as err:  # raised to the caller from the response iterator
                 failure.append(err)
@@ -400,15 +424,90 @@ class Client:
         )
         return response.default_model
 
-    def model_info(self, model: str | None = None, *, timeout: float | None = None) -> ModelInfo:
+    def model_info(
+        self, model: str | None = None, *, version: int = 0, timeout: float | None = None
+    ) -> ModelInfo:
         """One model's description; ``None`` means the server's default model.
+
+        ``version``: one loaded version of it (see :meth:`decode`); 0 means the version calls
+        naming none get. ``info.repository_version`` is the version described and
+        ``info.serving`` whether calls naming no version get it.
 
         >>> info = client.model_info()  # doctest: +SKIP
         >>> info.name, info.embedding_dim, info.trained  # doctest: +SKIP
         ('ret_v21', 768, True)
+        >>> info = client.model_info("ret", version=1)  # doctest: +SKIP
+        >>> info.repository_version, info.serving  # doctest: +SKIP
+        (1, False)
         """
-        request = decoder_pb2.GetModelInfoRequest(model=model or "")
+        request = _requests.model_info(model, version)
         return convert.model_info(self._unary(self._stub.GetModelInfo, request, timeout))
+
+    # --- the admin service (retd.v1.ModelRepository) -----------------------------------------
+
+    def list_versions(self, model: str = "", *, timeout: float | None = None) -> RepositoryListing:
+        """Every model version the server knows: loaded (READY), loading, unloading, failed
+        to load (with the reason), or in its model repository but not loaded (AVAILABLE).
+
+        ``model``: only that model's versions; "" lists all. Like every admin call it goes
+        to one server: with several replicas, make a client of each to see them all.
+
+        >>> listing = client.list_versions()  # doctest: +SKIP
+        >>> [(row.name, row.version, row.state.value) for row in listing]  # doctest: +SKIP
+        [('ret', 1, 'available'), ('ret', 2, 'ready')]
+        >>> listing.serving, listing.default_model  # doctest: +SKIP
+        ({'ret': 2}, 'ret')
+        """
+        request = _requests.list_versions(model)
+        response: repository_pb2.RepositoryListResponse = self._unary(
+            self._admin.List, request, timeout
+        )
+        return convert.repository_listing(response)
+
+    def load_model(
+        self, model: str, version: int = 0, *, timeout: float | None = None
+    ) -> ModelVersionStatus:
+        """Load ``version`` of ``model`` from the server's repository, warm it up, and return
+        its status once it takes calls (READY). Never retried by the client.
+
+        ``version=0`` loads the newest version in the repository, which then serves calls
+        naming no version (with ``--watch``, newer ones replace it); a version named
+        stays loaded beside the others until unloaded. A model served from ``--checkpoint``
+        is reloaded from its checkpoint. Loading can take a while: give a ``timeout`` that
+        allows it.
+
+        Raises :class:`NotFoundError` (no such model or version in the repository),
+        :class:`FailedPreconditionError` (it failed to load: the message says why),
+        :class:`UnauthenticatedError` / :class:`PermissionDeniedError` (no admin rights).
+
+        >>> status = client.load_model("ret", 1, timeout=300)  # doctest: +SKIP
+        >>> status.state, status.version, status.serving  # doctest: +SKIP
+        (<ModelState.READY: 'ready'>, 1, False)
+        >>> client.decode(embedding, model="ret", version=1).version  # doctest: +SKIP
+        1
+        """
+        request = _requests.load_model(model, version)
+        response: repository_pb2.LoadModelResponse = self._unary(self._admin.Load, request, timeout)
+        return convert.version_status(response.status)
+
+    def unload_model(
+        self, model: str, version: int = 0, *, timeout: float | None = None
+    ) -> list[ModelVersionStatus]:
+        """Stop giving ``version`` of ``model`` (0: every loaded version of it) new calls, wait
+        for the calls already on it, release it; return the versions released (AVAILABLE).
+        Never retried by the client.
+
+        Unloading a model whole also stops a ``--watch`` from loading it again. Raises
+        :class:`NotFoundError` when no such version is loaded.
+
+        >>> [row.version for row in client.unload_model("ret", 1)]  # doctest: +SKIP
+        [1]
+        """
+        request = _requests.unload_model(model, version)
+        response: repository_pb2.UnloadModelResponse = self._unary(
+            self._admin.Unload, request, timeout
+        )
+        return [convert.version_status(row) for row in response.unloaded]
 
     def health(self, service: str = "", *, timeout: float | None = None) -> HealthStatus:
         """The standard ``grpc.health.v1`` status of ``service`` ("" is the whole server).

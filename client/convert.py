@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeAlias
 import numpy as np
 from google.protobuf import json_format
 
-from retd.v1 import decoder_pb2
+from retd.v1 import decoder_pb2, repository_pb2
 
 from .errors import InvalidArgumentError, error_from_code
 from .types import (
@@ -37,6 +37,9 @@ from .types import (
     GenerateResult,
     ModelInfo,
     ModelLoad,
+    ModelState,
+    ModelVersionStatus,
+    RepositoryListing,
     StreamChunk,
     StreamItem,
     Timing,
@@ -51,10 +54,13 @@ __all__ = [
     "generate_result",
     "model_info",
     "model_load",
+    "model_state",
+    "repository_listing",
     "stream_chunk",
     "to_array",
     "to_embedding",
     "to_embeddings",
+    "version_status",
 ]
 
 #: One embedding: a 1-D numpy array, a list of floats, a tensor, or a ready ``Embedding``.
@@ -167,6 +173,7 @@ def decode_result(msg: decoder_pb2.DecodeResponse) -> DecodeResult:
         model=msg.model,
         source=_SOURCE.get(msg.source, AnswerSource.UNSPECIFIED),
         similarity=msg.similarity if msg.HasField("similarity") else None,
+        version=msg.version,
     )
 
 
@@ -186,6 +193,7 @@ def _generation_summary(
         "model": msg.model,
         "seed": msg.seed,
         "candidates": [candidate(c) for c in msg.candidates],
+        "version": msg.version,
     }
 
 
@@ -230,6 +238,8 @@ def model_info(msg: decoder_pb2.ModelInfo) -> ModelInfo:
         load=model_load(msg.load),
         kind=msg.kind or "ret",  # a server older than phrase banks serves RET only
         phrase_count=msg.phrase_count,
+        repository_version=msg.repository_version,
+        serving=msg.serving,
     )
 
 
@@ -241,4 +251,41 @@ def model_load(msg: decoder_pb2.ModelLoad) -> ModelLoad:
         max_batch_size=msg.max_batch_size,
         batching=msg.batching,
         max_wait_ms=msg.max_wait_ms,
+    )
+
+
+# --- the admin service ---------------------------------------------------------------------
+
+_STATE = {
+    repository_pb2.MODEL_STATE_AVAILABLE: ModelState.AVAILABLE,
+    repository_pb2.MODEL_STATE_LOADING: ModelState.LOADING,
+    repository_pb2.MODEL_STATE_READY: ModelState.READY,
+    repository_pb2.MODEL_STATE_UNLOADING: ModelState.UNLOADING,
+    repository_pb2.MODEL_STATE_FAILED: ModelState.FAILED,
+}
+
+
+def model_state(value: int) -> ModelState:
+    """The proto enum number as a :class:`ModelState`."""
+    return _STATE.get(value, ModelState.UNSPECIFIED)
+
+
+def version_status(msg: repository_pb2.ModelVersionStatus) -> ModelVersionStatus:
+    return ModelVersionStatus(
+        name=msg.name,
+        version=msg.version,
+        state=model_state(msg.state),
+        reason=msg.reason,
+        kind=msg.kind,
+        path=msg.path,
+        serving=msg.serving,
+        active_calls=msg.active_calls,
+    )
+
+
+def repository_listing(msg: repository_pb2.RepositoryListResponse) -> RepositoryListing:
+    return RepositoryListing(
+        versions=[version_status(m) for m in msg.models],
+        repository=msg.repository,
+        default_model=msg.default_model,
     )

@@ -21,6 +21,7 @@ import grpc
 
 __all__ = [
     "DeadlineExceededError",
+    "FailedPreconditionError",
     "InternalError",
     "InvalidArgumentError",
     "NotFoundError",
@@ -85,7 +86,8 @@ class InvalidArgumentError(RetdError, ValueError):
 
 
 class NotFoundError(RetdError):
-    """The named model (or health service) is not loaded on the server."""
+    """The named model, or version of it, is not loaded on the server (or, for the admin
+    calls, not in its model repository); the message lists what is."""
 
     default_code = grpc.StatusCode.NOT_FOUND
 
@@ -124,9 +126,17 @@ class UnauthenticatedError(RetdError):
 
 
 class PermissionDeniedError(RetdError):
-    """The caller may not make this call."""
+    """The caller may not make this call: e.g. the admin calls of a server bound to a
+    non-loopback address without admin tokens, which are refused to everyone."""
 
     default_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class FailedPreconditionError(RetdError):
+    """The server cannot do it in its present state: e.g. :meth:`Client.load_model` of a
+    version whose checkpoint fails to load (the message says why)."""
+
+    default_code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class InternalError(RetdError):
@@ -136,7 +146,9 @@ class InternalError(RetdError):
 
 
 class UnknownError(RetdError):
-    """Fallback for any other status code (UNKNOWN, UNIMPLEMENTED, ABORTED, ...)."""
+    """Fallback for any other status code (UNKNOWN, UNIMPLEMENTED, ABORTED, ...).
+
+    A server older than the admin service answers its calls UNIMPLEMENTED: this class."""
 
     default_code = grpc.StatusCode.UNKNOWN
 
@@ -152,6 +164,7 @@ _BY_CODE: dict[grpc.StatusCode, type[RetdError]] = {
         UnavailableError,
         UnauthenticatedError,
         PermissionDeniedError,
+        FailedPreconditionError,
         InternalError,
     )
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,9 @@ __all__ = [
     "Hybrid",
     "ModelInfo",
     "ModelLoad",
+    "ModelState",
+    "ModelVersionStatus",
+    "RepositoryListing",
     "StreamChunk",
     "StreamItem",
     "Timing",
@@ -47,6 +51,23 @@ class AnswerSource(enum.StrEnum):
     #: It is a phrase bank's nearest phrase.
     PHRASE_BANK = "phrase_bank"
     #: The server did not say (a server older than phrase banks).
+    UNSPECIFIED = "unspecified"
+
+
+class ModelState(enum.StrEnum):
+    """Where a model version stands on the server (:attr:`ModelVersionStatus.state`)."""
+
+    #: In the server's model repository, not loaded.
+    AVAILABLE = "available"
+    #: Being read and warmed up; it takes no calls yet.
+    LOADING = "loading"
+    #: Taking calls.
+    READY = "ready"
+    #: Taking no new calls; the calls already on it are finishing.
+    UNLOADING = "unloading"
+    #: Could not be loaded: :attr:`ModelVersionStatus.reason` says why.
+    FAILED = "failed"
+    #: The server did not say (never sent by a conforming server).
     UNSPECIFIED = "unspecified"
 
 
@@ -115,6 +136,8 @@ class DecodeResult:
     #: Cosine similarity of the phrase bank's nearest phrase: set when a bank answered, and in
     #: hybrid decoding also when the generative model did (the phrase was not similar enough).
     similarity: float | None = None
+    #: The repository version of ``model`` that answered (0 from a server without versions).
+    version: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,6 +158,8 @@ class GenerateResult:
     #: A phrase bank's ``top_k`` nearest phrases, best first (``text`` is the first one's);
     #: empty for a generative model.
     candidates: list[Candidate] = field(default_factory=list)
+    #: The repository version of ``model`` that answered (0 from a server without versions).
+    version: int = 0
 
 
 @dataclass(frozen=True)
@@ -155,6 +180,8 @@ class StreamChunk:
     model: str | None = None
     #: On a phrase bank's last chunk: its nearest phrases, as :attr:`GenerateResult.candidates`.
     candidates: list[Candidate] = field(default_factory=list)
+    #: The repository version of ``model`` that answered (on the last chunk).
+    version: int | None = None
 
     @property
     def is_last(self) -> bool:
@@ -228,6 +255,8 @@ class ModelInfo:
     """A model loaded on the server (:meth:`Client.model_info`, :meth:`Client.list_models`)."""
 
     name: str
+    #: The card's own version label, e.g. ``"2.1.0"`` (the repository's version number is
+    #: :attr:`repository_version`).
     version: str
     #: Registry name of the architecture, e.g. ``"ret_v21"``; ``"phrase_bank"`` for a bank.
     architecture: str
@@ -255,3 +284,96 @@ class ModelInfo:
     kind: str = "ret"
     #: How many phrases a phrase bank holds; 0 for a generative model.
     phrase_count: int = 0
+    #: Its version in the server's model repository (``MODEL_REPO/<name>/<version>/``); 1 for
+    #: a model served from ``--checkpoint``/``--model``, 0 from a server without versions.
+    repository_version: int = 0
+    #: Whether calls naming no version get this one (the model's newest loaded version).
+    serving: bool = False
+
+
+@dataclass(frozen=True)
+class ModelVersionStatus:
+    """One version of one model as the server's admin service sees it
+    (:meth:`Client.list_versions`, :meth:`Client.load_model`, :meth:`Client.unload_model`).
+
+    >>> row = ModelVersionStatus(name="ret", version=2, state=ModelState.READY, serving=True)
+    >>> row.state == "ready", row.ready, row.failed
+    (True, True, False)
+    """
+
+    name: str
+    #: The version number: its directory's name in the repository (1 for a model served from
+    #: ``--checkpoint``/``--model``).
+    version: int
+    state: ModelState
+    #: Why it failed to load (:attr:`ModelState.FAILED`), or what it is waiting for.
+    reason: str = ""
+    #: ``"ret"`` or ``"phrase_bank"`` (from its card; empty when the card is unreadable).
+    kind: str = ""
+    #: Its checkpoint directory on the server.
+    path: str = ""
+    #: Whether calls naming no version go to this one.
+    serving: bool = False
+    #: Calls using it when the server answered.
+    active_calls: int = 0
+
+    @property
+    def ready(self) -> bool:
+        """True when the version takes calls."""
+        return self.state is ModelState.READY
+
+    @property
+    def failed(self) -> bool:
+        """True when the version could not be loaded (see :attr:`reason`)."""
+        return self.state is ModelState.FAILED
+
+
+@dataclass(frozen=True)
+class RepositoryListing:
+    """The answer of :meth:`Client.list_versions`: every model version the server knows.
+
+    >>> listing = RepositoryListing(
+    ...     versions=[
+    ...         ModelVersionStatus("ret", 1, ModelState.READY),
+    ...         ModelVersionStatus("ret", 2, ModelState.READY, serving=True),
+    ...         ModelVersionStatus("ret", 3, ModelState.FAILED, reason="bad card"),
+    ...     ],
+    ...     repository="/models",
+    ...     default_model="ret",
+    ... )
+    >>> listing.models, listing.serving
+    (['ret'], {'ret': 2})
+    >>> [row.version for row in listing.of("ret") if row.ready]
+    [1, 2]
+    """
+
+    #: Every version, loaded or not, by model name then version.
+    versions: list[ModelVersionStatus] = field(default_factory=list)
+    #: The server's repository directory (``--model-repo``); empty when it serves none.
+    repository: str = ""
+    #: The model that calls naming none are served by.
+    default_model: str = ""
+
+    @property
+    def models(self) -> list[str]:
+        """The model names, sorted, each once."""
+        return sorted({row.name for row in self.versions})
+
+    @property
+    def serving(self) -> dict[str, int]:
+        """``{model: version}`` of the versions that calls naming no version get."""
+        return {row.name: row.version for row in self.versions if row.serving}
+
+    def of(self, model: str) -> list[ModelVersionStatus]:
+        """The versions of ``model``, oldest first."""
+        return sorted((row for row in self.versions if row.name == model), key=_version_key)
+
+    def __iter__(self) -> Iterator[ModelVersionStatus]:
+        return iter(self.versions)
+
+    def __len__(self) -> int:
+        return len(self.versions)
+
+
+def _version_key(row: ModelVersionStatus) -> int:
+    return row.version

@@ -12,6 +12,7 @@ import pytest
 
 from retd.client import (
     DeadlineExceededError,
+    FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
     NotFoundError,
@@ -39,7 +40,7 @@ EXPECTED: dict[grpc.StatusCode, type[RetdError]] = {
     grpc.StatusCode.UNKNOWN: UnknownError,
     grpc.StatusCode.UNIMPLEMENTED: UnknownError,
     grpc.StatusCode.ABORTED: UnknownError,
-    grpc.StatusCode.FAILED_PRECONDITION: UnknownError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.OUT_OF_RANGE: UnknownError,
     grpc.StatusCode.DATA_LOSS: UnknownError,
     grpc.StatusCode.ALREADY_EXISTS: UnknownError,
