@@ -178,8 +178,7 @@ class ModelRegistry:
                             self.repository / name,
                         )
                         continue
-                    newest = max(versions)
-                    await self._load_version(name, newest, versions[newest], pinned=False)
+                    await self._load_newest_that_loads(name, versions)
         if not self.default_model:  # the first serving model by name
             self.default_model = next(iter(self.names() or sorted(self._versions)), "")
         elif self.default_model not in self._versions:
@@ -189,6 +188,14 @@ class ModelRegistry:
                 self.default_model,
                 sorted(self._versions),
             )
+
+    async def _load_newest_that_loads(self, name: str, versions: dict[int, Path]) -> None:
+        """At start: the newest version, else the next newest, ... (each failure recorded),
+        so that a broken new version does not leave the model without one."""
+        for version in sorted(versions, reverse=True):
+            entry = await self._load_version(name, version, versions[version], pinned=False)
+            if entry.state is State.READY:
+                return
 
     async def close(self) -> None:
         """Release every version (after its calls finish) and wait for every drain."""
@@ -336,9 +343,12 @@ class ModelRegistry:
             chosen = [e for v, e in versions.items() if not version or v == version]
             if not chosen:
                 wanted = f"version {version}" if version else "version"
+                loaded = {
+                    model: [v for v, e in sorted(vs.items()) if e.state is State.READY]
+                    for model, vs in self._versions.items()
+                }
                 raise _not_found(
-                    f"model: {name!r} has no loaded {wanted} to unload; loaded: "
-                    f"{ {n: sorted(vs) for n, vs in self._versions.items()} }"
+                    f"model: {name!r} has no loaded {wanted} to unload; loaded: {loaded}"
                 )
             if not version:
                 self._followed.discard(name)

@@ -133,6 +133,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Repository:
     corrupt = shutil.copytree(root / "ret" / "1", root / "corrupt" / "1")
     weights = corrupt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
+    # A broken newest version: the next newest serves instead.
+    shutil.copytree(root / "ret" / "1", root / "fallback" / "1")
+    shutil.copytree(corrupt, root / "fallback" / "2")
     mismatch = shutil.copytree(root / "ret" / "1", root / "mismatch" / "1")
     card["config"]["n_layer"] += 1
     (mismatch / CARD_FILE).write_text(json.dumps(card))
@@ -172,6 +175,8 @@ def test_the_newest_version_of_each_model_serves_and_failures_are_listed_with_re
     assert state == {
         ("bank", 1): "MODEL_STATE_READY",
         ("corrupt", 1): "MODEL_STATE_FAILED",
+        ("fallback", 1): "MODEL_STATE_READY",
+        ("fallback", 2): "MODEL_STATE_FAILED",
         ("mismatch", 1): "MODEL_STATE_FAILED",
         ("ret", 1): "MODEL_STATE_AVAILABLE",
         ("ret", 2): "MODEL_STATE_READY",
@@ -186,6 +191,8 @@ def test_the_newest_version_of_each_model_serves_and_failures_are_listed_with_re
         assert f"model {name} version 1 failed to load" in served.log()
         assert health_of(channel, name) == NOT_SERVING
     assert health_of(channel, "ret") == SERVING and health_of(channel, "bank") == SERVING
+    assert listing[("fallback", 1)].serving and health_of(channel, "fallback") == SERVING
+    assert "cannot read" in listing[("fallback", 2)].reason
 
     stub = pb_grpc.DecoderStub(channel)
     for index in range(len(QUERIES)):
@@ -196,6 +203,7 @@ def test_the_newest_version_of_each_model_serves_and_failures_are_listed_with_re
     assert {(m.name, m.repository_version, m.serving) for m in models.models} == {
         ("ret", 2, True),
         ("bank", 1, True),
+        ("fallback", 1, True),
     }
     assert models.default_model == "ret"
 
@@ -263,7 +271,7 @@ def test_admin_errors_name_the_field_and_what_was_expected(channel: grpc.Channel
             admin.Unload,
             admin_pb.UnloadModelRequest(model="ret", version=9),
             grpc.StatusCode.NOT_FOUND,
-            "has no loaded version 9 to unload",
+            "has no loaded version 9 to unload; loaded: {'bank': [1], 'corrupt': []",
         ),
     ]
     for method, request, code, message in cases:
