@@ -26,10 +26,15 @@ from retd.model.tokenizer import decode as decode_bytes
 
 @torch.no_grad()
 def greedy_texts(
-    model: RET, embeddings: torch.Tensor, max_new_tokens: int = 200, batch_size: int = 256
+    model: RET,
+    embeddings: torch.Tensor,
+    max_new_tokens: int = 200,
+    batch_size: int = 256,
+    no_repeat_ngram_size: int = 0,
 ) -> list[str]:
-    """Greedy decoding of each embedding row (the server's Decode)."""
-    params = SamplingParams(max_new_tokens=max_new_tokens)
+    """Greedy decoding of each embedding row (the server's Decode), optionally never
+    repeating a byte n-gram (its `no_repeat_ngram_size`)."""
+    params = SamplingParams(max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size)
     return _texts_in_chunks(
         embeddings,
         batch_size,
@@ -45,48 +50,6 @@ def _texts_in_chunks(
     for start in range(0, len(embeddings), batch_size):
         texts += decode(embeddings[start : start + batch_size])
     return texts
-
-
-@torch.no_grad()
-def greedy_no_repeat(
-    model: RET, embeddings: torch.Tensor, ngram: int, max_new_tokens: int = 200
-) -> list[list[int]]:
-    """Greedy decoding that never repeats a byte n-gram within a row: at each step the bytes
-    that would complete an n-gram the row already holds are ruled out (a loop breaker; the
-    figures say whether it pays)."""
-    config = model.config
-    B = len(embeddings)
-    cond = model.condition(embeddings)  # (B, C)
-    cache = KVCache(config, B, dtype=model.wte.weight.dtype)
-    sequences: list[list[int]] = [[] for _ in range(B)]
-    followers: list[dict[tuple[int, ...], set[int]]] = [{} for _ in range(B)]
-    alive = list(range(B))
-    previous = torch.zeros(B, dtype=torch.long)
-    for t in range(max_new_tokens):
-        rows = torch.tensor(alive)
-        positions = torch.full((len(alive),), t, dtype=torch.long)
-        logits = model.step(cond[rows], previous[rows], positions, cache, rows, length=t + 1)
-        for j, i in enumerate(alive):
-            seq = sequences[i]
-            if len(seq) >= ngram - 1:
-                banned = followers[i].get(tuple(seq[len(seq) - ngram + 1 :]))
-                if banned:
-                    logits[j, list(banned)] = -torch.inf
-        chosen = logits.argmax(dim=-1).tolist()
-        still = []
-        for i, token in zip(alive, chosen, strict=True):
-            seq = sequences[i]
-            if token == config.eos_id:
-                continue
-            if len(seq) >= ngram - 1:
-                followers[i].setdefault(tuple(seq[len(seq) - ngram + 1 :]), set()).add(token)
-            seq.append(token)
-            previous[i] = token
-            still.append(i)
-        alive = still
-        if not alive:
-            break
-    return sequences
 
 
 @torch.no_grad()
@@ -183,22 +146,6 @@ def beam_texts(
     )
 
 
-def no_repeat_texts(
-    model: RET,
-    embeddings: torch.Tensor,
-    ngram: int,
-    max_new_tokens: int = 200,
-    batch_size: int = 256,
-) -> list[str]:
-    return _texts_in_chunks(
-        embeddings,
-        batch_size,
-        lambda chunk: [
-            decode_bytes(bytes(s)) for s in greedy_no_repeat(model, chunk, ngram, max_new_tokens)
-        ],
-    )
-
-
 def text_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Corpus chrF and BLEU (sacrebleu) and exact match (%), hypotheses against references."""
     import sacrebleu
@@ -291,7 +238,7 @@ def evaluate_checkpoint(
     report["greedy"] = scored(greedy, time.perf_counter() - started)
     for ngram in no_repeat_ngram:
         started = time.perf_counter()
-        decoded = no_repeat_texts(model, embeddings, ngram, max_new)
+        decoded = greedy_texts(model, embeddings, max_new, no_repeat_ngram_size=ngram)
         report[f"greedy_no_repeat{ngram}"] = scored(decoded, time.perf_counter() - started)
     for beams in num_beams:
         started = time.perf_counter()

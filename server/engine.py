@@ -30,7 +30,14 @@ import numpy as np
 import torch
 
 from retd.model.checkpoint import RET_KIND, LoadedModel
-from retd.model.generation import FinishReason, OutputBuffer, SamplingParams, make_generator, sample
+from retd.model.generation import (
+    FinishReason,
+    NGramBlocker,
+    OutputBuffer,
+    SamplingParams,
+    make_generator,
+    sample,
+)
 from retd.model.model import KVCache
 from retd.server.scheduler import (
     Aborted,
@@ -369,6 +376,7 @@ class RETEngine(Engine):
         self._cache = KVCache(config, slots, self.device, self.dtype)
         self._cond = torch.zeros(slots, config.n_embd, device=self.device, dtype=self.dtype)
         self._generators: dict[int, torch.Generator | None] = {}  # worker thread only
+        self._blockers: dict[int, NGramBlocker] = {}  # worker thread only: no-repeat n-grams
 
     def warm_up(self, steps: int = 4) -> None:
         """Run a few decode steps so the first caller pays no start-up cost; call it before
@@ -384,6 +392,7 @@ class RETEngine(Engine):
             if failures:
                 raise RuntimeError(f"model {self.name}: warm-up failed: {failures[-1]}")
         self._generators.clear()
+        self._blockers.clear()
 
     def _work(self) -> None:
         torch.set_grad_enabled(False)
@@ -425,13 +434,20 @@ class RETEngine(Engine):
         for seq_id, request in joining.items():
             greedy = request.params.greedy
             self._generators[seq_id] = None if greedy else make_generator(request.seed, self.device)
+            if request.params.no_repeat_ngram_size:
+                self._blockers[seq_id] = NGramBlocker(request.params.no_repeat_ngram_size)
+        for row in step.rows:  # each row's last byte, seen once per step
+            blocker = self._blockers.get(row.seq_id)
+            if blocker is not None and row.position > 0 and not row.padding:
+                blocker.push(row.token)
         rows, logits, failures = self._forward_isolating_faults(step.rows, joining)
         if not rows:
             return [], [], failures
         generators = [self._generators.get(r.seq_id) for r in rows]
+        banned = [b.banned() if (b := self._blockers.get(r.seq_id)) else () for r in rows]
         saved = [None if g is None else g.get_state() for g in generators]
         try:
-            sampled, logprobs = sample(logits, [r.params for r in rows], generators)
+            sampled, logprobs = sample(logits, [r.params for r in rows], generators, banned)
             return sampled.tolist(), logprobs.tolist(), failures
         except Exception as exc:
             log.warning(
@@ -443,7 +459,7 @@ class RETEngine(Engine):
             if generator is not None and state is not None:
                 generator.set_state(state)  # undo the draws of the failed batched call
             try:
-                token, logprob = sample(logits[i : i + 1], [row.params], [generator])
+                token, logprob = sample(logits[i : i + 1], [row.params], [generator], [banned[i]])
             except Exception as exc:
                 failures[row.seq_id] = f"sampling failed: {exc}"
                 continue
@@ -525,3 +541,4 @@ class RETEngine(Engine):
 
     def _forget(self, seq_id: int) -> None:
         self._generators.pop(seq_id, None)
+        self._blockers.pop(seq_id, None)

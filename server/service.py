@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from google.protobuf import struct_pb2
@@ -39,6 +39,7 @@ from retd.server.validation import (
     parse_embedding,
     parse_generate,
     parse_min_similarity,
+    parse_no_repeat_ngram_size,
     parse_query,
 )
 from retd.v1 import decoder_pb2 as pb
@@ -55,6 +56,14 @@ DECODER_SERVICE = pb.DESCRIPTOR.services_by_name["Decoder"].full_name
 DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
 # A phrase bank's sequences: one step, no token generated.
 BANK_PARAMS = SamplingParams(max_new_tokens=1)
+
+
+class DecodeOptions(Protocol):
+    """What a Decode, a DecodeBatch and a DecodeStream item say about decoding."""
+
+    max_new_tokens: int
+    priority: int
+    no_repeat_ngram_size: int
 
 
 @dataclass(frozen=True)
@@ -266,19 +275,23 @@ class DecoderService(pb_grpc.DecoderServicer):
         engine: Engine,
         embedding: pb.Embedding,
         field: str,
-        max_new_tokens: int,
+        options: DecodeOptions,
         deadline: float | None,
-        priority: int,
     ) -> SequenceRequest:
         """A Decode (or an item of a batch or stream) for `engine`, checked. A phrase bank
-        returns its phrase whole: max_new_tokens does not apply to it."""
+        returns its phrase whole: max_new_tokens and no_repeat_ngram_size do not apply to it
+        (the latter is checked all the same)."""
         limits = model_limits(engine, self._limits.max_new_tokens_limit)
+        priority = options.priority
         if engine.kind == PHRASE_BANK_KIND:
             query = parse_query(embedding, field, limits)
+            parse_no_repeat_ngram_size(options.no_repeat_ngram_size)
             return SequenceRequest(query, BANK_PARAMS, 0, deadline=deadline, priority=priority)
         return SequenceRequest(
             embedding=parse_embedding(embedding, field, limits),
-            params=greedy_params(max_new_tokens, "max_new_tokens", limits),
+            params=greedy_params(
+                options.max_new_tokens, "max_new_tokens", limits, options.no_repeat_ngram_size
+            ),
             seed=0,
             deadline=deadline,
             priority=priority,
@@ -332,13 +345,9 @@ class DecoderService(pb_grpc.DecoderServicer):
                 return await self._hybrid_decode(request, context, received_at)
             with self.models.lease(request.model, request.version) as served:
                 sequence = self._decode_sequence(
-                    served.ready_engine,
-                    request.embedding,
-                    "embedding",
-                    request.max_new_tokens,
+                    served.ready_engine, request.embedding, "embedding", request,
                     self._deadline(context),
-                    request.priority,
-                )
+                )  # fmt: skip
                 result = await self._run(served, sequence)
         except (RequestError, SequenceError) as error:
             await _abort(context, error)
@@ -353,7 +362,9 @@ class DecoderService(pb_grpc.DecoderServicer):
             min_similarity = parse_min_similarity(request.hybrid)
             limits = model_limits(generator.ready_engine, self._limits.max_new_tokens_limit)
             query = parse_query(request.embedding, "embedding", limits)
-            params = greedy_params(request.max_new_tokens, "max_new_tokens", limits)
+            params = greedy_params(
+                request.max_new_tokens, "max_new_tokens", limits, request.no_repeat_ngram_size
+            )
             deadline, priority = self._deadline(context), request.priority
             found = await self._run(
                 bank, SequenceRequest(query, BANK_PARAMS, 0, deadline=deadline, priority=priority)
@@ -450,19 +461,16 @@ class DecoderService(pb_grpc.DecoderServicer):
         self,
         served_by: Callable[[], ContextManager[ModelVersion]],
         embedding: pb.Embedding,
-        max_new_tokens: int,
+        options: DecodeOptions,
         field: str,
         deadline: float | None,
-        priority: int,
         item: str,
         method: str,
     ) -> tuple[pb.DecodeResponse | None, pb.ItemError | None]:
         """One item of a batch or stream, in a span of its own: its response, or its error.
         `served_by` leases the model version that serves it."""
         with self.telemetry.item_span(f"{self.service_name}/{method} item", item) as span:
-            response, error = await self._decode_one(
-                served_by, embedding, max_new_tokens, field, deadline, priority
-            )
+            response, error = await self._decode_one(served_by, embedding, options, field, deadline)
             if error is not None and span.is_recording():
                 span.set_status(Status(StatusCode.ERROR, f"{error.code_name}: {error.message}"))
             return response, error
@@ -471,10 +479,9 @@ class DecoderService(pb_grpc.DecoderServicer):
         self,
         served_by: Callable[[], ContextManager[ModelVersion]],
         embedding: pb.Embedding,
-        max_new_tokens: int,
+        options: DecodeOptions,
         field: str,
         deadline: float | None,
-        priority: int,
     ) -> tuple[pb.DecodeResponse | None, pb.ItemError | None]:
         received_at = time.monotonic()
         if not self.gate.open:  # an item sent on a stream after shutdown began
@@ -482,7 +489,7 @@ class DecoderService(pb_grpc.DecoderServicer):
         try:
             with served_by() as served:
                 sequence = self._decode_sequence(
-                    served.ready_engine, embedding, field, max_new_tokens, deadline, priority
+                    served.ready_engine, embedding, field, options, deadline
                 )
                 result = await self._run(served, sequence)
         except (RequestError, SequenceError) as error:
@@ -521,10 +528,9 @@ class DecoderService(pb_grpc.DecoderServicer):
                     self._decode_item(
                         lambda: contextlib.nullcontext(served),
                         embedding,
-                        request.max_new_tokens,
+                        request,
                         f"embeddings[{i}]",
                         deadline,
-                        request.priority,
                         str(i),
                         "DecodeBatch",
                     )
@@ -549,10 +555,9 @@ class DecoderService(pb_grpc.DecoderServicer):
             ok, err = await self._decode_item(
                 functools.partial(self.models.lease, item.model, item.version),
                 item.embedding,
-                item.max_new_tokens,
+                item,
                 "embedding",
                 deadline,
-                item.priority,
                 item.id,
                 "DecodeStream",
             )

@@ -32,6 +32,7 @@ MAX_ABS_VALUE = 1e6
 # inside a model's max_length anyway.
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
+MAX_NO_REPEAT_NGRAM = 256  # bytes; no answer is longer
 # A phrase bank's Generate returns top_k candidates: this many when top_k is 0, at most MAX.
 DEFAULT_CANDIDATES = 5
 MAX_CANDIDATES = 100
@@ -126,8 +127,22 @@ def parse_max_new_tokens(value: int, field: str, limits: ModelLimits) -> int:
     return value
 
 
-def greedy_params(max_new_tokens: int, field: str, limits: ModelLimits) -> SamplingParams:
-    return SamplingParams(max_new_tokens=parse_max_new_tokens(max_new_tokens, field, limits))
+def parse_no_repeat_ngram_size(value: int) -> int:
+    if value > MAX_NO_REPEAT_NGRAM:
+        raise invalid(
+            f"no_repeat_ngram_size: {value} is too large; expected 0 (off) to "
+            f"{MAX_NO_REPEAT_NGRAM} bytes"
+        )
+    return int(value)
+
+
+def greedy_params(
+    max_new_tokens: int, field: str, limits: ModelLimits, no_repeat_ngram_size: int = 0
+) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=parse_max_new_tokens(max_new_tokens, field, limits),
+        no_repeat_ngram_size=parse_no_repeat_ngram_size(no_repeat_ngram_size),
+    )
 
 
 def parse_generate(request: pb.GenerateRequest, limits: ModelLimits) -> tuple[SamplingParams, int]:
@@ -141,6 +156,7 @@ def parse_generate(request: pb.GenerateRequest, limits: ModelLimits) -> tuple[Sa
         top_p=float(top_p),
         seed=seed,
         stop=stops,
+        no_repeat_ngram_size=parse_no_repeat_ngram_size(request.no_repeat_ngram_size),
     )
     return params, seed
 
@@ -150,6 +166,7 @@ def parse_bank_generate(request: pb.GenerateRequest) -> tuple[int, int]:
     the seed it echoes (0 when unset). The sampling fields are checked as for a generative
     model, so one request suits either kind, and then ignored: a bank's answer is exact."""
     _sampling_fields(request)
+    parse_no_repeat_ngram_size(request.no_repeat_ngram_size)
     candidates = request.top_k or DEFAULT_CANDIDATES
     if candidates > MAX_CANDIDATES:
         raise invalid(

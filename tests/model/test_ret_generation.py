@@ -6,9 +6,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from retd.model.generation import (
     FinishReason,
+    NGramBlocker,
     SamplingParams,
     generate,
     make_generator,
@@ -204,6 +207,8 @@ def test_sample_rows_use_their_own_generators() -> None:
         ({"stop": "END"}, "stop"),
         ({"stop": ("",)}, "stop"),
         ({"stop": (3,)}, "stop"),
+        ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
+        ({"no_repeat_ngram_size": 2.0}, "no_repeat_ngram_size"),
     ],
 )
 def test_sampling_params_validation_names_the_field(kwargs: dict, field: str) -> None:
@@ -216,3 +221,57 @@ def test_sampling_params_defaults() -> None:
     assert params.greedy and params.stop == ("a", "b")
     assert not SamplingParams(4, temperature=0.7).greedy
     assert FinishReason.EOS == "eos"
+
+
+def test_ngram_blocker_bans_what_followed_the_last_n_minus_1_bytes() -> None:
+    blocker = NGramBlocker(3)
+    for token in b"abcab":
+        blocker.push(token)
+    assert blocker.banned() == {ord("c")}  # "abc" exists: after "ab" no "c"
+    blocker.push(ord("d"))
+    assert blocker.banned() == set()  # "bd" was never followed
+    unigram = NGramBlocker(1)
+    for token in b"aab":
+        unigram.push(token)
+    assert unigram.banned() == {ord("a"), ord("b")}
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        NGramBlocker(0)
+
+
+def test_sample_never_picks_a_banned_token_and_reports_the_unfiltered_logprob() -> None:
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 2.0]])
+    params = [SamplingParams(4), SamplingParams(4)]
+    tokens, logprobs = sample(logits, params, [None, None], [{1}, ()])
+    assert tokens.tolist() == [2, 0]
+    assert logprobs[0].item() == pytest.approx(torch.log_softmax(logits[0], -1)[2].item())
+
+
+def _repeats(tokens: list[int], n: int) -> bool:
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    seed=st.integers(0, 10_000),
+    sizes=st.lists(st.integers(0, 5), min_size=1, max_size=4),
+    temperature=st.sampled_from([0.0, 0.8]),
+)
+def test_no_repeat_rows_hold_no_ngram_twice_with_or_without_cache(
+    make_model: Callable[..., RET], seed: int, sizes: list[int], temperature: float
+) -> None:
+    model = make_model(seed=seed % 7)
+    emb = torch.randn(len(sizes), 768, generator=torch.Generator().manual_seed(seed))
+    params = [
+        SamplingParams(48, temperature=temperature, seed=seed + i, no_repeat_ngram_size=n)
+        for i, n in enumerate(sizes)
+    ]
+    cached = generate(model, emb, params)
+    uncached = generate(model, emb, params, use_cache=False)
+    assert [r.token_ids for r in uncached] == [r.token_ids for r in cached]
+    for result, n in zip(cached, sizes, strict=True):
+        body = result.token_ids[:-1] if result.finish_reason == "eos" else result.token_ids
+        if n:
+            assert not _repeats(body, n), (n, body)

@@ -17,7 +17,6 @@ from retd.model.checkpoint import load_checkpoint
 from retd.model.evaluate import (
     beam_search,
     evaluate_checkpoint,
-    greedy_no_repeat,
     greedy_texts,
     retrieval_baseline,
     text_scores,
@@ -254,7 +253,9 @@ def test_no_repeat_decoding_holds_no_ngram_twice_and_is_greedy_until_a_repeat(
         model.wte.weight.mul_(25)
     emb = torch.randn(4, 768, generator=torch.Generator().manual_seed(seed))
     greedy = generate(model, emb, [SamplingParams(max_new_tokens=40)] * 4)
-    for g, seq in zip(greedy, greedy_no_repeat(model, emb, ngram, max_new_tokens=40), strict=True):
+    blocked = generate(model, emb, [SamplingParams(40, no_repeat_ngram_size=ngram)] * 4)
+    for g, b in zip(greedy, blocked, strict=True):
+        seq = b.token_ids[:-1] if b.finish_reason == "eos" else b.token_ids
         grams = [tuple(seq[i : i + ngram]) for i in range(len(seq) - ngram + 1)]
         assert len(grams) == len(set(grams))
         plain = g.token_ids[:-1] if g.finish_reason == "eos" else g.token_ids

@@ -67,20 +67,22 @@ class Timing(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("model", "embedding", "max_new_tokens", "priority", "hybrid", "version")
+    __slots__ = ("model", "embedding", "max_new_tokens", "priority", "hybrid", "version", "no_repeat_ngram_size")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     HYBRID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    NO_REPEAT_NGRAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     embedding: Embedding
     max_new_tokens: int
     priority: int
     hybrid: Hybrid
     version: int
-    def __init__(self, model: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., hybrid: _Optional[_Union[Hybrid, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+    no_repeat_ngram_size: int
+    def __init__(self, model: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., hybrid: _Optional[_Union[Hybrid, _Mapping]] = ..., version: _Optional[int] = ..., no_repeat_ngram_size: _Optional[int] = ...) -> None: ...
 
 class Hybrid(_message.Message):
     __slots__ = ("phrase_bank", "min_similarity")
@@ -111,7 +113,7 @@ class DecodeResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., model: _Optional[str] = ..., source: _Optional[_Union[AnswerSource, str]] = ..., similarity: _Optional[float] = ..., version: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "embedding", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "priority", "version")
+    __slots__ = ("model", "embedding", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "priority", "version", "no_repeat_ngram_size")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +124,7 @@ class GenerateRequest(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    NO_REPEAT_NGRAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     embedding: Embedding
     max_new_tokens: int
@@ -132,7 +135,8 @@ class GenerateRequest(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     priority: int
     version: int
-    def __init__(self, model: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    no_repeat_ngram_size: int
+    def __init__(self, model: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ..., version: _Optional[int] = ..., no_repeat_ngram_size: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "usage", "timing", "mean_logprob", "model", "seed", "candidates", "version")
@@ -193,18 +197,20 @@ class GenerateChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., mean_logprob: _Optional[float] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class DecodeBatchRequest(_message.Message):
-    __slots__ = ("model", "embeddings", "max_new_tokens", "priority", "version")
+    __slots__ = ("model", "embeddings", "max_new_tokens", "priority", "version", "no_repeat_ngram_size")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    NO_REPEAT_NGRAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     max_new_tokens: int
     priority: int
     version: int
-    def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    no_repeat_ngram_size: int
+    def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., version: _Optional[int] = ..., no_repeat_ngram_size: _Optional[int] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("code", "code_name", "message")
@@ -231,20 +237,22 @@ class DecodeBatchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[DecodeBatchResult, _Mapping]]] = ...) -> None: ...
 
 class DecodeStreamRequest(_message.Message):
-    __slots__ = ("id", "model", "embedding", "max_new_tokens", "priority", "version")
+    __slots__ = ("id", "model", "embedding", "max_new_tokens", "priority", "version", "no_repeat_ngram_size")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    NO_REPEAT_NGRAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     embedding: Embedding
     max_new_tokens: int
     priority: int
     version: int
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    no_repeat_ngram_size: int
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., version: _Optional[int] = ..., no_repeat_ngram_size: _Optional[int] = ...) -> None: ...
 
 class DecodeStreamResponse(_message.Message):
     __slots__ = ("id", "response", "error")

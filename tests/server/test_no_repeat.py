@@ -1,0 +1,119 @@
+"""`no_repeat_ngram_size`, the loop breaker, served by the real daemon: Decode, Generate,
+GenerateStream, DecodeBatch and DecodeStream give exactly what `generate` gives here with the
+same setting, whatever else shares the batch; bad values get INVALID_ARGUMENT."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from retd.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from retd.model.embed import load_split
+from retd.model.generation import SamplingParams, generate
+from retd.v1 import decoder_pb2 as pb
+from retd.v1 import decoder_pb2_grpc as pb_grpc
+from tests.conftest import RunningServer, start_server
+
+HEAD = load_split(Path(__file__).parents[1] / "data" / "heldout_head", "heldout")
+QUERIES = HEAD.embeddings[:24].astype(np.float32)  # real embeddings of held-out sentences
+MAX_NEW = 80
+
+
+def as_pb(values: np.ndarray) -> pb.Embedding:
+    return pb.Embedding(raw=pb.RawTensor(data=values.astype("<f4").tobytes(), shape=[768]))
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[int, list[str]]:
+    """The shipped model's texts for QUERIES, per n-gram size (0: plain greedy), computed here."""
+    model = load_checkpoint(DEFAULT_CHECKPOINT).model
+    texts = {}
+    for n in (0, 3, 6):
+        params = [SamplingParams(MAX_NEW, no_repeat_ngram_size=n)] * len(QUERIES)
+        texts[n] = [r.text for r in generate(model, torch.from_numpy(QUERIES), params)]
+    assert texts[0] != texts[6], "the setting must change some answers to be tested"
+    return texts
+
+
+@pytest.fixture(scope="module")
+def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.DecoderStub]:
+    server: RunningServer = start_server(
+        tmp_path_factory.mktemp("no_repeat"), ["--checkpoint", str(DEFAULT_CHECKPOINT)]
+    )
+    with server.channel() as channel:
+        yield pb_grpc.DecoderStub(channel)
+    assert server.stop() == 0, server.log()
+
+
+def decode(stub: pb_grpc.DecoderStub, index: int, n: int) -> str:
+    request = pb.DecodeRequest(
+        embedding=as_pb(QUERIES[index]), max_new_tokens=MAX_NEW, no_repeat_ngram_size=n
+    )
+    return stub.Decode(request, timeout=60).text
+
+
+def test_decode_calls_with_and_without_it_share_batches_and_get_their_own_answers(
+    stub: pb_grpc.DecoderStub, expected: dict[int, list[str]]
+) -> None:
+    calls = [(index, n) for index in range(len(QUERIES)) for n in (0, 3, 6)]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda call: decode(stub, *call), calls))
+    for (index, n), text in zip(calls, answers, strict=True):
+        assert text == expected[n][index], (index, n)
+
+
+def test_generate_and_its_stream_honour_it(
+    stub: pb_grpc.DecoderStub, expected: dict[int, list[str]]
+) -> None:
+    for index in range(4):
+        request = pb.GenerateRequest(
+            embedding=as_pb(QUERIES[index]), max_new_tokens=MAX_NEW, temperature=0.0,
+            no_repeat_ngram_size=6,
+        )  # fmt: skip
+        assert stub.Generate(request, timeout=60).text == expected[6][index]
+        streamed = "".join(c.text for c in stub.GenerateStream(request, timeout=60))
+        assert streamed == expected[6][index]
+
+
+def test_batch_and_stream_items_honour_it(
+    stub: pb_grpc.DecoderStub, expected: dict[int, list[str]]
+) -> None:
+    batch = stub.DecodeBatch(
+        pb.DecodeBatchRequest(
+            embeddings=[as_pb(q) for q in QUERIES[:8]], max_new_tokens=MAX_NEW,
+            no_repeat_ngram_size=3,
+        ),
+        timeout=60,
+    )  # fmt: skip
+    assert [r.response.text for r in batch.results] == expected[3][:8]
+    items = [
+        pb.DecodeStreamRequest(
+            id=f"{i}-{n}", embedding=as_pb(QUERIES[i]), max_new_tokens=MAX_NEW,
+            no_repeat_ngram_size=n,
+        )
+        for i in range(8) for n in (0, 6)
+    ]  # fmt: skip
+    answers = {a.id: a.response.text for a in stub.DecodeStream(iter(items), timeout=60)}
+    assert answers == {f"{i}-{n}": expected[n][i] for i in range(8) for n in (0, 6)}
+
+
+def test_a_too_large_size_is_invalid_and_names_the_field(stub: pb_grpc.DecoderStub) -> None:
+    for call in (
+        lambda: stub.Decode(
+            pb.DecodeRequest(embedding=as_pb(QUERIES[0]), no_repeat_ngram_size=257), timeout=30
+        ),
+        lambda: stub.Generate(
+            pb.GenerateRequest(embedding=as_pb(QUERIES[0]), no_repeat_ngram_size=1000), timeout=30
+        ),
+    ):
+        with pytest.raises(grpc.RpcError) as raised:
+            call()
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "no_repeat_ngram_size:" in raised.value.details()
+        assert "expected 0 (off) to 256 bytes" in raised.value.details()
