@@ -60,6 +60,10 @@ class TrainConfig:
     save_every: int = 500
     threads: int = 0  # 0 = every core this process may use
     version: str = "2.1.0"
+    # A checkpoint directory whose weights start the run instead of seeded random ones (a
+    # warm start: the optimizer and the schedule start afresh); unused when --resume finds a
+    # saved state. Its card's training record is kept in the new card.
+    init_from: str = ""
 
     @classmethod
     def from_toml(cls, path: Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
@@ -71,6 +75,24 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training setting(s) in {path}: {', '.join(unknown)}")
         return cls(**values)
+
+
+def _warm_start(model: RET, config: TrainConfig) -> dict[str, Any]:
+    """Load `config.init_from`'s weights into `model`; what the new card says about them."""
+    from retd.model.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(Path(config.init_from))
+    if loaded.architecture != config.architecture:
+        raise ValueError(
+            f"init_from: {config.init_from} holds a {loaded.architecture!r} model; this run "
+            f"trains {config.architecture!r}"
+        )
+    model.load_state_dict(loaded.model.state_dict())
+    return {
+        "path": str(config.init_from),
+        "weights_sha256": loaded.sha256,
+        "training": loaded.card.get("training", {}),
+    }
 
 
 def encode_texts(texts: list[str], max_length: int) -> list[bytes]:
@@ -219,6 +241,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     torch.manual_seed(config.seed)
     model = model_class(config.architecture)(model_config)
     model.init_weights(generator=torch.Generator().manual_seed(config.seed))
+    warm_start = _warm_start(model, config) if config.init_from else None
     optimizer = make_optimizer(model, config)
     noise_generator = torch.Generator().manual_seed(config.seed + 1)
     step, epoch, next_batch, seen_bytes, elapsed = 0, 0, 0, 0, 0.0
@@ -275,6 +298,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
                 "texts": len(encoded),
                 "corpus": _corpus_card(data_dir),
                 "config": dataclasses.asdict(config),
+                **({"init_from": warm_start} if warm_start is not None else {}),
             },
             "metrics": metrics,
         }

@@ -86,6 +86,24 @@ def test_resuming_gives_exactly_the_uninterrupted_run(tmp_path: Path) -> None:
         assert torch.equal(tensor, b[name]), name
 
 
+def test_a_warm_start_begins_from_the_given_weights_and_keeps_their_record(
+    tmp_path: Path,
+) -> None:
+    first = train(fixture_config(tmp_path / "first"), progress=False)
+    cold = fixture_config(tmp_path / "cold", max_steps=5, eval_every=5)
+    warm = fixture_config(tmp_path / "warm", max_steps=5, eval_every=5, init_from=str(first))
+    train(cold, progress=False)
+    checkpoint = train(warm, progress=False)
+    # The warm run's first loss is where the first run ended, far below a cold start's.
+    assert losses(Path(warm.out_dir))[0] < losses(Path(cold.out_dir))[0] - 1.0
+    card = load_checkpoint(checkpoint, device="cpu").card
+    assert card["training"]["init_from"]["training"]["steps"] == 40
+    assert card["training"]["init_from"]["weights_sha256"] == load_checkpoint(first).sha256
+    wrong = fixture_config(tmp_path / "wrong", architecture="ret_tiny", init_from=str(first))
+    with pytest.raises(ValueError, match="init_from: .* holds a 'ret_v21' model"):
+        train(wrong, progress=False)
+
+
 def test_unknown_training_setting_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "train.toml"
     path.write_text("learning_rat = 0.1\n")
