@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import grpc
 import numpy as np
@@ -303,9 +303,49 @@ class Engine(abc.ABC):
         """Run the model once so the first caller pays no start-up cost; call it before
         `start()`."""
 
-    @abc.abstractmethod
     def _work(self) -> None:
-        """The worker thread: run steps until closing and drained."""
+        """The worker thread, until closing and drained: take a step under the lock, run it
+        outside the lock (a failure fails only its rows; the worker never dies), then under
+        the lock apply its outcome to the scheduler and hand the events to their callers."""
+        torch.set_grad_enabled(False)
+        while True:
+            with self._lock:
+                step = self._next_step()
+                if step is None:
+                    return
+                # (a static batch's padding rows have answered already: no handle, no request)
+                requests = {
+                    r.seq_id: handle.request
+                    for r in step.rows
+                    if (handle := self._handles.get(r.seq_id)) is not None
+                }
+            try:
+                outcome, failures = self._run_step(step, requests)
+            except Exception as exc:
+                log.exception("model %s: step failed", self.name)
+                outcome, failures = None, {r.seq_id: str(exc) for r in step.rows}
+            now = time.monotonic()
+            with self._lock:
+                events: list[tuple[int, Event]] = []
+                for seq_id, message in failures.items():
+                    events += self._abort_events(self._scheduler.fail([seq_id], message))
+                done = replace(step, rows=tuple(r for r in step.rows if r.seq_id not in failures))
+                events += self._apply(done, requests, outcome, now)
+                self._deliver(events)
+
+    @abc.abstractmethod
+    def _run_step(
+        self, step: Step, requests: Mapping[int, SequenceRequest]
+    ) -> tuple[Any, dict[int, str]]:
+        """Outside the lock: run `step` on the model (`requests`: its rows' requests by
+        sequence id); its outcome for `_apply`, and the messages of the rows that failed."""
+
+    @abc.abstractmethod
+    def _apply(
+        self, step: Step, requests: Mapping[int, SequenceRequest], outcome: Any, now: float
+    ) -> list[tuple[int, Event]]:
+        """Under the lock: the scheduler takes the outcome of `step` (its failed rows
+        removed; `outcome` is None when the whole step failed); the events for the callers."""
 
     def _next_step(self) -> Step | None:
         """Under the lock: the next step with rows, or None once closing and drained."""
@@ -394,36 +434,30 @@ class RETEngine(Engine):
         self._generators.clear()
         self._blockers.clear()
 
-    def _work(self) -> None:
-        torch.set_grad_enabled(False)
-        while True:
-            with self._lock:
-                step = self._next_step()
-                if step is None:
-                    return
-                joining = {i: self._handles[i].request for i in step.joined}
-            try:
-                tokens, logprobs, failures = self._execute_isolating_faults(step, joining)
-            except Exception as exc:  # never let the worker die
-                log.exception("model %s: step failed", self.name)
-                tokens, logprobs, failures = [], [], {r.seq_id: str(exc) for r in step.rows}
-            now = time.monotonic()
-            with self._lock:
-                events: list[tuple[int, Event]] = []
-                for seq_id, message in failures.items():
-                    events += self._abort_events(self._scheduler.fail([seq_id], message))
-                if failures:
-                    ok_rows = tuple(r for r in step.rows if r.seq_id not in failures)
-                    step = replace(step, rows=ok_rows)
-                outcomes = self._scheduler.update(step, tokens, logprobs, now)
-                memory = None
-                for outcome in outcomes:
-                    if isinstance(outcome, Delta):
-                        events.append((outcome.seq_id, TokenDelta(outcome.text, (outcome.token,))))
-                    else:
-                        memory = memory or sample_memory(self.device)  # once per step at most
-                        events.append((outcome.seq_id, self._result(outcome, memory)))
-                self._deliver(events)
+    def _run_step(
+        self, step: Step, requests: Mapping[int, SequenceRequest]
+    ) -> tuple[tuple[list[int], list[float]], dict[int, str]]:
+        joining = {i: requests[i] for i in step.joined}
+        tokens, logprobs, failures = self._execute_isolating_faults(step, joining)
+        return (tokens, logprobs), failures
+
+    def _apply(
+        self,
+        step: Step,
+        requests: Mapping[int, SequenceRequest],
+        outcome: tuple[list[int], list[float]] | None,
+        now: float,
+    ) -> list[tuple[int, Event]]:
+        tokens, logprobs = outcome or ([], [])
+        events: list[tuple[int, Event]] = []
+        memory = None
+        for done in self._scheduler.update(step, tokens, logprobs, now):
+            if isinstance(done, Delta):
+                events.append((done.seq_id, TokenDelta(done.text, (done.token,))))
+            else:
+                memory = memory or sample_memory(self.device)  # once per step at most
+                events.append((done.seq_id, self._result(done, memory)))
+        return events
 
     def _execute_isolating_faults(
         self, step: Step, joining: Mapping[int, SequenceRequest]

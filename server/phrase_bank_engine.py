@@ -7,9 +7,7 @@ step it joins (`Scheduler.complete`)."""
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -28,7 +26,7 @@ from retd.server.engine import (
     TokenDelta,
     sample_memory,
 )
-from retd.server.scheduler import Finished, Row, SchedulerConfig
+from retd.server.scheduler import Finished, Row, SchedulerConfig, Step
 
 log = logging.getLogger(__name__)
 
@@ -68,30 +66,30 @@ class PhraseBankEngine(Engine):
         with torch.no_grad():
             self.loaded.bank.search(queries, 1)
 
-    def _work(self) -> None:
-        torch.set_grad_enabled(False)
-        while True:
-            with self._lock:
-                step = self._next_step()
-                if step is None:
-                    return
-                requests = {r.seq_id: self._handles[r.seq_id].request for r in step.rows}
-            matches, failures = self._search_isolating_faults(step.rows, requests)
-            now = time.monotonic()
-            with self._lock:
-                events: list[tuple[int, Event]] = []
-                for seq_id, message in failures.items():
-                    events += self._abort_events(self._scheduler.fail([seq_id], message))
-                ok_rows = tuple(r for r in step.rows if r.seq_id not in failures)
-                finished = self._scheduler.complete(replace(step, rows=ok_rows), now)
-                memory = sample_memory(self.device) if finished else None
-                for done in finished:
-                    candidates = matches[done.seq_id]
-                    if requests[done.seq_id].stream:  # the whole phrase as one delta
-                        events.append((done.seq_id, TokenDelta(candidates[0].text, ())))
-                    result = self._result(done, requests[done.seq_id], candidates, memory)
-                    events.append((done.seq_id, result))
-                self._deliver(events)
+    def _run_step(
+        self, step: Step, requests: Mapping[int, SequenceRequest]
+    ) -> tuple[dict[int, tuple[Candidate, ...]], dict[int, str]]:
+        return self._search_isolating_faults(step.rows, requests)
+
+    def _apply(
+        self,
+        step: Step,
+        requests: Mapping[int, SequenceRequest],
+        outcome: dict[int, tuple[Candidate, ...]] | None,
+        now: float,
+    ) -> list[tuple[int, Event]]:
+        matches = outcome or {}
+        events: list[tuple[int, Event]] = []
+        finished = self._scheduler.complete(step, now)
+        memory = sample_memory(self.device) if finished else None
+        for done in finished:
+            candidates = matches[done.seq_id]
+            if requests[done.seq_id].stream:  # the whole phrase as one delta
+                events.append((done.seq_id, TokenDelta(candidates[0].text, ())))
+            events.append(
+                (done.seq_id, self._result(done, requests[done.seq_id], candidates, memory))
+            )
+        return events
 
     def _search_isolating_faults(
         self, rows: Sequence[Row], requests: Mapping[int, SequenceRequest]
