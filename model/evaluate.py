@@ -163,14 +163,12 @@ def byte_accuracy(
     model: RET, embeddings: torch.Tensor, texts: Sequence[str]
 ) -> tuple[float, float]:
     """Teacher-forced next-byte accuracy (%) and loss (nats/byte), EOS included."""
-    from retd.model.train import IGNORE, encode_texts, make_batch
+    from retd.model.train import IGNORE, batches_in_order, encode_texts
 
     encoded = encode_texts(list(texts), model.config.max_length)
     correct = total = 0
     loss_sum = 0.0
-    for start in range(0, len(encoded), 128):
-        rows = np.arange(start, min(start + 128, len(encoded)))
-        inputs, targets = make_batch(encoded, rows, model.config.eos_id)
+    for rows, inputs, targets in batches_in_order(encoded, model.config.eos_id):
         logits = model(embeddings[rows], inputs)
         mask = targets != IGNORE
         correct += int((logits.argmax(-1)[mask] == targets[mask]).sum())

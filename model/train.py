@@ -186,6 +186,16 @@ def make_optimizer(model: RET, config: TrainConfig) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
+def batches_in_order(
+    encoded: list[bytes], eos_id: int, batch_size: int = 128
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """(rows, inputs, targets) of successive teacher-forced batches, in order: how held-out
+    texts are scored."""
+    for start in range(0, len(encoded), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(encoded)))
+        yield rows, *make_batch(encoded, rows, eos_id)
+
+
 def heldout_losses(
     model: RET, embeddings: torch.Tensor, encoded: list[bytes], batch_size: int = 128
 ) -> tuple[float, float]:
@@ -194,9 +204,7 @@ def heldout_losses(
     model.eval()
     true_total = shuffled_total = 0.0
     count = 0
-    for start in range(0, len(encoded), batch_size):
-        rows = np.arange(start, min(start + batch_size, len(encoded)))
-        inputs, targets = make_batch(encoded, rows, model.config.eos_id)
+    for rows, inputs, targets in batches_in_order(encoded, model.config.eos_id, batch_size):
         emb = embeddings[rows]
         n = int((targets != IGNORE).sum())
         true_total += float(sequence_loss(model, emb, inputs, targets)) * n
