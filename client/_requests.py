@@ -12,6 +12,8 @@ from .errors import InvalidArgumentError
 from .types import Hybrid
 
 __all__ = [
+    "MAX_NO_REPEAT_NGRAM_SIZE",
+    "check_no_repeat_ngram_size",
     "check_priority",
     "check_version",
     "decode",
@@ -61,6 +63,21 @@ def check_version(value: int | None) -> int:
     return number
 
 
+#: The largest ``no_repeat_ngram_size`` the server takes (bytes).
+MAX_NO_REPEAT_NGRAM_SIZE = 256
+
+
+def check_no_repeat_ngram_size(value: int | None) -> int:
+    """``no_repeat_ngram_size`` as a uint32; ``None`` and 0 mean off."""
+    number = _uint("no_repeat_ngram_size", value)
+    if number > MAX_NO_REPEAT_NGRAM_SIZE:
+        raise InvalidArgumentError(
+            f"no_repeat_ngram_size: {number} is too large; expected 0 (off) to "
+            f"{MAX_NO_REPEAT_NGRAM_SIZE} bytes"
+        )
+    return number
+
+
 def _hybrid(value: Hybrid | None) -> decoder_pb2.Hybrid | None:
     """The request's hybrid message; the server checks the bank and the range."""
     if value is None:
@@ -88,6 +105,7 @@ def decode(
     priority: int | None = None,
     hybrid: Hybrid | None = None,
     version: int | None = 0,
+    no_repeat_ngram_size: int | None = None,
 ) -> decoder_pb2.DecodeRequest:
     return decoder_pb2.DecodeRequest(
         model=model or "",
@@ -96,6 +114,7 @@ def decode(
         priority=check_priority(priority),
         hybrid=_hybrid(hybrid),
         version=check_version(version),
+        no_repeat_ngram_size=check_no_repeat_ngram_size(no_repeat_ngram_size),
     )
 
 
@@ -112,6 +131,7 @@ def generate(
     encoding: EmbeddingEncoding,
     priority: int | None = None,
     version: int | None = 0,
+    no_repeat_ngram_size: int | None = None,
 ) -> decoder_pb2.GenerateRequest:
     """Unset (``None``) optional fields stay unset, so the server applies its defaults."""
     request = decoder_pb2.GenerateRequest(
@@ -122,6 +142,7 @@ def generate(
         stop=[stop] if isinstance(stop, str) else list(stop or ()),
         priority=check_priority(priority),
         version=check_version(version),
+        no_repeat_ngram_size=check_no_repeat_ngram_size(no_repeat_ngram_size),
     )
     if temperature is not None:
         request.temperature = temperature
@@ -140,6 +161,7 @@ def decode_batch(
     encoding: EmbeddingEncoding,
     priority: int | None = None,
     version: int | None = 0,
+    no_repeat_ngram_size: int | None = None,
 ) -> decoder_pb2.DecodeBatchRequest:
     return decoder_pb2.DecodeBatchRequest(
         model=model or "",
@@ -147,6 +169,7 @@ def decode_batch(
         max_new_tokens=_uint("max_new_tokens", max_new_tokens),
         priority=check_priority(priority),
         version=check_version(version),
+        no_repeat_ngram_size=check_no_repeat_ngram_size(no_repeat_ngram_size),
     )
 
 
@@ -169,6 +192,7 @@ def stream_item(
     encoding: EmbeddingEncoding,
     priority: int | None = None,
     version: int | None = 0,
+    no_repeat_ngram_size: int | None = None,
 ) -> decoder_pb2.DecodeStreamRequest:
     item_id, embedding = split_stream_item(index, item)
     return decoder_pb2.DecodeStreamRequest(
@@ -178,6 +202,7 @@ def stream_item(
         max_new_tokens=_uint("max_new_tokens", max_new_tokens),
         priority=check_priority(priority),
         version=check_version(version),
+        no_repeat_ngram_size=check_no_repeat_ngram_size(no_repeat_ngram_size),
     )
 
 

@@ -45,6 +45,7 @@ examples:
   retd decode --text "A small dog barked at the mailman."   # needs `make encoder`
   python -c 'import json; print(json.dumps([0.0] * 768))' | retd decode --json
   retd generate emb.npy --temperature 0.8 --seed 7 --stream
+  retd decode emb.npy --no-repeat-ngram 6       # no repeated 6-byte runs: breaks loops
   retd info --json
   retd decode emb.npy --model ret --version 1   # one version of a repository model
   retd repo list                                # every model version the server knows
@@ -133,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     decoding.add_argument(
         "--max-new-tokens", type=int, metavar="N", help="bytes to generate at most"
+    )
+    decoding.add_argument(
+        "--no-repeat-ngram",
+        type=int,
+        metavar="N",
+        help="loop breaker: never generate a byte that would repeat a byte N-gram already in "
+        "the text (default 0: off; at most 256; 6 suits the shipped model)",
     )
     decoding.add_argument(
         "--priority",
@@ -319,6 +327,7 @@ def _decode(args: argparse.Namespace, out: TextIO) -> int:
                 model=args.model,
                 version=args.version,
                 max_new_tokens=args.max_new_tokens,
+                no_repeat_ngram_size=args.no_repeat_ngram,
                 priority=args.priority,
             )
             if args.json:
@@ -331,6 +340,7 @@ def _decode(args: argparse.Namespace, out: TextIO) -> int:
             model=args.model,
             version=args.version,
             max_new_tokens=args.max_new_tokens,
+            no_repeat_ngram_size=args.no_repeat_ngram,
             priority=args.priority,
         )
     return _print_batch(items, out, as_json=args.json)
@@ -365,6 +375,7 @@ def _generate(args: argparse.Namespace, out: TextIO) -> int:
         model=args.model,
         version=args.version,
         max_new_tokens=args.max_new_tokens,
+        no_repeat_ngram_size=args.no_repeat_ngram,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
