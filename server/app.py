@@ -243,17 +243,33 @@ class Daemon:
 
     async def stop(self) -> None:
         """Health goes NOT_SERVING, new calls get UNAVAILABLE, calls in flight get the grace
-        period to finish (health and reflection keep answering meanwhile); then the listener
-        closes, whatever is left is cancelled, and the workers stop."""
+        period to finish (health and reflection keep answering meanwhile); then the last
+        refusals are held until the callers are quiet, the listener closes, the held calls
+        get their UNAVAILABLE, whatever is left is cancelled, and the workers stop."""
+        loop = asyncio.get_running_loop()
+        grace_over = loop.time() + self.config.grace_period
         await self.health.enter_graceful_shutdown()
-        if self.service is not None:
-            drained = await self.service.gate.close(self.config.grace_period)
-            if not drained:
-                log.warning(
-                    "grace period over: cancelling %d calls in flight", self.service.gate.in_flight
-                )
-        if self.server is not None:
-            await self.server.stop(0.5)
+        gate = self.service.gate if self.service is not None else None
+        if gate is not None:
+            if not await gate.close(self.config.grace_period):
+                log.warning("grace period over: cancelling %d calls in flight", gate.in_flight)
+            elif self.server is not None:
+                # Stopping grpc cancels the calls it accepted but has not handed to a handler
+                # yet (CANCELLED at the client): first hold the refusals until the callers
+                # are all waiting on one, so none is queued in grpc (see CallGate.quiesce).
+                # Within the grace period, leaving the server its 0.5 s to stop.
+                if await gate.quiesce(grace_over - loop.time() - 0.5):
+                    log.info("stopping the listener (%d refused calls held)", gate.held)
+                else:
+                    log.warning("calls kept coming: stopping the listener under load")
+        stopping = None if self.server is None else asyncio.ensure_future(self.server.stop(0.5))
+        # Its first step shuts grpc core down (the GOAWAY is queued on every connection, the
+        # listener closes); the held refusals are answered after it, on the same connections.
+        await asyncio.sleep(0)
+        if gate is not None:
+            gate.release()
+        if stopping is not None:
+            await stopping
         if self._watcher is not None:
             self._watcher.cancel()
         await self.models.close()

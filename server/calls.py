@@ -71,6 +71,14 @@ class Unparseable:
         return f"request: not a valid {self.type_name} message ({self.error})"
 
 
+async def _refuse(gate: CallGate, context: grpc.aio.ServicerContext) -> None:
+    """Answer a call the gate turned away: UNAVAILABLE (held first while the gate holds its
+    refusals for the last moments before the listener closes; see `CallGate.quiesce`).
+    Raises, as `context.abort` does."""
+    await gate.refuse(context.time_remaining())
+    await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+
+
 def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a servicer method (coroutine or async generator)."""
     name = method.__name__
@@ -79,7 +87,7 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     async def unary(self: Observed, request: Any, context: grpc.aio.ServicerContext) -> Any:
         with _observed(self, name, context) as admitted:
             if not admitted:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                await _refuse(self.gate, context)
             if isinstance(request, Unparseable):  # a request stream checks each item
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             return await method(self, request, context)
@@ -90,7 +98,7 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     ) -> AsyncIterator[Any]:
         with _observed(self, name, context) as admitted:
             if not admitted:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                await _refuse(self.gate, context)
             if isinstance(request, Unparseable):  # a request stream checks each item
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             async for item in method(self, request, context):

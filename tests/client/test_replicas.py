@@ -336,9 +336,9 @@ def test_failover_under_load_loses_no_call(tmp_path: Path, checkpoint: Path) -> 
 def test_drains_under_heavy_load_lose_no_call(tmp_path: Path, checkpoint: Path) -> None:
     """32 callers of short Decodes over four replicas; three are SIGTERMed one after the
     other. Calls reach a draining replica before the client sees its health turn
-    NOT_SERVING: the gate refuses them (UNAVAILABLE), and those that arrive in the instant
-    its listener closes are cancelled by gRPC before any handler runs (CANCELLED; the race
-    of tests/faults/test_storms.py). The client retries both on another replica."""
+    NOT_SERVING: the gate refuses them (UNAVAILABLE; its last refusals are held until the
+    listener has closed, so that none is cancelled by gRPC: see `CallGate.quiesce` and
+    tests/faults/test_storms.py). The client retries them on another replica."""
     replicas = start_replicas(tmp_path, checkpoint, 4)
     try:
         with Client(replicas[-1].address, timeout=30) as direct:
