@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2
 from retd.model.checkpoint import checkpoint_kind
 from retd.server.config import ModelSpec
 from retd.server.engine import Engine
-from retd.server.validation import RequestError
+from retd.server.validation import RequestError, shorten
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +227,8 @@ class ModelRegistry:
         name = name or self.default_model
         versions = self._versions.get(name)
         if versions is None:
-            shown = name if len(name) <= 80 else f"{name[:80]}... ({len(name)} characters)"
             raise _not_found(
-                f"model: {shown!r} is not loaded; expected one of {sorted(self.names())}"
+                f"model: {shorten(name)!r} is not loaded; expected one of {self.names()}"
             )
         ready = {v: e for v, e in versions.items() if e.state is State.READY}
         if version:

@@ -41,6 +41,7 @@ from retd.server.validation import (
     parse_min_similarity,
     parse_no_repeat_ngram_size,
     parse_query,
+    shorten,
 )
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
@@ -189,11 +190,6 @@ def _decode_response(
     return response
 
 
-def _shorten(text: str, limit: int = 80) -> str:
-    """Caller-chosen text quoted in a message, cut so the status stays small."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
 def _item_error(code: grpc.StatusCode, message: str) -> pb.ItemError:
     return pb.ItemError(code=code.value[0], code_name=code.name, message=message)
 
@@ -243,7 +239,7 @@ class DecoderService(pb_grpc.DecoderServicer):
                 if error.code is grpc.StatusCode.NOT_FOUND:
                     raise RequestError(
                         error.code,
-                        f"hybrid.phrase_bank: {_shorten(name)!r} is not loaded; expected a "
+                        f"hybrid.phrase_bank: {shorten(name)!r} is not loaded; expected a "
                         f"phrase_bank model, one of {banks}",
                     ) from None
                 raise RequestError(error.code, f"hybrid.phrase_bank: {error.message}") from None

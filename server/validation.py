@@ -127,6 +127,11 @@ def parse_max_new_tokens(value: int, field: str, limits: ModelLimits) -> int:
     return value
 
 
+def shorten(text: str, limit: int = 80) -> str:
+    """Caller-chosen text quoted in a message, cut so the status stays small."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def parse_no_repeat_ngram_size(value: int) -> int:
     if value > MAX_NO_REPEAT_NGRAM:
         raise invalid(
