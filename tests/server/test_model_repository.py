@@ -386,6 +386,8 @@ def test_a_new_version_takes_over_under_load_and_no_call_fails(
             )
         answers = list(load.answers)
     failed = [a for a in answers if a.error]
+    by_version = {v: sum(a.version == v for a in answers) for v in (1, 2)}
+    print(f"hot reload under load: {len(answers)} calls, by version {by_version}, failed {failed}")
     assert not failed, failed[:5]
     wrong = [a for a in answers if a.text != repository.expected[a.version][a.index]]
     assert not wrong, wrong[:5]
