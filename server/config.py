@@ -416,16 +416,38 @@ def _models_from_toml(entries: Any, base: Path) -> list[tuple[ModelSpec, dict[st
             name=str(entry["name"]),
             checkpoint=checkpoint if checkpoint.is_absolute() else base / checkpoint,
         )
-        parsers = {setting.name: setting.parse for setting in SETTINGS}
-        overrides: dict[str, Any] = {}
-        for key in PER_MODEL:
-            if key in entry:
-                try:
-                    overrides[key] = parsers[key](entry[key])
-                except ConfigError as exc:
-                    raise ConfigError(f"models[{index}].{exc}") from None
-        specs.append((spec, overrides))
+        specs.append((spec, per_model_settings(entry, f"models[{index}]")))
     return specs
+
+
+def per_model_settings(table: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The per-model settings (`PER_MODEL`) of `table`, parsed; errors name `where`."""
+    parsers = {setting.name: setting.parse for setting in SETTINGS}
+    settings: dict[str, Any] = {}
+    for key in PER_MODEL:
+        if key in table:
+            try:
+                settings[key] = parsers[key](table[key])
+            except ConfigError as exc:
+                raise ConfigError(f"{where}.{exc}") from None
+    return settings
+
+
+def model_settings_file(path: Path) -> dict[str, Any]:
+    """A repository model's own settings (`MODEL_REPO/<name>/serving.toml`): any of the
+    per-model settings, over the server-wide ones; {} when there is no such file."""
+    try:
+        table = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    unknown = sorted(set(table) - set(PER_MODEL))
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {unknown}; expected some of {list(PER_MODEL)}")
+    return per_model_settings(table, str(path))
 
 
 def _parse_model_pairs(pairs: Sequence[str], source: str) -> list[ModelSpec]:

@@ -27,11 +27,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from retd.model.checkpoint import checkpoint_kind
-from retd.server.config import ModelSpec
+from retd.server.config import ConfigError, ModelSpec, model_settings_file
 from retd.server.engine import Engine
 from retd.server.validation import RequestError, shorten
 
 log = logging.getLogger(__name__)
+
+# A repository model's own per-model settings, beside its version directories.
+SETTINGS_FILE = "serving.toml"
 
 # (file path relative to the version directory, size, mtime in ns) of every file in it.
 Fingerprint = tuple[tuple[str, int, int], ...]
@@ -341,13 +344,14 @@ class ModelRegistry:
             versions = self._versions.get(name, {})
             chosen = [e for v, e in versions.items() if not version or v == version]
             if not chosen:
-                wanted = f"version {version}" if version else "version"
-                loaded = {
-                    model: [v for v, e in sorted(vs.items()) if e.state is State.READY]
-                    for model, vs in self._versions.items()
-                }
+                loaded = [v for v, e in sorted(versions.items()) if e.state is State.READY]
+                if not versions:
+                    raise _not_found(
+                        f"model: {shorten(name)!r} is not loaded; loaded models: {self.names()}"
+                    )
                 raise _not_found(
-                    f"model: {name!r} has no loaded {wanted} to unload; loaded: {loaded}"
+                    f"version: model {name!r} has no loaded version {version} to unload; its "
+                    f"loaded versions: {loaded}"
                 )
             if not version:
                 self._followed.discard(name)
@@ -428,14 +432,25 @@ class ModelRegistry:
         """Load (`name`, `version`) from `path` beside whatever serves now; once READY it
         takes the calls, and the version it replaces (the same version's older copy, and for
         a followed model every older unpinned version) is released after its calls."""
-        spec = spec or replace(self._defaults, name=name, checkpoint=path, version=version)
+        try:
+            spec = spec or replace(
+                self._defaults,
+                **model_settings_file(path.parent / SETTINGS_FILE),
+                name=name,
+                checkpoint=path,
+                version=version,
+            )
+        except ConfigError as exc:  # reported as this version's failure to load
+            spec, settings_error = replace(self._defaults, name=name, checkpoint=path), exc
+        else:
+            settings_error = None
         entry = ModelVersion(name, version, spec, pinned=pinned, fingerprint=fingerprint(path))
         versions = self._versions.setdefault(name, {})
         previous = versions.get(version)
         if previous is None or previous.state is not State.READY:
             versions[version] = entry  # shown as LOADING (a READY copy keeps serving instead)
         await self._publish_health(name)
-        await self._load_into(entry)
+        await self._load_into(entry, settings_error=settings_error)
         if entry.state is not State.READY:
             if previous is not None and previous.state is State.READY:
                 previous.reason = f"a reload failed, this copy still serves: {entry.reason}"
@@ -451,10 +466,17 @@ class ModelRegistry:
         await self._publish_health(name)
         return entry
 
-    async def _load_into(self, entry: ModelVersion, raise_on_failure: bool = False) -> None:
+    async def _load_into(
+        self,
+        entry: ModelVersion,
+        raise_on_failure: bool = False,
+        settings_error: ConfigError | None = None,
+    ) -> None:
         """Build, warm up and start `entry`'s engine (READY), or record why not (FAILED)."""
         entry.state = State.LOADING
         try:
+            if settings_error is not None:
+                raise settings_error
             entry.kind = checkpoint_kind(entry.spec.checkpoint)
             engine = await asyncio.to_thread(self._load_engine, entry.spec)
         except Exception as exc:

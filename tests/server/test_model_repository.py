@@ -126,6 +126,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Repository:
     init_checkpoint(root / "ret" / "1", seed=11)
     shutil.copytree(DEFAULT_CHECKPOINT, root / "ret" / "2")  # the trained RET v2.1
     save_phrase_bank(root / "bank" / "1", SPLIT.texts[:64], SPLIT.embeddings[:64], name="bank")
+    (root / "bank" / "serving.toml").write_text("max_batch_size = 4\nmax_queue_size = 100\n")
     # Three ways a version fails to load; each is reported and the others serve.
     (root / "unknown_kind" / "1").mkdir(parents=True)
     card = json.loads((root / "ret" / "1" / CARD_FILE).read_text())
@@ -137,6 +138,8 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Repository:
     shutil.copytree(root / "ret" / "1", root / "fallback" / "1")
     shutil.copytree(corrupt, root / "fallback" / "2")
     mismatch = shutil.copytree(root / "ret" / "1", root / "mismatch" / "1")
+    shutil.copytree(root / "ret" / "1", root / "bad_settings" / "1")
+    (root / "bad_settings" / "serving.toml").write_text("max_batch_size = 0\n")
     card["config"]["n_layer"] += 1
     (mismatch / CARD_FILE).write_text(json.dumps(card))
     expected = {1: greedy_texts(root / "ret" / "1"), 2: greedy_texts(root / "ret" / "2")}
@@ -173,6 +176,7 @@ def test_the_newest_version_of_each_model_serves_and_failures_are_listed_with_re
     listing = rows(admin)
     state = {key: admin_pb.ModelState.Name(row.state) for key, row in listing.items()}
     assert state == {
+        ("bad_settings", 1): "MODEL_STATE_FAILED",
         ("bank", 1): "MODEL_STATE_READY",
         ("corrupt", 1): "MODEL_STATE_FAILED",
         ("fallback", 1): "MODEL_STATE_READY",
@@ -187,7 +191,10 @@ def test_the_newest_version_of_each_model_serves_and_failures_are_listed_with_re
     assert "oracle" in listing[("unknown_kind", 1)].reason
     assert "model.safetensors" in listing[("corrupt", 1)].reason
     assert "is missing tensor(s): blocks.1." in listing[("mismatch", 1)].reason
-    for name in ("unknown_kind", "corrupt", "mismatch"):
+    assert "bad_settings/serving.toml.max_batch_size: expected an integer >= 1, got 0" in (
+        listing[("bad_settings", 1)].reason
+    )
+    for name in ("unknown_kind", "corrupt", "mismatch", "bad_settings"):
         assert f"model {name} version 1 failed to load" in served.log()
         assert health_of(channel, name) == NOT_SERVING
     assert health_of(channel, "ret") == SERVING and health_of(channel, "bank") == SERVING
@@ -206,6 +213,8 @@ def test_the_newest_version_of_each_model_serves_and_failures_are_listed_with_re
         ("fallback", 1, True),
     }
     assert models.default_model == "ret"
+    loads = {m.name: (m.load.max_batch_size, m.load.max_queue_size) for m in models.models}
+    assert loads["bank"] == (4, 100) and loads["ret"] == (32, 1024)  # its serving.toml, or not
 
 
 def test_a_failed_model_answers_not_found_with_its_reason(channel: grpc.Channel) -> None:
@@ -271,7 +280,13 @@ def test_admin_errors_name_the_field_and_what_was_expected(channel: grpc.Channel
             admin.Unload,
             admin_pb.UnloadModelRequest(model="ret", version=9),
             grpc.StatusCode.NOT_FOUND,
-            "has no loaded version 9 to unload; loaded: {'bank': [1], 'corrupt': []",
+            "version: model 'ret' has no loaded version 9 to unload; its loaded versions: [2]",
+        ),
+        (
+            admin.Unload,
+            admin_pb.UnloadModelRequest(model="nope"),
+            grpc.StatusCode.NOT_FOUND,
+            "model: 'nope' is not loaded; loaded models: ['bank', 'fallback', 'ret']",
         ),
     ]
     for method, request, code, message in cases:
