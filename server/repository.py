@@ -275,9 +275,11 @@ class ModelRegistry:
         return max(ready, default=0)
 
     def engines(self) -> list[Engine]:
-        """Every engine with work or able to take it (READY and UNLOADING versions)."""
-        entries = [e for versions in self._versions.values() for e in versions.values()]
-        return [e.engine for e in [*entries, *self._draining] if e.engine is not None]
+        """Every engine with work or able to take it (READY and UNLOADING versions). Safe to
+        call from another thread (the metrics exporter's): it iterates snapshots, each taken
+        in one step under the GIL, never a dict the event loop may be changing."""
+        entries = [e for versions in list(self._versions.values()) for e in list(versions.values())]
+        return [e.engine for e in [*entries, *list(self._draining)] if e.engine is not None]
 
     # ---- the admin side ------------------------------------------------------------------
 
