@@ -162,6 +162,7 @@ def decode_batch(
     priority: int | None = None,
     version: int | None = 0,
     no_repeat_ngram_size: int | None = None,
+    hybrid: Hybrid | None = None,
 ) -> decoder_pb2.DecodeBatchRequest:
     return decoder_pb2.DecodeBatchRequest(
         model=model or "",
@@ -170,6 +171,7 @@ def decode_batch(
         priority=check_priority(priority),
         version=check_version(version),
         no_repeat_ngram_size=check_no_repeat_ngram_size(no_repeat_ngram_size),
+        hybrid=_hybrid(hybrid),
     )
 
 
@@ -193,6 +195,7 @@ def stream_item(
     priority: int | None = None,
     version: int | None = 0,
     no_repeat_ngram_size: int | None = None,
+    hybrid: Hybrid | None = None,
 ) -> decoder_pb2.DecodeStreamRequest:
     item_id, embedding = split_stream_item(index, item)
     return decoder_pb2.DecodeStreamRequest(
@@ -203,6 +206,7 @@ def stream_item(
         priority=check_priority(priority),
         version=check_version(version),
         no_repeat_ngram_size=check_no_repeat_ngram_size(no_repeat_ngram_size),
+        hybrid=_hybrid(hybrid),
     )
 
 

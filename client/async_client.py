@@ -187,7 +187,8 @@ class AsyncClient:
 
         ``priority``: higher is served first when requests wait for a slot; FIFO among equals
         (``None`` means 0). The streaming and batch methods take it too. ``hybrid``: a
-        :class:`Hybrid` (a phrase bank first, ``model`` when its phrase is not similar enough).
+        :class:`Hybrid` (a phrase bank first, ``model`` when its phrase is not similar enough);
+        ``decode_batch`` and ``decode_stream`` take it too, for every item.
         ``version``: a loaded version of ``model`` (0: the newest); every decoding method and
         :meth:`model_info` take it, and ``result.version`` says which version answered.
         ``no_repeat_ngram_size``: a loop breaker: never generate a byte that would repeat a byte
@@ -297,6 +298,7 @@ class AsyncClient:
         max_new_tokens: int | None = None,
         no_repeat_ngram_size: int | None = None,
         priority: int | None = None,
+        hybrid: Hybrid | None = None,
         timeout: float | None = None,
     ) -> list[DecodeBatchItem]:
         """Decode N embeddings in one call, in request order; see :meth:`Client.decode_batch`."""
@@ -308,6 +310,7 @@ class AsyncClient:
             priority=priority,
             version=version,
             no_repeat_ngram_size=no_repeat_ngram_size,
+            hybrid=hybrid,
         )
         response: decoder_pb2.DecodeBatchResponse = await self._unary(
             self._stub.DecodeBatch, request, timeout
@@ -324,6 +327,7 @@ class AsyncClient:
         max_new_tokens: int | None = None,
         no_repeat_ngram_size: int | None = None,
         priority: int | None = None,
+        hybrid: Hybrid | None = None,
         timeout: float | None = None,
     ) -> AsyncGenerator[StreamItem, None]:
         """Stream embeddings in and texts out; see :meth:`Client.decode_stream`.
@@ -345,6 +349,7 @@ class AsyncClient:
                 priority=priority,
                 version=version,
                 no_repeat_ngram_size=no_repeat_ngram_size,
+                hybrid=hybrid,
             )
 
         async def requests() -> AsyncIterator[decoder_pb2.DecodeStreamRequest]:

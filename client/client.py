@@ -353,6 +353,7 @@ class Client:
         max_new_tokens: int | None = None,
         no_repeat_ngram_size: int | None = None,
         priority: int | None = None,
+        hybrid: Hybrid | None = None,
         timeout: float | None = None,
     ) -> list[DecodeBatchItem]:
         """Decode N embeddings in one call; the items come back in request order.
@@ -360,8 +361,9 @@ class Client:
         ``embeddings`` is a 2-D array ``(N, dim)`` or a sequence of 1-D embeddings. A bad item
         does not fail the call: its :class:`DecodeBatchItem` has ``ok == False`` and a typed
         ``error``; ``item.unwrap()`` returns the result or raises that error. ``priority``,
-        ``version`` and ``no_repeat_ngram_size`` (see :meth:`decode`) apply to every item; a
-        ``version`` that is not loaded fails the whole call (:class:`NotFoundError`).
+        ``version``, ``no_repeat_ngram_size`` and ``hybrid`` (see :meth:`decode`) apply to every
+        item; a ``version`` that is not loaded fails the whole call (:class:`NotFoundError`).
+        With ``hybrid``, each item's answer says whether the bank or the model gave it.
 
         >>> [item.unwrap().text for item in client.decode_batch(matrix)]  # doctest: +SKIP
         ['first sentence', 'second sentence']
@@ -375,6 +377,7 @@ class Client:
             priority=priority,
             version=version,
             no_repeat_ngram_size=no_repeat_ngram_size,
+            hybrid=hybrid,
         )
         response: decoder_pb2.DecodeBatchResponse = self._unary(
             self._stub.DecodeBatch, request, timeout
@@ -390,6 +393,7 @@ class Client:
         max_new_tokens: int | None = None,
         no_repeat_ngram_size: int | None = None,
         priority: int | None = None,
+        hybrid: Hybrid | None = None,
         timeout: float | None = None,
     ) -> Generator[StreamItem, None, None]:
         """Stream embeddings in, decoded texts out, as they finish (possibly out of order).
@@ -399,8 +403,8 @@ class Client:
         generator. Answers carry the id; a bad item gets an ``error`` and the rest go on.
         If reading or converting ``items`` fails, that exception is raised from the
         iteration. Closing the iterator early cancels the call. ``model``, ``version``,
-        ``priority`` and ``no_repeat_ngram_size`` (see :meth:`decode`) apply to every item;
-        a bad ``priority``, ``version`` or ``no_repeat_ngram_size`` raises at once.
+        ``priority``, ``no_repeat_ngram_size`` and ``hybrid`` (see :meth:`decode`) apply to
+        every item; a bad ``priority``, ``version`` or ``no_repeat_ngram_size`` raises at once.
 
         >>> for item in client.decode_stream([("a", e1), ("b", e2)]):  # doctest: +SKIP
         ...     print(item.id, item.unwrap().text)
@@ -423,6 +427,7 @@ class Client:
                         priority=priority,
                         version=version,
                         no_repeat_ngram_size=no_repeat_ngram_size,
+                        hybrid=hybrid,
                     )
             except Exception as err:  # raised to the caller from the response iterator
                 failure.append(err)

@@ -62,9 +62,18 @@ BANK_PARAMS = SamplingParams(max_new_tokens=1)
 class DecodeOptions(Protocol):
     """What a Decode, a DecodeBatch and a DecodeStream item say about decoding."""
 
+    model: str
+    version: int
     max_new_tokens: int
     priority: int
     no_repeat_ngram_size: int
+
+
+def hybrid_of(
+    request: pb.DecodeRequest | pb.DecodeBatchRequest | pb.DecodeStreamRequest,
+) -> pb.Hybrid | None:
+    """The request's hybrid settings when it asks for hybrid decoding."""
+    return request.hybrid if request.HasField("hybrid") else None
 
 
 @dataclass(frozen=True)
@@ -222,17 +231,17 @@ class DecoderService(pb_grpc.DecoderServicer):
 
     @contextlib.contextmanager
     def _hybrid_models(
-        self, request: pb.DecodeRequest
+        self, options: DecodeOptions, hybrid: pb.Hybrid
     ) -> Iterator[tuple[ModelVersion, ModelVersion]]:
         """(the generative model, the phrase bank) a hybrid Decode names, checked and leased."""
-        name = request.hybrid.phrase_bank
+        name = hybrid.phrase_bank
         banks = self.models.names(PHRASE_BANK_KIND)
         if not name:
             raise invalid(
                 f"hybrid.phrase_bank: empty; expected a phrase_bank model, one of {banks}"
             )
         with contextlib.ExitStack() as leases:
-            generator = leases.enter_context(self.models.lease(request.model, request.version))
+            generator = leases.enter_context(self.models.lease(options.model, options.version))
             try:
                 bank = leases.enter_context(self.models.lease(name))
             except RequestError as error:
@@ -338,7 +347,10 @@ class DecoderService(pb_grpc.DecoderServicer):
         received_at = time.monotonic()
         try:
             if request.HasField("hybrid"):
-                return await self._hybrid_decode(request, context, received_at)
+                return await self._hybrid_decode(
+                    request, request.hybrid, request.embedding, "embedding",
+                    self._deadline(context), received_at,
+                )  # fmt: skip
             with self.models.lease(request.model, request.version) as served:
                 sequence = self._decode_sequence(
                     served.ready_engine, request.embedding, "embedding", request,
@@ -350,18 +362,24 @@ class DecoderService(pb_grpc.DecoderServicer):
         return _decode_response(result, served, received_at)
 
     async def _hybrid_decode(
-        self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext, received_at: float
+        self,
+        options: DecodeOptions,
+        hybrid: pb.Hybrid,
+        embedding: pb.Embedding,
+        field: str,
+        deadline: float | None,
+        received_at: float,
     ) -> pb.DecodeResponse:
         """The bank's nearest phrase when its similarity reaches min_similarity, else the
         generative model's text. Everything is checked before the bank is asked."""
-        with self._hybrid_models(request) as (generator, bank):
-            min_similarity = parse_min_similarity(request.hybrid)
+        with self._hybrid_models(options, hybrid) as (generator, bank):
+            min_similarity = parse_min_similarity(hybrid)
             limits = model_limits(generator.ready_engine, self._limits.max_new_tokens_limit)
-            query = parse_query(request.embedding, "embedding", limits)
+            query = parse_query(embedding, field, limits)
             params = greedy_params(
-                request.max_new_tokens, "max_new_tokens", limits, request.no_repeat_ngram_size
+                options.max_new_tokens, "max_new_tokens", limits, options.no_repeat_ngram_size
             )
-            deadline, priority = self._deadline(context), request.priority
+            priority = options.priority
             found = await self._run(
                 bank, SequenceRequest(query, BANK_PARAMS, 0, deadline=deadline, priority=priority)
             )
@@ -462,11 +480,15 @@ class DecoderService(pb_grpc.DecoderServicer):
         deadline: float | None,
         item: str,
         method: str,
+        hybrid: pb.Hybrid | None = None,
     ) -> tuple[pb.DecodeResponse | None, pb.ItemError | None]:
         """One item of a batch or stream, in a span of its own: its response, or its error.
-        `served_by` leases the model version that serves it."""
+        `served_by` leases the model version that serves it (with `hybrid`, the item leases
+        its bank and its generative model itself)."""
         with self.telemetry.item_span(f"{self.service_name}/{method} item", item) as span:
-            response, error = await self._decode_one(served_by, embedding, options, field, deadline)
+            response, error = await self._decode_one(
+                served_by, embedding, options, field, deadline, hybrid
+            )
             if error is not None and span.is_recording():
                 span.set_status(Status(StatusCode.ERROR, f"{error.code_name}: {error.message}"))
             return response, error
@@ -478,11 +500,17 @@ class DecoderService(pb_grpc.DecoderServicer):
         options: DecodeOptions,
         field: str,
         deadline: float | None,
+        hybrid: pb.Hybrid | None,
     ) -> tuple[pb.DecodeResponse | None, pb.ItemError | None]:
         received_at = time.monotonic()
         if not self.gate.open:  # an item sent on a stream after shutdown began
             return None, _item_error(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         try:
+            if hybrid is not None:
+                answer = await self._hybrid_decode(
+                    options, hybrid, embedding, field, deadline, received_at
+                )
+                return answer, None
             with served_by() as served:
                 sequence = self._decode_sequence(
                     served.ready_engine, embedding, field, options, deadline
@@ -529,6 +557,7 @@ class DecoderService(pb_grpc.DecoderServicer):
                         deadline,
                         str(i),
                         "DecodeBatch",
+                        hybrid_of(request),
                     )
                     for i, embedding in enumerate(request.embeddings)
                 )
@@ -556,6 +585,7 @@ class DecoderService(pb_grpc.DecoderServicer):
                 deadline,
                 item.id,
                 "DecodeStream",
+                hybrid_of(item),
             )
             answers.put_nowait(pb.DecodeStreamResponse(id=item.id, response=ok, error=err))
 

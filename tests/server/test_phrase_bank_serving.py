@@ -296,6 +296,53 @@ def test_hybrid_source_follows_the_threshold(
         assert result.source is AnswerSource.GENERATED and result.model == RET
 
 
+def test_hybrid_batches_and_streams_answer_each_item_like_a_hybrid_decode(
+    stub: pb_grpc.DecoderStub, ret_alone: object
+) -> None:
+    """Members come from the bank, strangers are generated; a bad item fails alone."""
+    queries = [MEMBERS[2], stranger(7), MEMBERS[40], stranger(8)]
+    hybrid = pb.Hybrid(phrase_bank=BANK, min_similarity=0.9)
+    batch = stub.DecodeBatch(
+        pb.DecodeBatchRequest(
+            model=RET, embeddings=[as_pb(q) for q in queries], max_new_tokens=8, hybrid=hybrid
+        ),
+        timeout=60,
+    )
+    expected = [
+        (pb.ANSWER_SOURCE_PHRASE_BANK, BANK, TEXTS[2]),
+        (pb.ANSWER_SOURCE_GENERATED, RET, ret_alone(queries[1], 8)),  # type: ignore[operator]
+        (pb.ANSWER_SOURCE_PHRASE_BANK, BANK, TEXTS[40]),
+        (pb.ANSWER_SOURCE_GENERATED, RET, ret_alone(queries[3], 8)),  # type: ignore[operator]
+    ]
+    got = [(r.response.source, r.response.model, r.response.text) for r in batch.results]
+    assert got == expected
+    assert all(r.response.HasField("similarity") for r in batch.results)
+    items = [
+        pb.DecodeStreamRequest(
+            id=str(i), model=RET, embedding=as_pb(q), max_new_tokens=8, hybrid=hybrid
+        )
+        for i, q in enumerate(queries)
+    ]
+    items.append(  # a bank that is not loaded fails this item only
+        pb.DecodeStreamRequest(
+            id="bad", model=RET, embedding=as_pb(queries[0]),
+            hybrid=pb.Hybrid(phrase_bank="faq", min_similarity=0.5),
+        )
+    )  # fmt: skip
+    answers = {a.id: a for a in stub.DecodeStream(iter(items), timeout=60)}
+    streamed = [
+        (
+            answers[str(i)].response.source,
+            answers[str(i)].response.model,
+            answers[str(i)].response.text,
+        )
+        for i in range(len(queries))
+    ]
+    assert streamed == expected
+    assert answers["bad"].error.code_name == "NOT_FOUND"
+    assert "hybrid.phrase_bank: 'faq' is not loaded" in answers["bad"].error.message
+
+
 # ---- bad requests --------------------------------------------------------------------------------
 
 
@@ -462,3 +509,28 @@ def test_bench_raw_times_the_banks_search(checkpoints: dict[str, Path]) -> None:
     raw = bench("--raw", "--checkpoint", str(checkpoints[BANK]), "-b", "4", "-n", "8")
     assert raw["raw"] and raw["sequences"] == 8 and raw["batch_size"] == 4
     assert raw["extra"]["phrases"] == 192 and raw["extra"]["dtype"] == "float32"
+
+
+def test_async_client_hybrid_batches_and_streams(served: RunningServer) -> None:
+    hybrid = Hybrid(BANK, 0.9)
+    queries = [MEMBERS[5], stranger(9)]
+
+    async def call() -> tuple[list, list]:
+        async with AsyncClient(served.address, timeout=60) as client:
+            batch = await client.decode_batch(queries, model=RET, max_new_tokens=8, hybrid=hybrid)
+            pairs = [("m", queries[0]), ("s", queries[1])]
+            streamed = [
+                item
+                async for item in client.decode_stream(
+                    pairs, model=RET, max_new_tokens=8, hybrid=hybrid
+                )
+            ]
+        return batch, streamed
+
+    batch, streamed = asyncio.run(call())
+    sources = [item.unwrap().source for item in batch]
+    assert sources == [AnswerSource.PHRASE_BANK, AnswerSource.GENERATED]
+    assert batch[0].unwrap().text == TEXTS[5]
+    by_id = {item.id: item.unwrap() for item in streamed}
+    assert by_id["m"].source is AnswerSource.PHRASE_BANK and by_id["m"].text == TEXTS[5]
+    assert by_id["s"].source is AnswerSource.GENERATED and by_id["s"].text == batch[1].unwrap().text
