@@ -60,6 +60,10 @@ class TrainConfig:
     save_every: int = 500
     threads: int = 0  # 0 = every core this process may use
     version: str = "2.1.0"
+    # "bfloat16": the training step's matrix products in bfloat16 (torch.autocast; weights,
+    # optimizer state and the loss stay float32): twice the steps per minute on a CPU with
+    # AVX512-BF16 (measured here: 91 vs 189 ms per step of 128 texts). "none": float32.
+    autocast: str = "none"
     # A checkpoint directory whose weights start the run instead of seeded random ones (a
     # warm start: the optimizer and the schedule start afresh); unused when --resume finds a
     # saved state. Its card's training record is kept in the new card.
@@ -196,6 +200,7 @@ def batches_in_order(
         yield rows, *make_batch(encoded, rows, eos_id)
 
 
+@torch.no_grad()
 def heldout_losses(
     model: RET, embeddings: torch.Tensor, encoded: list[bytes], batch_size: int = 128
 ) -> tuple[float, float]:
@@ -221,6 +226,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     from retd.model.embed import count_shards, load_split
     from retd.model.evaluate import greedy_texts, text_scores
 
+    if config.autocast not in ("none", "bfloat16"):
+        raise ValueError(f"autocast: expected 'none' or 'bfloat16', got {config.autocast!r}")
+    bf16 = config.autocast == "bfloat16"
     torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
     data_dir, out_dir = Path(config.data_dir), Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -360,7 +368,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
                     config.embedding_noise,
                     noise_generator,
                 )
-                loss = sequence_loss(model, emb, inputs, targets)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = sequence_loss(model, emb, inputs, targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

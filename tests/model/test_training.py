@@ -104,6 +104,23 @@ def test_a_warm_start_begins_from_the_given_weights_and_keeps_their_record(
         train(wrong, progress=False)
 
 
+def test_bfloat16_autocast_trains_as_float32_does(tmp_path: Path) -> None:
+    """The same run with the step's matrix products in bfloat16: the same fall of the loss
+    (what the real-data comparison in BENCHMARKS.md found too), float32 weights exported."""
+    plain = fixture_config(tmp_path / "fp32")
+    fast = fixture_config(tmp_path / "bf16", autocast="bfloat16")
+    train(plain, progress=False)
+    checkpoint = train(fast, progress=False)
+    a, b = losses(Path(plain.out_dir)), losses(Path(fast.out_dir))
+    assert np.mean(b[-5:]) < b[0] - 1.0, b
+    assert abs(np.mean(a[-5:]) - np.mean(b[-5:])) < 0.1, (a[-5:], b[-5:])
+    assert a != b  # it did run in bfloat16
+    loaded = load_checkpoint(checkpoint, device="cpu")
+    assert next(loaded.model.parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="autocast: expected 'none' or 'bfloat16'"):
+        train(fixture_config(tmp_path / "bad", autocast="float8"), progress=False)
+
+
 def test_unknown_training_setting_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "train.toml"
     path.write_text("learning_rat = 0.1\n")
