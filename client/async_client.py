@@ -193,7 +193,7 @@ class AsyncClient:
         :meth:`model_info` take it, and ``result.version`` says which version answered.
         ``no_repeat_ngram_size``: a loop breaker: never generate a byte that would repeat a byte
         n-gram of this size already in the text; ``None``/0 is off, at most 256 (on the shipped
-        model, 6 raised held-out chrF from 17.3 to 21.6, +4.3). Every decoding method takes it.
+        model, 6 raises held-out chrF from 18.0 to 21.7, +3.7). Every decoding method takes it.
 
         >>> async def unlooped(client):
         ...     return (await client.decode(embedding, no_repeat_ngram_size=6)).text
