@@ -443,7 +443,8 @@ class ModelRegistry:
                 version=version,
             )
         except ConfigError as exc:  # reported as this version's failure to load
-            spec, settings_error = replace(self._defaults, name=name, checkpoint=path), exc
+            spec = replace(self._defaults, name=name, checkpoint=path, version=version)
+            settings_error = exc
         else:
             settings_error = None
         entry = ModelVersion(name, version, spec, pinned=pinned, fingerprint=fingerprint(path))
