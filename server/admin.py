@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from retd.server.calls import rpc
+from retd.server.calls import abort, rpc
 from retd.server.gate import CallGate
 from retd.server.repository import ModelRegistry, ModelVersion, State, VersionStatus
 from retd.server.telemetry import Telemetry
@@ -49,10 +49,6 @@ class RepositoryService(pb_grpc.ModelRepositoryServicer):
         rows = [r for r in self.models.status(entry.name) if r.version == entry.version]
         return version_status(rows[0]) if rows else pb.ModelVersionStatus(name=entry.name)
 
-    @staticmethod
-    async def _abort(context: grpc.aio.ServicerContext, error: RequestError) -> None:
-        await context.abort(error.code, error.message)
-
     def _model_name(self, model: str) -> str:
         if not model:
             known = sorted({row.name for row in self.models.status()})
@@ -80,7 +76,7 @@ class RepositoryService(pb_grpc.ModelRepositoryServicer):
         try:
             entry = await self.models.load(self._model_name(request.model), request.version)
         except RequestError as error:
-            await self._abort(context, error)
+            await abort(context, error)
         return pb.LoadModelResponse(status=self._status_of(entry))
 
     @rpc
@@ -90,7 +86,7 @@ class RepositoryService(pb_grpc.ModelRepositoryServicer):
         try:
             released = await self.models.unload(self._model_name(request.model), request.version)
         except RequestError as error:
-            await self._abort(context, error)
+            await abort(context, error)
         return pb.UnloadModelResponse(
             unloaded=[
                 pb.ModelVersionStatus(

@@ -10,7 +10,7 @@ import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import grpc
 
@@ -56,6 +56,19 @@ def _observed(service: Observed, name: str, context: grpc.aio.ServicerContext) -
             code = _outcome(context, error)
             details = context.details() or (str(error) if error else "")
             service.telemetry.finish_rpc(span, name, code, details, time.monotonic() - started)
+
+
+class StatusError(Protocol):
+    """An error that carries the gRPC status its call ends with."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+async def abort(context: grpc.aio.ServicerContext, error: StatusError) -> NoReturn:
+    """End the call with `error`'s status and message."""
+    await context.abort(error.code, error.message)
+    raise AssertionError("context.abort raises")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
-from typing import Any, NoReturn, Protocol
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import struct_pb2
@@ -25,7 +25,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from retd.model.checkpoint import PHRASE_BANK_KIND, RET_KIND
 from retd.model.generation import FinishReason, SamplingParams
-from retd.server.calls import Unparseable, rpc
+from retd.server.calls import Unparseable, abort, rpc
 from retd.server.engine import Engine, SequenceError, SequenceRequest, SequenceResult
 from retd.server.gate import SHUTTING_DOWN, CallGate
 from retd.server.repository import ModelRegistry, ModelVersion
@@ -203,13 +203,6 @@ def _item_error(code: grpc.StatusCode, message: str) -> pb.ItemError:
     return pb.ItemError(code=code.value[0], code_name=code.name, message=message)
 
 
-async def _abort(
-    context: grpc.aio.ServicerContext, error: RequestError | SequenceError
-) -> NoReturn:
-    await context.abort(error.code, error.message)
-    raise AssertionError("context.abort raises")
-
-
 class DecoderService(pb_grpc.DecoderServicer):
     """Serves every loaded model; requests naming no model go to the registry's default."""
 
@@ -358,7 +351,7 @@ class DecoderService(pb_grpc.DecoderServicer):
                 )  # fmt: skip
                 result = await self._run(served, sequence)
         except (RequestError, SequenceError) as error:
-            await _abort(context, error)
+            await abort(context, error)
         return _decode_response(result, served, received_at)
 
     async def _hybrid_decode(
@@ -434,7 +427,7 @@ class DecoderService(pb_grpc.DecoderServicer):
                 )
                 result = await self._run(served, sequence)
         except (RequestError, SequenceError) as error:
-            await _abort(context, error)
+            await abort(context, error)
         return pb.GenerateResponse(
             text=result.text,
             token_ids=result.token_ids,
@@ -454,7 +447,7 @@ class DecoderService(pb_grpc.DecoderServicer):
                 )
                 handle = served.ready_engine.submit(sequence)
             except (RequestError, SequenceError) as error:
-                await _abort(context, error)
+                await abort(context, error)
             try:
                 async for event in handle.events():
                     if isinstance(event, SequenceResult):
@@ -467,7 +460,7 @@ class DecoderService(pb_grpc.DecoderServicer):
                     else:
                         yield pb.GenerateChunk(text=event.text, token_ids=event.token_ids)
             except SequenceError as error:
-                await _abort(context, error)
+                await abort(context, error)
             finally:
                 handle.cancel()
 
@@ -525,7 +518,7 @@ class DecoderService(pb_grpc.DecoderServicer):
         self, request: pb.DecodeBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.DecodeBatchResponse:
         if not request.embeddings:
-            await _abort(
+            await abort(
                 context,
                 RequestError(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -533,7 +526,7 @@ class DecoderService(pb_grpc.DecoderServicer):
                 ),
             )
         if len(request.embeddings) > self._limits.max_batch_items:
-            await _abort(
+            await abort(
                 context,
                 RequestError(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -545,7 +538,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             try:  # one version serves the whole batch; an unknown model fails the call
                 served = lease.enter_context(self.models.lease(request.model, request.version))
             except RequestError as error:
-                await _abort(context, error)
+                await abort(context, error)
             deadline = self._deadline(context)
             outcomes = await asyncio.gather(
                 *(
@@ -626,7 +619,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             try:
                 await reader  # a failure to read the request stream
             except Exception as exc:
-                await _abort(
+                await abort(
                     context,
                     RequestError(
                         grpc.StatusCode.INVALID_ARGUMENT,
@@ -659,7 +652,7 @@ class DecoderService(pb_grpc.DecoderServicer):
                 serving = served.version == self.models.serving_version(served.name)
                 return model_info(served, serving)
         except RequestError as error:
-            await _abort(context, error)
+            await abort(context, error)
 
 
 def _tolerant(message_class: Any) -> Callable[[bytes], Any]:
