@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from retd.model.generation import (
     FinishReason,
     NGramBlocker,
+    RepetitionTracker,
     SamplingParams,
+    apply_repetition_penalty,
     generate,
     make_generator,
     sample,
@@ -209,6 +211,10 @@ def test_sample_rows_use_their_own_generators() -> None:
         ({"stop": (3,)}, "stop"),
         ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
         ({"no_repeat_ngram_size": 2.0}, "no_repeat_ngram_size"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"repetition_penalty": True}, "repetition_penalty"),
+        ({"repetition_ngram_size": 0}, "repetition_ngram_size"),
     ],
 )
 def test_sampling_params_validation_names_the_field(kwargs: dict, field: str) -> None:
@@ -275,3 +281,87 @@ def test_no_repeat_rows_hold_no_ngram_twice_with_or_without_cache(
         body = result.token_ids[:-1] if result.finish_reason == "eos" else result.token_ids
         if n:
             assert not _repeats(body, n), (n, body)
+
+
+# --- repetition_penalty ------------------------------------------------------------------------
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() -> None:
+    logits = torch.tensor([[2.0, -2.0, 1.0], [2.0, -2.0, 1.0]])
+    repeated = torch.tensor([[True, True, False], [True, True, False]])
+    params = [SamplingParams(4, repetition_penalty=2.0), SamplingParams(4)]
+    out = apply_repetition_penalty(logits, params, repeated)
+    assert out.tolist() == [[1.0, -4.0, 1.0], [2.0, -2.0, 1.0]]  # row 1's penalty is off
+    tokens, logprobs = sample(logits, params, [None, None], repeated=repeated)
+    assert tokens.tolist() == [0, 0]  # 1.0 vs 1.0: argmax takes the first
+    assert logprobs[0].item() == pytest.approx(torch.log_softmax(logits[0], -1)[0].item())
+    tokens, _ = sample(logits, [SamplingParams(4, repetition_penalty=2.5)] * 2, [None] * 2,
+                       repeated=repeated)  # fmt: skip
+    assert tokens.tolist() == [2, 2]
+
+
+def test_repetition_tracker_marks_bytes_or_ngram_followers() -> None:
+    tracker = RepetitionTracker(2, 256)
+    tracker.reset(0, SamplingParams(8, repetition_penalty=1.5))
+    tracker.reset(1, SamplingParams(8, repetition_penalty=1.5, repetition_ngram_size=3))
+    for a, b in zip(b"abcab", b"abcab", strict=True):
+        tracker.push(torch.tensor([0, 1]), torch.tensor([a, b]))
+    mask = tracker.repeated(torch.tensor([0, 1]))
+    assert set(mask[0].nonzero()[:, 0].tolist()) == set(b"abc")  # every byte generated
+    assert mask[1].nonzero()[:, 0].tolist() == [ord("c")]  # "ab" was followed by "c"
+    tracker.reset(0, SamplingParams(8))
+    assert not tracker.repeated(torch.tensor([0])).any()
+
+
+_penalty_params = st.builds(
+    lambda p, n, nr: SamplingParams(
+        40, repetition_penalty=p, repetition_ngram_size=n, no_repeat_ngram_size=nr
+    ),
+    st.sampled_from([1.0, 1.2, 1.5, 3.0]),
+    st.integers(1, 6),
+    st.sampled_from([0, 0, 4]),
+)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(seed=st.integers(0, 10_000), params=st.lists(_penalty_params, min_size=1, max_size=4))
+def test_repetition_penalty_rows_are_deterministic_and_independent_of_their_batch(
+    make_model: Callable[..., RET], seed: int, params: list[SamplingParams]
+) -> None:
+    model = make_model(seed=seed % 5)
+    emb = torch.randn(len(params), 768, generator=torch.Generator().manual_seed(seed))
+    batched = generate(model, emb, params)
+    assert [r.token_ids for r in generate(model, emb, params)] == [r.token_ids for r in batched]
+    uncached = generate(model, emb, params, use_cache=False)
+    assert [r.token_ids for r in uncached] == [r.token_ids for r in batched]
+    for i, p in enumerate(params):
+        (alone,) = generate(model, emb[i : i + 1], [p])
+        assert alone.token_ids == batched[i].token_ids
+        if p.repetition_penalty == 1.0:  # off: exactly what the loop breakers alone give
+            (plain,) = generate(
+                model,
+                emb[i : i + 1],
+                [SamplingParams(40, no_repeat_ngram_size=p.no_repeat_ngram_size)],
+            )
+            assert plain.token_ids == alone.token_ids
+
+
+@settings(
+    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(seed=st.integers(0, 10_000), penalty=st.sampled_from([1.3, 2.0]), n=st.integers(1, 4))
+def test_sampled_rows_with_a_penalty_repeat_with_their_seed(
+    make_model: Callable[..., RET], seed: int, penalty: float, n: int
+) -> None:
+    model = make_model(seed=seed % 3)
+    emb = torch.randn(2, 768, generator=torch.Generator().manual_seed(seed))
+    params = [
+        SamplingParams(
+            32, temperature=0.9, seed=seed + i, repetition_penalty=penalty, repetition_ngram_size=n
+        )
+        for i in range(2)
+    ]
+    first, second = generate(model, emb, params), generate(model, emb, params)
+    assert [r.token_ids for r in first] == [r.token_ids for r in second]

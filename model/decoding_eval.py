@@ -1,0 +1,287 @@
+"""Which deterministic decoder to serve: a checkpoint's held-out texts decoded every way.
+
+    python -m retd.model.decoding_eval CHECKPOINT TEXTS [--limit 500] [--decoders SPEC ...]
+        [--json OUT.json] [--markdown]
+
+TEXTS is a file of texts, one a line (e.g. the held-out split's `heldout.txt`); each is embedded
+with the sentence encoder (all-mpnet-base-v2), decoded by every decoder, and scored against
+itself: chrF and BLEU (sacrebleu, as `retd eval`), the cosine between the input embedding and
+the decoded text re-encoded, the share of outputs that loop (see `loops`), the share that ran
+to their length limit without the end-of-sequence byte, and the mean length in bytes. Then a
+few everyday sentences (EVERYDAY, or --examples FILE) are decoded by each decoder to show.
+
+A decoder spec is `name` or comma-separated `key=value` pairs:
+  nr=N         no_repeat_ngram_size N (never repeat a byte N-gram)
+  rp=P         repetition_penalty P (CTRL-style)
+  rpn=N        repetition_ngram_size N (the penalty's n-gram; 1 = every byte generated)
+  max=N        max_new_tokens N (default: the model's max_length - 1, as `retd eval`)
+  eos=B        add B to the end-of-sequence byte's logit at every step (a length handling)
+e.g. `greedy`, `nr=6`, `rp=1.3,rpn=4`, `nr=8,rp=1.2,max=160`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from retd.model.generation import FinishReason, SamplingParams, generate
+from retd.model.model import RET
+
+# Sentences of everyday kinds (news, questions, instructions, dialogue, ...) to show outputs on.
+EVERYDAY = (
+    "The stock market fell sharply on Monday.",
+    "I would like a cup of coffee, please.",
+    "The president will visit Japan next week to discuss trade.",
+    "Heavy rain caused flooding in several towns overnight.",
+    "Scientists have discovered a new species of frog in the rainforest.",
+    "What time does the train leave for London?",
+    "Where did you put the car keys?",
+    "How do I reset my password?",
+    "Can you recommend a good restaurant nearby?",
+    "Preheat the oven to 200 degrees and bake for twenty minutes.",
+    "Turn left at the second traffic light.",
+    "Please close the door when you leave.",
+    "Hi, how are you doing today?",
+    "Thanks, I really appreciate your help.",
+    "Sorry, I can't make it to the meeting tomorrow.",
+    "The cat is sleeping on the sofa.",
+    "My brother plays the guitar in a band.",
+    "It is going to be sunny and warm this weekend.",
+    "The children are playing football in the park.",
+    "She bought a new dress for the wedding.",
+    "The museum is closed on Mondays.",
+    "Water boils at one hundred degrees Celsius.",
+)
+
+# The decoders measured when --decoders is not given.
+DEFAULT_DECODERS = (
+    "greedy",
+    "nr=3",
+    "nr=4",
+    "nr=5",
+    "nr=6",
+    "nr=8",
+    "nr=10",
+    "rp=1.1",
+    "rp=1.2",
+    "rp=1.4",
+    "rp=1.2,rpn=4",
+    "rp=1.5,rpn=4",
+    "rp=2,rpn=4",
+    "rp=1.5,rpn=6",
+    "rp=2,rpn=6",
+    "nr=6,rp=1.2",
+    "nr=6,rp=1.5,rpn=4",
+    "nr=8,rp=1.5,rpn=4",
+    "max=128",
+    "nr=6,max=128",
+    "eos=1",
+    "eos=2",
+    "nr=6,eos=1",
+)
+
+_CONSECUTIVE_REPEAT = re.compile(r"(.{3,}?)\1{2,}", re.DOTALL)
+
+
+def loops(text: str) -> bool:
+    """Whether a text loops: some stretch of 3 or more characters repeats 3 times in a row
+    ("ston ston ston"), or some word trigram occurs 3 times ("I'm can, ... I'm can, ...")."""
+    if _CONSECUTIVE_REPEAT.search(text):
+        return True
+    words = text.split()
+    trigrams = Counter(zip(words, words[1:], words[2:], strict=False))
+    return any(count >= 3 for count in trigrams.values())
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """One deterministic decoder: greedy with loop breakers and length handling."""
+
+    spec: str
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+    repetition_ngram_size: int = 1
+    max_new_tokens: int | None = None
+    eos_bonus: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: str) -> Decoder:
+        if spec == "greedy":
+            return cls(spec)
+        keys = {
+            "nr": "no_repeat_ngram_size",
+            "rp": "repetition_penalty",
+            "rpn": "repetition_ngram_size",
+            "max": "max_new_tokens",
+            "eos": "eos_bonus",
+        }
+        fields: dict[str, Any] = {}
+        for item in spec.split(","):
+            key, _, value = item.partition("=")
+            if key not in keys or not value:
+                raise ValueError(f"decoder {spec!r}: expected key=value with key in {list(keys)}")
+            name = keys[key]
+            fields[name] = (
+                float(value) if name in ("repetition_penalty", "eos_bonus") else int(value)
+            )
+        return cls(spec, **fields)
+
+    def params(self, max_length: int) -> SamplingParams:
+        return SamplingParams(
+            self.max_new_tokens or max_length - 1,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            repetition_penalty=self.repetition_penalty,
+            repetition_ngram_size=self.repetition_ngram_size,
+        )
+
+
+class _EosBonus:
+    """A model whose decode steps add `bonus` to the end-of-sequence logit."""
+
+    def __init__(self, model: RET, bonus: float) -> None:
+        self._model, self._bonus = model, bonus
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        logits = self._model.step(*args, **kwargs).clone()
+        logits[:, self._model.config.eos_id] += self._bonus
+        return logits
+
+
+def decode_all(
+    model: RET, embeddings: torch.Tensor, decoder: Decoder, batch_size: int = 256
+) -> tuple[list[str], list[FinishReason], list[int]]:
+    """Each row decoded: texts, finish reasons, and bytes generated."""
+    runner = cast(RET, _EosBonus(model, decoder.eos_bonus)) if decoder.eos_bonus else model
+    params = decoder.params(model.config.max_length)
+    texts: list[str] = []
+    reasons: list[FinishReason] = []
+    lengths: list[int] = []
+    for start in range(0, len(embeddings), batch_size):
+        chunk = embeddings[start : start + batch_size]
+        for result in generate(runner, chunk, [params] * len(chunk)):
+            texts.append(result.text)
+            reasons.append(result.finish_reason)
+            lengths.append(len(result.text.encode("utf-8")))
+    return texts, reasons, lengths
+
+
+def measure(
+    checkpoint: Path,
+    texts: Sequence[str],
+    decoders: Sequence[str] = DEFAULT_DECODERS,
+    examples: Sequence[str] = EVERYDAY,
+    log: Any = None,
+    partial: Path | None = None,
+) -> dict[str, Any]:
+    """The figures of the module docstring for every decoder, and the examples' outputs."""
+    from retd.model.checkpoint import load_checkpoint
+    from retd.model.encoder import SentenceEncoder, cosine_rows
+    from retd.model.evaluate import text_scores
+
+    model = load_checkpoint(checkpoint, device="cpu").model.eval()
+    encoder = SentenceEncoder.load()
+    started = time.perf_counter()
+    embeddings = encoder.encode(list(texts)).astype(np.float32)
+    example_embeddings = encoder.encode(list(examples)).astype(np.float32)
+    if log:
+        log(
+            f"embedded {len(texts)} + {len(examples)} texts in {time.perf_counter() - started:.1f}s"
+        )
+    reference_bytes = float(np.mean([len(t.encode("utf-8")) for t in texts]))
+    report: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "texts": len(texts),
+        "reference_mean_bytes": round(reference_bytes, 1),
+        "decoders": {},
+        "examples": [{"input": e} for e in examples],
+    }
+    for spec in decoders:
+        decoder = Decoder.parse(spec)
+        started = time.perf_counter()
+        decoded, reasons, lengths = decode_all(model, torch.from_numpy(embeddings), decoder)
+        seconds = time.perf_counter() - started
+        figures: dict[str, Any] = {
+            k: round(v, 2) for k, v in text_scores(decoded, texts).items() if k != "exact_match"
+        }
+        cosine = cosine_rows(encoder.encode(decoded), embeddings)
+        figures["cosine"] = round(float(cosine.mean()), 4)
+        figures["loops_pct"] = round(100.0 * float(np.mean([loops(t) for t in decoded])), 1)
+        figures["no_eos_pct"] = round(
+            100.0 * float(np.mean([r != FinishReason.EOS for r in reasons])), 1
+        )
+        figures["mean_bytes"] = round(float(np.mean(lengths)), 1)
+        figures["decode_s"] = round(seconds, 1)
+        report["decoders"][spec] = figures
+        shown, _, _ = decode_all(model, torch.from_numpy(example_embeddings), decoder)
+        for row, text in zip(report["examples"], shown, strict=True):
+            row[spec] = text
+        if log:
+            log(f"{spec}: {figures}")
+        if partial is not None:  # what is measured so far survives an interruption
+            partial.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    lines = [
+        "| decoder | chrF | BLEU | cosine | loops % | no EOS % | mean bytes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for spec, f in report["decoders"].items():
+        lines.append(
+            f"| `{spec}` | {f['chrf']:.2f} | {f['bleu']:.2f} | {f['cosine']:.4f} | "
+            f"{f['loops_pct']:.1f} | {f['no_eos_pct']:.1f} | {f['mean_bytes']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m retd.model.decoding_eval",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    parser.add_argument("checkpoint", type=Path, help="a RET checkpoint directory")
+    parser.add_argument("texts", type=Path, help="texts to decode, one a line")
+    parser.add_argument("--limit", type=int, default=500, help="the first N texts (500)")
+    parser.add_argument("--decoders", nargs="+", default=list(DEFAULT_DECODERS), metavar="SPEC")
+    parser.add_argument("--examples", type=Path, help="everyday sentences, one a line")
+    parser.add_argument("--json", type=Path, help="write the report here (after each decoder)")
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    texts = [t for t in args.texts.read_text(encoding="utf-8").splitlines() if t.strip()]
+    examples = EVERYDAY
+    if args.examples is not None:
+        examples = tuple(
+            t for t in args.examples.read_text(encoding="utf-8").splitlines() if t.strip()
+        )
+    report = measure(
+        args.checkpoint,
+        texts[: args.limit],
+        args.decoders,
+        examples,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+        partial=args.json,
+    )
+    print(markdown_table(report) if args.markdown else json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
