@@ -80,6 +80,7 @@ def _eval(args: argparse.Namespace) -> int:
         no_repeat_ngram=tuple(args.no_repeat_ngram),
         use_encoder=not args.no_encoder,
         write_card=not args.no_write,
+        per_source=args.per_source,
     )
     print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0
@@ -191,6 +192,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         default=[],
         metavar="N",
         help="also score greedy decoding that never repeats a byte N-gram (e.g. 8 12)",
+    )
+    evaluate.add_argument(
+        "--per-source",
+        type=int,
+        default=100,
+        metavar="N",
+        help="also score greedy decoding and the retrieval baseline on the first N held-out "
+        "texts of each source and of the ood split (default 100; 0: skip)",
     )
     evaluate.add_argument("--no-encoder", action="store_true", help="skip the re-encoded cosine")
     evaluate.add_argument("--no-write", action="store_true", help="leave the card unchanged")

@@ -200,8 +200,11 @@ def evaluate_checkpoint(
     no_repeat_ngram: Sequence[int] = (),
     use_encoder: bool = True,
     write_card: bool = True,
+    per_source: int = 0,
 ) -> dict[str, Any]:
-    """Every figure of the module docstring on the first `limit` held-out texts."""
+    """Every figure of the module docstring on the first `limit` held-out texts; with
+    `per_source`, also greedy and retrieval figures on the first `per_source` texts of each
+    source of the held-out and ood splits (`report["per_source"][split][source]`)."""
     from retd.model.checkpoint import load_checkpoint
     from retd.model.embed import load_split
 
@@ -223,6 +226,18 @@ def evaluate_checkpoint(
             from retd.model.encoder import cosine_rows
 
             cosine = cosine_rows(encoder.encode(decoded), embeddings.numpy())
+            figures["cosine"] = round(float(cosine.mean()), 4)
+        figures["seconds"] = round(seconds, 1)
+        return figures
+
+    def scored_for(
+        decoded: list[str], refs: list[str], rows: np.ndarray, seconds: float
+    ) -> dict[str, Any]:
+        figures: dict[str, Any] = {k: round(v, 2) for k, v in text_scores(decoded, refs).items()}
+        if encoder is not None:
+            from retd.model.encoder import cosine_rows
+
+            cosine = cosine_rows(encoder.encode(decoded), rows.astype(np.float32))
             figures["cosine"] = round(float(cosine.mean()), 4)
         figures["seconds"] = round(seconds, 1)
         return figures
@@ -252,12 +267,67 @@ def evaluate_checkpoint(
             **scored(retrieved, time.perf_counter() - started),
             "bank_texts": len(train.texts),
         }
+    if per_source > 0:
+        report["per_source"] = {
+            split: _per_source(model, data_dir, split, per_source, train, scored_for, max_new)
+            for split in ("heldout", "ood")
+            if (data_dir / "corpus" / f"{split}.txt").exists()
+        }
     report["examples"] = [
         {"reference": r, "greedy": g} for r, g in list(zip(texts, greedy, strict=True))[:8]
     ]
     if write_card:
         write_metrics(checkpoint, report)
     return report
+
+
+Scorer = Callable[[list[str], list[str], np.ndarray, float], dict[str, Any]]
+
+
+def _per_source(
+    model: RET,
+    data_dir: Path,
+    split: str,
+    cap: int,
+    train: Any,
+    scored: Scorer,
+    max_new: int,
+) -> dict[str, dict[str, Any]]:
+    """Greedy figures beside the retrieval baseline's on the first `cap` embedded texts of
+    each source of a labelled split (sources in file order; "" when the corpus is unlabelled)."""
+    from retd.model.corpus import read_sources
+    from retd.model.embed import load_split
+
+    loaded = load_split(data_dir, split)
+    labels = read_sources(data_dir / "corpus", split)
+    by_line = {text: i for i, text in enumerate(_split_texts(data_dir, split))}
+    rows_of: dict[str, list[int]] = {}
+    for row, text in enumerate(loaded.texts):
+        source = labels[by_line[text]] if text in by_line else ""
+        if len(rows_of.setdefault(source, [])) < cap:
+            rows_of[source].append(row)
+    figures: dict[str, dict[str, Any]] = {}
+    for source, rows in rows_of.items():
+        refs = [loaded.texts[r] for r in rows]
+        vectors = loaded.embeddings[rows]
+        started = time.perf_counter()
+        decoded = greedy_texts(model, torch.from_numpy(vectors.astype(np.float32)), max_new)
+        entry: dict[str, Any] = {
+            "texts": len(rows),
+            "greedy": scored(decoded, refs, vectors, time.perf_counter() - started),
+        }
+        if train.texts:
+            started = time.perf_counter()
+            retrieved, _ = retrieval_baseline(vectors, train.embeddings, train.texts)
+            entry["retrieval"] = scored(retrieved, refs, vectors, time.perf_counter() - started)
+        figures[source or "all"] = entry
+    return figures
+
+
+def _split_texts(data_dir: Path, split: str) -> list[str]:
+    from retd.model.corpus import read_texts
+
+    return read_texts(data_dir / "corpus" / f"{split}.txt")
 
 
 def write_metrics(checkpoint: Path, report: dict[str, Any]) -> None:

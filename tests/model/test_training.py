@@ -297,3 +297,26 @@ def test_no_repeat_decoding_holds_no_ngram_twice_and_is_greedy_until_a_repeat(
         plain_grams = [tuple(plain[i : i + ngram]) for i in range(len(plain) - ngram + 1)]
         if len(plain_grams) == len(set(plain_grams)):  # greedy repeated nothing: same output
             assert seq == plain
+
+
+def test_eval_reports_each_source_and_the_ood_split_beside_retrieval(tmp_path: Path) -> None:
+    checkpoint = train(fixture_config(tmp_path), progress=False)
+    data = tmp_path / "data"
+    shutil.copytree(FIXTURE, data)
+    heldout = (data / "corpus/heldout.txt").read_text().splitlines()
+    labels = ["wiki" if i % 2 else "chat" for i in range(len(heldout))]
+    (data / "corpus/heldout.sources.txt").write_text("".join(x + "\n" for x in labels))
+    (data / "corpus/ood.txt").write_text("".join(t + "\n" for t in heldout[:4]))
+    (data / "corpus/ood.sources.txt").write_text("docs\n" * 4)
+    (data / "embeddings/ood").mkdir()
+    vectors = np.load(data / "embeddings/heldout/shard-00000.npy")[:4]
+    np.save(data / "embeddings/ood/shard-00000.npy", vectors)
+    report = evaluate_checkpoint(
+        checkpoint, data, limit=4, num_beams=(), use_encoder=False, write_card=False, per_source=3
+    )
+    assert set(report["per_source"]["heldout"]) == {"wiki", "chat"}
+    assert set(report["per_source"]["ood"]) == {"docs"}
+    for figures in [*report["per_source"]["heldout"].values(), report["per_source"]["ood"]["docs"]]:
+        assert figures["texts"] == 3
+        assert 0 <= figures["greedy"]["chrf"] <= 100
+        assert 0 <= figures["retrieval"]["chrf"] <= 100
