@@ -17,6 +17,7 @@ __all__ = [
     "check_priority",
     "check_version",
     "decode",
+    "loop_breakers",
     "decode_batch",
     "generate",
     "list_versions",
@@ -78,6 +79,44 @@ def check_no_repeat_ngram_size(value: int | None) -> int:
     return number
 
 
+#: The largest ``repetition_penalty`` the server takes.
+MAX_REPETITION_PENALTY = 10.0
+
+
+def loop_breakers(
+    no_repeat_ngram_size: int | None = None,
+    repetition_penalty: float | None = None,
+    repetition_ngram_size: int | None = None,
+) -> dict[str, int | float]:
+    """The decode forms' loop breakers as request fields, checked: only those given, so that
+    the server applies its default to the others (``None``: the server's default)."""
+    fields: dict[str, int | float] = {}
+    if no_repeat_ngram_size is not None:
+        fields["no_repeat_ngram_size"] = check_no_repeat_ngram_size(no_repeat_ngram_size)
+    if repetition_penalty is not None:
+        try:
+            penalty = float(repetition_penalty)
+        except (TypeError, ValueError):
+            penalty = float("nan")
+        if isinstance(repetition_penalty, bool | str | bytes) or not (
+            1 <= penalty <= MAX_REPETITION_PENALTY
+        ):
+            raise InvalidArgumentError(
+                f"repetition_penalty: expected a number in [1, {MAX_REPETITION_PENALTY:g}] "
+                f"(1 = off), got {repetition_penalty!r}"
+            )
+        fields["repetition_penalty"] = penalty
+    if repetition_ngram_size is not None:
+        size = _uint("repetition_ngram_size", repetition_ngram_size)
+        if not 1 <= size <= MAX_NO_REPEAT_NGRAM_SIZE:
+            raise InvalidArgumentError(
+                f"repetition_ngram_size: expected 1 (every byte generated) to "
+                f"{MAX_NO_REPEAT_NGRAM_SIZE} bytes, got {repetition_ngram_size!r}"
+            )
+        fields["repetition_ngram_size"] = size
+    return fields
+
+
 def _hybrid(value: Hybrid | None) -> decoder_pb2.Hybrid | None:
     """The request's hybrid message; the server checks the bank and the range."""
     if value is None:
@@ -106,6 +145,8 @@ def decode(
     hybrid: Hybrid | None = None,
     version: int | None = 0,
     no_repeat_ngram_size: int | None = None,
+    repetition_penalty: float | None = None,
+    repetition_ngram_size: int | None = None,
 ) -> decoder_pb2.DecodeRequest:
     return decoder_pb2.DecodeRequest(
         model=model or "",
@@ -114,7 +155,7 @@ def decode(
         priority=check_priority(priority),
         hybrid=_hybrid(hybrid),
         version=check_version(version),
-        no_repeat_ngram_size=check_no_repeat_ngram_size(no_repeat_ngram_size),
+        **loop_breakers(no_repeat_ngram_size, repetition_penalty, repetition_ngram_size),  # type: ignore[arg-type]
     )
 
 
@@ -162,6 +203,8 @@ def decode_batch(
     priority: int | None = None,
     version: int | None = 0,
     no_repeat_ngram_size: int | None = None,
+    repetition_penalty: float | None = None,
+    repetition_ngram_size: int | None = None,
     hybrid: Hybrid | None = None,
 ) -> decoder_pb2.DecodeBatchRequest:
     return decoder_pb2.DecodeBatchRequest(
@@ -170,7 +213,7 @@ def decode_batch(
         max_new_tokens=_uint("max_new_tokens", max_new_tokens),
         priority=check_priority(priority),
         version=check_version(version),
-        no_repeat_ngram_size=check_no_repeat_ngram_size(no_repeat_ngram_size),
+        **loop_breakers(no_repeat_ngram_size, repetition_penalty, repetition_ngram_size),  # type: ignore[arg-type]
         hybrid=_hybrid(hybrid),
     )
 
@@ -195,6 +238,8 @@ def stream_item(
     priority: int | None = None,
     version: int | None = 0,
     no_repeat_ngram_size: int | None = None,
+    repetition_penalty: float | None = None,
+    repetition_ngram_size: int | None = None,
     hybrid: Hybrid | None = None,
 ) -> decoder_pb2.DecodeStreamRequest:
     item_id, embedding = split_stream_item(index, item)
@@ -205,7 +250,7 @@ def stream_item(
         max_new_tokens=_uint("max_new_tokens", max_new_tokens),
         priority=check_priority(priority),
         version=check_version(version),
-        no_repeat_ngram_size=check_no_repeat_ngram_size(no_repeat_ngram_size),
+        **loop_breakers(no_repeat_ngram_size, repetition_penalty, repetition_ngram_size),  # type: ignore[arg-type]
         hybrid=_hybrid(hybrid),
     )
 

@@ -45,7 +45,7 @@ examples:
   retd decode --text "A small dog barked at the mailman."   # needs `make encoder`
   python -c 'import json; print(json.dumps([0.0] * 768))' | retd decode --json
   retd generate emb.npy --temperature 0.8 --seed 7 --stream
-  retd decode emb.npy --no-repeat-ngram 6       # no repeated 6-byte runs: breaks loops
+  retd decode emb.npy --no-repeat-ngram 0 --repetition-penalty 1   # plain greedy: may loop
   retd info --json
   retd decode emb.npy --model ret --version 1   # one version of a repository model
   retd repo list                                # every model version the server knows
@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="loop breaker: never generate a byte that would repeat a byte N-gram already in "
-        "the text (default 0: off; at most 256; 6 suits the shipped model)",
+        "the text (0: off; at most 256; unset: decode takes the server's default loop "
+        "breakers, generate none)",
     )
     decoding.add_argument(
         "--priority",
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = [connection, model]
     formatter = argparse.RawDescriptionHelpFormatter
 
-    commands.add_parser(
+    decode = commands.add_parser(
         "decode",
         parents=[*common, decoding],
         formatter_class=formatter,
@@ -164,7 +165,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decode one embedding (or a 2-D batch, one line per row) to text, "
         "greedily. Newlines inside a text are printed as \\n in batch mode; "
         "use --json for exact text.",
-    ).set_defaults(func=_decode)
+    )
+    decode.add_argument(
+        "--repetition-penalty",
+        type=float,
+        metavar="P",
+        help="loop breaker: divide (multiply, when negative) the logit of a byte that would "
+        "repeat a byte n-gram of --repetition-ngram bytes by P (1: off; at most 10; unset: "
+        "the server's default)",
+    )
+    decode.add_argument(
+        "--repetition-ngram",
+        type=int,
+        metavar="N",
+        help="the n-gram size --repetition-penalty looks at (1: every byte generated; at most "
+        "256; unset: the server's default)",
+    )
+    decode.set_defaults(func=_decode)
 
     generate = commands.add_parser(
         "generate",
@@ -328,6 +345,8 @@ def _decode(args: argparse.Namespace, out: TextIO) -> int:
                 version=args.version,
                 max_new_tokens=args.max_new_tokens,
                 no_repeat_ngram_size=args.no_repeat_ngram,
+                repetition_penalty=args.repetition_penalty,
+                repetition_ngram_size=args.repetition_ngram,
                 priority=args.priority,
             )
             if args.json:
@@ -341,6 +360,8 @@ def _decode(args: argparse.Namespace, out: TextIO) -> int:
             version=args.version,
             max_new_tokens=args.max_new_tokens,
             no_repeat_ngram_size=args.no_repeat_ngram,
+            repetition_penalty=args.repetition_penalty,
+            repetition_ngram_size=args.repetition_ngram,
             priority=args.priority,
         )
     return _print_batch(items, out, as_json=args.json)

@@ -162,7 +162,9 @@ class Daemon:
             max_new_tokens_limit=config.max_new_tokens_limit,
         )
         gate = CallGate()
-        self.service = DecoderService(self.models, self.telemetry, limits, gate)
+        self.service = DecoderService(
+            self.models, self.telemetry, limits, gate, config.decode_defaults()
+        )
         self.admin = RepositoryService(self.models, self.telemetry, gate)
         self.telemetry.observe(self.models.engines, lambda: gate.in_flight)
         add_service(self.service, server, pb, "Decoder")

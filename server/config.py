@@ -24,6 +24,22 @@ class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message names the setting."""
 
 
+# Bounds of the loop breakers, for the settings below and for requests (server/validation.py).
+MAX_NGRAM_SIZE = 256  # bytes; no answer is longer
+MAX_REPETITION_PENALTY = 10.0
+
+
+@dataclass(frozen=True)
+class DecodeDefaults:
+    """The loop breakers of Decode, DecodeBatch and DecodeStream when a request leaves them
+    unset: the best deterministic decoder measured on the shipped RET v2.1's held-out texts
+    (README, "Decoding that does not loop"). Generate's defaults (all off) are not these."""
+
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.5
+    repetition_ngram_size: int = 4
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One model to load: a checkpoint directory served under `name`."""
@@ -83,7 +99,18 @@ class ServerConfig:
     watch: float = 0.0
     unload_timeout: float = 60.0
     admin_tokens: Path | None = None
+    decode_no_repeat_ngram_size: int = DecodeDefaults.no_repeat_ngram_size
+    decode_repetition_penalty: float = DecodeDefaults.repetition_penalty
+    decode_repetition_ngram_size: int = DecodeDefaults.repetition_ngram_size
     config_file: Path | None = field(default=None, compare=False)
+
+    def decode_defaults(self) -> DecodeDefaults:
+        """The loop breakers a Decode request that sets none gets."""
+        return DecodeDefaults(
+            no_repeat_ngram_size=self.decode_no_repeat_ngram_size,
+            repetition_penalty=self.decode_repetition_penalty,
+            repetition_ngram_size=self.decode_repetition_ngram_size,
+        )
 
     def model_defaults(self) -> ModelSpec:
         """The per-model settings a model without its own gets (repository models)."""
@@ -135,6 +162,19 @@ def _non_negative_float(name: str) -> Callable[[Any], float]:
         return number
 
     return parse
+
+
+def _repetition_penalty(value: Any) -> float:
+    name = "decode_repetition_penalty"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if not 1 <= number <= MAX_REPETITION_PENALTY:
+        raise ConfigError(
+            f"{name}: expected a number in [1, {MAX_REPETITION_PENALTY:g}] (1 = off), got {value!r}"
+        )
+    return number
 
 
 def _choice(name: str, choices: Sequence[str]) -> Callable[[Any], str]:
@@ -330,6 +370,24 @@ SETTINGS: tuple[Setting, ...] = (
         "keepalive_min_ping_ms",
         _positive_int("keepalive_min_ping_ms"),
         "clients pinging more often than this get GOAWAY (default 10000)",
+    ),
+    Setting(
+        "decode_no_repeat_ngram_size",
+        _integer("decode_no_repeat_ngram_size", 0, MAX_NGRAM_SIZE),
+        "Decode's loop breaker when a request leaves no_repeat_ngram_size unset: never repeat "
+        f"a byte n-gram of this size; 0 = off (default {DecodeDefaults.no_repeat_ngram_size})",
+    ),
+    Setting(
+        "decode_repetition_penalty",
+        _repetition_penalty,
+        "Decode's repetition penalty when a request leaves repetition_penalty unset; 1 = off "
+        f"(default {DecodeDefaults.repetition_penalty:g})",
+    ),
+    Setting(
+        "decode_repetition_ngram_size",
+        _integer("decode_repetition_ngram_size", 1, MAX_NGRAM_SIZE),
+        "the n-gram size of Decode's default repetition penalty; 1 = every byte generated "
+        f"(default {DecodeDefaults.repetition_ngram_size})",
     ),
     Setting("default_model", str, "model that requests naming none are served by"),
     Setting(

@@ -34,6 +34,7 @@ from retd.model.generation import (
     FinishReason,
     NGramBlocker,
     OutputBuffer,
+    RepetitionTracker,
     SamplingParams,
     make_generator,
     sample,
@@ -417,6 +418,9 @@ class RETEngine(Engine):
         self._cond = torch.zeros(slots, config.n_embd, device=self.device, dtype=self.dtype)
         self._generators: dict[int, torch.Generator | None] = {}  # worker thread only
         self._blockers: dict[int, NGramBlocker] = {}  # worker thread only: no-repeat n-grams
+        # Worker thread only: the bytes each slot's repetition penalty applies to.
+        self._repeats = RepetitionTracker(slots, config.vocab_size, self.device)
+        self._penalized: set[int] = set()  # seq_ids whose repetition penalty is on
 
     def warm_up(self, steps: int = 4) -> None:
         """Run a few decode steps so the first caller pays no start-up cost; call it before
@@ -433,6 +437,7 @@ class RETEngine(Engine):
                 raise RuntimeError(f"model {self.name}: warm-up failed: {failures[-1]}")
         self._generators.clear()
         self._blockers.clear()
+        self._penalized.clear()
 
     def _run_step(
         self, step: Step, requests: Mapping[int, SequenceRequest]
@@ -470,18 +475,39 @@ class RETEngine(Engine):
             self._generators[seq_id] = None if greedy else make_generator(request.seed, self.device)
             if request.params.no_repeat_ngram_size:
                 self._blockers[seq_id] = NGramBlocker(request.params.no_repeat_ngram_size)
+            if request.params.penalizes:
+                self._penalized.add(seq_id)
+        pushed: list[Row] = []
         for row in step.rows:  # each row's last byte, seen once per step
+            if row.seq_id in joining and row.seq_id in self._penalized:
+                self._repeats.reset(row.slot, row.params)
+            if row.position == 0 or row.padding:
+                continue
             blocker = self._blockers.get(row.seq_id)
-            if blocker is not None and row.position > 0 and not row.padding:
+            if blocker is not None:
                 blocker.push(row.token)
+            if row.seq_id in self._penalized:
+                pushed.append(row)
+        if pushed:
+            self._repeats.push(
+                torch.tensor([r.slot for r in pushed], device=self.device),
+                torch.tensor([r.token for r in pushed], device=self.device),
+            )
         rows, logits, failures = self._forward_isolating_faults(step.rows, joining)
         if not rows:
             return [], [], failures
         generators = [self._generators.get(r.seq_id) for r in rows]
         banned = [b.banned() if (b := self._blockers.get(r.seq_id)) else () for r in rows]
+        repeated = None
+        if any(r.seq_id in self._penalized for r in rows):
+            repeated = self._repeats.repeated(
+                torch.tensor([r.slot for r in rows], device=self.device)
+            )
         saved = [None if g is None else g.get_state() for g in generators]
         try:
-            sampled, logprobs = sample(logits, [r.params for r in rows], generators, banned)
+            sampled, logprobs = sample(
+                logits, [r.params for r in rows], generators, banned, repeated
+            )
             return sampled.tolist(), logprobs.tolist(), failures
         except Exception as exc:
             log.warning(
@@ -493,7 +519,13 @@ class RETEngine(Engine):
             if generator is not None and state is not None:
                 generator.set_state(state)  # undo the draws of the failed batched call
             try:
-                token, logprob = sample(logits[i : i + 1], [row.params], [generator], [banned[i]])
+                token, logprob = sample(
+                    logits[i : i + 1],
+                    [row.params],
+                    [generator],
+                    [banned[i]],
+                    None if repeated is None else repeated[i : i + 1],
+                )
             except Exception as exc:
                 failures[row.seq_id] = f"sampling failed: {exc}"
                 continue
@@ -576,3 +608,4 @@ class RETEngine(Engine):
     def _forget(self, seq_id: int) -> None:
         self._generators.pop(seq_id, None)
         self._blockers.pop(seq_id, None)
+        self._penalized.discard(seq_id)

@@ -26,6 +26,7 @@ from opentelemetry.trace import Status, StatusCode
 from retd.model.checkpoint import PHRASE_BANK_KIND, RET_KIND
 from retd.model.generation import FinishReason, SamplingParams
 from retd.server.calls import Unparseable, abort, rpc
+from retd.server.config import DecodeDefaults
 from retd.server.engine import Engine, SequenceError, SequenceRequest, SequenceResult
 from retd.server.gate import SHUTTING_DOWN, CallGate
 from retd.server.repository import ModelRegistry, ModelVersion
@@ -35,11 +36,11 @@ from retd.server.validation import (
     RequestError,
     greedy_params,
     invalid,
+    loop_breakers,
     parse_bank_generate,
     parse_embedding,
     parse_generate,
     parse_min_similarity,
-    parse_no_repeat_ngram_size,
     parse_query,
     shorten,
 )
@@ -67,6 +68,10 @@ class DecodeOptions(Protocol):
     max_new_tokens: int
     priority: int
     no_repeat_ngram_size: int
+    repetition_penalty: float
+    repetition_ngram_size: int
+
+    def HasField(self, field_name: str) -> bool: ...  # noqa: N802 (protobuf's name)
 
 
 def hybrid_of(
@@ -214,9 +219,11 @@ class DecoderService(pb_grpc.DecoderServicer):
         telemetry: Telemetry | None = None,
         limits: ServiceLimits | None = None,
         gate: CallGate | None = None,
+        decode_defaults: DecodeDefaults | None = None,
     ) -> None:
         self.models = models
         self._limits = limits or ServiceLimits()
+        self._decode_defaults = decode_defaults or DecodeDefaults()
         self.gate = gate or CallGate()
         self.telemetry = telemetry or Telemetry()
         self.host = "127.0.0.1"  # set once the server is bound
@@ -277,18 +284,18 @@ class DecoderService(pb_grpc.DecoderServicer):
         deadline: float | None,
     ) -> SequenceRequest:
         """A Decode (or an item of a batch or stream) for `engine`, checked. A phrase bank
-        returns its phrase whole: max_new_tokens and no_repeat_ngram_size do not apply to it
-        (the latter is checked all the same)."""
+        returns its phrase whole: max_new_tokens and the loop breakers do not apply to it
+        (the latter are checked all the same)."""
         limits = model_limits(engine, self._limits.max_new_tokens_limit)
         priority = options.priority
         if engine.kind == PHRASE_BANK_KIND:
             query = parse_query(embedding, field, limits)
-            parse_no_repeat_ngram_size(options.no_repeat_ngram_size)
+            loop_breakers(options, self._decode_defaults)
             return SequenceRequest(query, BANK_PARAMS, 0, deadline=deadline, priority=priority)
         return SequenceRequest(
             embedding=parse_embedding(embedding, field, limits),
             params=greedy_params(
-                options.max_new_tokens, "max_new_tokens", limits, options.no_repeat_ngram_size
+                options.max_new_tokens, "max_new_tokens", limits, options, self._decode_defaults
             ),
             seed=0,
             deadline=deadline,
@@ -370,7 +377,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             limits = model_limits(generator.ready_engine, self._limits.max_new_tokens_limit)
             query = parse_query(embedding, field, limits)
             params = greedy_params(
-                options.max_new_tokens, "max_new_tokens", limits, options.no_repeat_ngram_size
+                options.max_new_tokens, "max_new_tokens", limits, options, self._decode_defaults
             )
             priority = options.priority
             found = await self._run(

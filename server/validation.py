@@ -7,11 +7,13 @@ import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 import numpy as np
 
 from retd.model.generation import SamplingParams
+from retd.server.config import MAX_NGRAM_SIZE, MAX_REPETITION_PENALTY, DecodeDefaults
 from retd.v1 import decoder_pb2 as pb
 
 
@@ -32,7 +34,7 @@ MAX_ABS_VALUE = 1e6
 # inside a model's max_length anyway.
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
-MAX_NO_REPEAT_NGRAM = 256  # bytes; no answer is longer
+MAX_NO_REPEAT_NGRAM = MAX_NGRAM_SIZE
 # A phrase bank's Generate returns top_k candidates: this many when top_k is 0, at most MAX.
 DEFAULT_CANDIDATES = 5
 MAX_CANDIDATES = 100
@@ -141,12 +143,56 @@ def parse_no_repeat_ngram_size(value: int) -> int:
     return int(value)
 
 
+def parse_repetition_penalty(value: float) -> float:
+    if not (math.isfinite(value) and 1 <= value <= MAX_REPETITION_PENALTY):
+        raise invalid(
+            f"repetition_penalty: {value:g} is invalid; expected a number in "
+            f"[1, {MAX_REPETITION_PENALTY:g}] (1 = off; unset = the server's default)"
+        )
+    return float(value)
+
+
+def parse_repetition_ngram_size(value: int) -> int:
+    if not 1 <= value <= MAX_NGRAM_SIZE:
+        raise invalid(
+            f"repetition_ngram_size: {value} is invalid; expected 1 (every byte generated) to "
+            f"{MAX_NGRAM_SIZE} bytes (unset = the server's default)"
+        )
+    return int(value)
+
+
+class DecodeFields(Protocol):
+    """The loop breakers of a Decode, a DecodeBatch or a DecodeStream item (proto3 optional)."""
+
+    no_repeat_ngram_size: int
+    repetition_penalty: float
+    repetition_ngram_size: int
+
+    def HasField(self, field_name: str) -> bool: ...  # noqa: N802 (protobuf's name)
+
+
+def loop_breakers(options: DecodeFields, defaults: DecodeDefaults) -> dict[str, int | float]:
+    """The request's loop breakers, checked; an unset field takes the server's default."""
+
+    def given(name: str) -> int | float:
+        value: int | float = getattr(options if options.HasField(name) else defaults, name)
+        return value
+
+    return {
+        "no_repeat_ngram_size": parse_no_repeat_ngram_size(int(given("no_repeat_ngram_size"))),
+        "repetition_penalty": parse_repetition_penalty(float(given("repetition_penalty"))),
+        "repetition_ngram_size": parse_repetition_ngram_size(int(given("repetition_ngram_size"))),
+    }
+
+
 def greedy_params(
-    max_new_tokens: int, field: str, limits: ModelLimits, no_repeat_ngram_size: int = 0
-) -> SamplingParams:
+    max_new_tokens: int, field: str, limits: ModelLimits, options: DecodeFields,
+    defaults: DecodeDefaults,
+) -> SamplingParams:  # fmt: skip
+    """A Decode's parameters: greedy, with the loop breakers the request (or the server) sets."""
     return SamplingParams(
         max_new_tokens=parse_max_new_tokens(max_new_tokens, field, limits),
-        no_repeat_ngram_size=parse_no_repeat_ngram_size(no_repeat_ngram_size),
+        **loop_breakers(options, defaults),  # type: ignore[arg-type]
     )
 
 

@@ -38,15 +38,27 @@ class RunningServer:
         return self.process.wait(timeout=timeout)
 
 
+# Decode with its loop breakers off: what the tests that compare a daemon's Decode with plain
+# greedy `generate()` expect. Tests of the default loop breakers pass plain_decode=False.
+PLAIN_DECODE = ["--decode-no-repeat-ngram-size", "0", "--decode-repetition-penalty", "1"]
+
+
 def start_server(
-    tmp_path: Path, args: Sequence[str], env: dict[str, str] | None = None
+    tmp_path: Path,
+    args: Sequence[str],
+    env: dict[str, str] | None = None,
+    *,
+    plain_decode: bool = True,
 ) -> RunningServer:
     """Start `python -m retd.server` with `args` on 127.0.0.1:0 and wait until it says it
-    is serving (it writes its ready file only after every model is loaded and warm)."""
+    is serving (it writes its ready file only after every model is loaded and warm).
+    plain_decode: Decode's default loop breakers off (PLAIN_DECODE), unless `args` set them."""
     ready = tmp_path / f"ready-{time.monotonic_ns()}.json"
     log_path = ready.with_suffix(".log")
     # No Prometheus endpoint unless asked: test servers run side by side.
     defaults = [] if "--metrics-port" in args else ["--metrics-port", "0"]
+    if plain_decode and not any(str(a).startswith("--decode-") for a in args):
+        defaults += PLAIN_DECODE
     command = [
         sys.executable, "-m", "retd.server", "--host", "127.0.0.1", "--port", "0",
         "--ready-file", str(ready), *defaults, *args,

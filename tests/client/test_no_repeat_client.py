@@ -48,7 +48,9 @@ def expected() -> dict[int, list[str]]:
 def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A daemon serving the trained, shipped checkpoint."""
     server = start_server(
-        tmp_path_factory.mktemp("no_repeat_client"), ["--checkpoint", str(DEFAULT_CHECKPOINT)]
+        tmp_path_factory.mktemp("no_repeat_client"),
+        ["--checkpoint", str(DEFAULT_CHECKPOINT)],
+        plain_decode=False,  # the server's own default loop breakers
     )
     yield server.address
     assert server.stop() == 0, server.log()
@@ -65,20 +67,22 @@ def differing(expected: dict[int, list[str]], n: int) -> int:
 def test_client_methods_send_it(address: str, expected: dict[int, list[str]]) -> None:
     with Client(address, timeout=60) as client:
         for n in SIZES:
-            size = n or None  # None and 0 are both off
+            size = n or None  # Generate: None and 0 are both off
             kw = dict(max_new_tokens=MAX_NEW, no_repeat_ngram_size=size)
-            assert [client.decode(q, **kw).text for q in QUERIES] == expected[n], n
+            # The decode forms: an explicit 0 is off, None the server's default loop breakers.
+            dkw = dict(max_new_tokens=MAX_NEW, no_repeat_ngram_size=n, repetition_penalty=1)
+            assert [client.decode(q, **dkw).text for q in QUERIES] == expected[n], n
             for i in range(2):
                 assert client.generate(QUERIES[i], temperature=0, **kw).text == expected[n][i]
                 chunks = client.generate_stream(QUERIES[i], temperature=0, **kw)
                 assert "".join(c.text for c in chunks) == expected[n][i]
-            batch = client.decode_batch(QUERIES, **kw)
+            batch = client.decode_batch(QUERIES, **dkw)
             assert [item.unwrap().text for item in batch] == expected[n], n
-            answers = {a.id: a.unwrap().text for a in client.decode_stream(QUERIES, **kw)}
+            answers = {a.id: a.unwrap().text for a in client.decode_stream(QUERIES, **dkw)}
             assert answers == {str(i): text for i, text in enumerate(expected[n])}, n
         # The largest size both sides take: no 256-byte run can repeat in 64 bytes.
         assert (
-            client.decode(QUERIES[0], max_new_tokens=MAX_NEW, no_repeat_ngram_size=256).text
+            client.decode(QUERIES[0], **dict(dkw, no_repeat_ngram_size=256)).text
             == (expected[256][0])
         )
 
@@ -89,7 +93,8 @@ def test_async_client_methods_send_it(address: str, expected: dict[int, list[str
         async with AsyncClient(address, timeout=60) as client:
             for n in SIZES:
                 kw = dict(max_new_tokens=MAX_NEW, no_repeat_ngram_size=n)
-                decoded = [(await client.decode(q, **kw)).text for q in QUERIES]
+                dkw = dict(kw, repetition_penalty=1.0)
+                decoded = [(await client.decode(q, **dkw)).text for q in QUERIES]
                 generated = [
                     (await client.generate(q, temperature=0, **kw)).text for q in QUERIES[:2]
                 ]
@@ -97,8 +102,10 @@ def test_async_client_methods_send_it(address: str, expected: dict[int, list[str
                     "".join([c.text async for c in client.generate_stream(q, temperature=0, **kw)])
                     for q in QUERIES[:2]
                 ]
-                batch = [item.unwrap().text for item in await client.decode_batch(QUERIES, **kw)]
-                answers = {a.id: a.unwrap().text async for a in client.decode_stream(QUERIES, **kw)}
+                batch = [item.unwrap().text for item in await client.decode_batch(QUERIES, **dkw)]
+                answers = {
+                    a.id: a.unwrap().text async for a in client.decode_stream(QUERIES, **dkw)
+                }
                 in_order = [answers[str(i)] for i in range(len(QUERIES))]
                 seen[n] = [decoded, generated, streamed, batch, in_order]
         return seen
@@ -177,9 +184,10 @@ def test_cli_no_repeat_ngram(address: str, expected: dict[int, list[str]], tmp_p
     np.save(batch, QUERIES)
     common = ["--target", address, "--max-new-tokens", str(MAX_NEW)]
 
-    done = retd("decode", str(one), *common, "--no-repeat-ngram", "6")
+    off = ["--repetition-penalty", "1"]  # only the n-gram loop breaker
+    done = retd("decode", str(one), *common, *off, "--no-repeat-ngram", "6")
     assert (done.returncode, done.stdout, done.stderr) == (0, expected[6][i] + "\n", "")
-    done = retd("decode", str(batch), *common, "--no-repeat-ngram", "3", "--json")
+    done = retd("decode", str(batch), *common, *off, "--no-repeat-ngram", "3", "--json")
     assert done.returncode == 0, done.stderr
     assert [json.loads(line)["result"]["text"] for line in done.stdout.splitlines()] == (
         expected[3]
@@ -205,12 +213,66 @@ def test_cli_text_mode_with_no_repeat_ngram(
     sentence = "The stock market fell sharply."
     vector = SentenceEncoder.load().encode([sentence])[0]
     with Client(address, timeout=60) as client:
-        want = client.decode(vector, max_new_tokens=MAX_NEW, no_repeat_ngram_size=6).text
-        plain = client.decode(vector, max_new_tokens=MAX_NEW).text
+        kw = dict(max_new_tokens=MAX_NEW, repetition_penalty=1.0)
+        want = client.decode(vector, no_repeat_ngram_size=6, **kw).text
+        plain = client.decode(vector, no_repeat_ngram_size=0, **kw).text
     assert want != plain  # "The stock stock stock ...": the flag must show
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
     out = io.StringIO()
     argv = ["decode", "--target", address, "--max-new-tokens", str(MAX_NEW), "--text", sentence]
-    assert cli.main([*argv, "--no-repeat-ngram", "6"], out=out) == 0
+    assert cli.main([*argv, "--no-repeat-ngram", "6", "--repetition-penalty", "1"], out=out) == 0
     assert out.getvalue() == want + "\n"
     assert capsys.readouterr().err == ""
+
+
+def test_unset_loop_breakers_take_the_server_default(address: str) -> None:
+    """None sends nothing (the server's default); explicit values go through; the CLI too."""
+    import dataclasses
+
+    from retd.server.config import DecodeDefaults
+
+    model = load_checkpoint(DEFAULT_CHECKPOINT).model
+    params = SamplingParams(MAX_NEW, **dataclasses.asdict(DecodeDefaults()))
+    want = [r.text for r in generate(model, torch.from_numpy(QUERIES), [params] * len(QUERIES))]
+    with Client(address, timeout=60) as client:
+        assert [client.decode(q, max_new_tokens=MAX_NEW).text for q in QUERIES] == want
+        batch = client.decode_batch(QUERIES, max_new_tokens=MAX_NEW)
+        assert [item.unwrap().text for item in batch] == want
+        answers = {
+            a.id: a.unwrap().text for a in client.decode_stream(QUERIES, max_new_tokens=MAX_NEW)
+        }
+        assert answers == {str(i): t for i, t in enumerate(want)}
+        explicit = client.decode(
+            QUERIES[0], max_new_tokens=MAX_NEW, no_repeat_ngram_size=0, repetition_penalty=2.0,
+            repetition_ngram_size=3,
+        ).text  # fmt: skip
+    (alone,) = generate(
+        model,
+        torch.from_numpy(QUERIES[:1]),
+        [SamplingParams(MAX_NEW, repetition_penalty=2.0, repetition_ngram_size=3)],
+    )
+    assert explicit == alone.text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"repetition_penalty": 0.5},
+            r"repetition_penalty: expected a number in \[1, 10\] \(1 = off\), got 0.5",
+        ),
+        ({"repetition_penalty": "2"}, "repetition_penalty: expected a number in"),
+        ({"repetition_penalty": True}, "repetition_penalty: expected a number in"),
+        ({"repetition_ngram_size": 0}, "repetition_ngram_size: expected 1"),
+        ({"repetition_ngram_size": 2.5}, "repetition_ngram_size: expected an integer >= 0"),
+    ],
+)
+def test_bad_loop_breakers_raise_before_sending(kwargs: dict[str, object], message: str) -> None:
+    from retd.client._requests import loop_breakers
+
+    with pytest.raises(InvalidArgumentError, match=message):
+        loop_breakers(**kwargs)  # type: ignore[arg-type]
+    assert loop_breakers() == {}
+    assert loop_breakers(0, 1, 1) == {
+        "no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "repetition_ngram_size": 1
+    }  # fmt: skip

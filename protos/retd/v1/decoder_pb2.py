@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15retd/v1/decoder.proto\x12\x07retd.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x1d\n\x0b\x46loatVector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"(\n\tRawTensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\r\"^\n\tEmbedding\x12&\n\x06vector\x18\x01 \x01(\x0b\x32\x14.retd.v1.FloatVectorH\x00\x12!\n\x03raw\x18\x02 \x01(\x0b\x32\x12.retd.v1.RawTensorH\x00\x42\x06\n\x04\x64\x61ta\"!\n\x05Usage\x12\x18\n\x10generated_tokens\x18\x01 \x01(\r\"@\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xbf\x01\n\rDecodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\tembedding\x18\x02 \x01(\x0b\x32\x12.retd.v1.Embedding\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x1f\n\x06hybrid\x18\x05 \x01(\x0b\x32\x0f.retd.v1.Hybrid\x12\x0f\n\x07version\x18\x06 \x01(\x04\x12\x1c\n\x14no_repeat_ngram_size\x18\x07 \x01(\r\"M\n\x06Hybrid\x12\x13\n\x0bphrase_bank\x18\x01 \x01(\t\x12\x1b\n\x0emin_similarity\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x11\n\x0f_min_similarity\"\xfb\x01\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x15.retd.v1.FinishReason\x12\x1d\n\x05usage\x18\x03 \x01(\x0b\x32\x0e.retd.v1.Usage\x12\x1f\n\x06timing\x18\x04 \x01(\x0b\x32\x0f.retd.v1.Timing\x12\r\n\x05model\x18\x05 \x01(\t\x12%\n\x06source\x18\x06 \x01(\x0e\x32\x15.retd.v1.AnswerSource\x12\x17\n\nsimilarity\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x0f\n\x07version\x18\x08 \x01(\x04\x42\r\n\x0b_similarity\"\xa1\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\tembedding\x18\x02 \x01(\x0b\x32\x12.retd.v1.Embedding\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x0f\n\x07version\x18\n \x01(\x04\x12\x1c\n\x14no_repeat_ngram_size\x18\x0b \x01(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x8d\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.retd.v1.FinishReason\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.retd.v1.Usage\x12\x1f\n\x06timing\x18\x05 \x01(\x0b\x32\x0f.retd.v1.Timing\x12\x14\n\x0cmean_logprob\x18\x06 \x01(\x02\x12\r\n\x05model\x18\x07 \x01(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12&\n\ncandidates\x18\t \x03(\x0b\x32\x12.retd.v1.Candidate\x12\x0f\n\x07version\x18\n \x01(\x04\"7\n\tCandidate\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05index\x18\x03 \x01(\r\"\x8a\x02\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.retd.v1.FinishReason\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.retd.v1.Usage\x12\x1f\n\x06timing\x18\x05 \x01(\x0b\x32\x0f.retd.v1.Timing\x12\x14\n\x0cmean_logprob\x18\x06 \x01(\x02\x12\r\n\x05model\x18\x07 \x01(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12&\n\ncandidates\x18\t \x03(\x0b\x32\x12.retd.v1.Candidate\x12\x0f\n\x07version\x18\n \x01(\x04\"\xc5\x01\n\x12\x44\x65\x63odeBatchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\nembeddings\x18\x02 \x03(\x0b\x32\x12.retd.v1.Embedding\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12\x1c\n\x14no_repeat_ngram_size\x18\x06 \x01(\r\x12\x1f\n\x06hybrid\x18\x07 \x01(\x0b\x32\x0f.retd.v1.Hybrid\"=\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"p\n\x11\x44\x65\x63odeBatchResult\x12+\n\x08response\x18\x01 \x01(\x0b\x32\x17.retd.v1.DecodeResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.retd.v1.ItemErrorH\x00\x42\t\n\x07outcome\"B\n\x13\x44\x65\x63odeBatchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.retd.v1.DecodeBatchResult\"\xd1\x01\n\x13\x44\x65\x63odeStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\tembedding\x18\x03 \x01(\x0b\x32\x12.retd.v1.Embedding\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0f\n\x07version\x18\x06 \x01(\x04\x12\x1c\n\x14no_repeat_ngram_size\x18\x07 \x01(\r\x12\x1f\n\x06hybrid\x18\x08 \x01(\x0b\x32\x0f.retd.v1.Hybrid\"\x7f\n\x14\x44\x65\x63odeStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12+\n\x08response\x18\x02 \x01(\x0b\x32\x17.retd.v1.DecodeResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.retd.v1.ItemErrorH\x00\x42\t\n\x07outcome\"\x13\n\x11ListModelsRequest\"O\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.retd.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"5\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x8e\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x17\n\x0fparameter_count\x18\x04 \x01(\x04\x12\x15\n\rembedding_dim\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x19\n\x11\x63heckpoint_sha256\x18\n \x01(\t\x12%\n\x04\x63\x61rd\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07trained\x18\x0c \x01(\x08\x12\x0f\n\x07\x65ncoder\x18\r \x01(\t\x12 \n\x04load\x18\x0e \x01(\x0b\x32\x12.retd.v1.ModelLoad\x12\x0c\n\x04kind\x18\x0f \x01(\t\x12\x14\n\x0cphrase_count\x18\x10 \x01(\x04\x12\x1a\n\x12repository_version\x18\x11 \x01(\x04\x12\x0f\n\x07serving\x18\x12 \x01(\x08\"\x84\x01\n\tModelLoad\x12\x0f\n\x07waiting\x18\x01 \x01(\r\x12\x16\n\x0emax_queue_size\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\x12\x10\n\x08\x62\x61tching\x18\x05 \x01(\t\x12\x13\n\x0bmax_wait_ms\x18\x06 \x01(\x01*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03*i\n\x0c\x41nswerSource\x12\x1d\n\x19\x41NSWER_SOURCE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41NSWER_SOURCE_GENERATED\x10\x01\x12\x1d\n\x19\x41NSWER_SOURCE_PHRASE_BANK\x10\x02\x32\xef\x03\n\x07\x44\x65\x63oder\x12\x39\n\x06\x44\x65\x63ode\x12\x16.retd.v1.DecodeRequest\x1a\x17.retd.v1.DecodeResponse\x12?\n\x08Generate\x12\x18.retd.v1.GenerateRequest\x1a\x19.retd.v1.GenerateResponse\x12\x44\n\x0eGenerateStream\x12\x18.retd.v1.GenerateRequest\x1a\x16.retd.v1.GenerateChunk0\x01\x12H\n\x0b\x44\x65\x63odeBatch\x12\x1b.retd.v1.DecodeBatchRequest\x1a\x1c.retd.v1.DecodeBatchResponse\x12O\n\x0c\x44\x65\x63odeStream\x12\x1c.retd.v1.DecodeStreamRequest\x1a\x1d.retd.v1.DecodeStreamResponse(\x01\x30\x01\x12\x45\n\nListModels\x12\x1a.retd.v1.ListModelsRequest\x1a\x1b.retd.v1.ListModelsResponse\x12@\n\x0cGetModelInfo\x12\x1c.retd.v1.GetModelInfoRequest\x1a\x12.retd.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15retd/v1/decoder.proto\x12\x07retd.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x1d\n\x0b\x46loatVector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"(\n\tRawTensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\r\"^\n\tEmbedding\x12&\n\x06vector\x18\x01 \x01(\x0b\x32\x14.retd.v1.FloatVectorH\x00\x12!\n\x03raw\x18\x02 \x01(\x0b\x32\x12.retd.v1.RawTensorH\x00\x42\x06\n\x04\x64\x61ta\"!\n\x05Usage\x12\x18\n\x10generated_tokens\x18\x01 \x01(\r\"@\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xd3\x02\n\rDecodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\tembedding\x18\x02 \x01(\x0b\x32\x12.retd.v1.Embedding\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x1f\n\x06hybrid\x18\x05 \x01(\x0b\x32\x0f.retd.v1.Hybrid\x12\x0f\n\x07version\x18\x06 \x01(\x04\x12!\n\x14no_repeat_ngram_size\x18\x07 \x01(\rH\x00\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x01\x88\x01\x01\x12\"\n\x15repetition_ngram_size\x18\n \x01(\rH\x02\x88\x01\x01\x42\x17\n\x15_no_repeat_ngram_sizeB\x15\n\x13_repetition_penaltyB\x18\n\x16_repetition_ngram_size\"M\n\x06Hybrid\x12\x13\n\x0bphrase_bank\x18\x01 \x01(\t\x12\x1b\n\x0emin_similarity\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x11\n\x0f_min_similarity\"\xfb\x01\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x15.retd.v1.FinishReason\x12\x1d\n\x05usage\x18\x03 \x01(\x0b\x32\x0e.retd.v1.Usage\x12\x1f\n\x06timing\x18\x04 \x01(\x0b\x32\x0f.retd.v1.Timing\x12\r\n\x05model\x18\x05 \x01(\t\x12%\n\x06source\x18\x06 \x01(\x0e\x32\x15.retd.v1.AnswerSource\x12\x17\n\nsimilarity\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x0f\n\x07version\x18\x08 \x01(\x04\x42\r\n\x0b_similarity\"\xa1\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\tembedding\x18\x02 \x01(\x0b\x32\x12.retd.v1.Embedding\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x0f\n\x07version\x18\n \x01(\x04\x12\x1c\n\x14no_repeat_ngram_size\x18\x0b \x01(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x8d\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.retd.v1.FinishReason\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.retd.v1.Usage\x12\x1f\n\x06timing\x18\x05 \x01(\x0b\x32\x0f.retd.v1.Timing\x12\x14\n\x0cmean_logprob\x18\x06 \x01(\x02\x12\r\n\x05model\x18\x07 \x01(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12&\n\ncandidates\x18\t \x03(\x0b\x32\x12.retd.v1.Candidate\x12\x0f\n\x07version\x18\n \x01(\x04\"7\n\tCandidate\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05index\x18\x03 \x01(\r\"\x8a\x02\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.retd.v1.FinishReason\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.retd.v1.Usage\x12\x1f\n\x06timing\x18\x05 \x01(\x0b\x32\x0f.retd.v1.Timing\x12\x14\n\x0cmean_logprob\x18\x06 \x01(\x02\x12\r\n\x05model\x18\x07 \x01(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12&\n\ncandidates\x18\t \x03(\x0b\x32\x12.retd.v1.Candidate\x12\x0f\n\x07version\x18\n \x01(\x04\"\xd9\x02\n\x12\x44\x65\x63odeBatchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\nembeddings\x18\x02 \x03(\x0b\x32\x12.retd.v1.Embedding\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12!\n\x14no_repeat_ngram_size\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x01\x88\x01\x01\x12\"\n\x15repetition_ngram_size\x18\t \x01(\rH\x02\x88\x01\x01\x12\x1f\n\x06hybrid\x18\x07 \x01(\x0b\x32\x0f.retd.v1.HybridB\x17\n\x15_no_repeat_ngram_sizeB\x15\n\x13_repetition_penaltyB\x18\n\x16_repetition_ngram_size\"=\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"p\n\x11\x44\x65\x63odeBatchResult\x12+\n\x08response\x18\x01 \x01(\x0b\x32\x17.retd.v1.DecodeResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.retd.v1.ItemErrorH\x00\x42\t\n\x07outcome\"B\n\x13\x44\x65\x63odeBatchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.retd.v1.DecodeBatchResult\"\xe5\x02\n\x13\x44\x65\x63odeStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\tembedding\x18\x03 \x01(\x0b\x32\x12.retd.v1.Embedding\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0f\n\x07version\x18\x06 \x01(\x04\x12!\n\x14no_repeat_ngram_size\x18\x07 \x01(\rH\x00\x88\x01\x01\x12\x1f\n\x06hybrid\x18\x08 \x01(\x0b\x32\x0f.retd.v1.Hybrid\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x01\x88\x01\x01\x12\"\n\x15repetition_ngram_size\x18\n \x01(\rH\x02\x88\x01\x01\x42\x17\n\x15_no_repeat_ngram_sizeB\x15\n\x13_repetition_penaltyB\x18\n\x16_repetition_ngram_size\"\x7f\n\x14\x44\x65\x63odeStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12+\n\x08response\x18\x02 \x01(\x0b\x32\x17.retd.v1.DecodeResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.retd.v1.ItemErrorH\x00\x42\t\n\x07outcome\"\x13\n\x11ListModelsRequest\"O\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.retd.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"5\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x8e\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x17\n\x0fparameter_count\x18\x04 \x01(\x04\x12\x15\n\rembedding_dim\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x19\n\x11\x63heckpoint_sha256\x18\n \x01(\t\x12%\n\x04\x63\x61rd\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07trained\x18\x0c \x01(\x08\x12\x0f\n\x07\x65ncoder\x18\r \x01(\t\x12 \n\x04load\x18\x0e \x01(\x0b\x32\x12.retd.v1.ModelLoad\x12\x0c\n\x04kind\x18\x0f \x01(\t\x12\x14\n\x0cphrase_count\x18\x10 \x01(\x04\x12\x1a\n\x12repository_version\x18\x11 \x01(\x04\x12\x0f\n\x07serving\x18\x12 \x01(\x08\"\x84\x01\n\tModelLoad\x12\x0f\n\x07waiting\x18\x01 \x01(\r\x12\x16\n\x0emax_queue_size\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\x12\x10\n\x08\x62\x61tching\x18\x05 \x01(\t\x12\x13\n\x0bmax_wait_ms\x18\x06 \x01(\x01*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03*i\n\x0c\x41nswerSource\x12\x1d\n\x19\x41NSWER_SOURCE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41NSWER_SOURCE_GENERATED\x10\x01\x12\x1d\n\x19\x41NSWER_SOURCE_PHRASE_BANK\x10\x02\x32\xef\x03\n\x07\x44\x65\x63oder\x12\x39\n\x06\x44\x65\x63ode\x12\x16.retd.v1.DecodeRequest\x1a\x17.retd.v1.DecodeResponse\x12?\n\x08Generate\x12\x18.retd.v1.GenerateRequest\x1a\x19.retd.v1.GenerateResponse\x12\x44\n\x0eGenerateStream\x12\x18.retd.v1.GenerateRequest\x1a\x16.retd.v1.GenerateChunk0\x01\x12H\n\x0b\x44\x65\x63odeBatch\x12\x1b.retd.v1.DecodeBatchRequest\x1a\x1c.retd.v1.DecodeBatchResponse\x12O\n\x0c\x44\x65\x63odeStream\x12\x1c.retd.v1.DecodeStreamRequest\x1a\x1d.retd.v1.DecodeStreamResponse(\x01\x30\x01\x12\x45\n\nListModels\x12\x1a.retd.v1.ListModelsRequest\x1a\x1b.retd.v1.ListModelsResponse\x12@\n\x0cGetModelInfo\x12\x1c.retd.v1.GetModelInfoRequest\x1a\x12.retd.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'retd.v1.decoder_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=3230
-  _globals['_FINISHREASON']._serialized_end=3348
-  _globals['_ANSWERSOURCE']._serialized_start=3350
-  _globals['_ANSWERSOURCE']._serialized_end=3455
+  _globals['_FINISHREASON']._serialized_start=3674
+  _globals['_FINISHREASON']._serialized_end=3792
+  _globals['_ANSWERSOURCE']._serialized_start=3794
+  _globals['_ANSWERSOURCE']._serialized_end=3899
   _globals['_FLOATVECTOR']._serialized_start=64
   _globals['_FLOATVECTOR']._serialized_end=93
   _globals['_RAWTENSOR']._serialized_start=95
@@ -47,41 +47,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIMING']._serialized_start=268
   _globals['_TIMING']._serialized_end=332
   _globals['_DECODEREQUEST']._serialized_start=335
-  _globals['_DECODEREQUEST']._serialized_end=526
-  _globals['_HYBRID']._serialized_start=528
-  _globals['_HYBRID']._serialized_end=605
-  _globals['_DECODERESPONSE']._serialized_start=608
-  _globals['_DECODERESPONSE']._serialized_end=859
-  _globals['_GENERATEREQUEST']._serialized_start=862
-  _globals['_GENERATEREQUEST']._serialized_end=1151
-  _globals['_GENERATERESPONSE']._serialized_start=1154
-  _globals['_GENERATERESPONSE']._serialized_end=1423
-  _globals['_CANDIDATE']._serialized_start=1425
-  _globals['_CANDIDATE']._serialized_end=1480
-  _globals['_GENERATECHUNK']._serialized_start=1483
-  _globals['_GENERATECHUNK']._serialized_end=1749
-  _globals['_DECODEBATCHREQUEST']._serialized_start=1752
-  _globals['_DECODEBATCHREQUEST']._serialized_end=1949
-  _globals['_ITEMERROR']._serialized_start=1951
-  _globals['_ITEMERROR']._serialized_end=2012
-  _globals['_DECODEBATCHRESULT']._serialized_start=2014
-  _globals['_DECODEBATCHRESULT']._serialized_end=2126
-  _globals['_DECODEBATCHRESPONSE']._serialized_start=2128
-  _globals['_DECODEBATCHRESPONSE']._serialized_end=2194
-  _globals['_DECODESTREAMREQUEST']._serialized_start=2197
-  _globals['_DECODESTREAMREQUEST']._serialized_end=2406
-  _globals['_DECODESTREAMRESPONSE']._serialized_start=2408
-  _globals['_DECODESTREAMRESPONSE']._serialized_end=2535
-  _globals['_LISTMODELSREQUEST']._serialized_start=2537
-  _globals['_LISTMODELSREQUEST']._serialized_end=2556
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2558
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2637
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2639
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2692
-  _globals['_MODELINFO']._serialized_start=2695
-  _globals['_MODELINFO']._serialized_end=3093
-  _globals['_MODELLOAD']._serialized_start=3096
-  _globals['_MODELLOAD']._serialized_end=3228
-  _globals['_DECODER']._serialized_start=3458
-  _globals['_DECODER']._serialized_end=3953
+  _globals['_DECODEREQUEST']._serialized_end=674
+  _globals['_HYBRID']._serialized_start=676
+  _globals['_HYBRID']._serialized_end=753
+  _globals['_DECODERESPONSE']._serialized_start=756
+  _globals['_DECODERESPONSE']._serialized_end=1007
+  _globals['_GENERATEREQUEST']._serialized_start=1010
+  _globals['_GENERATEREQUEST']._serialized_end=1299
+  _globals['_GENERATERESPONSE']._serialized_start=1302
+  _globals['_GENERATERESPONSE']._serialized_end=1571
+  _globals['_CANDIDATE']._serialized_start=1573
+  _globals['_CANDIDATE']._serialized_end=1628
+  _globals['_GENERATECHUNK']._serialized_start=1631
+  _globals['_GENERATECHUNK']._serialized_end=1897
+  _globals['_DECODEBATCHREQUEST']._serialized_start=1900
+  _globals['_DECODEBATCHREQUEST']._serialized_end=2245
+  _globals['_ITEMERROR']._serialized_start=2247
+  _globals['_ITEMERROR']._serialized_end=2308
+  _globals['_DECODEBATCHRESULT']._serialized_start=2310
+  _globals['_DECODEBATCHRESULT']._serialized_end=2422
+  _globals['_DECODEBATCHRESPONSE']._serialized_start=2424
+  _globals['_DECODEBATCHRESPONSE']._serialized_end=2490
+  _globals['_DECODESTREAMREQUEST']._serialized_start=2493
+  _globals['_DECODESTREAMREQUEST']._serialized_end=2850
+  _globals['_DECODESTREAMRESPONSE']._serialized_start=2852
+  _globals['_DECODESTREAMRESPONSE']._serialized_end=2979
+  _globals['_LISTMODELSREQUEST']._serialized_start=2981
+  _globals['_LISTMODELSREQUEST']._serialized_end=3000
+  _globals['_LISTMODELSRESPONSE']._serialized_start=3002
+  _globals['_LISTMODELSRESPONSE']._serialized_end=3081
+  _globals['_GETMODELINFOREQUEST']._serialized_start=3083
+  _globals['_GETMODELINFOREQUEST']._serialized_end=3136
+  _globals['_MODELINFO']._serialized_start=3139
+  _globals['_MODELINFO']._serialized_end=3537
+  _globals['_MODELLOAD']._serialized_start=3540
+  _globals['_MODELLOAD']._serialized_end=3672
+  _globals['_DECODER']._serialized_start=3902
+  _globals['_DECODER']._serialized_end=4397
 # @@protoc_insertion_point(module_scope)

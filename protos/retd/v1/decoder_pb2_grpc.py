@@ -99,7 +99,8 @@ class DecoderServicer:
     """
 
     def Decode(self, request, context):
-        """One embedding to text: greedy, deterministic.
+        """One embedding to text: greedy, deterministic, with loop breakers on by default (see
+        DecodeRequest.no_repeat_ngram_size).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
