@@ -9,9 +9,10 @@ Training can start on the shards that exist while the rest are still being embed
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
@@ -19,6 +20,8 @@ SHARD_SIZE = 4096
 # The held-out sets first (small: training's validation and `retd eval` can start early), then
 # the training split; a corpus without ood.txt (older than the ood split) skips it.
 SPLITS = ("heldout", "ood", "train")
+# Splits of which only this many shards are embedded before train (the rest after it).
+EARLY_SHARDS: Mapping[str, int] = MappingProxyType({"ood": 1})
 
 
 def shard_path(data_dir: Path, split: str, index: int) -> Path:
@@ -31,45 +34,65 @@ def embed_corpus(
     splits: Sequence[str] = SPLITS,
     shard_size: int = SHARD_SIZE,
     progress: bool = True,
+    early: Mapping[str, int] = EARLY_SHARDS,
 ) -> dict[str, int]:
     """Embed every missing shard of each split; returns how many shards each split has."""
-    from tqdm import tqdm
-
-    from retd.model.corpus import read_texts
-
-    counts = {}
+    counts: dict[str, int] = {}
     (data_dir / "embeddings").mkdir(parents=True, exist_ok=True)
     (data_dir / "embeddings" / "embeddings.json").write_text(
         json.dumps({"shard_size": shard_size}, indent=2) + "\n"
     )
-    for split in splits:
-        if not (data_dir / "corpus" / f"{split}.txt").exists():
-            continue
-        texts = read_texts(data_dir / "corpus" / f"{split}.txt")
-        n_shards = (len(texts) + shard_size - 1) // shard_size
-        # Shards in a seeded random order: a run stopped early has embedded a sample of every
-        # source, not the first sources only (each split's lines are grouped by source).
-        order = np.random.default_rng(0).permutation(n_shards).tolist()
-        todo = [k for k in order if not shard_path(data_dir, split, k).exists()]
-        bar = tqdm(
-            total=len(texts),
-            initial=(n_shards - len(todo)) * shard_size,
-            desc=f"embed {split}",
-            unit="text",
-            disable=not progress,
-        )
-        for k in todo:
-            chunk = texts[k * shard_size : (k + 1) * shard_size]
-            vectors = encode(chunk).astype(np.float16)
-            path = shard_path(data_dir, split, k)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(".partial.npy")
-            np.save(partial, vectors)
-            partial.rename(path)
-            bar.update(len(chunk))
-        bar.close()
-        counts[split] = n_shards
+    # Two passes: held-out, the first `early` shards of a split named there (enough of the
+    # ood set to evaluate on), then train; the rest of those splits after train.
+    for pass_ in (0, 1):
+        for split in splits:
+            if not (data_dir / "corpus" / f"{split}.txt").exists():
+                continue
+            limit = early.get(split) if pass_ == 0 else None
+            if pass_ == 1 and split not in early:
+                continue
+            counts[split] = _embed_split(data_dir, split, encode, shard_size, limit, progress)
     return counts
+
+
+def _embed_split(
+    data_dir: Path,
+    split: str,
+    encode: Callable[[Sequence[str]], np.ndarray],
+    shard_size: int,
+    limit: int | None,
+    progress: bool,
+) -> int:
+    """Embed the missing shards of one split (at most `limit` of its shard order); returns
+    how many shards the split has."""
+    from tqdm import tqdm
+
+    from retd.model.corpus import read_texts
+
+    texts = read_texts(data_dir / "corpus" / f"{split}.txt")
+    n_shards = (len(texts) + shard_size - 1) // shard_size
+    # Shards in a seeded random order: a run stopped early has embedded a sample of every
+    # source, not the first sources only (each split's lines are grouped by source).
+    order = np.random.default_rng(0).permutation(n_shards).tolist()[:limit]
+    todo = [k for k in order if not shard_path(data_dir, split, k).exists()]
+    bar = tqdm(
+        total=len(texts),
+        initial=(n_shards - len(todo)) * shard_size,
+        desc=f"embed {split}",
+        unit="text",
+        disable=not progress,
+    )
+    for k in todo:
+        chunk = texts[k * shard_size : (k + 1) * shard_size]
+        vectors = encode(chunk).astype(np.float16)
+        path = shard_path(data_dir, split, k)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial.npy")
+        np.save(partial, vectors)
+        partial.rename(path)
+        bar.update(len(chunk))
+    bar.close()
+    return n_shards
 
 
 def count_shards(data_dir: Path, split: str) -> int:

@@ -1,11 +1,12 @@
-"""RET v2.1: a one-block byte-level decoder from a sentence embedding to text.
+"""RET v2.1: a byte-level decoder from a sentence embedding to text.
 
 The whole model in one file, in the spirit of nanoGPT's model.py:
 
     embedding (B, E) --bridge+LN--> cond (B, C)
     inputs: position 0 = cond, position t >= 1 = wte(byte_{t-1}) + cond
-    -> one pre-norm transformer block (RoPE attention + GELU MLP) -> ln_f
-    -> logits = x @ wte.weight.T   (head tied to the byte embedding)
+    -> n_layer pre-norm transformer blocks (RoPE attention + GELU MLP); with
+       conditioning "layer", block l first adds its own projection cond_proj[l](cond)
+    -> ln_f -> logits = x @ wte.weight.T   (head tied to the byte embedding)
 
 Shapes: B batch, T sequence length, E embedding_dim, C n_embd, H n_head, D head_dim, V vocab_size.
 """
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+CONDITIONINGS = ("add", "layer")
+
 
 @dataclass(frozen=True)
 class RETConfig:
@@ -37,6 +40,9 @@ class RETConfig:
     max_length: int = 256  # most bytes one sequence can generate (= KV cache positions)
     rope_base: float = 10000.0
     eos_id: int = 0
+    # How the embedding reaches the blocks: "add" = cond added to every input position only;
+    # "layer" = also a learned projection of cond added before every block (n_layer * C * C).
+    conditioning: str = "add"
 
     def __post_init__(self) -> None:
         for name in ("embedding_dim", "n_embd", "n_head", "n_layer", "mlp_hidden", "vocab_size"):
@@ -55,6 +61,11 @@ class RETConfig:
             raise ValueError(f"RETConfig head_dim ({self.head_dim}) must be even for RoPE")
         if not (isinstance(self.rope_base, int | float) and self.rope_base > 1):
             raise ValueError(f"RETConfig.rope_base must be a number > 1, got {self.rope_base!r}")
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(
+                f"RETConfig.conditioning must be one of {', '.join(CONDITIONINGS)}, "
+                f"got {self.conditioning!r}"
+            )
         if not (isinstance(self.eos_id, int) and 0 <= self.eos_id < self.vocab_size):
             raise ValueError(
                 f"RETConfig.eos_id must be in [0, {self.vocab_size}), got {self.eos_id!r}"
@@ -84,6 +95,9 @@ class RETConfig:
 ARCHITECTURES: Mapping[str, RETConfig] = MappingProxyType(
     {
         "ret_v21": RETConfig(),
+        # RET v2.1's first shape (one wide block), under which the first checkpoints trained;
+        # they name `ret_v21` and carry this config in their card, so they load either way.
+        "ret_v21_wide": RETConfig(n_embd=256, n_head=2, n_layer=1, mlp_hidden=384),
         # Same interface (768-dim embedding, bytes), small enough for fast tests.
         "ret_tiny": RETConfig(n_embd=64, n_head=2, mlp_hidden=96, max_length=64),
         # Test-only: ret_v21 whose decode step raises for marked inputs (FaultInjectingRET).
@@ -266,6 +280,11 @@ class RET(nn.Module):
         self.ln_bridge = nn.LayerNorm(config.n_embd)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # also the output head (tied)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        # Per-layer conditioning: block l's input gets cond_proj[l](cond) added.
+        self.cond_proj = nn.ModuleList(
+            nn.Linear(config.n_embd, config.n_embd, bias=False)
+            for _ in range(config.n_layer if config.conditioning == "layer" else 0)
+        )
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.init_weights()
 
@@ -302,7 +321,9 @@ class RET(nn.Module):
         """
         cond = self.condition(embedding)[:, None, :]  # (B, 1, C)
         x = torch.cat((cond, self.wte(tokens) + cond), dim=1)  # (B, T+1, C)
-        for block in self.blocks:
+        for layer, block in enumerate(self.blocks):
+            if self.cond_proj:
+                x = x + self.cond_proj[layer](cond)  # (B, 1, C) broadcast over positions
             x = block(x)
         return self._logits(x)  # (B, T+1, V)
 
@@ -328,6 +349,8 @@ class RET(nn.Module):
         prev = self.wte(tokens.masked_fill(first, 0))  # (B, C); ignored ids may be out of range
         x = torch.where(first[:, None], cond, prev + cond)[:, None, :]  # (B, 1, C)
         for layer, block in enumerate(self.blocks):
+            if self.cond_proj:
+                x = x + self.cond_proj[layer](cond)[:, None, :]
             x = cast(Block, block).step(x, positions, cache.k[layer], cache.v[layer], slots, length)
         return self._logits(x[:, 0])  # (B, V)
 

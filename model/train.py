@@ -17,7 +17,7 @@ import math
 import os
 import time
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,8 @@ class TrainConfig:
     data_dir: str = "build/data"
     out_dir: str = "build/train/ret_v21"
     architecture: str = "ret_v21"
+    # RETConfig fields that differ from the architecture's (a shape search: `[model]` in TOML).
+    model: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0
     batch_size: int = 128
     learning_rate: float = 3e-3
@@ -64,6 +66,9 @@ class TrainConfig:
     # optimizer state and the loss stay float32): twice the steps per minute on a CPU with
     # AVX512-BF16 (measured here: 91 vs 189 ms per step of 128 texts). "none": float32.
     autocast: str = "none"
+    # Compile the training step's forward pass (torch.compile, dynamic shapes): fuses the
+    # small elementwise ops that dominate a thin model's step on a CPU (BENCHMARKS.md).
+    compile: bool = False
     # A checkpoint directory whose weights start the run instead of seeded random ones (a
     # warm start: the optimizer and the schedule start afresh); unused when --resume finds a
     # saved state. Its card's training record is kept in the new card.
@@ -145,7 +150,10 @@ def add_noise(embeddings: torch.Tensor, std: float, generator: torch.Generator) 
 
 
 def sequence_loss(
-    model: RET, embeddings: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    embeddings: torch.Tensor,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
 ) -> torch.Tensor:
     logits = model(embeddings, inputs)  # (B, T+1, V)
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
@@ -234,7 +242,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path, log_path = out_dir / "state.pt", out_dir / "metrics.jsonl"
 
-    model_config = config_for(config.architecture)
+    model_config = config_for(config.architecture, config.model)
 
     def load_train() -> tuple[int, list[bytes], np.ndarray, torch.Tensor]:
         shards = count_shards(data_dir, "train")
@@ -250,15 +258,18 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     if not encoded or not heldout_split.texts:
         raise ValueError(f"no embedded texts under {data_dir}: run `retd corpus` and `retd embed`")
     n_eval = min(config.eval_texts, len(heldout_split.texts))
-    eval_texts = heldout_split.texts[:n_eval]
+    # Evenly spaced over the held-out split, which is grouped by source: every source counts.
+    eval_rows = np.linspace(0, len(heldout_split.texts) - 1, n_eval).round().astype(int)
+    eval_texts = [heldout_split.texts[i] for i in eval_rows]
     eval_encoded = encode_texts(eval_texts, model_config.max_length)
-    eval_embeddings = torch.from_numpy(heldout_split.embeddings[:n_eval].astype(np.float32))
+    eval_embeddings = torch.from_numpy(heldout_split.embeddings[eval_rows].astype(np.float32))
 
     torch.manual_seed(config.seed)
     model = model_class(config.architecture)(model_config)
     model.init_weights(generator=torch.Generator().manual_seed(config.seed))
     warm_start = _warm_start(model, config) if config.init_from else None
     optimizer = make_optimizer(model, config)
+    forward = torch.compile(model, dynamic=True) if config.compile else model
     noise_generator = torch.Generator().manual_seed(config.seed + 1)
     step, epoch, next_batch, seen_bytes, elapsed = 0, 0, 0, 0, 0.0
     if resume and state_path.exists():
@@ -369,7 +380,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
                     noise_generator,
                 )
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss = sequence_loss(model, emb, inputs, targets)
+                    loss = sequence_loss(forward, emb, inputs, targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

@@ -51,6 +51,43 @@ def test_the_corpus_embeddings_are_this_encoders(encoder: SentenceEncoder) -> No
     assert (cosine_rows(fresh, stored) > 0.999).all()
 
 
+def test_the_fast_path_keeps_the_float32_embeddings(encoder: SentenceEncoder) -> None:
+    """`retd embed`'s default (bfloat16 weights, compiled) stays within cosine 0.999 of the
+    float32 reference on texts of every length, order and padding notwithstanding."""
+    texts = (FIXTURE / "corpus/heldout.txt").read_text().splitlines()
+    fast = SentenceEncoder.load(precision="fast")
+    assert fast.precision == "fast"
+    vectors = fast.encode(texts, batch_size=7)
+    assert vectors.dtype == np.float32 and vectors.shape == (len(texts), ENCODER_DIM)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert (cosine_rows(vectors, encoder.encode(texts)) > 0.999).all()
+
+
+def test_an_unknown_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="precision: expected one of float32, fast"):
+        SentenceEncoder.load(precision="int4")
+
+
+def test_the_ood_sample_is_embedded_before_train_and_the_rest_after(
+    tmp_path: Path,
+) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split, n in (("heldout", 3), ("ood", 9), ("train", 5)):
+        (corpus / f"{split}.txt").write_text("".join(f"{split} {i}\n" for i in range(n)))
+    order: list[str] = []
+
+    def encode(chunk: object) -> np.ndarray:
+        texts = list(chunk)  # type: ignore[call-overload]
+        order.append(texts[0].split()[0])
+        return np.ones((len(texts), ENCODER_DIM), np.float32)
+
+    counts = embed_corpus(tmp_path, encode, shard_size=2, progress=False, early={"ood": 1})
+    assert counts == {"heldout": 2, "ood": 5, "train": 3}
+    assert order == ["heldout"] * 2 + ["ood"] + ["train"] * 3 + ["ood"] * 4
+    assert load_split(tmp_path, "ood").texts == [f"ood {i}" for i in range(9)]
+
+
 def test_embedding_resumes_at_the_missing_shards(encoder: SentenceEncoder, tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -187,3 +187,55 @@ def test_bfloat16_model_runs_close_to_float32(
     low = make_model("ret_tiny", seed=0).to(torch.bfloat16)(emb, tokens)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), ref, rtol=0.1, atol=0.1)
+
+
+# The shapes of the shape search (README): each exactly RET v2.1's parameter budget.
+SEARCHED_SHAPES = [
+    dict(n_layer=1, n_embd=256, mlp_hidden=384, n_head=2, conditioning="add"),
+    dict(n_layer=2, n_embd=128, mlp_hidden=897, n_head=4, conditioning="add"),
+    dict(n_layer=3, n_embd=128, mlp_hidden=512, n_head=4, conditioning="add"),
+    dict(n_layer=5, n_embd=128, mlp_hidden=204, n_head=4, conditioning="add"),
+    dict(n_layer=2, n_embd=128, mlp_hidden=833, n_head=4, conditioning="layer"),
+    dict(n_layer=3, n_embd=128, mlp_hidden=448, n_head=4, conditioning="layer"),
+]
+
+
+@pytest.mark.parametrize("shape", SEARCHED_SHAPES, ids=lambda s: f"{s['n_layer']}x{s['n_embd']}")
+def test_every_searched_shape_has_exactly_722944_parameters(shape: dict[str, object]) -> None:
+    model = RET(config_for("ret_v21", shape))
+    assert model.num_parameters() == 722_944
+    assert sum(t.numel() for t in model.state_dict().values()) == 722_944
+
+
+def test_unknown_conditioning_is_refused() -> None:
+    with pytest.raises(ValueError, match="conditioning"):
+        RETConfig(conditioning="prefix")
+
+
+def test_configs_without_conditioning_load_as_add() -> None:
+    """Cards written before the field existed hold no `conditioning`: they mean "add"."""
+    legacy = {k: v for k, v in config_for("ret_v21_wide").to_dict().items() if k != "conditioning"}
+    assert RETConfig.from_dict(legacy).conditioning == "add"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("n_layer", [1, 3])
+def test_layer_conditioning_reaches_every_block_and_step_matches_forward(n_layer: int) -> None:
+    config = config_for("ret_tiny", {"n_layer": n_layer, "conditioning": "layer"})
+    model = RET(config)
+    model.init_weights(generator=torch.Generator().manual_seed(3))
+    model.eval()
+    assert len(model.cond_proj) == n_layer
+    emb, tokens = torch.randn(2, 768), torch.randint(1, 256, (2, 7))
+    reference = model(emb, tokens)  # (2, 8, V)
+    cache = KVCache(config, num_slots=2)
+    cond = model.condition(emb)
+    slots = torch.arange(2)
+    got = []
+    for t in range(8):
+        prev = tokens[:, t - 1] if t else torch.zeros(2, dtype=torch.long)
+        got.append(model.step(cond, prev, torch.full((2,), t), cache, slots))
+    torch.testing.assert_close(torch.stack(got, 1), reference, rtol=1e-4, atol=1e-5)
+    # the projections are used: zeroing one changes the output
+    model.cond_proj[n_layer - 1].weight.zero_()
+    assert not torch.allclose(model(emb, tokens), reference)

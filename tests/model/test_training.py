@@ -320,3 +320,22 @@ def test_eval_reports_each_source_and_the_ood_split_beside_retrieval(tmp_path: P
         assert figures["texts"] == 3
         assert 0 <= figures["greedy"]["chrf"] <= 100
         assert 0 <= figures["retrieval"]["chrf"] <= 100
+
+
+def test_a_model_table_trains_another_shape_and_the_card_records_it(tmp_path: Path) -> None:
+    shape = {"n_layer": 2, "conditioning": "layer"}
+    config = fixture_config(tmp_path, architecture="ret_tiny", model=shape, max_steps=10)
+    loaded = load_checkpoint(train(config, progress=False), device="cpu")
+    assert loaded.config.n_layer == 2 and loaded.config.conditioning == "layer"
+    assert loaded.card["config"]["n_layer"] == 2
+    assert loaded.card["training"]["config"]["model"] == shape
+
+
+def test_a_compiled_training_step_trains_as_the_eager_one(tmp_path: Path) -> None:
+    eager = fixture_config(tmp_path / "a", max_steps=6, eval_every=6)
+    compiled = fixture_config(tmp_path / "b", max_steps=6, eval_every=6, compile=True)
+    train(eager, progress=False)
+    train(compiled, progress=False)
+    np.testing.assert_allclose(
+        losses(Path(compiled.out_dir)), losses(Path(eager.out_dir)), rtol=2e-3
+    )
