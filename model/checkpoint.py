@@ -146,9 +146,16 @@ def save_checkpoint(
     return directory
 
 
-def init_checkpoint(directory: str | Path, *, seed: int = 0, architecture: str = "ret_v21") -> Path:
-    """Write a checkpoint of seeded random (untrained) weights; return the directory."""
-    model = model_class(architecture)(config_for(architecture))
+def init_checkpoint(
+    directory: str | Path,
+    *,
+    seed: int = 0,
+    architecture: str = "ret_v21",
+    shape: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint of seeded random (untrained) weights; return the directory. `shape`:
+    RETConfig fields that differ from the architecture's (the card records the config)."""
+    model = model_class(architecture)(config_for(architecture, shape))
     model.init_weights(generator=torch.Generator().manual_seed(seed))
     card = {
         "version": "2.1.0-untrained",

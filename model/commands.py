@@ -188,7 +188,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         "byte accuracy, and the nearest-neighbour retrieval baseline, on held-out texts.",
     )
     evaluate.add_argument("checkpoint", type=Path, help="checkpoint directory")
-    evaluate.add_argument("--limit", type=int, default=500, help="held-out texts to score")
+    evaluate.add_argument(
+        "--limit", type=int, default=500, help="held-out texts to score (evenly spaced)"
+    )
     evaluate.add_argument(
         "--beams", type=int, nargs="*", default=[4], help="beam widths to score (default 4)"
     )
@@ -205,8 +207,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         type=int,
         default=100,
         metavar="N",
-        help="also score greedy decoding and the retrieval baseline on the first N held-out "
-        "texts of each source and of the ood split (default 100; 0: skip)",
+        help="also score greedy decoding, Decode's default and the retrieval baseline on the "
+        "first N held-out texts of each source and of the ood split (default 100; 0: skip)",
     )
     evaluate.add_argument("--no-encoder", action="store_true", help="skip the re-encoded cosine")
     evaluate.add_argument("--no-write", action="store_true", help="leave the card unchanged")

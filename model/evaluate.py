@@ -1,7 +1,8 @@
 """`retd eval`: how well a checkpoint turns held-out embeddings back into their texts.
 
-Figures on the held-out split (texts training never saw), each decoded greedily and with
-beam search: chrF and BLEU (sacrebleu), exact match, and the cosine between the input
+Figures on the held-out split (texts training never saw), each decoded greedily, the way
+Decode decodes by default (greedy with its default loop breakers, `defaults.DecodeDefaults`)
+and with beam search: chrF and BLEU (sacrebleu), exact match, and the cosine between the input
 embedding and the decoded text re-encoded by the same encoder. Beside them: teacher-forced
 byte accuracy and loss, and the retrieval baseline (the nearest training text by cosine),
 which shows what generation adds over looking the answer up.
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from retd.model.defaults import DecodeDefaults
 from retd.model.generation import SamplingParams, generate
 from retd.model.model import RET, KVCache
 from retd.model.tokenizer import decode as decode_bytes
@@ -31,10 +33,18 @@ def greedy_texts(
     max_new_tokens: int = 200,
     batch_size: int = 256,
     no_repeat_ngram_size: int = 0,
+    breakers: DecodeDefaults | None = None,
 ) -> list[str]:
-    """Greedy decoding of each embedding row (the server's Decode), optionally never
-    repeating a byte n-gram (its `no_repeat_ngram_size`)."""
+    """Greedy decoding of each embedding row, optionally never repeating a byte n-gram (its
+    `no_repeat_ngram_size`) or with `breakers`, Decode's default loop breakers."""
     params = SamplingParams(max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size)
+    if breakers is not None:
+        params = SamplingParams(
+            max_new_tokens,
+            no_repeat_ngram_size=breakers.no_repeat_ngram_size,
+            repetition_penalty=breakers.repetition_penalty,
+            repetition_ngram_size=breakers.repetition_ngram_size,
+        )
     return _texts_in_chunks(
         embeddings,
         batch_size,
@@ -192,6 +202,12 @@ def retrieval_baseline(
     return texts, np.concatenate(sims)
 
 
+def heldout_rows(n: int, limit: int) -> np.ndarray:
+    """`limit` rows evenly spaced over a split of n texts (it is grouped by source: every
+    source counts in proportion to its size)."""
+    return np.unique(np.linspace(0, n - 1, min(limit, n)).round().astype(int))
+
+
 def evaluate_checkpoint(
     checkpoint: Path,
     data_dir: Path,
@@ -202,7 +218,7 @@ def evaluate_checkpoint(
     write_card: bool = True,
     per_source: int = 0,
 ) -> dict[str, Any]:
-    """Every figure of the module docstring on the first `limit` held-out texts; with
+    """Every figure of the module docstring on `limit` held-out texts evenly spaced; with
     `per_source`, also greedy and retrieval figures on the first `per_source` texts of each
     source of the held-out and ood splits (`report["per_source"][split][source]`)."""
     from retd.model.checkpoint import load_checkpoint
@@ -211,8 +227,9 @@ def evaluate_checkpoint(
     loaded = load_checkpoint(checkpoint, device="cpu")
     model = loaded.model.eval()
     heldout = load_split(data_dir, "heldout")
-    texts = heldout.texts[:limit]
-    embeddings = torch.from_numpy(heldout.embeddings[:limit].astype(np.float32))
+    rows = heldout_rows(len(heldout.texts), limit)
+    texts = [heldout.texts[i] for i in rows]
+    embeddings = torch.from_numpy(heldout.embeddings[rows].astype(np.float32))
     max_new = model.config.max_length - 1
     encoder = None
     if use_encoder:
@@ -249,6 +266,9 @@ def evaluate_checkpoint(
     started = time.perf_counter()
     greedy = greedy_texts(model, embeddings, max_new)
     report["greedy"] = scored(greedy, time.perf_counter() - started)
+    started = time.perf_counter()
+    decoded = greedy_texts(model, embeddings, max_new, breakers=DecodeDefaults())
+    report["decode_default"] = scored(decoded, time.perf_counter() - started)
     for ngram in no_repeat_ngram:
         started = time.perf_counter()
         decoded = greedy_texts(model, embeddings, max_new, no_repeat_ngram_size=ngram)
@@ -261,7 +281,7 @@ def evaluate_checkpoint(
     if train.texts:
         started = time.perf_counter()
         retrieved, sims = retrieval_baseline(
-            heldout.embeddings[:limit], train.embeddings, train.texts
+            heldout.embeddings[rows], train.embeddings, train.texts
         )
         report["retrieval"] = {
             **scored(retrieved, time.perf_counter() - started),
@@ -293,8 +313,9 @@ def _per_source(
     scored: Scorer,
     max_new: int,
 ) -> dict[str, dict[str, Any]]:
-    """Greedy figures beside the retrieval baseline's on the first `cap` embedded texts of
-    each source of a labelled split (sources in file order; "" when the corpus is unlabelled)."""
+    """Greedy and Decode-default figures beside the retrieval baseline's on the first `cap`
+    embedded texts of each source of a labelled split (sources in file order; "" when the
+    corpus is unlabelled)."""
     from retd.model.corpus import read_sources
     from retd.model.embed import load_split
 
@@ -310,12 +331,12 @@ def _per_source(
     for source, rows in rows_of.items():
         refs = [loaded.texts[r] for r in rows]
         vectors = loaded.embeddings[rows]
-        started = time.perf_counter()
-        decoded = greedy_texts(model, torch.from_numpy(vectors.astype(np.float32)), max_new)
-        entry: dict[str, Any] = {
-            "texts": len(rows),
-            "greedy": scored(decoded, refs, vectors, time.perf_counter() - started),
-        }
+        inputs = torch.from_numpy(vectors.astype(np.float32))
+        entry: dict[str, Any] = {"texts": len(rows)}
+        for name, breakers in (("greedy", None), ("decode_default", DecodeDefaults())):
+            started = time.perf_counter()
+            decoded = greedy_texts(model, inputs, max_new, breakers=breakers)
+            entry[name] = scored(decoded, refs, vectors, time.perf_counter() - started)
         if train.texts:
             started = time.perf_counter()
             retrieved, _ = retrieval_baseline(vectors, train.embeddings, train.texts)

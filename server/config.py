@@ -15,6 +15,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+# Decode's default loop breakers are declared with the model (`retd eval` measures them too).
+from retd.model.defaults import DecodeDefaults
+
 DEFAULT_PORT = 50051
 MiB = 1024 * 1024
 ZERO_PORT = {"port": "picks a free port", "metrics_port": "no metrics endpoint"}
@@ -27,17 +30,6 @@ class ConfigError(ValueError):
 # Bounds of the loop breakers, for the settings below and for requests (server/validation.py).
 MAX_NGRAM_SIZE = 256  # bytes; no answer is longer
 MAX_REPETITION_PENALTY = 10.0
-
-
-@dataclass(frozen=True)
-class DecodeDefaults:
-    """The loop breakers of Decode, DecodeBatch and DecodeStream when a request leaves them
-    unset: the best deterministic decoder measured on the shipped RET v2.1's held-out texts
-    (README, "Decoding that does not loop"). Generate's defaults (all off) are not these."""
-
-    no_repeat_ngram_size: int = 0
-    repetition_penalty: float = 1.5
-    repetition_ngram_size: int = 4
 
 
 @dataclass(frozen=True)

@@ -85,10 +85,16 @@ def start_server(
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A seeded, untrained ret_v21 checkpoint (the trained one comes with a later issue)."""
+    """A seeded, untrained ret_v21 checkpoint in RET v2.1's first shape (one wide block, as
+    the first trained checkpoints; the card records it): with random weights it answers each
+    embedding differently, which the serving tests need to tell answers apart (random weights
+    of the three thin blocks decode most embeddings to the same bytes), and it is faster."""
     from retd.model.checkpoint import init_checkpoint
+    from retd.model.model import config_for
 
-    return init_checkpoint(tmp_path_factory.mktemp("checkpoints") / "ret_v21", seed=1234)
+    directory = tmp_path_factory.mktemp("checkpoints") / "ret_v21"
+    wide = config_for("ret_v21_wide").to_dict()
+    return init_checkpoint(directory, seed=1234, shape=wide)
 
 
 @pytest.fixture(scope="session")

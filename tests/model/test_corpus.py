@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from retd.model.corpus import (
@@ -72,6 +72,7 @@ def test_cleaning_examples() -> None:
     assert clean("word " * 60) is None  # longer than 200 characters
 
 
+@settings(deadline=None)  # it writes files: slow on a loaded machine, not wrong
 @given(st.lists(st.text(min_size=1, max_size=80), max_size=60))
 def test_built_corpus_is_deduplicated_and_its_split_is_by_text(texts: list[str]) -> None:
     import tempfile
@@ -132,7 +133,7 @@ def test_every_registered_source_has_kind_licence_and_package() -> None:
     assert SOURCES[OOD_SOURCE].kind in {s.kind for s in others}  # a fair ood test
 
 
-def test_embed_does_heldout_then_ood_then_train_and_skips_a_missing_split(tmp_path: Path) -> None:
+def test_embed_order_and_a_missing_split(tmp_path: Path) -> None:
     import numpy as np
 
     from retd.model.embed import embed_corpus, load_split
@@ -150,7 +151,8 @@ def test_embed_does_heldout_then_ood_then_train_and_skips_a_missing_split(tmp_pa
     assert embed_corpus(tmp_path, encode, shard_size=2, progress=False) == {
         "heldout": 1, "ood": 2, "train": 3
     }  # fmt: skip
-    assert seen == ["heldout"] * 2 + ["ood"] * 3 + ["train"] * 5
+    # held-out, the first shard of ood's order (enough to evaluate on), train, the rest of ood
+    assert seen == ["heldout"] * 2 + ["ood"] * 2 + ["train"] * 5 + ["ood"]
     assert load_split(tmp_path, "ood").texts == [f"ood text {i}" for i in range(3)]
     (corpus / "ood.txt").unlink()
     assert "ood" not in embed_corpus(tmp_path, encode, shard_size=2, progress=False)

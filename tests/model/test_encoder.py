@@ -68,26 +68,6 @@ def test_an_unknown_precision_is_refused() -> None:
         SentenceEncoder.load(precision="int4")
 
 
-def test_the_ood_sample_is_embedded_before_train_and_the_rest_after(
-    tmp_path: Path,
-) -> None:
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for split, n in (("heldout", 3), ("ood", 9), ("train", 5)):
-        (corpus / f"{split}.txt").write_text("".join(f"{split} {i}\n" for i in range(n)))
-    order: list[str] = []
-
-    def encode(chunk: object) -> np.ndarray:
-        texts = list(chunk)  # type: ignore[call-overload]
-        order.append(texts[0].split()[0])
-        return np.ones((len(texts), ENCODER_DIM), np.float32)
-
-    counts = embed_corpus(tmp_path, encode, shard_size=2, progress=False, early={"ood": 1})
-    assert counts == {"heldout": 2, "ood": 5, "train": 3}
-    assert order == ["heldout"] * 2 + ["ood"] + ["train"] * 3 + ["ood"] * 4
-    assert load_split(tmp_path, "ood").texts == [f"ood {i}" for i in range(9)]
-
-
 def test_embedding_resumes_at_the_missing_shards(encoder: SentenceEncoder, tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
 from retd.model.model import ARCHITECTURES, RET, KVCache, RETConfig, config_for
+from retd.model.shapes import SHAPES, decode_step_ms, table, train_kbytes_per_s
 
 
 def test_ret_v21_has_exactly_722944_parameters() -> None:
@@ -19,18 +22,19 @@ def test_ret_v21_has_exactly_722944_parameters() -> None:
 
 def test_default_config_is_ret_v21() -> None:
     assert ARCHITECTURES["ret_v21"] == RETConfig()
-    assert RETConfig().head_dim == 128
+    assert (RETConfig().n_layer, RETConfig().n_embd, RETConfig().head_dim) == (3, 128, 32)
 
 
 def test_init_is_nanogpt_like() -> None:
     model = RET(config_for("ret_v21"))
     assert model.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
-    residual = 0.02 / 2**0.5
-    assert model.blocks[0].mlp.proj.weight.std().item() == pytest.approx(residual, rel=0.05)
-    assert model.blocks[0].attn.proj.weight.std().item() == pytest.approx(residual, rel=0.05)
-    assert torch.equal(model.ln_f.weight, torch.ones(256))
-    assert torch.equal(model.ln_f.bias, torch.zeros(256))
+    residual = 0.02 / (2 * model.config.n_layer) ** 0.5
+    for block in model.blocks:
+        assert block.mlp.proj.weight.std().item() == pytest.approx(residual, rel=0.05)
+        assert block.attn.proj.weight.std().item() == pytest.approx(residual, rel=0.05)
+    assert torch.equal(model.ln_f.weight, torch.ones(128))
+    assert torch.equal(model.ln_f.bias, torch.zeros(128))
 
 
 def test_seeded_init_is_reproducible_and_leaves_global_rng_alone(
@@ -96,7 +100,7 @@ def test_forward_depends_on_the_embedding(tiny_model: RET) -> None:
 def test_kv_cache_shapes() -> None:
     cache = KVCache(config_for("ret_v21"), num_slots=5)
     assert cache.num_slots == 5
-    assert cache.k.shape == cache.v.shape == (1, 5, 2, 256, 128)
+    assert cache.k.shape == cache.v.shape == (3, 5, 4, 256, 32)
 
 
 @torch.no_grad()
@@ -190,21 +194,52 @@ def test_bfloat16_model_runs_close_to_float32(
 
 
 # The shapes of the shape search (README): each exactly RET v2.1's parameter budget.
-SEARCHED_SHAPES = [
-    dict(n_layer=1, n_embd=256, mlp_hidden=384, n_head=2, conditioning="add"),
-    dict(n_layer=2, n_embd=128, mlp_hidden=897, n_head=4, conditioning="add"),
-    dict(n_layer=3, n_embd=128, mlp_hidden=512, n_head=4, conditioning="add"),
-    dict(n_layer=5, n_embd=128, mlp_hidden=204, n_head=4, conditioning="add"),
-    dict(n_layer=2, n_embd=128, mlp_hidden=833, n_head=4, conditioning="layer"),
-    dict(n_layer=3, n_embd=128, mlp_hidden=448, n_head=4, conditioning="layer"),
-]
 
 
-@pytest.mark.parametrize("shape", SEARCHED_SHAPES, ids=lambda s: f"{s['n_layer']}x{s['n_embd']}")
-def test_every_searched_shape_has_exactly_722944_parameters(shape: dict[str, object]) -> None:
-    model = RET(config_for("ret_v21", shape))
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_every_searched_shape_has_exactly_722944_parameters(name: str) -> None:
+    model = RET(config_for("ret_v21", SHAPES[name]))
     assert model.num_parameters() == 722_944
     assert sum(t.numel() for t in model.state_dict().values()) == 722_944
+
+
+def test_the_shape_table_reads_each_runs_last_evaluation(tmp_path: Path) -> None:
+    run = tmp_path / "3x128-add"
+    run.mkdir()
+    rows = [
+        {"step": 200, "loss": 3.0},
+        {
+            "step": 400,
+            "minutes": 4.5,
+            "heldout_loss": 2.5,
+            "heldout_loss_shuffled": 2.75,
+            "heldout_chrf_greedy": 7.25,
+            "bytes_per_s": 12345,
+        },
+        {"step": 500, "loss": 2.0},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    timings = {64: dict.fromkeys(SHAPES, 3.5), 1: dict.fromkeys(SHAPES, 0.25)}
+    speeds = dict.fromkeys(SHAPES, 12.0)
+    lines = table(tmp_path, timings, speeds).splitlines()
+    early = table(tmp_path, timings, speeds, at_minutes=4.0).splitlines()
+    assert "decode ms/step @1 | decode ms/step @64 | train kB/s" in lines[0]
+    assert len(lines) == 2 + len(SHAPES)
+    (measured,) = [line for line in lines if line.startswith("| 3×128 | add |")]
+    cells = [c.strip() for c in measured.strip("|").split("|")]
+    assert cells[3:7] == ["722,944", "0.25", "3.50", "12.0"]
+    assert cells[7:] == ["400", "4.5", "2.500", "2.750", "0.250", "7.25"]
+    assert all(line.endswith("| — |") for line in lines[2:] if line is not measured)
+    assert all(line.endswith("| — |") for line in early[2:])  # no evaluation by 4 minutes
+
+
+def test_shapes_are_timed_side_by_side() -> None:
+    shapes = {"one": config_for("ret_tiny"), "two": config_for("ret_tiny", {"n_layer": 2})}
+    for result in (
+        decode_step_ms(shapes, batch=3, steps=2, repeats=1),
+        train_kbytes_per_s(shapes, batches=1, repeats=1),
+    ):
+        assert set(result) == set(shapes) and all(v > 0 for v in result.values())
 
 
 def test_unknown_conditioning_is_refused() -> None:

@@ -18,6 +18,7 @@ from retd.model.evaluate import (
     beam_search,
     evaluate_checkpoint,
     greedy_texts,
+    heldout_rows,
     retrieval_baseline,
     text_scores,
 )
@@ -238,8 +239,11 @@ def test_eval_scores_a_checkpoint_and_writes_its_card(tmp_path: Path) -> None:
     )
     # the greedy figures are those of the server's Decode path
     loaded = load_checkpoint(copy, device="cpu")
-    emb = torch.from_numpy(np.load(FIXTURE / "embeddings/heldout/shard-00000.npy")[:8]).float()
-    texts = (FIXTURE / "corpus/heldout.txt").read_text().splitlines()[:8]
+    lines = (FIXTURE / "corpus/heldout.txt").read_text().splitlines()
+    rows = heldout_rows(len(lines), 8)
+    assert len(rows) == 8 and rows[0] == 0 and rows[-1] == len(lines) - 1
+    emb = torch.from_numpy(np.load(FIXTURE / "embeddings/heldout/shard-00000.npy")[rows]).float()
+    texts = [lines[i] for i in rows]
     decoded = greedy_texts(loaded.model, emb, max_new_tokens=loaded.model.config.max_length - 1)
     assert report["greedy"]["chrf"] == pytest.approx(text_scores(decoded, texts)["chrf"], abs=0.01)
 
@@ -318,8 +322,8 @@ def test_eval_reports_each_source_and_the_ood_split_beside_retrieval(tmp_path: P
     assert set(report["per_source"]["ood"]) == {"docs"}
     for figures in [*report["per_source"]["heldout"].values(), report["per_source"]["ood"]["docs"]]:
         assert figures["texts"] == 3
-        assert 0 <= figures["greedy"]["chrf"] <= 100
-        assert 0 <= figures["retrieval"]["chrf"] <= 100
+        for decoder in ("greedy", "decode_default", "retrieval"):
+            assert 0 <= figures[decoder]["chrf"] <= 100
 
 
 def test_a_model_table_trains_another_shape_and_the_card_records_it(tmp_path: Path) -> None:

@@ -1,0 +1,179 @@
+"""The shape search of RET v2.1: candidate shapes at exactly 722,944 parameters, and its table.
+
+    python -m retd.model.shapes [--runs DIR] [--at-step N | --at-minutes M] [--threads 1]
+
+Prints one markdown row per candidate: its shape, parameters, decode milliseconds per step at
+batch 1 and 64 (random weights, KV cache, greedy) and training kB/s (batches of 128 texts of
+30-120 bytes, bfloat16 autocast, AdamW), each the median of `repeats` runs with the shapes
+interleaved so that a noisy machine slows them alike; and, where DIR/NAME holds a `retd train`
+run of that candidate (metrics.jsonl), its last held-out evaluation (or the last at or before
+step N / M training minutes): loss with the true and with shuffled embeddings, greedy chrF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from retd.model.model import RET, KVCache, RETConfig, config_for
+
+# name -> RETConfig overrides of `ret_v21`; every one has exactly 722,944 parameters (a test
+# checks). MLP widths are what is left of the budget after attention, bridge and embeddings.
+SHAPES: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {
+        "1x256-add": dict(n_layer=1, n_embd=256, mlp_hidden=384, n_head=2, conditioning="add"),
+        "2x128-add": dict(n_layer=2, n_embd=128, mlp_hidden=897, n_head=4, conditioning="add"),
+        "3x128-add": dict(n_layer=3, n_embd=128, mlp_hidden=512, n_head=4, conditioning="add"),
+        "5x128-add": dict(n_layer=5, n_embd=128, mlp_hidden=204, n_head=4, conditioning="add"),
+        "2x128-layer": dict(n_layer=2, n_embd=128, mlp_hidden=833, n_head=4, conditioning="layer"),
+        "3x128-layer": dict(n_layer=3, n_embd=128, mlp_hidden=448, n_head=4, conditioning="layer"),
+    }
+)
+
+
+@torch.no_grad()
+def decode_step_ms(
+    configs: Mapping[str, RETConfig], batch: int, steps: int = 64, repeats: int = 5
+) -> dict[str, float]:
+    """Median milliseconds of one greedy decode step (model.step + argmax) at `batch` rows."""
+    models = {name: RET(config).eval() for name, config in configs.items()}
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(batch, next(iter(configs.values())).embedding_dim, generator=generator)
+    rows = torch.arange(batch)
+    for _ in range(repeats):
+        for name, model in models.items():
+            cache = KVCache(model.config, num_slots=batch)
+            cond = model.condition(embeddings)  # (B, C)
+            tokens = torch.zeros(batch, dtype=torch.long)
+            start = time.perf_counter()
+            for t in range(steps):
+                logits = model.step(cond, tokens, torch.full_like(rows, t), cache, slots=rows)
+                tokens = logits.argmax(-1)  # (B,)
+            times[name].append((time.perf_counter() - start) * 1000 / steps)
+    return {name: statistics.median(ms) for name, ms in times.items()}
+
+
+def train_kbytes_per_s(
+    configs: Mapping[str, RETConfig], batches: int = 4, repeats: int = 5
+) -> dict[str, float]:
+    """Median training kB/s (forward, backward, AdamW step) on the same synthetic batches."""
+    from retd.model.train import sequence_loss
+
+    generator = torch.Generator().manual_seed(0)
+    data = []
+    for T in torch.linspace(30, 120, batches).round().long().tolist():
+        inputs = torch.randint(1, 256, (128, T), generator=generator)  # (B, T)
+        targets = torch.cat((inputs, torch.zeros(128, 1, dtype=torch.long)), 1)  # (B, T+1)
+        embeddings = torch.nn.functional.normalize(
+            torch.randn(128, 768, generator=generator), dim=1
+        )
+        data.append((embeddings, inputs, targets))
+    models = {name: RET(config) for name, config in configs.items()}
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+    rates: dict[str, list[float]] = {name: [] for name in configs}
+    for repeat in range(repeats + 1):  # the first round warms up
+        for name, model in models.items():
+            start, nbytes = time.perf_counter(), 0
+            for embeddings, inputs, targets in data:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = sequence_loss(model, embeddings, inputs, targets)
+                optimizers[name].zero_grad()
+                loss.backward()
+                optimizers[name].step()
+                nbytes += targets.numel()
+            if repeat:
+                rates[name].append(nbytes / (time.perf_counter() - start) / 1000)
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def evaluation(
+    run_dir: Path, at_step: int | None = None, at_minutes: float | None = None
+) -> dict[str, Any] | None:
+    """The last metrics.jsonl line of a training run that carries a held-out evaluation (at or
+    before a step or a number of training minutes, when given)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    evaluated = [
+        row
+        for row in rows
+        if "heldout_loss" in row
+        and (at_step is None or row["step"] <= at_step)
+        and (at_minutes is None or row["minutes"] <= at_minutes)
+    ]
+    return evaluated[-1] if evaluated else None
+
+
+def configs() -> dict[str, RETConfig]:
+    return {name: config_for("ret_v21", shape) for name, shape in SHAPES.items()}
+
+
+def table(
+    runs: Path | None,
+    timings: Mapping[int, Mapping[str, float]],
+    speeds: Mapping[str, float],
+    at_step: int | None = None,
+    at_minutes: float | None = None,
+) -> str:
+    """The markdown table: decode ms/step per batch size (`timings[batch][name]`), training
+    kB/s, and each run's held-out evaluation."""
+    batches = sorted(timings)
+    head = ["shape", "conditioning", "MLP", "params"] + [f"decode ms/step @{b}" for b in batches]
+    head += ["train kB/s", "steps", "minutes", "held-out loss", "shuffled", "gap", "greedy chrF"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, config in configs().items():
+        cells = [
+            f"{config.n_layer}×{config.n_embd}",
+            config.conditioning,
+            str(config.mlp_hidden),
+            f"{RET(config).num_parameters():,}",
+        ] + [f"{timings[b][name]:.2f}" for b in batches]
+        cells.append(f"{speeds[name]:.1f}")
+        row = evaluation(runs / name, at_step, at_minutes) if runs is not None else None
+        if row is None:
+            cells += ["—"] * 6
+        else:
+            gap = row["heldout_loss_shuffled"] - row["heldout_loss"]
+            cells += [
+                str(row["step"]),
+                f"{row['minutes']:.1f}",
+                f"{row['heldout_loss']:.3f}",
+                f"{row['heldout_loss_shuffled']:.3f}",
+                f"{gap:.3f}",
+                f"{row['heldout_chrf_greedy']:.2f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m retd.model.shapes", description=__doc__)
+    parser.add_argument("--runs", type=Path, help="directory of training runs named as SHAPES")
+    parser.add_argument("--at-step", type=int, help="each run's last evaluation at or before")
+    parser.add_argument("--at-minutes", type=float, help="... at or before these minutes")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--steps", type=int, default=64, help="decode positions per timing")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: all)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = configs()
+    timings = {b: decode_step_ms(shapes, b, args.steps, args.repeats) for b in args.batches}
+    speeds = train_kbytes_per_s(shapes, repeats=args.repeats)
+    print(table(args.runs, timings, speeds, args.at_step, args.at_minutes))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
