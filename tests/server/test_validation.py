@@ -101,7 +101,9 @@ CASES: dict[str, tuple[Callable[[Any], Any], grpc.StatusCode, tuple[str, ...]]] 
         decode(raw(le_bytes(GOOD), [769])), INVALID, ("embedding.raw.shape", "769", "768")
     ),
     "decode max_new_tokens beyond max_length": (
-        decode(vector(GOOD), max_new_tokens=257), INVALID, ("max_new_tokens", "257", "256")
+        decode(vector(GOOD), max_new_tokens=257),
+        INVALID,
+        ("max_new_tokens: 257 exceeds the max_length of model 'ret_v21' (256); expected 1..256",),
     ),
     "generate max_new_tokens beyond max_length": (
         generate(max_new_tokens=1000), INVALID, ("max_new_tokens", "1000", "256")
