@@ -232,7 +232,7 @@ def model_info(msg: decoder_pb2.ModelInfo) -> ModelInfo:
         dtype=msg.dtype,
         device=msg.device,
         checkpoint_sha256=msg.checkpoint_sha256,
-        card=json_format.MessageToDict(msg.card),
+        card=whole_numbers_as_ints(json_format.MessageToDict(msg.card)),
         trained=msg.trained,
         encoder=msg.encoder,
         load=model_load(msg.load),
@@ -241,6 +241,25 @@ def model_info(msg: decoder_pb2.ModelInfo) -> ModelInfo:
         repository_version=msg.repository_version,
         serving=msg.serving,
     )
+
+
+_EXACT_INTS = 2**53  # beyond it a double no longer holds every integer
+
+
+def whole_numbers_as_ints(value: Any) -> Any:
+    """JSON-like data with its whole floats as ints: a protobuf ``Struct`` (a model's card)
+    holds every number as a double, so a card's ``"n_head": 2`` arrives as ``2.0``.
+
+    >>> whole_numbers_as_ints({"n_head": 2.0, "lr": 0.0003, "sizes": [1.0, 2.5]})
+    {'n_head': 2, 'lr': 0.0003, 'sizes': [1, 2.5]}
+    """
+    if isinstance(value, dict):
+        return {key: whole_numbers_as_ints(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [whole_numbers_as_ints(item) for item in value]
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _EXACT_INTS:
+        return int(value)
+    return value
 
 
 def model_load(msg: decoder_pb2.ModelLoad) -> ModelLoad:

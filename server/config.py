@@ -77,6 +77,7 @@ class ServerConfig:
     max_message_bytes: int = 4 * MiB
     log_level: str = "INFO"
     log_format: str = "text"
+    access_log: bool = False
     service_name: str = "retd"
     traces_exporter: str = "none"
     metrics_exporter: str = "prometheus"
@@ -297,7 +298,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "log_format",
         _one_of("log_format", ("text", "json")),
-        "text or json (one object per line); every line carries the trace and span ids",
+        "text or json (one object per line); lines carry the trace and span ids when tracing is on",
+    ),
+    Setting(
+        "access_log",
+        _on_off("access_log"),
+        "on or off (default): an INFO line per call on the retd.access logger (method, "
+        "status, latency, tokens, model)",
     ),
     Setting(
         "service_name",

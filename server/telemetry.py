@@ -269,15 +269,17 @@ class Telemetry:
             span.set_attribute("rpc.grpc.status_code", code.value[0])
             if code is not grpc.StatusCode.OK:
                 span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}"))
+        if not access_log.isEnabledFor(logging.INFO):  # --access-log off (the default)
+            return
         span_context = span.get_span_context()
         model = ",".join(sorted(tally.models))
         access_log.info(
-            "%s %s %.1fms %d tokens %s",
+            "%s %s %.1fms %d tokens%s",
             method,
             code.name,
             seconds * 1e3,
             tally.tokens,
-            model,
+            f" {model}" if model else "",
             extra={
                 "rpc_method": method,
                 "status": code.name,
@@ -364,13 +366,16 @@ def _hex(value: int, width: int) -> str:
 
 
 class TraceContextFilter(logging.Filter):
-    """Puts the current trace and span ids on every log record."""
+    """Puts the current trace and span ids on every log record, and `trace_suffix` (the
+    text format's ` trace_id=... span_id=...`, empty when no span records: tracing off)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        context = trace.get_current_span().get_span_context()
         if not hasattr(record, "trace_id"):
+            context = trace.get_current_span().get_span_context()
             record.trace_id = _hex(context.trace_id, 32)
             record.span_id = _hex(context.span_id, 16)
+        trace_id, span_id = getattr(record, "trace_id", ""), getattr(record, "span_id", "")
+        record.trace_suffix = f" trace_id={trace_id} span_id={span_id}" if trace_id else ""
         return True
 
 
@@ -394,17 +399,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure_logging(level: str, log_format: str) -> None:
-    """Root logging as text or JSON lines, every record carrying trace and span ids."""
+def configure_logging(level: str, log_format: str, access: bool) -> None:
+    """Root logging as text or JSON lines, every record carrying trace and span ids (text
+    lines only when tracing is on). `access`: a line per call on `retd.access` (at INFO)."""
     handler = logging.StreamHandler()
     handler.addFilter(TraceContextFilter())
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter(
-                "%(asctime)s %(levelname)s %(name)s: %(message)s"
-                " trace_id=%(trace_id)s span_id=%(span_id)s"
-            )
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s%(trace_suffix)s")
         )
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    access_log.setLevel(logging.NOTSET if access else logging.WARNING)

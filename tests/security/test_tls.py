@@ -55,6 +55,7 @@ def mtls_server(
     tmp_path_factory: pytest.TempPathFactory, pki: Pki, checkpoint: Path
 ) -> Iterator[RunningServer]:
     args = [*tls_args(pki, checkpoint), "--tls-client-ca", str(pki.ca.cert_path)]
+    args += ["--access-log", "on"]  # the tests tell served calls from refused ones by it
     running = start_server(tmp_path_factory.mktemp("mtls"), args)
     yield running
     assert running.stop() == 0, running.log()

@@ -29,6 +29,9 @@ def test_defaults_with_one_checkpoint(checkpoint: Path) -> None:
     (model,) = config.models
     assert (model.name, model.checkpoint, model.device) == ("ret_v21", checkpoint, "auto")
     assert (model.max_batch_size, model.max_queue_size, model.batching) == (32, 1024, "continuous")
+    assert config.access_log is False
+    assert parse(["--checkpoint", str(checkpoint), "--access-log", "on"]).access_log is True
+    assert parse(["--checkpoint", str(checkpoint)], {"RETD_ACCESS_LOG": "yes"}).access_log is True
 
 
 def test_flags_beat_environment_which_beats_toml(tmp_path: Path, checkpoint: Path) -> None:

@@ -66,7 +66,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def served(checkpoints: dict[str, Path]) -> Iterator[RunningServer]:
     folder = checkpoints[RET].parent
     args = ["--model", f"{RET}={checkpoints[RET]}", "--model", f"{BANK}={checkpoints[BANK]}"]
-    server = start_server(folder, [*args, "--max-batch-size", "16"])
+    server = start_server(folder, [*args, "--max-batch-size", "16", "--access-log", "on"])
     yield server
     assert server.stop(signal.SIGTERM) == 0, server.log()
 
@@ -250,7 +250,7 @@ def test_ret_generate_has_no_candidates(client: Client) -> None:
 
 def test_the_access_log_names_the_bank(served: RunningServer, client: Client) -> None:
     client.generate(MEMBERS[0], model=BANK)
-    line = re.compile(r"retd\.access: Generate OK [\d.]+ms 0 tokens bank ")
+    line = re.compile(r"retd\.access: Generate OK [\d.]+ms 0 tokens bank$", re.MULTILINE)
     deadline = time.monotonic() + 10
     while not line.search(served.log()):  # written as the call ends, a moment after the reply
         assert time.monotonic() < deadline, served.log()[-2000:]
