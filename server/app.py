@@ -202,12 +202,16 @@ class Daemon:
         await self.models.publish_health()
         if config.watch > 0:
             self._watcher = asyncio.create_task(self.models.watch(config.watch))
+        metrics_port = self.telemetry.metrics_port
         log.info(
-            "retd serving %s on %s:%d (default model %s)%s",
+            "retd serving %s on %s:%d (default model %s)%s%s",
             ", ".join(f"{m.name} v{m.version}" for m in self.models.ready()) or "no model",
             config.host,
             self.port,
             self.models.default_model,
+            f"; metrics on http://{config.metrics_host}:{metrics_port}/metrics"
+            if metrics_port
+            else "",
             f"; watching {config.model_repo} every {config.watch:g} s" if self._watcher else "",
         )
 
@@ -287,14 +291,15 @@ def telemetry_config(config: ServerConfig) -> TelemetryConfig:
         otlp_endpoint=config.otlp_endpoint,
         metrics_host=config.metrics_host,
         metrics_port=config.metrics_port,
+        metrics_port_given="metrics_port" in config.given,
     )
 
 
-def _write_ready_file(path: Path, host: str, port: int) -> None:
+def _write_ready_file(path: Path, host: str, port: int, metrics_port: int) -> None:
+    """{address, port, pid, metrics_port} (metrics_port 0: no /metrics endpoint)."""
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(
-        json.dumps({"address": f"{host}:{port}", "port": port, "pid": os.getpid()})
-    )
+    info = {"address": f"{host}:{port}", "port": port, "pid": os.getpid()}
+    temporary.write_text(json.dumps({**info, "metrics_port": metrics_port}))
     temporary.replace(path)  # readers never see a half-written file
 
 
@@ -321,7 +326,8 @@ async def serve(config: ServerConfig) -> int:
         await daemon.stop()
         raise
     if config.ready_file is not None:
-        _write_ready_file(config.ready_file, config.host, daemon.port)
+        metrics_port = daemon.telemetry.metrics_port if daemon.telemetry is not None else 0
+        _write_ready_file(config.ready_file, config.host, daemon.port, metrics_port)
     await stop_requested.wait()
     log.info("shutting down: draining calls in flight (grace period %.1fs)", config.grace_period)
     await daemon.stop()

@@ -104,6 +104,8 @@ class ServerConfig:
     decode_repetition_penalty: float = DecodeDefaults.repetition_penalty
     decode_repetition_ngram_size: int = DecodeDefaults.repetition_ngram_size
     config_file: Path | None = field(default=None, compare=False)
+    # The settings a flag, variable or the TOML file set (the others are their defaults).
+    given: frozenset[str] = field(default=frozenset(), compare=False)
 
     def decode_defaults(self) -> DecodeDefaults:
         """The loop breakers a Decode request that sets none gets."""
@@ -334,7 +336,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "metrics_port",
         _port("metrics_port"),
-        "port of the Prometheus /metrics endpoint (default 9464; 0 turns it off)",
+        "port of the Prometheus /metrics endpoint; must be free when set (default 9464, or "
+        "the next free port when another daemon holds it; 0 turns it off)",
     ),
     Setting("tls_cert", _optional_path, "PEM certificate (chain) for TLS on the port"),
     Setting("tls_key", _optional_path, "PEM private key of --tls-cert"),
@@ -608,6 +611,7 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
         raise ConfigError(f"models: names must be unique, repeated: {duplicates}")
     # With a repository, its models are known once it is read: an empty default is settled
     # then (the first model by name), and a named one need not be among `names`.
+    given = frozenset(values)
     default_model = values.pop("default_model", "") or (names[0] if names else "")
     if default_model not in names and repository is None:
         raise ConfigError(f"default_model: {default_model!r} is not among the models {names}")
@@ -616,4 +620,5 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
         models=tuple(resolved),
         default_model=default_model,
         config_file=Path(config_file) if config_file else None,
+        given=given,
     )

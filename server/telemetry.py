@@ -34,6 +34,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
 from retd.server.engine import Engine, MemorySample, SequenceResult, sample_memory
+from retd.server.metrics_endpoint import start_metrics_endpoint
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("retd.access")
@@ -70,6 +71,8 @@ class TelemetryConfig:
     otlp_endpoint: str | None = None  # else OTEL_EXPORTER_OTLP_ENDPOINT, else localhost:4317
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464  # 0 turns the Prometheus endpoint off
+    # Set explicitly (must be free), or the default (the next free port serves when taken).
+    metrics_port_given: bool = False
 
 
 def _span_exporter(config: TelemetryConfig) -> SpanExporter | None:
@@ -87,21 +90,18 @@ def _span_exporter(config: TelemetryConfig) -> SpanExporter | None:
     raise ValueError(f"traces exporter: expected otlp, console or none, got {kind!r}")
 
 
-def _metric_readers(config: TelemetryConfig) -> list[MetricReader]:
+def _metric_readers(config: TelemetryConfig) -> tuple[list[MetricReader], int]:
+    """The readers, and the port /metrics listens on (0: none)."""
     readers: list[MetricReader] = []
+    metrics_port = 0
     for kind in {k.strip().lower() for k in config.metrics_exporter.split(",")} - {"", "none"}:
         if kind == "prometheus":
             if config.metrics_port:
                 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-                from prometheus_client import start_http_server
 
-                try:
-                    start_http_server(config.metrics_port, addr=config.metrics_host)
-                except OSError as exc:
-                    where = f"{config.metrics_host}:{config.metrics_port}"
-                    raise OSError(
-                        exc.errno, f"the metrics endpoint cannot listen on {where}: {exc.strerror}"
-                    ) from None
+                metrics_port = start_metrics_endpoint(
+                    config.metrics_host, config.metrics_port, port_given=config.metrics_port_given
+                )
                 readers.append(PrometheusMetricReader())
         elif kind == "otlp":
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
@@ -114,7 +114,7 @@ def _metric_readers(config: TelemetryConfig) -> list[MetricReader]:
             readers.append(PeriodicExportingMetricReader(exporter))
         else:
             raise ValueError(f"metrics exporter: expected prometheus, otlp or none, got {kind!r}")
-    return readers
+    return readers, metrics_port
 
 
 class Telemetry:
@@ -126,6 +126,7 @@ class Telemetry:
         meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
         self._tracer_provider = tracer_provider
+        self.metrics_port = 0  # where /metrics listens (from_config's); 0: nowhere
         self._meter_provider = meter_provider
         self.tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer("retd.server")
         meter = (meter_provider or metrics.NoOpMeterProvider()).get_meter("retd.server")
@@ -163,11 +164,13 @@ class Telemetry:
         if exporter is not None:
             tracer_provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
             tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
-        readers = _metric_readers(config)
+        readers, metrics_port = _metric_readers(config)
         meter_provider = (
             MeterProvider(resource=resource, metric_readers=readers) if readers else None
         )
-        return cls(tracer_provider, meter_provider)
+        telemetry = cls(tracer_provider, meter_provider)
+        telemetry.metrics_port = metrics_port
+        return telemetry
 
     def observe(
         self, engines: Callable[[], Iterable[Engine]], in_flight: Callable[[], int]
