@@ -203,12 +203,15 @@ class Daemon:
         if config.watch > 0:
             self._watcher = asyncio.create_task(self.models.watch(config.watch))
         metrics_port = self.telemetry.metrics_port
+        default = self.models.default_model or "none"
+        if self.models.default_reason:
+            default = f"{default}: {self.models.default_reason}"
         log.info(
             "retd serving %s on %s:%d (default model %s)%s%s",
             ", ".join(f"{m.name} v{m.version}" for m in self.models.ready()) or "no model",
             config.host,
             self.port,
-            self.models.default_model,
+            default,
             f"; metrics on http://{config.metrics_host}:{metrics_port}/metrics"
             if metrics_port
             else "",

@@ -399,7 +399,12 @@ SETTINGS: tuple[Setting, ...] = (
         "the n-gram size of Decode's default repetition penalty; 1 = every byte generated "
         f"(default {DecodeDefaults.repetition_ngram_size})",
     ),
-    Setting("default_model", str, "model that requests naming none are served by"),
+    Setting(
+        "default_model",
+        str,
+        "model that requests naming none are served by (default: the first generative model "
+        "by name, else the first model by name)",
+    ),
     Setting(
         "model_repo",
         _optional_path,
@@ -609,11 +614,11 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"models: names must be unique, repeated: {duplicates}")
-    # With a repository, its models are known once it is read: an empty default is settled
-    # then (the first model by name), and a named one need not be among `names`.
+    # An empty default is settled once the models are loaded (ModelRegistry.start: the first
+    # generative one by name); with a repository, a named one need not be among `names`.
     given = frozenset(values)
-    default_model = values.pop("default_model", "") or (names[0] if names else "")
-    if default_model not in names and repository is None:
+    default_model = values.pop("default_model", "")
+    if default_model and default_model not in names and repository is None:
         raise ConfigError(f"default_model: {default_model!r} is not among the models {names}")
     return ServerConfig(
         **values,
