@@ -279,7 +279,7 @@ def test_batch_output_keeps_one_line_per_item(capsys):
 def test_rpc_errors_print_code_and_field(target, capsys, monkeypatch):
     code, out, err = run(["decode", "[1, 2]", "--target", target], capsys, monkeypatch)
     assert code == 2 and out == ""
-    assert err.startswith("error: INVALID_ARGUMENT: embedding.raw: got 2 values; expected 768")
+    assert err.startswith("error: INVALID_ARGUMENT: embedding: got 2 values; expected 768")
     e = json.dumps(B[0].tolist())
     code, _, err = run(["decode", e, "--target", target, "--model", "nope"], capsys, monkeypatch)
     assert code == 2 and err.startswith("error: NOT_FOUND: model: 'nope' is not loaded")

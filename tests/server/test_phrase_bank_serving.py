@@ -436,7 +436,7 @@ def test_bad_hybrid_requests_get_clear_statuses(
                     model=BANK, embedding=pb.Embedding(vector=pb.FloatVector(values=[0.1] * 5))
                 )
             ),
-            "embedding.vector.values: got 5 values; expected 768 float32 values (a "
+            "embedding: got 5 values; expected 768 float32 values (a "
             "sentence-transformers/all-mpnet-base-v2 embedding, which model 'bank' decodes)",
         ),
         (
@@ -445,7 +445,7 @@ def test_bad_hybrid_requests_get_clear_statuses(
                     model=BANK, embedding=as_pb(np.full(768, np.nan, np.float32)), top_k=3
                 )
             ),
-            "embedding.raw: value 0 is nan; expected finite floats",
+            "embedding: value 0 is nan; expected finite floats",
         ),
         (
             lambda s: s.Generate(
