@@ -26,7 +26,7 @@ from retd.model.checkpoint import (
 )
 from retd.model.phrase_bank import load_phrase_bank
 from retd.server.admin import ADMIN_SERVICE, RepositoryService
-from retd.server.config import ModelSpec, ServerConfig
+from retd.server.config import BATCH_ITEM_WIRE_BYTES, ModelSpec, ServerConfig
 from retd.server.engine import Engine, RETEngine
 from retd.server.gate import CallGate
 from retd.server.phrase_bank_engine import PhraseBankEngine
@@ -143,12 +143,22 @@ class Daemon:
             self.telemetry = Telemetry.from_config(telemetry_config(config))
         await self.models.start()
         credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        full_batch = config.max_batch_items * BATCH_ITEM_WIRE_BYTES
+        if config.message_limit < full_batch:
+            log.warning(
+                "max_message_bytes %d cannot hold a DecodeBatch of max_batch_items %d "
+                "embeddings (%d bytes): such batches get RESOURCE_EXHAUSTED; leave "
+                "max_message_bytes unset to size it from max_batch_items",
+                config.message_limit,
+                config.max_batch_items,
+                full_batch,
+            )
         interceptors = [self._access_control()]
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.max_receive_message_length", config.message_limit),
+                ("grpc.max_send_message_length", config.message_limit),
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_concurrent_streams", config.max_concurrent_streams),
                 # Clients that ping more often than this get GOAWAY (ENHANCE_YOUR_CALM).

@@ -24,6 +24,22 @@ class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message names the setting."""
 
 
+# What one DecodeBatch item takes on the wire: a sentence embedding of the encoder's 768
+# float32 values, raw or as a packed float list, and its framing (field tags, lengths, the
+# raw shape: 13 bytes; tests/server/test_message_limits.py measures it).
+EMBEDDING_DIM = 768
+BATCH_ITEM_WIRE_BYTES = EMBEDDING_DIM * 4 + 16
+
+
+def message_bytes_for(max_batch_items: int) -> int:
+    """The request size limit that agrees with `max_batch_items`: room for a DecodeBatch of
+    twice that many embeddings and 1 MiB of other fields, in whole MiB (8 MiB for 1024), so
+    that a batch over the item limit gets INVALID_ARGUMENT naming that limit rather than
+    RESOURCE_EXHAUSTED from the transport."""
+    needed = 2 * max_batch_items * BATCH_ITEM_WIRE_BYTES + MiB
+    return -(-needed // MiB) * MiB
+
+
 # Bounds of the loop breakers, for the settings below and for requests (server/validation.py).
 MAX_NGRAM_SIZE = 256  # bytes; no answer is longer
 MAX_REPETITION_PENALTY = 10.0
@@ -74,7 +90,7 @@ class ServerConfig:
     batching: str = "continuous"
     torch_threads: int = 0
     grace_period: float = 10.0
-    max_message_bytes: int = 4 * MiB
+    max_message_bytes: int = 0  # 0: message_bytes_for(max_batch_items); see message_limit
     log_level: str = "INFO"
     log_format: str = "text"
     access_log: bool = False
@@ -114,6 +130,11 @@ class ServerConfig:
             repetition_penalty=self.decode_repetition_penalty,
             repetition_ngram_size=self.decode_repetition_ngram_size,
         )
+
+    @property
+    def message_limit(self) -> int:
+        """The largest request (and response) message, in bytes."""
+        return self.max_message_bytes or message_bytes_for(self.max_batch_items)
 
     def model_defaults(self) -> ModelSpec:
         """The per-model settings a model without its own gets (repository models)."""
@@ -289,8 +310,10 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "max_message_bytes",
-        _positive_int("max_message_bytes"),
-        "largest request message accepted, in bytes (default 4 MiB)",
+        _non_negative_int("max_message_bytes"),
+        "largest request message accepted, in bytes; 0 (default): room for a DecodeBatch of "
+        "twice --max-batch-items 768-dim float32 embeddings plus 1 MiB (8 MiB for 1024), so "
+        "an over-long batch gets INVALID_ARGUMENT naming max_batch_items",
     ),
     Setting(
         "log_level",

@@ -212,6 +212,10 @@ def test_an_oversize_message_is_resource_exhausted(tmp_path: Path, checkpoint: P
             assert ok.usage.generated_tokens >= 1
     finally:
         assert server.stop() == 0, server.log()
+    # A limit too small for a full DecodeBatch is allowed, with a warning that says so.
+    assert "max_message_bytes 100000 cannot hold a DecodeBatch of max_batch_items 1024 " in (
+        server.log()
+    )
 
 
 floats = st.floats(width=32, allow_nan=True, allow_infinity=True)
