@@ -141,7 +141,8 @@ class Daemon:
         config = self.config
         if self.telemetry is None:
             self.telemetry = Telemetry.from_config(telemetry_config(config))
-        await self.models.start()
+        # What can fail fast (TLS files, token files, the port) is settled before the models
+        # load, so a start that fails says why without loading and releasing them first.
         credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
         full_batch = config.max_batch_items * BATCH_ITEM_WIRE_BYTES
         if config.message_limit < full_batch:
@@ -205,6 +206,11 @@ class Daemon:
                 )
         for service in (self.service, self.admin):
             service.port, service.host = self.port, config.host
+        try:
+            await self.models.start()
+        except BaseException:
+            await server.stop(None)  # bound, never started: frees the port
+            raise
         self.server = server
         await server.start()
         for name in ("", DECODER_SERVICE, ADMIN_SERVICE):
@@ -260,7 +266,7 @@ class Daemon:
         for tokens in self.token_stores:
             tokens.reload()
 
-    async def stop(self) -> None:
+    async def stop(self, *, quiet: bool = False) -> None:
         """Health goes NOT_SERVING, new calls get UNAVAILABLE, calls in flight get the grace
         period to finish (health and reflection keep answering meanwhile); then the last
         refusals are held until the callers are quiet, the listener closes, the held calls
@@ -291,7 +297,7 @@ class Daemon:
             await stopping
         if self._watcher is not None:
             self._watcher.cancel()
-        await self.models.close()
+        await self.models.close(quiet=quiet)
         if self.telemetry is not None:
             await asyncio.to_thread(self.telemetry.shutdown)  # flushes spans still batched
 
@@ -336,7 +342,7 @@ async def serve(config: ServerConfig) -> int:
     try:
         await daemon.start()
     except Exception:
-        await daemon.stop()
+        await daemon.stop(quiet=True)  # nothing was served: no "released" line per model
         raise
     if config.ready_file is not None:
         metrics_port = daemon.telemetry.metrics_port if daemon.telemetry is not None else 0

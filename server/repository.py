@@ -158,6 +158,7 @@ class ModelRegistry:
         self._last_seen: dict[tuple[str, int], Fingerprint] = {}
         self._lock = asyncio.Lock()
         self._drains: set[asyncio.Task[None]] = set()
+        self._quiet_release = False
 
     # ---- start and stop ------------------------------------------------------------------
 
@@ -212,8 +213,10 @@ class ModelRegistry:
             if entry.state is State.READY:
                 return
 
-    async def close(self) -> None:
-        """Release every version (after its calls finish) and wait for every drain."""
+    async def close(self, *, quiet: bool = False) -> None:
+        """Release every version (after its calls finish) and wait for every drain.
+        `quiet`: log the releases at DEBUG (a start that failed: nothing was served)."""
+        self._quiet_release = quiet
         async with self._lock:
             for versions in self._versions.values():
                 for entry in versions.values():
@@ -535,7 +538,8 @@ class ModelRegistry:
                 )
             await entry.engine.close()
         self._draining.remove(entry)
-        log.info("model %s version %d released", entry.name, entry.version)
+        level = logging.DEBUG if self._quiet_release else logging.INFO
+        log.log(level, "model %s version %d released", entry.name, entry.version)
 
     async def _publish_health(self, name: str) -> None:
         """grpc.health.v1 for `name`: SERVING while a version of it is READY."""
