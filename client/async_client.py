@@ -97,6 +97,8 @@ class AsyncClient:
             token=token,
         )
         self._owns_channel = channel is None
+        # Whether calls go over TLS, for the hints of failed connections (None: unknown).
+        self._secure = (credentials is not None) if channel is None else None
         #: Whether the channel balances over replicas with the client's retry policy.
         self.balanced = False
         if channel is None:
@@ -164,7 +166,7 @@ class AsyncClient:
                     request, timeout=remaining, metadata=with_trace_context(self._metadata)
                 )
             except grpc.RpcError as err:
-                error = from_rpc_error(err)
+                error = from_rpc_error(err, secure=self._secure)
                 pause = next(pauses, None) if _balancing.retryable(error.code) else None
                 if pause is None or (end is not None and time.monotonic() + pause >= end):
                     raise error from err
@@ -292,6 +294,7 @@ class AsyncClient:
                 request, timeout=deadline, metadata=with_trace_context(self._metadata)
             ),
             convert.stream_chunk,
+            secure=self._secure,
         )
 
     async def decode_batch(
@@ -385,6 +388,7 @@ class AsyncClient:
             ),
             convert.stream_item,
             failure,
+            secure=self._secure,
         )
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
@@ -476,6 +480,8 @@ async def _iterate(
     start: Callable[[], Any],
     convert_one: Callable[[Any], _T],
     failure: list[BaseException] | None = None,
+    *,
+    secure: bool | None = None,
 ) -> AsyncGenerator[_T, None]:
     """Start a streaming call, yield converted responses; typed errors; cancel when closed."""
     call = start()
@@ -489,6 +495,6 @@ async def _iterate(
     except grpc.RpcError as err:
         if failure:
             raise failure[0] from err
-        raise from_rpc_error(err) from err
+        raise from_rpc_error(err, secure=secure) from err
     finally:
         call.cancel()

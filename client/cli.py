@@ -66,6 +66,16 @@ def _default_target() -> str:
     return os.environ.get("RETD_TARGET") or DEFAULT_TARGET
 
 
+def package_version() -> str:
+    """The installed retd's version (pyproject.toml's)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("retd")
+    except PackageNotFoundError:  # run from a tree that was never installed
+        return "unknown (not installed)"
+
+
 class _OptionError(Exception):
     """A bad connection option (a TLS file that cannot be read, a malformed token)."""
 
@@ -77,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="retd: decode 768-dim sentence embeddings into text over gRPC.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"retd {package_version()}", help="print it"
     )
     connection = argparse.ArgumentParser(add_help=False)
     connection.add_argument(
@@ -201,7 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=_generate)
 
     info = commands.add_parser(
-        "info", parents=common, help="describe a model", description="Describe a model."
+        "info",
+        parents=common,
+        help="describe a model",
+        description="Describe a model: one `field: value` line each, then its card as "
+        "indented JSON (--json: all of it as one JSON object).",
     )
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_info)
@@ -326,7 +343,8 @@ def _embeddings(args: argparse.Namespace) -> Any:
     except ImportError as err:
         raise EmbeddingInputError(
             f"--text needs the sentence encoder, which is not installed ({err}): run "
-            "`make encoder` (pip install 'retd[encoder]' and the encoder's weights)"
+            "`make encoder` in the retd checkout (it installs retd[encoder] and the encoder's "
+            "weights into .venv)"
         ) from err
     try:
         vectors = SentenceEncoder.load().encode(args.text)
@@ -434,9 +452,15 @@ def _info(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     for f in dataclasses.fields(info):
         value = getattr(info, f.name)
+        if f.name == "card":
+            continue
         if isinstance(value, dict) or dataclasses.is_dataclass(value):
             value = json.dumps(_jsonable(value), ensure_ascii=False, sort_keys=True)
         print(f"{f.name}: {value}", file=out)
+    # The card last, indented: it is long (encoder, training data, metrics, ...).
+    card = json.dumps(info.card, ensure_ascii=False, sort_keys=True, indent=2)
+    print("card:", file=out)
+    print("\n".join(f"  {line}" for line in card.splitlines()), file=out)
     return 0
 
 
@@ -532,7 +556,8 @@ def _run_server_command(argv: list[str]) -> int:
     except ImportError as err:
         _print_error(
             f"`retd {argv[0]}` needs the server, which is not installed or failed to import "
-            f"({err}). Install it with: pip install 'retd[server]'"
+            f"({err}). Install it with `make venv` in the retd checkout (it installs "
+            "retd[server] into .venv)"
         )
         return 2
     return int(server_main(argv) or 0)

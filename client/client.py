@@ -111,6 +111,9 @@ class Client:
             token=token,
         )
         self._owns_channel = channel is None
+        # Whether calls go over TLS, for the hints of failed connections (None: a channel
+        # of the caller's, unknown).
+        self._secure = (credentials is not None) if channel is None else None
         #: Whether the channel balances over replicas with the client's retry policy.
         self.balanced = False
         if channel is None:
@@ -174,7 +177,7 @@ class Client:
                     request, timeout=remaining, metadata=with_trace_context(self._metadata)
                 )
             except grpc.RpcError as err:
-                error = from_rpc_error(err)
+                error = from_rpc_error(err, secure=self._secure)
                 pause = next(pauses, None) if _balancing.retryable(error.code) else None
                 if pause is None or (end is not None and time.monotonic() + pause >= end):
                     raise error from err
@@ -354,7 +357,7 @@ class Client:
         call = self._stub.GenerateStream(
             request, timeout=self._deadline(timeout), metadata=with_trace_context(self._metadata)
         )
-        return _iterate(call, convert.stream_chunk)
+        return _iterate(call, convert.stream_chunk, secure=self._secure)
 
     def decode_batch(
         self,
@@ -456,7 +459,7 @@ class Client:
         call = self._stub.DecodeStream(
             requests(), timeout=self._deadline(timeout), metadata=with_trace_context(self._metadata)
         )
-        return _iterate(call, convert.stream_item, failure)
+        return _iterate(call, convert.stream_item, failure, secure=self._secure)
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """The models the server has loaded (see :meth:`default_model` for the default)."""
@@ -567,7 +570,11 @@ class Client:
 
 
 def _iterate(
-    call: Any, convert_one: Callable[[Any], _T], failure: list[BaseException] | None = None
+    call: Any,
+    convert_one: Callable[[Any], _T],
+    failure: list[BaseException] | None = None,
+    *,
+    secure: bool | None = None,
 ) -> Generator[_T, None, None]:
     """Yield converted responses of a streaming call; typed errors; cancel when closed early."""
     try:
@@ -580,6 +587,6 @@ def _iterate(
     except grpc.RpcError as err:
         if failure:
             raise failure[0] from err
-        raise from_rpc_error(err) from err
+        raise from_rpc_error(err, secure=secure) from err
     finally:
         call.cancel()

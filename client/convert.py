@@ -3,8 +3,9 @@
 Embeddings go out as :class:`decoder_pb2.Embedding`: by default as a ``RawTensor`` of
 little-endian float32 bytes (the fast path), or with ``encoding="vector"`` as a
 ``FloatVector``. Anything :func:`numpy.asarray` understands is accepted: numpy arrays, lists
-and tuples of numbers, and objects with ``__array__`` (a CPU torch tensor works without this
-module importing torch).
+and tuples of numbers, and objects with ``__array__``; and torch tensors of any float dtype
+(float16, bfloat16, float32, float64), on any device, requiring grad or not, recognised by
+their methods (this module never imports torch). Every float dtype goes out as float32.
 
 >>> import numpy as np
 >>> msg = to_embedding(np.ones(768, dtype=np.float32))
@@ -71,23 +72,69 @@ EmbeddingEncoding: TypeAlias = Literal["raw", "vector"]
 _LITTLE_F32 = np.dtype("<f4")
 
 
+def _is_tensor(value: Any) -> bool:
+    """A torch tensor (or one like it), told by its methods: the client never imports torch."""
+    return all(callable(getattr(value, m, None)) for m in ("detach", "cpu", "float", "numpy"))
+
+
+def describe(value: Any) -> str:
+    """What a caller passed, for error messages: its type, and its shape and dtype if any.
+
+    >>> describe([0.5, "x"]), describe(np.zeros((2, 3), np.float16))
+    ('a list of 2 items', 'a numpy.ndarray of shape [2, 3] and dtype float16')
+    """
+    kind = type(value)
+    where = "" if kind.__module__ == "builtins" else f"{kind.__module__.split('.')[0]}."
+    what = f"a {where}{kind.__qualname__}"
+    if isinstance(value, list | tuple):
+        return f"{what} of {len(value)} items"
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is not None and dtype is not None:
+        return f"{what} of shape {list(shape)} and dtype {dtype}"
+    return what
+
+
+def _tensor_as_numpy(value: Any, name: str) -> np.ndarray:
+    """A torch tensor's values as float32 numpy: detached, on the CPU, and as float32 first,
+    since numpy has no bfloat16 (``tensor.numpy()`` raises for it)."""
+    dtype = str(getattr(value, "dtype", ""))
+    if "complex" in dtype or "bool" in dtype:
+        raise InvalidArgumentError(f"{name}: expected real numbers, got {describe(value)}")
+    try:
+        return np.asarray(value.detach().cpu().float().numpy())
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InvalidArgumentError(f"{name}: cannot read {describe(value)} ({err})") from err
+
+
 def to_array(value: EmbeddingLike, *, name: str = "embedding") -> np.ndarray:
     """``value`` as a 1-D little-endian float32 array; raise if it cannot be one embedding.
 
-    A ``(1, dim)`` array is accepted and flattened. ``name`` prefixes error messages.
+    A ``(1, dim)`` array is accepted and flattened. Float16, bfloat16 (torch) and float64
+    values are converted to float32. Errors start with ``name`` and say what was passed.
+
+    >>> to_array(np.array([[0.5, 1.5]], dtype=np.float16)).tolist()
+    [0.5, 1.5]
     """
-    try:
-        array = np.asarray(value)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise InvalidArgumentError(f"{name}: not an array of numbers ({err})") from err
+    if _is_tensor(value):
+        array = _tensor_as_numpy(value, name)
+    else:
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise InvalidArgumentError(
+                f"{name}: expected an array of numbers, got {describe(value)} ({err})"
+            ) from err
     if array.dtype.kind not in "fiu":
-        raise InvalidArgumentError(f"{name}: expected numbers, got an array of dtype {array.dtype}")
+        got = describe(value)
+        if isinstance(value, list | tuple):
+            got += f" (numpy reads it as dtype {array.dtype})"
+        raise InvalidArgumentError(f"{name}: expected numbers, got {got}")
     if array.ndim == 2 and array.shape[0] == 1:
         array = array.reshape(-1)
     if array.ndim != 1:
         raise InvalidArgumentError(
-            f"{name}: expected one embedding (shape [dim] or [1, dim]), "
-            f"got shape {list(array.shape)}"
+            f"{name}: expected one embedding (shape [dim] or [1, dim]), got {describe(value)}"
+            + ("" if hasattr(value, "shape") else f" (shape {list(array.shape)})")
         )
     return array.astype(_LITTLE_F32, copy=False)
 
@@ -120,12 +167,14 @@ def to_embeddings(
     """
     if isinstance(values, decoder_pb2.Embedding | str | bytes):
         raise InvalidArgumentError(f"{name}: expected several embeddings, got one")
-    if not isinstance(values, list | tuple) and hasattr(values, "__array__"):
-        array = np.asarray(values)
+    if not isinstance(values, list | tuple) and (
+        _is_tensor(values) or hasattr(values, "__array__")
+    ):
+        array = _tensor_as_numpy(values, name) if _is_tensor(values) else np.asarray(values)
         if array.ndim != 2:
             raise InvalidArgumentError(
                 f"{name}: expected a 2-D array (N, dim) or a sequence of embeddings, "
-                f"got shape {list(array.shape)}"
+                f"got {describe(values)}"
             )
         values = list(array)
     items = list(values)
@@ -232,7 +281,7 @@ def model_info(msg: decoder_pb2.ModelInfo) -> ModelInfo:
         dtype=msg.dtype,
         device=msg.device,
         checkpoint_sha256=msg.checkpoint_sha256,
-        card=json_format.MessageToDict(msg.card),
+        card=whole_numbers_as_ints(json_format.MessageToDict(msg.card)),
         trained=msg.trained,
         encoder=msg.encoder,
         load=model_load(msg.load),
@@ -241,6 +290,25 @@ def model_info(msg: decoder_pb2.ModelInfo) -> ModelInfo:
         repository_version=msg.repository_version,
         serving=msg.serving,
     )
+
+
+_EXACT_INTS = 2**53  # beyond it a double no longer holds every integer
+
+
+def whole_numbers_as_ints(value: Any) -> Any:
+    """JSON-like data with its whole floats as ints: a protobuf ``Struct`` (a model's card)
+    holds every number as a double, so a card's ``"n_head": 2`` arrives as ``2.0``.
+
+    >>> whole_numbers_as_ints({"n_head": 2.0, "lr": 0.0003, "sizes": [1.0, 2.5]})
+    {'n_head': 2, 'lr': 0.0003, 'sizes': [1, 2.5]}
+    """
+    if isinstance(value, dict):
+        return {key: whole_numbers_as_ints(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [whole_numbers_as_ints(item) for item in value]
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _EXACT_INTS:
+        return int(value)
+    return value
 
 
 def model_load(msg: decoder_pb2.ModelLoad) -> ModelLoad:

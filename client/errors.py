@@ -185,12 +185,21 @@ def error_from_code(code: grpc.StatusCode | int, details: str = "") -> RetdError
     return _BY_CODE.get(code, UnknownError)(details, code)
 
 
-def from_rpc_error(err: grpc.RpcError) -> RetdError:
-    """Turn a failed call's :class:`grpc.RpcError` (sync or ``grpc.aio``) into a typed error."""
+def from_rpc_error(err: grpc.RpcError, *, secure: bool | None = None) -> RetdError:
+    """Turn a failed call's :class:`grpc.RpcError` (sync or ``grpc.aio``) into a typed error.
+
+    ``secure``: whether the channel used TLS (None: unknown). When known, an UNAVAILABLE
+    that looks like a TLS mismatch (a plaintext client at a TLS port, a certificate that did
+    not verify, TLS at a plaintext port) gets a hint of the likely cause appended."""
     code = getattr(err, "code", None)
     details = getattr(err, "details", None)
     status = code() if callable(code) else None
-    message = details() if callable(details) else None
+    message = (details() if callable(details) else None) or ""
     if not isinstance(status, grpc.StatusCode):
         status = grpc.StatusCode.UNKNOWN
-    return error_from_code(status, message or "")
+    if status is grpc.StatusCode.UNAVAILABLE:
+        from ._security import connection_hint
+
+        hint = connection_hint(message, secure)
+        message = f"{message} (hint: {hint})" if hint else message
+    return error_from_code(status, message)

@@ -139,7 +139,8 @@ class SentenceEncoder:
             from transformers.utils import logging as transformers_logging
         except ImportError as exc:
             raise EncoderError(
-                "the encoder needs `transformers`: pip install 'retd[encoder]'"
+                "the encoder needs `transformers`: run `make encoder` in the retd checkout "
+                "(it installs retd[encoder] and the encoder's weights into .venv)"
             ) from exc
         transformers_logging.disable_progress_bar()  # keep a CLI's stderr for errors
         self.model_dir = model_dir

@@ -26,7 +26,7 @@ from retd.model.checkpoint import (
 )
 from retd.model.phrase_bank import load_phrase_bank
 from retd.server.admin import ADMIN_SERVICE, RepositoryService
-from retd.server.config import ModelSpec, ServerConfig
+from retd.server.config import BATCH_ITEM_WIRE_BYTES, ModelSpec, ServerConfig
 from retd.server.engine import Engine, RETEngine
 from retd.server.gate import CallGate
 from retd.server.phrase_bank_engine import PhraseBankEngine
@@ -141,14 +141,25 @@ class Daemon:
         config = self.config
         if self.telemetry is None:
             self.telemetry = Telemetry.from_config(telemetry_config(config))
-        await self.models.start()
+        # What can fail fast (TLS files, token files, the port) is settled before the models
+        # load, so a start that fails says why without loading and releasing them first.
         credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        full_batch = config.max_batch_items * BATCH_ITEM_WIRE_BYTES
+        if config.message_limit < full_batch:
+            log.warning(
+                "max_message_bytes %d cannot hold a DecodeBatch of max_batch_items %d "
+                "embeddings (%d bytes): such batches get RESOURCE_EXHAUSTED; leave "
+                "max_message_bytes unset to size it from max_batch_items",
+                config.message_limit,
+                config.max_batch_items,
+                full_batch,
+            )
         interceptors = [self._access_control()]
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.max_receive_message_length", config.message_limit),
+                ("grpc.max_send_message_length", config.message_limit),
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_concurrent_streams", config.max_concurrent_streams),
                 # Clients that ping more often than this get GOAWAY (ENHANCE_YOUR_CALM).
@@ -195,6 +206,11 @@ class Daemon:
                 )
         for service in (self.service, self.admin):
             service.port, service.host = self.port, config.host
+        try:
+            await self.models.start()
+        except BaseException:
+            await server.stop(None)  # bound, never started: frees the port
+            raise
         self.server = server
         await server.start()
         for name in ("", DECODER_SERVICE, ADMIN_SERVICE):
@@ -202,12 +218,19 @@ class Daemon:
         await self.models.publish_health()
         if config.watch > 0:
             self._watcher = asyncio.create_task(self.models.watch(config.watch))
+        metrics_port = self.telemetry.metrics_port
+        default = self.models.default_model or "none"
+        if self.models.default_reason:
+            default = f"{default}: {self.models.default_reason}"
         log.info(
-            "retd serving %s on %s:%d (default model %s)%s",
+            "retd serving %s on %s:%d (default model %s)%s%s",
             ", ".join(f"{m.name} v{m.version}" for m in self.models.ready()) or "no model",
             config.host,
             self.port,
-            self.models.default_model,
+            default,
+            f"; metrics on http://{config.metrics_host}:{metrics_port}/metrics"
+            if metrics_port
+            else "",
             f"; watching {config.model_repo} every {config.watch:g} s" if self._watcher else "",
         )
 
@@ -243,7 +266,7 @@ class Daemon:
         for tokens in self.token_stores:
             tokens.reload()
 
-    async def stop(self) -> None:
+    async def stop(self, *, quiet: bool = False) -> None:
         """Health goes NOT_SERVING, new calls get UNAVAILABLE, calls in flight get the grace
         period to finish (health and reflection keep answering meanwhile); then the last
         refusals are held until the callers are quiet, the listener closes, the held calls
@@ -274,7 +297,7 @@ class Daemon:
             await stopping
         if self._watcher is not None:
             self._watcher.cancel()
-        await self.models.close()
+        await self.models.close(quiet=quiet)
         if self.telemetry is not None:
             await asyncio.to_thread(self.telemetry.shutdown)  # flushes spans still batched
 
@@ -287,14 +310,15 @@ def telemetry_config(config: ServerConfig) -> TelemetryConfig:
         otlp_endpoint=config.otlp_endpoint,
         metrics_host=config.metrics_host,
         metrics_port=config.metrics_port,
+        metrics_port_given="metrics_port" in config.given,
     )
 
 
-def _write_ready_file(path: Path, host: str, port: int) -> None:
+def _write_ready_file(path: Path, host: str, port: int, metrics_port: int) -> None:
+    """{address, port, pid, metrics_port} (metrics_port 0: no /metrics endpoint)."""
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(
-        json.dumps({"address": f"{host}:{port}", "port": port, "pid": os.getpid()})
-    )
+    info = {"address": f"{host}:{port}", "port": port, "pid": os.getpid()}
+    temporary.write_text(json.dumps({**info, "metrics_port": metrics_port}))
     temporary.replace(path)  # readers never see a half-written file
 
 
@@ -318,10 +342,11 @@ async def serve(config: ServerConfig) -> int:
     try:
         await daemon.start()
     except Exception:
-        await daemon.stop()
+        await daemon.stop(quiet=True)  # nothing was served: no "released" line per model
         raise
     if config.ready_file is not None:
-        _write_ready_file(config.ready_file, config.host, daemon.port)
+        metrics_port = daemon.telemetry.metrics_port if daemon.telemetry is not None else 0
+        _write_ready_file(config.ready_file, config.host, daemon.port, metrics_port)
     await stop_requested.wait()
     log.info("shutting down: draining calls in flight (grace period %.1fs)", config.grace_period)
     await daemon.stop()

@@ -30,7 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
     from retd.server.app import serve
     from retd.server.telemetry import configure_logging
 
-    configure_logging(config.log_level, config.log_format)
+    configure_logging(config.log_level, config.log_format, config.access_log)
 
     try:
         return asyncio.run(serve(config))

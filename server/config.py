@@ -27,6 +27,22 @@ class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message names the setting."""
 
 
+# What one DecodeBatch item takes on the wire: a sentence embedding of the encoder's 768
+# float32 values, raw or as a packed float list, and its framing (field tags, lengths, the
+# raw shape: 13 bytes; tests/server/test_message_limits.py measures it).
+EMBEDDING_DIM = 768
+BATCH_ITEM_WIRE_BYTES = EMBEDDING_DIM * 4 + 16
+
+
+def message_bytes_for(max_batch_items: int) -> int:
+    """The request size limit that agrees with `max_batch_items`: room for a DecodeBatch of
+    twice that many embeddings and 1 MiB of other fields, in whole MiB (8 MiB for 1024), so
+    that a batch over the item limit gets INVALID_ARGUMENT naming that limit rather than
+    RESOURCE_EXHAUSTED from the transport."""
+    needed = 2 * max_batch_items * BATCH_ITEM_WIRE_BYTES + MiB
+    return -(-needed // MiB) * MiB
+
+
 # Bounds of the loop breakers, for the settings below and for requests (server/validation.py).
 MAX_NGRAM_SIZE = 256  # bytes; no answer is longer
 MAX_REPETITION_PENALTY = 10.0
@@ -66,9 +82,10 @@ class ServerConfig:
     batching: str = "continuous"
     torch_threads: int = 0
     grace_period: float = 10.0
-    max_message_bytes: int = 4 * MiB
+    max_message_bytes: int = 0  # 0: message_bytes_for(max_batch_items); see message_limit
     log_level: str = "INFO"
     log_format: str = "text"
+    access_log: bool = False
     service_name: str = "retd"
     traces_exporter: str = "none"
     metrics_exporter: str = "prometheus"
@@ -95,6 +112,8 @@ class ServerConfig:
     decode_repetition_penalty: float = DecodeDefaults.repetition_penalty
     decode_repetition_ngram_size: int = DecodeDefaults.repetition_ngram_size
     config_file: Path | None = field(default=None, compare=False)
+    # The settings a flag, variable or the TOML file set (the others are their defaults).
+    given: frozenset[str] = field(default=frozenset(), compare=False)
 
     def decode_defaults(self) -> DecodeDefaults:
         """The loop breakers a Decode request that sets none gets."""
@@ -103,6 +122,11 @@ class ServerConfig:
             repetition_penalty=self.decode_repetition_penalty,
             repetition_ngram_size=self.decode_repetition_ngram_size,
         )
+
+    @property
+    def message_limit(self) -> int:
+        """The largest request (and response) message, in bytes."""
+        return self.max_message_bytes or message_bytes_for(self.max_batch_items)
 
     def model_defaults(self) -> ModelSpec:
         """The per-model settings a model without its own gets (repository models)."""
@@ -278,8 +302,10 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "max_message_bytes",
-        _positive_int("max_message_bytes"),
-        "largest request message accepted, in bytes (default 4 MiB)",
+        _non_negative_int("max_message_bytes"),
+        "largest request message accepted, in bytes; 0 (default): room for a DecodeBatch of "
+        "twice --max-batch-items 768-dim float32 embeddings plus 1 MiB (8 MiB for 1024), so "
+        "an over-long batch gets INVALID_ARGUMENT naming max_batch_items",
     ),
     Setting(
         "log_level",
@@ -289,7 +315,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "log_format",
         _one_of("log_format", ("text", "json")),
-        "text or json (one object per line); every line carries the trace and span ids",
+        "text or json (one object per line); lines carry the trace and span ids when tracing is on",
+    ),
+    Setting(
+        "access_log",
+        _on_off("access_log"),
+        "on or off (default): an INFO line per call on the retd.access logger (method, "
+        "status, latency, tokens, model)",
     ),
     Setting(
         "service_name",
@@ -319,7 +351,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "metrics_port",
         _port("metrics_port"),
-        "port of the Prometheus /metrics endpoint (default 9464; 0 turns it off)",
+        "port of the Prometheus /metrics endpoint; must be free when set (default 9464, or "
+        "the next free port when another daemon holds it; 0 turns it off)",
     ),
     Setting("tls_cert", _optional_path, "PEM certificate (chain) for TLS on the port"),
     Setting("tls_key", _optional_path, "PEM private key of --tls-cert"),
@@ -381,7 +414,12 @@ SETTINGS: tuple[Setting, ...] = (
         "the n-gram size of Decode's default repetition penalty; 1 = every byte generated "
         f"(default {DecodeDefaults.repetition_ngram_size})",
     ),
-    Setting("default_model", str, "model that requests naming none are served by"),
+    Setting(
+        "default_model",
+        str,
+        "model that requests naming none are served by (default: the first generative model "
+        "by name, else the first model by name)",
+    ),
     Setting(
         "model_repo",
         _optional_path,
@@ -591,14 +629,16 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"models: names must be unique, repeated: {duplicates}")
-    # With a repository, its models are known once it is read: an empty default is settled
-    # then (the first model by name), and a named one need not be among `names`.
-    default_model = values.pop("default_model", "") or (names[0] if names else "")
-    if default_model not in names and repository is None:
+    # An empty default is settled once the models are loaded (ModelRegistry.start: the first
+    # generative one by name); with a repository, a named one need not be among `names`.
+    given = frozenset(values)
+    default_model = values.pop("default_model", "")
+    if default_model and default_model not in names and repository is None:
         raise ConfigError(f"default_model: {default_model!r} is not among the models {names}")
     return ServerConfig(
         **values,
         models=tuple(resolved),
         default_model=default_model,
         config_file=Path(config_file) if config_file else None,
+        given=given,
     )

@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from retd.model.checkpoint import checkpoint_kind
+from retd.model.checkpoint import RET_KIND, checkpoint_kind
 from retd.server.config import ConfigError, ModelSpec, model_settings_file
 from retd.server.engine import Engine
 from retd.server.validation import RequestError, shorten
@@ -147,6 +147,8 @@ class ModelRegistry:
         self._repository_models = tuple(repository_models)
         self._defaults = repository_defaults or ModelSpec(name="", checkpoint=Path())
         self.default_model = default_model
+        # Why the default model is that one, for the start-up log.
+        self.default_reason = "set by --default-model" if default_model else ""
         self._drain_timeout = drain_timeout
         self._health = health_servicer
         self._versions: dict[str, dict[int, ModelVersion]] = {}
@@ -156,6 +158,7 @@ class ModelRegistry:
         self._last_seen: dict[tuple[str, int], Fingerprint] = {}
         self._lock = asyncio.Lock()
         self._drains: set[asyncio.Task[None]] = set()
+        self._quiet_release = False
 
     # ---- start and stop ------------------------------------------------------------------
 
@@ -182,8 +185,8 @@ class ModelRegistry:
                         )
                         continue
                     await self._load_newest_that_loads(name, versions)
-        if not self.default_model:  # the first serving model by name
-            self.default_model = next(iter(self.names() or sorted(self._versions)), "")
+        if not self.default_model:
+            self.default_model, self.default_reason = self._first_model()
         elif self.default_model not in self._versions:
             log.error(
                 "default model %r is not among the models %s: requests naming no model get "
@@ -191,6 +194,16 @@ class ModelRegistry:
                 self.default_model,
                 sorted(self._versions),
             )
+
+    def _first_model(self) -> tuple[str, str]:
+        """The default model when none is configured, and why it is that one: the first
+        generative model by name, so that a phrase bank (say `faq` beside `ret`) is never
+        the default by its name alone; else the first serving model by name."""
+        generative = self.names(RET_KIND)
+        if generative:
+            return generative[0], "the first generative model by name"
+        name = next(iter(self.names() or sorted(self._versions)), "")
+        return name, "the first model by name; none is generative" if name else ""
 
     async def _load_newest_that_loads(self, name: str, versions: dict[int, Path]) -> None:
         """At start: the newest version, else the next newest, ... (each failure recorded),
@@ -200,8 +213,10 @@ class ModelRegistry:
             if entry.state is State.READY:
                 return
 
-    async def close(self) -> None:
-        """Release every version (after its calls finish) and wait for every drain."""
+    async def close(self, *, quiet: bool = False) -> None:
+        """Release every version (after its calls finish) and wait for every drain.
+        `quiet`: log the releases at DEBUG (a start that failed: nothing was served)."""
+        self._quiet_release = quiet
         async with self._lock:
             for versions in self._versions.values():
                 for entry in versions.values():
@@ -523,7 +538,8 @@ class ModelRegistry:
                 )
             await entry.engine.close()
         self._draining.remove(entry)
-        log.info("model %s version %d released", entry.name, entry.version)
+        level = logging.DEBUG if self._quiet_release else logging.INFO
+        log.log(level, "model %s version %d released", entry.name, entry.version)
 
     async def _publish_health(self, name: str) -> None:
         """grpc.health.v1 for `name`: SERVING while a version of it is READY."""

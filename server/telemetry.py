@@ -34,6 +34,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
 from retd.server.engine import Engine, MemorySample, SequenceResult, sample_memory
+from retd.server.metrics_endpoint import start_metrics_endpoint
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("retd.access")
@@ -70,6 +71,8 @@ class TelemetryConfig:
     otlp_endpoint: str | None = None  # else OTEL_EXPORTER_OTLP_ENDPOINT, else localhost:4317
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464  # 0 turns the Prometheus endpoint off
+    # Set explicitly (must be free), or the default (the next free port serves when taken).
+    metrics_port_given: bool = False
 
 
 def _span_exporter(config: TelemetryConfig) -> SpanExporter | None:
@@ -87,21 +90,18 @@ def _span_exporter(config: TelemetryConfig) -> SpanExporter | None:
     raise ValueError(f"traces exporter: expected otlp, console or none, got {kind!r}")
 
 
-def _metric_readers(config: TelemetryConfig) -> list[MetricReader]:
+def _metric_readers(config: TelemetryConfig) -> tuple[list[MetricReader], int]:
+    """The readers, and the port /metrics listens on (0: none)."""
     readers: list[MetricReader] = []
+    metrics_port = 0
     for kind in {k.strip().lower() for k in config.metrics_exporter.split(",")} - {"", "none"}:
         if kind == "prometheus":
             if config.metrics_port:
                 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-                from prometheus_client import start_http_server
 
-                try:
-                    start_http_server(config.metrics_port, addr=config.metrics_host)
-                except OSError as exc:
-                    where = f"{config.metrics_host}:{config.metrics_port}"
-                    raise OSError(
-                        exc.errno, f"the metrics endpoint cannot listen on {where}: {exc.strerror}"
-                    ) from None
+                metrics_port = start_metrics_endpoint(
+                    config.metrics_host, config.metrics_port, port_given=config.metrics_port_given
+                )
                 readers.append(PrometheusMetricReader())
         elif kind == "otlp":
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
@@ -114,7 +114,7 @@ def _metric_readers(config: TelemetryConfig) -> list[MetricReader]:
             readers.append(PeriodicExportingMetricReader(exporter))
         else:
             raise ValueError(f"metrics exporter: expected prometheus, otlp or none, got {kind!r}")
-    return readers
+    return readers, metrics_port
 
 
 class Telemetry:
@@ -126,6 +126,7 @@ class Telemetry:
         meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
         self._tracer_provider = tracer_provider
+        self.metrics_port = 0  # where /metrics listens (from_config's); 0: nowhere
         self._meter_provider = meter_provider
         self.tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer("retd.server")
         meter = (meter_provider or metrics.NoOpMeterProvider()).get_meter("retd.server")
@@ -163,11 +164,13 @@ class Telemetry:
         if exporter is not None:
             tracer_provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
             tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
-        readers = _metric_readers(config)
+        readers, metrics_port = _metric_readers(config)
         meter_provider = (
             MeterProvider(resource=resource, metric_readers=readers) if readers else None
         )
-        return cls(tracer_provider, meter_provider)
+        telemetry = cls(tracer_provider, meter_provider)
+        telemetry.metrics_port = metrics_port
+        return telemetry
 
     def observe(
         self, engines: Callable[[], Iterable[Engine]], in_flight: Callable[[], int]
@@ -269,15 +272,17 @@ class Telemetry:
             span.set_attribute("rpc.grpc.status_code", code.value[0])
             if code is not grpc.StatusCode.OK:
                 span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}"))
+        if not access_log.isEnabledFor(logging.INFO):  # --access-log off (the default)
+            return
         span_context = span.get_span_context()
         model = ",".join(sorted(tally.models))
         access_log.info(
-            "%s %s %.1fms %d tokens %s",
+            "%s %s %.1fms %d tokens%s",
             method,
             code.name,
             seconds * 1e3,
             tally.tokens,
-            model,
+            f" {model}" if model else "",
             extra={
                 "rpc_method": method,
                 "status": code.name,
@@ -364,13 +369,16 @@ def _hex(value: int, width: int) -> str:
 
 
 class TraceContextFilter(logging.Filter):
-    """Puts the current trace and span ids on every log record."""
+    """Puts the current trace and span ids on every log record, and `trace_suffix` (the
+    text format's ` trace_id=... span_id=...`, empty when no span records: tracing off)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        context = trace.get_current_span().get_span_context()
         if not hasattr(record, "trace_id"):
+            context = trace.get_current_span().get_span_context()
             record.trace_id = _hex(context.trace_id, 32)
             record.span_id = _hex(context.span_id, 16)
+        trace_id, span_id = getattr(record, "trace_id", ""), getattr(record, "span_id", "")
+        record.trace_suffix = f" trace_id={trace_id} span_id={span_id}" if trace_id else ""
         return True
 
 
@@ -394,17 +402,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure_logging(level: str, log_format: str) -> None:
-    """Root logging as text or JSON lines, every record carrying trace and span ids."""
+def configure_logging(level: str, log_format: str, access: bool) -> None:
+    """Root logging as text or JSON lines, every record carrying trace and span ids (text
+    lines only when tracing is on). `access`: a line per call on `retd.access` (at INFO)."""
     handler = logging.StreamHandler()
     handler.addFilter(TraceContextFilter())
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter(
-                "%(asctime)s %(levelname)s %(name)s: %(message)s"
-                " trace_id=%(trace_id)s span_id=%(span_id)s"
-            )
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s%(trace_suffix)s")
         )
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    access_log.setLevel(logging.NOTSET if access else logging.WARNING)

@@ -57,11 +57,15 @@ class ModelLimits:
 
     def __post_init__(self) -> None:
         if not self.max_length_source:
-            object.__setattr__(self, "max_length_source", f"model {self.name!r}'s max_length")
+            object.__setattr__(self, "max_length_source", f"the max_length of model {self.name!r}")
 
 
 def parse_embedding(embedding: pb.Embedding, field: str, limits: ModelLimits) -> np.ndarray:
-    """The embedding as a (embedding_dim,) float32 array of finite values."""
+    """The embedding as a (embedding_dim,) float32 array of finite values.
+
+    Errors of the values (how many, which is not finite) name `field` itself, not the
+    encoding a client chose for it (`field.raw`): the caller of a client library passed an
+    embedding and never set `raw`; errors of one encoding's own fields name those."""
     expected = (
         f"expected {limits.embedding_dim} float32 values "
         f"(a {limits.encoder} embedding, which model {limits.name!r} decodes)"
@@ -92,16 +96,16 @@ def parse_embedding(embedding: pb.Embedding, field: str, limits: ModelLimits) ->
                 f"{where}.data; expected [{values.size}] or [1, {values.size}]"
             )
     if values.size != limits.embedding_dim:
-        raise invalid(f"{where}: got {values.size} values; {expected}")
+        raise invalid(f"{field}: got {values.size} values; {expected}")
     finite = np.isfinite(values)
     if not finite.all():
         index = int(np.argmin(finite))
-        raise invalid(f"{where}: value {index} is {values[index]}; expected finite floats")
+        raise invalid(f"{field}: value {index} is {values[index]}; expected finite floats")
     too_large = np.abs(values) > MAX_ABS_VALUE
     if too_large.any():
         index = int(np.argmax(too_large))
         raise invalid(
-            f"{where}: value {index} is {values[index]:g}; expected magnitudes below "
+            f"{field}: value {index} is {values[index]:g}; expected magnitudes below "
             f"{MAX_ABS_VALUE:g} (sentence embeddings are about unit length)"
         )
     return values
@@ -123,7 +127,7 @@ def parse_max_new_tokens(value: int, field: str, limits: ModelLimits) -> int:
         return limits.max_length
     if value > limits.max_length:
         raise invalid(
-            f"{field}: {value} exceeds {limits.max_length_source} {limits.max_length}; "
+            f"{field}: {value} exceeds {limits.max_length_source} ({limits.max_length}); "
             f"expected 1..{limits.max_length} (0 means {limits.max_length})"
         )
     return value

@@ -25,6 +25,7 @@ class RunningServer:
     address: str
     port: int
     log_path: Path
+    metrics_port: int = 0  # where /metrics listens; 0: nowhere
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -49,14 +50,18 @@ def start_server(
     env: dict[str, str] | None = None,
     *,
     plain_decode: bool = True,
+    default_metrics_port: bool = False,
 ) -> RunningServer:
     """Start `python -m retd.server` with `args` on 127.0.0.1:0 and wait until it says it
     is serving (it writes its ready file only after every model is loaded and warm).
-    plain_decode: Decode's default loop breakers off (PLAIN_DECODE), unless `args` set them."""
+    plain_decode: Decode's default loop breakers off (PLAIN_DECODE), unless `args` set them.
+    default_metrics_port: /metrics on the daemon's default port (else none, unless `args`
+    set --metrics-port)."""
     ready = tmp_path / f"ready-{time.monotonic_ns()}.json"
     log_path = ready.with_suffix(".log")
     # No Prometheus endpoint unless asked: test servers run side by side.
-    defaults = [] if "--metrics-port" in args else ["--metrics-port", "0"]
+    metrics_set = default_metrics_port or "--metrics-port" in args
+    defaults = [] if metrics_set else ["--metrics-port", "0"]
     if plain_decode and not any(str(a).startswith("--decode-") for a in args):
         defaults += PLAIN_DECODE
     command = [
@@ -80,7 +85,7 @@ def start_server(
             raise RuntimeError(f"server did not start in time:\n{log_path.read_text()}")
         time.sleep(0.05)  # polling for a file the server writes, not waiting on a race
     info = json.loads(ready.read_text())
-    return RunningServer(process, info["address"], info["port"], log_path)
+    return RunningServer(process, info["address"], info["port"], log_path, info["metrics_port"])
 
 
 @pytest.fixture(scope="session")

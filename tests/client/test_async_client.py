@@ -120,7 +120,7 @@ def test_decode_batch_and_stream(server, expected):
         assert [i.ok for i in items] == [True, False, True]
         assert [items[0].unwrap().text, items[2].unwrap().text] == [texts[0], texts[2]]
         assert isinstance(items[1].error, InvalidArgumentError)
-        assert "embeddings[1].raw: got 3 values" in items[1].error.details
+        assert "embeddings[1]: got 3 values" in items[1].error.details
         batch = await client.decode_batch(E, max_new_tokens=N)
         assert [i.unwrap().text for i in batch] == texts
 
@@ -166,7 +166,7 @@ def test_typed_errors(server):
     async def test(client: AsyncClient) -> None:
         with pytest.raises(InvalidArgumentError) as info:
             await client.decode(np.ones(3))
-        assert info.value.details.startswith("embedding.raw: got 3 values; expected 768")
+        assert info.value.details.startswith("embedding: got 3 values; expected 768")
         with pytest.raises(NotFoundError, match="model: 'nope' is not loaded"):
             await client.generate(E[0], model="nope")
         with pytest.raises(InvalidArgumentError, match="embedding"):

@@ -121,6 +121,24 @@ def test_parse_generate():
     assert cli.build_parser().parse_args(["decode"]).priority is None
 
 
+def test_version_flag(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"retd {version('retd')}\n"
+    done = subprocess.run(
+        [shutil.which("retd", path=os.path.dirname(sys.executable)), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stdout.startswith("retd 0.")
+    # A subcommand's --version is still the model version it asks for.
+    assert cli.build_parser().parse_args(["decode", "--version", "2"]).version == 2
+
+
 def test_target_default_from_environment(monkeypatch):
     monkeypatch.delenv("RETD_TARGET", raising=False)
     assert cli.build_parser().parse_args(["health"]).target == DEFAULT_TARGET
@@ -261,7 +279,7 @@ def test_batch_output_keeps_one_line_per_item(capsys):
 def test_rpc_errors_print_code_and_field(target, capsys, monkeypatch):
     code, out, err = run(["decode", "[1, 2]", "--target", target], capsys, monkeypatch)
     assert code == 2 and out == ""
-    assert err.startswith("error: INVALID_ARGUMENT: embedding.raw: got 2 values; expected 768")
+    assert err.startswith("error: INVALID_ARGUMENT: embedding: got 2 values; expected 768")
     e = json.dumps(B[0].tolist())
     code, _, err = run(["decode", e, "--target", target, "--model", "nope"], capsys, monkeypatch)
     assert code == 2 and err.startswith("error: NOT_FOUND: model: 'nope' is not loaded")
@@ -316,7 +334,14 @@ def test_generate_refuses_a_batch(target, capsys, monkeypatch):
 def test_info_command(target, client, capsys, monkeypatch):
     info = client.model_info()
     code, out, _ = run(["info", "--target", target], capsys, monkeypatch)
-    lines = dict(line.split(": ", 1) for line in out.splitlines())
+    head, card = out.split("\ncard:\n", 1)
+    lines = dict(line.split(": ", 1) for line in head.splitlines())
+    # The card: indented JSON, whole numbers as integers (a protobuf Struct has floats only).
+    assert card.startswith("  {\n    ") and card.endswith("  }\n")
+    shown = json.loads(card)
+    n_head = shown["config"]["n_head"]
+    assert shown == info.card and isinstance(n_head, int) and f'"n_head": {n_head},' in card
+    assert ".0," not in card and ".0\n" not in card
     assert code == 0 and lines["name"] == MODEL
     assert lines["parameter_count"] == "722944" and lines["embedding_dim"] == "768"
     assert lines["trained"] == "False" and lines["checkpoint_sha256"] == info.checkpoint_sha256

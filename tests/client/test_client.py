@@ -167,7 +167,7 @@ def test_closing_a_stream_early_cancels_it_on_the_server(client):
 
 def test_stream_errors_raise_from_the_iteration(client):
     stream = client.generate_stream(E[0][:5], max_new_tokens=N)
-    with pytest.raises(InvalidArgumentError, match=r"embedding\.raw: got 5 values"):
+    with pytest.raises(InvalidArgumentError, match=r"embedding: got 5 values"):
         next(stream)
 
 
@@ -191,7 +191,7 @@ def test_decode_batch_bad_item_fails_alone(client):
     error = items[1].error
     assert isinstance(error, InvalidArgumentError)
     assert error.code is grpc.StatusCode.INVALID_ARGUMENT
-    assert error.details.startswith("embeddings[1].raw: got 3 values")
+    assert error.details.startswith("embeddings[1]: got 3 values")
     with pytest.raises(InvalidArgumentError):
         items[1].unwrap()
 
@@ -350,15 +350,32 @@ def test_wrong_dimension_is_invalid_argument_naming_the_field(client, server):
     with pytest.raises(InvalidArgumentError) as info:
         client.decode(E[0][:3])
     assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
-    assert info.value.details.startswith("embedding.raw: got 3 values; expected 768")
-    vector_error = r"^INVALID_ARGUMENT: embedding\.vector"
+    assert info.value.details.startswith("embedding: got 3 values; expected 768")
+    vector_error = r"^INVALID_ARGUMENT: embedding: got 5 values"  # whatever the encoding
     with (
         Client(server.address, timeout=30, encoding="vector") as vector,
         pytest.raises(InvalidArgumentError, match=vector_error),
     ):
         vector.generate(np.ones(5))
-    with pytest.raises(InvalidArgumentError, match=re.escape("embedding.raw: value 2 is nan")):
+    with pytest.raises(InvalidArgumentError, match=re.escape("embedding: value 2 is nan")):
         client.decode(np.where(np.arange(DIM) == 2, np.nan, 1.0))
+
+
+def test_tensors_of_every_float_dtype_decode_as_their_float32_values(client):
+    """A bfloat16 / float16 / float64 torch tensor (CPU, requiring grad or not) decodes like
+    the float32 array of its values; a plain list of the wrong length gets an error naming
+    `embedding`, the argument, not `embedding.raw`, the encoding the client chose."""
+    import torch
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        tensor = torch.tensor(E[1], dtype=dtype, requires_grad=dtype is torch.float64)
+        expected = client.decode(tensor.detach().float().numpy(), max_new_tokens=N).text
+        assert client.decode(tensor, max_new_tokens=N).text == expected, dtype
+        (item,) = client.decode_batch(tensor.reshape(1, -1), max_new_tokens=N)
+        assert item.unwrap().text == expected
+    with pytest.raises(InvalidArgumentError) as info:
+        client.decode([0.5, 1.5])
+    assert info.value.details.startswith("embedding: got 2 values; expected 768 float32 values")
 
 
 def test_bad_parameters_are_invalid_argument_naming_the_field(client):

@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from google.protobuf import struct_pb2
 from hypothesis import given
 from hypothesis import strategies as st
@@ -157,6 +158,95 @@ def test_vector_round_trip(array):
         convert.to_embedding(array, encoding="vector").SerializeToString()
     )
     assert np.array(msg.vector.values, dtype=np.float32).tobytes() == array.tobytes()
+
+
+# --- every float dtype a caller may hold (torch tensors duck-typed: the client never imports
+# torch; these tests do) ---------------------------------------------------------------------
+
+# Values every dtype below holds exactly enough to compare after its own rounding.
+FLOAT16_VALUES = st.floats(min_value=-60000, max_value=60000, allow_nan=False, width=16)
+NUMPY_FLOATS = st.sampled_from([np.float16, np.float32, np.float64, ">f8", np.int16])
+TORCH_FLOATS = st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64])
+ONE_OR_ROW = st.booleans()  # shape [dim], or [1, dim]
+
+
+@given(
+    values=st.lists(FLOAT16_VALUES, min_size=1, max_size=64),
+    dtype=NUMPY_FLOATS,
+    as_row=ONE_OR_ROW,
+    encoding=st.sampled_from(["raw", "vector"]),
+)
+def test_numpy_arrays_of_every_float_dtype_go_out_as_their_float32_values(
+    values, dtype, as_row, encoding
+):
+    array = np.asarray(values).astype(dtype)
+    expected = array.astype(np.float32).ravel()
+    msg = convert.to_embedding(array.reshape(1, -1) if as_row else array, encoding=encoding)
+    got = raw_values(msg) if encoding == "raw" else np.asarray(msg.vector.values, np.float32)
+    assert got.tobytes() == expected.tobytes()
+
+
+@given(
+    values=st.lists(FLOAT16_VALUES, min_size=1, max_size=64),
+    dtype=TORCH_FLOATS,
+    as_row=ONE_OR_ROW,
+    requires_grad=st.booleans(),
+)
+def test_torch_tensors_of_every_float_dtype_go_out_as_their_float32_values(
+    values, dtype, as_row, requires_grad
+):
+    """bfloat16 too, which numpy cannot hold (`tensor.numpy()` raises for it), and tensors
+    that require grad (which `numpy()` refuses too)."""
+    tensor = torch.tensor(values, dtype=dtype, requires_grad=requires_grad)
+    expected = tensor.detach().to(torch.float32).numpy()
+    msg = convert.to_embedding(tensor.reshape(1, -1) if as_row else tensor)
+    assert list(msg.raw.shape) == [len(values)]
+    assert raw_values(msg).tobytes() == expected.tobytes()
+
+
+@given(rows=st.integers(0, 5), dim=st.integers(1, 32), dtype=TORCH_FLOATS)
+def test_batches_of_torch_tensors_of_every_float_dtype(rows, dim, dtype):
+    tensor = torch.randn(rows, dim).to(dtype)
+    msgs = convert.to_embeddings(tensor)
+    assert len(msgs) == rows
+    for row, msg in zip(tensor.to(torch.float32).numpy(), msgs, strict=True):
+        assert raw_values(msg).tobytes() == row.tobytes()
+
+
+@given(
+    shape=st.lists(st.integers(2, 4), min_size=2, max_size=3) | st.just([]),
+    dtype=TORCH_FLOATS,
+)
+def test_a_tensor_that_is_not_one_embedding_is_named_with_its_shape_and_dtype(shape, dtype):
+    tensor = torch.zeros(shape, dtype=dtype)
+    with pytest.raises(InvalidArgumentError) as info:
+        convert.to_embedding(tensor, name="query")
+    assert info.value.details == (
+        "query: expected one embedding (shape [dim] or [1, dim]), got a torch.Tensor of "
+        f"shape {shape} and dtype {dtype}"
+    )
+
+
+@pytest.mark.parametrize(
+    "value, details",
+    [
+        (torch.ones(4, dtype=torch.complex64), "embedding: expected real numbers, got a "
+         "torch.Tensor of shape [4] and dtype torch.complex64"),
+        (torch.ones(4, dtype=torch.bool), "embedding: expected real numbers, got a "
+         "torch.Tensor of shape [4] and dtype torch.bool"),
+        ([True, False], "embedding: expected numbers, got a list of 2 items (numpy reads it "
+         "as dtype bool)"),
+        ("0.5", "embedding: expected numbers, got a str"),
+        (np.zeros((2, 3), np.float16), "embedding: expected one embedding (shape [dim] or "
+         "[1, dim]), got a numpy.ndarray of shape [2, 3] and dtype float16"),
+        ([[0.5], [1.5]], "embedding: expected one embedding (shape [dim] or [1, dim]), got a "
+         "list of 2 items (shape [2, 1])"),
+    ],
+)  # fmt: skip
+def test_errors_say_what_the_caller_passed(value, details):
+    with pytest.raises(InvalidArgumentError) as info:
+        convert.to_embedding(value)
+    assert info.value.details == details
 
 
 # --- responses -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ MODULES = [
     "retd.client.errors",
     "retd.client.inputs",
     "retd.client.types",
+    "retd.client._security",
 ]
 
 

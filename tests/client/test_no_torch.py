@@ -53,4 +53,42 @@ def test_server_command_without_server_deps_says_what_to_install():
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 2
-    assert "retd[server]" in done.stderr
+    assert "retd[server]" in done.stderr and "`make venv`" in done.stderr
+    assert "pip install" not in done.stderr  # retd is not on the package index
+
+
+def test_decode_text_without_the_encoder_names_the_make_target():
+    """`retd decode --text` with no encoder installed says to run `make encoder`, never a
+    `pip install 'retd[encoder]'` (retd is not on the package index)."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["retd.model.encoder"] = None
+        from retd.client.cli import main
+        sys.exit(main(["decode", "--text", "A cat sat on the mat."]))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert "run `make encoder`" in done.stderr and "pip install" not in done.stderr
+
+
+def test_the_encoder_without_transformers_names_the_make_target(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["transformers"] = None
+        from retd.model.encoder import EncoderError, SentenceEncoder
+        try:
+            SentenceEncoder({str(tmp_path)!r})
+        except EncoderError as err:
+            print(err)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "run `make encoder`" in done.stdout and "pip install" not in done.stdout

@@ -87,7 +87,7 @@ def start_replica(
 ) -> Replica:
     metrics_port = free_port()
     args = ["--checkpoint", str(checkpoint), "--metrics-port", str(metrics_port), *extra]
-    args += ["--grace-period", str(GRACE_PERIOD_S)]
+    args += ["--grace-period", str(GRACE_PERIOD_S), "--access-log", "on"]  # refusals()
     if port is not None:  # after start_server's own --port 0: this one wins
         args += ["--port", str(port)]
     folder = Path(tempfile.mkdtemp(dir=tmp_path))  # its own ready file and log

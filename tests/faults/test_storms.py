@@ -116,8 +116,9 @@ def test_disconnect_storm_leaves_the_daemon_idle_and_correct(
     # Few slots, so the killed clients' sequences are both queued and running.
     server = start_server(
         tmp_path,
-        ["--checkpoint", str(checkpoint), "--max-batch-size", "4", "--grace-period", "10"],
-    )
+        ["--checkpoint", str(checkpoint), "--max-batch-size", "4", "--grace-period", "10",
+         "--access-log", "on"],
+    )  # fmt: skip
     try:
         inputs = tmp_path / "embedding.json"
         inputs.write_text(json.dumps(embedding_values(1)))

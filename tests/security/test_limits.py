@@ -125,7 +125,7 @@ def test_the_item_count_is_per_stream(stub: pb_grpc.DecoderStub) -> None:
 
 def test_decode_over_max_new_tokens_limit_is_invalid(stub: pb_grpc.DecoderStub) -> None:
     details = invalid(lambda: stub.Decode(decode_request(0, 17), timeout=CALL_TIMEOUT_S))
-    assert "max_new_tokens_limit 16" in details, details
+    assert "exceeds the server's max_new_tokens_limit (16)" in details, details
     assert "max_new_tokens: 17" in details, details
 
 
@@ -146,7 +146,7 @@ def generate_request(max_new_tokens: int, seed: int = 5) -> pb.GenerateRequest:
 
 def test_generate_obeys_max_new_tokens_limit(stub: pb_grpc.DecoderStub) -> None:
     details = invalid(lambda: stub.Generate(generate_request(17), timeout=CALL_TIMEOUT_S))
-    assert "max_new_tokens_limit 16" in details, details
+    assert "exceeds the server's max_new_tokens_limit (16)" in details, details
     response = stub.Generate(generate_request(0), timeout=CALL_TIMEOUT_S)
     assert 0 < response.usage.generated_tokens <= 16
     assert len(response.token_ids) == response.usage.generated_tokens
@@ -156,7 +156,7 @@ def test_generate_stream_obeys_max_new_tokens_limit(stub: pb_grpc.DecoderStub) -
     details = invalid(
         lambda: list(stub.GenerateStream(generate_request(17), timeout=CALL_TIMEOUT_S))
     )
-    assert "max_new_tokens_limit 16" in details, details
+    assert "exceeds the server's max_new_tokens_limit (16)" in details, details
     chunks = list(stub.GenerateStream(generate_request(0), timeout=CALL_TIMEOUT_S))
     assert 0 < chunks[-1].usage.generated_tokens <= 16
     assert sum(len(c.token_ids) for c in chunks) == chunks[-1].usage.generated_tokens

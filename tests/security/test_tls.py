@@ -3,6 +3,8 @@ at test time; the startup checks of the TLS settings; the plaintext warning."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from retd.client import Client
+from retd.client import Client, UnavailableError
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer, start_server
@@ -55,6 +57,7 @@ def mtls_server(
     tmp_path_factory: pytest.TempPathFactory, pki: Pki, checkpoint: Path
 ) -> Iterator[RunningServer]:
     args = [*tls_args(pki, checkpoint), "--tls-client-ca", str(pki.ca.cert_path)]
+    args += ["--access-log", "on"]  # the tests tell served calls from refused ones by it
     running = start_server(tmp_path_factory.mktemp("mtls"), args)
     yield running
     assert running.stop() == 0, running.log()
@@ -123,6 +126,49 @@ def test_plaintext_channel_to_the_tls_port_fails(tls_server: RunningServer) -> N
 def test_channel_trusting_another_ca_fails(tls_server: RunningServer, pki: Pki) -> None:
     error = refused(tls_channel(local(tls_server), pki.other_ca.cert_pem))
     assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+
+
+def client_error(target: str, **security: object) -> str:
+    """What a retd Client says when its first call cannot connect."""
+    client = Client(target, timeout=REFUSED_TIMEOUT_S, **security)  # type: ignore[arg-type]
+    with client, pytest.raises(UnavailableError) as caught:
+        client.health()
+    return str(caught.value)
+
+
+def test_the_client_says_what_a_tls_mismatch_likely_is(
+    tls_server: RunningServer, mtls_server: RunningServer, server: RunningServer, pki: Pki
+) -> None:
+    """Not just `UNAVAILABLE ... Socket closed`: a hint of the likely cause and its fix."""
+    plaintext_to_tls = client_error(local(tls_server))
+    assert "(hint: the server closed the connection at once: it may require TLS" in (
+        plaintext_to_tls
+    )
+    assert "retd --tls --ca-cert CA_PEM" in plaintext_to_tls
+    untrusted = client_error(local(tls_server), root_certificates=pki.other_ca.cert_pem)
+    assert "(hint: the server's TLS certificate did not verify against the CAs" in untrusted
+    tls_to_plaintext = client_error(server.address, root_certificates=pki.ca.cert_pem)
+    assert "(hint: the server does not speak TLS on this port" in tls_to_plaintext
+    no_client_cert = client_error(local(mtls_server), root_certificates=pki.ca.cert_pem)
+    assert "it may require a client certificate (mutual TLS" in no_client_cert
+    # A channel of the caller's: whether it uses TLS is unknown, so no guess.
+    client = Client(channel=grpc.insecure_channel(local(tls_server)), timeout=5)
+    with client, pytest.raises(UnavailableError) as caught:
+        client.health()
+    assert "hint" not in str(caught.value)
+
+
+def test_the_cli_says_what_a_tls_mismatch_likely_is(tls_server: RunningServer) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "retd.client.cli", "health", "--target", local(tls_server),
+         "--timeout", str(REFUSED_TIMEOUT_S)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: UNAVAILABLE: ")
+    assert "it may require TLS (Client(tls=True, root_certificates=CA_PEM), or retd --tls" in (
+        done.stderr
+    )
 
 
 def test_tls_without_client_ca_does_not_ask_for_a_client_cert(

@@ -78,7 +78,7 @@ def auth_server(
     directory = tmp_path_factory.mktemp("tokens")
     token_file = write_tokens(directory / "tokens.txt", tokens)
     args = ["--checkpoint", str(checkpoint), "--auth-tokens", str(token_file)]
-    running = start_server(directory, args)
+    running = start_server(directory, [*args, "--access-log", "on"])
     yield running
     assert running.stop() == 0, running.log()
 

@@ -25,10 +25,13 @@ def write_toml(tmp_path: Path, text: str) -> Path:
 def test_defaults_with_one_checkpoint(checkpoint: Path) -> None:
     config = parse(["--checkpoint", str(checkpoint)])
     assert (config.host, config.port, config.grace_period) == ("127.0.0.1", 50051, 10.0)
-    assert config.default_model == "ret_v21"
+    assert config.default_model == ""  # settled once the models are loaded (their kinds known)
     (model,) = config.models
     assert (model.name, model.checkpoint, model.device) == ("ret_v21", checkpoint, "auto")
     assert (model.max_batch_size, model.max_queue_size, model.batching) == (32, 1024, "continuous")
+    assert config.access_log is False
+    assert parse(["--checkpoint", str(checkpoint), "--access-log", "on"]).access_log is True
+    assert parse(["--checkpoint", str(checkpoint)], {"RETD_ACCESS_LOG": "yes"}).access_log is True
 
 
 def test_flags_beat_environment_which_beats_toml(tmp_path: Path, checkpoint: Path) -> None:
@@ -63,7 +66,7 @@ def test_toml_models_take_per_model_overrides_over_server_wide_values(
 
 def test_models_from_flags_and_environment(checkpoint: Path) -> None:
     config = parse(["--model", f"x={checkpoint}", "--model", f"y={checkpoint}"])
-    assert [m.name for m in config.models] == ["x", "y"] and config.default_model == "x"
+    assert [m.name for m in config.models] == ["x", "y"] and config.default_model == ""
     config = parse([], {"RETD_MODELS": f"p={checkpoint},q={checkpoint}", "RETD_DEFAULT_MODEL": "q"})
     assert [m.name for m in config.models] == ["p", "q"] and config.default_model == "q"
     config = parse([], {"RETD_CHECKPOINT": str(checkpoint)})

@@ -146,6 +146,42 @@ def test_refuses_to_start_without_its_checkpoint(tmp_path: Path) -> None:
     assert "Traceback" not in message
 
 
+def failed_start(tmp_path: Path, args: list[str]) -> str:
+    """The log of a daemon that must not start (it exits 1)."""
+    with pytest.raises(RuntimeError, match="server exited with 1") as raised:
+        start_server(tmp_path, args)
+    return str(raised.value)
+
+
+def test_a_model_that_fails_says_so_without_releasing_the_others_first(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    log = failed_start(
+        tmp_path, ["--model", f"good={checkpoint}", "--model", f"bad={tmp_path / 'nothing'}"]
+    )
+    assert "model good loaded" in log and "cannot start" in log, log
+    assert "released" not in log, log  # nothing was served: no release line per model
+    assert "Traceback" not in log
+
+
+def test_a_tls_file_that_fails_stops_the_start_before_any_model_loads(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    missing = tmp_path / "missing.pem"
+    args = ["--checkpoint", str(checkpoint), "--tls-cert", str(missing), "--tls-key", str(missing)]
+    log = failed_start(tmp_path, args)
+    assert "cannot start" in log and "tls_" in log, log
+    assert "loaded" not in log and "released" not in log, log
+
+
+def test_a_taken_port_stops_the_start_before_any_model_loads(
+    tmp_path: Path, checkpoint: Path, server: Any
+) -> None:
+    log = failed_start(tmp_path, ["--checkpoint", str(checkpoint), "--port", str(server.port)])
+    assert f"cannot start on 127.0.0.1:{server.port}" in log, log
+    assert "loaded" not in log and "released" not in log, log
+
+
 def test_draining_server_keeps_health_up_and_turns_new_calls_away(
     tmp_path: Path, checkpoint: Path
 ) -> None:

@@ -66,25 +66,25 @@ def generate_stream(**fields: Any) -> Callable[[Any], Any]:
 # (call, expected code, substrings the message must contain)
 CASES: dict[str, tuple[Callable[[Any], Any], grpc.StatusCode, tuple[str, ...]]] = {
     "vector too short": (
-        decode(vector(GOOD[:767])), INVALID, ("embedding.vector.values", "767", "768")
+        decode(vector(GOOD[:767])), INVALID, ("embedding: got 767 values", "768")
     ),
     "vector too long": (
-        decode(vector(np.zeros(769))), INVALID, ("embedding.vector.values", "769", "768")
+        decode(vector(np.zeros(769))), INVALID, ("embedding: got 769 values", "768")
     ),
     "raw wrong dimension": (
-        decode(raw(le_bytes(np.zeros(512)))), INVALID, ("embedding.raw", "512", "768")
+        decode(raw(le_bytes(np.zeros(512)))), INVALID, ("embedding: got 512 values", "768")
     ),
     "NaN": (
         decode(vector(with_value(5, float("nan")))), INVALID,
-        ("embedding.vector.values", "value 5", "nan", "finite"),
+        ("embedding: value 5", "nan", "finite"),
     ),
     "Inf": (
         decode(vector(with_value(700, float("inf")))), INVALID,
-        ("embedding.vector.values", "value 700", "inf", "finite"),
+        ("embedding: value 700", "inf", "finite"),
     ),
     "raw NaN": (
         decode(raw(le_bytes(with_value(0, float("-inf"))))), INVALID,
-        ("embedding.raw", "value 0", "finite"),
+        ("embedding: value 0", "finite"),
     ),
     "empty vector": (decode(vector([])), INVALID, ("embedding.vector.values", "empty", "768")),
     "empty raw": (decode(raw(b"")), INVALID, ("embedding.raw.data", "empty", "768")),
@@ -101,7 +101,9 @@ CASES: dict[str, tuple[Callable[[Any], Any], grpc.StatusCode, tuple[str, ...]]] 
         decode(raw(le_bytes(GOOD), [769])), INVALID, ("embedding.raw.shape", "769", "768")
     ),
     "decode max_new_tokens beyond max_length": (
-        decode(vector(GOOD), max_new_tokens=257), INVALID, ("max_new_tokens", "257", "256")
+        decode(vector(GOOD), max_new_tokens=257),
+        INVALID,
+        ("max_new_tokens: 257 exceeds the max_length of model 'ret_v21' (256); expected 1..256",),
     ),
     "generate max_new_tokens beyond max_length": (
         generate(max_new_tokens=1000), INVALID, ("max_new_tokens", "1000", "256")
@@ -210,6 +212,10 @@ def test_an_oversize_message_is_resource_exhausted(tmp_path: Path, checkpoint: P
             assert ok.usage.generated_tokens >= 1
     finally:
         assert server.stop() == 0, server.log()
+    # A limit too small for a full DecodeBatch is allowed, with a warning that says so.
+    assert "max_message_bytes 100000 cannot hold a DecodeBatch of max_batch_items 1024 " in (
+        server.log()
+    )
 
 
 floats = st.floats(width=32, allow_nan=True, allow_infinity=True)

@@ -1,5 +1,6 @@
-"""Logs of a subprocess daemon: one access line per call on `retd.access`, as JSON objects
-(`--log-format json`) or text, carrying the trace id of the call's exported span."""
+"""Logs of a subprocess daemon: with `--access-log on`, one access line per call on
+`retd.access`, as JSON objects (`--log-format json`) or text, carrying the trace id of the
+call's exported span; none by default; text lines name trace ids only when there are some."""
 
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def test_json_access_lines_carry_the_trace_of_the_exported_span(
     server = start_server(
         tmp_path,
         ["--checkpoint", str(checkpoint), "--log-format", "json", "--traces-exporter", "otlp",
-         "--otlp-endpoint", receiver.endpoint],
+         "--otlp-endpoint", receiver.endpoint, "--access-log", "on"],
     )  # fmt: skip
     try:
         calls = some_calls(server)
@@ -99,7 +100,11 @@ def test_json_access_lines_carry_the_trace_of_the_exported_span(
 
 
 def test_json_logs_without_tracing_have_empty_trace_ids(tmp_path: Path, checkpoint: Path) -> None:
-    server = start_server(tmp_path, ["--checkpoint", str(checkpoint), "--log-format", "json"])
+    server = start_server(
+        tmp_path,
+        ["--checkpoint", str(checkpoint), "--log-format", "json"],
+        env={"RETD_ACCESS_LOG": "on"},
+    )
     try:
         calls = some_calls(server)
     finally:
@@ -113,15 +118,47 @@ def test_json_logs_without_tracing_have_empty_trace_ids(tmp_path: Path, checkpoi
 
 
 def test_text_access_line_names_the_method_and_status(tmp_path: Path, checkpoint: Path) -> None:
-    server = start_server(tmp_path, ["--checkpoint", str(checkpoint)])
+    server = start_server(tmp_path, ["--checkpoint", str(checkpoint), "--access-log", "on"])
     try:
         calls = some_calls(server)
     finally:
         assert server.stop() == 0, server.log()
+    assert "trace_id=" not in server.log()  # tracing off: no empty `trace_id= span_id=`
     access = [line for line in server.log().splitlines() if " retd.access: " in line]
     assert len(access) == len(calls)
     for line, (method, status, tokens) in zip(access, calls, strict=True):
         assert " INFO retd.access: " in line
         message = line.split(" retd.access: ", 1)[1]
         assert re.match(rf"{method} {status} \d+\.\dms {tokens} tokens", message), line
-        assert line.endswith("trace_id= span_id=")  # tracing off
+        assert line.endswith(f" tokens {'ret_v21' if tokens else ''}".rstrip())
+
+
+def test_no_access_lines_by_default(tmp_path: Path, checkpoint: Path) -> None:
+    server = start_server(tmp_path, ["--checkpoint", str(checkpoint), "--log-format", "json"])
+    try:
+        some_calls(server)
+    finally:
+        assert server.stop() == 0, server.log()
+    entries = json_lines(server)
+    assert access_lines(entries) == []
+    assert any("retd serving" in entry["message"] for entry in entries)  # other INFO lines stay
+
+
+def test_text_lines_name_the_trace_when_there_is_one(
+    tmp_path: Path, checkpoint: Path, receiver: Receiver
+) -> None:
+    server = start_server(
+        tmp_path,
+        ["--checkpoint", str(checkpoint), "--traces-exporter", "otlp", "--otlp-endpoint",
+         receiver.endpoint, "--access-log", "on"],
+    )  # fmt: skip
+    try:
+        calls = some_calls(server)
+    finally:
+        assert server.stop() == 0, server.log()
+    access = [line for line in server.log().splitlines() if " retd.access: " in line]
+    assert len(access) == len(calls)
+    suffix = re.compile(r" trace_id=[0-9a-f]{32} span_id=[0-9a-f]{16}$")
+    assert all(suffix.search(line) for line in access), access
+    serving = next(line for line in server.log().splitlines() if "retd serving" in line)
+    assert "trace_id=" not in serving  # logged outside any call: no trace to name

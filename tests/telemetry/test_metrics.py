@@ -22,6 +22,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from retd.server.config import ServerConfig
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
 from tests.conftest import start_server
@@ -49,6 +50,7 @@ def by_call(method: str, code: int) -> tuple[tuple[str, Any], ...]:
 
 
 MODEL = (("retd.model", "ret_v21"),)
+DEFAULT_METRICS_PORT = ServerConfig().metrics_port
 
 
 def make_calls(stub: pb_grpc.DecoderStub) -> int:
@@ -239,7 +241,46 @@ def test_a_taken_metrics_port_is_named_in_the_error(tmp_path: Path, checkpoint: 
         with pytest.raises(RuntimeError) as caught:
             start_server(tmp_path, ["--checkpoint", str(checkpoint), "--metrics-port", str(port)])
     (line,) = [line for line in str(caught.value).splitlines() if "cannot start" in line]
-    assert str(port) in line and "metrics" in line.lower()
+    expected = f"cannot start: the metrics endpoint cannot listen on 127.0.0.1:{port}: Address"
+    assert f"{expected} already in use" in line, line
+    # A port set explicitly is not replaced by another: the error says how to change it.
+    assert "set another port with --metrics-port (or RETD_METRICS_PORT" in line, line
+
+
+def test_a_second_daemon_on_the_default_metrics_port_takes_the_next_free_one(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    """Two daemons started as `retd serve --port N` on one machine: the second finds the
+    default metrics port (9464) taken by the first, and serves /metrics on the next free one
+    instead, saying so."""
+    first = start_server(tmp_path, ["--checkpoint", str(checkpoint)], default_metrics_port=True)
+    try:
+        second = start_server(
+            tmp_path, ["--checkpoint", str(checkpoint)], default_metrics_port=True
+        )
+        try:
+            with second.channel() as channel:
+                stub = pb_grpc.DecoderStub(channel)
+                stub.Decode(pb.DecodeRequest(embedding=embedding(1), max_new_tokens=2))
+            second_families = scrape(second.metrics_port)
+            first_families = scrape(first.metrics_port)
+        finally:
+            assert second.stop() == 0, second.log()
+    finally:
+        assert first.stop() == 0, first.log()
+    assert first.metrics_port >= DEFAULT_METRICS_PORT
+    assert second.metrics_port > DEFAULT_METRICS_PORT and second.metrics_port != first.metrics_port
+    where = f"127.0.0.1:{second.metrics_port}"
+    warning = (
+        f"WARNING retd.server.metrics_endpoint: metrics port {DEFAULT_METRICS_PORT} is taken "
+        f"(another retd?): /metrics listens on {where} instead; --metrics-port chooses the port"
+    )
+    assert warning in second.log(), second.log()
+    assert f"metrics on http://{where}/metrics" in second.log()
+    # Each endpoint is its own daemon's: only the second one served a call.
+    total = "retd_requests_total"
+    assert sample_values(second_families["retd_requests"], total, rpc_method="Decode") == [1]
+    assert "retd_requests" not in first_families
 
 
 def test_calls_refused_while_draining_are_counted(checkpoint: Path) -> None:
