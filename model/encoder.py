@@ -109,18 +109,22 @@ def _find_model_dir(root: Path) -> Path | None:
     return candidates[0].parent if candidates else None
 
 
-#: How the encoder runs: "float32" is the reference (what callers send); "fast" holds the
-#: weights in bfloat16 and compiles the forward pass with torch.compile (inductor fuses the
-#: GELU, LayerNorm and softmax around bfloat16 matrix products). Measured here on 1,000
-#: corpus texts (BENCHMARKS.md): 3.1-3.9x the float32 texts/s, cosine to float32 >= 0.9999.
+#: How the encoder runs: "float32" is the reference (what callers send); "fast" runs batches
+#: longer than FLOAT32_MAX_TOKENS through a bfloat16 copy of the weights compiled with
+#: torch.compile (inductor fuses the GELU, LayerNorm and softmax around bfloat16 matrix
+#: products) and shorter ones in float32: bfloat16 moved a few very short texts' embeddings
+#: (one in 1,000 held-out texts, "Then isn't it?", to cosine 0.987), and short batches cost
+#: little. Figures in BENCHMARKS.md (`python -m retd.model.encoder_bench`).
 PRECISIONS = ("float32", "fast")
+FLOAT32_MAX_TOKENS = 16
 
 
 class SentenceEncoder:
     """all-mpnet-base-v2 through `transformers`: texts -> L2-normalised float32 (N, 768).
 
-    `precision="fast"` (bfloat16 weights, compiled) is what `retd embed` uses for the
-    training corpus; the default float32 is the reference callers are assumed to use.
+    `precision="fast"` (bfloat16 weights, compiled, for all but the shortest batches) is what
+    `retd embed` uses for the training corpus; the default float32 is the reference callers
+    are assumed to use.
 
     >>> encoder = SentenceEncoder.load()  # doctest: +SKIP
     >>> encoder.encode(["A cat sat on the mat."]).shape  # doctest: +SKIP
@@ -149,12 +153,14 @@ class SentenceEncoder:
         self.model = AutoModel.from_pretrained(str(model_dir)).eval()
         self.precision = precision
         self.weights_sha256 = ENCODER_WEIGHTS_SHA256
-        self._forward = self.model
+        self._fast = None
         if precision == "fast":
+            import copy
+
             import torch
 
-            self.model = self.model.to(torch.bfloat16)
-            self._forward = torch.compile(self.model, dynamic=True)
+            bfloat16 = copy.deepcopy(self.model).to(torch.bfloat16)
+            self._fast = torch.compile(bfloat16, dynamic=True)
 
     @classmethod
     def load(
@@ -178,7 +184,9 @@ class SentenceEncoder:
                     max_length=self.max_tokens,
                     return_tensors="pt",
                 )
-                hidden = self._forward(**batch).last_hidden_state.float()  # (B, T, 768)
+                long = batch["input_ids"].shape[1] > FLOAT32_MAX_TOKENS
+                forward = self._fast if self._fast is not None and long else self.model
+                hidden = forward(**batch).last_hidden_state.float()  # (B, T, 768)
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
