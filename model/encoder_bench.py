@@ -26,6 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from retd.model.corpus import read_texts
     from retd.model.encoder import SentenceEncoder, cosine_rows
+    from retd.model.evaluate import heldout_rows
 
     parser = argparse.ArgumentParser(prog="python -m retd.model.encoder_bench", description=__doc__)
     parser.add_argument("texts", type=Path, help="a file of texts, one a line")
@@ -36,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     lines = read_texts(args.texts)
-    rows = np.unique(np.linspace(0, len(lines) - 1, min(args.limit, len(lines))).astype(int))
+    rows = heldout_rows(len(lines), args.limit)
     texts = [lines[i] for i in rows]
     reference = SentenceEncoder.load()
     fast = SentenceEncoder.load(precision="fast")

@@ -37,14 +37,16 @@ def greedy_texts(
 ) -> list[str]:
     """Greedy decoding of each embedding row, optionally never repeating a byte n-gram (its
     `no_repeat_ngram_size`) or with `breakers`, Decode's default loop breakers."""
-    params = SamplingParams(max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size)
-    if breakers is not None:
-        params = SamplingParams(
+    params = (
+        SamplingParams(max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size)
+        if breakers is None
+        else SamplingParams(
             max_new_tokens,
             no_repeat_ngram_size=breakers.no_repeat_ngram_size,
             repetition_penalty=breakers.repetition_penalty,
             repetition_ngram_size=breakers.repetition_ngram_size,
         )
+    )
     return _texts_in_chunks(
         embeddings,
         batch_size,

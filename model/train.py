@@ -232,7 +232,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     from tqdm import tqdm
 
     from retd.model.embed import count_shards, load_split
-    from retd.model.evaluate import greedy_texts, text_scores
+    from retd.model.evaluate import greedy_texts, heldout_rows, text_scores
 
     if config.autocast not in ("none", "bfloat16"):
         raise ValueError(f"autocast: expected 'none' or 'bfloat16', got {config.autocast!r}")
@@ -259,7 +259,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
         raise ValueError(f"no embedded texts under {data_dir}: run `retd corpus` and `retd embed`")
     n_eval = min(config.eval_texts, len(heldout_split.texts))
     # Evenly spaced over the held-out split, which is grouped by source: every source counts.
-    eval_rows = np.linspace(0, len(heldout_split.texts) - 1, n_eval).round().astype(int)
+    eval_rows = heldout_rows(len(heldout_split.texts), n_eval)
     eval_texts = [heldout_split.texts[i] for i in eval_rows]
     eval_encoded = encode_texts(eval_texts, model_config.max_length)
     eval_embeddings = torch.from_numpy(heldout_split.embeddings[eval_rows].astype(np.float32))
