@@ -81,6 +81,7 @@ def _eval(args: argparse.Namespace) -> int:
         use_encoder=not args.no_encoder,
         write_card=not args.no_write,
         per_source=args.per_source,
+        head=args.head,
     )
     print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0
@@ -209,6 +210,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         metavar="N",
         help="also score greedy decoding, Decode's default and the retrieval baseline on the "
         "first N held-out texts of each source and of the ood split (default 100; 0: skip)",
+    )
+    evaluate.add_argument(
+        "--head",
+        type=Path,
+        metavar="DIR",
+        help="also write the first 100 scored held-out texts and their embeddings to DIR "
+        "(how tests/data/heldout_head is made for the shipped checkpoint)",
     )
     evaluate.add_argument("--no-encoder", action="store_true", help="skip the re-encoded cosine")
     evaluate.add_argument("--no-write", action="store_true", help="leave the card unchanged")

@@ -124,3 +124,21 @@ def load_split(data_dir: Path, split: str) -> EmbeddedSplit:
                 raise ValueError(f"{path} does not match the lines of {split}.txt")
     embeddings = np.concatenate(arrays) if arrays else np.zeros((0, 768), np.float16)
     return EmbeddedSplit(kept_texts, embeddings)
+
+
+def write_split(data_dir: Path, split: str, texts: Sequence[str], embeddings: np.ndarray) -> None:
+    """Write texts and their embeddings in the layout `load_split` reads (one shard, float16):
+    a small embedded sample of a split, like the test fixture tests/data/heldout_head."""
+    if len(texts) != len(embeddings) or len(texts) > SHARD_SIZE:
+        raise ValueError(f"{len(texts)} texts, {len(embeddings)} embeddings (one shard at most)")
+    (data_dir / "corpus").mkdir(parents=True, exist_ok=True)
+    (data_dir / "corpus" / f"{split}.txt").write_text(
+        "".join(f"{t}\n" for t in texts), encoding="utf-8"
+    )
+    (data_dir / "embeddings").mkdir(exist_ok=True)
+    (data_dir / "embeddings" / "embeddings.json").write_text(
+        json.dumps({"shard_size": SHARD_SIZE}) + "\n"
+    )
+    path = shard_path(data_dir, split, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.asarray(embeddings, dtype=np.float16))

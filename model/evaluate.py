@@ -204,6 +204,9 @@ def retrieval_baseline(
     return texts, np.concatenate(sims)
 
 
+HEAD_TEXTS = 100  # the scored texts `evaluate_checkpoint(head=...)` writes out
+
+
 def heldout_rows(n: int, limit: int) -> np.ndarray:
     """`limit` rows evenly spaced over a split of n texts (it is grouped by source: every
     source counts in proportion to its size)."""
@@ -219,12 +222,15 @@ def evaluate_checkpoint(
     use_encoder: bool = True,
     write_card: bool = True,
     per_source: int = 0,
+    head: Path | None = None,
 ) -> dict[str, Any]:
     """Every figure of the module docstring on `limit` held-out texts evenly spaced; with
     `per_source`, also greedy and retrieval figures on the first `per_source` texts of each
-    source of the held-out and ood splits (`report["per_source"][split][source]`)."""
+    source of the held-out and ood splits (`report["per_source"][split][source]`). With
+    `head`, the first HEAD_TEXTS scored texts and their embeddings are written there (as
+    tests/data/heldout_head, against which the shipped card's examples are checked)."""
     from retd.model.checkpoint import load_checkpoint
-    from retd.model.embed import load_split
+    from retd.model.embed import load_split, write_split
 
     loaded = load_checkpoint(checkpoint, device="cpu")
     model = loaded.model.eval()
@@ -232,6 +238,8 @@ def evaluate_checkpoint(
     rows = heldout_rows(len(heldout.texts), limit)
     texts = [heldout.texts[i] for i in rows]
     embeddings = torch.from_numpy(heldout.embeddings[rows].astype(np.float32))
+    if head is not None:
+        write_split(head, "heldout", texts[:HEAD_TEXTS], heldout.embeddings[rows][:HEAD_TEXTS])
     max_new = model.config.max_length - 1
     encoder = None
     if use_encoder:

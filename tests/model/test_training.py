@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from retd.model.checkpoint import load_checkpoint
+from retd.model.embed import load_split
 from retd.model.evaluate import (
     beam_search,
     evaluate_checkpoint,
@@ -225,7 +226,10 @@ def test_eval_scores_a_checkpoint_and_writes_its_card(tmp_path: Path) -> None:
     checkpoint = train(fixture_config(tmp_path), progress=False)
     copy = tmp_path / "copy"
     shutil.copytree(checkpoint, copy)
-    report = evaluate_checkpoint(copy, FIXTURE, limit=8, num_beams=(2,), use_encoder=False)
+    head = tmp_path / "head"
+    report = evaluate_checkpoint(
+        copy, FIXTURE, limit=8, num_beams=(2,), use_encoder=False, head=head
+    )
     assert report["heldout_texts"] == 8
     for mode in ("greedy", "beam2", "retrieval"):
         assert 0 <= report[mode]["chrf"] <= 100, mode
@@ -246,6 +250,13 @@ def test_eval_scores_a_checkpoint_and_writes_its_card(tmp_path: Path) -> None:
     texts = [lines[i] for i in rows]
     decoded = greedy_texts(loaded.model, emb, max_new_tokens=loaded.model.config.max_length - 1)
     assert report["greedy"]["chrf"] == pytest.approx(text_scores(decoded, texts)["chrf"], abs=0.01)
+    # the head written beside the card holds the scored texts, and reproduces its examples
+    written = load_split(head, "heldout")
+    assert written.texts == texts
+    np.testing.assert_array_equal(written.embeddings, emb.numpy().astype(np.float16))
+    examples = card["metrics"]["eval"]["examples"]
+    assert [e["reference"] for e in examples] == written.texts[: len(examples)]
+    assert [e["greedy"] for e in examples] == decoded[: len(examples)]
 
 
 def test_training_takes_in_shards_embedded_since_it_started(tmp_path: Path) -> None:
