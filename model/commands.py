@@ -44,7 +44,11 @@ def _embed(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     encoder = SentenceEncoder.load(precision=args.precision)
-    counts = embed_corpus(args.data_dir, lambda texts: encoder.encode(texts, args.batch_size))
+    counts = embed_corpus(
+        args.data_dir,
+        lambda texts: encoder.encode(texts, args.batch_size),
+        start_shard=args.start_shard,
+    )
     print(f"embedded shards: {counts}")
     return 0
 
@@ -164,6 +168,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         "(cosine >= 0.999 to float32, ~3x the texts/s); float32: the reference",
     )
     embed.add_argument("--threads", type=int, default=0, help="torch threads (0: all)")
+    embed.add_argument(
+        "--start-shard",
+        type=int,
+        default=0,
+        metavar="K",
+        help="begin the train split's seeded shard order at its K-th shard (wrapping): a "
+        "session that goes on from a checkpoint trained on K shards embeds unseen ones first",
+    )
     embed.set_defaults(run=_embed)
     train = commands.add_parser(
         "train",

@@ -28,6 +28,13 @@ def shard_path(data_dir: Path, split: str, index: int) -> Path:
     return data_dir / "embeddings" / split / f"shard-{index:05d}.npy"
 
 
+def shard_order(n_shards: int, start: int = 0) -> list[int]:
+    """The order shards are embedded in: a fixed seeded permutation, begun at `start`."""
+    order = np.random.default_rng(0).permutation(n_shards).tolist()
+    start %= max(n_shards, 1)
+    return order[start:] + order[:start]
+
+
 def embed_corpus(
     data_dir: Path,
     encode: Callable[[Sequence[str]], np.ndarray],
@@ -35,8 +42,12 @@ def embed_corpus(
     shard_size: int = SHARD_SIZE,
     progress: bool = True,
     early: Mapping[str, int] = EARLY_SHARDS,
+    start_shard: int = 0,
 ) -> dict[str, int]:
-    """Embed every missing shard of each split; returns how many shards each split has."""
+    """Embed every missing shard of each split; returns how many shards each split has.
+    `start_shard` K starts the train split's shard order at its K-th entry (wrapping round):
+    a session going on from a checkpoint trained on the first K shards of that order embeds
+    the shards it never saw first."""
     counts: dict[str, int] = {}
     (data_dir / "embeddings").mkdir(parents=True, exist_ok=True)
     (data_dir / "embeddings" / "embeddings.json").write_text(
@@ -51,7 +62,10 @@ def embed_corpus(
             limit = early.get(split) if pass_ == 0 else None
             if pass_ == 1 and split not in early:
                 continue
-            counts[split] = _embed_split(data_dir, split, encode, shard_size, limit, progress)
+            start = start_shard if split == "train" else 0
+            counts[split] = _embed_split(
+                data_dir, split, encode, shard_size, limit, progress, start
+            )
     return counts
 
 
@@ -62,9 +76,10 @@ def _embed_split(
     shard_size: int,
     limit: int | None,
     progress: bool,
+    start: int = 0,
 ) -> int:
-    """Embed the missing shards of one split (at most `limit` of its shard order); returns
-    how many shards the split has."""
+    """Embed the missing shards of one split (at most `limit` of its shard order, which
+    begins at its `start`-th entry); returns how many shards the split has."""
     from tqdm import tqdm
 
     from retd.model.corpus import read_texts
@@ -73,7 +88,7 @@ def _embed_split(
     n_shards = (len(texts) + shard_size - 1) // shard_size
     # Shards in a seeded random order: a run stopped early has embedded a sample of every
     # source, not the first sources only (each split's lines are grouped by source).
-    order = np.random.default_rng(0).permutation(n_shards).tolist()[:limit]
+    order = shard_order(n_shards, start)[:limit]
     todo = [k for k in order if not shard_path(data_dir, split, k).exists()]
     bar = tqdm(
         total=len(texts),

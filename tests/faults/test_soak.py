@@ -254,6 +254,13 @@ def test_soak_mixed_load(
     def expected(index: int, length: int) -> str:
         return table[(index, length)]
 
+    with capsys.disabled():  # a long quiet test: say what it is doing, so nobody thinks it hung
+        print(
+            f"\nsoak: {CALLERS} callers, a {WARM_UP_SECONDS:g}s warm-up then {SECONDS:g}s "
+            "of mixed load (RETD_SOAK_SECONDS sizes it) ...",
+            end="",
+            flush=True,
+        )
     warm_up = run_phase(daemon, WARM_UP_SECONDS, expected)
     assert not warm_up.failures, warm_up.failures
     wait_idle(daemon.address)
@@ -265,7 +272,7 @@ def test_soak_mixed_load(
     growth = rss_after / rss_before - 1
     with capsys.disabled():
         print(
-            f"\nsoak: {CALLERS} callers, {SECONDS:g}s (after a {WARM_UP_SECONDS:g}s warm-up): "
+            f"\nsoak done: {CALLERS} callers, {SECONDS:g}s (after a {WARM_UP_SECONDS:g}s warm-up): "
             f"{sum(soak.counts.values())} calls: {by_kind(soak.counts)}; "
             f"RSS {rss_before / 1024:.1f} MiB -> {rss_after / 1024:.1f} MiB ({growth:+.1%}); "
             f"{len(soak.failures)} failures"

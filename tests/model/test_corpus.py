@@ -156,3 +156,35 @@ def test_embed_order_and_a_missing_split(tmp_path: Path) -> None:
     assert load_split(tmp_path, "ood").texts == [f"ood text {i}" for i in range(3)]
     (corpus / "ood.txt").unlink()
     assert "ood" not in embed_corpus(tmp_path, encode, shard_size=2, progress=False)
+
+
+@given(n_shards=st.integers(1, 300), start=st.integers(0, 1000))
+def test_a_rotated_shard_order_embeds_unseen_shards_first(n_shards: int, start: int) -> None:
+    """`retd embed --start-shard K`: the same shards, the order's K-th first (wrapping)."""
+    from retd.model.embed import shard_order
+
+    order, rotated = shard_order(n_shards), shard_order(n_shards, start)
+    assert sorted(rotated) == list(range(n_shards))
+    k = start % n_shards
+    assert rotated[: n_shards - k] == order[k:] and rotated[n_shards - k :] == order[:k]
+
+
+def test_embed_start_shard_reaches_the_train_split_only(tmp_path: Path) -> None:
+    import numpy as np
+
+    from retd.model.embed import embed_corpus, shard_order
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split, n in (("train", 8), ("heldout", 4)):
+        (corpus / f"{split}.txt").write_text("".join(f"{split} {i}\n" for i in range(n)))
+    seen: list[str] = []
+
+    def encode(texts: object) -> np.ndarray:
+        seen.extend(texts)  # type: ignore[arg-type]
+        return np.ones((len(texts), 768), np.float32)  # type: ignore[arg-type]
+
+    embed_corpus(tmp_path, encode, shard_size=2, progress=False, start_shard=3)
+    first = [f"heldout {i}" for k in shard_order(2) for i in (2 * k, 2 * k + 1)]
+    then = [f"train {i}" for k in shard_order(4, 3) for i in (2 * k, 2 * k + 1)]
+    assert seen == first + then
