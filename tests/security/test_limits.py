@@ -14,8 +14,9 @@ import pytest
 
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
+from tests._wait import poll
 from tests.conftest import RunningServer, start_server
-from tests.security.conftest import CALL_TIMEOUT_S, decode_request, embedding, poll
+from tests.security.conftest import CALL_TIMEOUT_S, decode_request, embedding
 
 #: How long a call that must stay queued is watched: a 4-token Decode takes milliseconds.
 QUEUED_FOR_S = 1.0
