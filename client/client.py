@@ -79,9 +79,10 @@ class Client(ClientBase):
 
         >>> import numpy as np
         >>> from retd.client import Client
-        >>> with Client("127.0.0.1:50051", timeout=30) as client:  # doctest: +SKIP
+        >>> with Client(address, timeout=30) as client:  # address: "127.0.0.1:50051"
         ...     result = client.decode(np.random.randn(768).astype(np.float32))
-        ...     print(result.text, result.finish_reason, result.usage.generated_tokens)
+        ...     print(result.finish_reason.value, result.usage.generated_tokens > 0)
+        length True
     """
 
     def __init__(
@@ -213,16 +214,22 @@ class Client(ClientBase):
                 model) generates. ``result.similarity`` is the bank's best either way.
             timeout: deadline of this call in seconds (default: the client's).
 
-        >>> client.decode(embedding).text  # doctest: +SKIP
-        'a cat sits on the mat'
+        >>> result = client.decode(embedding, max_new_tokens=16)
+        >>> result.text == client.decode(embedding, max_new_tokens=16).text  # greedy
+        True
+        >>> result.model, result.version, result.usage.generated_tokens
+        ('ret_v21', 1, 16)
+        >>> client.decode(embedding, max_new_tokens=16, no_repeat_ngram_size=6).usage
+        Usage(generated_tokens=16)
+
+        With a model repository and a phrase bank (see the README):
+
         >>> hybrid = Hybrid(phrase_bank="faq", min_similarity=0.9)
         >>> result = client.decode(embedding, hybrid=hybrid)  # doctest: +SKIP
         >>> result.source, result.model, round(result.similarity, 2)  # doctest: +SKIP
         (<AnswerSource.PHRASE_BANK: 'phrase_bank'>, 'faq', 0.97)
         >>> client.decode(embedding, model="ret", version=1).version  # doctest: +SKIP
         1
-        >>> client.decode(embedding, no_repeat_ngram_size=6).text  # doctest: +SKIP
-        'a cat sits on the mat'
         """
         return self._send(self._core.decode(embedding, **call_options(locals())), timeout)
 
@@ -260,10 +267,10 @@ class Client(ClientBase):
         The other arguments are those of :meth:`decode`, ``no_repeat_ngram_size`` (the loop
         breaker) included: it applies to sampled and greedy generation alike.
 
-        >>> result = client.generate(embedding, temperature=0.7, seed=1)  # doctest: +SKIP
-        >>> again = client.generate(embedding, temperature=0.7, seed=result.seed)  # doctest: +SKIP
-        >>> again.text == result.text  # doctest: +SKIP
-        True
+        >>> result = client.generate(embedding, temperature=0.7, seed=1, max_new_tokens=16)
+        >>> again = client.generate(embedding, temperature=0.7, seed=result.seed, max_new_tokens=16)
+        >>> again.text == result.text, result.seed
+        (True, 1)
         """
         return self._send(self._core.generate(embedding, **call_options(locals())), timeout)
 
@@ -289,9 +296,11 @@ class Client(ClientBase):
         A failure raises its typed error from the iteration; closing the iterator early
         (``.close()``, or leaving a ``for`` loop and dropping it) cancels the call.
 
-        >>> for chunk in client.generate_stream(embedding, seed=0):  # doctest: +SKIP
-        ...     print(chunk.text, end="", flush=True)
-        >>> stream = client.generate_stream(embedding, no_repeat_ngram_size=6)  # doctest: +SKIP
+        >>> text = ""
+        >>> for chunk in client.generate_stream(embedding, seed=0, max_new_tokens=16):
+        ...     text += chunk.text  # or print(chunk.text, end="", flush=True)
+        >>> text == client.generate(embedding, seed=0, max_new_tokens=16).text, chunk.is_last
+        (True, True)
         """
         call = self._core.generate_stream(embedding, **call_options(locals()))
         return self._stream(call, call.request, timeout)
@@ -320,9 +329,13 @@ class Client(ClientBase):
         ``version`` that is not loaded fails the whole call (:class:`NotFoundError`).
         With ``hybrid``, each item's answer says whether the bank or the model gave it.
 
-        >>> [item.unwrap().text for item in client.decode_batch(matrix)]  # doctest: +SKIP
-        ['first sentence', 'second sentence']
-        >>> items = client.decode_batch(matrix, no_repeat_ngram_size=6)  # doctest: +SKIP
+        >>> items = client.decode_batch(matrix, max_new_tokens=16)  # matrix: 2 rows
+        >>> [item.unwrap().text for item in items] == [client.decode(e, max_new_tokens=16).text
+        ...                                            for e in matrix]
+        True
+        >>> items = client.decode_batch([matrix[0], np.zeros(5)], max_new_tokens=16)
+        >>> [item.ok for item in items], items[1].error.code.name
+        ([True, False], 'INVALID_ARGUMENT')
         """
         return self._send(self._core.decode_batch(embeddings, **call_options(locals())), timeout)
 
@@ -350,9 +363,12 @@ class Client(ClientBase):
         ``priority``, the loop breakers and ``hybrid`` (see :meth:`decode`) apply to every
         item; a bad ``priority``, ``version`` or loop breaker raises at once.
 
-        >>> for item in client.decode_stream([("a", e1), ("b", e2)]):  # doctest: +SKIP
-        ...     print(item.id, item.unwrap().text)
-        >>> items = client.decode_stream([e1, e2], no_repeat_ngram_size=6)  # doctest: +SKIP
+        >>> for item in sorted(client.decode_stream([("a", e1), ("b", e2)]), key=lambda i: i.id):
+        ...     print(item.id, item.unwrap().usage.generated_tokens > 0)
+        a True
+        b True
+        >>> [item.id for item in client.decode_stream([e1], no_repeat_ngram_size=6)]
+        ['0']
         """
         call = self._core.decode_stream(
             **call_options(locals())
@@ -376,9 +392,9 @@ class Client(ClientBase):
         naming none get. ``info.repository_version`` is the version described and
         ``info.serving`` whether calls naming no version get it.
 
-        >>> info = client.model_info()  # doctest: +SKIP
-        >>> info.name, info.embedding_dim, info.trained  # doctest: +SKIP
-        ('ret_v21', 768, True)
+        >>> info = client.model_info()
+        >>> info.name, info.embedding_dim, info.trained  # the test server's: seeded, untrained
+        ('ret_v21', 768, False)
         >>> info = client.model_info("ret", version=1)  # doctest: +SKIP
         >>> info.repository_version, info.serving  # doctest: +SKIP
         (1, False)
@@ -450,7 +466,7 @@ class Client(ClientBase):
 
 
 def _iterate(call: Any, stream: Stream[R], secure: bool | None) -> Generator[R, None, None]:
-    """Yield converted responses of a streaming call; typed errors; cancel when closed early."""
+    """Yield a streaming call's converted responses; typed errors; cancel when closed early."""
     failure = stream.failure
     try:
         for message in call:
