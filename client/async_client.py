@@ -1,31 +1,27 @@
-"""The asyncio retd client (``grpc.aio``)."""
+"""The asyncio retd client (``grpc.aio``): :class:`AsyncClient` sends the calls its core
+builds (``_core.Core``), awaiting."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterable,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Sequence,
-)
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 
-from retd.v1 import decoder_pb2, decoder_pb2_grpc, repository_pb2, repository_pb2_grpc
-
-from . import _balancing, _health, _requests, _security, convert
+from ._core import (
+    DEFAULT_TARGET,
+    ClientBase,
+    Core,
+    Stream,
+    Unary,
+    call_options,
+    insecure_or_secure,
+    stream_error,
+)
 from ._security import PemSource
-from ._tracing import with_trace_context
-from .client import DEFAULT_TARGET
 from .convert import EmbeddingEncoding, EmbeddingLike
-from .errors import UnavailableError, from_rpc_error
 from .types import (
     DecodeBatchItem,
     DecodeResult,
@@ -41,10 +37,12 @@ from .types import (
 
 __all__ = ["AsyncClient"]
 
-_T = TypeVar("_T")
+R = TypeVar("R")
+
+_open_channel = insecure_or_secure(grpc.aio.insecure_channel, grpc.aio.secure_channel)
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """An asyncio client of a retd server: the methods of :class:`Client` as coroutines.
 
     The streaming methods return async iterators. Create it inside a running event loop
@@ -83,48 +81,28 @@ class AsyncClient:
         private_key: PemSource | None = None,
         token: str | None = None,
     ) -> None:
-        if encoding not in ("raw", "vector"):
-            raise ValueError(f"encoding must be 'raw' or 'vector', not {encoding!r}")
-        self.timeout = timeout
-        self.encoding: EmbeddingEncoding = encoding
-        credentials, self._metadata = _security.resolve(
-            credentials,
-            metadata,
+        self._core = Core(
+            target,
+            timeout=timeout,
+            options=options,
+            channel=channel,
+            credentials=credentials,
+            metadata=metadata,
+            encoding=encoding,
             tls=tls,
             root_certificates=root_certificates,
             certificate_chain=certificate_chain,
             private_key=private_key,
             token=token,
+            open_channel=_open_channel,
         )
-        self._owns_channel = channel is None
-        # Whether calls go over TLS, for the hints of failed connections (None: unknown).
-        self._secure = (credentials is not None) if channel is None else None
-        #: Whether the channel balances over replicas with the client's retry policy.
-        self.balanced = False
-        if channel is None:
-            resolved = _balancing.resolve(target, options)
-            target, self.balanced = resolved.target, resolved.balanced
-            options = resolved.options
-            if credentials is None:
-                channel = grpc.aio.insecure_channel(target, options=list(options))
-            else:
-                channel = grpc.aio.secure_channel(target, credentials, options=list(options))
-        #: The gRPC target of the channel (several replicas: the ``ipv4:``/``dns:`` form).
-        self.target = target if isinstance(target, str) else ",".join(target)
-        self.channel: grpc.aio.Channel = channel
-        self._stub = decoder_pb2_grpc.DecoderStub(channel)
-        self._admin = repository_pb2_grpc.ModelRepositoryStub(channel)
-        self._health_check = channel.unary_unary(
-            _health.CHECK_METHOD,
-            request_serializer=_health.HealthCheckRequest.SerializeToString,
-            response_deserializer=_health.HealthCheckResponse.FromString,
-        )
+        self.channel: grpc.aio.Channel = self._core.channel
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def close(self, grace: float | None = None) -> None:
         """Close the channel (unless it was passed in); calls in flight are cancelled."""
-        if self._owns_channel:
+        if self._core.owns_channel:
             await self.channel.close(grace)
 
     async def __aenter__(self) -> AsyncClient:
@@ -133,45 +111,40 @@ class AsyncClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    def __repr__(self) -> str:
-        return f"AsyncClient(target={self.target!r}, timeout={self.timeout!r})"
-
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the channel is connected; raise :class:`UnavailableError` on timeout."""
         try:
             await asyncio.wait_for(self.channel.channel_ready(), timeout)
         except TimeoutError:
-            raise UnavailableError(f"{self.target}: not ready after {timeout} s") from None
+            raise self._core.not_ready(timeout) from None
 
-    # --- calls -------------------------------------------------------------------------------
+    # --- sending -----------------------------------------------------------------------------
 
-    def _deadline(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
-
-    async def _unary(
-        self,
-        method: Callable[..., Awaitable[_T]],
-        request: Any,
-        timeout: float | None,
-        retry: bool = False,
-    ) -> _T:
-        """Make the call; with ``retry``, as :meth:`Client._unary`."""
-        deadline = self._deadline(timeout)
-        end = None if deadline is None else time.monotonic() + deadline
-        pauses = _balancing.backoffs() if retry else iter(())
-        remaining = deadline
+    async def _send(self, call: Unary[R], timeout: float | None) -> R:
+        """Make a unary call, as :meth:`Client._send` does, awaiting."""
+        attempts = self._core.attempts(call, timeout)
         while True:
             try:
-                return await method(
-                    request, timeout=remaining, metadata=with_trace_context(self._metadata)
+                response = await call.method(
+                    call.request, timeout=attempts.timeout, metadata=self._core.metadata()
                 )
             except grpc.RpcError as err:
-                error = from_rpc_error(err, secure=self._secure)
-                pause = next(pauses, None) if _balancing.retryable(error.code) else None
-                if pause is None or (end is not None and time.monotonic() + pause >= end):
-                    raise error from err
-            await asyncio.sleep(pause)
-            remaining = None if end is None else end - time.monotonic()
+                await asyncio.sleep(attempts.backoff(err))  # raises the typed error if not retried
+            else:
+                return call.convert(response)
+
+    def _stream(
+        self, call: Stream[R], request: Callable[[], Any], timeout: float | None
+    ) -> AsyncGenerator[R, None]:
+        """A streaming call that starts on the first iteration; its converted responses."""
+        deadline = self._core.deadline(timeout)
+        return _iterate(
+            lambda: call.method(request(), timeout=deadline, metadata=self._core.metadata()),
+            call,
+            self._core.secure,
+        )
+
+    # --- calls -------------------------------------------------------------------------------
 
     async def decode(
         self,
@@ -205,19 +178,7 @@ class AsyncClient:
         >>> asyncio.run(unlooped(AsyncClient()))  # doctest: +SKIP
         'a cat sits on the mat'
         """
-        request = _requests.decode(
-            embedding,
-            model=model,
-            max_new_tokens=max_new_tokens,
-            encoding=self.encoding,
-            priority=priority,
-            hybrid=hybrid,
-            version=version,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            repetition_penalty=repetition_penalty,
-            repetition_ngram_size=repetition_ngram_size,
-        )
-        return convert.decode_result(await self._unary(self._stub.Decode, request, timeout))
+        return await self._send(self._core.decode(embedding, **call_options(locals())), timeout)
 
     async def generate(
         self,
@@ -236,23 +197,7 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> GenerateResult:
         """Decode one embedding to text with sampling; see :meth:`Client.generate`."""
-        request = _requests.generate(
-            embedding,
-            model=model,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            encoding=self.encoding,
-            priority=priority,
-            version=version,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-        )
-        retry = self.balanced and _balancing.deterministic(request)
-        response = await self._unary(self._stub.Generate, request, timeout, retry)
-        return convert.generate_result(response)
+        return await self._send(self._core.generate(embedding, **call_options(locals())), timeout)
 
     def generate_stream(
         self,
@@ -274,28 +219,8 @@ class AsyncClient:
 
         Arguments are checked at once; the call starts on the first iteration.
         """
-        request = _requests.generate(
-            embedding,
-            model=model,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            encoding=self.encoding,
-            priority=priority,
-            version=version,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-        )
-        deadline = self._deadline(timeout)
-        return _iterate(
-            lambda: self._stub.GenerateStream(
-                request, timeout=deadline, metadata=with_trace_context(self._metadata)
-            ),
-            convert.stream_chunk,
-            secure=self._secure,
-        )
+        call = self._core.generate_stream(embedding, **call_options(locals()))
+        return self._stream(call, lambda: call.request, timeout)
 
     async def decode_batch(
         self,
@@ -312,22 +237,9 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> list[DecodeBatchItem]:
         """Decode N embeddings in one call, in request order; see :meth:`Client.decode_batch`."""
-        request = _requests.decode_batch(
-            embeddings,
-            model=model,
-            max_new_tokens=max_new_tokens,
-            encoding=self.encoding,
-            priority=priority,
-            version=version,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            repetition_penalty=repetition_penalty,
-            repetition_ngram_size=repetition_ngram_size,
-            hybrid=hybrid,
+        return await self._send(
+            self._core.decode_batch(embeddings, **call_options(locals())), timeout
         )
-        response: decoder_pb2.DecodeBatchResponse = await self._unary(
-            self._stub.DecodeBatch, request, timeout
-        )
-        return [convert.batch_item(result) for result in response.results]
 
     def decode_stream(
         self,
@@ -348,70 +260,25 @@ class AsyncClient:
 
         ``items`` may also be an async iterable.
         """
-        failure: list[BaseException] = []
-        priority = _requests.check_priority(priority)  # bad arguments raise here, at once
-        version = _requests.check_version(version)
-        _requests.loop_breakers(no_repeat_ngram_size, repetition_penalty, repetition_ngram_size)
-
-        def request(index: int, item: object) -> decoder_pb2.DecodeStreamRequest:
-            return _requests.stream_item(
-                index,
-                item,
-                model=model,
-                max_new_tokens=max_new_tokens,
-                encoding=self.encoding,
-                priority=priority,
-                version=version,
-                no_repeat_ngram_size=no_repeat_ngram_size,
-                repetition_penalty=repetition_penalty,
-                repetition_ngram_size=repetition_ngram_size,
-                hybrid=hybrid,
-            )
-
-        async def requests() -> AsyncIterator[decoder_pb2.DecodeStreamRequest]:
-            try:
-                if isinstance(items, AsyncIterable):
-                    index = 0
-                    async for item in items:
-                        yield request(index, item)
-                        index += 1
-                else:
-                    for index, item in enumerate(items):
-                        yield request(index, item)
-            except Exception as err:  # raised to the caller from the response iterator
-                failure.append(err)
-
-        deadline = self._deadline(timeout)
-        return _iterate(
-            lambda: self._stub.DecodeStream(
-                requests(), timeout=deadline, metadata=with_trace_context(self._metadata)
-            ),
-            convert.stream_item,
-            failure,
-            secure=self._secure,
-        )
+        call = self._core.decode_stream(
+            **call_options(locals())
+        )  # bad arguments raise here, at once
+        return self._stream(call, lambda: call.arequests(items), timeout)
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """The models the server has loaded."""
-        response: decoder_pb2.ListModelsResponse = await self._unary(
-            self._stub.ListModels, decoder_pb2.ListModelsRequest(), timeout
-        )
-        return [convert.model_info(m) for m in response.models]
+        return await self._send(self._core.list_models(), timeout)
 
     async def default_model(self, *, timeout: float | None = None) -> str:
         """The name of the model that serves requests naming none."""
-        response: decoder_pb2.ListModelsResponse = await self._unary(
-            self._stub.ListModels, decoder_pb2.ListModelsRequest(), timeout
-        )
-        return response.default_model
+        return await self._send(self._core.default_model(), timeout)
 
     async def model_info(
         self, model: str | None = None, *, version: int = 0, timeout: float | None = None
     ) -> ModelInfo:
         """One model's description; ``None`` means the server's default model, ``version``
         0 the version calls naming none get; see :meth:`Client.model_info`."""
-        request = _requests.model_info(model, version)
-        return convert.model_info(await self._unary(self._stub.GetModelInfo, request, timeout))
+        return await self._send(self._core.model_info(model, version), timeout)
 
     # --- the admin service (retd.v1.ModelRepository) -----------------------------------------
 
@@ -429,11 +296,7 @@ class AsyncClient:
         ret 1 available False
         ret 2 ready True
         """
-        request = _requests.list_versions(model)
-        response: repository_pb2.RepositoryListResponse = await self._unary(
-            self._admin.List, request, timeout
-        )
-        return convert.repository_listing(response)
+        return await self._send(self._core.list_versions(model), timeout)
 
     async def load_model(
         self, model: str, version: int = 0, *, timeout: float | None = None
@@ -447,11 +310,7 @@ class AsyncClient:
         >>> asyncio.run(pin(AsyncClient()))  # doctest: +SKIP
         1
         """
-        request = _requests.load_model(model, version)
-        response: repository_pb2.LoadModelResponse = await self._unary(
-            self._admin.Load, request, timeout
-        )
-        return convert.version_status(response.status)
+        return await self._send(self._core.load_model(model, version), timeout)
 
     async def unload_model(
         self, model: str, version: int = 0, *, timeout: float | None = None
@@ -464,37 +323,27 @@ class AsyncClient:
         >>> asyncio.run(release(AsyncClient()))  # doctest: +SKIP
         [1]
         """
-        request = _requests.unload_model(model, version)
-        response: repository_pb2.UnloadModelResponse = await self._unary(
-            self._admin.Unload, request, timeout
-        )
-        return [convert.version_status(row) for row in response.unloaded]
+        return await self._send(self._core.unload_model(model, version), timeout)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> HealthStatus:
         """The standard ``grpc.health.v1`` status of ``service`` ("" is the whole server)."""
-        request = _health.HealthCheckRequest(service=service)
-        return _health.health_status(await self._unary(self._health_check, request, timeout))
+        return await self._send(self._core.health(service), timeout)
 
 
 async def _iterate(
-    start: Callable[[], Any],
-    convert_one: Callable[[Any], _T],
-    failure: list[BaseException] | None = None,
-    *,
-    secure: bool | None = None,
-) -> AsyncGenerator[_T, None]:
+    start: Callable[[], Any], stream: Stream[R], secure: bool | None
+) -> AsyncGenerator[R, None]:
     """Start a streaming call, yield converted responses; typed errors; cancel when closed."""
+    failure = stream.failure
     call = start()
     try:
         async for message in call:
             if failure:
                 raise failure[0]
-            yield convert_one(message)
+            yield stream.convert(message)
         if failure:
             raise failure[0]
     except grpc.RpcError as err:
-        if failure:
-            raise failure[0] from err
-        raise from_rpc_error(err, secure=secure) from err
+        raise stream_error(err, failure, secure) from err
     finally:
         call.cancel()

@@ -1,20 +1,26 @@
-"""The synchronous retd client."""
+"""The synchronous retd client: :class:`Client` sends the calls its core builds
+(``_core.Core``), blocking."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from typing import Any, TypeVar
 
 import grpc
 
-from retd.v1 import decoder_pb2, decoder_pb2_grpc, repository_pb2, repository_pb2_grpc
-
-from . import _balancing, _health, _requests, _security, convert
+from ._core import (
+    DEFAULT_TARGET,
+    ClientBase,
+    Core,
+    Stream,
+    Unary,
+    call_options,
+    insecure_or_secure,
+    stream_error,
+)
 from ._security import PemSource
-from ._tracing import with_trace_context
 from .convert import EmbeddingEncoding, EmbeddingLike
-from .errors import UnavailableError, from_rpc_error
 from .types import (
     DecodeBatchItem,
     DecodeResult,
@@ -30,15 +36,12 @@ from .types import (
 
 __all__ = ["DEFAULT_TARGET", "Client"]
 
-#: Where ``retd serve`` listens by default.
-DEFAULT_TARGET = "127.0.0.1:50051"
+R = TypeVar("R")
 
-_T = TypeVar("_T")
-_Options = Sequence[tuple[str, Any]]
-_Metadata = Sequence[tuple[str, str]]
+_open_channel = insecure_or_secure(grpc.insecure_channel, grpc.secure_channel)
 
 
-class Client:
+class Client(ClientBase):
     """A blocking client of a retd server.
 
     Args:
@@ -76,9 +79,10 @@ class Client:
 
         >>> import numpy as np
         >>> from retd.client import Client
-        >>> with Client("127.0.0.1:50051", timeout=30) as client:  # doctest: +SKIP
+        >>> with Client(address, timeout=30) as client:  # address: "127.0.0.1:50051"
         ...     result = client.decode(np.random.randn(768).astype(np.float32))
-        ...     print(result.text, result.finish_reason, result.usage.generated_tokens)
+        ...     print(result.finish_reason.value, result.usage.generated_tokens > 0)
+        length True
     """
 
     def __init__(
@@ -86,10 +90,10 @@ class Client:
         target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         timeout: float | None = None,
-        options: _Options = (),
+        options: Sequence[tuple[str, Any]] = (),
         channel: grpc.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
-        metadata: _Metadata | None = None,
+        metadata: Sequence[tuple[str, str]] | None = None,
         encoding: EmbeddingEncoding = "raw",
         tls: bool = False,
         root_certificates: PemSource | None = None,
@@ -97,48 +101,28 @@ class Client:
         private_key: PemSource | None = None,
         token: str | None = None,
     ) -> None:
-        if encoding not in ("raw", "vector"):
-            raise ValueError(f"encoding must be 'raw' or 'vector', not {encoding!r}")
-        self.timeout = timeout
-        self.encoding: EmbeddingEncoding = encoding
-        credentials, self._metadata = _security.resolve(
-            credentials,
-            metadata,
+        self._core = Core(
+            target,
+            timeout=timeout,
+            options=options,
+            channel=channel,
+            credentials=credentials,
+            metadata=metadata,
+            encoding=encoding,
             tls=tls,
             root_certificates=root_certificates,
             certificate_chain=certificate_chain,
             private_key=private_key,
             token=token,
+            open_channel=_open_channel,
         )
-        self._owns_channel = channel is None
-        # Whether calls go over TLS, for the hints of failed connections (None: a channel
-        # of the caller's, unknown).
-        self._secure = (credentials is not None) if channel is None else None
-        #: Whether the channel balances over replicas with the client's retry policy.
-        self.balanced = False
-        if channel is None:
-            resolved = _balancing.resolve(target, options)
-            target, self.balanced = resolved.target, resolved.balanced
-            if credentials is None:
-                channel = grpc.insecure_channel(target, options=list(resolved.options))
-            else:
-                channel = grpc.secure_channel(target, credentials, options=list(resolved.options))
-        #: The gRPC target of the channel (several replicas: the ``ipv4:``/``dns:`` form).
-        self.target = target if isinstance(target, str) else ",".join(target)
-        self.channel: grpc.Channel = channel
-        self._stub = decoder_pb2_grpc.DecoderStub(channel)
-        self._admin = repository_pb2_grpc.ModelRepositoryStub(channel)
-        self._health_check = channel.unary_unary(
-            _health.CHECK_METHOD,
-            request_serializer=_health.HealthCheckRequest.SerializeToString,
-            response_deserializer=_health.HealthCheckResponse.FromString,
-        )
+        self.channel: grpc.Channel = self._core.channel
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def close(self) -> None:
         """Close the channel (unless it was passed in); calls in flight are cancelled."""
-        if self._owns_channel:
+        if self._core.owns_channel:
             self.channel.close()
 
     def __enter__(self) -> Client:
@@ -147,42 +131,39 @@ class Client:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return f"Client(target={self.target!r}, timeout={self.timeout!r})"
-
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until the channel is connected; raise :class:`UnavailableError` on timeout."""
         try:
             grpc.channel_ready_future(self.channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
-            raise UnavailableError(f"{self.target}: not ready after {timeout} s") from None
+            raise self._core.not_ready(timeout) from None
 
-    # --- calls -------------------------------------------------------------------------------
+    # --- sending -----------------------------------------------------------------------------
 
-    def _deadline(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
-
-    def _unary(
-        self, method: Callable[..., _T], request: Any, timeout: float | None, retry: bool = False
-    ) -> _T:
-        """Make the call; with ``retry``, repeat it on a retryable status with gRPC's backoff
-        within the call's deadline (for the calls gRPC's own policy cannot single out)."""
-        deadline = self._deadline(timeout)
-        end = None if deadline is None else time.monotonic() + deadline
-        pauses = _balancing.backoffs() if retry else iter(())
-        remaining = deadline
+    def _send(self, call: Unary[R], timeout: float | None) -> R:
+        """Make a unary call, repeated with gRPC's backoff within its deadline when the core
+        says it is retried; its response converted, or its typed error raised."""
+        attempts = self._core.attempts(call, timeout)
         while True:
             try:
-                return method(
-                    request, timeout=remaining, metadata=with_trace_context(self._metadata)
+                response = call.method(
+                    call.request, timeout=attempts.timeout, metadata=self._core.metadata()
                 )
             except grpc.RpcError as err:
-                error = from_rpc_error(err, secure=self._secure)
-                pause = next(pauses, None) if _balancing.retryable(error.code) else None
-                if pause is None or (end is not None and time.monotonic() + pause >= end):
-                    raise error from err
-            time.sleep(pause)
-            remaining = None if end is None else end - time.monotonic()
+                time.sleep(attempts.backoff(err))  # raises the typed error if not retried
+            else:
+                return call.convert(response)
+
+    def _stream(
+        self, call: Stream[R], request: Any, timeout: float | None
+    ) -> Generator[R, None, None]:
+        """Start a streaming call now; its converted responses as they come."""
+        started = call.method(
+            request, timeout=self._core.deadline(timeout), metadata=self._core.metadata()
+        )
+        return _iterate(started, call, self._core.secure)
+
+    # --- calls -------------------------------------------------------------------------------
 
     def decode(
         self,
@@ -233,30 +214,24 @@ class Client:
                 model) generates. ``result.similarity`` is the bank's best either way.
             timeout: deadline of this call in seconds (default: the client's).
 
-        >>> client.decode(embedding).text  # doctest: +SKIP
-        'a cat sits on the mat'
+        >>> result = client.decode(embedding, max_new_tokens=16)
+        >>> result.text == client.decode(embedding, max_new_tokens=16).text  # greedy
+        True
+        >>> result.model, result.version, result.usage.generated_tokens
+        ('ret_v21', 1, 16)
+        >>> client.decode(embedding, max_new_tokens=16, no_repeat_ngram_size=6).usage
+        Usage(generated_tokens=16)
+
+        With a model repository and a phrase bank (see the README):
+
         >>> hybrid = Hybrid(phrase_bank="faq", min_similarity=0.9)
         >>> result = client.decode(embedding, hybrid=hybrid)  # doctest: +SKIP
         >>> result.source, result.model, round(result.similarity, 2)  # doctest: +SKIP
         (<AnswerSource.PHRASE_BANK: 'phrase_bank'>, 'faq', 0.97)
         >>> client.decode(embedding, model="ret", version=1).version  # doctest: +SKIP
         1
-        >>> client.decode(embedding, no_repeat_ngram_size=6).text  # doctest: +SKIP
-        'a cat sits on the mat'
         """
-        request = _requests.decode(
-            embedding,
-            model=model,
-            max_new_tokens=max_new_tokens,
-            encoding=self.encoding,
-            priority=priority,
-            hybrid=hybrid,
-            version=version,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            repetition_penalty=repetition_penalty,
-            repetition_ngram_size=repetition_ngram_size,
-        )
-        return convert.decode_result(self._unary(self._stub.Decode, request, timeout))
+        return self._send(self._core.decode(embedding, **call_options(locals())), timeout)
 
     def generate(
         self,
@@ -292,27 +267,12 @@ class Client:
         The other arguments are those of :meth:`decode`, ``no_repeat_ngram_size`` (the loop
         breaker) included: it applies to sampled and greedy generation alike.
 
-        >>> result = client.generate(embedding, temperature=0.7, seed=1)  # doctest: +SKIP
-        >>> again = client.generate(embedding, temperature=0.7, seed=result.seed)  # doctest: +SKIP
-        >>> again.text == result.text  # doctest: +SKIP
-        True
+        >>> result = client.generate(embedding, temperature=0.7, seed=1, max_new_tokens=16)
+        >>> again = client.generate(embedding, temperature=0.7, seed=result.seed, max_new_tokens=16)
+        >>> again.text == result.text, result.seed
+        (True, 1)
         """
-        request = _requests.generate(
-            embedding,
-            model=model,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            encoding=self.encoding,
-            priority=priority,
-            version=version,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-        )
-        retry = self.balanced and _balancing.deterministic(request)
-        return convert.generate_result(self._unary(self._stub.Generate, request, timeout, retry))
+        return self._send(self._core.generate(embedding, **call_options(locals())), timeout)
 
     def generate_stream(
         self,
@@ -336,28 +296,14 @@ class Client:
         A failure raises its typed error from the iteration; closing the iterator early
         (``.close()``, or leaving a ``for`` loop and dropping it) cancels the call.
 
-        >>> for chunk in client.generate_stream(embedding, seed=0):  # doctest: +SKIP
-        ...     print(chunk.text, end="", flush=True)
-        >>> stream = client.generate_stream(embedding, no_repeat_ngram_size=6)  # doctest: +SKIP
+        >>> text = ""
+        >>> for chunk in client.generate_stream(embedding, seed=0, max_new_tokens=16):
+        ...     text += chunk.text  # or print(chunk.text, end="", flush=True)
+        >>> text == client.generate(embedding, seed=0, max_new_tokens=16).text, chunk.is_last
+        (True, True)
         """
-        request = _requests.generate(
-            embedding,
-            model=model,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            encoding=self.encoding,
-            priority=priority,
-            version=version,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-        )
-        call = self._stub.GenerateStream(
-            request, timeout=self._deadline(timeout), metadata=with_trace_context(self._metadata)
-        )
-        return _iterate(call, convert.stream_chunk, secure=self._secure)
+        call = self._core.generate_stream(embedding, **call_options(locals()))
+        return self._stream(call, call.request, timeout)
 
     def decode_batch(
         self,
@@ -383,26 +329,15 @@ class Client:
         ``version`` that is not loaded fails the whole call (:class:`NotFoundError`).
         With ``hybrid``, each item's answer says whether the bank or the model gave it.
 
-        >>> [item.unwrap().text for item in client.decode_batch(matrix)]  # doctest: +SKIP
-        ['first sentence', 'second sentence']
-        >>> items = client.decode_batch(matrix, no_repeat_ngram_size=6)  # doctest: +SKIP
+        >>> items = client.decode_batch(matrix, max_new_tokens=16)  # matrix: 2 rows
+        >>> [item.unwrap().text for item in items] == [client.decode(e, max_new_tokens=16).text
+        ...                                            for e in matrix]
+        True
+        >>> items = client.decode_batch([matrix[0], np.zeros(5)], max_new_tokens=16)
+        >>> [item.ok for item in items], items[1].error.code.name
+        ([True, False], 'INVALID_ARGUMENT')
         """
-        request = _requests.decode_batch(
-            embeddings,
-            model=model,
-            max_new_tokens=max_new_tokens,
-            encoding=self.encoding,
-            priority=priority,
-            version=version,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            repetition_penalty=repetition_penalty,
-            repetition_ngram_size=repetition_ngram_size,
-            hybrid=hybrid,
-        )
-        response: decoder_pb2.DecodeBatchResponse = self._unary(
-            self._stub.DecodeBatch, request, timeout
-        )
-        return [convert.batch_item(result) for result in response.results]
+        return self._send(self._core.decode_batch(embeddings, **call_options(locals())), timeout)
 
     def decode_stream(
         self,
@@ -428,52 +363,25 @@ class Client:
         ``priority``, the loop breakers and ``hybrid`` (see :meth:`decode`) apply to every
         item; a bad ``priority``, ``version`` or loop breaker raises at once.
 
-        >>> for item in client.decode_stream([("a", e1), ("b", e2)]):  # doctest: +SKIP
-        ...     print(item.id, item.unwrap().text)
-        >>> items = client.decode_stream([e1, e2], no_repeat_ngram_size=6)  # doctest: +SKIP
+        >>> for item in sorted(client.decode_stream([("a", e1), ("b", e2)]), key=lambda i: i.id):
+        ...     print(item.id, item.unwrap().usage.generated_tokens > 0)
+        a True
+        b True
+        >>> [item.id for item in client.decode_stream([e1], no_repeat_ngram_size=6)]
+        ['0']
         """
-        failure: list[BaseException] = []
-        priority = _requests.check_priority(priority)  # bad arguments raise here, at once
-        version = _requests.check_version(version)
-        _requests.loop_breakers(no_repeat_ngram_size, repetition_penalty, repetition_ngram_size)
-
-        def requests() -> Iterator[decoder_pb2.DecodeStreamRequest]:
-            try:
-                for index, item in enumerate(items):
-                    yield _requests.stream_item(
-                        index,
-                        item,
-                        model=model,
-                        max_new_tokens=max_new_tokens,
-                        encoding=self.encoding,
-                        priority=priority,
-                        version=version,
-                        no_repeat_ngram_size=no_repeat_ngram_size,
-                        repetition_penalty=repetition_penalty,
-                        repetition_ngram_size=repetition_ngram_size,
-                        hybrid=hybrid,
-                    )
-            except Exception as err:  # raised to the caller from the response iterator
-                failure.append(err)
-
-        call = self._stub.DecodeStream(
-            requests(), timeout=self._deadline(timeout), metadata=with_trace_context(self._metadata)
-        )
-        return _iterate(call, convert.stream_item, failure, secure=self._secure)
+        call = self._core.decode_stream(
+            **call_options(locals())
+        )  # bad arguments raise here, at once
+        return self._stream(call, call.requests(items), timeout)
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """The models the server has loaded (see :meth:`default_model` for the default)."""
-        response: decoder_pb2.ListModelsResponse = self._unary(
-            self._stub.ListModels, decoder_pb2.ListModelsRequest(), timeout
-        )
-        return [convert.model_info(m) for m in response.models]
+        return self._send(self._core.list_models(), timeout)
 
     def default_model(self, *, timeout: float | None = None) -> str:
         """The name of the model that serves requests naming none."""
-        response: decoder_pb2.ListModelsResponse = self._unary(
-            self._stub.ListModels, decoder_pb2.ListModelsRequest(), timeout
-        )
-        return response.default_model
+        return self._send(self._core.default_model(), timeout)
 
     def model_info(
         self, model: str | None = None, *, version: int = 0, timeout: float | None = None
@@ -484,15 +392,14 @@ class Client:
         naming none get. ``info.repository_version`` is the version described and
         ``info.serving`` whether calls naming no version get it.
 
-        >>> info = client.model_info()  # doctest: +SKIP
-        >>> info.name, info.embedding_dim, info.trained  # doctest: +SKIP
-        ('ret_v21', 768, True)
+        >>> info = client.model_info()
+        >>> info.name, info.embedding_dim, info.trained  # the test server's: seeded, untrained
+        ('ret_v21', 768, False)
         >>> info = client.model_info("ret", version=1)  # doctest: +SKIP
         >>> info.repository_version, info.serving  # doctest: +SKIP
         (1, False)
         """
-        request = _requests.model_info(model, version)
-        return convert.model_info(self._unary(self._stub.GetModelInfo, request, timeout))
+        return self._send(self._core.model_info(model, version), timeout)
 
     # --- the admin service (retd.v1.ModelRepository) -----------------------------------------
 
@@ -509,11 +416,7 @@ class Client:
         >>> listing.serving, listing.default_model  # doctest: +SKIP
         ({'ret': 2}, 'ret')
         """
-        request = _requests.list_versions(model)
-        response: repository_pb2.RepositoryListResponse = self._unary(
-            self._admin.List, request, timeout
-        )
-        return convert.repository_listing(response)
+        return self._send(self._core.list_versions(model), timeout)
 
     def load_model(
         self, model: str, version: int = 0, *, timeout: float | None = None
@@ -537,9 +440,7 @@ class Client:
         >>> client.decode(embedding, model="ret", version=1).version  # doctest: +SKIP
         1
         """
-        request = _requests.load_model(model, version)
-        response: repository_pb2.LoadModelResponse = self._unary(self._admin.Load, request, timeout)
-        return convert.version_status(response.status)
+        return self._send(self._core.load_model(model, version), timeout)
 
     def unload_model(
         self, model: str, version: int = 0, *, timeout: float | None = None
@@ -554,39 +455,27 @@ class Client:
         >>> [row.version for row in client.unload_model("ret", 1)]  # doctest: +SKIP
         [1]
         """
-        request = _requests.unload_model(model, version)
-        response: repository_pb2.UnloadModelResponse = self._unary(
-            self._admin.Unload, request, timeout
-        )
-        return [convert.version_status(row) for row in response.unloaded]
+        return self._send(self._core.unload_model(model, version), timeout)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> HealthStatus:
         """The standard ``grpc.health.v1`` status of ``service`` ("" is the whole server).
 
         The result is a ``str`` enum: ``client.health() == "SERVING"`` works.
         """
-        request = _health.HealthCheckRequest(service=service)
-        return _health.health_status(self._unary(self._health_check, request, timeout))
+        return self._send(self._core.health(service), timeout)
 
 
-def _iterate(
-    call: Any,
-    convert_one: Callable[[Any], _T],
-    failure: list[BaseException] | None = None,
-    *,
-    secure: bool | None = None,
-) -> Generator[_T, None, None]:
-    """Yield converted responses of a streaming call; typed errors; cancel when closed early."""
+def _iterate(call: Any, stream: Stream[R], secure: bool | None) -> Generator[R, None, None]:
+    """Yield a streaming call's converted responses; typed errors; cancel when closed early."""
+    failure = stream.failure
     try:
         for message in call:
             if failure:
                 raise failure[0]
-            yield convert_one(message)
+            yield stream.convert(message)
         if failure:
             raise failure[0]
     except grpc.RpcError as err:
-        if failure:
-            raise failure[0] from err
-        raise from_rpc_error(err, secure=secure) from err
+        raise stream_error(err, failure, secure) from err
     finally:
         call.cancel()

@@ -15,6 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests._wait import poll
+
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 120.0
 
@@ -76,14 +78,17 @@ def start_server(
             env={**os.environ, **(env or {})},
             cwd=REPO,
         )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not ready.exists():
+
+    def started() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"server did not start in time:\n{log_path.read_text()}")
-        time.sleep(0.05)  # polling for a file the server writes, not waiting on a race
+        return ready.exists()
+
+    try:  # polling for a file the server writes, not waiting on a race
+        poll(started, START_TIMEOUT_S, "the ready file", interval=0.05)
+    except AssertionError:
+        process.kill()
+        raise RuntimeError(f"server did not start in time:\n{log_path.read_text()}") from None
     info = json.loads(ready.read_text())
     return RunningServer(process, info["address"], info["port"], log_path, info["metrics_port"])
 

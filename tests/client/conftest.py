@@ -1,18 +1,14 @@
-"""Fixtures of the client tests: the real retd daemon of tests/conftest.py (`server`), and a
-bounded poll for server-side state that changes a moment after a client-side action."""
+"""Fixtures of the client tests: the real retd daemon of tests/conftest.py (`server`); the
+bounded poll for server-side state is tests/_wait.py's."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
 from retd.client import Client, GenerateResult
-
-T = TypeVar("T")
 
 #: The served model (named after the checkpoint's architecture) and its input size.
 MODEL = "ret_v21"
@@ -23,16 +19,6 @@ def embeddings(n: int, seed: int = 0) -> np.ndarray:
     """`n` distinct float32 embeddings (rows); the untrained model decodes each differently."""
     rng = np.random.default_rng(seed)
     return (rng.standard_normal((n, DIM)) * np.arange(1, n + 1)[:, None]).astype(np.float32)
-
-
-def poll(condition: Callable[[], T], timeout: float = 15.0, what: str = "condition") -> T:
-    """Call `condition` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} still false after {timeout} s")
-        time.sleep(0.01)
-    return value
 
 
 def stop_case(

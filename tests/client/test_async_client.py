@@ -21,6 +21,7 @@ from retd.client import (
     NotFoundError,
     UnavailableError,
 )
+from tests._wait import apoll
 from tests.client.conftest import DIM, MODEL, embeddings, stop_case
 
 E = embeddings(4, seed=9)  # distinct greedy texts, as in test_client
@@ -34,13 +35,6 @@ def run(test: Callable[[AsyncClient], Awaitable[T]], address: str, **kwargs) -> 
             return await test(client)
 
     return asyncio.run(main())
-
-
-async def apoll(condition: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
-    """Await `condition` until it is true; fail after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
-        while not await condition():
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture

@@ -29,7 +29,8 @@ from retd.client import (
     _health,
 )
 from retd.v1 import decoder_pb2
-from tests.client.conftest import DIM, MODEL, embeddings, poll, stop_case
+from tests._wait import poll
+from tests.client.conftest import DIM, MODEL, embeddings, stop_case
 
 E = embeddings(4, seed=9)  # greedy texts "000…", "\ufffd…", "444…", "]]]…": distinct
 N = 16  # max_new_tokens of most calls: enough to tell texts apart, fast on a CPU

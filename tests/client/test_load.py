@@ -25,7 +25,8 @@ from retd.client import (
     UnavailableError,
     cli,
 )
-from tests.client.conftest import embeddings, poll
+from tests._wait import poll
+from tests.client.conftest import embeddings
 from tests.conftest import RunningServer, start_server
 
 E = embeddings(2, seed=9)

@@ -23,7 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from retd.client import AsyncClient, Client, UnavailableError
 from retd.client._balancing import RETRIED_METHODS, TargetError, deterministic, resolve
 from retd.client._requests import generate as generate_request
-from tests.client.conftest import embeddings, poll
+from tests._wait import poll
+from tests.client.conftest import embeddings
 from tests.conftest import RunningServer, start_server
 
 GRACE_PERIOD_S = 5.0

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
+from tests._wait import poll
 from tests.conftest import RunningServer, start_server
 
 POLL_LIMIT_S = 20.0
@@ -70,17 +70,19 @@ def load(address: str) -> pb.ModelLoad:
 
 def wait_idle(address: str, limit_s: float = POLL_LIMIT_S) -> pb.ModelLoad:
     """Bounded poll of GetModelInfo until nothing waits or runs; fails after `limit_s`."""
-    deadline = time.monotonic() + limit_s
-    current = load(address)
-    while current.waiting or current.running:
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"load did not return to 0 in {limit_s}s: waiting {current.waiting}, "
-                f"running {current.running}"
-            )
-        time.sleep(0.02)  # polling a condition, bounded above
-        current = load(address)
-    return current
+    last = [load(address)]
+
+    def idle() -> bool:
+        last[0] = load(address)
+        return not (last[0].waiting or last[0].running)
+
+    poll(
+        idle,
+        limit_s,
+        lambda: f"load back to 0 (waiting {last[0].waiting}, running {last[0].running})",
+        interval=0.02,
+    )
+    return last[0]
 
 
 def rss_kib(pid: int) -> int:

@@ -248,8 +248,9 @@ def test_fuzzed_bytes_to_model_queries_end_with_a_status(
 def test_fuzzed_decode_stream_items_end_with_a_status(
     channel: grpc.Channel, daemon: RunningServer, reference: Reference
 ) -> None:
-    """Items that parse (a message that does not parse hangs the stream: see the xfail
-    test below), random bytes included when they happen to parse."""
+    """Items that parse, random bytes included when they happen to parse. (An item that
+    does not parse is answered INVALID_ARGUMENT in its place and the stream goes on: see
+    the test below.)"""
     item = fuzz_input("DecodeStream").filter(lambda data: parses("DecodeStream", data))
 
     @FUZZ_SETTINGS
@@ -453,7 +454,7 @@ def test_priority_extremes_decode_correctly(
 
 
 def test_long_model_names_are_not_found(stub: pb_grpc.DecoderStub) -> None:
-    name = "m" * 4_000  # under gRPC's 8 KiB soft metadata limit (see the xfail below)
+    name = "m" * 4_000  # the next test sends 100,000 (NOT_FOUND quotes at most 80 of them)
     code, details = call_code(
         lambda: stub.Decode(pb.DecodeRequest(model=name, embedding=embedding(0)), timeout=10)
     )

@@ -15,6 +15,7 @@ from retd.model.checkpoint import LoadedModel
 from retd.model.generation import GenerationResult, SamplingParams, generate
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
+from tests._wait import poll
 from tests.conftest import RunningServer, start_server
 
 POLL_LIMIT_S = 30.0
@@ -40,10 +41,11 @@ def load(stub: pb_grpc.DecoderStub) -> pb.ModelLoad:
 
 def wait_for_load(stub: pb_grpc.DecoderStub, waiting: int, running: int) -> None:
     """Bounded poll until the model's load is exactly (waiting, running)."""
-    deadline = time.monotonic() + POLL_LIMIT_S
-    while (now := load(stub)).waiting != waiting or now.running != running:
-        assert time.monotonic() < deadline, f"load stuck at {now}"
-        time.sleep(0.01)
+    poll(
+        lambda: (now := load(stub)).waiting == waiting and now.running == running,
+        POLL_LIMIT_S,
+        lambda: f"load (waiting, running) == ({waiting}, {running}); now {load(stub)}",
+    )
 
 
 def serve(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, *args: str) -> RunningServer:

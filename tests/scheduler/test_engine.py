@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -28,6 +29,7 @@ from retd.server.engine import (
     TokenDelta,
 )
 from retd.server.scheduler import SchedulerConfig
+from tests._wait import apoll
 
 RUN_LIMIT_S = 60.0
 POLL_LIMIT_S = 20.0
@@ -67,18 +69,17 @@ def start_engine(loaded: LoadedModel, **config: object) -> RETEngine:
 
 async def wait_idle(engine: RETEngine) -> None:
     """Bounded poll until the engine holds nothing: no waiting, no running sequence."""
-    deadline = time.monotonic() + POLL_LIMIT_S
-    while (stats := engine.stats()).waiting or stats.running:
-        assert time.monotonic() < deadline, f"engine never became idle: {stats}"
-        await asyncio.sleep(0.002)
+    stats = await apoll(
+        lambda: (s := engine.stats()).waiting == 0 and s.running == 0 and s,
+        POLL_LIMIT_S,
+        lambda: f"engine idle (now {engine.stats()})",
+        interval=0.002,
+    )
     assert stats.free_slots == engine.scheduler_config.max_batch_size
 
 
-async def wait_for(condition: object, what: str) -> None:
-    deadline = time.monotonic() + POLL_LIMIT_S
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.001)
+async def wait_for(condition: Callable[[], object], what: str) -> None:
+    await apoll(condition, POLL_LIMIT_S, what, interval=0.001)
 
 
 @dataclass

@@ -10,10 +10,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -26,20 +25,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from retd.v1 import decoder_pb2 as pb
 from tests.conftest import REPO
 
-T = TypeVar("T")
-
 #: Every call made by these tests carries a deadline this long at most.
 CALL_TIMEOUT_S = 20.0
-
-
-def poll(condition: Callable[[], T], timeout: float = 15.0, what: str = "condition") -> T:
-    """Call `condition` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} still false after {timeout} s")
-        time.sleep(0.02)
-    return value
 
 
 def embedding(seed: int = 0) -> pb.Embedding:

@@ -16,8 +16,9 @@ from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
 from retd.v1 import repository_pb2 as admin_pb
 from retd.v1 import repository_pb2_grpc as admin_grpc
+from tests._wait import poll
 from tests.conftest import RunningServer, start_server
-from tests.security.conftest import CALL_TIMEOUT_S, decode_request, poll
+from tests.security.conftest import CALL_TIMEOUT_S, decode_request
 from tests.security.test_tokens import bearer
 
 DECODER_TOKEN, ADMIN_TOKEN = "decoder-token-4b1f", "admin-token-9c2e"

@@ -14,8 +14,9 @@ import pytest
 
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
+from tests._wait import poll
 from tests.conftest import RunningServer, start_server
-from tests.security.conftest import CALL_TIMEOUT_S, decode_request, embedding, poll
+from tests.security.conftest import CALL_TIMEOUT_S, decode_request, embedding
 
 #: How long a call that must stay queued is watched: a 4-token Decode takes milliseconds.
 QUEUED_FOR_S = 1.0
@@ -302,13 +303,19 @@ def test_too_many_pings_get_the_connection_closed(
             timeout=GOAWAY_WITHIN_S,
             what="the idle connection closed",
         )
-        # Watch the control stream 1.5 s more: it pings as often and started with the other,
-        # so without the setting it would have had its GOAWAY by then (tried: it does).
-        watch_until = time.monotonic() + 1.5
-        while time.monotonic() < watch_until:
-            assert not held[1].call.done(), held[1].call
-            time.sleep(0.05)
-        held.pop().close()
+        # Watch the control stream while a second strict stream, opened now, pings its way to
+        # its own GOAWAY: the control, pinging as often since the start, has then outlived two
+        # strict streams in a row, so without the setting it would have had its GOAWAY by then
+        # (tried: it does). The window ends on the server's event, not on a clock.
+        again = grpc.insecure_channel(strict.address, options=PINGING)
+        channels.append(again)
+        held.append(HeldStream(pb_grpc.DecoderStub(again), "again"))
+        with pytest.raises(grpc.RpcError) as caught_again:
+            list(held[-1].call)
+        assert caught_again.value.code() == grpc.StatusCode.UNAVAILABLE, caught_again.value
+        assert "ping" in (caught_again.value.details() or "").lower()
+        assert not held[1].call.done(), held[1].call
+        held.pop(1).close()
         assert strict.process.poll() is None  # the server itself is fine
         assert pb_grpc.DecoderStub(idle).Decode(decode_request(), timeout=CALL_TIMEOUT_S).usage
     finally:

@@ -24,8 +24,9 @@ from retd.client import Client, UnauthenticatedError
 from retd.server.security import SecurityError, TokenStore
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
+from tests._wait import poll
 from tests.conftest import REPO, RunningServer, start_server
-from tests.security.conftest import CALL_TIMEOUT_S, decode_request, embedding, poll, run_to_exit
+from tests.security.conftest import CALL_TIMEOUT_S, decode_request, embedding, run_to_exit
 
 GRPCURL = REPO / ".venv" / "bin" / "grpcurl"
 

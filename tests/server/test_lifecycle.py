@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
+from tests._wait import poll
 from tests.conftest import start_server
 
 VALUES = np.random.default_rng(3).standard_normal(768).astype(np.float32).tolist()
@@ -30,8 +31,8 @@ def long_stream(stub: pb_grpc.DecoderStub) -> Any:
 
 def wait_until_not_serving(address: str) -> str:
     """Poll health on fresh channels until NOT_SERVING or calls fail; bounded."""
-    deadline = time.monotonic() + POLL_LIMIT_S
-    while time.monotonic() < deadline:
+
+    def not_serving() -> str | None:
         with grpc.insecure_channel(address) as channel:
             try:
                 status = health_pb2_grpc.HealthStub(channel).Check(
@@ -39,16 +40,17 @@ def wait_until_not_serving(address: str) -> str:
                 )
             except grpc.RpcError as error:
                 return error.code().name
-            if status.status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                return "NOT_SERVING"
-        time.sleep(0.01)  # bounded poll for a state change
-    raise AssertionError(f"health still SERVING {POLL_LIMIT_S}s after the signal")
+        serving = status.status != health_pb2.HealthCheckResponse.NOT_SERVING
+        return None if serving else "NOT_SERVING"
+
+    return poll(not_serving, POLL_LIMIT_S, "health NOT_SERVING after the signal")
 
 
 def decode_after_stop(address: str) -> grpc.StatusCode:
-    """A new call to a stopping server: UNAVAILABLE, once the server stopped accepting."""
-    deadline = time.monotonic() + POLL_LIMIT_S
-    while time.monotonic() < deadline:
+    """A new call to a stopping server: UNAVAILABLE, once the server stopped accepting
+    (health said NOT_SERVING; the listener closes right after)."""
+
+    def refused() -> grpc.StatusCode | None:
         with grpc.insecure_channel(address) as channel:
             try:
                 pb_grpc.DecoderStub(channel).Decode(
@@ -56,8 +58,9 @@ def decode_after_stop(address: str) -> grpc.StatusCode:
                 )
             except grpc.RpcError as error:
                 return error.code()
-        time.sleep(0.01)  # health said NOT_SERVING; the listener closes right after
-    raise AssertionError("new calls still succeed after the shutdown signal")
+        return None
+
+    return poll(refused, POLL_LIMIT_S, "a new call refused after the shutdown signal")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -234,10 +237,11 @@ def test_health_and_info_answer_while_the_model_is_busy(tmp_path: Path, checkpoi
             batch = stub.DecodeBatch.future(
                 pb.DecodeBatchRequest(embeddings=[EMBEDDING] * 32, max_new_tokens=256), timeout=120
             )
-            deadline = time.monotonic() + POLL_LIMIT_S
-            while stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).load.running != 1:
-                assert time.monotonic() < deadline, "the batch never started"
-                time.sleep(0.01)  # bounded poll for the batch to start
+            poll(
+                lambda: stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).load.running == 1,
+                POLL_LIMIT_S,
+                "the batch started",
+            )
             for _ in range(5):
                 status = health.Check(health_pb2.HealthCheckRequest(service="ret_v21"), timeout=10)
                 assert status.status == health_pb2.HealthCheckResponse.SERVING

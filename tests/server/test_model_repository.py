@@ -9,7 +9,7 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
 from retd.v1 import repository_pb2 as admin_pb
 from retd.v1 import repository_pb2_grpc as admin_grpc
+from tests._wait import poll
 from tests.conftest import RunningServer, start_server
 
 SPLIT = load_split(Path(__file__).parents[1] / "data" / "embedded", "train")
@@ -63,12 +64,8 @@ def rows(admin: admin_grpc.ModelRepositoryStub, model: str = "") -> dict[tuple[s
     return {(m.name, m.version): m for m in listing.models}
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    """Poll the daemon's own reports (List, health) until `condition` holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+#: Polls of the daemon's own reports (List, health) for a repository change: a load included.
+POLL_S = 60.0
 
 
 def health_of(channel: grpc.Channel, service: str) -> int:
@@ -393,12 +390,13 @@ def test_a_new_version_takes_over_under_load_and_no_call_fails(
     with server.channel() as channel:
         admin = admin_grpc.ModelRepositoryStub(channel)
         with Load(channel, callers=12) as load:
-            wait_for(lambda: load.count(1) >= 30, "answers from version 1")
+            poll(lambda: load.count(1) >= 30, POLL_S, "answers from version 1")
             staging = shutil.copytree(repository.root / "ret" / "2", root / ".staging-2")
             publish(staging, root / "ret" / "2")
-            wait_for(lambda: load.count(2) >= 60, "answers from version 2")
-            wait_for(
+            poll(lambda: load.count(2) >= 60, POLL_S, "answers from version 2")
+            poll(
                 lambda: rows(admin, "ret")[("ret", 1)].state == admin_pb.MODEL_STATE_AVAILABLE,
+                POLL_S,
                 "version 1 released",
             )
         answers = list(load.answers)
@@ -428,8 +426,9 @@ def test_watch_reports_a_broken_version_keeps_the_old_one_and_loads_it_once_mend
         stub = pb_grpc.DecoderStub(channel)
         with Load(channel, callers=4) as load:
             publish(staging, root / "ret" / "5")
-            wait_for(
+            poll(
                 lambda: rows(admin, "ret")[("ret", 5)].state == admin_pb.MODEL_STATE_FAILED,
+                POLL_S,
                 "version 5 reported as failed",
             )
             listing = rows(admin, "ret")
@@ -441,7 +440,7 @@ def test_watch_reports_a_broken_version_keeps_the_old_one_and_loads_it_once_mend
             mended = root / "ret" / "5" / "model.safetensors"
             shutil.copyfile(repository.root / "ret" / "2" / "model.safetensors", mended)
             shutil.copyfile(repository.root / "ret" / "2" / CARD_FILE, mended.parent / CARD_FILE)
-            wait_for(lambda: load.count(5) >= 20, "answers from the mended version 5")
+            poll(lambda: load.count(5) >= 20, POLL_S, "answers from the mended version 5")
         answers = list(load.answers)
         assert not [a for a in answers if a.error], [a for a in answers if a.error][:5]
         assert all(a.text == repository.expected[{1: 1, 5: 2}[a.version]][a.index] for a in answers)
@@ -458,10 +457,10 @@ def test_watch_loads_a_model_that_appears_and_unloads_one_whose_directory_goes(
             root / ".staging-bank", SPLIT.texts[:32], SPLIT.embeddings[:32], name="bank"
         )
         publish(staging, root / "bank" / "1")
-        wait_for(lambda: health_of(channel, "bank") == SERVING, "the new model serving")
+        poll(lambda: health_of(channel, "bank") == SERVING, POLL_S, "the new model serving")
         assert decode(stub, 4, model="bank").text == SPLIT.texts[4]
         shutil.rmtree(root / "bank")
-        wait_for(lambda: health_of(channel, "bank") == NOT_SERVING, "the removed model unloaded")
+        poll(lambda: health_of(channel, "bank") == NOT_SERVING, POLL_S, "the model unloaded")
         with pytest.raises(grpc.RpcError) as raised:
             decode(stub, 4, model="bank")
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND

@@ -9,7 +9,6 @@ import asyncio
 import json
 import re
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from retd.model.generation import SamplingParams, generate
 from retd.model.phrase_bank import load_phrase_bank, save_phrase_bank
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
+from tests._wait import poll
 from tests.conftest import RunningServer, start_server
 from tests.test_bench import bench
 
@@ -251,10 +251,8 @@ def test_ret_generate_has_no_candidates(client: Client) -> None:
 def test_the_access_log_names_the_bank(served: RunningServer, client: Client) -> None:
     client.generate(MEMBERS[0], model=BANK)
     line = re.compile(r"retd\.access: Generate OK [\d.]+ms 0 tokens bank$", re.MULTILINE)
-    deadline = time.monotonic() + 10
-    while not line.search(served.log()):  # written as the call ends, a moment after the reply
-        assert time.monotonic() < deadline, served.log()[-2000:]
-        time.sleep(0.01)
+    # Written as the call ends, a moment after the reply.
+    poll(lambda: line.search(served.log()), 10, lambda: f"the line in {served.log()[-2000:]}")
 
 
 # ---- hybrid decoding -----------------------------------------------------------------------------

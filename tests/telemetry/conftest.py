@@ -10,8 +10,7 @@ import concurrent.futures
 import contextlib
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,22 +31,11 @@ from retd.server.config import add_arguments, load_config
 from retd.server.telemetry import Telemetry
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
+from tests._wait import poll
 
 T = TypeVar("T")
 SERVICE = "retd.v1.Decoder"
 POLL_TIMEOUT_S = 20.0
-
-
-def wait_for(condition: Callable[[], T], what: str, timeout: float = POLL_TIMEOUT_S) -> T:
-    """Poll until `condition()` is truthy (bounded); returns its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def embedding(seed: int, dim: int = 768) -> pb.Embedding:
@@ -89,7 +77,7 @@ class InProcess:
             spans = [s for s in self.spans.get_finished_spans() if name in (None, s.name)]
             return spans if len(spans) >= count else []
 
-        return wait_for(ready, f"{count} finished spans named {name or 'anything'}")
+        return poll(ready, POLL_TIMEOUT_S, f"{count} finished spans named {name or 'anything'}")
 
 
 @contextlib.contextmanager

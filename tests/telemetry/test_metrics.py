@@ -25,8 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from retd.server.config import ServerConfig
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
+from tests._wait import poll
 from tests.conftest import start_server
-from tests.telemetry.conftest import embedding, free_port, in_process_daemon, wait_for
+from tests.telemetry.conftest import POLL_TIMEOUT_S, embedding, free_port, in_process_daemon
 
 
 def collect(reader: InMemoryMetricReader) -> dict[str, Metric]:
@@ -139,7 +140,7 @@ def test_in_flight_gauge_counts_an_open_stream(checkpoint: Path) -> None:
         assert in_flight() == 1
         requests.put(None)
         assert list(answers) == []
-        wait_for(lambda: in_flight() == 0, "the finished stream to leave the gauge")
+        poll(lambda: in_flight() == 0, POLL_TIMEOUT_S, "the finished stream to leave the gauge")
         counts = points(collect(daemon.metrics)["retd.requests"])
         assert counts[by_call("DecodeStream", 0)].value == 1
 
@@ -295,7 +296,7 @@ def test_calls_refused_while_draining_are_counted(checkpoint: Path) -> None:
         requests.put(pb.DecodeStreamRequest(id="a", embedding=embedding(1), max_new_tokens=2))
         assert next(answers).id == "a"
         stopped = daemon.begin_stop()  # drains: waits for the open stream
-        wait_for(lambda: not daemon.daemon.service.gate.open, "the gate to close")
+        poll(lambda: not daemon.daemon.service.gate.open, POLL_TIMEOUT_S, "the gate to close")
         with pytest.raises(grpc.RpcError) as caught:
             daemon.stub.Decode(pb.DecodeRequest(embedding=embedding(2), max_new_tokens=2))
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
@@ -307,7 +308,7 @@ def test_calls_refused_while_draining_are_counted(checkpoint: Path) -> None:
             return counts if counts.get(by_call("Decode", 14)) == 1 else {}
 
         try:
-            counts = wait_for(refusal_counted, "the refused call to be counted")
+            counts = poll(refusal_counted, POLL_TIMEOUT_S, "the refused call to be counted")
         finally:
             requests.put(None)  # let the drain finish
             assert list(answers) == []
