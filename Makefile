@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraint
 CHECKPOINT ?=
 SERVE_ARGS ?=
 
-.PHONY: serve test proto lint venv dev encoder train clean fuzz soak
+.PHONY: serve test proto lint venv dev encoder train clean fuzz soak gpu-check gpu-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,33 @@ train: $(VENV)/.train
 	$(BIN)/retd embed --data-dir $(TRAIN_DATA)
 	$(BIN)/retd train --data-dir $(TRAIN_DATA) --out $(TRAIN_OUT) --resume
 	$(BIN)/retd eval $(TRAIN_OUT)/checkpoint --data-dir $(TRAIN_DATA)
+
+## On a machine with one NVIDIA GPU (no network needed): the CUDA tests, the model and the
+## server on the device (float32, bfloat16), device memory; JSON + table into GPU_OUT.
+## Its own python3 (with torch) is used when there is no .venv; the packages it lacks travel
+## as the wheels `make gpu-wheels` downloads here into .whl/.
+GPU_OUT ?= build/gpu-check
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_SITE := /tmp/retd-gpu-site
+gpu-check:
+	rm -rf $(GPU_SITE) && mkdir -p $(GPU_SITE)/retd
+	if [ -d .whl ]; then $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile \
+		--target $(GPU_SITE) .whl/*.whl; fi
+	ln -s $(CURDIR)/client $(GPU_SITE)/retd/client; ln -s $(CURDIR)/server $(GPU_SITE)/retd/server
+	ln -s $(CURDIR)/model $(GPU_SITE)/retd/model; ln -s $(CURDIR)/protos/retd/v1 $(GPU_SITE)/retd/v1
+	PYTHONPATH=$(GPU_SITE) PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m retd.server.gpu_check --out $(GPU_OUT)
+
+# The server's pure-Python and grpc wheels at this venv's versions, for a Python 3.12 GPU image.
+GPU_WHEELS := grpcio protobuf grpcio-health-checking grpcio-reflection googleapis-common-protos \
+	opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions opentelemetry-proto \
+	opentelemetry-exporter-otlp-proto-common opentelemetry-exporter-otlp-proto-grpc \
+	opentelemetry-exporter-prometheus prometheus-client
+gpu-wheels: $(VENV)/.server
+	rm -rf .whl && $(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d .whl \
+		--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		$$($(BIN)/python -m pip freeze | grep -i -E "^($(shell echo $(GPU_WHEELS) | tr ' ' '|'))==")
+	ls .whl
 
 clean:
 	rm -rf $(VENV) build
