@@ -31,7 +31,6 @@ from retd.server.engine import Engine, RETEngine
 from retd.server.gate import CallGate
 from retd.server.phrase_bank_engine import PhraseBankEngine
 from retd.server.repository import ModelRegistry
-from retd.server.scheduler import SchedulerConfig
 from retd.server.security import (
     TokenAuthInterceptor,
     TokenStore,
@@ -39,8 +38,8 @@ from retd.server.security import (
     server_credentials,
     unusable_credentials,
 )
-from retd.server.service import DecoderService, ServiceLimits, add_service
-from retd.server.telemetry import Telemetry, TelemetryConfig
+from retd.server.service import DecoderService, add_service
+from retd.server.telemetry import Telemetry
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import repository_pb2
 
@@ -58,18 +57,10 @@ def load_engine(spec: ModelSpec) -> Engine:
     return engine
 
 
-def _scheduler_config(spec: ModelSpec) -> SchedulerConfig:
-    return SchedulerConfig(
-        max_batch_size=spec.max_batch_size,
-        max_queue_size=spec.max_queue_size,
-        max_wait_ms=spec.max_wait_ms,
-        policy=spec.batching,
-    )
-
-
 def _load_phrase_bank_engine(spec: ModelSpec) -> Engine:
-    device = resolve_device(spec.device)
-    loaded = load_phrase_bank(spec.checkpoint, device=device, dtype=parse_dtype(spec.dtype))
+    settings = spec.settings
+    device = resolve_device(settings.device)
+    loaded = load_phrase_bank(spec.checkpoint, device=device, dtype=parse_dtype(settings.dtype))
     bank = loaded.bank
     log.info(
         "model %s loaded: phrase bank %s, %d phrases x %d, %s on %s, sha256 %s",
@@ -77,24 +68,25 @@ def _load_phrase_bank_engine(spec: ModelSpec) -> Engine:
         loaded.version,
         len(bank),
         bank.dim,
-        spec.dtype,
+        settings.dtype,
         device,
         loaded.sha256[:12],
     )
-    return PhraseBankEngine(spec.name, loaded, _scheduler_config(spec))
+    return PhraseBankEngine(spec.name, loaded, settings.scheduler)
 
 
 def _load_ret_engine(spec: ModelSpec) -> Engine:
-    device = resolve_device(spec.device)
-    loaded = load_checkpoint(spec.checkpoint, device=device, dtype=parse_dtype(spec.dtype))
-    engine = RETEngine(spec.name, loaded, _scheduler_config(spec))
+    settings = spec.settings
+    device = resolve_device(settings.device)
+    loaded = load_checkpoint(spec.checkpoint, device=device, dtype=parse_dtype(settings.dtype))
+    engine = RETEngine(spec.name, loaded, settings.scheduler)
     log.info(
         "model %s loaded: %s %s, %d parameters, %s on %s, sha256 %s",
         spec.name,
         loaded.architecture,
         loaded.version,
         loaded.model.num_parameters(),
-        spec.dtype,
+        settings.dtype,
         device,
         loaded.sha256[:12],
     )
@@ -124,11 +116,9 @@ class Daemon:
         self.models = ModelRegistry(
             config.models,
             load_engine,
-            repository=config.model_repo,
-            repository_models=config.repo_models,
-            repository_defaults=config.model_defaults(),
+            repository=config.repository,
+            model_defaults=config.model_defaults,
             default_model=config.default_model,
-            drain_timeout=config.unload_timeout,
             health_servicer=self.health,
         )
         self.server: grpc.aio.Server | None = None
@@ -140,18 +130,18 @@ class Daemon:
     async def start(self) -> None:
         config = self.config
         if self.telemetry is None:
-            self.telemetry = Telemetry.from_config(telemetry_config(config))
+            self.telemetry = Telemetry.from_config(config.telemetry)
         # What can fail fast (TLS files, token files, the port) is settled before the models
         # load, so a start that fails says why without loading and releasing them first.
         credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-        full_batch = config.max_batch_items * BATCH_ITEM_WIRE_BYTES
+        full_batch = config.limits.max_batch_items * BATCH_ITEM_WIRE_BYTES
         if config.message_limit < full_batch:
             log.warning(
                 "max_message_bytes %d cannot hold a DecodeBatch of max_batch_items %d "
                 "embeddings (%d bytes): such batches get RESOURCE_EXHAUSTED; leave "
                 "max_message_bytes unset to size it from max_batch_items",
                 config.message_limit,
-                config.max_batch_items,
+                config.limits.max_batch_items,
                 full_batch,
             )
         interceptors = [self._access_control()]
@@ -167,14 +157,9 @@ class Daemon:
                 ("grpc.http2.max_ping_strikes", 2),
             ],
         )
-        limits = ServiceLimits(
-            max_batch_items=config.max_batch_items,
-            max_stream_items=config.max_stream_items,
-            max_new_tokens_limit=config.max_new_tokens_limit,
-        )
         gate = CallGate()
         self.service = DecoderService(
-            self.models, self.telemetry, limits, gate, config.decode_defaults()
+            self.models, self.telemetry, config.limits, gate, config.decode_defaults
         )
         self.admin = RepositoryService(self.models, self.telemetry, gate)
         self.telemetry.observe(self.models.engines, lambda: gate.in_flight)
@@ -216,8 +201,9 @@ class Daemon:
         for name in ("", DECODER_SERVICE, ADMIN_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await self.models.publish_health()
-        if config.watch > 0:
-            self._watcher = asyncio.create_task(self.models.watch(config.watch))
+        repository = config.repository
+        if repository.watch > 0:
+            self._watcher = asyncio.create_task(self.models.watch(repository.watch))
         metrics_port = self.telemetry.metrics_port
         default = self.models.default_model or "none"
         if self.models.default_reason:
@@ -228,10 +214,10 @@ class Daemon:
             config.host,
             self.port,
             default,
-            f"; metrics on http://{config.metrics_host}:{metrics_port}/metrics"
+            f"; metrics on http://{config.telemetry.metrics_host}:{metrics_port}/metrics"
             if metrics_port
             else "",
-            f"; watching {config.model_repo} every {config.watch:g} s" if self._watcher else "",
+            f"; watching {repository.path} every {repository.watch:g} s" if self._watcher else "",
         )
 
     def _access_control(self) -> TokenAuthInterceptor:
@@ -300,18 +286,6 @@ class Daemon:
         await self.models.close(quiet=quiet)
         if self.telemetry is not None:
             await asyncio.to_thread(self.telemetry.shutdown)  # flushes spans still batched
-
-
-def telemetry_config(config: ServerConfig) -> TelemetryConfig:
-    return TelemetryConfig(
-        service_name=config.service_name,
-        traces_exporter=config.traces_exporter,
-        metrics_exporter=config.metrics_exporter,
-        otlp_endpoint=config.otlp_endpoint,
-        metrics_host=config.metrics_host,
-        metrics_port=config.metrics_port,
-        metrics_port_given="metrics_port" in config.given,
-    )
 
 
 def _write_ready_file(path: Path, host: str, port: int, metrics_port: int) -> None:

@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -26,7 +25,7 @@ from opentelemetry.trace import Status, StatusCode
 from retd.model.checkpoint import PHRASE_BANK_KIND, RET_KIND
 from retd.model.generation import FinishReason, SamplingParams
 from retd.server.calls import Unparseable, abort, rpc
-from retd.server.config import DecodeDefaults
+from retd.server.config import DecodeDefaults, ServiceLimits
 from retd.server.engine import Engine, SequenceError, SequenceRequest, SequenceResult
 from retd.server.gate import SHUTTING_DOWN, CallGate
 from retd.server.repository import ModelRegistry, ModelVersion
@@ -81,15 +80,6 @@ def hybrid_of(
     return request.hybrid if request.HasField("hybrid") else None
 
 
-@dataclass(frozen=True)
-class ServiceLimits:
-    """Per-call limits that protect the process (0 = no server-wide cap)."""
-
-    max_batch_items: int = 1024
-    max_stream_items: int = 100_000
-    max_new_tokens_limit: int = 0
-
-
 def model_limits(engine: Engine, max_new_tokens_limit: int = 0) -> ModelLimits:
     model = engine.description
     encoder = model.encoder or "sentence encoder"
@@ -134,7 +124,7 @@ def model_info(served: ModelVersion, serving: bool) -> pb.ModelInfo:
             max_queue_size=engine.scheduler_config.max_queue_size,
             running=stats.running,
             max_batch_size=engine.scheduler_config.max_batch_size,
-            batching=engine.scheduler_config.policy,
+            batching=engine.scheduler_config.batching,
             max_wait_ms=engine.scheduler_config.max_wait_ms,
         ),
     )

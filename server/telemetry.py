@@ -33,6 +33,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
+from retd.server.config import TelemetryConfig
 from retd.server.engine import Engine, MemorySample, SequenceResult, sample_memory
 from retd.server.metrics_endpoint import start_metrics_endpoint
 
@@ -61,18 +62,6 @@ _WALL_OFFSET_NS = time.time_ns() - time.monotonic_ns()
 
 def wall_ns(monotonic_s: float) -> int:
     return int(monotonic_s * 1e9) + _WALL_OFFSET_NS
-
-
-@dataclass(frozen=True)
-class TelemetryConfig:
-    service_name: str = "retd"
-    traces_exporter: str = "none"  # otlp, console, none
-    metrics_exporter: str = "prometheus"  # prometheus, otlp, none (comma-separated)
-    otlp_endpoint: str | None = None  # else OTEL_EXPORTER_OTLP_ENDPOINT, else localhost:4317
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9464  # 0 turns the Prometheus endpoint off
-    # Set explicitly (must be free), or the default (the next free port serves when taken).
-    metrics_port_given: bool = False
 
 
 def _span_exporter(config: TelemetryConfig) -> SpanExporter | None:

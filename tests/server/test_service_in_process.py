@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from retd.server.app import load_engine
-from retd.server.config import ModelSpec
+from retd.server.config import ModelSettings, ModelSpec, SchedulerConfig
 from retd.server.repository import ModelRegistry
 from retd.server.service import DecoderService, add_service
 from retd.v1 import decoder_pb2 as pb
@@ -42,7 +42,13 @@ def served(checkpoint: Path) -> Iterator[InProcessService]:
     thread = threading.Thread(target=loop.run_forever, name="in-process-service", daemon=True)
     thread.start()
     models = ModelRegistry(
-        [ModelSpec(name=MODEL, checkpoint=checkpoint, device="cpu", max_batch_size=8)],
+        [
+            ModelSpec(
+                MODEL,
+                checkpoint,
+                ModelSettings(device="cpu", scheduler=SchedulerConfig(max_batch_size=8)),
+            )
+        ],
         load_engine,
     )
     service = DecoderService(models)

@@ -51,7 +51,7 @@ def by_call(method: str, code: int) -> tuple[tuple[str, Any], ...]:
 
 
 MODEL = (("retd.model", "ret_v21"),)
-DEFAULT_METRICS_PORT = ServerConfig().metrics_port
+DEFAULT_METRICS_PORT = ServerConfig().telemetry.metrics_port
 
 
 def make_calls(stub: pb_grpc.DecoderStub) -> int:
