@@ -27,8 +27,9 @@ from retd.model.checkpoint import (
 from retd.model.phrase_bank import load_phrase_bank
 from retd.server.admin import ADMIN_SERVICE, RepositoryService
 from retd.server.config import BATCH_ITEM_WIRE_BYTES, ModelSpec, ServerConfig
-from retd.server.engine import Engine, RETEngine
+from retd.server.engine import Engine, RETEngine, sample_memory
 from retd.server.gate import CallGate
+from retd.server.interceptor import CallInterceptor
 from retd.server.phrase_bank_engine import PhraseBankEngine
 from retd.server.repository import ModelRegistry
 from retd.server.security import (
@@ -123,6 +124,7 @@ class Daemon:
         )
         self.server: grpc.aio.Server | None = None
         self.service: DecoderService | None = None
+        self.gate: CallGate | None = None  # the interceptor's: calls in flight, the drain
         self.token_stores: list[TokenStore] = []
         self.port = 0
         self._watcher: asyncio.Task[None] | None = None
@@ -144,9 +146,11 @@ class Daemon:
                 config.limits.max_batch_items,
                 full_batch,
             )
-        interceptors = [self._access_control()]
+        self.gate = gate = CallGate()
+        # After the token check: a call turned away for its token gets no span.
+        calls = CallInterceptor(self.telemetry, gate, (DECODER_SERVICE, ADMIN_SERVICE))
         server = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=[self._access_control(), calls],
             options=[
                 ("grpc.max_receive_message_length", config.message_limit),
                 ("grpc.max_send_message_length", config.message_limit),
@@ -157,12 +161,16 @@ class Daemon:
                 ("grpc.http2.max_ping_strikes", 2),
             ],
         )
-        gate = CallGate()
         self.service = DecoderService(
             self.models, self.telemetry, config.limits, gate, config.decode_defaults
         )
-        self.admin = RepositoryService(self.models, self.telemetry, gate)
-        self.telemetry.observe(self.models.engines, lambda: gate.in_flight)
+        self.admin = RepositoryService(self.models)
+        self.telemetry.observe(
+            self.models.engines,
+            lambda: gate.in_flight,
+            device_memory=lambda engine: sample_memory(engine.device).device_allocated_bytes,
+            rss=lambda: sample_memory(torch.device("cpu")).rss_bytes,
+        )
         add_service(self.service, server, pb, "Decoder")
         add_service(self.admin, server, repository_pb2, "ModelRepository")
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -189,8 +197,7 @@ class Daemon:
                 raise unusable_credentials(
                     config.tls_cert, config.tls_key, config.tls_client_ca, config.address
                 )
-        for service in (self.service, self.admin):
-            service.port, service.host = self.port, config.host
+        calls.bound(config.host, self.port)
         try:
             await self.models.start()
         except BaseException:
@@ -260,7 +267,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         grace_over = loop.time() + self.config.grace_period
         await self.health.enter_graceful_shutdown()
-        gate = self.service.gate if self.service is not None else None
+        gate = self.gate
         if gate is not None:
             if not await gate.close(self.config.grace_period):
                 log.warning("grace period over: cancelling %d calls in flight", gate.in_flight)
