@@ -22,13 +22,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .encoder import sha256_file
+from .kinds import PHRASE_BANK_KIND, RET_KIND
 from .model import ARCHITECTURES, RET, RETConfig, config_for, model_class
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
 CARD_FORMAT = "retd-checkpoint/1"
-RET_KIND = "ret"
-PHRASE_BANK_KIND = "phrase_bank"
 #: Every kind of checkpoint retd serves, by the `kind` its card names.
 KINDS = (RET_KIND, PHRASE_BANK_KIND)
 DEFAULT_ENCODER: Mapping[str, Any] = MappingProxyType(

@@ -5,9 +5,7 @@ from __future__ import annotations
 import grpc
 
 from retd.server.calls import abort, rpc
-from retd.server.gate import CallGate
 from retd.server.repository import ModelRegistry, ModelVersion, State, VersionStatus
-from retd.server.telemetry import Telemetry
 from retd.server.validation import RequestError
 from retd.v1 import repository_pb2 as pb
 from retd.v1 import repository_pb2_grpc as pb_grpc
@@ -38,12 +36,8 @@ def version_status(row: VersionStatus) -> pb.ModelVersionStatus:
 class RepositoryService(pb_grpc.ModelRepositoryServicer):
     service_name = ADMIN_SERVICE
 
-    def __init__(self, models: ModelRegistry, telemetry: Telemetry, gate: CallGate) -> None:
+    def __init__(self, models: ModelRegistry) -> None:
         self.models = models
-        self.telemetry = telemetry
-        self.gate = gate
-        self.host = "127.0.0.1"  # set once the server is bound
-        self.port = 0
 
     def _status_of(self, entry: ModelVersion) -> pb.ModelVersionStatus:
         rows = [r for r in self.models.status(entry.name) if r.version == entry.version]

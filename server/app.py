@@ -27,11 +27,11 @@ from retd.model.checkpoint import (
 from retd.model.phrase_bank import load_phrase_bank
 from retd.server.admin import ADMIN_SERVICE, RepositoryService
 from retd.server.config import BATCH_ITEM_WIRE_BYTES, ModelSpec, ServerConfig
-from retd.server.engine import Engine, RETEngine
+from retd.server.engine import Engine, RETEngine, sample_memory
 from retd.server.gate import CallGate
+from retd.server.interceptor import CallInterceptor
 from retd.server.phrase_bank_engine import PhraseBankEngine
 from retd.server.repository import ModelRegistry
-from retd.server.scheduler import SchedulerConfig
 from retd.server.security import (
     TokenAuthInterceptor,
     TokenStore,
@@ -39,8 +39,8 @@ from retd.server.security import (
     server_credentials,
     unusable_credentials,
 )
-from retd.server.service import DecoderService, ServiceLimits, add_service
-from retd.server.telemetry import Telemetry, TelemetryConfig
+from retd.server.service import DecoderService, add_service
+from retd.server.telemetry import Telemetry
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import repository_pb2
 
@@ -58,18 +58,10 @@ def load_engine(spec: ModelSpec) -> Engine:
     return engine
 
 
-def _scheduler_config(spec: ModelSpec) -> SchedulerConfig:
-    return SchedulerConfig(
-        max_batch_size=spec.max_batch_size,
-        max_queue_size=spec.max_queue_size,
-        max_wait_ms=spec.max_wait_ms,
-        policy=spec.batching,
-    )
-
-
 def _load_phrase_bank_engine(spec: ModelSpec) -> Engine:
-    device = resolve_device(spec.device)
-    loaded = load_phrase_bank(spec.checkpoint, device=device, dtype=parse_dtype(spec.dtype))
+    settings = spec.settings
+    device = resolve_device(settings.device)
+    loaded = load_phrase_bank(spec.checkpoint, device=device, dtype=parse_dtype(settings.dtype))
     bank = loaded.bank
     log.info(
         "model %s loaded: phrase bank %s, %d phrases x %d, %s on %s, sha256 %s",
@@ -77,24 +69,25 @@ def _load_phrase_bank_engine(spec: ModelSpec) -> Engine:
         loaded.version,
         len(bank),
         bank.dim,
-        spec.dtype,
+        settings.dtype,
         device,
         loaded.sha256[:12],
     )
-    return PhraseBankEngine(spec.name, loaded, _scheduler_config(spec))
+    return PhraseBankEngine(spec.name, loaded, settings.scheduler)
 
 
 def _load_ret_engine(spec: ModelSpec) -> Engine:
-    device = resolve_device(spec.device)
-    loaded = load_checkpoint(spec.checkpoint, device=device, dtype=parse_dtype(spec.dtype))
-    engine = RETEngine(spec.name, loaded, _scheduler_config(spec))
+    settings = spec.settings
+    device = resolve_device(settings.device)
+    loaded = load_checkpoint(spec.checkpoint, device=device, dtype=parse_dtype(settings.dtype))
+    engine = RETEngine(spec.name, loaded, settings.scheduler)
     log.info(
         "model %s loaded: %s %s, %d parameters, %s on %s, sha256 %s",
         spec.name,
         loaded.architecture,
         loaded.version,
         loaded.model.num_parameters(),
-        spec.dtype,
+        settings.dtype,
         device,
         loaded.sha256[:12],
     )
@@ -124,15 +117,14 @@ class Daemon:
         self.models = ModelRegistry(
             config.models,
             load_engine,
-            repository=config.model_repo,
-            repository_models=config.repo_models,
-            repository_defaults=config.model_defaults(),
+            repository=config.repository,
+            model_defaults=config.model_defaults,
             default_model=config.default_model,
-            drain_timeout=config.unload_timeout,
             health_servicer=self.health,
         )
         self.server: grpc.aio.Server | None = None
         self.service: DecoderService | None = None
+        self.gate: CallGate | None = None  # the interceptor's: calls in flight, the drain
         self.token_stores: list[TokenStore] = []
         self.port = 0
         self._watcher: asyncio.Task[None] | None = None
@@ -140,23 +132,25 @@ class Daemon:
     async def start(self) -> None:
         config = self.config
         if self.telemetry is None:
-            self.telemetry = Telemetry.from_config(telemetry_config(config))
+            self.telemetry = Telemetry.from_config(config.telemetry)
         # What can fail fast (TLS files, token files, the port) is settled before the models
         # load, so a start that fails says why without loading and releasing them first.
         credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-        full_batch = config.max_batch_items * BATCH_ITEM_WIRE_BYTES
+        full_batch = config.limits.max_batch_items * BATCH_ITEM_WIRE_BYTES
         if config.message_limit < full_batch:
             log.warning(
                 "max_message_bytes %d cannot hold a DecodeBatch of max_batch_items %d "
                 "embeddings (%d bytes): such batches get RESOURCE_EXHAUSTED; leave "
                 "max_message_bytes unset to size it from max_batch_items",
                 config.message_limit,
-                config.max_batch_items,
+                config.limits.max_batch_items,
                 full_batch,
             )
-        interceptors = [self._access_control()]
+        self.gate = gate = CallGate()
+        # After the token check: a call turned away for its token gets no span.
+        calls = CallInterceptor(self.telemetry, gate, (DECODER_SERVICE, ADMIN_SERVICE))
         server = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=[self._access_control(), calls],
             options=[
                 ("grpc.max_receive_message_length", config.message_limit),
                 ("grpc.max_send_message_length", config.message_limit),
@@ -167,17 +161,16 @@ class Daemon:
                 ("grpc.http2.max_ping_strikes", 2),
             ],
         )
-        limits = ServiceLimits(
-            max_batch_items=config.max_batch_items,
-            max_stream_items=config.max_stream_items,
-            max_new_tokens_limit=config.max_new_tokens_limit,
-        )
-        gate = CallGate()
         self.service = DecoderService(
-            self.models, self.telemetry, limits, gate, config.decode_defaults()
+            self.models, self.telemetry, config.limits, gate, config.decode_defaults
         )
-        self.admin = RepositoryService(self.models, self.telemetry, gate)
-        self.telemetry.observe(self.models.engines, lambda: gate.in_flight)
+        self.admin = RepositoryService(self.models)
+        self.telemetry.observe(
+            self.models.engines,
+            lambda: gate.in_flight,
+            device_memory=lambda engine: sample_memory(engine.device).device_allocated_bytes,
+            rss=lambda: sample_memory(torch.device("cpu")).rss_bytes,
+        )
         add_service(self.service, server, pb, "Decoder")
         add_service(self.admin, server, repository_pb2, "ModelRepository")
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -204,8 +197,7 @@ class Daemon:
                 raise unusable_credentials(
                     config.tls_cert, config.tls_key, config.tls_client_ca, config.address
                 )
-        for service in (self.service, self.admin):
-            service.port, service.host = self.port, config.host
+        calls.bound(config.host, self.port)
         try:
             await self.models.start()
         except BaseException:
@@ -216,8 +208,9 @@ class Daemon:
         for name in ("", DECODER_SERVICE, ADMIN_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await self.models.publish_health()
-        if config.watch > 0:
-            self._watcher = asyncio.create_task(self.models.watch(config.watch))
+        repository = config.repository
+        if repository.watch > 0:
+            self._watcher = asyncio.create_task(self.models.watch(repository.watch))
         metrics_port = self.telemetry.metrics_port
         default = self.models.default_model or "none"
         if self.models.default_reason:
@@ -228,10 +221,10 @@ class Daemon:
             config.host,
             self.port,
             default,
-            f"; metrics on http://{config.metrics_host}:{metrics_port}/metrics"
+            f"; metrics on http://{config.telemetry.metrics_host}:{metrics_port}/metrics"
             if metrics_port
             else "",
-            f"; watching {config.model_repo} every {config.watch:g} s" if self._watcher else "",
+            f"; watching {repository.path} every {repository.watch:g} s" if self._watcher else "",
         )
 
     def _access_control(self) -> TokenAuthInterceptor:
@@ -274,7 +267,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         grace_over = loop.time() + self.config.grace_period
         await self.health.enter_graceful_shutdown()
-        gate = self.service.gate if self.service is not None else None
+        gate = self.gate
         if gate is not None:
             if not await gate.close(self.config.grace_period):
                 log.warning("grace period over: cancelling %d calls in flight", gate.in_flight)
@@ -300,18 +293,6 @@ class Daemon:
         await self.models.close(quiet=quiet)
         if self.telemetry is not None:
             await asyncio.to_thread(self.telemetry.shutdown)  # flushes spans still batched
-
-
-def telemetry_config(config: ServerConfig) -> TelemetryConfig:
-    return TelemetryConfig(
-        service_name=config.service_name,
-        traces_exporter=config.traces_exporter,
-        metrics_exporter=config.metrics_exporter,
-        otlp_endpoint=config.otlp_endpoint,
-        metrics_host=config.metrics_host,
-        metrics_port=config.metrics_port,
-        metrics_port_given="metrics_port" in config.given,
-    )
 
 
 def _write_ready_file(path: Path, host: str, port: int, metrics_port: int) -> None:

@@ -28,7 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     from retd.model.checkpoint import CheckpointError
     from retd.server.app import serve
-    from retd.server.telemetry import configure_logging
+    from retd.server.logs import configure_logging
 
     configure_logging(config.log_level, config.log_format, config.access_log)
 

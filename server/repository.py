@@ -20,14 +20,20 @@ import enum
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2
 
 from retd.model.checkpoint import RET_KIND, checkpoint_kind
-from retd.server.config import ConfigError, ModelSpec, model_settings_file
+from retd.server.config import (
+    ConfigError,
+    ModelSettings,
+    ModelSpec,
+    RepositoryConfig,
+    model_settings_file,
+)
 from retd.server.engine import Engine
 from retd.server.validation import RequestError, shorten
 
@@ -35,6 +41,8 @@ log = logging.getLogger(__name__)
 
 # A repository model's own per-model settings, beside its version directories.
 SETTINGS_FILE = "serving.toml"
+NO_REPOSITORY = RepositoryConfig()
+MODEL_DEFAULTS = ModelSettings()
 
 # (file path relative to the version directory, size, mtime in ns) of every file in it.
 Fingerprint = tuple[tuple[str, int, int], ...]
@@ -131,25 +139,24 @@ class ModelRegistry:
         static: Sequence[ModelSpec],
         load: Callable[[ModelSpec], Engine],
         *,
-        repository: Path | None = None,
-        repository_models: Sequence[str] = (),
-        repository_defaults: ModelSpec | None = None,
+        repository: RepositoryConfig = NO_REPOSITORY,
+        model_defaults: ModelSettings = MODEL_DEFAULTS,
         default_model: str = "",
-        drain_timeout: float = 30.0,
         health_servicer: health.aio.HealthServicer | None = None,
     ) -> None:
         """`load` builds a warm, not yet started engine (it runs in a thread).
-        `repository_models`: the repository models to serve (empty: all of them);
-        `repository_defaults`: the settings they are loaded with (name and path replaced)."""
+        `repository`: the model repository, the models of it to serve (empty: all of them)
+        and the drain timeout of every version; `model_defaults`: the settings repository
+        models are loaded with (unless their serving.toml says otherwise)."""
         self._static = {spec.name: spec for spec in static}
         self._load_engine = load
-        self.repository = repository
-        self._repository_models = tuple(repository_models)
-        self._defaults = repository_defaults or ModelSpec(name="", checkpoint=Path())
+        self.repository = repository.path
+        self._repository_models = repository.models
+        self._defaults = model_defaults
         self.default_model = default_model
         # Why the default model is that one, for the start-up log.
         self.default_reason = "set by --default-model" if default_model else ""
-        self._drain_timeout = drain_timeout
+        self._drain_timeout = repository.unload_timeout
         self._health = health_servicer
         self._versions: dict[str, dict[int, ModelVersion]] = {}
         self._draining: list[ModelVersion] = []
@@ -450,15 +457,14 @@ class ModelRegistry:
         takes the calls, and the version it replaces (the same version's older copy, and for
         a followed model every older unpinned version) is released after its calls."""
         try:
-            spec = spec or replace(
-                self._defaults,
-                **model_settings_file(path.parent / SETTINGS_FILE),
-                name=name,
-                checkpoint=path,
-                version=version,
+            spec = spec or ModelSpec(
+                name,
+                path,
+                model_settings_file(path.parent / SETTINGS_FILE, self._defaults),
+                version,
             )
         except ConfigError as exc:  # reported as this version's failure to load
-            spec = replace(self._defaults, name=name, checkpoint=path, version=version)
+            spec = ModelSpec(name, path, self._defaults, version)
             settings_error = exc
         else:
             settings_error = None

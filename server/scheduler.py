@@ -13,7 +13,7 @@ Plain Python, no tensors (in the spirit of vLLM's v1 `Scheduler`):
   bank's search).
 
 Iteration-level (continuous) batching is the default: waiting sequences join at every step
-and finished ones leave at once. `policy="static"` is request-level batching for
+and finished ones leave at once. `batching="static"` is request-level batching for
 comparison: a batch is filled, run until its longest member ends, then the next is taken.
 As in request-level batching systems, a member that ends early keeps its row in the batch as
 padding (computed, its tokens discarded) until the batch ends; its answer goes out at once.
@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from retd.model.generation import OutputBuffer, SamplingParams
+from retd.server.config import SchedulerConfig
 
 # Padding rows (static batching) run greedy; their id is -1 - slot.
 PADDING_PARAMS = SamplingParams(max_new_tokens=1)
@@ -41,24 +42,6 @@ class AbortReason(enum.Enum):
     CANCELLED = "cancelled"
     DEADLINE = "deadline"
     FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_batch_size: int = 32  # KV-cache slots: sequences decoded together
-    max_queue_size: int = 1024  # sequences waiting for a slot
-    max_wait_ms: float = 0.0  # with an idle model, wait this long for a fuller first batch
-    policy: str = "continuous"  # or "static"
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size: expected >= 1, got {self.max_batch_size}")
-        if self.max_queue_size < 0:
-            raise ValueError(f"max_queue_size: expected >= 0, got {self.max_queue_size}")
-        if not self.max_wait_ms >= 0:
-            raise ValueError(f"max_wait_ms: expected >= 0, got {self.max_wait_ms}")
-        if self.policy not in ("continuous", "static"):
-            raise ValueError(f"policy: expected 'continuous' or 'static', got {self.policy!r}")
 
 
 @dataclass
@@ -291,7 +274,7 @@ class Scheduler:
         del self._states[state.seq_id]
         if state.slot is not None:
             del self._running[state.slot]
-            if self.config.policy == "static" and self._running:
+            if self.config.batching == "static" and self._running:
                 self._padding[state.slot] = state.position  # the batch runs on without it
             else:
                 heapq.heappush(self._free_slots, state.slot)
@@ -340,7 +323,7 @@ class Scheduler:
     def _admit(self, now: float) -> list[int]:
         if not self._num_waiting or not self._free_slots:
             return []
-        if self.config.policy == "static" and self._running:
+        if self.config.batching == "static" and self._running:
             return []  # request-level batching: the batch runs to its longest member's end
         if (
             not self._running

@@ -14,19 +14,16 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
-from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
 
 from retd.model.checkpoint import PHRASE_BANK_KIND, RET_KIND
 from retd.model.generation import FinishReason, SamplingParams
 from retd.server.calls import Unparseable, abort, rpc
-from retd.server.config import DecodeDefaults
+from retd.server.config import DecodeDefaults, ServiceLimits
 from retd.server.engine import Engine, SequenceError, SequenceRequest, SequenceResult
 from retd.server.gate import SHUTTING_DOWN, CallGate
 from retd.server.repository import ModelRegistry, ModelVersion
@@ -81,15 +78,6 @@ def hybrid_of(
     return request.hybrid if request.HasField("hybrid") else None
 
 
-@dataclass(frozen=True)
-class ServiceLimits:
-    """Per-call limits that protect the process (0 = no server-wide cap)."""
-
-    max_batch_items: int = 1024
-    max_stream_items: int = 100_000
-    max_new_tokens_limit: int = 0
-
-
 def model_limits(engine: Engine, max_new_tokens_limit: int = 0) -> ModelLimits:
     model = engine.description
     encoder = model.encoder or "sentence encoder"
@@ -134,7 +122,7 @@ def model_info(served: ModelVersion, serving: bool) -> pb.ModelInfo:
             max_queue_size=engine.scheduler_config.max_queue_size,
             running=stats.running,
             max_batch_size=engine.scheduler_config.max_batch_size,
-            batching=engine.scheduler_config.policy,
+            batching=engine.scheduler_config.batching,
             max_wait_ms=engine.scheduler_config.max_wait_ms,
         ),
     )
@@ -226,8 +214,6 @@ class DecoderService(pb_grpc.DecoderServicer):
         self._decode_defaults = decode_defaults or DecodeDefaults()
         self.gate = gate or CallGate()
         self.telemetry = telemetry or Telemetry()
-        self.host = "127.0.0.1"  # set once the server is bound
-        self.port = 0
 
     @contextlib.contextmanager
     def _hybrid_models(
@@ -313,32 +299,8 @@ class DecoderService(pb_grpc.DecoderServicer):
             result = await handle.result()
         finally:
             handle.cancel()  # the caller left (task cancelled) or it is done: free its slot
-        self._record(served, request, result)
+        self.telemetry.record_sequence(served, request, result)
         return result
-
-    def _record(
-        self, served: ModelVersion, request: SequenceRequest, result: SequenceResult
-    ) -> None:
-        """The finished sequence into the current span (the call's, or its item's)."""
-        params = request.params
-        attributes: dict[str, Any] = {
-            "retd.priority": request.priority,
-            "retd.model.version": served.version,
-        }
-        if served.kind == PHRASE_BANK_KIND:
-            attributes["retd.candidates"] = request.candidates
-        else:
-            attributes.update(
-                {
-                    "gen_ai.request.max_tokens": params.max_new_tokens,
-                    "gen_ai.request.temperature": params.temperature,
-                    "gen_ai.request.top_k": params.top_k or None,
-                    "gen_ai.request.top_p": params.top_p,
-                    "gen_ai.request.seed": request.seed if not params.greedy else None,
-                }
-            )
-        span = trace.get_current_span()
-        self.telemetry.record_sequence(span, served.ready_engine, result, attributes)
 
     @rpc
     async def Decode(
@@ -458,7 +420,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             try:
                 async for event in handle.events():
                     if isinstance(event, SequenceResult):
-                        self._record(served, sequence, event)
+                        self.telemetry.record_sequence(served, sequence, event)
                         yield pb.GenerateChunk(
                             text=event.tail_text,
                             token_ids=event.tail_token_ids,
@@ -489,8 +451,8 @@ class DecoderService(pb_grpc.DecoderServicer):
             response, error = await self._decode_one(
                 served_by, embedding, options, field, deadline, hybrid
             )
-            if error is not None and span.is_recording():
-                span.set_status(Status(StatusCode.ERROR, f"{error.code_name}: {error.message}"))
+            if error is not None:
+                self.telemetry.item_failed(span, error.code_name, error.message)
             return response, error
 
     async def _decode_one(

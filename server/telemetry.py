@@ -4,22 +4,23 @@ every model server exposes, and structured access logs that carry the trace ids.
 Configured by OpenTelemetry's standard environment (`OTEL_SERVICE_NAME`,
 `OTEL_TRACES_EXPORTER`, `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_SAMPLER[_ARG]`, ...), with
 CLI flags for the common ones. With tracing off the tracer is OpenTelemetry's no-op one and
-no attribute is computed: telemetry off costs nothing.
+no attribute is computed: telemetry off costs nothing. Every span attribute is set here
+(the calls' interceptor, server/interceptor.py, opens the call's span; the servicer its
+items' spans); what it reads of models and sequences is typed structurally
+(server/observed.py), so it imports neither the engine nor torch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
-import torch
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
@@ -33,11 +34,11 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
-from retd.server.engine import Engine, MemorySample, SequenceResult, sample_memory
+from retd.model.kinds import PHRASE_BANK_KIND
+from retd.server.config import TelemetryConfig
+from retd.server.logs import access_log, hex_id
 from retd.server.metrics_endpoint import start_metrics_endpoint
-
-log = logging.getLogger(__name__)
-access_log = logging.getLogger("retd.access")
+from retd.server.observed import Memory, ObservedEngine, Outcome, SequenceFacts, ServedVersion
 
 # Histogram buckets for latencies, in seconds (the SDK's defaults suit milliseconds).
 LATENCY_BUCKETS_S = (
@@ -53,6 +54,8 @@ class CallTally:
     models: set[str] = field(default_factory=set)
 
 
+E = TypeVar("E", bound=ObservedEngine)
+
 _current_call: ContextVar[CallTally | None] = ContextVar("retd_call", default=None)
 
 # Monotonic seconds -> wall-clock nanoseconds, for span events stamped after the fact.
@@ -61,18 +64,6 @@ _WALL_OFFSET_NS = time.time_ns() - time.monotonic_ns()
 
 def wall_ns(monotonic_s: float) -> int:
     return int(monotonic_s * 1e9) + _WALL_OFFSET_NS
-
-
-@dataclass(frozen=True)
-class TelemetryConfig:
-    service_name: str = "retd"
-    traces_exporter: str = "none"  # otlp, console, none
-    metrics_exporter: str = "prometheus"  # prometheus, otlp, none (comma-separated)
-    otlp_endpoint: str | None = None  # else OTEL_EXPORTER_OTLP_ENDPOINT, else localhost:4317
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9464  # 0 turns the Prometheus endpoint off
-    # Set explicitly (must be free), or the default (the next free port serves when taken).
-    metrics_port_given: bool = False
 
 
 def _span_exporter(config: TelemetryConfig) -> SpanExporter | None:
@@ -173,13 +164,20 @@ class Telemetry:
         return telemetry
 
     def observe(
-        self, engines: Callable[[], Iterable[Engine]], in_flight: Callable[[], int]
+        self,
+        engines: Callable[[], Iterable[E]],
+        in_flight: Callable[[], int],
+        device_memory: Callable[[E], int | None],
+        rss: Callable[[], int | None],
     ) -> None:
         """Gauges read when the metrics are collected: queue depth, running batch, calls in
         flight, memory. `engines()`: the engines loaded then (versions come and go); the
-        figures of several versions of one model are summed."""
+        figures of several versions of one model are summed. `device_memory(engine)`: the
+        bytes allocated on its device (None on the CPU); `rss()`: the process's."""
 
-        def per_model(read: Callable[[Engine], int]) -> Callable[..., Iterable[Observation]]:
+        def per_model(
+            read: Callable[[E], int],
+        ) -> Callable[..., Iterable[Observation]]:
             def callback(options: CallbackOptions) -> Iterable[Observation]:
                 totals: dict[str, int] = {}
                 for engine in engines():
@@ -191,14 +189,14 @@ class Telemetry:
         def memory(options: CallbackOptions) -> Iterable[Observation]:
             totals: dict[str, int] = {}
             for engine in engines():
-                sample = sample_memory(engine.device)
-                if sample.device_allocated_bytes is not None:
-                    totals[engine.name] = totals.get(engine.name, 0) + sample.device_allocated_bytes
+                allocated = device_memory(engine)
+                if allocated is not None:
+                    totals[engine.name] = totals.get(engine.name, 0) + allocated
             return [Observation(v, {"retd.model": n}) for n, v in totals.items()]
 
-        def rss(options: CallbackOptions) -> Iterable[Observation]:
-            sample = sample_memory(torch.device("cpu"))
-            return [Observation(sample.rss_bytes)] if sample.rss_bytes is not None else []
+        def resident(options: CallbackOptions) -> Iterable[Observation]:
+            rss_bytes = rss()
+            return [Observation(rss_bytes)] if rss_bytes is not None else []
 
         meter = self._meter
         meter.create_observable_gauge(
@@ -214,7 +212,7 @@ class Telemetry:
             unit="{request}", description="Calls being served",
         )  # fmt: skip
         meter.create_observable_gauge(
-            "retd.process.memory.rss", [rss], unit="By", description="Resident memory"
+            "retd.process.memory.rss", [resident], unit="By", description="Resident memory"
         )
         meter.create_observable_gauge(
             "retd.device.memory.allocated", [memory], unit="By",
@@ -289,8 +287,8 @@ class Telemetry:
                 "latency_ms": round(seconds * 1e3, 3),
                 "tokens": tally.tokens,
                 "model": model,
-                "trace_id": _hex(span_context.trace_id, 32),
-                "span_id": _hex(span_context.span_id, 16),
+                "trace_id": hex_id(span_context.trace_id, 32),
+                "span_id": hex_id(span_context.span_id, 16),
             },
         )
 
@@ -307,14 +305,18 @@ class Telemetry:
                 span.set_attribute("retd.item", index)
             yield span
 
+    @staticmethod
+    def item_failed(span: Span, code_name: str, message: str) -> None:
+        """An item of a batch or stream got an error (its call goes on)."""
+        if span.is_recording():
+            span.set_status(Status(StatusCode.ERROR, f"{code_name}: {message}"))
+
     def record_sequence(
-        self,
-        span: Span,
-        engine: Engine,
-        result: SequenceResult,
-        request: Mapping[str, Any],
+        self, served: ServedVersion, request: SequenceFacts, result: Outcome
     ) -> None:
-        """A finished sequence: metrics, and the span's attributes and stage events."""
+        """A finished sequence: metrics, and the current span's (the call's, or its
+        item's) attributes and stage events."""
+        engine = served.ready_engine
         tally = _current_call.get()
         if tally is not None:
             tally.tokens += len(result.token_ids)
@@ -323,16 +325,15 @@ class Telemetry:
         self.queue_duration.record(result.queue_s, model)
         self.time_to_first_token.record(result.first_token_s, model)
         self.tokens_generated.add(len(result.token_ids), model)
+        span = trace.get_current_span()
         if not span.is_recording():
             return
-        version = engine.description.version
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "generate_content",
             "gen_ai.request.model": engine.name,
-            "gen_ai.response.model": f"{engine.name}@{version}",
+            "gen_ai.response.model": f"{engine.name}@{engine.description.version}",
             "gen_ai.usage.output_tokens": len(result.token_ids),
             "gen_ai.response.finish_reasons": [str(result.finish_reason)],
-            "retd.model.version": version,
             "retd.model.kind": engine.kind,
             "retd.model.device": str(engine.device),
             "retd.queue_ms": result.queue_s * 1e3,
@@ -342,7 +343,7 @@ class Telemetry:
             "retd.batch_size.min": result.batch_min,
             "retd.batch_size.max": result.batch_max,
             "retd.batch_size.mean": result.batch_mean,
-            **{key: value for key, value in request.items() if value is not None},
+            **_request_attributes(served, request),
             **_memory_attributes(result.memory),
         }
         span.set_attributes(attributes)
@@ -353,7 +354,30 @@ class Telemetry:
         span.add_event("finished", timestamp=wall_ns(submitted + result.queue_s + result.compute_s))
 
 
-def _memory_attributes(memory: MemorySample | None) -> dict[str, int]:
+def _request_attributes(served: ServedVersion, request: SequenceFacts) -> dict[str, Any]:
+    """What the request asked for: a phrase bank's candidates, or the sampling parameters
+    (OpenTelemetry's gen_ai.request.*); unset ones are left out."""
+    params = request.params
+    attributes: dict[str, Any] = {
+        "retd.priority": request.priority,
+        "retd.model.version": served.version,
+    }
+    if served.ready_engine.kind == PHRASE_BANK_KIND:
+        attributes["retd.candidates"] = request.candidates
+    else:
+        attributes.update(
+            {
+                "gen_ai.request.max_tokens": params.max_new_tokens,
+                "gen_ai.request.temperature": params.temperature,
+                "gen_ai.request.top_k": params.top_k or None,
+                "gen_ai.request.top_p": params.top_p,
+                "gen_ai.request.seed": request.seed if not params.greedy else None,
+            }
+        )
+    return {key: value for key, value in attributes.items() if value is not None}
+
+
+def _memory_attributes(memory: Memory | None) -> dict[str, int]:
     if memory is None:
         return {}
     names = {
@@ -362,56 +386,3 @@ def _memory_attributes(memory: MemorySample | None) -> dict[str, int]:
         "retd.memory.rss_bytes": memory.rss_bytes,
     }
     return {name: value for name, value in names.items() if value is not None}
-
-
-def _hex(value: int, width: int) -> str:
-    return format(value, f"0{width}x") if value else ""
-
-
-class TraceContextFilter(logging.Filter):
-    """Puts the current trace and span ids on every log record, and `trace_suffix` (the
-    text format's ` trace_id=... span_id=...`, empty when no span records: tracing off)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not hasattr(record, "trace_id"):
-            context = trace.get_current_span().get_span_context()
-            record.trace_id = _hex(context.trace_id, 32)
-            record.span_id = _hex(context.span_id, 16)
-        trace_id, span_id = getattr(record, "trace_id", ""), getattr(record, "span_id", "")
-        record.trace_suffix = f" trace_id={trace_id} span_id={span_id}" if trace_id else ""
-        return True
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, trace ids and extras."""
-
-    FIELDS = ("rpc_method", "status", "latency_ms", "tokens", "model")
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-            "trace_id": getattr(record, "trace_id", ""),
-            "span_id": getattr(record, "span_id", ""),
-        }
-        entry.update({k: getattr(record, k) for k in self.FIELDS if hasattr(record, k)})
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def configure_logging(level: str, log_format: str, access: bool) -> None:
-    """Root logging as text or JSON lines, every record carrying trace and span ids (text
-    lines only when tracing is on). `access`: a line per call on `retd.access` (at INFO)."""
-    handler = logging.StreamHandler()
-    handler.addFilter(TraceContextFilter())
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s%(trace_suffix)s")
-        )
-    logging.basicConfig(level=level, handlers=[handler], force=True)
-    access_log.setLevel(logging.NOTSET if access else logging.WARNING)

@@ -184,12 +184,14 @@ def test_configmap_toml_loads_with_the_server_config(tmp_path: Path, checkpoint:
     deployment = docs[("Deployment", "retd")]
     retd = container(deployment)
     config = server_config(tmp_path, checkpoint, retd["args"])
-    assert config.host == "0.0.0.0" and config.metrics_host == "0.0.0.0"
+    assert config.host == "0.0.0.0" and config.telemetry.metrics_host == "0.0.0.0"
     # Prometheus scrapes the daemon's metrics port.
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     ports = {p["name"]: p["containerPort"] for p in retd["ports"]}
     assert annotations["prometheus.io/scrape"] == "true"
-    assert int(annotations["prometheus.io/port"]) == config.metrics_port == ports["metrics"]
+    assert (
+        int(annotations["prometheus.io/port"]) == config.telemetry.metrics_port == ports["metrics"]
+    )
     assert annotations["prometheus.io/path"] == "/metrics"
     # torch threads stay below the CPU limit (the event loop keeps a core).
     assert 0 < config.torch_threads < int(retd["resources"]["limits"]["cpu"])
@@ -248,7 +250,7 @@ def test_gpu_overlay_asks_for_a_gpu_and_runs_on_cuda(tmp_path: Path, checkpoint:
     retd = container(deployment)
     assert retd["resources"]["limits"]["nvidia.com/gpu"] == 1
     config = server_config(tmp_path, checkpoint, retd["args"])
-    assert config.device == "cuda" and config.models[0].device == "cuda"
+    assert config.model_defaults.device == "cuda" and config.models[0].settings.device == "cuda"
     # The rest of the base pod is kept: probes, mounts, the preStop sleep.
     base = container(base_resources()[("Deployment", "retd")])
     for key in ("startupProbe", "readinessProbe", "livenessProbe", "volumeMounts", "lifecycle"):
@@ -307,7 +309,7 @@ def test_dockerfile_runs_retd_as_a_non_root_user(checkpoint: Path) -> None:
     assert pod_spec(deployment)["securityContext"]["runAsUser"] == int(user)
     assert {int(p) for p in instructions["EXPOSE"].split()} == {
         DEFAULT_PORT,
-        ServerConfig().metrics_port,
+        ServerConfig().telemetry.metrics_port,
     }
     entrypoint = exec_form(instructions["ENTRYPOINT"])
     assert entrypoint == ["retd", "serve", "--host", "0.0.0.0"]

@@ -169,7 +169,7 @@ def engine_config() -> st.SearchStrategy[dict[str, object]]:
     return st.fixed_dictionaries(
         {
             "max_batch_size": st.integers(1, 4),
-            "policy": st.sampled_from(["continuous", "continuous", "static"]),
+            "batching": st.sampled_from(["continuous", "continuous", "static"]),
             "max_wait_ms": st.sampled_from([0.0, 0.0, 5.0]),
         }
     )

@@ -142,7 +142,7 @@ def test_continuous_policy_joins_newcomers_at_every_step() -> None:
 
 
 def test_static_policy_admits_only_into_an_empty_batch() -> None:
-    s = scheduler(max_batch_size=2, policy="static")
+    s = scheduler(max_batch_size=2, batching="static")
     s.add(state(1, max_new_tokens=4))
     s.add(state(2, max_new_tokens=1))
     step, outcomes = run_step(s, 0.0)
@@ -368,7 +368,7 @@ OPS = st.sampled_from(["add", "add", "add", "cancel", "step", "step", "step", "f
 def test_random_operations_keep_slots_and_account_for_every_sequence(
     batch: int, queue: int, policy: str, wait_ms: float, data: st.DataObject
 ) -> None:
-    s = scheduler(max_batch_size=batch, max_queue_size=queue, policy=policy, max_wait_ms=wait_ms)
+    s = scheduler(max_batch_size=batch, max_queue_size=queue, batching=policy, max_wait_ms=wait_ms)
     accepted: set[int] = set()
     ended: Counter[int] = Counter()
     slot_of: dict[int, int] = {}
@@ -496,7 +496,7 @@ def test_a_held_queue_wakes_for_the_earliest_deadline() -> None:
 
 @pytest.mark.parametrize("policy", ["continuous", "static"])
 def test_complete_ends_every_row_at_once_and_frees_its_slots(policy: str) -> None:
-    s = scheduler(max_batch_size=2, policy=policy)
+    s = scheduler(max_batch_size=2, batching=policy)
     for seq_id in (1, 2, 3):
         s.add(state(seq_id, max_new_tokens=1, arrival=0.0))
     step = s.schedule(1.0)
@@ -513,7 +513,7 @@ def test_complete_ends_every_row_at_once_and_frees_its_slots(policy: str) -> Non
 
 
 def test_complete_after_a_failed_row_ends_the_others() -> None:
-    s = scheduler(max_batch_size=4, policy="static")
+    s = scheduler(max_batch_size=4, batching="static")
     for seq_id in (1, 2, 3):
         s.add(state(seq_id, max_new_tokens=1))
     step = s.schedule(0.0)

@@ -15,12 +15,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from retd.client import Client, UnavailableError
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
+from tests._wait import poll
 from tests.conftest import RunningServer, start_server
 from tests.security.conftest import (
     CALL_TIMEOUT_S,
     Pki,
     decode_request,
-    poll,
     run_to_exit,
     tls_channel,
 )

@@ -27,8 +27,13 @@ def test_defaults_with_one_checkpoint(checkpoint: Path) -> None:
     assert (config.host, config.port, config.grace_period) == ("127.0.0.1", 50051, 10.0)
     assert config.default_model == ""  # settled once the models are loaded (their kinds known)
     (model,) = config.models
-    assert (model.name, model.checkpoint, model.device) == ("ret_v21", checkpoint, "auto")
-    assert (model.max_batch_size, model.max_queue_size, model.batching) == (32, 1024, "continuous")
+    assert (model.name, model.checkpoint, model.settings.device) == ("ret_v21", checkpoint, "auto")
+    scheduler = model.settings.scheduler
+    assert (scheduler.max_batch_size, scheduler.max_queue_size, scheduler.batching) == (
+        32,
+        1024,
+        "continuous",
+    )
     assert config.access_log is False
     assert parse(["--checkpoint", str(checkpoint), "--access-log", "on"]).access_log is True
     assert parse(["--checkpoint", str(checkpoint)], {"RETD_ACCESS_LOG": "yes"}).access_log is True
@@ -44,7 +49,8 @@ def test_flags_beat_environment_which_beats_toml(tmp_path: Path, checkpoint: Pat
     config = parse(["--config", str(toml), "--port", "3333"], env)
     assert config.port == 3333  # flag over env over TOML
     assert config.grace_period == 4.0  # env over TOML
-    assert config.max_batch_size == 8 and config.models[0].max_batch_size == 8  # TOML only
+    assert config.model_defaults.scheduler.max_batch_size == 8  # TOML only
+    assert config.models[0].settings.scheduler.max_batch_size == 8
     assert config.log_level == "DEBUG"
     assert [m.name for m in config.models] == ["a"]
 
@@ -60,8 +66,18 @@ def test_toml_models_take_per_model_overrides_over_server_wide_values(
     )
     a, b = parse(["--config", str(toml)], {"RETD_MAX_WAIT_MS": "2.5"}).models
     assert a.checkpoint == tmp_path / "ck"  # relative to the TOML file
-    assert (a.max_batch_size, a.batching, a.device, a.max_wait_ms) == (4, "static", "cpu", 2.5)
-    assert (b.checkpoint, b.max_batch_size, b.batching) == (Path("/abs/ck"), 16, "continuous")
+    ours, theirs = a.settings.scheduler, b.settings.scheduler
+    assert (ours.max_batch_size, ours.batching, a.settings.device, ours.max_wait_ms) == (
+        4,
+        "static",
+        "cpu",
+        2.5,
+    )
+    assert (b.checkpoint, theirs.max_batch_size, theirs.batching) == (
+        Path("/abs/ck"),
+        16,
+        "continuous",
+    )
 
 
 def test_models_from_flags_and_environment(checkpoint: Path) -> None:
@@ -124,16 +140,20 @@ def test_a_model_repository_needs_no_checkpoint_and_watch_defaults_to_two_second
     tmp_path: Path,
 ) -> None:
     config = parse(["--model-repo", str(tmp_path), "--watch"])
-    assert (config.model_repo, config.watch, config.models) == (tmp_path, 2.0, ())
+    assert (config.repository.path, config.repository.watch, config.models) == (tmp_path, 2.0, ())
     named = parse(
         ["--model-repo", str(tmp_path), "--repo-models", "a, b,a", "--watch", "0.5"],
         env={"RETD_UNLOAD_TIMEOUT": "7", "RETD_DEFAULT_MODEL": "b"},
     )
-    assert (named.repo_models, named.watch, named.unload_timeout) == (("a", "b"), 0.5, 7.0)
-    assert named.default_model == "b"  # known once the repository is read
-    assert parse(["--model-repo", str(tmp_path), "--dtype", "bfloat16"]).model_defaults().dtype == (
-        "bfloat16"
+    repository = named.repository
+    assert (repository.models, repository.watch, repository.unload_timeout) == (
+        ("a", "b"),
+        0.5,
+        7.0,
     )
+    assert named.default_model == "b"  # known once the repository is read
+    defaults = parse(["--model-repo", str(tmp_path), "--dtype", "bfloat16"]).model_defaults
+    assert defaults.dtype == "bfloat16"
 
 
 @pytest.mark.parametrize(

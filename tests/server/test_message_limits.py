@@ -17,13 +17,14 @@ from retd.server.config import (
     EMBEDDING_DIM,
     MiB,
     ServerConfig,
+    ServiceLimits,
     message_bytes_for,
 )
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
 
 DEFAULTS = ServerConfig()
-MAX_ITEMS = DEFAULTS.max_batch_items
+MAX_ITEMS = DEFAULTS.limits.max_batch_items
 ROW = np.random.default_rng(5).standard_normal(EMBEDDING_DIM).astype("<f4")
 
 
@@ -54,7 +55,10 @@ def test_the_default_message_limit_is_sized_from_the_item_limit() -> None:
         per_item = len(batch(100, item).SerializeToString()) / 100
         assert EMBEDDING_DIM * 4 < per_item <= BATCH_ITEM_WIRE_BYTES, item
         assert len(batch(2 * MAX_ITEMS, item).SerializeToString()) < DEFAULTS.message_limit
-    assert ServerConfig(max_batch_items=4096).message_limit >= 2 * 4096 * BATCH_ITEM_WIRE_BYTES
+    assert (
+        ServerConfig(limits=ServiceLimits(max_batch_items=4096)).message_limit
+        >= 2 * 4096 * BATCH_ITEM_WIRE_BYTES
+    )
     assert ServerConfig(max_message_bytes=100_000).message_limit == 100_000  # set: as set
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from retd.server.app import load_engine
-from retd.server.config import ModelSpec
+from retd.server.config import ModelSettings, ModelSpec, SchedulerConfig
 from retd.server.repository import ModelRegistry
 from retd.server.service import DecoderService, add_service
 from retd.v1 import decoder_pb2 as pb
@@ -33,6 +33,7 @@ START_TIMEOUT_S = 120.0
 class InProcessService:
     service: DecoderService
     stub: pb_grpc.DecoderStub
+    port: int
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,13 @@ def served(checkpoint: Path) -> Iterator[InProcessService]:
     thread = threading.Thread(target=loop.run_forever, name="in-process-service", daemon=True)
     thread.start()
     models = ModelRegistry(
-        [ModelSpec(name=MODEL, checkpoint=checkpoint, device="cpu", max_batch_size=8)],
+        [
+            ModelSpec(
+                MODEL,
+                checkpoint,
+                ModelSettings(device="cpu", scheduler=SchedulerConfig(max_batch_size=8)),
+            )
+        ],
         load_engine,
     )
     service = DecoderService(models)
@@ -59,10 +66,9 @@ def served(checkpoint: Path) -> Iterator[InProcessService]:
         return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout)
 
     server, port = run(start())
-    service.host, service.port = "127.0.0.1", port
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield InProcessService(service, pb_grpc.DecoderStub(channel))
+            yield InProcessService(service, pb_grpc.DecoderStub(channel), port)
     finally:
         try:
             run(server.stop(None))
@@ -217,7 +223,7 @@ def test_model_info_of_an_unloaded_version_is_not_found(stub: pb_grpc.DecoderStu
 
 
 def test_an_unparseable_request_is_invalid_naming_its_type(served: InProcessService) -> None:
-    with grpc.insecure_channel(f"127.0.0.1:{served.service.port}") as channel:
+    with grpc.insecure_channel(f"127.0.0.1:{served.port}") as channel:
         call = channel.unary_unary("/retd.v1.Decoder/Decode")
         with pytest.raises(grpc.RpcError) as caught:
             call(b"\xff\xff\xff", timeout=TIMEOUT_S)

@@ -51,7 +51,7 @@ def by_call(method: str, code: int) -> tuple[tuple[str, Any], ...]:
 
 
 MODEL = (("retd.model", "ret_v21"),)
-DEFAULT_METRICS_PORT = ServerConfig().metrics_port
+DEFAULT_METRICS_PORT = ServerConfig().telemetry.metrics_port
 
 
 def make_calls(stub: pb_grpc.DecoderStub) -> int:
@@ -296,7 +296,9 @@ def test_calls_refused_while_draining_are_counted(checkpoint: Path) -> None:
         requests.put(pb.DecodeStreamRequest(id="a", embedding=embedding(1), max_new_tokens=2))
         assert next(answers).id == "a"
         stopped = daemon.begin_stop()  # drains: waits for the open stream
-        poll(lambda: not daemon.daemon.service.gate.open, POLL_TIMEOUT_S, "the gate to close")
+        gate = daemon.daemon.gate  # the calls interceptor's
+        assert gate is not None
+        poll(lambda: not gate.open, POLL_TIMEOUT_S, "the gate to close")
         with pytest.raises(grpc.RpcError) as caught:
             daemon.stub.Decode(pb.DecodeRequest(embedding=embedding(2), max_new_tokens=2))
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE

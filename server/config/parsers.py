@@ -1,0 +1,114 @@
+"""The parsers of settings (settings.py): each takes a flag's, a variable's or a TOML
+value and returns it typed, or raises a `ConfigError` that names the setting."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from retd.server.config.schema import MAX_REPETITION_PENALTY, ConfigError
+
+ZERO_PORT = {"port": "picks a free port", "metrics_port": "no metrics endpoint"}
+
+
+def integer(name: str, minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+        if maximum is None and number < minimum:
+            raise ConfigError(f"{name}: expected an integer >= {minimum}, got {number}")
+        if maximum is not None and not minimum <= number <= maximum:
+            note = f" (0: {ZERO_PORT[name]})" if name in ZERO_PORT else ""
+            raise ConfigError(f"{name}: expected {minimum}..{maximum}{note}, got {number}")
+        return number
+
+    return parse
+
+
+def positive_int(name: str) -> Callable[[Any], int]:
+    return integer(name, 1)
+
+
+def non_negative_int(name: str) -> Callable[[Any], int]:
+    return integer(name, 0)
+
+
+def port(name: str) -> Callable[[Any], int]:
+    return integer(name, 0, 65535)
+
+
+def non_negative_float(name: str) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+        if not number >= 0:
+            raise ConfigError(f"{name}: expected a number >= 0, got {value!r}")
+        return number
+
+    return parse
+
+
+def repetition_penalty(value: Any) -> float:
+    name = "decode_repetition_penalty"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if not 1 <= number <= MAX_REPETITION_PENALTY:
+        raise ConfigError(
+            f"{name}: expected a number in [1, {MAX_REPETITION_PENALTY:g}] (1 = off), got {value!r}"
+        )
+    return number
+
+
+def choice(name: str, choices: Sequence[str]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value)
+        if text.upper() in choices:
+            return text.upper()
+        raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+
+    return parse
+
+
+def one_of(name: str, choices: Sequence[str]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text in choices:
+            return text
+        raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+
+    return parse
+
+
+def as_given(value: Any) -> Any:
+    """Kept as given: the field's dataclass checks it (`SchedulerConfig.batching`)."""
+    return value
+
+
+def on_off(name: str) -> Callable[[Any], bool]:
+    def parse(value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("on", "true", "1", "yes"):
+            return True
+        if text in ("off", "false", "0", "no"):
+            return False
+        raise ConfigError(f"{name}: expected on or off, got {value!r}")
+
+    return parse
+
+
+def names(value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    return tuple(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
+
+
+def optional_path(value: Any) -> Path | None:
+    return Path(value) if value not in (None, "") else None
