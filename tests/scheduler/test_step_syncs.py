@@ -19,8 +19,10 @@ from retd.model.sampling import Sampler
 from retd.server.engine import RETEngine, SequenceRequest
 from retd.server.scheduler import SchedulerConfig
 
-# What reads a tensor's values into Python; on CUDA each waits for the device.
-READS = ("item", "tolist", "numpy", "__int__", "__float__", "__bool__", "__index__", "nonzero")
+# What reads a tensor's values into Python; on CUDA each waits for the device. (.numpy() is
+# not here: it works on CPU tensors only, where the sampler's sort uses it and nothing waits;
+# on CUDA a read must go through .cpu() or .to(), a no-op this CPU stand-in cannot see.)
+READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero")
 
 
 @contextlib.contextmanager
