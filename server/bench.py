@@ -59,11 +59,13 @@ MODES = (
 # max_new_tokens): "generate_default" sets nothing else (temperature 1, a seed the server
 # draws: what a caller who sets only an embedding gets), "generate_filtered" adds top-k and
 # top-p; "mixed" alternates greedy Decode and "generate_default" requests on every caller.
+# ("generate" and "generate_stream" send one seed for all: every request draws the same
+# numbers, which correlates their texts, e.g. all or none of them end early.)
 GENERATE_FIELDS: dict[str, dict[str, Any]] = {
     "generate": {"temperature": 0.8, "seed": 1},
     "generate_stream": {"temperature": 0.8, "seed": 1},
     "generate_default": {},
-    "generate_filtered": {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "seed": 1},
+    "generate_filtered": {"temperature": 0.8, "top_k": 50, "top_p": 0.95},
     "mixed": {},
 }
 SHORT_TOKENS = 32  # requests of at most this many bytes count as "short" in the report
@@ -622,6 +624,8 @@ def main(args: argparse.Namespace) -> int:
             return 2
         results = run_suite(args.checkpoint, SUITES[args.suite](config.duration or 10.0))
         print(markdown_table(results))
+        if ratios := round_ratios(results):
+            print(f"\n{ratios}")
         return 0
     if args.raw:
         if args.checkpoint is None:
@@ -653,6 +657,7 @@ class Scenario:
     config: BenchConfig
     server_args: str = ""
     raw: bool = False
+    reuse_server: bool = False  # run on the scenario before's server if its args are these
 
 
 def issue_suite(duration: float) -> list[Scenario]:
@@ -684,24 +689,34 @@ def issue_suite(duration: float) -> list[Scenario]:
     ]
 
 
-def sampling_suite(duration: float) -> list[Scenario]:
-    """Greedy Decode against sampled Generate (and both in one batch) on one server, at 64
-    callers and at 1, and the raw model both ways: what sampling costs a caller."""
+def sampling_suite(duration: float, rounds: int = 4) -> list[Scenario]:
+    """Greedy Decode against sampled Generate (plain, filtered, and half of each in one
+    batch) at 64 callers on one server, in `rounds` interleaved rounds (a noisy machine slows
+    neighbours alike: `round_ratios` compares within a round); then 1 caller each way and the
+    raw model each way (no gRPC, no scheduler)."""
     fixed = BenchConfig(concurrency=64, duration=duration)
     lone = replace(fixed, concurrency=1)
     raw = replace(fixed, batch_size=64)
     server = "--max-batch-size 64"
+    loads = [
+        ("64 callers, greedy Decode", fixed),
+        ("64 callers, sampled Generate", replace(fixed, mode="generate_default")),
+        ("64 callers, half Decode half Generate", replace(fixed, mode="mixed")),
+        ("64 callers, Generate top-k 50 top-p 0.95", replace(fixed, mode="generate_filtered")),
+    ]
     return [
-        Scenario("64 callers, greedy Decode", fixed, server),
-        Scenario("64 callers, sampled Generate", replace(fixed, mode="generate_default"), server),
-        Scenario(
-            "64 callers, Generate top-k 50 top-p 0.95",
-            replace(fixed, mode="generate_filtered"),
-            server,
+        *(
+            Scenario(name, config, server, reuse_server=True)
+            for _ in range(rounds)
+            for name, config in loads
         ),
-        Scenario("64 callers, half Decode half Generate", replace(fixed, mode="mixed"), server),
-        Scenario("1 caller, greedy Decode", lone, server),
-        Scenario("1 caller, sampled Generate", replace(lone, mode="generate_default"), server),
+        Scenario("1 caller, greedy Decode", lone, server, reuse_server=True),
+        Scenario(
+            "1 caller, sampled Generate",
+            replace(lone, mode="generate_default"),
+            server,
+            reuse_server=True,
+        ),
         Scenario("raw model, batch 64, greedy", raw, raw=True),
         Scenario("raw model, batch 64, sampled", replace(raw, mode="generate_default"), raw=True),
     ]
@@ -770,37 +785,73 @@ def spawned_otlp_sink() -> Iterator[str]:
 
 
 def run_suite(checkpoint: Path, scenarios: Sequence[Scenario]) -> list[tuple[str, BenchReport]]:
+    """Each scenario in turn, on a server of its own unless it reuses the one before it."""
     results = []
-    for scenario in scenarios:
-        if scenario.raw:
-            report = run_raw(checkpoint, scenario.config, "auto", "float32")
-        else:
-            with contextlib.ExitStack() as stack:
-                server_args = scenario.server_args
-                if "{otlp}" in server_args:
-                    server_args = server_args.format(otlp=stack.enter_context(spawned_otlp_sink()))
-                address, pid = stack.enter_context(spawned_server(checkpoint, server_args))
-                report = asyncio.run(LoadGenerator(address, scenario.config).run(pid))
-            report.server_args = scenario.server_args
-        print(f"{scenario.name}\n{report.render()}", file=sys.stderr, flush=True)
-        results.append((scenario.name, report))
+    with contextlib.ExitStack() as stack:
+        server: tuple[str, str, int] | None = None  # its server_args, address and pid
+        for scenario in scenarios:
+            if scenario.raw:
+                stack.close()  # no idle server beside the model
+                server = None
+                report = run_raw(checkpoint, scenario.config, "auto", "float32")
+            else:
+                if not (scenario.reuse_server and server and server[0] == scenario.server_args):
+                    stack.close()
+                    server_args = scenario.server_args
+                    if "{otlp}" in server_args:
+                        otlp = stack.enter_context(spawned_otlp_sink())
+                        server_args = server_args.format(otlp=otlp)
+                    address, pid = stack.enter_context(spawned_server(checkpoint, server_args))
+                    server = (scenario.server_args, address, pid)
+                report = asyncio.run(LoadGenerator(server[1], scenario.config).run(server[2]))
+                report.server_args = scenario.server_args
+            print(f"{scenario.name}\n{report.render()}", file=sys.stderr, flush=True)
+            results.append((scenario.name, report))
     return results
 
 
-def markdown_table(results: Sequence[tuple[str, BenchReport]]) -> str:
-    """One row per scenario; "× row 1": its bytes/s over the first scenario's."""
+def round_ratios(results: Sequence[tuple[str, BenchReport]]) -> str:
+    """For a suite that repeats its loads in rounds (a round starts at each repeat of the
+    first scenario): each load's bytes/s over the first load's in the same round, median and
+    range over the rounds. Empty if the first scenario does not repeat."""
+    rounds: list[dict[str, float]] = []
+    for name, report in results:
+        if name == results[0][0]:
+            rounds.append({})
+        rounds[-1].setdefault(name, report.tokens_per_s)
+    if len(rounds) < 2:
+        return ""
     lines = [
-        "| scenario | seq/s | bytes/s | × row 1 | p50 ms | p90 ms | p99 ms | short p99 ms "
-        "| errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"| load | bytes/s × {results[0][0]}, median | min | max | rounds |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name in rounds[0]:
+        ratios = sorted(r[name] / r[results[0][0]] for r in rounds if name in r)
+        if len(ratios) >= 2:
+            median = float(np.median(ratios))
+            lines.append(
+                f"| {name} | {median:.2f} | {ratios[0]:.2f} | {ratios[-1]:.2f} | {len(ratios)} |"
+            )
+    return "\n".join(lines)
+
+
+def markdown_table(results: Sequence[tuple[str, BenchReport]]) -> str:
+    """One row per scenario; "× row 1": its bytes/s over the first scenario's; bytes/seq: the
+    mean bytes a sequence generated (fewer than asked when it ended with EOS)."""
+    lines = [
+        "| scenario | seq/s | bytes/s | × row 1 | bytes/seq | p50 ms | p90 ms | p99 ms "
+        "| short p99 ms | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     first = results[0][1].tokens_per_s if results else 0.0
     for name, r in results:
         latency = r.latency_ms
         short = r.short_latency_ms.get("p99")
         ratio = f"{r.tokens_per_s / first:.2f}" if first else ""
+        per_sequence = r.tokens_per_s / r.sequences_per_s if r.sequences_per_s else 0.0
         lines.append(
             f"| {name} | {r.sequences_per_s:.1f} | {r.tokens_per_s:.0f} | {ratio} | "
+            f"{per_sequence:.1f} | "
             f"{latency.get('p50', 0):.1f} | {latency.get('p90', 0):.1f} | "
             f"{latency.get('p99', 0):.1f} | {'' if short is None else f'{short:.1f}'} | "
             f"{sum(r.errors.values())} |"

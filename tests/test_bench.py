@@ -72,7 +72,7 @@ def test_raw_batches_are_sampled_as_the_mode_asks() -> None:
     default = raw_params(SamplingParams, "generate_default", 0, 8, 5)
     assert (default.temperature, default.top_k, default.top_p, default.seed) == (1.0, 0, 1.0, 5)
     filtered = raw_params(SamplingParams, "generate_filtered", 0, 8, 5)
-    assert (filtered.top_k, filtered.top_p, filtered.seed) == (50, 0.95, 1)
+    assert (filtered.top_k, filtered.top_p, filtered.seed) == (50, 0.95, 5)
     mixed = [raw_params(SamplingParams, "mixed", i, 8, i).greedy for i in range(4)]
     assert mixed == [True, False, True, False]
 
@@ -87,3 +87,18 @@ def test_bench_balances_over_replicas(server: RunningServer, checkpoint: Path) -
     assert report["extra"]["server_rss_mib_before"] > 2 * 50  # two daemons' RSS, summed
     listed = bench("--target", f"{server.address},{server.address}", "-c", "2", "-n", "4")
     assert listed["errors"] == {} and listed["requests"] == 4
+
+
+def test_round_ratios_compare_each_load_within_its_round() -> None:
+    from retd.server.bench import BenchReport, round_ratios
+
+    def report(bytes_per_s: float) -> BenchReport:
+        return BenchReport("decode", 64, 1, "64", 1.0, 1, 1, 1.0, 1.0, bytes_per_s, {}, {}, {}, {})
+
+    results = [("greedy", report(100)), ("sampled", report(90)), ("greedy", report(200))]
+    results += [("sampled", report(190)), ("1 caller", report(5))]
+    table = round_ratios(results).splitlines()
+    assert table[2] == "| greedy | 1.00 | 1.00 | 1.00 | 2 |"
+    assert table[3] == "| sampled | 0.93 | 0.90 | 0.95 | 2 |"  # 0.90 and 0.95, not 280/300
+    assert len(table) == 4  # a load of one round only has no ratio
+    assert round_ratios(results[:2]) == ""
