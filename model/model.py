@@ -352,7 +352,9 @@ class RET(nn.Module):
         for layer, block in enumerate(self.blocks):
             if self.cond_proj:
                 x = x + self.cond_proj[layer](cond)[:, None, :]
-            x = cast(Block, block).step(x, positions, cache.k[layer], cache.v[layer], slots, length)
+            x = cast(Block, block).step(
+                x, positions, cache.k[layer], cache.v[layer], slots, length, span
+            )
         return self._logits(x[:, 0])  # (B, V)
 
 

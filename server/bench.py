@@ -49,7 +49,25 @@ from retd.v1 import decoder_pb2_grpc as pb_grpc
 if TYPE_CHECKING:
     import torch
 
-MODES = ("decode", "generate", "generate_stream", "decode_batch", "decode_stream")
+    from retd.model.generation import SamplingParams
+
+MODES = (
+    "decode", "generate", "generate_stream", "decode_batch", "decode_stream",
+    "generate_default", "generate_filtered", "mixed",
+)  # fmt: skip
+# The sampled Generate requests of the modes that send them (besides the embedding and
+# max_new_tokens): "generate_default" sets nothing else (temperature 1, a seed the server
+# draws: what a caller who sets only an embedding gets), "generate_filtered" adds top-k and
+# top-p; "mixed" alternates greedy Decode and "generate_default" requests on every caller.
+# ("generate" and "generate_stream" send one seed for all: every request draws the same
+# numbers, which correlates their texts, e.g. all or none of them end early.)
+GENERATE_FIELDS: dict[str, dict[str, Any]] = {
+    "generate": {"temperature": 0.8, "seed": 1},
+    "generate_stream": {"temperature": 0.8, "seed": 1},
+    "generate_default": {},
+    "generate_filtered": {"temperature": 0.8, "top_k": 50, "top_p": 0.95},
+    "mixed": {},
+}
 SHORT_TOKENS = 32  # requests of at most this many bytes count as "short" in the report
 
 
@@ -156,23 +174,23 @@ class LoadGenerator:
     def _embedding(self) -> pb.Embedding:
         return self._pool[self._rng.randrange(len(self._pool))]
 
-    async def _one(self, stub: pb_grpc.DecoderStub) -> Sample:
+    async def _one(self, stub: pb_grpc.DecoderStub, greedy: bool = False) -> Sample:
+        """One request; greedy: a mixed load's Decode turn."""
         config, started = self.config, time.perf_counter()
         n = self._new_tokens()
         timeout = config.timeout
-        if config.mode == "decode":
+        if config.mode == "decode" or greedy:
             response = await stub.Decode(
                 pb.DecodeRequest(model=config.model, embedding=self._embedding(), max_new_tokens=n),
                 timeout=timeout,
             )
             return Sample(time.perf_counter() - started, response.usage.generated_tokens, n)
-        if config.mode == "generate":
+        if config.mode in ("generate", "generate_default", "generate_filtered", "mixed"):
             request = pb.GenerateRequest(
                 model=config.model,
                 embedding=self._embedding(),
                 max_new_tokens=n,
-                temperature=0.8,
-                seed=1,
+                **GENERATE_FIELDS[config.mode],
             )
             response = await stub.Generate(request, timeout=timeout)
             return Sample(time.perf_counter() - started, response.usage.generated_tokens, n)
@@ -181,8 +199,7 @@ class LoadGenerator:
                 model=config.model,
                 embedding=self._embedding(),
                 max_new_tokens=n,
-                temperature=0.8,
-                seed=1,
+                **GENERATE_FIELDS[config.mode],
             )
             first, tokens = None, 0
             async for chunk in stub.GenerateStream(request, timeout=timeout):
@@ -259,23 +276,23 @@ class LoadGenerator:
             issued += 1
             return True
 
-        async def caller() -> None:
+        async def caller(turn: int) -> None:
             while more():
                 started = time.perf_counter()
+                turn += 1  # a mixed load: Decode on every other request of each caller
                 try:
-                    samples.append(await self._one(stub))
+                    samples.append(await self._one(stub, greedy=mixed and turn % 2 == 0))
                 except grpc.aio.AioRpcError as err:
                     samples.append(Sample(time.perf_counter() - started, 0, 0, err.code().name))
 
-        await asyncio.gather(*(caller() for _ in range(self.config.concurrency)))
+        mixed = self.config.mode == "mixed"
+        await asyncio.gather(*(caller(i) for i in range(self.config.concurrency)))
         return samples
 
     def _report(self, samples: list[Sample], seconds: float) -> BenchReport:
         config = self.config
         ok = [s for s in samples if s.status == "OK"]
-        per_request = (
-            1 if config.mode in ("decode", "generate", "generate_stream") else (config.batch_size)
-        )
+        per_request = config.batch_size if config.mode in ("decode_batch", "decode_stream") else 1
         errors = Counter(s.status for s in samples if s.status != "OK")
         return BenchReport(
             mode=config.mode,
@@ -404,10 +421,14 @@ def run_raw(
             rng.standard_normal((size, config.embedding_dim)).astype(np.float32)
         ).to(model_device)
         params = [
-            SamplingParams(
-                max_new_tokens=param_rng.randint(config.min_new_tokens, config.max_new_tokens)
+            raw_params(
+                SamplingParams,
+                config.mode,
+                i,
+                param_rng.randint(config.min_new_tokens, config.max_new_tokens),
+                param_rng.randrange(2**63),
             )
-            for _ in range(size)
+            for i in range(size)
         ]
         started = time.perf_counter()
         results = generate(loaded.model, embeddings, params)
@@ -415,6 +436,24 @@ def run_raw(
 
     latencies, tokens, seconds = _time_batches(one_batch, config)
     return _raw_report(config, latencies, tokens, seconds, torch_threads=torch.get_num_threads())
+
+
+def raw_params(
+    params_class: type[SamplingParams], mode: str, row: int, max_new_tokens: int, seed: int
+) -> SamplingParams:
+    """Row `row` of a raw batch in `mode`: greedy for the Decode modes (and every other row of
+    "mixed"), else sampled as the mode's Generate requests are (GENERATE_FIELDS; a drawn seed
+    where they let the server draw one)."""
+    fields = dict(GENERATE_FIELDS.get(mode, {}))
+    if mode not in GENERATE_FIELDS or (mode == "mixed" and row % 2 == 0):
+        return params_class(max_new_tokens=max_new_tokens)
+    return params_class(
+        max_new_tokens=max_new_tokens,
+        temperature=fields.get("temperature", 1.0),
+        top_k=fields.get("top_k", 0),
+        top_p=fields.get("top_p", 1.0),
+        seed=fields.get("seed", seed),
+    )
 
 
 def _run_raw_phrase_bank(
@@ -554,8 +593,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         const="batching",
         choices=sorted(SUITES),
-        help="run BENCHMARKS.md's comparisons (batching, the default, or telemetry) on "
-        "--checkpoint and print a markdown table",
+        help="run BENCHMARKS.md's comparisons (batching, the default, with greedy and sampled "
+        "lines; sampling: greedy against sampled alone; or telemetry) on --checkpoint and "
+        "print a markdown table",
     )
 
 
@@ -584,6 +624,8 @@ def main(args: argparse.Namespace) -> int:
             return 2
         results = run_suite(args.checkpoint, SUITES[args.suite](config.duration or 10.0))
         print(markdown_table(results))
+        if ratios := round_ratios(results):
+            print(f"\n{ratios}")
         return 0
     if args.raw:
         if args.checkpoint is None:
@@ -615,6 +657,7 @@ class Scenario:
     config: BenchConfig
     server_args: str = ""
     raw: bool = False
+    reuse_server: bool = False  # run on the scenario before's server if its args are these
 
 
 def issue_suite(duration: float) -> list[Scenario]:
@@ -625,6 +668,16 @@ def issue_suite(duration: float) -> list[Scenario]:
     batch256 = replace(fixed, mode="decode_batch", batch_size=256, concurrency=1)
     return [
         Scenario("64 callers, batching (max batch 64)", fixed, "--max-batch-size 64"),
+        Scenario(
+            "64 callers, sampled Generate",
+            replace(fixed, mode="generate_default"),
+            "--max-batch-size 64",
+        ),
+        Scenario(
+            "64 callers, half Decode half Generate",
+            replace(fixed, mode="mixed"),
+            "--max-batch-size 64",
+        ),
         Scenario("64 callers, max batch 1", fixed, "--max-batch-size 1"),
         Scenario("raw model, batch 64", replace(fixed, batch_size=64), raw=True),
         Scenario("mixed 8..128, continuous", mixed, "--max-batch-size 64"),
@@ -633,6 +686,39 @@ def issue_suite(duration: float) -> list[Scenario]:
         Scenario("1 caller, max batch 1", lone, "--max-batch-size 1"),
         Scenario("DecodeBatch of 256, one call", batch256, "--max-batch-size 256"),
         Scenario("raw model, batch 256", replace(batch256, mode="decode"), raw=True),
+    ]
+
+
+def sampling_suite(duration: float, rounds: int = 4) -> list[Scenario]:
+    """Greedy Decode against sampled Generate (plain, filtered, and half of each in one
+    batch) at 64 callers on one server, in `rounds` interleaved rounds (a noisy machine slows
+    neighbours alike: `round_ratios` compares within a round); then 1 caller each way and the
+    raw model each way (no gRPC, no scheduler)."""
+    fixed = BenchConfig(concurrency=64, duration=duration)
+    lone = replace(fixed, concurrency=1)
+    raw = replace(fixed, batch_size=64)
+    server = "--max-batch-size 64"
+    loads = [
+        ("64 callers, greedy Decode", fixed),
+        ("64 callers, sampled Generate", replace(fixed, mode="generate_default")),
+        ("64 callers, half Decode half Generate", replace(fixed, mode="mixed")),
+        ("64 callers, Generate top-k 50 top-p 0.95", replace(fixed, mode="generate_filtered")),
+    ]
+    return [
+        *(
+            Scenario(name, config, server, reuse_server=True)
+            for _ in range(rounds)
+            for name, config in loads
+        ),
+        Scenario("1 caller, greedy Decode", lone, server, reuse_server=True),
+        Scenario(
+            "1 caller, sampled Generate",
+            replace(lone, mode="generate_default"),
+            server,
+            reuse_server=True,
+        ),
+        Scenario("raw model, batch 64, greedy", raw, raw=True),
+        Scenario("raw model, batch 64, sampled", replace(raw, mode="generate_default"), raw=True),
     ]
 
 
@@ -649,7 +735,7 @@ def telemetry_suite(duration: float) -> list[Scenario]:
     return [off, on, off, on]
 
 
-SUITES = {"batching": issue_suite, "telemetry": telemetry_suite}
+SUITES = {"batching": issue_suite, "sampling": sampling_suite, "telemetry": telemetry_suite}
 
 
 def run_otlp_sink(ready: str) -> None:
@@ -699,33 +785,73 @@ def spawned_otlp_sink() -> Iterator[str]:
 
 
 def run_suite(checkpoint: Path, scenarios: Sequence[Scenario]) -> list[tuple[str, BenchReport]]:
+    """Each scenario in turn, on a server of its own unless it reuses the one before it."""
     results = []
-    for scenario in scenarios:
-        if scenario.raw:
-            report = run_raw(checkpoint, scenario.config, "auto", "float32")
-        else:
-            with contextlib.ExitStack() as stack:
-                server_args = scenario.server_args
-                if "{otlp}" in server_args:
-                    server_args = server_args.format(otlp=stack.enter_context(spawned_otlp_sink()))
-                address, pid = stack.enter_context(spawned_server(checkpoint, server_args))
-                report = asyncio.run(LoadGenerator(address, scenario.config).run(pid))
-            report.server_args = scenario.server_args
-        print(f"{scenario.name}\n{report.render()}", file=sys.stderr, flush=True)
-        results.append((scenario.name, report))
+    with contextlib.ExitStack() as stack:
+        server: tuple[str, str, int] | None = None  # its server_args, address and pid
+        for scenario in scenarios:
+            if scenario.raw:
+                stack.close()  # no idle server beside the model
+                server = None
+                report = run_raw(checkpoint, scenario.config, "auto", "float32")
+            else:
+                if not (scenario.reuse_server and server and server[0] == scenario.server_args):
+                    stack.close()
+                    server_args = scenario.server_args
+                    if "{otlp}" in server_args:
+                        otlp = stack.enter_context(spawned_otlp_sink())
+                        server_args = server_args.format(otlp=otlp)
+                    address, pid = stack.enter_context(spawned_server(checkpoint, server_args))
+                    server = (scenario.server_args, address, pid)
+                report = asyncio.run(LoadGenerator(server[1], scenario.config).run(server[2]))
+                report.server_args = scenario.server_args
+            print(f"{scenario.name}\n{report.render()}", file=sys.stderr, flush=True)
+            results.append((scenario.name, report))
     return results
 
 
-def markdown_table(results: Sequence[tuple[str, BenchReport]]) -> str:
+def round_ratios(results: Sequence[tuple[str, BenchReport]]) -> str:
+    """For a suite that repeats its loads in rounds (a round starts at each repeat of the
+    first scenario): each load's bytes/s over the first load's in the same round, median and
+    range over the rounds. Empty if the first scenario does not repeat."""
+    rounds: list[dict[str, float]] = []
+    for name, report in results:
+        if name == results[0][0]:
+            rounds.append({})
+        rounds[-1].setdefault(name, report.tokens_per_s)
+    if len(rounds) < 2:
+        return ""
     lines = [
-        "| scenario | seq/s | bytes/s | p50 ms | p90 ms | p99 ms | short p99 ms | errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"| load | bytes/s × {results[0][0]}, median | min | max | rounds |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
+    for name in rounds[0]:
+        ratios = sorted(r[name] / r[results[0][0]] for r in rounds if name in r)
+        if len(ratios) >= 2:
+            median = float(np.median(ratios))
+            lines.append(
+                f"| {name} | {median:.2f} | {ratios[0]:.2f} | {ratios[-1]:.2f} | {len(ratios)} |"
+            )
+    return "\n".join(lines)
+
+
+def markdown_table(results: Sequence[tuple[str, BenchReport]]) -> str:
+    """One row per scenario; "× row 1": its bytes/s over the first scenario's; bytes/seq: the
+    mean bytes a sequence generated (fewer than asked when it ended with EOS)."""
+    lines = [
+        "| scenario | seq/s | bytes/s | × row 1 | bytes/seq | p50 ms | p90 ms | p99 ms "
+        "| short p99 ms | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    first = results[0][1].tokens_per_s if results else 0.0
     for name, r in results:
         latency = r.latency_ms
         short = r.short_latency_ms.get("p99")
+        ratio = f"{r.tokens_per_s / first:.2f}" if first else ""
+        per_sequence = r.tokens_per_s / r.sequences_per_s if r.sequences_per_s else 0.0
         lines.append(
-            f"| {name} | {r.sequences_per_s:.1f} | {r.tokens_per_s:.0f} | "
+            f"| {name} | {r.sequences_per_s:.1f} | {r.tokens_per_s:.0f} | {ratio} | "
+            f"{per_sequence:.1f} | "
             f"{latency.get('p50', 0):.1f} | {latency.get('p90', 0):.1f} | "
             f"{latency.get('p99', 0):.1f} | {'' if short is None else f'{short:.1f}'} | "
             f"{sum(r.errors.values())} |"

@@ -36,10 +36,9 @@ from retd.model.generation import (
     OutputBuffer,
     RepetitionTracker,
     SamplingParams,
-    make_generator,
-    sample,
 )
 from retd.model.model import KVCache
+from retd.model.sampling import Sampler
 from retd.server.scheduler import (
     Aborted,
     AbortReason,
@@ -416,11 +415,20 @@ class RETEngine(Engine):
         slots = self.scheduler_config.max_batch_size
         self._cache = KVCache(config, slots, self.device, self.dtype)
         self._cond = torch.zeros(slots, config.n_embd, device=self.device, dtype=self.dtype)
-        self._generators: dict[int, torch.Generator | None] = {}  # worker thread only
+        # Worker thread only: the sampling tensors of the last step's rows. A sampled row's
+        # draws hash its seed and position, so no generator state is kept per sequence.
+        self._sampler = Sampler()
         self._blockers: dict[int, NGramBlocker] = {}  # worker thread only: no-repeat n-grams
         # Worker thread only: the bytes each slot's repetition penalty applies to.
         self._repeats = RepetitionTracker(slots, config.vocab_size, self.device)
         self._penalized: set[int] = set()  # seq_ids whose repetition penalty is on
+
+    def submit(self, request: SequenceRequest) -> SequenceHandle:
+        """`Engine.submit`; a sampled sequence draws with its request's seed."""
+        params = request.params
+        if not params.greedy and params.seed != request.seed:
+            request = replace(request, params=replace(params, seed=request.seed))
+        return super().submit(request)
 
     def warm_up(self, steps: int = 4) -> None:
         """Run a few decode steps so the first caller pays no start-up cost; call it before
@@ -435,7 +443,6 @@ class RETEngine(Engine):
             )
             if failures:
                 raise RuntimeError(f"model {self.name}: warm-up failed: {failures[-1]}")
-        self._generators.clear()
         self._blockers.clear()
         self._penalized.clear()
 
@@ -471,8 +478,6 @@ class RETEngine(Engine):
         and the failed rows' messages, so one bad sequence (or an out-of-memory batch)
         never fails the rest."""
         for seq_id, request in joining.items():
-            greedy = request.params.greedy
-            self._generators[seq_id] = None if greedy else make_generator(request.seed, self.device)
             if request.params.no_repeat_ngram_size:
                 self._blockers[seq_id] = NGramBlocker(request.params.no_repeat_ngram_size)
             if request.params.penalizes:
@@ -489,49 +494,50 @@ class RETEngine(Engine):
             if row.seq_id in self._penalized:
                 pushed.append(row)
         if pushed:
-            self._repeats.push(
-                torch.tensor([r.slot for r in pushed], device=self.device),
-                torch.tensor([r.token for r in pushed], device=self.device),
-            )
+            self._repeats.push([r.slot for r in pushed], [r.token for r in pushed])
         rows, logits, failures = self._forward_isolating_faults(step.rows, joining)
         if not rows:
             return [], [], failures
-        generators = [self._generators.get(r.seq_id) for r in rows]
+        params = [r.params for r in rows]
+        positions = [r.position for r in rows]  # each row's draw counter
         banned = [b.banned() if (b := self._blockers.get(r.seq_id)) else () for r in rows]
         repeated = None
         if any(r.seq_id in self._penalized for r in rows):
-            repeated = self._repeats.repeated(
-                torch.tensor([r.slot for r in rows], device=self.device)
-            )
-        saved = [None if g is None else g.get_state() for g in generators]
+            repeated = self._repeats.repeated([r.slot for r in rows])
         try:
-            sampled, logprobs = sample(
-                logits, [r.params for r in rows], generators, banned, repeated
-            )
-            return sampled.tolist(), logprobs.tolist(), failures
-        except Exception as exc:
+            sampled, logprob_tensor = self._sampler(logits, params, positions, banned, repeated)
+            drawn, drawn_logprobs = sampled.tolist(), logprob_tensor.tolist()
+        except Exception as exc:  # draws depend on (seed, position) only: retry row by row
             log.warning(
                 "model %s: sampling %d rows failed (%r); row by row", self.name, len(rows), exc
             )
+            drawn, drawn_logprobs = [], []
+            for i, row in enumerate(rows):
+                try:
+                    token, logprob = self._sampler(
+                        logits[i : i + 1],
+                        [row.params],
+                        positions[i : i + 1],
+                        [banned[i]],
+                        None if repeated is None else repeated[i : i + 1],
+                    )
+                    drawn.append(int(token[0]))
+                    drawn_logprobs.append(float(logprob[0]))
+                except Exception as row_exc:
+                    failures[row.seq_id] = f"sampling failed: {row_exc}"
+                    drawn.append(-1)
+                    drawn_logprobs.append(float("nan"))
         tokens: list[int] = []
-        logprob_list: list[float] = []
-        for i, (row, generator, state) in enumerate(zip(rows, generators, saved, strict=True)):
-            if generator is not None and state is not None:
-                generator.set_state(state)  # undo the draws of the failed batched call
-            try:
-                token, logprob = sample(
-                    logits[i : i + 1],
-                    [row.params],
-                    [generator],
-                    [banned[i]],
-                    None if repeated is None else repeated[i : i + 1],
+        logprobs: list[float] = []
+        for row, token, logprob in zip(rows, drawn, drawn_logprobs, strict=True):
+            if token >= 0:
+                tokens.append(token)
+                logprobs.append(logprob)
+            elif row.seq_id not in failures:
+                failures[row.seq_id] = (
+                    "sampling failed: no token can be drawn (NaN logits or every token banned)"
                 )
-            except Exception as exc:
-                failures[row.seq_id] = f"sampling failed: {exc}"
-                continue
-            tokens.append(int(token[0]))
-            logprob_list.append(float(logprob[0]))
-        return tokens, logprob_list, failures
+        return tokens, logprobs, failures
 
     def _forward_isolating_faults(
         self, rows: tuple[Row, ...], joining: Mapping[int, SequenceRequest]
@@ -606,6 +612,5 @@ class RETEngine(Engine):
         )
 
     def _forget(self, seq_id: int) -> None:
-        self._generators.pop(seq_id, None)
         self._blockers.pop(seq_id, None)
         self._penalized.discard(seq_id)

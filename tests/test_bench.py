@@ -25,7 +25,7 @@ def bench(*args: str) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("mode", "batch"),
     [("decode", 1), ("generate", 1), ("generate_stream", 1), ("decode_batch", 3),
-     ("decode_stream", 3)],
+     ("decode_stream", 3), ("generate_default", 1), ("generate_filtered", 1), ("mixed", 1)],
 )  # fmt: skip
 def test_bench_modes_against_a_server(server: RunningServer, mode: str, batch: int) -> None:
     report = bench(
@@ -58,6 +58,23 @@ def test_bench_starts_its_own_server_and_times_the_raw_model(checkpoint: Path) -
     raw = bench("--raw", "--checkpoint", str(checkpoint), "-b", "4", "-n", "8",
                 "--max-new-tokens", "8")  # fmt: skip
     assert raw["raw"] and raw["sequences"] == 8 and raw["batch_size"] == 4
+    sampled = bench("--raw", "--checkpoint", str(checkpoint), "-b", "4", "-n", "8",
+                    "--max-new-tokens", "8", "--mode", "mixed")  # fmt: skip
+    assert sampled["sequences"] == 8 and sampled["tokens_per_s"] > 0
+
+
+def test_raw_batches_are_sampled_as_the_mode_asks() -> None:
+    from retd.model.generation import SamplingParams
+    from retd.server.bench import raw_params
+
+    greedy = raw_params(SamplingParams, "decode", 1, 8, 5)
+    assert greedy == SamplingParams(8)
+    default = raw_params(SamplingParams, "generate_default", 0, 8, 5)
+    assert (default.temperature, default.top_k, default.top_p, default.seed) == (1.0, 0, 1.0, 5)
+    filtered = raw_params(SamplingParams, "generate_filtered", 0, 8, 5)
+    assert (filtered.top_k, filtered.top_p, filtered.seed) == (50, 0.95, 5)
+    mixed = [raw_params(SamplingParams, "mixed", i, 8, i).greedy for i in range(4)]
+    assert mixed == [True, False, True, False]
 
 
 def test_bench_balances_over_replicas(server: RunningServer, checkpoint: Path) -> None:
@@ -70,3 +87,18 @@ def test_bench_balances_over_replicas(server: RunningServer, checkpoint: Path) -
     assert report["extra"]["server_rss_mib_before"] > 2 * 50  # two daemons' RSS, summed
     listed = bench("--target", f"{server.address},{server.address}", "-c", "2", "-n", "4")
     assert listed["errors"] == {} and listed["requests"] == 4
+
+
+def test_round_ratios_compare_each_load_within_its_round() -> None:
+    from retd.server.bench import BenchReport, round_ratios
+
+    def report(bytes_per_s: float) -> BenchReport:
+        return BenchReport("decode", 64, 1, "64", 1.0, 1, 1, 1.0, 1.0, bytes_per_s, {}, {}, {}, {})
+
+    results = [("greedy", report(100)), ("sampled", report(90)), ("greedy", report(200))]
+    results += [("sampled", report(190)), ("1 caller", report(5))]
+    table = round_ratios(results).splitlines()
+    assert table[2] == "| greedy | 1.00 | 1.00 | 1.00 | 2 |"
+    assert table[3] == "| sampled | 0.93 | 0.90 | 0.95 | 2 |"  # 0.90 and 0.95, not 280/300
+    assert len(table) == 4  # a load of one round only has no ratio
+    assert round_ratios(results[:2]) == ""

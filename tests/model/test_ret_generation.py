@@ -14,12 +14,10 @@ from retd.model.generation import (
     NGramBlocker,
     RepetitionTracker,
     SamplingParams,
-    apply_repetition_penalty,
     generate,
-    make_generator,
-    sample,
 )
 from retd.model.model import RET
+from retd.model.sampling import apply_repetition_penalty, sample
 
 RiggedModel = tuple[RET, torch.Tensor, torch.Tensor]
 
@@ -143,7 +141,7 @@ def test_generate_runs_in_bfloat16(make_model: Callable[..., RET]) -> None:
 
 def test_sample_greedy_rows_take_the_argmax_and_report_logprobs() -> None:
     logits = torch.randn(3, 256)
-    tokens, logprobs = sample(logits, [SamplingParams(1)] * 3, [None] * 3)
+    tokens, logprobs = sample(logits, [SamplingParams(1)] * 3)
     assert torch.equal(tokens, logits.argmax(-1))
     assert tokens.dtype == torch.long and logprobs.dtype == torch.float32
     expected = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
@@ -153,7 +151,7 @@ def test_sample_greedy_rows_take_the_argmax_and_report_logprobs() -> None:
 def test_sample_logprob_ignores_temperature_and_filters() -> None:
     logits = torch.randn(1, 256)
     params = [SamplingParams(1, temperature=0.3, top_k=5, top_p=0.5, seed=0)]
-    tokens, logprobs = sample(logits, params, [make_generator(0)])
+    tokens, logprobs = sample(logits, params)
     torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1)[0, tokens])
 
 
@@ -163,8 +161,8 @@ def test_top_k_one_and_tiny_top_p_are_greedy() -> None:
         SamplingParams(1, temperature=5.0, top_k=1, seed=1),
         SamplingParams(1, temperature=5.0, top_p=1e-6, seed=2),
     ]
-    for _ in range(20):
-        tokens, _ = sample(logits, params, [make_generator(1), make_generator(2)])
+    for step in range(20):
+        tokens, _ = sample(logits, params, step)
         assert torch.equal(tokens, logits.argmax(-1))
 
 
@@ -172,23 +170,23 @@ def test_filters_keep_only_the_allowed_tokens() -> None:
     logits = torch.linspace(0, 3, 256)[None]  # token 255 most likely
     probs = logits.softmax(-1)[0]
     nucleus = int((probs.sort(descending=True).values.cumsum(0) < 0.5).sum()) + 1
-    generator = make_generator(0)
-    top_k = [sample(logits, [SamplingParams(1, 1.0, top_k=3)], [generator])[0].item()]
-    top_p = [sample(logits, [SamplingParams(1, 1.0, top_p=0.5)], [generator])[0].item()]
-    for _ in range(200):
-        top_k.append(sample(logits, [SamplingParams(1, 1.0, top_k=3)], [generator])[0].item())
-        top_p.append(sample(logits, [SamplingParams(1, 1.0, top_p=0.5)], [generator])[0].item())
+    top_k, top_p = [], []
+    for step in range(200):
+        top_k.append(sample(logits, [SamplingParams(1, 1.0, top_k=3, seed=0)], step)[0].item())
+        top_p.append(sample(logits, [SamplingParams(1, 1.0, top_p=0.5, seed=0)], step)[0].item())
     assert set(top_k) == {253, 254, 255}
     assert set(top_p) <= set(range(256 - nucleus, 256)) and len(set(top_p)) > 3
 
 
-def test_sample_rows_use_their_own_generators() -> None:
+def test_sample_rows_draw_with_their_own_seeds() -> None:
     logits = torch.zeros(3, 256)
-    p = SamplingParams(1, temperature=1.0)
-    tokens, _ = sample(logits, [p, p, p], [make_generator(5), make_generator(6), make_generator(5)])
+    p5, p6 = SamplingParams(1, temperature=1.0, seed=5), SamplingParams(1, temperature=1.0, seed=6)
+    tokens, _ = sample(logits, [p5, p6, p5], 3)
     assert tokens[0] == tokens[2]
-    first, _ = sample(logits[:1], [p], [make_generator(5)])
+    first, _ = sample(logits[:1], [p5], 3)
     assert first[0] == tokens[0]
+    # the draw counter moves a row along its stream: 20 steps of a uniform row are not all one
+    assert len({sample(logits[:1], [p5], step)[0].item() for step in range(20)}) > 10
 
 
 # --- SamplingParams --------------------------------------------------------------------------
@@ -247,7 +245,7 @@ def test_ngram_blocker_bans_what_followed_the_last_n_minus_1_bytes() -> None:
 def test_sample_never_picks_a_banned_token_and_reports_the_unfiltered_logprob() -> None:
     logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 2.0]])
     params = [SamplingParams(4), SamplingParams(4)]
-    tokens, logprobs = sample(logits, params, [None, None], [{1}, ()])
+    tokens, logprobs = sample(logits, params, banned=[{1}, ()])
     assert tokens.tolist() == [2, 0]
     assert logprobs[0].item() == pytest.approx(torch.log_softmax(logits[0], -1)[2].item())
 
@@ -292,11 +290,10 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() ->
     params = [SamplingParams(4, repetition_penalty=2.0), SamplingParams(4)]
     out = apply_repetition_penalty(logits, params, repeated)
     assert out.tolist() == [[1.0, -4.0, 1.0], [2.0, -2.0, 1.0]]  # row 1's penalty is off
-    tokens, logprobs = sample(logits, params, [None, None], repeated=repeated)
+    tokens, logprobs = sample(logits, params, repeated=repeated)
     assert tokens.tolist() == [0, 0]  # 1.0 vs 1.0: argmax takes the first
     assert logprobs[0].item() == pytest.approx(torch.log_softmax(logits[0], -1)[0].item())
-    tokens, _ = sample(logits, [SamplingParams(4, repetition_penalty=2.5)] * 2, [None] * 2,
-                       repeated=repeated)  # fmt: skip
+    tokens, _ = sample(logits, [SamplingParams(4, repetition_penalty=2.5)] * 2, repeated=repeated)
     assert tokens.tolist() == [2, 2]
 
 
@@ -305,12 +302,12 @@ def test_repetition_tracker_marks_bytes_or_ngram_followers() -> None:
     tracker.reset(0, SamplingParams(8, repetition_penalty=1.5))
     tracker.reset(1, SamplingParams(8, repetition_penalty=1.5, repetition_ngram_size=3))
     for a, b in zip(b"abcab", b"abcab", strict=True):
-        tracker.push(torch.tensor([0, 1]), torch.tensor([a, b]))
-    mask = tracker.repeated(torch.tensor([0, 1]))
+        tracker.push([0, 1], [a, b])
+    mask = tracker.repeated([0, 1])
     assert set(mask[0].nonzero()[:, 0].tolist()) == set(b"abc")  # every byte generated
     assert mask[1].nonzero()[:, 0].tolist() == [ord("c")]  # "ab" was followed by "c"
     tracker.reset(0, SamplingParams(8))
-    assert not tracker.repeated(torch.tensor([0])).any()
+    assert not tracker.repeated([0]).any()
 
 
 _penalty_params = st.builds(

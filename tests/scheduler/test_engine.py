@@ -495,3 +495,48 @@ def test_sampled_batch_mates_keep_their_tokens_when_a_row_fails_in_sampling(
     results = asyncio.run(main())
     for i, (p, result) in enumerate(zip(params, results, strict=True)):
         assert list(result.token_ids) == reference(sharp_model, 20 + i, p).token_ids, i
+
+
+def test_a_batch_whose_sampling_raises_is_sampled_row_by_row_with_the_same_draws(
+    sharp_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If sampling a whole step raises, the engine samples its rows one by one: a row's draws
+    depend only on its seed and position, so every sequence still gets exactly its tokens."""
+    from retd.model.sampling import Sampler
+
+    original = Sampler.__call__
+    batched_calls = 0
+
+    def fails_batched(self: Sampler, logits: torch.Tensor, *args: object) -> object:
+        nonlocal batched_calls
+        if logits.shape[0] > 1:
+            batched_calls += 1
+            raise RuntimeError("injected: a batched sampling step fails")
+        return original(self, logits, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Sampler, "__call__", fails_batched)
+    params = [
+        SamplingParams(max_new_tokens=12, temperature=1.2, top_k=20, seed=31),
+        SamplingParams(max_new_tokens=12),
+        SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=32),
+    ]
+
+    async def main() -> list[SequenceResult]:
+        # one batch of all three from the first step (the idle model waits until it is full)
+        engine = start_engine(sharp_model, max_batch_size=3, max_wait_ms=60_000.0)
+        try:
+            handles = [
+                engine.submit(SequenceRequest(embedding(40 + i), p, p.seed or 0))
+                for i, p in enumerate(params)
+            ]
+            return await asyncio.wait_for(
+                asyncio.gather(*(h.result() for h in handles)), RUN_LIMIT_S
+            )
+        finally:
+            await engine.close()
+
+    results = asyncio.run(main())
+    assert batched_calls > 0  # the fallback ran
+    monkeypatch.undo()
+    for i, (p, result) in enumerate(zip(params, results, strict=True)):
+        assert list(result.token_ids) == reference(sharp_model, 40 + i, p).token_ids, i
