@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from retd.model.batches import IGNORE, batches_in_order, encode_texts
 from retd.model.defaults import DecodeDefaults
 from retd.model.generation import SamplingParams, generate
 from retd.model.model import RET, KVCache
@@ -175,8 +176,6 @@ def byte_accuracy(
     model: RET, embeddings: torch.Tensor, texts: Sequence[str]
 ) -> tuple[float, float]:
     """Teacher-forced next-byte accuracy (%) and loss (nats/byte), EOS included."""
-    from retd.model.train import IGNORE, batches_in_order, encode_texts
-
     encoded = encode_texts(list(texts), model.config.max_length)
     correct = total = 0
     loss_sum = 0.0

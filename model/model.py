@@ -92,19 +92,31 @@ class RETConfig:
         return cls(**dict(d))
 
 
-ARCHITECTURES: Mapping[str, RETConfig] = MappingProxyType(
-    {
-        # Three thin blocks: the shape search's winner per hour of training here (README).
-        "ret_v21": RETConfig(),
-        # RET v2.1's first shape (one wide block), under which the first checkpoints trained;
-        # they name `ret_v21` and carry this config in their card, so they load either way.
-        "ret_v21_wide": RETConfig(n_embd=256, n_head=2, n_layer=1, mlp_hidden=384),
-        # Same interface (768-dim embedding, bytes), small enough for fast tests.
-        "ret_tiny": RETConfig(n_embd=64, n_head=2, n_layer=1, mlp_hidden=96, max_length=64),
-        # Test-only: ret_v21 whose decode step raises for marked inputs (FaultInjectingRET).
-        "ret_faulty": RETConfig(),
-    }
-)
+_ARCHITECTURES: dict[str, RETConfig] = {
+    # Three thin blocks: the shape search's winner per hour of training here (README).
+    "ret_v21": RETConfig(),
+    # RET v2.1's first shape (one wide block), under which the first checkpoints trained;
+    # they name `ret_v21` and carry this config in their card, so they load either way.
+    "ret_v21_wide": RETConfig(n_embd=256, n_head=2, n_layer=1, mlp_hidden=384),
+    # Same interface (768-dim embedding, bytes), small enough for fast tests.
+    "ret_tiny": RETConfig(n_embd=64, n_head=2, n_layer=1, mlp_hidden=96, max_length=64),
+}
+#: The registered architectures by name (read-only; `register_architecture` adds one).
+ARCHITECTURES: Mapping[str, RETConfig] = MappingProxyType(_ARCHITECTURES)
+# The module class of each architecture that is not plain RET.
+_MODULE_CLASSES: dict[str, type[RET]] = {}
+
+
+def register_architecture(
+    name: str, config: RETConfig, module_class: type[RET] | None = None
+) -> None:
+    """Register an architecture: its config and, when it is not plain RET, the module class
+    that implements it (a subclass of RET). A name is registered once."""
+    if name in _ARCHITECTURES:
+        raise ValueError(f"architecture {name!r} is registered already")
+    _ARCHITECTURES[name] = config
+    if module_class is not None:
+        _MODULE_CLASSES[name] = module_class
 
 
 def config_for(architecture: str, overrides: Mapping[str, Any] | None = None) -> RETConfig:
@@ -358,36 +370,6 @@ class RET(nn.Module):
         return self._logits(x[:, 0])  # (B, V)
 
 
-# An embedding whose first value is this (finite and small enough to pass validation)
-# marks a sequence that FaultInjectingRET fails on.
-FAULT_MARKER = 123456.0
-
-
-class FaultInjectingRET(RET):
-    """Test-only model kind (architecture `ret_faulty`): RET whose decode step raises while a
-    marked sequence (embedding[0] == FAULT_MARKER) is in the batch, so tests can prove that a
-    failing sequence fails alone and the rest of its batch finishes correctly."""
-
-    def condition(self, embedding: Tensor) -> Tensor:
-        cond = super().condition(embedding)
-        marked = embedding[:, 0] == FAULT_MARKER
-        return cond.masked_fill(marked[:, None], float("nan"))
-
-    def step(
-        self,
-        cond: Tensor,
-        tokens: Tensor,
-        positions: Tensor,
-        cache: KVCache,
-        slots: Tensor,
-        length: int | None = None,
-        span: int | None = None,
-    ) -> Tensor:
-        if bool(torch.isnan(cond).any()):
-            raise RuntimeError("injected fault: a marked sequence is in this step")
-        return super().step(cond, tokens, positions, cache, slots, length, span)
-
-
 def model_class(architecture: str) -> type[RET]:
     """The module class that implements a registered architecture."""
-    return FaultInjectingRET if architecture == "ret_faulty" else RET
+    return _MODULE_CLASSES.get(architecture, RET)

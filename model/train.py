@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from retd.model.batches import IGNORE, batches_in_order, encode_texts, make_batch
 from retd.model.checkpoint import DEFAULT_ENCODER, save_checkpoint
 from retd.model.encoder import ENCODER_WEIGHTS_SHA256
+from retd.model.evaluate import greedy_texts, heldout_rows, text_scores
 from retd.model.model import RET, config_for, model_class
-
-IGNORE = -100
 
 
 @dataclass(frozen=True)
@@ -102,28 +102,6 @@ def _warm_start(model: RET, config: TrainConfig) -> dict[str, Any]:
         "weights_sha256": loaded.sha256,
         "training": loaded.card.get("training", {}),
     }
-
-
-def encode_texts(texts: list[str], max_length: int) -> list[bytes]:
-    """UTF-8 bytes of each text, cut to leave room for the end-of-sequence byte."""
-    return [t.encode("utf-8")[: max_length - 1] for t in texts]
-
-
-def make_batch(
-    encoded: list[bytes], rows: np.ndarray, eos_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs (B, T) = the bytes, 0-padded; targets (B, T+1) = the bytes then EOS, padding
-    ignored. The model's row t predicts byte t (row 0 from the embedding alone)."""
-    lengths = [len(encoded[i]) for i in rows]
-    T = max(lengths)
-    inputs = torch.zeros(len(rows), T, dtype=torch.long)
-    targets = torch.full((len(rows), T + 1), IGNORE, dtype=torch.long)
-    for b, (i, n) in enumerate(zip(rows, lengths, strict=True)):
-        data = torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8).long()
-        inputs[b, :n] = data
-        targets[b, :n] = data
-        targets[b, n] = eos_id
-    return inputs, targets
 
 
 def bucketed_batches(
@@ -198,17 +176,6 @@ def make_optimizer(model: RET, config: TrainConfig) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
-def batches_in_order(
-    encoded: list[bytes], eos_id: int, batch_size: int = 128
-) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-    """(rows, inputs, targets) of successive teacher-forced batches, in order: how held-out
-    texts are scored."""
-    for start in range(0, len(encoded), batch_size):
-        rows = np.arange(start, min(start + batch_size, len(encoded)))
-        yield rows, *make_batch(encoded, rows, eos_id)
-
-
-@torch.no_grad()
 def heldout_losses(
     model: RET, embeddings: torch.Tensor, encoded: list[bytes], batch_size: int = 128
 ) -> tuple[float, float]:
@@ -232,7 +199,6 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     from tqdm import tqdm
 
     from retd.model.embed import count_shards, load_split
-    from retd.model.evaluate import greedy_texts, heldout_rows, text_scores
 
     if config.autocast not in ("none", "bfloat16"):
         raise ValueError(f"autocast: expected 'none' or 'bfloat16', got {config.autocast!r}")

@@ -2,7 +2,8 @@
 training commands of `retd.model.commands` (`corpus`, `embed`, `train`, `eval`,
 `build-phrase-bank`).
 
-`retd.client.cli` dispatches these here lazily, so the client never imports torch."""
+`retd.client.cli` dispatches these here lazily, so the client never imports torch; and
+`retd.server.bench` is imported only for `retd bench`, so serving never imports it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from retd.model.commands import add_commands as add_training_commands
-from retd.server import bench as bench_module
 from retd.server.config import ConfigError, add_arguments, load_config
 
 log = logging.getLogger("retd.server")
@@ -53,7 +53,9 @@ def _init_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; `bench`'s flags only when `command` is "bench" (they
+    would import `retd.server.bench`)."""
     parser = argparse.ArgumentParser(prog="retd", description="retd server commands")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
@@ -79,15 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="load-test a server (or time the model alone with --raw)",
-        description=bench_module.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench_module.add_arguments(bench)
-    bench.set_defaults(run=bench_module.main)
+    if command == "bench":
+        import retd.server.bench as bench_module
+
+        bench.description = bench_module.__doc__
+        bench_module.add_arguments(bench)
+        bench.set_defaults(run=bench_module.main)
     add_training_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     return int(args.run(args))

@@ -218,8 +218,10 @@ class ModelDescription:
 
 
 class Engine(abc.ABC):
-    """Serves one loaded model: a scheduler in front of one worker thread. Subclasses run
-    the steps of one kind of model (`kind`) in `_work` and warm it up in `warm_up`."""
+    """Serves one loaded model: a scheduler in front of one worker thread (`_work`, the same
+    for every kind). Subclasses serve one kind of model (`kind`): they run a step on it in
+    `_run_step` (outside the lock), apply its outcome to the scheduler in `_apply` (under the
+    lock), and warm it up in `warm_up`."""
 
     kind: ClassVar[str]
 

@@ -53,9 +53,11 @@ def start_server(
     *,
     plain_decode: bool = True,
     default_metrics_port: bool = False,
+    module: str = "retd.server",
 ) -> RunningServer:
-    """Start `python -m retd.server` with `args` on 127.0.0.1:0 and wait until it says it
-    is serving (it writes its ready file only after every model is loaded and warm).
+    """Start `python -m retd.server` (or another `module` that serves as it does) with `args`
+    on 127.0.0.1:0 and wait until it says it is serving (it writes its ready file only after
+    every model is loaded and warm).
     plain_decode: Decode's default loop breakers off (PLAIN_DECODE), unless `args` set them.
     default_metrics_port: /metrics on the daemon's default port (else none, unless `args`
     set --metrics-port)."""
@@ -67,7 +69,7 @@ def start_server(
     if plain_decode and not any(str(a).startswith("--decode-") for a in args):
         defaults += PLAIN_DECODE
     command = [
-        sys.executable, "-m", "retd.server", "--host", "127.0.0.1", "--port", "0",
+        sys.executable, "-m", module, "--host", "127.0.0.1", "--port", "0",
         "--ready-file", str(ready), *defaults, *args,
     ]  # fmt: skip
     with log_path.open("wb") as log_file:

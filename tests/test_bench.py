@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +103,25 @@ def test_round_ratios_compare_each_load_within_its_round() -> None:
     assert table[3] == "| sampled | 0.93 | 0.90 | 0.95 | 2 |"  # 0.90 and 0.95, not 280/300
     assert len(table) == 4  # a load of one round only has no ratio
     assert round_ratios(results[:2]) == ""
+
+
+def test_serving_never_imports_the_bench() -> None:
+    """`retd serve` (its command line and the app it runs) loads no module of
+    `retd.server.bench`; `retd bench` does."""
+    code = textwrap.dedent(
+        """
+        import contextlib, io, sys
+        import retd.server.app
+        from retd.client.cli import main
+        for argv in (["serve", "--help"], ["init-checkpoint", "--help"]):
+            with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
+                main(argv)
+        loaded = sorted(name for name in sys.modules if name.startswith("retd.server.bench"))
+        assert not loaded, loaded
+        with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
+            main(["bench", "--help"])
+        assert "retd.server.bench" in sys.modules
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr

@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from retd.model.batches import make_batch
 from retd.model.checkpoint import load_checkpoint
 from retd.model.embed import load_split
 from retd.model.evaluate import (
@@ -25,7 +26,7 @@ from retd.model.evaluate import (
 )
 from retd.model.generation import SamplingParams, generate
 from retd.model.model import RET, config_for
-from retd.model.train import TrainConfig, bucketed_batches, lr_at, make_batch, train
+from retd.model.train import TrainConfig, bucketed_batches, lr_at, train
 
 FIXTURE = Path(__file__).parents[1] / "data" / "embedded"
 

@@ -1,6 +1,7 @@
 """A fault inside the model step fails only the sequence that caused it: its batch-mates
 finish correctly and the daemon keeps serving (the test-only `ret_faulty` model kind raises
-while a marked embedding is in the step)."""
+while a marked embedding is in the step: `tests.faulty_model`, which the server subprocess
+registers by running as `python -m tests.faulty_model`)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import torch
 
 from retd.model.checkpoint import init_checkpoint, load_checkpoint
 from retd.model.generation import SamplingParams, generate
-from retd.model.model import FAULT_MARKER
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer, start_server
+from tests.faulty_model import ARCHITECTURE, FAULT_MARKER
 
 RNG = np.random.default_rng(17)
 EMBEDDINGS = RNG.standard_normal((6, 768)).astype(np.float32)
@@ -33,8 +34,12 @@ def as_pb(values: np.ndarray) -> pb.Embedding:
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, Path]]:
     folder = tmp_path_factory.mktemp("faulty")
-    checkpoint = init_checkpoint(folder / "ret_faulty", seed=5, architecture="ret_faulty")
-    server = start_server(folder, ["--checkpoint", str(checkpoint), "--max-batch-size", "8"])
+    checkpoint = init_checkpoint(folder / ARCHITECTURE, seed=5, architecture=ARCHITECTURE)
+    server = start_server(
+        folder,
+        ["--checkpoint", str(checkpoint), "--max-batch-size", "8"],
+        module="tests.faulty_model",
+    )
     yield server, checkpoint
     assert server.stop(signal.SIGTERM) == 0, server.log()
 

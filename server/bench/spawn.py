@@ -1,0 +1,66 @@
+"""Servers for `retd bench --checkpoint`: `retd serve` subprocesses on free loopback ports,
+stopped afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def spawned_server(checkpoint: Path, server_args: str) -> Iterator[tuple[str, int]]:
+    """A `retd serve` subprocess on a free loopback port; yields its address and pid."""
+    with tempfile.TemporaryDirectory() as folder:
+        ready = Path(folder) / "ready.json"
+        command = [
+            sys.executable, "-m", "retd.server", "--checkpoint", str(checkpoint),
+            "--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready),
+            "--log-level", "WARNING", *shlex.split(server_args),
+        ]  # fmt: skip
+        process = subprocess.Popen(command)
+        try:
+            deadline = time.monotonic() + 120
+            while not ready.exists():
+                if process.poll() is not None:
+                    raise RuntimeError(f"the server exited with {process.returncode}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the server did not start within 120 s")
+                time.sleep(0.05)
+            yield json.loads(ready.read_text())["address"], process.pid
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@contextlib.contextmanager
+def spawned_servers(
+    checkpoint: Path, server_args: str, replicas: int
+) -> Iterator[tuple[list[str], list[int]]]:
+    """`replicas` servers as `spawned_server` starts them; yields their addresses and pids.
+    Each gets a free metrics port (unless `server_args` names one)."""
+    with contextlib.ExitStack() as stack:
+        started = []
+        for _ in range(replicas):
+            args = server_args
+            if "--metrics-port" not in args:  # never the default port a daemon may hold
+                args = f"{args} --metrics-port {_free_port()}"
+            started.append(stack.enter_context(spawned_server(checkpoint, args)))
+        yield [address for address, _ in started], [pid for _, pid in started]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,234 @@
+"""`retd bench --suite`: the comparisons BENCHMARKS.md reports (`SUITES`), each a list of
+`Scenario`s run in turn on servers of their own, as a markdown table; and the OTLP receiver
+that `--suite telemetry` exports spans to."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from .load import LoadGenerator
+from .raw import run_raw
+from .report import BenchConfig, BenchReport
+from .spawn import spawned_server
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One line of the suite: a load (or --raw) against a server started with `server_args`."""
+
+    name: str
+    config: BenchConfig
+    server_args: str = ""
+    raw: bool = False
+    reuse_server: bool = False  # run on the scenario before's server if its args are these
+
+
+def issue_suite(duration: float) -> list[Scenario]:
+    """The comparisons BENCHMARKS.md reports, measured side by side in one run."""
+    fixed = BenchConfig(concurrency=64, duration=duration)
+    mixed = replace(fixed, min_new_tokens=8, max_new_tokens=128)
+    lone = replace(fixed, concurrency=1)
+    batch256 = replace(fixed, mode="decode_batch", batch_size=256, concurrency=1)
+    return [
+        Scenario("64 callers, batching (max batch 64)", fixed, "--max-batch-size 64"),
+        Scenario(
+            "64 callers, sampled Generate",
+            replace(fixed, mode="generate_default"),
+            "--max-batch-size 64",
+        ),
+        Scenario(
+            "64 callers, half Decode half Generate",
+            replace(fixed, mode="mixed"),
+            "--max-batch-size 64",
+        ),
+        Scenario("64 callers, max batch 1", fixed, "--max-batch-size 1"),
+        Scenario("raw model, batch 64", replace(fixed, batch_size=64), raw=True),
+        Scenario("mixed 8..128, continuous", mixed, "--max-batch-size 64"),
+        Scenario("mixed 8..128, static", mixed, "--max-batch-size 64 --batching static"),
+        Scenario("1 caller, batching (max batch 64)", lone, "--max-batch-size 64"),
+        Scenario("1 caller, max batch 1", lone, "--max-batch-size 1"),
+        Scenario("DecodeBatch of 256, one call", batch256, "--max-batch-size 256"),
+        Scenario("raw model, batch 256", replace(batch256, mode="decode"), raw=True),
+    ]
+
+
+def sampling_suite(duration: float, rounds: int = 4) -> list[Scenario]:
+    """Greedy Decode against sampled Generate (plain, filtered, and half of each in one
+    batch) at 64 callers on one server, in `rounds` interleaved rounds (a noisy machine slows
+    neighbours alike: `round_ratios` compares within a round); then 1 caller each way and the
+    raw model each way (no gRPC, no scheduler)."""
+    fixed = BenchConfig(concurrency=64, duration=duration)
+    lone = replace(fixed, concurrency=1)
+    raw = replace(fixed, batch_size=64)
+    server = "--max-batch-size 64"
+    loads = [
+        ("64 callers, greedy Decode", fixed),
+        ("64 callers, sampled Generate", replace(fixed, mode="generate_default")),
+        ("64 callers, half Decode half Generate", replace(fixed, mode="mixed")),
+        ("64 callers, Generate top-k 50 top-p 0.95", replace(fixed, mode="generate_filtered")),
+    ]
+    return [
+        *(
+            Scenario(name, config, server, reuse_server=True)
+            for _ in range(rounds)
+            for name, config in loads
+        ),
+        Scenario("1 caller, greedy Decode", lone, server, reuse_server=True),
+        Scenario(
+            "1 caller, sampled Generate",
+            replace(lone, mode="generate_default"),
+            server,
+            reuse_server=True,
+        ),
+        Scenario("raw model, batch 64, greedy", raw, raw=True),
+        Scenario("raw model, batch 64, sampled", replace(raw, mode="generate_default"), raw=True),
+    ]
+
+
+def telemetry_suite(duration: float) -> list[Scenario]:
+    """Tracing off against tracing on (every span sampled, exported by OTLP to a receiver
+    on loopback), twice each, interleaved, at 64 callers."""
+    fixed = BenchConfig(concurrency=64, duration=duration)
+    off = Scenario("tracing off", fixed, "--max-batch-size 64 --traces-exporter none")
+    on = Scenario(
+        "tracing on (100%, OTLP to loopback)",
+        fixed,
+        "--max-batch-size 64 --traces-exporter otlp --otlp-endpoint http://{otlp}",
+    )
+    return [off, on, off, on]
+
+
+SUITES = {"batching": issue_suite, "sampling": sampling_suite, "telemetry": telemetry_suite}
+
+
+def run_otlp_sink(ready: str) -> None:
+    """An OTLP/gRPC trace receiver that counts what it gets (for `--suite telemetry`);
+    writes its address to `ready` and serves until killed."""
+    from concurrent import futures
+
+    from opentelemetry.proto.collector.trace.v1 import (
+        trace_service_pb2,
+        trace_service_pb2_grpc,
+    )
+
+    class Sink(trace_service_pb2_grpc.TraceServiceServicer):
+        spans = 0
+
+        def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC's name)
+            for resource in request.resource_spans:
+                for scope in resource.scope_spans:
+                    Sink.spans += len(scope.spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Sink(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    Path(ready).write_text(f"127.0.0.1:{port}")
+    server.wait_for_termination()
+
+
+@contextlib.contextmanager
+def spawned_otlp_sink() -> Iterator[str]:
+    """`run_otlp_sink` in a process of its own; yields its address."""
+    with tempfile.TemporaryDirectory() as folder:
+        ready = Path(folder) / "sink"
+        code = f"from retd.server.bench.suites import run_otlp_sink; run_otlp_sink({str(ready)!r})"
+        process = subprocess.Popen([sys.executable, "-c", code])
+        try:
+            deadline = time.monotonic() + 60
+            while not ready.exists() or not ready.read_text():
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the OTLP receiver did not start")
+                time.sleep(0.05)
+            yield ready.read_text()
+        finally:
+            process.kill()
+            process.wait()
+
+
+def run_suite(checkpoint: Path, scenarios: Sequence[Scenario]) -> list[tuple[str, BenchReport]]:
+    """Each scenario in turn, on a server of its own unless it reuses the one before it."""
+    results = []
+    with contextlib.ExitStack() as stack:
+        server: tuple[str, str, int] | None = None  # its server_args, address and pid
+        for scenario in scenarios:
+            if scenario.raw:
+                stack.close()  # no idle server beside the model
+                server = None
+                report = run_raw(checkpoint, scenario.config, "auto", "float32")
+            else:
+                if not (scenario.reuse_server and server and server[0] == scenario.server_args):
+                    stack.close()
+                    server_args = scenario.server_args
+                    if "{otlp}" in server_args:
+                        otlp = stack.enter_context(spawned_otlp_sink())
+                        server_args = server_args.format(otlp=otlp)
+                    address, pid = stack.enter_context(spawned_server(checkpoint, server_args))
+                    server = (scenario.server_args, address, pid)
+                report = asyncio.run(LoadGenerator(server[1], scenario.config).run(server[2]))
+                report.server_args = scenario.server_args
+            print(f"{scenario.name}\n{report.render()}", file=sys.stderr, flush=True)
+            results.append((scenario.name, report))
+    return results
+
+
+def round_ratios(results: Sequence[tuple[str, BenchReport]]) -> str:
+    """For a suite that repeats its loads in rounds (a round starts at each repeat of the
+    first scenario): each load's bytes/s over the first load's in the same round, median and
+    range over the rounds. Empty if the first scenario does not repeat."""
+    rounds: list[dict[str, float]] = []
+    for name, report in results:
+        if name == results[0][0]:
+            rounds.append({})
+        rounds[-1].setdefault(name, report.tokens_per_s)
+    if len(rounds) < 2:
+        return ""
+    lines = [
+        f"| load | bytes/s × {results[0][0]}, median | min | max | rounds |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name in rounds[0]:
+        ratios = sorted(r[name] / r[results[0][0]] for r in rounds if name in r)
+        if len(ratios) >= 2:
+            median = float(np.median(ratios))
+            lines.append(
+                f"| {name} | {median:.2f} | {ratios[0]:.2f} | {ratios[-1]:.2f} | {len(ratios)} |"
+            )
+    return "\n".join(lines)
+
+
+def markdown_table(results: Sequence[tuple[str, BenchReport]]) -> str:
+    """One row per scenario; "× row 1": its bytes/s over the first scenario's; bytes/seq: the
+    mean bytes a sequence generated (fewer than asked when it ended with EOS)."""
+    lines = [
+        "| scenario | seq/s | bytes/s | × row 1 | bytes/seq | p50 ms | p90 ms | p99 ms "
+        "| short p99 ms | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    first = results[0][1].tokens_per_s if results else 0.0
+    for name, r in results:
+        latency = r.latency_ms
+        short = r.short_latency_ms.get("p99")
+        ratio = f"{r.tokens_per_s / first:.2f}" if first else ""
+        per_sequence = r.tokens_per_s / r.sequences_per_s if r.sequences_per_s else 0.0
+        lines.append(
+            f"| {name} | {r.sequences_per_s:.1f} | {r.tokens_per_s:.0f} | {ratio} | "
+            f"{per_sequence:.1f} | "
+            f"{latency.get('p50', 0):.1f} | {latency.get('p90', 0):.1f} | "
+            f"{latency.get('p99', 0):.1f} | {'' if short is None else f'{short:.1f}'} | "
+            f"{sum(r.errors.values())} |"
+        )
+    return "\n".join(lines)
