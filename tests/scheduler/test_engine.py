@@ -21,13 +21,13 @@ from retd.model.checkpoint import LoadedModel
 from retd.model.generation import GenerationResult, SamplingParams, generate
 from retd.model.model import RET
 from retd.server.engine import (
-    RETEngine,
     SequenceError,
     SequenceHandle,
     SequenceRequest,
     SequenceResult,
     TokenDelta,
 )
+from retd.server.ret_engine import RETEngine
 from retd.server.scheduler import SchedulerConfig
 from tests._wait import apoll
 
