@@ -24,13 +24,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
-import grpc
 import numpy as np
 import torch
 
 from retd.model.generation import FinishReason, OutputBuffer, SamplingParams
+from retd.server.errors import ErrorKind, ServeError
 from retd.server.scheduler import (
     Aborted,
     AbortReason,
@@ -122,21 +122,12 @@ def sample_memory(device: torch.device) -> MemorySample:
         return MemorySample()
 
 
-class SequenceError(Exception):
-    """A sequence failed; `code` is the gRPC status its caller gets."""
+Event: TypeAlias = TokenDelta | SequenceResult | ServeError
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-Event = TokenDelta | SequenceResult | SequenceError
-
-ABORT_CODES = {
-    AbortReason.CANCELLED: grpc.StatusCode.CANCELLED,
-    AbortReason.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
-    AbortReason.FAILED: grpc.StatusCode.INTERNAL,
+ABORT_KINDS = {
+    AbortReason.CANCELLED: ErrorKind.CANCELLED,
+    AbortReason.DEADLINE: ErrorKind.DEADLINE,
+    AbortReason.FAILED: ErrorKind.INTERNAL,
 }
 
 
@@ -164,10 +155,10 @@ class SequenceHandle:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 
     async def events(self) -> AsyncIterator[TokenDelta | SequenceResult]:
-        """Deltas (streams only), then the result; a failure raises SequenceError."""
+        """Deltas (streams only), then the result; a failure raises ServeError."""
         while not self._done:
             event = await self._events.get()
-            if isinstance(event, SequenceError):
+            if isinstance(event, ServeError):
                 self._done = True
                 raise event
             if isinstance(event, SequenceResult):
@@ -247,13 +238,13 @@ class Engine(abc.ABC):
             return EngineStats(s.num_waiting, s.num_running, s.free_slots)
 
     def submit(self, request: SequenceRequest) -> SequenceHandle:
-        """Queue a sequence; raises SequenceError (RESOURCE_EXHAUSTED when the queue is full,
-        UNAVAILABLE when shutting down)."""
+        """Queue a sequence; raises ServeError (EXHAUSTED when the queue is full, UNAVAILABLE
+        when shutting down)."""
         handle = SequenceHandle(request, asyncio.get_running_loop(), self)
         output = OutputBuffer(request.params, self._eos_id)
         with self._lock:
             if self._closing:
-                raise SequenceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+                raise ServeError(ErrorKind.UNAVAILABLE, "the server is shutting down")
             handle.seq_id = next(self._ids)
             state = SequenceState(
                 handle.seq_id,
@@ -267,9 +258,7 @@ class Engine(abc.ABC):
             try:
                 self._scheduler.add(state)
             except QueueFullError as exc:
-                raise SequenceError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {self.name!r}: {exc}"
-                ) from None
+                raise ServeError(ErrorKind.EXHAUSTED, f"model {self.name!r}: {exc}") from None
             self._handles[handle.seq_id] = handle
             self._wakeup.notify()
         return handle
@@ -359,7 +348,7 @@ class Engine(abc.ABC):
                 message = f"the deadline passed while {a.stage}"
             else:
                 message = f"the call was cancelled while {a.stage}"
-            events.append((a.seq_id, SequenceError(ABORT_CODES[a.reason], message)))
+            events.append((a.seq_id, ServeError(ABORT_KINDS[a.reason], message)))
         return events
 
     def _deliver(self, events: Sequence[tuple[int, Event]]) -> None:
