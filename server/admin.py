@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 
 from retd.server.calls import abort, rpc
+from retd.server.errors import ServeError, invalid
 from retd.server.repository import ModelRegistry, ModelVersion, State, VersionStatus
-from retd.server.validation import RequestError
 from retd.v1 import repository_pb2 as pb
 from retd.v1 import repository_pb2_grpc as pb_grpc
 
@@ -46,10 +46,7 @@ class RepositoryService(pb_grpc.ModelRepositoryServicer):
     def _model_name(self, model: str) -> str:
         if not model:
             known = sorted({row.name for row in self.models.status()})
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"model: empty; expected a model name, one of {known}",
-            )
+            raise invalid(f"model: empty; expected a model name, one of {known}")
         return model
 
     @rpc
@@ -69,7 +66,7 @@ class RepositoryService(pb_grpc.ModelRepositoryServicer):
     ) -> pb.LoadModelResponse:
         try:
             entry = await self.models.load(self._model_name(request.model), request.version)
-        except RequestError as error:
+        except ServeError as error:
             await abort(context, error)
         return pb.LoadModelResponse(status=self._status_of(entry))
 
@@ -79,7 +76,7 @@ class RepositoryService(pb_grpc.ModelRepositoryServicer):
     ) -> pb.UnloadModelResponse:
         try:
             released = await self.models.unload(self._model_name(request.model), request.version)
-        except RequestError as error:
+        except ServeError as error:
             await abort(context, error)
         return pb.UnloadModelResponse(
             unloaded=[

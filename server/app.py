@@ -27,11 +27,12 @@ from retd.model.checkpoint import (
 from retd.model.phrase_bank import load_phrase_bank
 from retd.server.admin import ADMIN_SERVICE, RepositoryService
 from retd.server.config import BATCH_ITEM_WIRE_BYTES, ModelSpec, ServerConfig
-from retd.server.engine import Engine, RETEngine, sample_memory
+from retd.server.engine import Engine, sample_memory
 from retd.server.gate import CallGate
 from retd.server.interceptor import CallInterceptor
 from retd.server.phrase_bank_engine import PhraseBankEngine
 from retd.server.repository import ModelRegistry
+from retd.server.ret_engine import RETEngine
 from retd.server.security import (
     TokenAuthInterceptor,
     TokenStore,

@@ -1,5 +1,6 @@
 """The wrapper around every servicer method (`rpc`: unparseable requests), and `abort`,
-which ends a call with an error's status."""
+which ends a call with an error's status: the one place a `ServeError`'s kind becomes a gRPC
+status code (`STATUS_CODES`)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,33 @@ import functools
 import inspect
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn
 
 import grpc
 
+from retd.server.errors import ErrorKind, ServeError
 
-class StatusError(Protocol):
-    """An error that carries the gRPC status its call ends with."""
+STATUS_CODES = {
+    ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.LOAD_FAILED: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
+    ErrorKind.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
 
-    code: grpc.StatusCode
-    message: str
+
+def status_code(error: ServeError) -> grpc.StatusCode:
+    """The gRPC status a call (or an item of a batch or stream) that failed with `error`
+    ends with."""
+    return STATUS_CODES[error.kind]
 
 
-async def abort(context: grpc.aio.ServicerContext, error: StatusError) -> NoReturn:
+async def abort(context: grpc.aio.ServicerContext, error: ServeError) -> NoReturn:
     """End the call with `error`'s status and message."""
-    await context.abort(error.code, error.message)
+    await context.abort(status_code(error), error.message)
     raise AssertionError("context.abort raises")
 
 

@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 from grpc_health.v1 import health, health_pb2
 
 from retd.model.checkpoint import RET_KIND, checkpoint_kind
@@ -35,7 +34,8 @@ from retd.server.config import (
     model_settings_file,
 )
 from retd.server.engine import Engine
-from retd.server.validation import RequestError, shorten
+from retd.server.errors import ErrorKind, ServeError
+from retd.server.validation import shorten
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,8 @@ def fingerprint(directory: Path) -> Fingerprint:
     return tuple(sorted(rows))
 
 
-def _not_found(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.NOT_FOUND, message)
+def _not_found(message: str) -> ServeError:
+    return ServeError(ErrorKind.NOT_FOUND, message)
 
 
 class ModelRegistry:
@@ -237,7 +237,7 @@ class ModelRegistry:
     @contextlib.contextmanager
     def lease(self, name: str, version: int = 0) -> Iterator[ModelVersion]:
         """The version serving (`name`, `version`) for as long as the block runs; raises
-        RequestError (NOT_FOUND, or UNAVAILABLE while it loads) when there is none."""
+        ServeError (NOT_FOUND, or UNAVAILABLE while it loads) when there is none."""
         entry = self.route(name, version)
         entry.active_calls += 1
         entry.idle.clear()
@@ -266,9 +266,7 @@ class ModelRegistry:
         if ready:
             return ready[max(ready)]
         if any(e.state is State.LOADING for e in versions.values()):
-            raise RequestError(
-                grpc.StatusCode.UNAVAILABLE, f"model {name!r} is loading; retry shortly"
-            )
+            raise ServeError(ErrorKind.UNAVAILABLE, f"model {name!r} is loading; retry shortly")
         reasons = "; ".join(f"version {e.version}: {e.reason}" for e in versions.values())
         raise _not_found(f"model: {name!r} is not serving ({reasons or 'not loaded'})")
 
@@ -331,8 +329,8 @@ class ModelRegistry:
 
     async def load(self, name: str, version: int = 0) -> ModelVersion:
         """Load `name` (its newest repository version, or `version`, pinned), or reload a
-        command-line model from its checkpoint. Raises RequestError: NOT_FOUND when there is
-        no such model or version, FAILED_PRECONDITION when loading fails."""
+        command-line model from its checkpoint. Raises ServeError: NOT_FOUND when there is
+        no such model or version, LOAD_FAILED when loading fails."""
         async with self._lock:
             if name in self._static:
                 spec = self._static[name]
@@ -355,8 +353,8 @@ class ModelRegistry:
                 chosen = version or max(versions)
                 entry = await self._load_version(name, chosen, versions[chosen], bool(version))
         if entry.state is not State.READY:
-            raise RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION,
+            raise ServeError(
+                ErrorKind.LOAD_FAILED,
                 f"model {name!r} version {entry.version} failed to load: {entry.reason}",
             )
         return entry

@@ -22,17 +22,16 @@ from google.protobuf.message import DecodeError
 
 from retd.model.checkpoint import PHRASE_BANK_KIND, RET_KIND
 from retd.model.generation import FinishReason, SamplingParams
-from retd.server.calls import Unparseable, abort, rpc
+from retd.server.calls import Unparseable, abort, rpc, status_code
 from retd.server.config import DecodeDefaults, ServiceLimits
-from retd.server.engine import Engine, SequenceError, SequenceRequest, SequenceResult
+from retd.server.engine import Engine, SequenceRequest, SequenceResult
+from retd.server.errors import ErrorKind, ServeError, invalid
 from retd.server.gate import SHUTTING_DOWN, CallGate
 from retd.server.repository import ModelRegistry, ModelVersion
 from retd.server.telemetry import Telemetry
 from retd.server.validation import (
     ModelLimits,
-    RequestError,
     greedy_params,
-    invalid,
     loop_breakers,
     parse_bank_generate,
     parse_embedding,
@@ -192,8 +191,9 @@ def _decode_response(
     return response
 
 
-def _item_error(code: grpc.StatusCode, message: str) -> pb.ItemError:
-    return pb.ItemError(code=code.value[0], code_name=code.name, message=message)
+def _item_error(error: ServeError) -> pb.ItemError:
+    code = status_code(error)
+    return pb.ItemError(code=code.value[0], code_name=code.name, message=error.message)
 
 
 class DecoderService(pb_grpc.DecoderServicer):
@@ -230,14 +230,14 @@ class DecoderService(pb_grpc.DecoderServicer):
             generator = leases.enter_context(self.models.lease(options.model, options.version))
             try:
                 bank = leases.enter_context(self.models.lease(name))
-            except RequestError as error:
-                if error.code is grpc.StatusCode.NOT_FOUND:
-                    raise RequestError(
-                        error.code,
+            except ServeError as error:
+                if error.kind is ErrorKind.NOT_FOUND:
+                    raise ServeError(
+                        error.kind,
                         f"hybrid.phrase_bank: {shorten(name)!r} is not loaded; expected a "
                         f"phrase_bank model, one of {banks}",
                     ) from None
-                raise RequestError(error.code, f"hybrid.phrase_bank: {error.message}") from None
+                raise ServeError(error.kind, f"hybrid.phrase_bank: {error.message}") from None
             self._check_hybrid(generator, bank, banks)
             yield generator, bank
 
@@ -319,7 +319,7 @@ class DecoderService(pb_grpc.DecoderServicer):
                     self._deadline(context),
                 )  # fmt: skip
                 result = await self._run(served, sequence)
-        except (RequestError, SequenceError) as error:
+        except ServeError as error:
             await abort(context, error)
         return _decode_response(result, served, received_at)
 
@@ -395,7 +395,7 @@ class DecoderService(pb_grpc.DecoderServicer):
                     request, context, served.ready_engine, stream=False
                 )
                 result = await self._run(served, sequence)
-        except (RequestError, SequenceError) as error:
+        except ServeError as error:
             await abort(context, error)
         return pb.GenerateResponse(
             text=result.text,
@@ -415,7 +415,7 @@ class DecoderService(pb_grpc.DecoderServicer):
                     request, context, served.ready_engine, stream=True
                 )
                 handle = served.ready_engine.submit(sequence)
-            except (RequestError, SequenceError) as error:
+            except ServeError as error:
                 await abort(context, error)
             try:
                 async for event in handle.events():
@@ -428,7 +428,7 @@ class DecoderService(pb_grpc.DecoderServicer):
                         )
                     else:
                         yield pb.GenerateChunk(text=event.text, token_ids=event.token_ids)
-            except SequenceError as error:
+            except ServeError as error:
                 await abort(context, error)
             finally:
                 handle.cancel()
@@ -466,7 +466,7 @@ class DecoderService(pb_grpc.DecoderServicer):
     ) -> tuple[pb.DecodeResponse | None, pb.ItemError | None]:
         received_at = time.monotonic()
         if not self.gate.open:  # an item sent on a stream after shutdown began
-            return None, _item_error(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            return None, _item_error(ServeError(ErrorKind.UNAVAILABLE, SHUTTING_DOWN))
         try:
             if hybrid is not None:
                 answer = await self._hybrid_decode(
@@ -478,8 +478,8 @@ class DecoderService(pb_grpc.DecoderServicer):
                     served.ready_engine, embedding, field, options, deadline
                 )
                 result = await self._run(served, sequence)
-        except (RequestError, SequenceError) as error:
-            return None, _item_error(error.code, error.message)
+        except ServeError as error:
+            return None, _item_error(error)
         return _decode_response(result, served, received_at), None
 
     @rpc
@@ -489,16 +489,12 @@ class DecoderService(pb_grpc.DecoderServicer):
         if not request.embeddings:
             await abort(
                 context,
-                RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    "embeddings: empty; expected at least one embedding",
-                ),
+                invalid("embeddings: empty; expected at least one embedding"),
             )
         if len(request.embeddings) > self._limits.max_batch_items:
             await abort(
                 context,
-                RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
+                invalid(
                     f"embeddings: {len(request.embeddings)} items exceed the server's "
                     f"max_batch_items {self._limits.max_batch_items}; split the batch",
                 ),
@@ -506,7 +502,7 @@ class DecoderService(pb_grpc.DecoderServicer):
         with contextlib.ExitStack() as lease:
             try:  # one version serves the whole batch; an unknown model fails the call
                 served = lease.enter_context(self.models.lease(request.model, request.version))
-            except RequestError as error:
+            except ServeError as error:
                 await abort(context, error)
             deadline = self._deadline(context)
             outcomes = await asyncio.gather(
@@ -556,14 +552,16 @@ class DecoderService(pb_grpc.DecoderServicer):
             async for item in request_iterator:
                 count += 1
                 if isinstance(item, Unparseable):
-                    error = _item_error(grpc.StatusCode.INVALID_ARGUMENT, item.message)
+                    error = _item_error(invalid(item.message))
                     answers.put_nowait(pb.DecodeStreamResponse(error=error))
                     continue
                 if count > self._limits.max_stream_items:
                     error = _item_error(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"this DecodeStream passed the server's max_stream_items "
-                        f"{self._limits.max_stream_items}; open a new stream",
+                        ServeError(
+                            ErrorKind.EXHAUSTED,
+                            f"this DecodeStream passed the server's max_stream_items "
+                            f"{self._limits.max_stream_items}; open a new stream",
+                        )
                     )
                     answers.put_nowait(pb.DecodeStreamResponse(id=item.id, error=error))
                     continue
@@ -590,10 +588,9 @@ class DecoderService(pb_grpc.DecoderServicer):
             except Exception as exc:
                 await abort(
                     context,
-                    RequestError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
+                    invalid(
                         f"request stream: an item could not be read ({exc}); "
-                        "the items before it were answered",
+                        "the items before it were answered"
                     ),
                 )
         finally:
@@ -620,7 +617,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             with self.models.lease(request.model, request.version) as served:
                 serving = served.version == self.models.serving_version(served.name)
                 return model_info(served, serving)
-        except RequestError as error:
+        except ServeError as error:
             await abort(context, error)
 
 

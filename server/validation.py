@@ -1,5 +1,6 @@
 """Request validation: protobuf messages in, checked numpy arrays and sampling parameters
-out, or a `RequestError` whose message names the field and what was expected."""
+out, or a `ServeError` (server/errors.py) whose message names the field and what was
+expected."""
 
 from __future__ import annotations
 
@@ -9,22 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import grpc
 import numpy as np
 
 from retd.model.generation import SamplingParams
 from retd.server.config import MAX_NGRAM_SIZE, MAX_REPETITION_PENALTY, DecodeDefaults
+from retd.server.errors import invalid
 from retd.v1 import decoder_pb2 as pb
-
-
-class RequestError(Exception):
-    """A request (or one item of a batch or stream) cannot be served as asked."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
 
 # Below this a temperature overflows the logits (1/t): use 0 for greedy decoding.
 MIN_TEMPERATURE = 1e-3
@@ -38,10 +29,6 @@ MAX_NO_REPEAT_NGRAM = MAX_NGRAM_SIZE
 # A phrase bank's Generate returns top_k candidates: this many when top_k is 0, at most MAX.
 DEFAULT_CANDIDATES = 5
 MAX_CANDIDATES = 100
-
-
-def invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 @dataclass(frozen=True)

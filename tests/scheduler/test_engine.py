@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 import pytest
 import torch
@@ -21,13 +20,13 @@ from retd.model.checkpoint import LoadedModel
 from retd.model.generation import GenerationResult, SamplingParams, generate
 from retd.model.model import RET
 from retd.server.engine import (
-    RETEngine,
-    SequenceError,
     SequenceHandle,
     SequenceRequest,
     SequenceResult,
     TokenDelta,
 )
+from retd.server.errors import ErrorKind, ServeError
+from retd.server.ret_engine import RETEngine
 from retd.server.scheduler import SchedulerConfig
 from tests._wait import apoll
 
@@ -96,7 +95,7 @@ class Run:
     handle: SequenceHandle
     tokens: int = 0
     done: bool = False
-    outcome: SequenceResult | SequenceError | None = None
+    outcome: SequenceResult | ServeError | None = None
 
 
 async def serve(engine: RETEngine, plans: list[Plan], order: list[int]) -> dict[int, Run]:
@@ -116,7 +115,7 @@ async def serve(engine: RETEngine, plans: list[Plan], order: list[int]) -> dict[
                         run.handle.cancel()
                 else:
                     run.outcome = event
-        except SequenceError as error:
+        except ServeError as error:
             run.outcome = error
         finally:
             run.done = True
@@ -195,8 +194,8 @@ def test_greedy_results_equal_generate_alone_whatever_the_batching(
     for i, plan in enumerate(plans):
         outcome = runs[i].outcome
         expected = reference(sharp_model, plan.emb_seed, plan.params)
-        if plan.cancel_after is not None and isinstance(outcome, SequenceError):
-            assert outcome.code == grpc.StatusCode.CANCELLED, outcome.message
+        if plan.cancel_after is not None and isinstance(outcome, ServeError):
+            assert outcome.kind is ErrorKind.CANCELLED, outcome.message
             continue
         assert isinstance(outcome, SequenceResult), (i, outcome)
         assert list(outcome.token_ids) == expected.token_ids, (i, plan)
@@ -272,7 +271,7 @@ def test_cancellation_frees_running_and_queued_slots(sharp_model: LoadedModel) -
                             run.tokens += 1
                         else:
                             run.outcome = event
-                except SequenceError as error:
+                except ServeError as error:
                     run.outcome = error
                 finally:
                     run.done = True
@@ -293,8 +292,8 @@ def test_cancellation_frees_running_and_queued_slots(sharp_model: LoadedModel) -
             await wait_idle(engine)
             stages = []
             for run in runs.values():
-                assert isinstance(run.outcome, SequenceError), run.outcome
-                assert run.outcome.code == grpc.StatusCode.CANCELLED
+                assert isinstance(run.outcome, ServeError), run.outcome
+                assert run.outcome.kind is ErrorKind.CANCELLED
                 stages.append(run.outcome.message.rsplit(" ", 1)[-1])
             assert sorted(stages) == ["generating", "generating", "queued", "queued"]
             assert runs[2].tokens == runs[3].tokens == 0
@@ -332,10 +331,10 @@ def test_queue_full_is_refused_at_once_and_accepted_sequences_all_finish(
             await wait_for(lambda: engine.stats().running == 1, "the first to run")
             queued = [engine.submit(SequenceRequest(embedding(s), short, 0)) for s in (1, 2)]
             started = time.monotonic()
-            with pytest.raises(SequenceError) as info:
+            with pytest.raises(ServeError) as info:
                 engine.submit(SequenceRequest(embedding(3), short, 0))
             assert time.monotonic() - started < 0.5  # refused at once, not after waiting
-            assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert info.value.kind is ErrorKind.EXHAUSTED
             assert "full" in info.value.message and "2" in info.value.message
             assert engine.stats().waiting == 2  # the refusal dropped nothing
             gated.gate.release(10_000)
@@ -424,9 +423,9 @@ def test_a_failing_row_fails_only_its_sequence_with_internal(
                 for i in range(first, n_good)
             ]
             model.gate.release(1_000_000)
-            with pytest.raises(SequenceError) as info:
+            with pytest.raises(ServeError) as info:
                 await asyncio.wait_for(bad.result(), RUN_LIMIT_S)
-            assert info.value.code == grpc.StatusCode.INTERNAL
+            assert info.value.kind is ErrorKind.INTERNAL
             assert "poisoned row" in info.value.message
             results = await asyncio.wait_for(
                 asyncio.gather(*(h.result() for h in good)), RUN_LIMIT_S
@@ -483,9 +482,9 @@ def test_sampled_batch_mates_keep_their_tokens_when_a_row_fails_in_sampling(
             await wait_for(lambda: min(progress) >= 3, "the batch to be under way")
             bad = SamplingParams(max_new_tokens=5, temperature=1.0, seed=1)
             handle = engine.submit(SequenceRequest(POISON, bad, 1))
-            with pytest.raises(SequenceError) as info:
+            with pytest.raises(ServeError) as info:
                 await asyncio.wait_for(handle.result(), RUN_LIMIT_S)
-            assert info.value.code == grpc.StatusCode.INTERNAL
+            assert info.value.kind is ErrorKind.INTERNAL
             results = await asyncio.wait_for(asyncio.gather(*tasks), RUN_LIMIT_S)
             await wait_idle(engine)
             return results

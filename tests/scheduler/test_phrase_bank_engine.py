@@ -8,14 +8,14 @@ import asyncio
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 import torch
 
 from retd.model.generation import FinishReason, SamplingParams
 from retd.model.phrase_bank import LoadedPhraseBank, PhraseBank
-from retd.server.engine import SequenceError, SequenceRequest, SequenceResult, TokenDelta
+from retd.server.engine import SequenceRequest, SequenceResult, TokenDelta
+from retd.server.errors import ErrorKind, ServeError
 from retd.server.phrase_bank_engine import PhraseBankEngine
 from retd.server.scheduler import SchedulerConfig
 
@@ -47,7 +47,7 @@ async def outcome(engine: PhraseBankEngine, request: SequenceRequest) -> object:
     handle = engine.submit(request)
     try:
         return await asyncio.wait_for(handle.result(), RUN_LIMIT_S)
-    except SequenceError as error:
+    except ServeError as error:
         return error
 
 
@@ -107,7 +107,7 @@ def test_priority_deadline_and_cancellation_are_the_schedulers() -> None:
             done = await asyncio.gather(low, high, late)
             try:
                 await asyncio.wait_for(cancelled.result(), RUN_LIMIT_S)
-            except SequenceError as error:
+            except ServeError as error:
                 return [*done, error]
             return [*done, None]
         finally:
@@ -116,8 +116,8 @@ def test_priority_deadline_and_cancellation_are_the_schedulers() -> None:
     low, high, late, cancelled = asyncio.run(main())
     assert isinstance(low, SequenceResult) and isinstance(high, SequenceResult)
     assert high.queue_s < low.queue_s  # the higher priority went first
-    assert isinstance(late, SequenceError) and late.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert isinstance(cancelled, SequenceError) and cancelled.code == grpc.StatusCode.CANCELLED
+    assert isinstance(late, ServeError) and late.kind is ErrorKind.DEADLINE
+    assert isinstance(cancelled, ServeError) and cancelled.kind is ErrorKind.CANCELLED
     assert engine.stats().waiting == engine.stats().running == 0
 
 
@@ -126,8 +126,8 @@ def test_a_failing_search_fails_only_its_row() -> None:
     marked = query(2)
     marked.embedding[0] = FAULT
     results = run_queued(engine, [query(0), query(1), marked, query(3)])
-    assert isinstance(results[2], SequenceError)
-    assert results[2].code == grpc.StatusCode.INTERNAL and "injected fault" in results[2].message
+    assert isinstance(results[2], ServeError)
+    assert results[2].kind is ErrorKind.INTERNAL and "injected fault" in results[2].message
     assert [r.text for r in results if isinstance(r, SequenceResult)] == [
         PHRASES[0],
         PHRASES[1],

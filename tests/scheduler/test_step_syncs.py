@@ -16,7 +16,8 @@ import torch
 from retd.model.checkpoint import LoadedModel
 from retd.model.generation import SamplingParams
 from retd.model.sampling import Sampler
-from retd.server.engine import RETEngine, SequenceRequest
+from retd.server.engine import SequenceRequest
+from retd.server.ret_engine import RETEngine
 from retd.server.scheduler import SchedulerConfig
 
 # What reads a tensor's values into Python; on CUDA each waits for the device. (.numpy() is

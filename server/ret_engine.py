@@ -1,0 +1,264 @@
+"""The RET engine: continuous batching of RET's decode steps over KV-cache slots, each step
+run so that one bad row (or an out-of-memory batch) fails only itself: a failing forward pass
+is bisected until the rows that fail are found, a failing draw is retried row by row.
+
+The generic worker loop it plugs into is `Engine`'s (server/engine.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from retd.model.checkpoint import RET_KIND, LoadedModel
+from retd.model.generation import NGramBlocker, RepetitionTracker, SamplingParams
+from retd.model.model import KVCache
+from retd.model.sampling import Sampler
+from retd.server.engine import (
+    Engine,
+    Event,
+    MemorySample,
+    ModelDescription,
+    SequenceHandle,
+    SequenceRequest,
+    SequenceResult,
+    TokenDelta,
+    sample_memory,
+)
+from retd.server.scheduler import Delta, Finished, Row, SchedulerConfig, Step
+
+log = logging.getLogger(__name__)
+
+
+class RETEngine(Engine):
+    """Serves a RET model: continuous batching of decode steps over KV-cache slots."""
+
+    kind = RET_KIND
+
+    def __init__(
+        self, name: str, loaded: LoadedModel, scheduler_config: SchedulerConfig | None = None
+    ) -> None:
+        parameter = next(loaded.model.parameters())
+        config = loaded.config
+        description = ModelDescription(
+            architecture=loaded.architecture,
+            version=loaded.version,
+            card=loaded.card,
+            sha256=loaded.sha256,
+            trained=loaded.trained,
+            encoder=str(loaded.card.get("encoder", {}).get("name", "")),
+            embedding_dim=config.embedding_dim,
+            vocab_size=config.vocab_size,
+            max_length=config.max_length,
+            parameter_count=sum(p.numel() for p in loaded.model.parameters()),  # tied once
+        )
+        super().__init__(
+            name, description, parameter.device, parameter.dtype, scheduler_config, config.eos_id
+        )
+        self.loaded = loaded
+        slots = self.scheduler_config.max_batch_size
+        self._cache = KVCache(config, slots, self.device, self.dtype)
+        self._cond = torch.zeros(slots, config.n_embd, device=self.device, dtype=self.dtype)
+        # Worker thread only: the sampling tensors of the last step's rows. A sampled row's
+        # draws hash its seed and position, so no generator state is kept per sequence.
+        self._sampler = Sampler()
+        self._blockers: dict[int, NGramBlocker] = {}  # worker thread only: no-repeat n-grams
+        # Worker thread only: the bytes each slot's repetition penalty applies to.
+        self._repeats = RepetitionTracker(slots, config.vocab_size, self.device)
+        self._penalized: set[int] = set()  # seq_ids whose repetition penalty is on
+
+    def submit(self, request: SequenceRequest) -> SequenceHandle:
+        """`Engine.submit`; a sampled sequence draws with its request's seed."""
+        params = request.params
+        if not params.greedy and params.seed != request.seed:
+            request = replace(request, params=replace(params, seed=request.seed))
+        return super().submit(request)
+
+    def warm_up(self, steps: int = 4) -> None:
+        """Run a few decode steps so the first caller pays no start-up cost; call it before
+        `start()`."""
+        config = self.loaded.config
+        params = SamplingParams(max_new_tokens=steps)
+        request = SequenceRequest(np.zeros(config.embedding_dim, dtype=np.float32), params, 0)
+        for position in range(steps):
+            step = Step((Row(-1, 0, position, 0, params),), (-1,) if position == 0 else (), ())
+            _, _, failures = self._execute_isolating_faults(
+                step, {-1: request} if position == 0 else {}
+            )
+            if failures:
+                raise RuntimeError(f"model {self.name}: warm-up failed: {failures[-1]}")
+        self._blockers.clear()
+        self._penalized.clear()
+
+    def _run_step(
+        self, step: Step, requests: Mapping[int, SequenceRequest]
+    ) -> tuple[tuple[list[int], list[float]], dict[int, str]]:
+        joining = {i: requests[i] for i in step.joined}
+        tokens, logprobs, failures = self._execute_isolating_faults(step, joining)
+        return (tokens, logprobs), failures
+
+    def _apply(
+        self,
+        step: Step,
+        requests: Mapping[int, SequenceRequest],
+        outcome: tuple[list[int], list[float]] | None,
+        now: float,
+    ) -> list[tuple[int, Event]]:
+        tokens, logprobs = outcome or ([], [])
+        events: list[tuple[int, Event]] = []
+        memory = None
+        for done in self._scheduler.update(step, tokens, logprobs, now):
+            if isinstance(done, Delta):
+                events.append((done.seq_id, TokenDelta(done.text, (done.token,))))
+            else:
+                memory = memory or sample_memory(self.device)  # once per step at most
+                events.append((done.seq_id, self._result(done, memory)))
+        return events
+
+    def _execute_isolating_faults(
+        self, step: Step, joining: Mapping[int, SequenceRequest]
+    ) -> tuple[list[int], list[float], dict[int, str]]:
+        """Run the step: a token and its log-probability for every row that did not fail,
+        and the failed rows' messages, so one bad sequence (or an out-of-memory batch)
+        never fails the rest."""
+        for seq_id, request in joining.items():
+            if request.params.no_repeat_ngram_size:
+                self._blockers[seq_id] = NGramBlocker(request.params.no_repeat_ngram_size)
+            if request.params.penalizes:
+                self._penalized.add(seq_id)
+        pushed: list[Row] = []
+        for row in step.rows:  # each row's last byte, seen once per step
+            if row.seq_id in joining and row.seq_id in self._penalized:
+                self._repeats.reset(row.slot, row.params)
+            if row.position == 0 or row.padding:
+                continue
+            blocker = self._blockers.get(row.seq_id)
+            if blocker is not None:
+                blocker.push(row.token)
+            if row.seq_id in self._penalized:
+                pushed.append(row)
+        if pushed:
+            self._repeats.push([r.slot for r in pushed], [r.token for r in pushed])
+        rows, logits, failures = self._forward_isolating_faults(step.rows, joining)
+        if not rows:
+            return [], [], failures
+        params = [r.params for r in rows]
+        positions = [r.position for r in rows]  # each row's draw counter
+        banned = [b.banned() if (b := self._blockers.get(r.seq_id)) else () for r in rows]
+        repeated = None
+        if any(r.seq_id in self._penalized for r in rows):
+            repeated = self._repeats.repeated([r.slot for r in rows])
+        try:
+            sampled, logprob_tensor = self._sampler(logits, params, positions, banned, repeated)
+            drawn, drawn_logprobs = sampled.tolist(), logprob_tensor.tolist()
+        except Exception as exc:  # draws depend on (seed, position) only: retry row by row
+            log.warning(
+                "model %s: sampling %d rows failed (%r); row by row", self.name, len(rows), exc
+            )
+            drawn, drawn_logprobs = [], []
+            for i, row in enumerate(rows):
+                try:
+                    token, logprob = self._sampler(
+                        logits[i : i + 1],
+                        [row.params],
+                        positions[i : i + 1],
+                        [banned[i]],
+                        None if repeated is None else repeated[i : i + 1],
+                    )
+                    drawn.append(int(token[0]))
+                    drawn_logprobs.append(float(logprob[0]))
+                except Exception as row_exc:
+                    failures[row.seq_id] = f"sampling failed: {row_exc}"
+                    drawn.append(-1)
+                    drawn_logprobs.append(float("nan"))
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        for row, token, logprob in zip(rows, drawn, drawn_logprobs, strict=True):
+            if token >= 0:
+                tokens.append(token)
+                logprobs.append(logprob)
+            elif row.seq_id not in failures:
+                failures[row.seq_id] = (
+                    "sampling failed: no token can be drawn (NaN logits or every token banned)"
+                )
+        return tokens, logprobs, failures
+
+    def _forward_isolating_faults(
+        self, rows: tuple[Row, ...], joining: Mapping[int, SequenceRequest]
+    ) -> tuple[tuple[Row, ...], torch.Tensor, dict[int, str]]:
+        """The model's logits for `rows`; if the step raises, its halves are run to find the
+        rows that fail. Returns the rows that succeeded, their logits, and the failures."""
+        try:
+            return rows, self._forward(rows, joining), {}
+        except Exception as exc:
+            if len(rows) == 1:
+                log.warning("model %s: sequence %d failed: %r", self.name, rows[0].seq_id, exc)
+                return (), torch.empty(0), {rows[0].seq_id: f"model step failed: {exc}"}
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            log.warning(
+                "model %s: a step of %d failed (%r); retrying in halves", self.name, len(rows), exc
+            )
+        half = len(rows) // 2
+        ok_rows: tuple[Row, ...] = ()
+        parts: list[torch.Tensor] = []
+        failures: dict[int, str] = {}
+        for part in (rows[:half], rows[half:]):
+            part_rows, logits, part_failures = self._forward_isolating_faults(part, joining)
+            ok_rows += part_rows
+            if part_rows:
+                parts.append(logits)
+            failures.update(part_failures)
+        return ok_rows, torch.cat(parts) if parts else torch.empty(0), failures
+
+    def _forward(
+        self, rows: tuple[Row, ...], joining: Mapping[int, SequenceRequest]
+    ) -> torch.Tensor:
+        """One decode step on the model: next-byte logits (len(rows), V). `joining` holds the
+        requests of the sequences whose first step this is (their input is the prefix)."""
+        model, device = self.loaded.model, self.device
+        joined = [r for r in rows if r.seq_id in joining]
+        if joined:
+            batch = np.stack([joining[r.seq_id].embedding for r in joined])
+            joined_slots = torch.tensor([r.slot for r in joined], device=device)
+            self._cond[joined_slots] = model.condition(
+                torch.from_numpy(batch).to(device, self.dtype)
+            )
+        slots = torch.tensor([r.slot for r in rows], device=device)
+        positions = torch.tensor([r.position for r in rows], device=device)
+        tokens = torch.tensor([r.token for r in rows], device=device)
+        length = max(r.position for r in rows) + 1
+        span = max(r.slot for r in rows) + 1
+        return model.step(self._cond[slots], tokens, positions, self._cache, slots, length, span)
+
+    def _result(self, finished: Finished, memory: MemorySample) -> SequenceResult:
+        state = finished.state
+        output = state.output
+        assert output.finish_reason is not None and state.admitted_at is not None
+        assert state.first_token_at is not None
+        request = self._handles[state.seq_id].request
+        return SequenceResult(
+            text=output.text(),
+            token_ids=tuple(output.token_ids),
+            finish_reason=output.finish_reason,
+            mean_logprob=output.mean_logprob,
+            seed=request.seed,
+            queue_s=state.admitted_at - state.arrival,
+            compute_s=finished.finished_at - state.admitted_at,
+            tail_text=finished.tail_text,
+            tail_token_ids=(output.token_ids[-1],) if state.stream else (),
+            submitted_at=state.arrival,
+            first_token_s=state.first_token_at - state.arrival,
+            batch_min=state.batch_min,
+            batch_max=state.batch_max,
+            batch_mean=state.batch_mean,
+            memory=memory,
+        )
+
+    def _forget(self, seq_id: int) -> None:
+        self._blockers.pop(seq_id, None)
+        self._penalized.discard(seq_id)
