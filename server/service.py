@@ -12,22 +12,28 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
 from typing import Any, Protocol
 
 import grpc
-from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
 from retd.model.checkpoint import PHRASE_BANK_KIND, RET_KIND
-from retd.model.generation import FinishReason, SamplingParams
-from retd.server.calls import Unparseable, abort, rpc, status_code
+from retd.model.generation import SamplingParams
+from retd.server.calls import Unparseable, abort, rpc
 from retd.server.config import DecodeDefaults, ServiceLimits
 from retd.server.engine import Engine, SequenceRequest, SequenceResult
 from retd.server.errors import ErrorKind, ServeError, invalid
 from retd.server.gate import SHUTTING_DOWN, CallGate
 from retd.server.repository import ModelRegistry, ModelVersion
+from retd.server.responses import (
+    decode_response,
+    generate_response,
+    item_error,
+    last_chunk,
+    model_info,
+)
 from retd.server.telemetry import Telemetry
 from retd.server.validation import (
     ModelLimits,
@@ -45,13 +51,7 @@ from retd.v1 import decoder_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-FINISH_REASONS = {
-    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
-    FinishReason.EOS: pb.FINISH_REASON_EOS,
-    FinishReason.STOP: pb.FINISH_REASON_STOP,
-}
 DECODER_SERVICE = pb.DESCRIPTOR.services_by_name["Decoder"].full_name
-DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
 # A phrase bank's sequences: one step, no token generated.
 BANK_PARAMS = SamplingParams(max_new_tokens=1)
 
@@ -89,111 +89,6 @@ def model_limits(engine: Engine, max_new_tokens_limit: int = 0) -> ModelLimits:
             "the server's max_new_tokens_limit",
         )
     return ModelLimits(engine.name, model.embedding_dim, model.max_length, encoder)
-
-
-def model_info(served: ModelVersion, serving: bool) -> pb.ModelInfo:
-    """A loaded version's description; `serving`: calls naming no version get it."""
-    engine = served.ready_engine
-    model = engine.description
-    card = struct_pb2.Struct()
-    card.update(_json_safe(model.card))
-    stats = engine.stats()
-    return pb.ModelInfo(
-        name=engine.name,
-        version=model.version,
-        architecture=model.architecture,
-        parameter_count=model.parameter_count,
-        embedding_dim=model.embedding_dim,
-        vocab_size=model.vocab_size,
-        max_length=model.max_length,
-        dtype=DTYPE_NAMES.get(str(engine.dtype), str(engine.dtype)),
-        device=str(engine.device),
-        checkpoint_sha256=model.sha256,
-        card=card,
-        trained=model.trained,
-        encoder=model.encoder,
-        kind=engine.kind,
-        phrase_count=model.phrase_count,
-        repository_version=served.version,
-        serving=serving,
-        load=pb.ModelLoad(
-            waiting=stats.waiting,
-            max_queue_size=engine.scheduler_config.max_queue_size,
-            running=stats.running,
-            max_batch_size=engine.scheduler_config.max_batch_size,
-            batching=engine.scheduler_config.batching,
-            max_wait_ms=engine.scheduler_config.max_wait_ms,
-        ),
-    )
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
-
-
-def _timing(results: Sequence[SequenceResult], received_at: float) -> pb.Timing:
-    """The call's timing; with several results (a hybrid decode's), their times summed."""
-    return pb.Timing(
-        queue_ms=sum(r.queue_s for r in results) * 1e3,
-        compute_ms=sum(r.compute_s for r in results) * 1e3,
-        total_ms=(time.monotonic() - received_at) * 1e3,
-    )
-
-
-def _generation_summary(
-    result: SequenceResult, served: ModelVersion, received_at: float
-) -> dict[str, Any]:
-    """The fields a GenerateResponse and a stream's last GenerateChunk share."""
-    return {
-        "finish_reason": FINISH_REASONS[result.finish_reason],
-        "usage": pb.Usage(generated_tokens=len(result.token_ids)),
-        "timing": _timing([result], received_at),
-        "mean_logprob": result.mean_logprob,
-        "model": served.name,
-        "version": served.version,
-        "seed": result.seed,
-        "candidates": [
-            pb.Candidate(text=c.text, score=c.score, index=c.index) for c in result.candidates
-        ],
-    }
-
-
-def _decode_response(
-    result: SequenceResult,
-    served: ModelVersion,
-    received_at: float,
-    similarity: float | None = None,
-    earlier: Sequence[SequenceResult] = (),
-) -> pb.DecodeResponse:
-    """`engine`'s answer. A phrase bank's carries its phrase's similarity; a generative
-    model's carries `similarity` when given (hybrid decoding: the bank's best, too low), and
-    the times of the `earlier` results (the bank's) count in its timing."""
-    from_bank = served.kind == PHRASE_BANK_KIND
-    if from_bank:
-        similarity = result.candidates[0].score
-    response = pb.DecodeResponse(
-        text=result.text,
-        finish_reason=FINISH_REASONS[result.finish_reason],
-        usage=pb.Usage(generated_tokens=len(result.token_ids)),
-        timing=_timing([*earlier, result], received_at),
-        model=served.name,
-        version=served.version,
-        source=pb.ANSWER_SOURCE_PHRASE_BANK if from_bank else pb.ANSWER_SOURCE_GENERATED,
-    )
-    if similarity is not None:
-        response.similarity = similarity
-    return response
-
-
-def _item_error(error: ServeError) -> pb.ItemError:
-    code = status_code(error)
-    return pb.ItemError(code=code.value[0], code_name=code.name, message=error.message)
 
 
 class DecoderService(pb_grpc.DecoderServicer):
@@ -321,7 +216,7 @@ class DecoderService(pb_grpc.DecoderServicer):
                 result = await self._run(served, sequence)
         except ServeError as error:
             await abort(context, error)
-        return _decode_response(result, served, received_at)
+        return decode_response(result, served, received_at)
 
     async def _hybrid_decode(
         self,
@@ -347,11 +242,11 @@ class DecoderService(pb_grpc.DecoderServicer):
             )
             similarity = found.candidates[0].score
             if similarity >= min_similarity:
-                return _decode_response(found, bank, received_at)
+                return decode_response(found, bank, received_at)
             generated = await self._run(
                 generator, SequenceRequest(query, params, 0, deadline=deadline, priority=priority)
             )
-            return _decode_response(generated, generator, received_at, similarity, earlier=[found])
+            return decode_response(generated, generator, received_at, similarity, earlier=[found])
 
     def _generate_request(
         self,
@@ -397,11 +292,7 @@ class DecoderService(pb_grpc.DecoderServicer):
                 result = await self._run(served, sequence)
         except ServeError as error:
             await abort(context, error)
-        return pb.GenerateResponse(
-            text=result.text,
-            token_ids=result.token_ids,
-            **_generation_summary(result, served, received_at),
-        )
+        return generate_response(result, served, received_at)
 
     @rpc
     async def GenerateStream(
@@ -421,11 +312,7 @@ class DecoderService(pb_grpc.DecoderServicer):
                 async for event in handle.events():
                     if isinstance(event, SequenceResult):
                         self.telemetry.record_sequence(served, sequence, event)
-                        yield pb.GenerateChunk(
-                            text=event.tail_text,
-                            token_ids=event.tail_token_ids,
-                            **_generation_summary(event, served, received_at),
-                        )
+                        yield last_chunk(event, served, received_at)
                     else:
                         yield pb.GenerateChunk(text=event.text, token_ids=event.token_ids)
             except ServeError as error:
@@ -466,7 +353,7 @@ class DecoderService(pb_grpc.DecoderServicer):
     ) -> tuple[pb.DecodeResponse | None, pb.ItemError | None]:
         received_at = time.monotonic()
         if not self.gate.open:  # an item sent on a stream after shutdown began
-            return None, _item_error(ServeError(ErrorKind.UNAVAILABLE, SHUTTING_DOWN))
+            return None, item_error(ServeError(ErrorKind.UNAVAILABLE, SHUTTING_DOWN))
         try:
             if hybrid is not None:
                 answer = await self._hybrid_decode(
@@ -479,8 +366,8 @@ class DecoderService(pb_grpc.DecoderServicer):
                 )
                 result = await self._run(served, sequence)
         except ServeError as error:
-            return None, _item_error(error)
-        return _decode_response(result, served, received_at), None
+            return None, item_error(error)
+        return decode_response(result, served, received_at), None
 
     @rpc
     async def DecodeBatch(
@@ -552,11 +439,11 @@ class DecoderService(pb_grpc.DecoderServicer):
             async for item in request_iterator:
                 count += 1
                 if isinstance(item, Unparseable):
-                    error = _item_error(invalid(item.message))
+                    error = item_error(invalid(item.message))
                     answers.put_nowait(pb.DecodeStreamResponse(error=error))
                     continue
                 if count > self._limits.max_stream_items:
-                    error = _item_error(
+                    error = item_error(
                         ServeError(
                             ErrorKind.EXHAUSTED,
                             f"this DecodeStream passed the server's max_stream_items "
