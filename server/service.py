@@ -12,21 +12,21 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager as ContextManager
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from retd.model.checkpoint import PHRASE_BANK_KIND, RET_KIND
-from retd.model.generation import SamplingParams
 from retd.server.calls import Unparseable, abort, rpc
 from retd.server.config import DecodeDefaults, ServiceLimits
-from retd.server.engine import Engine, SequenceRequest, SequenceResult
+from retd.server.engine import SequenceRequest, SequenceResult
 from retd.server.errors import ErrorKind, ServeError, invalid
 from retd.server.gate import SHUTTING_DOWN, CallGate
+from retd.server.hybrid import HybridDecoder, hybrid_of
 from retd.server.repository import ModelRegistry, ModelVersion
+from retd.server.requests import DecodeOptions, deadline_of, decode_request, generate_request
 from retd.server.responses import (
     decode_response,
     generate_response,
@@ -35,60 +35,12 @@ from retd.server.responses import (
     model_info,
 )
 from retd.server.telemetry import Telemetry
-from retd.server.validation import (
-    ModelLimits,
-    greedy_params,
-    loop_breakers,
-    parse_bank_generate,
-    parse_embedding,
-    parse_generate,
-    parse_min_similarity,
-    parse_query,
-    shorten,
-)
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 DECODER_SERVICE = pb.DESCRIPTOR.services_by_name["Decoder"].full_name
-# A phrase bank's sequences: one step, no token generated.
-BANK_PARAMS = SamplingParams(max_new_tokens=1)
-
-
-class DecodeOptions(Protocol):
-    """What a Decode, a DecodeBatch and a DecodeStream item say about decoding."""
-
-    model: str
-    version: int
-    max_new_tokens: int
-    priority: int
-    no_repeat_ngram_size: int
-    repetition_penalty: float
-    repetition_ngram_size: int
-
-    def HasField(self, field_name: str) -> bool: ...  # noqa: N802 (protobuf's name)
-
-
-def hybrid_of(
-    request: pb.DecodeRequest | pb.DecodeBatchRequest | pb.DecodeStreamRequest,
-) -> pb.Hybrid | None:
-    """The request's hybrid settings when it asks for hybrid decoding."""
-    return request.hybrid if request.HasField("hybrid") else None
-
-
-def model_limits(engine: Engine, max_new_tokens_limit: int = 0) -> ModelLimits:
-    model = engine.description
-    encoder = model.encoder or "sentence encoder"
-    if 0 < max_new_tokens_limit < model.max_length:
-        return ModelLimits(
-            engine.name,
-            model.embedding_dim,
-            max_new_tokens_limit,
-            encoder,
-            "the server's max_new_tokens_limit",
-        )
-    return ModelLimits(engine.name, model.embedding_dim, model.max_length, encoder)
 
 
 class DecoderService(pb_grpc.DecoderServicer):
@@ -109,84 +61,32 @@ class DecoderService(pb_grpc.DecoderServicer):
         self._decode_defaults = decode_defaults or DecodeDefaults()
         self.gate = gate or CallGate()
         self.telemetry = telemetry or Telemetry()
+        self.hybrid = HybridDecoder(
+            models, self._run, self._limits.max_new_tokens_limit, self._decode_defaults
+        )
 
-    @contextlib.contextmanager
-    def _hybrid_models(
-        self, options: DecodeOptions, hybrid: pb.Hybrid
-    ) -> Iterator[tuple[ModelVersion, ModelVersion]]:
-        """(the generative model, the phrase bank) a hybrid Decode names, checked and leased."""
-        name = hybrid.phrase_bank
-        banks = self.models.names(PHRASE_BANK_KIND)
-        if not name:
-            raise invalid(
-                f"hybrid.phrase_bank: empty; expected a phrase_bank model, one of {banks}"
-            )
-        with contextlib.ExitStack() as leases:
-            generator = leases.enter_context(self.models.lease(options.model, options.version))
-            try:
-                bank = leases.enter_context(self.models.lease(name))
-            except ServeError as error:
-                if error.kind is ErrorKind.NOT_FOUND:
-                    raise ServeError(
-                        error.kind,
-                        f"hybrid.phrase_bank: {shorten(name)!r} is not loaded; expected a "
-                        f"phrase_bank model, one of {banks}",
-                    ) from None
-                raise ServeError(error.kind, f"hybrid.phrase_bank: {error.message}") from None
-            self._check_hybrid(generator, bank, banks)
-            yield generator, bank
-
-    def _check_hybrid(self, generator: ModelVersion, bank: ModelVersion, banks: list[str]) -> None:
-        if bank.kind != PHRASE_BANK_KIND:
-            raise invalid(
-                f"hybrid.phrase_bank: {bank.name!r} is a {bank.kind!r} model; expected a "
-                f"phrase_bank model, one of {banks}"
-            )
-        if generator.kind != RET_KIND:
-            raise invalid(
-                f"model: {generator.name!r} is a {generator.kind!r} model; hybrid decoding falls "
-                f"back to a generative ({RET_KIND!r}) model, one of {self.models.names(RET_KIND)}"
-            )
-        ours, theirs = bank.ready_engine.description, generator.ready_engine.description
-        if (ours.encoder, ours.embedding_dim) != (theirs.encoder, theirs.embedding_dim):
-            raise invalid(
-                f"hybrid.phrase_bank: {bank.name!r} holds {ours.encoder} embeddings "
-                f"({ours.embedding_dim} values) but model {generator.name!r} decodes "
-                f"{theirs.encoder} ones ({theirs.embedding_dim}); both must read the same "
-                "encoder's embeddings"
-            )
-
-    def _decode_sequence(
+    def _decode_request(
         self,
-        engine: Engine,
+        served: ModelVersion,
         embedding: pb.Embedding,
         field: str,
         options: DecodeOptions,
         deadline: float | None,
     ) -> SequenceRequest:
-        """A Decode (or an item of a batch or stream) for `engine`, checked. A phrase bank
-        returns its phrase whole: max_new_tokens and the loop breakers do not apply to it
-        (the latter are checked all the same)."""
-        limits = model_limits(engine, self._limits.max_new_tokens_limit)
-        priority = options.priority
-        if engine.kind == PHRASE_BANK_KIND:
-            query = parse_query(embedding, field, limits)
-            loop_breakers(options, self._decode_defaults)
-            return SequenceRequest(query, BANK_PARAMS, 0, deadline=deadline, priority=priority)
-        return SequenceRequest(
-            embedding=parse_embedding(embedding, field, limits),
-            params=greedy_params(
-                options.max_new_tokens, "max_new_tokens", limits, options, self._decode_defaults
-            ),
-            seed=0,
-            deadline=deadline,
-            priority=priority,
-        )
+        return decode_request(
+            served.ready_engine, embedding, field, options, deadline,
+            self._limits.max_new_tokens_limit, self._decode_defaults,
+        )  # fmt: skip
 
-    @staticmethod
-    def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-        remaining = context.time_remaining()
-        return None if remaining is None else time.monotonic() + remaining
+    def _generate_request(
+        self,
+        request: pb.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        served: ModelVersion,
+        stream: bool,
+    ) -> SequenceRequest:
+        limit = self._limits.max_new_tokens_limit
+        return generate_request(request, served.ready_engine, stream, deadline_of(context), limit)
 
     async def _run(self, served: ModelVersion, request: SequenceRequest) -> SequenceResult:
         handle = served.ready_engine.submit(request)
@@ -204,80 +104,18 @@ class DecoderService(pb_grpc.DecoderServicer):
         received_at = time.monotonic()
         try:
             if request.HasField("hybrid"):
-                return await self._hybrid_decode(
+                return await self.hybrid.decode(
                     request, request.hybrid, request.embedding, "embedding",
-                    self._deadline(context), received_at,
+                    deadline_of(context), received_at,
                 )  # fmt: skip
             with self.models.lease(request.model, request.version) as served:
-                sequence = self._decode_sequence(
-                    served.ready_engine, request.embedding, "embedding", request,
-                    self._deadline(context),
-                )  # fmt: skip
+                sequence = self._decode_request(
+                    served, request.embedding, "embedding", request, deadline_of(context)
+                )
                 result = await self._run(served, sequence)
         except ServeError as error:
             await abort(context, error)
         return decode_response(result, served, received_at)
-
-    async def _hybrid_decode(
-        self,
-        options: DecodeOptions,
-        hybrid: pb.Hybrid,
-        embedding: pb.Embedding,
-        field: str,
-        deadline: float | None,
-        received_at: float,
-    ) -> pb.DecodeResponse:
-        """The bank's nearest phrase when its similarity reaches min_similarity, else the
-        generative model's text. Everything is checked before the bank is asked."""
-        with self._hybrid_models(options, hybrid) as (generator, bank):
-            min_similarity = parse_min_similarity(hybrid)
-            limits = model_limits(generator.ready_engine, self._limits.max_new_tokens_limit)
-            query = parse_query(embedding, field, limits)
-            params = greedy_params(
-                options.max_new_tokens, "max_new_tokens", limits, options, self._decode_defaults
-            )
-            priority = options.priority
-            found = await self._run(
-                bank, SequenceRequest(query, BANK_PARAMS, 0, deadline=deadline, priority=priority)
-            )
-            similarity = found.candidates[0].score
-            if similarity >= min_similarity:
-                return decode_response(found, bank, received_at)
-            generated = await self._run(
-                generator, SequenceRequest(query, params, 0, deadline=deadline, priority=priority)
-            )
-            return decode_response(generated, generator, received_at, similarity, earlier=[found])
-
-    def _generate_request(
-        self,
-        request: pb.GenerateRequest,
-        context: grpc.aio.ServicerContext,
-        engine: Engine,
-        stream: bool,
-    ) -> SequenceRequest:
-        limits = model_limits(engine, self._limits.max_new_tokens_limit)
-        if engine.kind == PHRASE_BANK_KIND:
-            query = parse_query(request.embedding, "embedding", limits)
-            candidates, seed = parse_bank_generate(request)
-            return SequenceRequest(
-                query,
-                BANK_PARAMS,
-                seed,
-                stream=stream,
-                deadline=self._deadline(context),
-                priority=request.priority,
-                candidates=candidates,
-            )
-        embedding = parse_embedding(request.embedding, "embedding", limits)
-        params, seed = parse_generate(request, limits)
-        return SequenceRequest(
-            embedding,
-            params,
-            seed,
-            stream=stream,
-            deadline=self._deadline(context),
-            priority=request.priority,
-        )
 
     @rpc
     async def Generate(
@@ -286,9 +124,7 @@ class DecoderService(pb_grpc.DecoderServicer):
         received_at = time.monotonic()
         try:
             with self.models.lease(request.model, request.version) as served:
-                sequence = self._generate_request(
-                    request, context, served.ready_engine, stream=False
-                )
+                sequence = self._generate_request(request, context, served, stream=False)
                 result = await self._run(served, sequence)
         except ServeError as error:
             await abort(context, error)
@@ -302,9 +138,7 @@ class DecoderService(pb_grpc.DecoderServicer):
         with contextlib.ExitStack() as lease:
             try:
                 served = lease.enter_context(self.models.lease(request.model, request.version))
-                sequence = self._generate_request(
-                    request, context, served.ready_engine, stream=True
-                )
+                sequence = self._generate_request(request, context, served, stream=True)
                 handle = served.ready_engine.submit(sequence)
             except ServeError as error:
                 await abort(context, error)
@@ -356,14 +190,12 @@ class DecoderService(pb_grpc.DecoderServicer):
             return None, item_error(ServeError(ErrorKind.UNAVAILABLE, SHUTTING_DOWN))
         try:
             if hybrid is not None:
-                answer = await self._hybrid_decode(
+                answer = await self.hybrid.decode(
                     options, hybrid, embedding, field, deadline, received_at
                 )
                 return answer, None
             with served_by() as served:
-                sequence = self._decode_sequence(
-                    served.ready_engine, embedding, field, options, deadline
-                )
+                sequence = self._decode_request(served, embedding, field, options, deadline)
                 result = await self._run(served, sequence)
         except ServeError as error:
             return None, item_error(error)
@@ -391,7 +223,7 @@ class DecoderService(pb_grpc.DecoderServicer):
                 served = lease.enter_context(self.models.lease(request.model, request.version))
             except ServeError as error:
                 await abort(context, error)
-            deadline = self._deadline(context)
+            deadline = deadline_of(context)
             outcomes = await asyncio.gather(
                 *(
                     self._decode_item(
@@ -418,7 +250,7 @@ class DecoderService(pb_grpc.DecoderServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.DecodeStreamResponse]:
         answers: asyncio.Queue[pb.DecodeStreamResponse | None] = asyncio.Queue()
-        deadline = self._deadline(context)
+        deadline = deadline_of(context)
         pending: set[asyncio.Task[None]] = set()
 
         async def answer(item: pb.DecodeStreamRequest) -> None:
