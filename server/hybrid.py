@@ -10,10 +10,16 @@ from retd.model.checkpoint import PHRASE_BANK_KIND, RET_KIND
 from retd.server.config import DecodeDefaults
 from retd.server.engine import SequenceRequest, SequenceResult
 from retd.server.errors import ErrorKind, ServeError, invalid
+from retd.server.phrase_bank_engine import BANK_PARAMS
 from retd.server.repository import ModelRegistry, ModelVersion
-from retd.server.requests import BANK_PARAMS, DecodeOptions, model_limits
 from retd.server.responses import decode_response
-from retd.server.validation import greedy_params, parse_min_similarity, parse_query, shorten
+from retd.server.validation import (
+    DecodeOptions,
+    greedy_params,
+    parse_min_similarity,
+    parse_query,
+    shorten,
+)
 from retd.v1 import decoder_pb2 as pb
 
 # Runs one sequence on a leased model version and returns its result.
@@ -56,7 +62,7 @@ class HybridDecoder:
         generative model's text. Everything is checked before the bank is asked."""
         with self._leased(options, hybrid) as (generator, bank):
             min_similarity = parse_min_similarity(hybrid)
-            limits = model_limits(generator.ready_engine, self._max_new_tokens_limit)
+            limits = generator.ready_engine.limits(self._max_new_tokens_limit)
             query = parse_query(embedding, field, limits)
             params = greedy_params(
                 options.max_new_tokens, "max_new_tokens", limits, options, self._decode_defaults

@@ -26,7 +26,6 @@ from retd.server.errors import ErrorKind, ServeError, invalid
 from retd.server.gate import SHUTTING_DOWN, CallGate
 from retd.server.hybrid import HybridDecoder, hybrid_of
 from retd.server.repository import ModelRegistry, ModelVersion
-from retd.server.requests import DecodeOptions, deadline_of, decode_request, generate_request
 from retd.server.responses import (
     decode_response,
     generate_response,
@@ -35,12 +34,19 @@ from retd.server.responses import (
     model_info,
 )
 from retd.server.telemetry import Telemetry
+from retd.server.validation import DecodeOptions
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 DECODER_SERVICE = pb.DESCRIPTOR.services_by_name["Decoder"].full_name
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """When the call's deadline passes, on the monotonic clock (None: no deadline)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 class DecoderService(pb_grpc.DecoderServicer):
@@ -73,9 +79,9 @@ class DecoderService(pb_grpc.DecoderServicer):
         options: DecodeOptions,
         deadline: float | None,
     ) -> SequenceRequest:
-        return decode_request(
-            served.ready_engine, embedding, field, options, deadline,
-            self._limits.max_new_tokens_limit, self._decode_defaults,
+        return served.ready_engine.build_request(
+            embedding, field, options, self._decode_defaults, deadline,
+            self._limits.max_new_tokens_limit,
         )  # fmt: skip
 
     def _generate_request(
@@ -86,7 +92,9 @@ class DecoderService(pb_grpc.DecoderServicer):
         stream: bool,
     ) -> SequenceRequest:
         limit = self._limits.max_new_tokens_limit
-        return generate_request(request, served.ready_engine, stream, deadline_of(context), limit)
+        return served.ready_engine.build_generate_request(
+            request, stream, deadline_of(context), limit
+        )
 
     async def _run(self, served: ModelVersion, request: SequenceRequest) -> SequenceResult:
         handle = served.ready_engine.submit(request)
