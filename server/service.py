@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from retd.server.calls import Unparseable, abort, rpc
+from retd.server.calls import Unparseable, rpc
 from retd.server.config import DecodeDefaults, ServiceLimits
 from retd.server.engine import SequenceRequest, SequenceResult
 from retd.server.errors import ErrorKind, ServeError, invalid
@@ -110,19 +110,16 @@ class DecoderService(pb_grpc.DecoderServicer):
         self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> pb.DecodeResponse:
         received_at = time.monotonic()
-        try:
-            if request.HasField("hybrid"):
-                return await self.hybrid.decode(
-                    request, request.hybrid, request.embedding, "embedding",
-                    deadline_of(context), received_at,
-                )  # fmt: skip
-            with self.models.lease(request.model, request.version) as served:
-                sequence = self._decode_request(
-                    served, request.embedding, "embedding", request, deadline_of(context)
-                )
-                result = await self._run(served, sequence)
-        except ServeError as error:
-            await abort(context, error)
+        if request.HasField("hybrid"):
+            return await self.hybrid.decode(
+                request, request.hybrid, request.embedding, "embedding",
+                deadline_of(context), received_at,
+            )  # fmt: skip
+        with self.models.lease(request.model, request.version) as served:
+            sequence = self._decode_request(
+                served, request.embedding, "embedding", request, deadline_of(context)
+            )
+            result = await self._run(served, sequence)
         return decode_response(result, served, received_at)
 
     @rpc
@@ -130,12 +127,9 @@ class DecoderService(pb_grpc.DecoderServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         received_at = time.monotonic()
-        try:
-            with self.models.lease(request.model, request.version) as served:
-                sequence = self._generate_request(request, context, served, stream=False)
-                result = await self._run(served, sequence)
-        except ServeError as error:
-            await abort(context, error)
+        with self.models.lease(request.model, request.version) as served:
+            sequence = self._generate_request(request, context, served, stream=False)
+            result = await self._run(served, sequence)
         return generate_response(result, served, received_at)
 
     @rpc
@@ -143,13 +137,9 @@ class DecoderService(pb_grpc.DecoderServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
         received_at = time.monotonic()
-        with contextlib.ExitStack() as lease:
-            try:
-                served = lease.enter_context(self.models.lease(request.model, request.version))
-                sequence = self._generate_request(request, context, served, stream=True)
-                handle = served.ready_engine.submit(sequence)
-            except ServeError as error:
-                await abort(context, error)
+        with self.models.lease(request.model, request.version) as served:
+            sequence = self._generate_request(request, context, served, stream=True)
+            handle = served.ready_engine.submit(sequence)
             try:
                 async for event in handle.events():
                     if isinstance(event, SequenceResult):
@@ -157,8 +147,6 @@ class DecoderService(pb_grpc.DecoderServicer):
                         yield last_chunk(event, served, received_at)
                     else:
                         yield pb.GenerateChunk(text=event.text, token_ids=event.token_ids)
-            except ServeError as error:
-                await abort(context, error)
             finally:
                 handle.cancel()
 
@@ -214,23 +202,14 @@ class DecoderService(pb_grpc.DecoderServicer):
         self, request: pb.DecodeBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.DecodeBatchResponse:
         if not request.embeddings:
-            await abort(
-                context,
-                invalid("embeddings: empty; expected at least one embedding"),
-            )
+            raise invalid("embeddings: empty; expected at least one embedding")
         if len(request.embeddings) > self._limits.max_batch_items:
-            await abort(
-                context,
-                invalid(
-                    f"embeddings: {len(request.embeddings)} items exceed the server's "
-                    f"max_batch_items {self._limits.max_batch_items}; split the batch",
-                ),
+            raise invalid(
+                f"embeddings: {len(request.embeddings)} items exceed the server's "
+                f"max_batch_items {self._limits.max_batch_items}; split the batch",
             )
-        with contextlib.ExitStack() as lease:
-            try:  # one version serves the whole batch; an unknown model fails the call
-                served = lease.enter_context(self.models.lease(request.model, request.version))
-            except ServeError as error:
-                await abort(context, error)
+        # one version serves the whole batch; an unknown model fails the call
+        with self.models.lease(request.model, request.version) as served:
             deadline = deadline_of(context)
             outcomes = await asyncio.gather(
                 *(
@@ -313,13 +292,10 @@ class DecoderService(pb_grpc.DecoderServicer):
             try:
                 await reader  # a failure to read the request stream
             except Exception as exc:
-                await abort(
-                    context,
-                    invalid(
-                        f"request stream: an item could not be read ({exc}); "
-                        "the items before it were answered"
-                    ),
-                )
+                raise invalid(
+                    f"request stream: an item could not be read ({exc}); "
+                    "the items before it were answered"
+                ) from exc
         finally:
             for task in [reader, *pending]:
                 task.cancel()
@@ -340,12 +316,8 @@ class DecoderService(pb_grpc.DecoderServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
-        try:
-            with self.models.lease(request.model, request.version) as served:
-                serving = served.version == self.models.serving_version(served.name)
-                return model_info(served, serving)
-        except ServeError as error:
-            await abort(context, error)
+        with self.models.lease(request.model, request.version) as served:
+            return model_info(served, served.version == self.models.serving_version(served.name))
 
 
 def _tolerant(message_class: Any) -> Callable[[bytes], Any]:
