@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 
-from retd.server.calls import abort, rpc
-from retd.server.errors import ServeError, invalid
+from retd.server.calls import rpc
+from retd.server.errors import invalid
 from retd.server.repository import ModelRegistry, ModelVersion, State, VersionStatus
 from retd.v1 import repository_pb2 as pb
 from retd.v1 import repository_pb2_grpc as pb_grpc
@@ -64,20 +64,14 @@ class RepositoryService(pb_grpc.ModelRepositoryServicer):
     async def Load(
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.LoadModelResponse:
-        try:
-            entry = await self.models.load(self._model_name(request.model), request.version)
-        except ServeError as error:
-            await abort(context, error)
+        entry = await self.models.load(self._model_name(request.model), request.version)
         return pb.LoadModelResponse(status=self._status_of(entry))
 
     @rpc
     async def Unload(
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnloadModelResponse:
-        try:
-            released = await self.models.unload(self._model_name(request.model), request.version)
-        except ServeError as error:
-            await abort(context, error)
+        released = await self.models.unload(self._model_name(request.model), request.version)
         return pb.UnloadModelResponse(
             unloaded=[
                 pb.ModelVersionStatus(

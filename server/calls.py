@@ -53,14 +53,18 @@ class Unparseable:
 
 def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a servicer method (coroutine or async generator): a request message that could
-    not be parsed is answered INVALID_ARGUMENT. (The gate and the call's span, metrics and
+    not be parsed is answered INVALID_ARGUMENT, and a `ServeError` the method raises ends
+    the call with its kind's status (`abort`). (The gate and the call's span, metrics and
     log line are the interceptor's: server/interceptor.py.)"""
 
     @functools.wraps(method)
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, Unparseable):  # a request stream checks each item
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        return await method(self, request, context)
+        try:
+            return await method(self, request, context)
+        except ServeError as error:
+            await abort(context, error)
 
     @functools.wraps(method)
     async def stream(
@@ -68,7 +72,10 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     ) -> AsyncIterator[Any]:
         if isinstance(request, Unparseable):  # a request stream checks each item
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        async for item in method(self, request, context):
-            yield item
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except ServeError as error:
+            await abort(context, error)
 
     return stream if inspect.isasyncgenfunction(method) else unary

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from retd.model.generation import FinishReason, OutputBuffer, SamplingParams
+from retd.server.config import DecodeDefaults
 from retd.server.errors import ErrorKind, ServeError
 from retd.server.scheduler import (
     Aborted,
@@ -40,6 +41,8 @@ from retd.server.scheduler import (
     SequenceState,
     Step,
 )
+from retd.server.validation import DecodeOptions, ModelLimits
+from retd.v1 import decoder_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +278,46 @@ class Engine(abc.ABC):
             self._wakeup.notify()
         if self._thread.is_alive():
             await asyncio.to_thread(self._thread.join)
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def limits(self, max_new_tokens_limit: int = 0) -> ModelLimits:
+        """What this model accepts; `max_new_tokens_limit` (the server's, 0: none) caps its
+        max_length."""
+        model = self.description
+        encoder = model.encoder or "sentence encoder"
+        if 0 < max_new_tokens_limit < model.max_length:
+            return ModelLimits(
+                self.name,
+                model.embedding_dim,
+                max_new_tokens_limit,
+                encoder,
+                "the server's max_new_tokens_limit",
+            )
+        return ModelLimits(self.name, model.embedding_dim, model.max_length, encoder)
+
+    @abc.abstractmethod
+    def build_request(
+        self,
+        embedding: pb.Embedding,
+        field: str,
+        options: DecodeOptions,
+        defaults: DecodeDefaults,
+        deadline: float | None,
+        max_new_tokens_limit: int = 0,
+    ) -> SequenceRequest:
+        """A Decode (or an item of a batch or stream) for this model, checked; errors name
+        `field`."""
+
+    @abc.abstractmethod
+    def build_generate_request(
+        self,
+        request: pb.GenerateRequest,
+        stream: bool,
+        deadline: float | None,
+        max_new_tokens_limit: int = 0,
+    ) -> SequenceRequest:
+        """A Generate (or a GenerateStream) for this model, checked."""
 
     # ---- the worker thread -------------------------------------------------------------
 

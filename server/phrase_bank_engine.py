@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from retd.model.checkpoint import PHRASE_BANK_KIND
-from retd.model.generation import FinishReason
+from retd.model.generation import FinishReason, SamplingParams
 from retd.model.phrase_bank import LoadedPhraseBank
+from retd.server.config import DecodeDefaults
 from retd.server.engine import (
     Candidate,
     Engine,
@@ -27,8 +28,13 @@ from retd.server.engine import (
     sample_memory,
 )
 from retd.server.scheduler import Finished, Row, SchedulerConfig, Step
+from retd.server.validation import DecodeOptions, loop_breakers, parse_bank_generate, parse_query
+from retd.v1 import decoder_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+# A phrase bank's sequences: one step, no token generated.
+BANK_PARAMS = SamplingParams(max_new_tokens=1)
 
 
 class PhraseBankEngine(Engine):
@@ -59,6 +65,41 @@ class PhraseBankEngine(Engine):
         matrix = bank.embeddings
         super().__init__(name, description, matrix.device, matrix.dtype, scheduler_config)
         self.loaded = loaded
+
+    def build_request(
+        self,
+        embedding: pb.Embedding,
+        field: str,
+        options: DecodeOptions,
+        defaults: DecodeDefaults,
+        deadline: float | None,
+        max_new_tokens_limit: int = 0,
+    ) -> SequenceRequest:
+        """The nearest phrase, whole: max_new_tokens and the loop breakers do not apply to
+        it (the latter are checked all the same)."""
+        query = parse_query(embedding, field, self.limits(max_new_tokens_limit))
+        loop_breakers(options, defaults)
+        return SequenceRequest(query, BANK_PARAMS, 0, deadline=deadline, priority=options.priority)
+
+    def build_generate_request(
+        self,
+        request: pb.GenerateRequest,
+        stream: bool,
+        deadline: float | None,
+        max_new_tokens_limit: int = 0,
+    ) -> SequenceRequest:
+        """The top_k nearest phrases, as candidates."""
+        query = parse_query(request.embedding, "embedding", self.limits(max_new_tokens_limit))
+        candidates, seed = parse_bank_generate(request)
+        return SequenceRequest(
+            query,
+            BANK_PARAMS,
+            seed,
+            stream=stream,
+            deadline=deadline,
+            priority=request.priority,
+            candidates=candidates,
+        )
 
     def warm_up(self) -> None:
         """One search at the largest batch, so the first callers pay no start-up cost."""

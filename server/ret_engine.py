@@ -18,6 +18,7 @@ from retd.model.checkpoint import RET_KIND, LoadedModel
 from retd.model.generation import NGramBlocker, RepetitionTracker, SamplingParams
 from retd.model.model import KVCache
 from retd.model.sampling import Sampler
+from retd.server.config import DecodeDefaults
 from retd.server.engine import (
     Engine,
     Event,
@@ -30,6 +31,8 @@ from retd.server.engine import (
     sample_memory,
 )
 from retd.server.scheduler import Delta, Finished, Row, SchedulerConfig, Step
+from retd.server.validation import DecodeOptions, greedy_params, parse_embedding, parse_generate
+from retd.v1 import decoder_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,46 @@ class RETEngine(Engine):
         # Worker thread only: the bytes each slot's repetition penalty applies to.
         self._repeats = RepetitionTracker(slots, config.vocab_size, self.device)
         self._penalized: set[int] = set()  # seq_ids whose repetition penalty is on
+
+    def build_request(
+        self,
+        embedding: pb.Embedding,
+        field: str,
+        options: DecodeOptions,
+        defaults: DecodeDefaults,
+        deadline: float | None,
+        max_new_tokens_limit: int = 0,
+    ) -> SequenceRequest:
+        """A greedy decode, with the loop breakers the request (or the server) sets."""
+        limits = self.limits(max_new_tokens_limit)
+        return SequenceRequest(
+            embedding=parse_embedding(embedding, field, limits),
+            params=greedy_params(
+                options.max_new_tokens, "max_new_tokens", limits, options, defaults
+            ),
+            seed=0,
+            deadline=deadline,
+            priority=options.priority,
+        )
+
+    def build_generate_request(
+        self,
+        request: pb.GenerateRequest,
+        stream: bool,
+        deadline: float | None,
+        max_new_tokens_limit: int = 0,
+    ) -> SequenceRequest:
+        limits = self.limits(max_new_tokens_limit)
+        embedding = parse_embedding(request.embedding, "embedding", limits)
+        params, seed = parse_generate(request, limits)
+        return SequenceRequest(
+            embedding,
+            params,
+            seed,
+            stream=stream,
+            deadline=deadline,
+            priority=request.priority,
+        )
 
     def submit(self, request: SequenceRequest) -> SequenceHandle:
         """`Engine.submit`; a sampled sequence draws with its request's seed."""

@@ -12,188 +12,41 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager as ContextManager
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
-from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
-from retd.model.checkpoint import PHRASE_BANK_KIND, RET_KIND
-from retd.model.generation import FinishReason, SamplingParams
-from retd.server.calls import Unparseable, abort, rpc, status_code
+from retd.server.calls import Unparseable, rpc
 from retd.server.config import DecodeDefaults, ServiceLimits
-from retd.server.engine import Engine, SequenceRequest, SequenceResult
+from retd.server.engine import SequenceRequest, SequenceResult
 from retd.server.errors import ErrorKind, ServeError, invalid
 from retd.server.gate import SHUTTING_DOWN, CallGate
+from retd.server.hybrid import HybridDecoder, hybrid_of
 from retd.server.repository import ModelRegistry, ModelVersion
-from retd.server.telemetry import Telemetry
-from retd.server.validation import (
-    ModelLimits,
-    greedy_params,
-    loop_breakers,
-    parse_bank_generate,
-    parse_embedding,
-    parse_generate,
-    parse_min_similarity,
-    parse_query,
-    shorten,
+from retd.server.responses import (
+    decode_response,
+    generate_response,
+    item_error,
+    last_chunk,
+    model_info,
 )
+from retd.server.telemetry import Telemetry
+from retd.server.validation import DecodeOptions
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-FINISH_REASONS = {
-    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
-    FinishReason.EOS: pb.FINISH_REASON_EOS,
-    FinishReason.STOP: pb.FINISH_REASON_STOP,
-}
 DECODER_SERVICE = pb.DESCRIPTOR.services_by_name["Decoder"].full_name
-DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
-# A phrase bank's sequences: one step, no token generated.
-BANK_PARAMS = SamplingParams(max_new_tokens=1)
 
 
-class DecodeOptions(Protocol):
-    """What a Decode, a DecodeBatch and a DecodeStream item say about decoding."""
-
-    model: str
-    version: int
-    max_new_tokens: int
-    priority: int
-    no_repeat_ngram_size: int
-    repetition_penalty: float
-    repetition_ngram_size: int
-
-    def HasField(self, field_name: str) -> bool: ...  # noqa: N802 (protobuf's name)
-
-
-def hybrid_of(
-    request: pb.DecodeRequest | pb.DecodeBatchRequest | pb.DecodeStreamRequest,
-) -> pb.Hybrid | None:
-    """The request's hybrid settings when it asks for hybrid decoding."""
-    return request.hybrid if request.HasField("hybrid") else None
-
-
-def model_limits(engine: Engine, max_new_tokens_limit: int = 0) -> ModelLimits:
-    model = engine.description
-    encoder = model.encoder or "sentence encoder"
-    if 0 < max_new_tokens_limit < model.max_length:
-        return ModelLimits(
-            engine.name,
-            model.embedding_dim,
-            max_new_tokens_limit,
-            encoder,
-            "the server's max_new_tokens_limit",
-        )
-    return ModelLimits(engine.name, model.embedding_dim, model.max_length, encoder)
-
-
-def model_info(served: ModelVersion, serving: bool) -> pb.ModelInfo:
-    """A loaded version's description; `serving`: calls naming no version get it."""
-    engine = served.ready_engine
-    model = engine.description
-    card = struct_pb2.Struct()
-    card.update(_json_safe(model.card))
-    stats = engine.stats()
-    return pb.ModelInfo(
-        name=engine.name,
-        version=model.version,
-        architecture=model.architecture,
-        parameter_count=model.parameter_count,
-        embedding_dim=model.embedding_dim,
-        vocab_size=model.vocab_size,
-        max_length=model.max_length,
-        dtype=DTYPE_NAMES.get(str(engine.dtype), str(engine.dtype)),
-        device=str(engine.device),
-        checkpoint_sha256=model.sha256,
-        card=card,
-        trained=model.trained,
-        encoder=model.encoder,
-        kind=engine.kind,
-        phrase_count=model.phrase_count,
-        repository_version=served.version,
-        serving=serving,
-        load=pb.ModelLoad(
-            waiting=stats.waiting,
-            max_queue_size=engine.scheduler_config.max_queue_size,
-            running=stats.running,
-            max_batch_size=engine.scheduler_config.max_batch_size,
-            batching=engine.scheduler_config.batching,
-            max_wait_ms=engine.scheduler_config.max_wait_ms,
-        ),
-    )
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
-
-
-def _timing(results: Sequence[SequenceResult], received_at: float) -> pb.Timing:
-    """The call's timing; with several results (a hybrid decode's), their times summed."""
-    return pb.Timing(
-        queue_ms=sum(r.queue_s for r in results) * 1e3,
-        compute_ms=sum(r.compute_s for r in results) * 1e3,
-        total_ms=(time.monotonic() - received_at) * 1e3,
-    )
-
-
-def _generation_summary(
-    result: SequenceResult, served: ModelVersion, received_at: float
-) -> dict[str, Any]:
-    """The fields a GenerateResponse and a stream's last GenerateChunk share."""
-    return {
-        "finish_reason": FINISH_REASONS[result.finish_reason],
-        "usage": pb.Usage(generated_tokens=len(result.token_ids)),
-        "timing": _timing([result], received_at),
-        "mean_logprob": result.mean_logprob,
-        "model": served.name,
-        "version": served.version,
-        "seed": result.seed,
-        "candidates": [
-            pb.Candidate(text=c.text, score=c.score, index=c.index) for c in result.candidates
-        ],
-    }
-
-
-def _decode_response(
-    result: SequenceResult,
-    served: ModelVersion,
-    received_at: float,
-    similarity: float | None = None,
-    earlier: Sequence[SequenceResult] = (),
-) -> pb.DecodeResponse:
-    """`engine`'s answer. A phrase bank's carries its phrase's similarity; a generative
-    model's carries `similarity` when given (hybrid decoding: the bank's best, too low), and
-    the times of the `earlier` results (the bank's) count in its timing."""
-    from_bank = served.kind == PHRASE_BANK_KIND
-    if from_bank:
-        similarity = result.candidates[0].score
-    response = pb.DecodeResponse(
-        text=result.text,
-        finish_reason=FINISH_REASONS[result.finish_reason],
-        usage=pb.Usage(generated_tokens=len(result.token_ids)),
-        timing=_timing([*earlier, result], received_at),
-        model=served.name,
-        version=served.version,
-        source=pb.ANSWER_SOURCE_PHRASE_BANK if from_bank else pb.ANSWER_SOURCE_GENERATED,
-    )
-    if similarity is not None:
-        response.similarity = similarity
-    return response
-
-
-def _item_error(error: ServeError) -> pb.ItemError:
-    code = status_code(error)
-    return pb.ItemError(code=code.value[0], code_name=code.name, message=error.message)
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """When the call's deadline passes, on the monotonic clock (None: no deadline)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 class DecoderService(pb_grpc.DecoderServicer):
@@ -214,84 +67,34 @@ class DecoderService(pb_grpc.DecoderServicer):
         self._decode_defaults = decode_defaults or DecodeDefaults()
         self.gate = gate or CallGate()
         self.telemetry = telemetry or Telemetry()
+        self.hybrid = HybridDecoder(
+            models, self._run, self._limits.max_new_tokens_limit, self._decode_defaults
+        )
 
-    @contextlib.contextmanager
-    def _hybrid_models(
-        self, options: DecodeOptions, hybrid: pb.Hybrid
-    ) -> Iterator[tuple[ModelVersion, ModelVersion]]:
-        """(the generative model, the phrase bank) a hybrid Decode names, checked and leased."""
-        name = hybrid.phrase_bank
-        banks = self.models.names(PHRASE_BANK_KIND)
-        if not name:
-            raise invalid(
-                f"hybrid.phrase_bank: empty; expected a phrase_bank model, one of {banks}"
-            )
-        with contextlib.ExitStack() as leases:
-            generator = leases.enter_context(self.models.lease(options.model, options.version))
-            try:
-                bank = leases.enter_context(self.models.lease(name))
-            except ServeError as error:
-                if error.kind is ErrorKind.NOT_FOUND:
-                    raise ServeError(
-                        error.kind,
-                        f"hybrid.phrase_bank: {shorten(name)!r} is not loaded; expected a "
-                        f"phrase_bank model, one of {banks}",
-                    ) from None
-                raise ServeError(error.kind, f"hybrid.phrase_bank: {error.message}") from None
-            self._check_hybrid(generator, bank, banks)
-            yield generator, bank
-
-    def _check_hybrid(self, generator: ModelVersion, bank: ModelVersion, banks: list[str]) -> None:
-        if bank.kind != PHRASE_BANK_KIND:
-            raise invalid(
-                f"hybrid.phrase_bank: {bank.name!r} is a {bank.kind!r} model; expected a "
-                f"phrase_bank model, one of {banks}"
-            )
-        if generator.kind != RET_KIND:
-            raise invalid(
-                f"model: {generator.name!r} is a {generator.kind!r} model; hybrid decoding falls "
-                f"back to a generative ({RET_KIND!r}) model, one of {self.models.names(RET_KIND)}"
-            )
-        ours, theirs = bank.ready_engine.description, generator.ready_engine.description
-        if (ours.encoder, ours.embedding_dim) != (theirs.encoder, theirs.embedding_dim):
-            raise invalid(
-                f"hybrid.phrase_bank: {bank.name!r} holds {ours.encoder} embeddings "
-                f"({ours.embedding_dim} values) but model {generator.name!r} decodes "
-                f"{theirs.encoder} ones ({theirs.embedding_dim}); both must read the same "
-                "encoder's embeddings"
-            )
-
-    def _decode_sequence(
+    def _decode_request(
         self,
-        engine: Engine,
+        served: ModelVersion,
         embedding: pb.Embedding,
         field: str,
         options: DecodeOptions,
         deadline: float | None,
     ) -> SequenceRequest:
-        """A Decode (or an item of a batch or stream) for `engine`, checked. A phrase bank
-        returns its phrase whole: max_new_tokens and the loop breakers do not apply to it
-        (the latter are checked all the same)."""
-        limits = model_limits(engine, self._limits.max_new_tokens_limit)
-        priority = options.priority
-        if engine.kind == PHRASE_BANK_KIND:
-            query = parse_query(embedding, field, limits)
-            loop_breakers(options, self._decode_defaults)
-            return SequenceRequest(query, BANK_PARAMS, 0, deadline=deadline, priority=priority)
-        return SequenceRequest(
-            embedding=parse_embedding(embedding, field, limits),
-            params=greedy_params(
-                options.max_new_tokens, "max_new_tokens", limits, options, self._decode_defaults
-            ),
-            seed=0,
-            deadline=deadline,
-            priority=priority,
-        )
+        return served.ready_engine.build_request(
+            embedding, field, options, self._decode_defaults, deadline,
+            self._limits.max_new_tokens_limit,
+        )  # fmt: skip
 
-    @staticmethod
-    def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-        remaining = context.time_remaining()
-        return None if remaining is None else time.monotonic() + remaining
+    def _generate_request(
+        self,
+        request: pb.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        served: ModelVersion,
+        stream: bool,
+    ) -> SequenceRequest:
+        limit = self._limits.max_new_tokens_limit
+        return served.ready_engine.build_generate_request(
+            request, stream, deadline_of(context), limit
+        )
 
     async def _run(self, served: ModelVersion, request: SequenceRequest) -> SequenceResult:
         handle = served.ready_engine.submit(request)
@@ -307,129 +110,43 @@ class DecoderService(pb_grpc.DecoderServicer):
         self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> pb.DecodeResponse:
         received_at = time.monotonic()
-        try:
-            if request.HasField("hybrid"):
-                return await self._hybrid_decode(
-                    request, request.hybrid, request.embedding, "embedding",
-                    self._deadline(context), received_at,
-                )  # fmt: skip
-            with self.models.lease(request.model, request.version) as served:
-                sequence = self._decode_sequence(
-                    served.ready_engine, request.embedding, "embedding", request,
-                    self._deadline(context),
-                )  # fmt: skip
-                result = await self._run(served, sequence)
-        except ServeError as error:
-            await abort(context, error)
-        return _decode_response(result, served, received_at)
-
-    async def _hybrid_decode(
-        self,
-        options: DecodeOptions,
-        hybrid: pb.Hybrid,
-        embedding: pb.Embedding,
-        field: str,
-        deadline: float | None,
-        received_at: float,
-    ) -> pb.DecodeResponse:
-        """The bank's nearest phrase when its similarity reaches min_similarity, else the
-        generative model's text. Everything is checked before the bank is asked."""
-        with self._hybrid_models(options, hybrid) as (generator, bank):
-            min_similarity = parse_min_similarity(hybrid)
-            limits = model_limits(generator.ready_engine, self._limits.max_new_tokens_limit)
-            query = parse_query(embedding, field, limits)
-            params = greedy_params(
-                options.max_new_tokens, "max_new_tokens", limits, options, self._decode_defaults
+        if request.HasField("hybrid"):
+            return await self.hybrid.decode(
+                request, request.hybrid, request.embedding, "embedding",
+                deadline_of(context), received_at,
+            )  # fmt: skip
+        with self.models.lease(request.model, request.version) as served:
+            sequence = self._decode_request(
+                served, request.embedding, "embedding", request, deadline_of(context)
             )
-            priority = options.priority
-            found = await self._run(
-                bank, SequenceRequest(query, BANK_PARAMS, 0, deadline=deadline, priority=priority)
-            )
-            similarity = found.candidates[0].score
-            if similarity >= min_similarity:
-                return _decode_response(found, bank, received_at)
-            generated = await self._run(
-                generator, SequenceRequest(query, params, 0, deadline=deadline, priority=priority)
-            )
-            return _decode_response(generated, generator, received_at, similarity, earlier=[found])
-
-    def _generate_request(
-        self,
-        request: pb.GenerateRequest,
-        context: grpc.aio.ServicerContext,
-        engine: Engine,
-        stream: bool,
-    ) -> SequenceRequest:
-        limits = model_limits(engine, self._limits.max_new_tokens_limit)
-        if engine.kind == PHRASE_BANK_KIND:
-            query = parse_query(request.embedding, "embedding", limits)
-            candidates, seed = parse_bank_generate(request)
-            return SequenceRequest(
-                query,
-                BANK_PARAMS,
-                seed,
-                stream=stream,
-                deadline=self._deadline(context),
-                priority=request.priority,
-                candidates=candidates,
-            )
-        embedding = parse_embedding(request.embedding, "embedding", limits)
-        params, seed = parse_generate(request, limits)
-        return SequenceRequest(
-            embedding,
-            params,
-            seed,
-            stream=stream,
-            deadline=self._deadline(context),
-            priority=request.priority,
-        )
+            result = await self._run(served, sequence)
+        return decode_response(result, served, received_at)
 
     @rpc
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         received_at = time.monotonic()
-        try:
-            with self.models.lease(request.model, request.version) as served:
-                sequence = self._generate_request(
-                    request, context, served.ready_engine, stream=False
-                )
-                result = await self._run(served, sequence)
-        except ServeError as error:
-            await abort(context, error)
-        return pb.GenerateResponse(
-            text=result.text,
-            token_ids=result.token_ids,
-            **_generation_summary(result, served, received_at),
-        )
+        with self.models.lease(request.model, request.version) as served:
+            sequence = self._generate_request(request, context, served, stream=False)
+            result = await self._run(served, sequence)
+        return generate_response(result, served, received_at)
 
     @rpc
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
         received_at = time.monotonic()
-        with contextlib.ExitStack() as lease:
-            try:
-                served = lease.enter_context(self.models.lease(request.model, request.version))
-                sequence = self._generate_request(
-                    request, context, served.ready_engine, stream=True
-                )
-                handle = served.ready_engine.submit(sequence)
-            except ServeError as error:
-                await abort(context, error)
+        with self.models.lease(request.model, request.version) as served:
+            sequence = self._generate_request(request, context, served, stream=True)
+            handle = served.ready_engine.submit(sequence)
             try:
                 async for event in handle.events():
                     if isinstance(event, SequenceResult):
                         self.telemetry.record_sequence(served, sequence, event)
-                        yield pb.GenerateChunk(
-                            text=event.tail_text,
-                            token_ids=event.tail_token_ids,
-                            **_generation_summary(event, served, received_at),
-                        )
+                        yield last_chunk(event, served, received_at)
                     else:
                         yield pb.GenerateChunk(text=event.text, token_ids=event.token_ids)
-            except ServeError as error:
-                await abort(context, error)
             finally:
                 handle.cancel()
 
@@ -466,45 +183,34 @@ class DecoderService(pb_grpc.DecoderServicer):
     ) -> tuple[pb.DecodeResponse | None, pb.ItemError | None]:
         received_at = time.monotonic()
         if not self.gate.open:  # an item sent on a stream after shutdown began
-            return None, _item_error(ServeError(ErrorKind.UNAVAILABLE, SHUTTING_DOWN))
+            return None, item_error(ServeError(ErrorKind.UNAVAILABLE, SHUTTING_DOWN))
         try:
             if hybrid is not None:
-                answer = await self._hybrid_decode(
+                answer = await self.hybrid.decode(
                     options, hybrid, embedding, field, deadline, received_at
                 )
                 return answer, None
             with served_by() as served:
-                sequence = self._decode_sequence(
-                    served.ready_engine, embedding, field, options, deadline
-                )
+                sequence = self._decode_request(served, embedding, field, options, deadline)
                 result = await self._run(served, sequence)
         except ServeError as error:
-            return None, _item_error(error)
-        return _decode_response(result, served, received_at), None
+            return None, item_error(error)
+        return decode_response(result, served, received_at), None
 
     @rpc
     async def DecodeBatch(
         self, request: pb.DecodeBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.DecodeBatchResponse:
         if not request.embeddings:
-            await abort(
-                context,
-                invalid("embeddings: empty; expected at least one embedding"),
-            )
+            raise invalid("embeddings: empty; expected at least one embedding")
         if len(request.embeddings) > self._limits.max_batch_items:
-            await abort(
-                context,
-                invalid(
-                    f"embeddings: {len(request.embeddings)} items exceed the server's "
-                    f"max_batch_items {self._limits.max_batch_items}; split the batch",
-                ),
+            raise invalid(
+                f"embeddings: {len(request.embeddings)} items exceed the server's "
+                f"max_batch_items {self._limits.max_batch_items}; split the batch",
             )
-        with contextlib.ExitStack() as lease:
-            try:  # one version serves the whole batch; an unknown model fails the call
-                served = lease.enter_context(self.models.lease(request.model, request.version))
-            except ServeError as error:
-                await abort(context, error)
-            deadline = self._deadline(context)
+        # one version serves the whole batch; an unknown model fails the call
+        with self.models.lease(request.model, request.version) as served:
+            deadline = deadline_of(context)
             outcomes = await asyncio.gather(
                 *(
                     self._decode_item(
@@ -531,7 +237,7 @@ class DecoderService(pb_grpc.DecoderServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.DecodeStreamResponse]:
         answers: asyncio.Queue[pb.DecodeStreamResponse | None] = asyncio.Queue()
-        deadline = self._deadline(context)
+        deadline = deadline_of(context)
         pending: set[asyncio.Task[None]] = set()
 
         async def answer(item: pb.DecodeStreamRequest) -> None:
@@ -552,11 +258,11 @@ class DecoderService(pb_grpc.DecoderServicer):
             async for item in request_iterator:
                 count += 1
                 if isinstance(item, Unparseable):
-                    error = _item_error(invalid(item.message))
+                    error = item_error(invalid(item.message))
                     answers.put_nowait(pb.DecodeStreamResponse(error=error))
                     continue
                 if count > self._limits.max_stream_items:
-                    error = _item_error(
+                    error = item_error(
                         ServeError(
                             ErrorKind.EXHAUSTED,
                             f"this DecodeStream passed the server's max_stream_items "
@@ -586,13 +292,10 @@ class DecoderService(pb_grpc.DecoderServicer):
             try:
                 await reader  # a failure to read the request stream
             except Exception as exc:
-                await abort(
-                    context,
-                    invalid(
-                        f"request stream: an item could not be read ({exc}); "
-                        "the items before it were answered"
-                    ),
-                )
+                raise invalid(
+                    f"request stream: an item could not be read ({exc}); "
+                    "the items before it were answered"
+                ) from exc
         finally:
             for task in [reader, *pending]:
                 task.cancel()
@@ -613,12 +316,8 @@ class DecoderService(pb_grpc.DecoderServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
-        try:
-            with self.models.lease(request.model, request.version) as served:
-                serving = served.version == self.models.serving_version(served.name)
-                return model_info(served, serving)
-        except ServeError as error:
-            await abort(context, error)
+        with self.models.lease(request.model, request.version) as served:
+            return model_info(served, served.version == self.models.serving_version(served.name))
 
 
 def _tolerant(message_class: Any) -> Callable[[bytes], Any]:

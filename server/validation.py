@@ -162,6 +162,15 @@ class DecodeFields(Protocol):
     def HasField(self, field_name: str) -> bool: ...  # noqa: N802 (protobuf's name)
 
 
+class DecodeOptions(DecodeFields, Protocol):
+    """What a Decode, a DecodeBatch and a DecodeStream item say about decoding."""
+
+    model: str
+    version: int
+    max_new_tokens: int
+    priority: int
+
+
 def loop_breakers(options: DecodeFields, defaults: DecodeDefaults) -> dict[str, int | float]:
     """The request's loop breakers, checked; an unset field takes the server's default."""
 
