@@ -35,6 +35,14 @@ def shard_order(n_shards: int, start: int = 0) -> list[int]:
     return order[start:] + order[:start]
 
 
+def _write_settings(data_dir: Path, shard_size: int) -> None:
+    """DIR/embeddings/embeddings.json: the shard size `load_split` reads the shards by."""
+    (data_dir / "embeddings").mkdir(parents=True, exist_ok=True)
+    (data_dir / "embeddings" / "embeddings.json").write_text(
+        json.dumps({"shard_size": shard_size}, indent=2) + "\n"
+    )
+
+
 def embed_corpus(
     data_dir: Path,
     encode: Callable[[Sequence[str]], np.ndarray],
@@ -49,10 +57,7 @@ def embed_corpus(
     a session going on from a checkpoint trained on the first K shards of that order embeds
     the shards it never saw first."""
     counts: dict[str, int] = {}
-    (data_dir / "embeddings").mkdir(parents=True, exist_ok=True)
-    (data_dir / "embeddings" / "embeddings.json").write_text(
-        json.dumps({"shard_size": shard_size}, indent=2) + "\n"
-    )
+    _write_settings(data_dir, shard_size)
     # Two passes: held-out, the first `early` shards of a split named there (enough of the
     # ood set to evaluate on), then train; the rest of those splits after train.
     for pass_ in (0, 1):
@@ -150,10 +155,7 @@ def write_split(data_dir: Path, split: str, texts: Sequence[str], embeddings: np
     (data_dir / "corpus" / f"{split}.txt").write_text(
         "".join(f"{t}\n" for t in texts), encoding="utf-8"
     )
-    (data_dir / "embeddings").mkdir(exist_ok=True)
-    (data_dir / "embeddings" / "embeddings.json").write_text(
-        json.dumps({"shard_size": SHARD_SIZE}) + "\n"
-    )
+    _write_settings(data_dir, SHARD_SIZE)
     path = shard_path(data_dir, split, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, np.asarray(embeddings, dtype=np.float16))
