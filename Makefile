@@ -49,6 +49,7 @@ serve: $(VENV)/.server
 
 ## Install what the tests need, check hygiene (ruff, mypy), and run every test.
 test: lint
+	@echo "pytest: every test (~10 min on 2 cores; the slowest ten are listed at the end)"
 	$(BIN)/python -m pytest
 
 ## Fuzz every method with malformed and extreme requests, a longer budget than make test's.
@@ -66,7 +67,6 @@ proto: $(VENV)/.dev
 		--grpc_python_out=protos protos/retd/v1/decoder.proto protos/retd/v1/repository.proto
 
 lint: $(VENV)/.dev
-	@echo "ruff, mypy, then pytest: every test (see the README for how long)"
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy client server model
