@@ -6,7 +6,8 @@ import grpc
 
 from retd.server.calls import rpc
 from retd.server.errors import invalid
-from retd.server.repository import ModelRegistry, ModelVersion, State, VersionStatus
+from retd.server.repository import ModelRegistry
+from retd.server.versions import ModelVersion, State, VersionStatus
 from retd.v1 import repository_pb2 as pb
 from retd.v1 import repository_pb2_grpc as pb_grpc
 

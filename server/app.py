@@ -31,7 +31,7 @@ from retd.server.engine import Engine, sample_memory
 from retd.server.gate import CallGate
 from retd.server.interceptor import CallInterceptor
 from retd.server.phrase_bank_engine import PhraseBankEngine
-from retd.server.repository import ModelRegistry
+from retd.server.repository import ModelRegistry, ServingListener
 from retd.server.ret_engine import RETEngine
 from retd.server.security import (
     TokenAuthInterceptor,
@@ -48,6 +48,8 @@ from retd.v1 import repository_pb2
 log = logging.getLogger("retd.server")
 
 DECODER_SERVICE = pb.DESCRIPTOR.services_by_name["Decoder"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def load_engine(spec: ModelSpec) -> Engine:
@@ -107,6 +109,16 @@ ENGINE_LOADERS: dict[str, Callable[[ModelSpec], Engine]] = {
 }
 
 
+def health_listener(servicer: health.aio.HealthServicer) -> ServingListener:
+    """grpc.health.v1 for each model, from the registry's reports: SERVING while a version
+    of it is READY, else NOT_SERVING."""
+
+    async def publish(name: str, serving: bool) -> None:
+        await servicer.set(name, SERVING if serving else NOT_SERVING)
+
+    return publish
+
+
 class Daemon:
     """A running retd server; `stop()` drains it."""
 
@@ -121,8 +133,8 @@ class Daemon:
             repository=config.repository,
             model_defaults=config.model_defaults,
             default_model=config.default_model,
-            health_servicer=self.health,
         )
+        self.models.subscribe(health_listener(self.health))
         self.server: grpc.aio.Server | None = None
         self.service: DecoderService | None = None
         self.gate: CallGate | None = None  # the interceptor's: calls in flight, the drain
@@ -207,8 +219,8 @@ class Daemon:
         self.server = server
         await server.start()
         for name in ("", DECODER_SERVICE, ADMIN_SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        await self.models.publish_health()
+            await self.health.set(name, SERVING)
+        await self.models.report_serving()  # every model's health
         repository = config.repository
         if repository.watch > 0:
             self._watcher = asyncio.create_task(self.models.watch(repository.watch))

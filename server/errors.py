@@ -32,3 +32,7 @@ class ServeError(Exception):
 
 def invalid(message: str) -> ServeError:
     return ServeError(ErrorKind.INVALID, message)
+
+
+def not_found(message: str) -> ServeError:
+    return ServeError(ErrorKind.NOT_FOUND, message)

@@ -11,7 +11,7 @@ from retd.server.config import DecodeDefaults
 from retd.server.engine import SequenceRequest, SequenceResult
 from retd.server.errors import ErrorKind, ServeError, invalid
 from retd.server.phrase_bank_engine import BANK_PARAMS
-from retd.server.repository import ModelRegistry, ModelVersion
+from retd.server.repository import ModelRegistry
 from retd.server.responses import decode_response
 from retd.server.validation import (
     DecodeOptions,
@@ -20,6 +20,7 @@ from retd.server.validation import (
     parse_query,
     shorten,
 )
+from retd.server.versions import ModelVersion
 from retd.v1 import decoder_pb2 as pb
 
 # Runs one sequence on a leased model version and returns its result.

@@ -1,5 +1,5 @@
 """What telemetry reads of a model version, its engine, a sequence's request and its result:
-structural types (server/repository.py's `ModelVersion`, server/engine.py's `Engine`,
+structural types (server/versions.py's `ModelVersion`, server/engine.py's `Engine`,
 `SequenceRequest` and `SequenceResult` have these members), so that telemetry imports
 neither the engine nor torch."""
 

@@ -14,7 +14,7 @@ from retd.model.generation import FinishReason
 from retd.server.calls import status_code
 from retd.server.engine import SequenceResult
 from retd.server.errors import ServeError
-from retd.server.repository import ModelVersion
+from retd.server.versions import ModelVersion
 from retd.v1 import decoder_pb2 as pb
 
 FINISH_REASONS = {
