@@ -1,26 +1,14 @@
-"""The synchronous retd client: :class:`Client` sends the calls its core builds
-(``_core.Core``), blocking."""
+"""The synchronous retd client: :class:`Client`'s calls, each built by the one core
+(``_core.Core``) and sent, blocking, by ``_blocking.BlockingClient`` (its channel and
+lifecycle)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Generator, Iterable, Sequence
-from typing import Any, TypeVar
 
-import grpc
-
-from ._core import (
-    DEFAULT_TARGET,
-    ClientBase,
-    Core,
-    Stream,
-    Unary,
-    call_options,
-    insecure_or_secure,
-    stream_error,
-)
-from ._security import PemSource
-from .convert import EmbeddingEncoding, EmbeddingLike
+from ._blocking import BlockingClient
+from ._core import DEFAULT_TARGET, call_options
+from .convert import EmbeddingLike
 from .types import (
     DecodeBatchItem,
     DecodeResult,
@@ -36,12 +24,8 @@ from .types import (
 
 __all__ = ["DEFAULT_TARGET", "Client"]
 
-R = TypeVar("R")
 
-_open_channel = insecure_or_secure(grpc.insecure_channel, grpc.secure_channel)
-
-
-class Client(ClientBase):
+class Client(BlockingClient):
     """A blocking client of a retd server.
 
     Args:
@@ -84,84 +68,6 @@ class Client(ClientBase):
         ...     print(result.finish_reason.value, result.usage.generated_tokens > 0)
         length True
     """
-
-    def __init__(
-        self,
-        target: str | Sequence[str] = DEFAULT_TARGET,
-        *,
-        timeout: float | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-        channel: grpc.Channel | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        metadata: Sequence[tuple[str, str]] | None = None,
-        encoding: EmbeddingEncoding = "raw",
-        tls: bool = False,
-        root_certificates: PemSource | None = None,
-        certificate_chain: PemSource | None = None,
-        private_key: PemSource | None = None,
-        token: str | None = None,
-    ) -> None:
-        self._core = Core(
-            target,
-            timeout=timeout,
-            options=options,
-            channel=channel,
-            credentials=credentials,
-            metadata=metadata,
-            encoding=encoding,
-            tls=tls,
-            root_certificates=root_certificates,
-            certificate_chain=certificate_chain,
-            private_key=private_key,
-            token=token,
-            open_channel=_open_channel,
-        )
-        self.channel: grpc.Channel = self._core.channel
-
-    # --- lifecycle ---------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Close the channel (unless it was passed in); calls in flight are cancelled."""
-        if self._core.owns_channel:
-            self.channel.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def wait_ready(self, timeout: float | None = None) -> None:
-        """Block until the channel is connected; raise :class:`UnavailableError` on timeout."""
-        try:
-            grpc.channel_ready_future(self.channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise self._core.not_ready(timeout) from None
-
-    # --- sending -----------------------------------------------------------------------------
-
-    def _send(self, call: Unary[R], timeout: float | None) -> R:
-        """Make a unary call, repeated with gRPC's backoff within its deadline when the core
-        says it is retried; its response converted, or its typed error raised."""
-        attempts = self._core.attempts(call, timeout)
-        while True:
-            try:
-                response = call.method(
-                    call.request, timeout=attempts.timeout, metadata=self._core.metadata()
-                )
-            except grpc.RpcError as err:
-                time.sleep(attempts.backoff(err))  # raises the typed error if not retried
-            else:
-                return call.convert(response)
-
-    def _stream(
-        self, call: Stream[R], request: Any, timeout: float | None
-    ) -> Generator[R, None, None]:
-        """Start a streaming call now; its converted responses as they come."""
-        started = call.method(
-            request, timeout=self._core.deadline(timeout), metadata=self._core.metadata()
-        )
-        return _iterate(started, call, self._core.secure)
 
     # --- calls -------------------------------------------------------------------------------
 
@@ -463,19 +369,3 @@ class Client(ClientBase):
         The result is a ``str`` enum: ``client.health() == "SERVING"`` works.
         """
         return self._send(self._core.health(service), timeout)
-
-
-def _iterate(call: Any, stream: Stream[R], secure: bool | None) -> Generator[R, None, None]:
-    """Yield a streaming call's converted responses; typed errors; cancel when closed early."""
-    failure = stream.failure
-    try:
-        for message in call:
-            if failure:
-                raise failure[0]
-            yield stream.convert(message)
-        if failure:
-            raise failure[0]
-    except grpc.RpcError as err:
-        raise stream_error(err, failure, secure) from err
-    finally:
-        call.cancel()
