@@ -128,14 +128,15 @@ class Client(BlockingClient):
         >>> client.decode(embedding, max_new_tokens=16, no_repeat_ngram_size=6).usage
         Usage(generated_tokens=16)
 
-        With a model repository and a phrase bank (see the README):
+        With a model repository (here ``ret_v21/1``, the default model, ``ret/1``, ``ret/2``
+        and ``faq/1``, a phrase bank; see the README):
 
         >>> hybrid = Hybrid(phrase_bank="faq", min_similarity=0.9)
-        >>> result = client.decode(embedding, hybrid=hybrid)  # doctest: +SKIP
-        >>> result.source, result.model, round(result.similarity, 2)  # doctest: +SKIP
+        >>> result = client.decode(embedding, hybrid=hybrid)
+        >>> result.source, result.model, round(result.similarity, 2)
         (<AnswerSource.PHRASE_BANK: 'phrase_bank'>, 'faq', 0.97)
-        >>> client.decode(embedding, model="ret", version=1).version  # doctest: +SKIP
-        1
+        >>> client.decode(embedding, model="ret", version=2).version
+        2
         """
         return self._send(self._core.decode(embedding, **call_options(locals())), timeout)
 
@@ -301,8 +302,8 @@ class Client(BlockingClient):
         >>> info = client.model_info()
         >>> info.name, info.embedding_dim, info.trained  # the test server's: seeded, untrained
         ('ret_v21', 768, False)
-        >>> info = client.model_info("ret", version=1)  # doctest: +SKIP
-        >>> info.repository_version, info.serving  # doctest: +SKIP
+        >>> info = client.model_info("ret", version=1)
+        >>> info.repository_version, info.serving
         (1, False)
         """
         return self._send(self._core.model_info(model, version), timeout)
@@ -316,11 +317,15 @@ class Client(BlockingClient):
         ``model``: only that model's versions; "" lists all. Like every admin call it goes
         to one server: with several replicas, make a client of each to see them all.
 
-        >>> listing = client.list_versions()  # doctest: +SKIP
-        >>> [(row.name, row.version, row.state.value) for row in listing]  # doctest: +SKIP
-        [('ret', 1, 'available'), ('ret', 2, 'ready')]
-        >>> listing.serving, listing.default_model  # doctest: +SKIP
-        ({'ret': 2}, 'ret')
+        >>> listing = client.list_versions()
+        >>> for row in listing:
+        ...     print(row.name, row.version, row.state.value)
+        faq 1 ready
+        ret 1 available
+        ret 2 ready
+        ret_v21 1 ready
+        >>> listing.serving, listing.default_model
+        ({'faq': 1, 'ret': 2, 'ret_v21': 1}, 'ret_v21')
         """
         return self._send(self._core.list_versions(model), timeout)
 
@@ -340,10 +345,10 @@ class Client(BlockingClient):
         :class:`FailedPreconditionError` (it failed to load: the message says why),
         :class:`UnauthenticatedError` / :class:`PermissionDeniedError` (no admin rights).
 
-        >>> status = client.load_model("ret", 1, timeout=300)  # doctest: +SKIP
-        >>> status.state, status.version, status.serving  # doctest: +SKIP
+        >>> status = client.load_model("ret", 1, timeout=300)
+        >>> status.state, status.version, status.serving
         (<ModelState.READY: 'ready'>, 1, False)
-        >>> client.decode(embedding, model="ret", version=1).version  # doctest: +SKIP
+        >>> client.decode(embedding, model="ret", version=1).version
         1
         """
         return self._send(self._core.load_model(model, version), timeout)
@@ -358,7 +363,7 @@ class Client(BlockingClient):
         Unloading a model whole also stops a ``--watch`` from loading it again. Raises
         :class:`NotFoundError` when no such version is loaded.
 
-        >>> [row.version for row in client.unload_model("ret", 1)]  # doctest: +SKIP
+        >>> [row.version for row in client.unload_model("ret", 1)]
         [1]
         """
         return self._send(self._core.unload_model(model, version), timeout)
