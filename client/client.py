@@ -1,26 +1,14 @@
-"""The synchronous retd client: :class:`Client` sends the calls its core builds
-(``_core.Core``), blocking."""
+"""The synchronous retd client: :class:`Client`'s calls, each built by the one core
+(``_core.Core``) and sent, blocking, by ``_blocking.BlockingClient`` (its channel and
+lifecycle)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Generator, Iterable, Sequence
-from typing import Any, TypeVar
 
-import grpc
-
-from ._core import (
-    DEFAULT_TARGET,
-    ClientBase,
-    Core,
-    Stream,
-    Unary,
-    call_options,
-    insecure_or_secure,
-    stream_error,
-)
-from ._security import PemSource
-from .convert import EmbeddingEncoding, EmbeddingLike
+from ._blocking import BlockingClient
+from ._core import DEFAULT_TARGET, call_options
+from .convert import EmbeddingLike
 from .types import (
     DecodeBatchItem,
     DecodeResult,
@@ -36,12 +24,8 @@ from .types import (
 
 __all__ = ["DEFAULT_TARGET", "Client"]
 
-R = TypeVar("R")
 
-_open_channel = insecure_or_secure(grpc.insecure_channel, grpc.secure_channel)
-
-
-class Client(ClientBase):
+class Client(BlockingClient):
     """A blocking client of a retd server.
 
     Args:
@@ -84,84 +68,6 @@ class Client(ClientBase):
         ...     print(result.finish_reason.value, result.usage.generated_tokens > 0)
         length True
     """
-
-    def __init__(
-        self,
-        target: str | Sequence[str] = DEFAULT_TARGET,
-        *,
-        timeout: float | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-        channel: grpc.Channel | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        metadata: Sequence[tuple[str, str]] | None = None,
-        encoding: EmbeddingEncoding = "raw",
-        tls: bool = False,
-        root_certificates: PemSource | None = None,
-        certificate_chain: PemSource | None = None,
-        private_key: PemSource | None = None,
-        token: str | None = None,
-    ) -> None:
-        self._core = Core(
-            target,
-            timeout=timeout,
-            options=options,
-            channel=channel,
-            credentials=credentials,
-            metadata=metadata,
-            encoding=encoding,
-            tls=tls,
-            root_certificates=root_certificates,
-            certificate_chain=certificate_chain,
-            private_key=private_key,
-            token=token,
-            open_channel=_open_channel,
-        )
-        self.channel: grpc.Channel = self._core.channel
-
-    # --- lifecycle ---------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Close the channel (unless it was passed in); calls in flight are cancelled."""
-        if self._core.owns_channel:
-            self.channel.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def wait_ready(self, timeout: float | None = None) -> None:
-        """Block until the channel is connected; raise :class:`UnavailableError` on timeout."""
-        try:
-            grpc.channel_ready_future(self.channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise self._core.not_ready(timeout) from None
-
-    # --- sending -----------------------------------------------------------------------------
-
-    def _send(self, call: Unary[R], timeout: float | None) -> R:
-        """Make a unary call, repeated with gRPC's backoff within its deadline when the core
-        says it is retried; its response converted, or its typed error raised."""
-        attempts = self._core.attempts(call, timeout)
-        while True:
-            try:
-                response = call.method(
-                    call.request, timeout=attempts.timeout, metadata=self._core.metadata()
-                )
-            except grpc.RpcError as err:
-                time.sleep(attempts.backoff(err))  # raises the typed error if not retried
-            else:
-                return call.convert(response)
-
-    def _stream(
-        self, call: Stream[R], request: Any, timeout: float | None
-    ) -> Generator[R, None, None]:
-        """Start a streaming call now; its converted responses as they come."""
-        started = call.method(
-            request, timeout=self._core.deadline(timeout), metadata=self._core.metadata()
-        )
-        return _iterate(started, call, self._core.secure)
 
     # --- calls -------------------------------------------------------------------------------
 
@@ -222,14 +128,15 @@ class Client(ClientBase):
         >>> client.decode(embedding, max_new_tokens=16, no_repeat_ngram_size=6).usage
         Usage(generated_tokens=16)
 
-        With a model repository and a phrase bank (see the README):
+        With a model repository (here ``ret_v21/1``, the default model, ``ret/1``, ``ret/2``
+        and ``faq/1``, a phrase bank; see the README):
 
         >>> hybrid = Hybrid(phrase_bank="faq", min_similarity=0.9)
-        >>> result = client.decode(embedding, hybrid=hybrid)  # doctest: +SKIP
-        >>> result.source, result.model, round(result.similarity, 2)  # doctest: +SKIP
+        >>> result = client.decode(embedding, hybrid=hybrid)
+        >>> result.source, result.model, round(result.similarity, 2)
         (<AnswerSource.PHRASE_BANK: 'phrase_bank'>, 'faq', 0.97)
-        >>> client.decode(embedding, model="ret", version=1).version  # doctest: +SKIP
-        1
+        >>> client.decode(embedding, model="ret", version=2).version
+        2
         """
         return self._send(self._core.decode(embedding, **call_options(locals())), timeout)
 
@@ -395,8 +302,8 @@ class Client(ClientBase):
         >>> info = client.model_info()
         >>> info.name, info.embedding_dim, info.trained  # the test server's: seeded, untrained
         ('ret_v21', 768, False)
-        >>> info = client.model_info("ret", version=1)  # doctest: +SKIP
-        >>> info.repository_version, info.serving  # doctest: +SKIP
+        >>> info = client.model_info("ret", version=1)
+        >>> info.repository_version, info.serving
         (1, False)
         """
         return self._send(self._core.model_info(model, version), timeout)
@@ -410,11 +317,15 @@ class Client(ClientBase):
         ``model``: only that model's versions; "" lists all. Like every admin call it goes
         to one server: with several replicas, make a client of each to see them all.
 
-        >>> listing = client.list_versions()  # doctest: +SKIP
-        >>> [(row.name, row.version, row.state.value) for row in listing]  # doctest: +SKIP
-        [('ret', 1, 'available'), ('ret', 2, 'ready')]
-        >>> listing.serving, listing.default_model  # doctest: +SKIP
-        ({'ret': 2}, 'ret')
+        >>> listing = client.list_versions()
+        >>> for row in listing:
+        ...     print(row.name, row.version, row.state.value)
+        faq 1 ready
+        ret 1 available
+        ret 2 ready
+        ret_v21 1 ready
+        >>> listing.serving, listing.default_model
+        ({'faq': 1, 'ret': 2, 'ret_v21': 1}, 'ret_v21')
         """
         return self._send(self._core.list_versions(model), timeout)
 
@@ -434,10 +345,10 @@ class Client(ClientBase):
         :class:`FailedPreconditionError` (it failed to load: the message says why),
         :class:`UnauthenticatedError` / :class:`PermissionDeniedError` (no admin rights).
 
-        >>> status = client.load_model("ret", 1, timeout=300)  # doctest: +SKIP
-        >>> status.state, status.version, status.serving  # doctest: +SKIP
+        >>> status = client.load_model("ret", 1, timeout=300)
+        >>> status.state, status.version, status.serving
         (<ModelState.READY: 'ready'>, 1, False)
-        >>> client.decode(embedding, model="ret", version=1).version  # doctest: +SKIP
+        >>> client.decode(embedding, model="ret", version=1).version
         1
         """
         return self._send(self._core.load_model(model, version), timeout)
@@ -452,7 +363,7 @@ class Client(ClientBase):
         Unloading a model whole also stops a ``--watch`` from loading it again. Raises
         :class:`NotFoundError` when no such version is loaded.
 
-        >>> [row.version for row in client.unload_model("ret", 1)]  # doctest: +SKIP
+        >>> [row.version for row in client.unload_model("ret", 1)]
         [1]
         """
         return self._send(self._core.unload_model(model, version), timeout)
@@ -463,19 +374,3 @@ class Client(ClientBase):
         The result is a ``str`` enum: ``client.health() == "SERVING"`` works.
         """
         return self._send(self._core.health(service), timeout)
-
-
-def _iterate(call: Any, stream: Stream[R], secure: bool | None) -> Generator[R, None, None]:
-    """Yield a streaming call's converted responses; typed errors; cancel when closed early."""
-    failure = stream.failure
-    try:
-        for message in call:
-            if failure:
-                raise failure[0]
-            yield stream.convert(message)
-        if failure:
-            raise failure[0]
-    except grpc.RpcError as err:
-        raise stream_error(err, failure, secure) from err
-    finally:
-        call.cancel()

@@ -3,6 +3,7 @@ bounded poll for server-side state is tests/_wait.py's."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 
 import numpy as np
@@ -19,6 +20,24 @@ def embeddings(n: int, seed: int = 0) -> np.ndarray:
     """`n` distinct float32 embeddings (rows); the untrained model decodes each differently."""
     rng = np.random.default_rng(seed)
     return (rng.standard_normal((n, DIM)) * np.arange(1, n + 1)[:, None]).astype(np.float32)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """`array` as the bytes of a .npy file."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+class FakeStdin(io.BytesIO):
+    """A binary stdin holding `data`; `tty`: whether it says it is a terminal."""
+
+    def __init__(self, data: bytes, tty: bool = False) -> None:
+        super().__init__(data)
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
 
 
 def stop_case(
