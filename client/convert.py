@@ -187,7 +187,7 @@ def to_embeddings(
 
 # --- responses -----------------------------------------------------------------------------
 
-_FINISH = {
+_FINISH: dict[int, FinishReason] = {
     decoder_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
     decoder_pb2.FINISH_REASON_EOS: FinishReason.EOS,
     decoder_pb2.FINISH_REASON_STOP: FinishReason.STOP,
@@ -324,7 +324,7 @@ def model_load(msg: decoder_pb2.ModelLoad) -> ModelLoad:
 
 # --- the admin service ---------------------------------------------------------------------
 
-_STATE = {
+_STATE: dict[int, ModelState] = {
     repository_pb2.MODEL_STATE_AVAILABLE: ModelState.AVAILABLE,
     repository_pb2.MODEL_STATE_LOADING: ModelState.LOADING,
     repository_pb2.MODEL_STATE_READY: ModelState.READY,

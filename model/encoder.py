@@ -199,3 +199,9 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
     b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
     return np.einsum("nd,nd->n", a, b)
+
+
+def encode_texts(texts: Sequence[str]) -> np.ndarray:
+    """The installed encoder's (n, 768) float32 embeddings of `texts`: the `retd.encoders`
+    entry point through which `retd decode --text` reaches it (the client never imports it)."""
+    return SentenceEncoder.load().encode(texts)
