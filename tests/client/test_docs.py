@@ -2,7 +2,7 @@
 shared test server (tests/conftest.py: the seeded, untrained ret_v21) with these names:
 `client`, `address`, `embedding`, `matrix` (two rows), `e1`, `e2`. The few that need a
 phrase bank or a model repository are marked +SKIP; tests/client/test_repository_client.py
-and tests/server/test_phrase_bank_serving.py run those calls."""
+and tests/server/phrase_bank/ run those calls."""
 
 from __future__ import annotations
 
