@@ -19,11 +19,12 @@ from retd.server.config import DecodeDefaults, ServiceLimits
 from retd.server.engine import SequenceRequest, SequenceResult
 from retd.server.gate import CallGate
 from retd.server.hybrid import HybridDecoder
-from retd.server.repository import ModelRegistry, ModelVersion
+from retd.server.repository import ModelRegistry
 from retd.server.responses import decode_response, generate_response, last_chunk, model_info
 from retd.server.streams import ItemDecoder
 from retd.server.telemetry import Telemetry
 from retd.server.validation import DecodeOptions
+from retd.server.versions import ModelVersion
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
 

@@ -17,10 +17,11 @@ from retd.server.engine import SequenceRequest, SequenceResult
 from retd.server.errors import ErrorKind, ServeError, invalid
 from retd.server.gate import SHUTTING_DOWN, CallGate
 from retd.server.hybrid import HybridDecoder, hybrid_of
-from retd.server.repository import ModelRegistry, ModelVersion
+from retd.server.repository import ModelRegistry
 from retd.server.responses import decode_response, item_error
 from retd.server.telemetry import Telemetry
 from retd.server.validation import DecodeOptions
+from retd.server.versions import ModelVersion
 from retd.v1 import decoder_pb2 as pb
 
 # Builds the sequence one embedding asks of a leased version: (served, embedding, field,
