@@ -54,7 +54,7 @@ test: lint
 
 ## Fuzz every method with malformed and extreme requests, a longer budget than make test's.
 fuzz: $(VENV)/.dev
-	RETD_FUZZ_EXAMPLES=$${RETD_FUZZ_EXAMPLES:-1000} $(BIN)/python -m pytest tests/faults/test_fuzz.py -q
+	RETD_FUZZ_EXAMPLES=$${RETD_FUZZ_EXAMPLES:-1000} $(BIN)/python -m pytest tests/faults/test_fuzz.py tests/faults/test_extreme_values.py -q
 
 ## Soak: 64 callers, every RPC kind, cancellations and bad requests, for RETD_SOAK_SECONDS.
 soak: $(VENV)/.dev

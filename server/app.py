@@ -26,6 +26,7 @@ from retd.model.checkpoint import (
 )
 from retd.model.phrase_bank import load_phrase_bank
 from retd.server.admin import ADMIN_SERVICE, RepositoryService
+from retd.server.calls import add_service
 from retd.server.config import BATCH_ITEM_WIRE_BYTES, ModelSpec, ServerConfig
 from retd.server.engine import Engine, sample_memory
 from retd.server.gate import CallGate
@@ -40,7 +41,7 @@ from retd.server.security import (
     server_credentials,
     unusable_credentials,
 )
-from retd.server.service import DecoderService, add_service
+from retd.server.service import DecoderService
 from retd.server.telemetry import Telemetry
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import repository_pb2

@@ -1,6 +1,7 @@
-"""The wrapper around every servicer method (`rpc`: unparseable requests), and `abort`,
-which ends a call with an error's status: the one place a `ServeError`'s kind becomes a gRPC
-status code (`STATUS_CODES`)."""
+"""The gRPC edge: `add_service` registers a servicer with parsers that hand unparseable
+requests to it (`Unparseable`), the wrapper around every servicer method (`rpc`), and
+`abort`, which ends a call with an error's status: the one place a `ServeError`'s kind
+becomes a gRPC status code (`STATUS_CODES`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from retd.server.errors import ErrorKind, ServeError
 
@@ -79,3 +81,40 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             await abort(context, error)
 
     return stream if inspect.isasyncgenfunction(method) else unary
+
+
+def _tolerant(message_class: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return Unparseable(message_class.DESCRIPTOR.full_name, str(exc) or "malformed")
+
+    return parse
+
+
+def add_service(
+    servicer: Any, server: grpc.aio.Server, module: Any, service: str = "Decoder"
+) -> None:
+    """Register `service`'s methods of the generated `module` (as its generated
+    `add_<Service>Servicer_to_server` does) with request parsers that hand unparseable
+    messages to the handlers."""
+    descriptor = module.DESCRIPTOR.services_by_name[service]
+    handlers = {}
+    for method in descriptor.methods:
+        request_class = getattr(module, method.input_type.name)
+        response_class = getattr(module, method.output_type.name)
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
+    )

@@ -7,34 +7,24 @@ generative model when the bank's phrase is not similar enough."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractContextManager as ContextManager
-from typing import Any
+from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf.message import DecodeError
 
-from retd.server.calls import Unparseable, rpc
+from retd.server.calls import rpc
 from retd.server.config import DecodeDefaults, ServiceLimits
 from retd.server.engine import SequenceRequest, SequenceResult
-from retd.server.errors import ErrorKind, ServeError, invalid
-from retd.server.gate import SHUTTING_DOWN, CallGate
-from retd.server.hybrid import HybridDecoder, hybrid_of
-from retd.server.repository import ModelRegistry, ModelVersion
-from retd.server.responses import (
-    decode_response,
-    generate_response,
-    item_error,
-    last_chunk,
-    model_info,
-)
+from retd.server.gate import CallGate
+from retd.server.hybrid import HybridDecoder
+from retd.server.repository import ModelRegistry
+from retd.server.responses import decode_response, generate_response, last_chunk, model_info
+from retd.server.streams import ItemDecoder
 from retd.server.telemetry import Telemetry
 from retd.server.validation import DecodeOptions
+from retd.server.versions import ModelVersion
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
 
@@ -70,6 +60,10 @@ class DecoderService(pb_grpc.DecoderServicer):
         self.hybrid = HybridDecoder(
             models, self._run, self._limits.max_new_tokens_limit, self._decode_defaults
         )
+        self.items = ItemDecoder(
+            self.service_name, models, self._limits, self.gate, self.telemetry, self.hybrid,
+            self._decode_request, self._run,
+        )  # fmt: skip
 
     def _decode_request(
         self,
@@ -150,85 +144,11 @@ class DecoderService(pb_grpc.DecoderServicer):
             finally:
                 handle.cancel()
 
-    async def _decode_item(
-        self,
-        served_by: Callable[[], ContextManager[ModelVersion]],
-        embedding: pb.Embedding,
-        options: DecodeOptions,
-        field: str,
-        deadline: float | None,
-        item: str,
-        method: str,
-        hybrid: pb.Hybrid | None = None,
-    ) -> tuple[pb.DecodeResponse | None, pb.ItemError | None]:
-        """One item of a batch or stream, in a span of its own: its response, or its error.
-        `served_by` leases the model version that serves it (with `hybrid`, the item leases
-        its bank and its generative model itself)."""
-        with self.telemetry.item_span(f"{self.service_name}/{method} item", item) as span:
-            response, error = await self._decode_one(
-                served_by, embedding, options, field, deadline, hybrid
-            )
-            if error is not None:
-                self.telemetry.item_failed(span, error.code_name, error.message)
-            return response, error
-
-    async def _decode_one(
-        self,
-        served_by: Callable[[], ContextManager[ModelVersion]],
-        embedding: pb.Embedding,
-        options: DecodeOptions,
-        field: str,
-        deadline: float | None,
-        hybrid: pb.Hybrid | None,
-    ) -> tuple[pb.DecodeResponse | None, pb.ItemError | None]:
-        received_at = time.monotonic()
-        if not self.gate.open:  # an item sent on a stream after shutdown began
-            return None, item_error(ServeError(ErrorKind.UNAVAILABLE, SHUTTING_DOWN))
-        try:
-            if hybrid is not None:
-                answer = await self.hybrid.decode(
-                    options, hybrid, embedding, field, deadline, received_at
-                )
-                return answer, None
-            with served_by() as served:
-                sequence = self._decode_request(served, embedding, field, options, deadline)
-                result = await self._run(served, sequence)
-        except ServeError as error:
-            return None, item_error(error)
-        return decode_response(result, served, received_at), None
-
     @rpc
     async def DecodeBatch(
         self, request: pb.DecodeBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.DecodeBatchResponse:
-        if not request.embeddings:
-            raise invalid("embeddings: empty; expected at least one embedding")
-        if len(request.embeddings) > self._limits.max_batch_items:
-            raise invalid(
-                f"embeddings: {len(request.embeddings)} items exceed the server's "
-                f"max_batch_items {self._limits.max_batch_items}; split the batch",
-            )
-        # one version serves the whole batch; an unknown model fails the call
-        with self.models.lease(request.model, request.version) as served:
-            deadline = deadline_of(context)
-            outcomes = await asyncio.gather(
-                *(
-                    self._decode_item(
-                        lambda: contextlib.nullcontext(served),
-                        embedding,
-                        request,
-                        f"embeddings[{i}]",
-                        deadline,
-                        str(i),
-                        "DecodeBatch",
-                        hybrid_of(request),
-                    )
-                    for i, embedding in enumerate(request.embeddings)
-                )
-            )
-        return pb.DecodeBatchResponse(
-            results=[pb.DecodeBatchResult(response=ok, error=err) for ok, err in outcomes]
-        )
+        return await self.items.batch(request, deadline_of(context))
 
     @rpc
     async def DecodeStream(
@@ -236,69 +156,10 @@ class DecoderService(pb_grpc.DecoderServicer):
         request_iterator: AsyncIterator[pb.DecodeStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.DecodeStreamResponse]:
-        answers: asyncio.Queue[pb.DecodeStreamResponse | None] = asyncio.Queue()
-        deadline = deadline_of(context)
-        pending: set[asyncio.Task[None]] = set()
-
-        async def answer(item: pb.DecodeStreamRequest) -> None:
-            ok, err = await self._decode_item(
-                functools.partial(self.models.lease, item.model, item.version),
-                item.embedding,
-                item,
-                "embedding",
-                deadline,
-                item.id,
-                "DecodeStream",
-                hybrid_of(item),
-            )
-            answers.put_nowait(pb.DecodeStreamResponse(id=item.id, response=ok, error=err))
-
-        async def read_requests() -> None:
-            count = 0
-            async for item in request_iterator:
-                count += 1
-                if isinstance(item, Unparseable):
-                    error = item_error(invalid(item.message))
-                    answers.put_nowait(pb.DecodeStreamResponse(error=error))
-                    continue
-                if count > self._limits.max_stream_items:
-                    error = item_error(
-                        ServeError(
-                            ErrorKind.EXHAUSTED,
-                            f"this DecodeStream passed the server's max_stream_items "
-                            f"{self._limits.max_stream_items}; open a new stream",
-                        )
-                    )
-                    answers.put_nowait(pb.DecodeStreamResponse(id=item.id, error=error))
-                    continue
-                task = asyncio.create_task(answer(item))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-
-        async def read_then_finish() -> None:
-            """Read every item, wait for their answers, then end the response stream,
-            also when reading fails (an unparseable message): the call never hangs."""
-            try:
-                await read_requests()
-            finally:
-                if pending:
-                    await asyncio.gather(*list(pending), return_exceptions=True)
-                answers.put_nowait(None)
-
-        reader = asyncio.create_task(read_then_finish())
-        try:
-            while (response := await answers.get()) is not None:
+        answers = self.items.stream(request_iterator, deadline_of(context))
+        async with contextlib.aclosing(answers):
+            async for response in answers:
                 yield response
-            try:
-                await reader  # a failure to read the request stream
-            except Exception as exc:
-                raise invalid(
-                    f"request stream: an item could not be read ({exc}); "
-                    "the items before it were answered"
-                ) from exc
-        finally:
-            for task in [reader, *pending]:
-                task.cancel()
 
     @rpc
     async def ListModels(
@@ -318,40 +179,3 @@ class DecoderService(pb_grpc.DecoderServicer):
     ) -> pb.ModelInfo:
         with self.models.lease(request.model, request.version) as served:
             return model_info(served, served.version == self.models.serving_version(served.name))
-
-
-def _tolerant(message_class: Any) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        try:
-            return message_class.FromString(data)
-        except DecodeError as exc:
-            return Unparseable(message_class.DESCRIPTOR.full_name, str(exc) or "malformed")
-
-    return parse
-
-
-def add_service(
-    servicer: Any, server: grpc.aio.Server, module: Any, service: str = "Decoder"
-) -> None:
-    """Register `service`'s methods of the generated `module` (as its generated
-    `add_<Service>Servicer_to_server` does) with request parsers that hand unparseable
-    messages to the handlers."""
-    descriptor = module.DESCRIPTOR.services_by_name[service]
-    handlers = {}
-    for method in descriptor.methods:
-        request_class = getattr(module, method.input_type.name)
-        response_class = getattr(module, method.output_type.name)
-        make = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(method.client_streaming, method.server_streaming)]
-        handlers[method.name] = make(
-            getattr(servicer, method.name),
-            request_deserializer=_tolerant(request_class),
-            response_serializer=response_class.SerializeToString,
-        )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
-    )

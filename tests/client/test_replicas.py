@@ -272,7 +272,7 @@ def test_drains_under_heavy_load_lose_no_call(tmp_path: Path, checkpoint: Path) 
     other. Calls reach a draining replica before the client sees its health turn
     NOT_SERVING: the gate refuses them (UNAVAILABLE; its last refusals are held until the
     listener has closed, so that none is cancelled by gRPC: see `CallGate.quiesce` and
-    tests/faults/test_storms.py). The client retries them on another replica."""
+    tests/faults/test_shutdown_storm.py). The client retries them on another replica."""
     replicas = start_replicas(tmp_path, checkpoint, 4)
     try:
         with Client(replicas[-1].address, timeout=30) as direct:

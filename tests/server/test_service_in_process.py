@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from retd.server.app import load_engine
+from retd.server.calls import add_service
 from retd.server.config import ModelSettings, ModelSpec, SchedulerConfig
 from retd.server.repository import ModelRegistry
-from retd.server.service import DecoderService, add_service
+from retd.server.service import DecoderService
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
 
