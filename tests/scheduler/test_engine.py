@@ -127,7 +127,7 @@ async def serve(engine: RETEngine, plans: list[Plan], order: list[int]) -> dict[
             if plan.after is not None and plan.after[0] in runs:
                 j, k = plan.after
                 await wait_for(lambda j=j, k=k: runs[j].tokens >= k or runs[j].done, "progress")
-            request = SequenceRequest(embedding(plan.emb_seed), plan.params, plan.seed, stream=True)
+            request = SequenceRequest(embedding(plan.emb_seed), plan.params, stream=True)
             runs[i] = Run(engine.submit(request))
             tasks.append(asyncio.create_task(consume(i)))
         return tasks
@@ -217,7 +217,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch_around_it(
             alone = {}
             for i, plan in enumerate(plans):  # the same requests, each alone in the engine
                 await wait_idle(engine)
-                request = SequenceRequest(embedding(plan.emb_seed), plan.params, plan.seed)
+                request = SequenceRequest(embedding(plan.emb_seed), plan.params)
                 alone[i] = await asyncio.wait_for(engine.submit(request).result(), RUN_LIMIT_S)
             return runs, alone
         finally:
@@ -278,7 +278,7 @@ def test_cancellation_frees_running_and_queued_slots(sharp_model: LoadedModel) -
 
             tasks = []
             for i in range(4):
-                request = SequenceRequest(embedding(100 + i), long, 0, stream=True)
+                request = SequenceRequest(embedding(100 + i), long, stream=True)
                 runs[i] = Run(engine.submit(request))
                 tasks.append(asyncio.create_task(consume(i)))
             engine.start()
@@ -300,7 +300,7 @@ def test_cancellation_frees_running_and_queued_slots(sharp_model: LoadedModel) -
             assert 2 <= runs[0].tokens <= 3 and 2 <= runs[1].tokens <= 3  # left at once
             # the freed slots serve new sequences correctly
             params = SamplingParams(max_new_tokens=30)
-            handles = [engine.submit(SequenceRequest(embedding(s), params, 0)) for s in (7, 8, 9)]
+            handles = [engine.submit(SequenceRequest(embedding(s), params)) for s in (7, 8, 9)]
             results = await asyncio.wait_for(
                 asyncio.gather(*(h.result() for h in handles)), RUN_LIMIT_S
             )
@@ -327,12 +327,12 @@ def test_queue_full_is_refused_at_once_and_accepted_sequences_all_finish(
             dataclasses.replace(sharp_model, model=gated), max_batch_size=1, max_queue_size=2
         )
         try:
-            first = engine.submit(SequenceRequest(embedding(100), long, 0))
+            first = engine.submit(SequenceRequest(embedding(100), long))
             await wait_for(lambda: engine.stats().running == 1, "the first to run")
-            queued = [engine.submit(SequenceRequest(embedding(s), short, 0)) for s in (1, 2)]
+            queued = [engine.submit(SequenceRequest(embedding(s), short)) for s in (1, 2)]
             started = time.monotonic()
             with pytest.raises(ServeError) as info:
-                engine.submit(SequenceRequest(embedding(3), short, 0))
+                engine.submit(SequenceRequest(embedding(3), short))
             assert time.monotonic() - started < 0.5  # refused at once, not after waiting
             assert info.value.kind is ErrorKind.EXHAUSTED
             assert "full" in info.value.message and "2" in info.value.message
@@ -410,16 +410,14 @@ def test_a_failing_row_fails_only_its_sequence_with_internal(
         )
         try:
             first = n_good if joins_running_batch else poison_at
-            good = [
-                engine.submit(SequenceRequest(embedding(i), params[i], 0)) for i in range(first)
-            ]
+            good = [engine.submit(SequenceRequest(embedding(i), params[i])) for i in range(first)]
             engine.start()
             if joins_running_batch:
                 await wait_for(lambda: model.entered == 2, "the worker to enter its second step")
                 assert engine.stats().running >= 1 and engine.stats().waiting == 0
-            bad = engine.submit(SequenceRequest(POISON, SamplingParams(max_new_tokens=5), 0))
+            bad = engine.submit(SequenceRequest(POISON, SamplingParams(max_new_tokens=5)))
             good += [
-                engine.submit(SequenceRequest(embedding(i), params[i], 0))
+                engine.submit(SequenceRequest(embedding(i), params[i]))
                 for i in range(first, n_good)
             ]
             model.gate.release(1_000_000)
@@ -434,9 +432,7 @@ def test_a_failing_row_fails_only_its_sequence_with_internal(
                 assert list(result.token_ids) == reference(sharp_model, i, p).token_ids
             await wait_idle(engine)
             # the failed sequence's slot serves again (every slot is used by this batch)
-            again = [
-                engine.submit(SequenceRequest(embedding(i), params[0], 0)) for i in range(batch)
-            ]
+            again = [engine.submit(SequenceRequest(embedding(i), params[0])) for i in range(batch)]
             results = await asyncio.wait_for(
                 asyncio.gather(*(h.result() for h in again)), RUN_LIMIT_S
             )
@@ -465,7 +461,7 @@ def test_sampled_batch_mates_keep_their_tokens_when_a_row_fails_in_sampling(
         engine = start_engine(sharp_model, max_batch_size=4)
         try:
             runs = [
-                engine.submit(SequenceRequest(embedding(20 + i), p, p.seed, stream=True))
+                engine.submit(SequenceRequest(embedding(20 + i), p, stream=True))
                 for i, p in enumerate(params)
             ]
             progress = [0, 0, 0]
@@ -481,7 +477,7 @@ def test_sampled_batch_mates_keep_their_tokens_when_a_row_fails_in_sampling(
             tasks = [asyncio.create_task(collect(i)) for i in range(3)]
             await wait_for(lambda: min(progress) >= 3, "the batch to be under way")
             bad = SamplingParams(max_new_tokens=5, temperature=1.0, seed=1)
-            handle = engine.submit(SequenceRequest(POISON, bad, 1))
+            handle = engine.submit(SequenceRequest(POISON, bad))
             with pytest.raises(ServeError) as info:
                 await asyncio.wait_for(handle.result(), RUN_LIMIT_S)
             assert info.value.kind is ErrorKind.INTERNAL
@@ -525,8 +521,7 @@ def test_a_batch_whose_sampling_raises_is_sampled_row_by_row_with_the_same_draws
         engine = start_engine(sharp_model, max_batch_size=3, max_wait_ms=60_000.0)
         try:
             handles = [
-                engine.submit(SequenceRequest(embedding(40 + i), p, p.seed or 0))
-                for i, p in enumerate(params)
+                engine.submit(SequenceRequest(embedding(40 + i), p)) for i, p in enumerate(params)
             ]
             return await asyncio.wait_for(
                 asyncio.gather(*(h.result() for h in handles)), RUN_LIMIT_S

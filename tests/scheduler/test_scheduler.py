@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from retd.model.generation import FinishReason, OutputBuffer, SamplingParams
+from retd.server.requests import SequenceRequest
 from retd.server.scheduler import (
     Aborted,
     AbortReason,
@@ -23,6 +25,7 @@ from retd.server.scheduler import (
 )
 
 BYTE = 65  # "A": a token that never ends a sequence by itself (EOS is 0)
+EMBEDDING = np.zeros(4, dtype=np.float32)  # the scheduler never reads it
 
 
 def state(
@@ -36,15 +39,8 @@ def state(
     stream: bool = False,
 ) -> SequenceState:
     params = SamplingParams(max_new_tokens=max_new_tokens, stop=stop)
-    return SequenceState(
-        seq_id,
-        params,
-        OutputBuffer(params, eos_id=0),
-        arrival=arrival,
-        priority=priority,
-        deadline=deadline,
-        stream=stream,
-    )
+    request = SequenceRequest(EMBEDDING, params, stream, deadline, priority)
+    return SequenceState(seq_id, request, OutputBuffer(params, eos_id=0), arrival=arrival)
 
 
 def scheduler(**config: object) -> Scheduler:
@@ -518,6 +514,6 @@ def test_complete_after_a_failed_row_ends_the_others() -> None:
         s.add(state(seq_id, max_new_tokens=1))
     step = s.schedule(0.0)
     assert [a.seq_id for a in s.fail([2], "boom")] == [2]
-    rest = Step(tuple(r for r in step.rows if r.seq_id != 2), step.joined, ())
+    rest = Step(tuple(r for r in step.rows if r.seq_id != 2), step.new, ())
     assert [f.seq_id for f in s.complete(rest, 1.0)] == [1, 3]
     assert (s.num_running, s.free_slots, s.num_padding) == (0, 4, 0)
