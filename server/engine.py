@@ -22,16 +22,16 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, TypeAlias
 
-import numpy as np
 import torch
 
 from retd.model.generation import FinishReason, OutputBuffer, SamplingParams
 from retd.server.config import DecodeDefaults
 from retd.server.errors import ErrorKind, ServeError
+from retd.server.requests import SearchParams, SequenceRequest
 from retd.server.scheduler import (
     Aborted,
     AbortReason,
@@ -45,19 +45,6 @@ from retd.server.validation import DecodeOptions, ModelLimits
 from retd.v1 import decoder_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SequenceRequest:
-    """One embedding to decode, validated."""
-
-    embedding: np.ndarray  # (embedding_dim,) float32
-    params: SamplingParams
-    seed: int
-    stream: bool = False  # deliver a TokenDelta after every step
-    deadline: float | None = None  # time.monotonic() by which it must finish
-    priority: int = 0  # higher is served first; FIFO among equals
-    candidates: int = 1  # a phrase bank returns this many nearest phrases
 
 
 @dataclass(frozen=True)
@@ -137,10 +124,7 @@ ABORT_KINDS = {
 class SequenceHandle:
     """The event-loop side of one submitted sequence."""
 
-    def __init__(
-        self, request: SequenceRequest, loop: asyncio.AbstractEventLoop, engine: Engine
-    ) -> None:
-        self.request = request
+    def __init__(self, loop: asyncio.AbstractEventLoop, engine: Engine) -> None:
         self.seq_id = -1
         self._loop = loop
         self._engine = engine
@@ -207,6 +191,7 @@ class Engine(abc.ABC):
     lock), and warm it up in `warm_up`."""
 
     kind: ClassVar[str]
+    params_type: ClassVar[type[SamplingParams | SearchParams]]  # what its requests carry
 
     def __init__(
         self,
@@ -243,21 +228,16 @@ class Engine(abc.ABC):
     def submit(self, request: SequenceRequest) -> SequenceHandle:
         """Queue a sequence; raises ServeError (EXHAUSTED when the queue is full, UNAVAILABLE
         when shutting down)."""
-        handle = SequenceHandle(request, asyncio.get_running_loop(), self)
-        output = OutputBuffer(request.params, self._eos_id)
+        params = request.params
+        if not isinstance(params, self.params_type):
+            raise TypeError(f"a {self.kind} takes {self.params_type.__name__}, not {params!r}")
+        handle = SequenceHandle(asyncio.get_running_loop(), self)
+        output = None if isinstance(params, SearchParams) else OutputBuffer(params, self._eos_id)
         with self._lock:
             if self._closing:
                 raise ServeError(ErrorKind.UNAVAILABLE, "the server is shutting down")
             handle.seq_id = next(self._ids)
-            state = SequenceState(
-                handle.seq_id,
-                request.params,
-                output,
-                arrival=time.monotonic(),
-                priority=request.priority,
-                deadline=request.deadline,
-                stream=request.stream,
-            )
+            state = SequenceState(handle.seq_id, request, output, arrival=time.monotonic())
             try:
                 self._scheduler.add(state)
             except QueueFullError as exc:
@@ -336,14 +316,8 @@ class Engine(abc.ABC):
                 step = self._next_step()
                 if step is None:
                     return
-                # (a static batch's padding rows have answered already: no handle, no request)
-                requests = {
-                    r.seq_id: handle.request
-                    for r in step.rows
-                    if (handle := self._handles.get(r.seq_id)) is not None
-                }
             try:
-                outcome, failures = self._run_step(step, requests)
+                outcome, failures = self._run_step(step)
             except Exception as exc:
                 log.exception("model %s: step failed", self.name)
                 outcome, failures = None, {r.seq_id: str(exc) for r in step.rows}
@@ -353,20 +327,16 @@ class Engine(abc.ABC):
                 for seq_id, message in failures.items():
                     events += self._abort_events(self._scheduler.fail([seq_id], message))
                 done = replace(step, rows=tuple(r for r in step.rows if r.seq_id not in failures))
-                events += self._apply(done, requests, outcome, now)
+                events += self._apply(done, outcome, now)
                 self._deliver(events)
 
     @abc.abstractmethod
-    def _run_step(
-        self, step: Step, requests: Mapping[int, SequenceRequest]
-    ) -> tuple[Any, dict[int, str]]:
-        """Outside the lock: run `step` on the model (`requests`: its rows' requests by
-        sequence id); its outcome for `_apply`, and the messages of the rows that failed."""
+    def _run_step(self, step: Step) -> tuple[Any, dict[int, str]]:
+        """Outside the lock: run `step` on the model (its joiners' requests come with it, in
+        `step.new`); its outcome for `_apply`, and the messages of the rows that failed."""
 
     @abc.abstractmethod
-    def _apply(
-        self, step: Step, requests: Mapping[int, SequenceRequest], outcome: Any, now: float
-    ) -> list[tuple[int, Event]]:
+    def _apply(self, step: Step, outcome: Any, now: float) -> list[tuple[int, Event]]:
         """Under the lock: the scheduler takes the outcome of `step` (its failed rows
         removed; `outcome` is None when the whole step failed); the events for the callers."""
 

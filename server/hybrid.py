@@ -10,8 +10,8 @@ from retd.model.checkpoint import PHRASE_BANK_KIND, RET_KIND
 from retd.server.config import DecodeDefaults
 from retd.server.engine import SequenceRequest, SequenceResult
 from retd.server.errors import ErrorKind, ServeError, invalid
-from retd.server.phrase_bank_engine import BANK_PARAMS
 from retd.server.repository import ModelRegistry
+from retd.server.requests import SearchParams
 from retd.server.responses import decode_response
 from retd.server.validation import (
     DecodeOptions,
@@ -70,13 +70,13 @@ class HybridDecoder:
             )
             priority = options.priority
             found = await self._run(
-                bank, SequenceRequest(query, BANK_PARAMS, 0, deadline=deadline, priority=priority)
+                bank, SequenceRequest(query, SearchParams(), deadline=deadline, priority=priority)
             )
             similarity = found.candidates[0].score
             if similarity >= min_similarity:
                 return decode_response(found, bank, received_at)
             generated = await self._run(
-                generator, SequenceRequest(query, params, 0, deadline=deadline, priority=priority)
+                generator, SequenceRequest(query, params, deadline=deadline, priority=priority)
             )
             return decode_response(generated, generator, received_at, similarity, earlier=[found])
 

@@ -6,7 +6,7 @@ neither the engine nor torch."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class Stats(Protocol):
@@ -41,6 +41,8 @@ class ServedVersion(Protocol):
 
 
 class Params(Protocol):
+    """A decode's sampling parameters."""
+
     @property
     def max_new_tokens(self) -> int: ...
     @property
@@ -53,15 +55,21 @@ class Params(Protocol):
     def greedy(self) -> bool: ...
 
 
+@runtime_checkable
+class Search(Protocol):
+    """A phrase bank's search parameters."""
+
+    @property
+    def candidates(self) -> int: ...
+
+
 class SequenceFacts(Protocol):
     @property
-    def params(self) -> Params: ...
+    def params(self) -> Params | Search: ...
     @property
     def seed(self) -> int: ...
     @property
     def priority(self) -> int: ...
-    @property
-    def candidates(self) -> int: ...
 
 
 class Memory(Protocol):

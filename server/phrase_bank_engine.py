@@ -1,19 +1,19 @@
 """The engine of a phrase bank: the scheduler batches waiting queries exactly as it batches
 RET's sequences (bounded queue, priorities, deadlines, cancellation, `max_wait_ms`), and the
 worker answers a whole step with one search: the step's embeddings in one matrix product
-against the bank, `torch.topk` for each row's nearest phrases. Every sequence ends in the
-step it joins (`Scheduler.complete`)."""
+against the bank, `torch.topk` for each row's nearest phrases. A search is a request with
+`SearchParams` (no sampling, no token): it ends in the step it joins (`Scheduler.complete`),
+so every row of a step is a joiner and its request comes with the step (`Step.new`)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from retd.model.checkpoint import PHRASE_BANK_KIND
-from retd.model.generation import FinishReason, SamplingParams
+from retd.model.generation import FinishReason
 from retd.model.phrase_bank import LoadedPhraseBank
 from retd.server.config import DecodeDefaults
 from retd.server.engine import (
@@ -27,20 +27,19 @@ from retd.server.engine import (
     TokenDelta,
     sample_memory,
 )
-from retd.server.scheduler import Finished, Row, SchedulerConfig, Step
+from retd.server.requests import SearchParams
+from retd.server.scheduler import Finished, Joiner, SchedulerConfig, Step
 from retd.server.validation import DecodeOptions, loop_breakers, parse_bank_generate, parse_query
 from retd.v1 import decoder_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-# A phrase bank's sequences: one step, no token generated.
-BANK_PARAMS = SamplingParams(max_new_tokens=1)
 
 
 class PhraseBankEngine(Engine):
     """Serves a phrase bank: a step's queries are searched together, exactly."""
 
     kind = PHRASE_BANK_KIND
+    params_type = SearchParams
 
     def __init__(
         self,
@@ -79,7 +78,7 @@ class PhraseBankEngine(Engine):
         it (the latter are checked all the same)."""
         query = parse_query(embedding, field, self.limits(max_new_tokens_limit))
         loop_breakers(options, defaults)
-        return SequenceRequest(query, BANK_PARAMS, 0, deadline=deadline, priority=options.priority)
+        return SequenceRequest(query, SearchParams(), deadline=deadline, priority=options.priority)
 
     def build_generate_request(
         self,
@@ -93,12 +92,10 @@ class PhraseBankEngine(Engine):
         candidates, seed = parse_bank_generate(request)
         return SequenceRequest(
             query,
-            BANK_PARAMS,
-            seed,
+            SearchParams(candidates, seed),
             stream=stream,
             deadline=deadline,
             priority=request.priority,
-            candidates=candidates,
         )
 
     def warm_up(self) -> None:
@@ -107,17 +104,11 @@ class PhraseBankEngine(Engine):
         with torch.no_grad():
             self.loaded.bank.search(queries, 1)
 
-    def _run_step(
-        self, step: Step, requests: Mapping[int, SequenceRequest]
-    ) -> tuple[dict[int, tuple[Candidate, ...]], dict[int, str]]:
-        return self._search_isolating_faults(step.rows, requests)
+    def _run_step(self, step: Step) -> tuple[dict[int, tuple[Candidate, ...]], dict[int, str]]:
+        return self._search_isolating_faults(step.new)
 
     def _apply(
-        self,
-        step: Step,
-        requests: Mapping[int, SequenceRequest],
-        outcome: dict[int, tuple[Candidate, ...]] | None,
-        now: float,
+        self, step: Step, outcome: dict[int, tuple[Candidate, ...]] | None, now: float
     ) -> list[tuple[int, Event]]:
         matches = outcome or {}
         events: list[tuple[int, Event]] = []
@@ -125,57 +116,52 @@ class PhraseBankEngine(Engine):
         memory = sample_memory(self.device) if finished else None
         for done in finished:
             candidates = matches[done.seq_id]
-            if requests[done.seq_id].stream:  # the whole phrase as one delta
+            if done.state.stream:  # the whole phrase as one delta
                 events.append((done.seq_id, TokenDelta(candidates[0].text, ())))
-            events.append(
-                (done.seq_id, self._result(done, requests[done.seq_id], candidates, memory))
-            )
+            events.append((done.seq_id, self._result(done, candidates, memory)))
         return events
 
     def _search_isolating_faults(
-        self, rows: Sequence[Row], requests: Mapping[int, SequenceRequest]
+        self, searches: tuple[Joiner, ...]
     ) -> tuple[dict[int, tuple[Candidate, ...]], dict[int, str]]:
-        """Every row's candidates from one search; if it raises (out of memory, say), row by
-        row, so that only the rows that fail get an error."""
+        """Every search's candidates from one search of the bank; if it raises (out of
+        memory, say), search by search, so that only the searches that fail get an error."""
         try:
-            return self._search(rows, requests), {}
+            return self._search(searches), {}
         except Exception as exc:
-            if len(rows) == 1:
+            if len(searches) == 1:
                 log.warning("model %s: search failed: %r", self.name, exc)
-                return {}, {rows[0].seq_id: f"search failed: {exc}"}
+                return {}, {searches[0].seq_id: f"search failed: {exc}"}
             log.warning(
-                "model %s: a search of %d failed (%r); row by row", self.name, len(rows), exc
+                "model %s: a search of %d failed (%r); row by row", self.name, len(searches), exc
             )
         matches: dict[int, tuple[Candidate, ...]] = {}
         failures: dict[int, str] = {}
-        for row in rows:
-            row_matches, row_failures = self._search_isolating_faults((row,), requests)
-            matches.update(row_matches)
-            failures.update(row_failures)
+        for search in searches:
+            one_matches, one_failures = self._search_isolating_faults((search,))
+            matches.update(one_matches)
+            failures.update(one_failures)
         return matches, failures
 
-    def _search(
-        self, rows: Sequence[Row], requests: Mapping[int, SequenceRequest]
-    ) -> dict[int, tuple[Candidate, ...]]:
+    def _search(self, searches: tuple[Joiner, ...]) -> dict[int, tuple[Candidate, ...]]:
         bank = self.loaded.bank
-        queries = torch.from_numpy(np.stack([requests[r.seq_id].embedding for r in rows]))
-        k = max(requests[r.seq_id].candidates for r in rows)
-        scores, indices = bank.search(queries, k)
+        wanted = {j.seq_id: _search_params(j).candidates for j in searches}
+        queries = torch.from_numpy(np.stack([j.request.embedding for j in searches]))
+        scores, indices = bank.search(queries, max(wanted.values()))
         matches = {}
-        for row, row_scores, row_indices in zip(
-            rows, scores.tolist(), indices.tolist(), strict=True
+        for search, row_scores, row_indices in zip(
+            searches, scores.tolist(), indices.tolist(), strict=True
         ):
-            wanted = requests[row.seq_id].candidates
-            matches[row.seq_id] = tuple(
+            k = wanted[search.seq_id]
+            matches[search.seq_id] = tuple(
                 Candidate(bank.phrases[index], score, index)
-                for score, index in zip(row_scores[:wanted], row_indices[:wanted], strict=True)
+                for score, index in zip(row_scores[:k], row_indices[:k], strict=True)
             )
         return matches
 
     def _result(
         self,
         finished: Finished,
-        request: SequenceRequest,
         candidates: tuple[Candidate, ...],
         memory: MemorySample | None,
     ) -> SequenceResult:
@@ -186,7 +172,7 @@ class PhraseBankEngine(Engine):
             token_ids=(),
             finish_reason=FinishReason.EOS,  # a phrase is always whole
             mean_logprob=0.0,
-            seed=request.seed,
+            seed=state.request.seed,
             queue_s=state.admitted_at - state.arrival,
             compute_s=finished.finished_at - state.admitted_at,
             submitted_at=state.arrival,
@@ -197,3 +183,9 @@ class PhraseBankEngine(Engine):
             memory=memory,
             candidates=candidates,
         )
+
+
+def _search_params(joiner: Joiner) -> SearchParams:
+    params = joiner.request.params
+    assert isinstance(params, SearchParams), "a phrase bank's request is a search"
+    return params

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -24,13 +23,12 @@ from retd.server.engine import (
     Event,
     MemorySample,
     ModelDescription,
-    SequenceHandle,
     SequenceRequest,
     SequenceResult,
     TokenDelta,
     sample_memory,
 )
-from retd.server.scheduler import Delta, Finished, Row, SchedulerConfig, Step
+from retd.server.scheduler import Delta, Finished, Joiner, Row, SchedulerConfig, Step
 from retd.server.validation import DecodeOptions, greedy_params, parse_embedding, parse_generate
 from retd.v1 import decoder_pb2 as pb
 
@@ -41,6 +39,7 @@ class RETEngine(Engine):
     """Serves a RET model: continuous batching of decode steps over KV-cache slots."""
 
     kind = RET_KIND
+    params_type = SamplingParams
 
     def __init__(
         self, name: str, loaded: LoadedModel, scheduler_config: SchedulerConfig | None = None
@@ -69,6 +68,8 @@ class RETEngine(Engine):
         # Worker thread only: the sampling tensors of the last step's rows. A sampled row's
         # draws hash its seed and position, so no generator state is kept per sequence.
         self._sampler = Sampler()
+        # Worker thread only: each running sequence's params, from the step it joins.
+        self._params: dict[int, SamplingParams] = {}
         self._blockers: dict[int, NGramBlocker] = {}  # worker thread only: no-repeat n-grams
         # Worker thread only: the bytes each slot's repetition penalty applies to.
         self._repeats = RepetitionTracker(slots, config.vocab_size, self.device)
@@ -90,7 +91,6 @@ class RETEngine(Engine):
             params=greedy_params(
                 options.max_new_tokens, "max_new_tokens", limits, options, defaults
             ),
-            seed=0,
             deadline=deadline,
             priority=options.priority,
         )
@@ -104,52 +104,38 @@ class RETEngine(Engine):
     ) -> SequenceRequest:
         limits = self.limits(max_new_tokens_limit)
         embedding = parse_embedding(request.embedding, "embedding", limits)
-        params, seed = parse_generate(request, limits)
+        params = parse_generate(request, limits)
         return SequenceRequest(
             embedding,
             params,
-            seed,
             stream=stream,
             deadline=deadline,
             priority=request.priority,
         )
-
-    def submit(self, request: SequenceRequest) -> SequenceHandle:
-        """`Engine.submit`; a sampled sequence draws with its request's seed."""
-        params = request.params
-        if not params.greedy and params.seed != request.seed:
-            request = replace(request, params=replace(params, seed=request.seed))
-        return super().submit(request)
 
     def warm_up(self, steps: int = 4) -> None:
         """Run a few decode steps so the first caller pays no start-up cost; call it before
         `start()`."""
         config = self.loaded.config
         params = SamplingParams(max_new_tokens=steps)
-        request = SequenceRequest(np.zeros(config.embedding_dim, dtype=np.float32), params, 0)
+        request = SequenceRequest(np.zeros(config.embedding_dim, dtype=np.float32), params)
         for position in range(steps):
-            step = Step((Row(-1, 0, position, 0, params),), (-1,) if position == 0 else (), ())
+            new = (Joiner(-1, request),) if position == 0 else ()
             _, _, failures = self._execute_isolating_faults(
-                step, {-1: request} if position == 0 else {}
+                Step((Row(-1, 0, position, 0),), new, ())
             )
             if failures:
                 raise RuntimeError(f"model {self.name}: warm-up failed: {failures[-1]}")
+        self._params.clear()
         self._blockers.clear()
         self._penalized.clear()
 
-    def _run_step(
-        self, step: Step, requests: Mapping[int, SequenceRequest]
-    ) -> tuple[tuple[list[int], list[float]], dict[int, str]]:
-        joining = {i: requests[i] for i in step.joined}
-        tokens, logprobs, failures = self._execute_isolating_faults(step, joining)
+    def _run_step(self, step: Step) -> tuple[tuple[list[int], list[float]], dict[int, str]]:
+        tokens, logprobs, failures = self._execute_isolating_faults(step)
         return (tokens, logprobs), failures
 
     def _apply(
-        self,
-        step: Step,
-        requests: Mapping[int, SequenceRequest],
-        outcome: tuple[list[int], list[float]] | None,
-        now: float,
+        self, step: Step, outcome: tuple[list[int], list[float]] | None, now: float
     ) -> list[tuple[int, Event]]:
         tokens, logprobs = outcome or ([], [])
         events: list[tuple[int, Event]] = []
@@ -163,20 +149,26 @@ class RETEngine(Engine):
         return events
 
     def _execute_isolating_faults(
-        self, step: Step, joining: Mapping[int, SequenceRequest]
+        self, step: Step
     ) -> tuple[list[int], list[float], dict[int, str]]:
         """Run the step: a token and its log-probability for every row that did not fail,
         and the failed rows' messages, so one bad sequence (or an out-of-memory batch)
-        never fails the rest."""
-        for seq_id, request in joining.items():
-            if request.params.no_repeat_ngram_size:
-                self._blockers[seq_id] = NGramBlocker(request.params.no_repeat_ngram_size)
-            if request.params.penalizes:
-                self._penalized.add(seq_id)
+        never fails the rest. A padding row is computed, not sampled (its token is 0)."""
+        joining: dict[int, SequenceRequest] = {}
+        for joiner in step.new:  # what is kept of a sequence comes with its first step
+            request = joiner.request
+            params = request.params
+            assert isinstance(params, SamplingParams), "a RET sequence is sampled"
+            joining[joiner.seq_id] = request
+            self._params[joiner.seq_id] = params
+            if params.no_repeat_ngram_size:
+                self._blockers[joiner.seq_id] = NGramBlocker(params.no_repeat_ngram_size)
+            if params.penalizes:
+                self._penalized.add(joiner.seq_id)
         pushed: list[Row] = []
         for row in step.rows:  # each row's last byte, seen once per step
             if row.seq_id in joining and row.seq_id in self._penalized:
-                self._repeats.reset(row.slot, row.params)
+                self._repeats.reset(row.slot, self._params[row.seq_id])
             if row.position == 0 or row.padding:
                 continue
             blocker = self._blockers.get(row.seq_id)
@@ -187,40 +179,14 @@ class RETEngine(Engine):
         if pushed:
             self._repeats.push([r.slot for r in pushed], [r.token for r in pushed])
         rows, logits, failures = self._forward_isolating_faults(step.rows, joining)
-        if not rows:
-            return [], [], failures
-        params = [r.params for r in rows]
-        positions = [r.position for r in rows]  # each row's draw counter
-        banned = [b.banned() if (b := self._blockers.get(r.seq_id)) else () for r in rows]
-        repeated = None
-        if any(r.seq_id in self._penalized for r in rows):
-            repeated = self._repeats.repeated([r.slot for r in rows])
-        try:
-            sampled, logprob_tensor = self._sampler(logits, params, positions, banned, repeated)
-            drawn, drawn_logprobs = sampled.tolist(), logprob_tensor.tolist()
-        except Exception as exc:  # draws depend on (seed, position) only: retry row by row
-            log.warning(
-                "model %s: sampling %d rows failed (%r); row by row", self.name, len(rows), exc
-            )
-            drawn, drawn_logprobs = [], []
-            for i, row in enumerate(rows):
-                try:
-                    token, logprob = self._sampler(
-                        logits[i : i + 1],
-                        [row.params],
-                        positions[i : i + 1],
-                        [banned[i]],
-                        None if repeated is None else repeated[i : i + 1],
-                    )
-                    drawn.append(int(token[0]))
-                    drawn_logprobs.append(float(logprob[0]))
-                except Exception as row_exc:
-                    failures[row.seq_id] = f"sampling failed: {row_exc}"
-                    drawn.append(-1)
-                    drawn_logprobs.append(float("nan"))
+        live = [i for i, r in enumerate(rows) if not r.padding]
+        if len(live) < len(rows):
+            logits = logits[live]
+        draws = iter(self._sample([rows[i] for i in live], logits, failures))
         tokens: list[int] = []
         logprobs: list[float] = []
-        for row, token, logprob in zip(rows, drawn, drawn_logprobs, strict=True):
+        for row in rows:
+            token, logprob = (0, 0.0) if row.padding else next(draws)
             if token >= 0:
                 tokens.append(token)
                 logprobs.append(logprob)
@@ -229,6 +195,42 @@ class RETEngine(Engine):
                     "sampling failed: no token can be drawn (NaN logits or every token banned)"
                 )
         return tokens, logprobs, failures
+
+    def _sample(
+        self, rows: list[Row], logits: torch.Tensor, failures: dict[int, str]
+    ) -> list[tuple[int, float]]:
+        """Each row's token and its log-probability (-1 when it cannot be drawn; a failure
+        adds its message to `failures`)."""
+        if not rows:
+            return []
+        params = [self._params[r.seq_id] for r in rows]
+        positions = [r.position for r in rows]  # each row's draw counter
+        banned = [b.banned() if (b := self._blockers.get(r.seq_id)) else () for r in rows]
+        repeated = None
+        if any(r.seq_id in self._penalized for r in rows):
+            repeated = self._repeats.repeated([r.slot for r in rows])
+        try:
+            sampled, logprob_tensor = self._sampler(logits, params, positions, banned, repeated)
+            return list(zip(sampled.tolist(), logprob_tensor.tolist(), strict=True))
+        except Exception as exc:  # draws depend on (seed, position) only: retry row by row
+            log.warning(
+                "model %s: sampling %d rows failed (%r); row by row", self.name, len(rows), exc
+            )
+        drawn: list[tuple[int, float]] = []
+        for i, row in enumerate(rows):
+            try:
+                token, logprob = self._sampler(
+                    logits[i : i + 1],
+                    params[i : i + 1],
+                    positions[i : i + 1],
+                    [banned[i]],
+                    None if repeated is None else repeated[i : i + 1],
+                )
+                drawn.append((int(token[0]), float(logprob[0])))
+            except Exception as row_exc:
+                failures[row.seq_id] = f"sampling failed: {row_exc}"
+                drawn.append((-1, float("nan")))
+        return drawn
 
     def _forward_isolating_faults(
         self, rows: tuple[Row, ...], joining: Mapping[int, SequenceRequest]
@@ -283,13 +285,12 @@ class RETEngine(Engine):
         output = state.output
         assert output.finish_reason is not None and state.admitted_at is not None
         assert state.first_token_at is not None
-        request = self._handles[state.seq_id].request
         return SequenceResult(
             text=output.text(),
             token_ids=tuple(output.token_ids),
             finish_reason=output.finish_reason,
             mean_logprob=output.mean_logprob,
-            seed=request.seed,
+            seed=state.request.seed,
             queue_s=state.admitted_at - state.arrival,
             compute_s=finished.finished_at - state.admitted_at,
             tail_text=finished.tail_text,
@@ -303,5 +304,6 @@ class RETEngine(Engine):
         )
 
     def _forget(self, seq_id: int) -> None:
+        self._params.pop(seq_id, None)
         self._blockers.pop(seq_id, None)
         self._penalized.discard(seq_id)

@@ -5,7 +5,10 @@ Plain Python, no tensors (in the spirit of vLLM's v1 `Scheduler`):
 - `add()` queues a sequence, or raises `QueueFullError` at once;
 - `schedule(now)` decides one decode step: which waiting sequences join (and into which
   slot), which running ones continue, and which leave because their caller cancelled or
-  their deadline passed;
+  their deadline passed. As in vLLM's scheduler output, a `Step` carries each joiner's
+  request once (`Step.new`, cf. `NewRequestData`); a row that continues carries only its
+  slot, position and last token (cf. `CachedRequestData`), so the worker keeps what it needs
+  of a sequence from the step it joins;
 - the worker executes the returned `Step` on the model and samples one token per row;
 - `update(step, tokens, logprobs, now)` appends the tokens, applies the stops (EOS, length,
   stop strings), frees the slots of finished sequences and returns what to tell callers;
@@ -27,11 +30,9 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from retd.model.generation import OutputBuffer, SamplingParams
+from retd.model.generation import OutputBuffer
 from retd.server.config import SchedulerConfig
-
-# Padding rows (static batching) run greedy; their id is -1 - slot.
-PADDING_PARAMS = SamplingParams(max_new_tokens=1)
+from retd.server.requests import SequenceRequest
 
 
 class QueueFullError(Exception):
@@ -49,12 +50,9 @@ class SequenceState:
     """Everything the scheduler knows of one sequence."""
 
     seq_id: int
-    params: SamplingParams
-    output: OutputBuffer
+    request: SequenceRequest
+    output: OutputBuffer | None  # None for a search: it generates no token
     arrival: float
-    priority: int = 0
-    deadline: float | None = None
-    stream: bool = False
     slot: int | None = None
     position: int = 0  # the position this sequence's next step writes
     last_token: int = 0
@@ -65,6 +63,18 @@ class SequenceState:
     batch_min: int = 0
     batch_max: int = 0
     batch_total: int = 0
+
+    @property
+    def priority(self) -> int:
+        return self.request.priority
+
+    @property
+    def deadline(self) -> float | None:
+        return self.request.deadline
+
+    @property
+    def stream(self) -> bool:
+        return self.request.stream
 
     @property
     def batch_mean(self) -> float:
@@ -80,8 +90,16 @@ class Row:
     slot: int
     position: int  # 0: the first step, whose input is the embedding prefix
     token: int  # the byte generated last (ignored at position 0)
-    params: SamplingParams
-    padding: bool = False  # a static batch's ended member: computed, its token discarded
+    padding: bool = False  # a static batch's ended member (id -1 - slot): computed, not sampled
+
+
+@dataclass(frozen=True)
+class Joiner:
+    """What the worker needs of a sequence whose first step this is (its later steps carry
+    only its `Row`)."""
+
+    seq_id: int
+    request: SequenceRequest
 
 
 @dataclass(frozen=True)
@@ -97,13 +115,18 @@ class Step:
     """The scheduler's decisions for one decode step."""
 
     rows: tuple[Row, ...]  # every sequence to step now, joiners included
-    joined: tuple[int, ...]  # sequence ids whose first step this is
+    new: tuple[Joiner, ...]  # the sequences whose first step this is, with their requests
     aborted: tuple[Aborted, ...]  # left the queue or the batch before this step
     wake_at: float | None = None  # with no rows: nothing to do before this time
 
     @property
     def empty(self) -> bool:
         return not self.rows
+
+    @property
+    def joined(self) -> tuple[int, ...]:
+        """The ids of the sequences whose first step this is."""
+        return tuple(j.seq_id for j in self.new)
 
 
 @dataclass(frozen=True)
@@ -196,10 +219,10 @@ class Scheduler:
         self._cancelled_waiting = []
         joined = self._admit(now)
         rows = tuple(
-            Row(s.seq_id, slot, s.position, s.last_token, s.params)
+            Row(s.seq_id, slot, s.position, s.last_token)
             for slot, s in sorted(self._running.items())
         ) + tuple(
-            Row(-1 - slot, slot, position, 0, PADDING_PARAMS, padding=True)
+            Row(-1 - slot, slot, position, 0, padding=True)
             for slot, position in sorted(self._padding.items())
         )
         wake_at = None
@@ -209,7 +232,8 @@ class Scheduler:
                 [min(s.arrival for s in waiting) + self.config.max_wait_ms / 1e3]
                 + [s.deadline for s in waiting if s.deadline is not None]
             )
-        return Step(rows, tuple(joined), tuple(aborted), wake_at)
+        new = tuple(Joiner(s.seq_id, s.request) for s in joined)
+        return Step(rows, new, tuple(aborted), wake_at)
 
     def update(
         self, step: Step, tokens: Sequence[int], logprobs: Sequence[float], now: float
@@ -223,6 +247,7 @@ class Scheduler:
                     self._padding[row.slot] += 1
                 continue
             state = self._running[row.slot]
+            assert state.output is not None, "a search ends with complete(), not update()"
             reason = state.output.append(token, logprob)
             if state.position == 0:
                 state.first_token_at = now
@@ -320,7 +345,7 @@ class Scheduler:
     def _oldest_arrival(self) -> float:
         return min(s.arrival for s in self._states.values() if s.slot is None)
 
-    def _admit(self, now: float) -> list[int]:
+    def _admit(self, now: float) -> list[SequenceState]:
         if not self._num_waiting or not self._free_slots:
             return []
         if self.config.batching == "static" and self._running:
@@ -341,5 +366,5 @@ class Scheduler:
             state.admitted_at = now
             self._running[state.slot] = state
             self._num_waiting -= 1
-            joined.append(state.seq_id)
+            joined.append(state)
         return joined

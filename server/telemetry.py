@@ -34,11 +34,17 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
-from retd.model.kinds import PHRASE_BANK_KIND
 from retd.server.config import TelemetryConfig
 from retd.server.logs import access_log, hex_id
 from retd.server.metrics_endpoint import start_metrics_endpoint
-from retd.server.observed import Memory, ObservedEngine, Outcome, SequenceFacts, ServedVersion
+from retd.server.observed import (
+    Memory,
+    ObservedEngine,
+    Outcome,
+    Search,
+    SequenceFacts,
+    ServedVersion,
+)
 
 # Histogram buckets for latencies, in seconds (the SDK's defaults suit milliseconds).
 LATENCY_BUCKETS_S = (
@@ -362,8 +368,8 @@ def _request_attributes(served: ServedVersion, request: SequenceFacts) -> dict[s
         "retd.priority": request.priority,
         "retd.model.version": served.version,
     }
-    if served.ready_engine.kind == PHRASE_BANK_KIND:
-        attributes["retd.candidates"] = request.candidates
+    if isinstance(params, Search):  # a phrase bank's
+        attributes["retd.candidates"] = params.candidates
     else:
         attributes.update(
             {

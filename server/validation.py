@@ -196,8 +196,9 @@ def greedy_params(
     )
 
 
-def parse_generate(request: pb.GenerateRequest, limits: ModelLimits) -> tuple[SamplingParams, int]:
-    """Sampling parameters and the seed of a Generate / GenerateStream request."""
+def parse_generate(request: pb.GenerateRequest, limits: ModelLimits) -> SamplingParams:
+    """The sampling parameters of a Generate / GenerateStream request, its seed (drawn at
+    random when unset) among them."""
     temperature, top_p, stops = _sampling_fields(request)
     seed = request.seed if request.HasField("seed") else secrets.randbits(63)
     params = SamplingParams(
@@ -209,7 +210,7 @@ def parse_generate(request: pb.GenerateRequest, limits: ModelLimits) -> tuple[Sa
         stop=stops,
         no_repeat_ngram_size=parse_no_repeat_ngram_size(request.no_repeat_ngram_size),
     )
-    return params, seed
+    return params
 
 
 def parse_bank_generate(request: pb.GenerateRequest) -> tuple[int, int]:

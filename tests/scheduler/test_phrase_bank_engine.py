@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from retd.model.generation import FinishReason, SamplingParams
+from retd.model.generation import FinishReason
 from retd.model.phrase_bank import LoadedPhraseBank, PhraseBank
 from retd.server.engine import SequenceRequest, SequenceResult, TokenDelta
 from retd.server.errors import ErrorKind, ServeError
 from retd.server.phrase_bank_engine import PhraseBankEngine
+from retd.server.requests import SearchParams
 from retd.server.scheduler import SchedulerConfig
 
 RUN_LIMIT_S = 30.0
 PHRASES = [f"phrase number {i}" for i in range(40)]
 ROWS = np.random.default_rng(3).standard_normal((len(PHRASES), 768)).astype(np.float32)
 ROWS /= np.linalg.norm(ROWS, axis=1, keepdims=True)
-ONE_STEP = SamplingParams(max_new_tokens=1)
 FAULT = 12345.0  # a query whose first value is this makes FaultyBank.search raise
 
 
@@ -40,7 +40,7 @@ def loaded_bank(bank_class: type[PhraseBank] = PhraseBank) -> LoadedPhraseBank:
 
 
 def query(row: int, candidates: int = 1, **fields: object) -> SequenceRequest:
-    return SequenceRequest(ROWS[row] * 3.0, ONE_STEP, 0, candidates=candidates, **fields)  # type: ignore[arg-type]
+    return SequenceRequest(ROWS[row] * 3.0, SearchParams(candidates), **fields)  # type: ignore[arg-type]
 
 
 async def outcome(engine: PhraseBankEngine, request: SequenceRequest) -> object:

@@ -89,7 +89,7 @@ def test_an_engine_step_reads_back_only_the_sampled_tokens(
         engine.start()
         try:
             handles = [
-                engine.submit(SequenceRequest(embedding(i), p, p.seed or 0))
+                engine.submit(SequenceRequest(embedding(i), p))
                 for i, p in enumerate(PARAMS)  # 5 sequences on 4 slots: rows join and leave
             ]
             results = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 60)
