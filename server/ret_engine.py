@@ -283,6 +283,7 @@ class RETEngine(Engine):
     def _result(self, finished: Finished, memory: MemorySample) -> SequenceResult:
         state = finished.state
         output = state.output
+        assert output is not None, "a RET sequence generates: it has an output buffer"
         assert output.finish_reason is not None and state.admitted_at is not None
         assert state.first_token_at is not None
         return SequenceResult(
