@@ -6,25 +6,34 @@ Needs only ``grpcio``, ``protobuf`` and ``numpy`` (never torch). Start a server 
     >>> import numpy as np
     >>> from retd.client import Client
     >>> embedding = np.random.default_rng(0).standard_normal(768).astype(np.float32)
-    >>> with Client("127.0.0.1:50051", timeout=30) as client:  # doctest: +SKIP
-    ...     print(client.health())                      # SERVING
-    ...     print(client.decode(embedding).text)        # greedy
+    >>> with Client(address, timeout=30) as client:  # address: "127.0.0.1:50051"
+    ...     print(client.health())
+    ...     print("greedy:", client.decode(embedding).text)
     ...     result = client.generate(embedding, temperature=0.8, seed=7)
-    ...     for chunk in client.generate_stream(embedding, seed=result.seed):
-    ...         print(chunk.text, end="", flush=True)   # the same text, streamed
-    ...     for item in client.decode_batch(np.stack([embedding, embedding])):
-    ...         print(item.unwrap().text if item.ok else item.error)
+    ...     streamed = client.generate_stream(embedding, temperature=0.8, seed=result.seed)
+    ...     print("".join(chunk.text for chunk in streamed) == result.text)  # the same text
+    ...     for item in client.decode_batch([embedding, np.zeros(3)]):
+    ...         print(item.unwrap().finish_reason.value if item.ok else item.error)
+    SERVING
+    greedy: ...
+    True
+    length
+    INVALID_ARGUMENT: ...
 
 A server with a model repository (``retd serve --model-repo DIR``) serves versions of its
 models: ``version=`` picks one on every call (0, the default, means the newest loaded), and
-the admin calls list, load and unload them::
+the admin calls list, load and unload them (with an admin token when the server asks for
+one)::
 
-    >>> with Client("127.0.0.1:50051", token="s3cret") as client:  # doctest: +SKIP
-    ...     for row in client.list_versions():
+    >>> with Client(address, token="s3cret") as client:
+    ...     for row in client.list_versions("ret"):
     ...         print(row.name, row.version, row.state.value, row.serving)
-    ...     client.load_model("ret", 1)                 # pin version 1 beside the newest
-    ...     print(client.decode(embedding, model="ret", version=1).version)   # 1
-    ...     client.unload_model("ret", 1)
+    ...     status = client.load_model("ret", 1, timeout=300)  # pin version 1 beside the newest
+    ...     print(client.decode(embedding, model="ret", version=1).version)
+    ...     released = client.unload_model("ret", 1)
+    ret 1 available False
+    ret 2 ready True
+    1
 
 :class:`AsyncClient` has the same methods for asyncio. Failures raise a
 :class:`RetdError` subclass per status code (:class:`InvalidArgumentError`,

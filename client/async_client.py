@@ -54,12 +54,13 @@ class AsyncClient(ClientBase):
         >>> import asyncio, numpy as np
         >>> from retd.client import AsyncClient
         >>> async def main():
-        ...     async with AsyncClient("127.0.0.1:50051") as client:
+        ...     async with AsyncClient(address) as client:  # address: "127.0.0.1:50051"
         ...         embedding = np.random.randn(768).astype(np.float32)
-        ...         print((await client.decode(embedding)).text)
+        ...         print("greedy:", (await client.decode(embedding)).text)
         ...         async for chunk in client.generate_stream(embedding, seed=0):
         ...             print(chunk.text, end="", flush=True)
-        >>> asyncio.run(main())  # doctest: +SKIP
+        >>> asyncio.run(main())
+        greedy: ...
 
     Leaving an ``async for`` early cancels the call once the iterator is closed: wrap it in
     :func:`contextlib.aclosing` to close it at once.
@@ -173,10 +174,11 @@ class AsyncClient(ClientBase):
         default (on by default); ``generate`` takes ``no_repeat_ngram_size`` only, ``None``/0
         being off there.
 
-        >>> async def unlooped(client):
-        ...     return (await client.decode(embedding, no_repeat_ngram_size=6)).text
-        >>> asyncio.run(unlooped(AsyncClient()))  # doctest: +SKIP
-        'a cat sits on the mat'
+        >>> async def unlooped():
+        ...     async with AsyncClient(address) as client:
+        ...         return await client.decode(embedding, max_new_tokens=16, no_repeat_ngram_size=6)
+        >>> asyncio.run(unlooped()).usage
+        Usage(generated_tokens=16)
         """
         return await self._send(self._core.decode(embedding, **call_options(locals())), timeout)
 
@@ -288,11 +290,11 @@ class AsyncClient(ClientBase):
         """Every model version the server knows (only ``model``'s when given); see
         :meth:`Client.list_versions`.
 
-        >>> async def show(client):
-        ...     listing = await client.list_versions()
-        ...     for row in listing:
-        ...         print(row.name, row.version, row.state.value, row.serving)
-        >>> asyncio.run(show(AsyncClient()))  # doctest: +SKIP
+        >>> async def show():
+        ...     async with AsyncClient(address) as client:
+        ...         for row in await client.list_versions("ret"):
+        ...             print(row.name, row.version, row.state.value, row.serving)
+        >>> asyncio.run(show())
         ret 1 available False
         ret 2 ready True
         """
@@ -304,10 +306,11 @@ class AsyncClient(ClientBase):
         """Load ``version`` of ``model`` (0: the newest in the repository) and return its
         status once READY; never retried. See :meth:`Client.load_model`.
 
-        >>> async def pin(client):
-        ...     await client.load_model("ret", 1, timeout=300)
-        ...     return (await client.decode(embedding, model="ret", version=1)).version
-        >>> asyncio.run(pin(AsyncClient()))  # doctest: +SKIP
+        >>> async def pin():
+        ...     async with AsyncClient(address) as client:
+        ...         await client.load_model("ret", 1, timeout=300)
+        ...         return (await client.decode(embedding, model="ret", version=1)).version
+        >>> asyncio.run(pin())
         1
         """
         return await self._send(self._core.load_model(model, version), timeout)
@@ -318,9 +321,10 @@ class AsyncClient(ClientBase):
         """Release ``version`` of ``model`` (0: every loaded version) once its calls finish;
         return the versions released. Never retried. See :meth:`Client.unload_model`.
 
-        >>> async def release(client):
-        ...     return [row.version for row in await client.unload_model("ret", 1)]
-        >>> asyncio.run(release(AsyncClient()))  # doctest: +SKIP
+        >>> async def release():
+        ...     async with AsyncClient(address) as client:
+        ...         return [row.version for row in await client.unload_model("ret", 1)]
+        >>> asyncio.run(release())
         [1]
         """
         return await self._send(self._core.unload_model(model, version), timeout)

@@ -4,12 +4,12 @@ Every failed call raises a :class:`RetdError` subclass chosen by the status code
 catch exactly the failure they can handle::
 
     >>> from retd.client import Client, InvalidArgumentError
-    >>> with Client() as client:  # doctest: +SKIP
+    >>> with Client(address) as client:  # address: "127.0.0.1:50051"
     ...     try:
     ...         client.decode([0.0] * 3)
     ...     except InvalidArgumentError as err:
     ...         print(err.code.name, err.details)
-    INVALID_ARGUMENT embedding: expected 768 values, got 3
+    INVALID_ARGUMENT embedding: got 3 values; expected 768 float32 values ...
 
 Failed items of :meth:`Client.decode_batch` and :meth:`Client.decode_stream` carry the same
 classes as values (``item.error``) instead of raising them.

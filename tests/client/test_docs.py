@@ -1,13 +1,15 @@
-"""The examples in the client's docstrings run. They run against a real daemon with these
-names: `client`, `address`, `embedding`, `matrix` (two rows), `e1`, `e2`. The daemon is the
-shared test server (tests/conftest.py: the seeded, untrained ret_v21), except for
-retd.client.client, whose examples also call a model repository and a phrase bank: they run
-against `repository_server`, which serves the same ret_v21 as its default model beside them;
-doctest runs a module's docstrings in name order, so Client.load_model (which loads ret 1)
-runs before Client.model_info (which describes it) and Client.unload_model (which unloads
-it), and Client.decode and Client.list_versions see ret 1 on disk only.
-The examples still marked +SKIP (in other modules) connect to the default address,
-127.0.0.1:50051, where no test server listens."""
+"""The examples in the client's docstrings run, every one of them (no +SKIP in any client
+module). They run against a real daemon with these names: `client`, `address`, `embedding`,
+`matrix` (two rows), `e1`, `e2`. The daemon is the shared test server (tests/conftest.py: the
+seeded, untrained ret_v21), except for the modules of REPOSITORY_EXAMPLES, whose examples also
+call a model repository and a phrase bank: each runs against a `repository_server` of its own
+(a fresh daemon, so that no module sees what another left), which serves the same ret_v21 as
+its default model beside them. doctest runs a module's docstrings in name order, so in
+retd.client.client Client.load_model (which loads ret 1) runs before Client.model_info (which
+describes it) and Client.unload_model (which unloads it), and Client.decode and
+Client.list_versions see ret 1 on disk only; in retd.client.async_client
+AsyncClient.list_versions sees ret 1 on disk, then AsyncClient.load_model loads it and
+AsyncClient.unload_model unloads it."""
 
 from __future__ import annotations
 
@@ -39,8 +41,20 @@ MODULES = [
 ]
 
 
-#: The module whose examples run against `repository_server`.
-REPOSITORY_EXAMPLES = "retd.client.client"
+#: The modules whose examples run against a `repository_server` (one each).
+REPOSITORY_EXAMPLES = {"retd.client", "retd.client.async_client", "retd.client.client"}
+#: How many examples each module runs at least: all it has, none skipped.
+EXAMPLES = {
+    "retd.client": 5,
+    "retd.client.async_client": 12,
+    "retd.client.cli": 0,
+    "retd.client.client": 34,
+    "retd.client.convert": 7,
+    "retd.client.errors": 4,
+    "retd.client.inputs": 2,
+    "retd.client.types": 6,
+    "retd.client._security": 1,
+}
 #: What the phrase bank "faq" holds: its first phrase sits at cosine 0.97 from `embedding`.
 FAQ = [
     "You can reset your password from the sign-in page.",
@@ -58,7 +72,7 @@ def near(vector: np.ndarray, cosine: float, seed: int) -> np.ndarray:
     return cosine * unit + np.sqrt(1 - cosine**2) * other / np.linalg.norm(other)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def repository_server(
     tmp_path_factory: pytest.TempPathFactory, checkpoint: Path
 ) -> Iterator[RunningServer]:
@@ -66,7 +80,8 @@ def repository_server(
     of the shared server's checkpoint: the default model, so the other examples answer as
     there), ret/1 and ret/2 (ret 2 serves, ret 1 is on disk) and faq/1, a phrase bank of FAQ
     whose first phrase is at cosine 0.97 from `embedding`. Loopback, no tokens: admin calls
-    are allowed."""
+    are allowed (a token sent is not checked). One per test: the admin examples of each
+    module start from this state."""
     from retd.model.checkpoint import init_checkpoint
     from retd.model.phrase_bank import save_phrase_bank
 
@@ -104,7 +119,7 @@ def namespace(server: Any) -> Iterator[dict[str, Any]]:
         yield examples_namespace(server.address, client)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def repository_namespace(repository_server: RunningServer) -> Iterator[dict[str, Any]]:
     with Client(repository_server.address, timeout=300) as client:
         yield examples_namespace(repository_server.address, client)
@@ -112,12 +127,26 @@ def repository_namespace(repository_server: RunningServer) -> Iterator[dict[str,
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name: str, request: pytest.FixtureRequest) -> None:
-    fixture = "repository_namespace" if name == REPOSITORY_EXAMPLES else "namespace"
+    fixture = "repository_namespace" if name in REPOSITORY_EXAMPLES else "namespace"
     module = importlib.import_module(name)
     result = doctest.testmod(
         module, extraglobs=request.getfixturevalue(fixture), optionflags=doctest.ELLIPSIS
     )
     assert result.failed == 0
-    if name == REPOSITORY_EXAMPLES:  # every example runs: none is skipped
-        assert result.attempted >= 34, result
-        assert "+SKIP" not in inspect.getsource(module)
+    assert result.attempted >= EXAMPLES[name], result  # every example runs: none is skipped
+    assert "+SKIP" not in inspect.getsource(module)
+
+
+def test_every_example_counted() -> None:
+    """EXAMPLES names every module tested, and its total is every example they have."""
+    assert set(EXAMPLES) == set(MODULES)
+    assert sum(EXAMPLES.values()) >= 71
+
+
+def test_no_example_skipped() -> None:
+    """No client module, private ones included, skips an example."""
+    package = Path(importlib.import_module("retd.client").__file__ or "").parent
+    sources = sorted(package.glob("*.py"))
+    assert len(sources) >= len(MODULES)
+    skipping = [path.name for path in sources if "+SKIP" in path.read_text()]
+    assert skipping == []
