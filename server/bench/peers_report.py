@@ -16,6 +16,7 @@ RETD = "retd"
 BEGIN = "<!-- bench-peers: begin (written by `make bench-peers`) -->"
 END = "<!-- bench-peers: end -->"
 HEADING = "## Against TorchServe (issue 17)"
+LATENCIES = ("p50", "p90", "p99")
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,6 @@ def servers_table(runs: Sequence[PeerRun], raw_seq_per_s: dict[str, float]) -> s
                 f"| {sum(r.errors for r in mine)} |"
             )
     return "\n".join(lines)
-
-
-LATENCIES = ("p50", "p90", "p99")
 
 
 def ratio_table(runs: Sequence[PeerRun], peer: str) -> str:

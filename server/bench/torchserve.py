@@ -145,7 +145,7 @@ def pack_archive(
     return store / f"{MODEL}.mar"
 
 
-def _properties(folder: Path, archive: Path) -> dict[str, str]:
+def _properties(archive: Path) -> dict[str, str]:
     http = {name: f"http://127.0.0.1:{free_port()}" for name in ("inference", "management")}
     return {
         "inference_address": http["inference"],
@@ -174,7 +174,7 @@ def running_torchserve(
     """TorchServe (`torchserve --foreground`) serving `archive`, with its logs, temporary
     files and pid file in `folder`; yields its gRPC address and its Java process's pid (the
     frontend, whose children are the workers) once a prediction has come back."""
-    properties = _properties(folder, archive)
+    properties = _properties(archive)
     config = folder / "config.properties"
     config.write_text("".join(f"{k}={v}\n" for k, v in properties.items()))
     tmp = folder / "tmp"
@@ -194,13 +194,11 @@ def running_torchserve(
     try:
         _wait_ready(process, address, messages)
         tree = process_tree(process.pid)
-        java = next(p for p in tree[1:] if Path(f"/proc/{p}/comm").read_text().strip() == "java")
-        yield address, java
+        yield address, _java(tree[1:])
     finally:
-        tree = process_tree(process.pid) or tree
-        for pid in tree[1:2] or [process.pid]:  # the frontend stops its workers
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        tree = process_tree(process.pid) or tree  # the launcher, Java, its workers
+        with contextlib.suppress(ProcessLookupError):  # Java stops its workers
+            os.kill(tree[1] if len(tree) > 1 else process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -209,6 +207,14 @@ def running_torchserve(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         process.wait()
+
+
+def _java(pids: list[int]) -> int:
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "java":
+                return pid
+    raise RuntimeError(f"no Java process among TorchServe's {pids}")
 
 
 def _wait_ready(

@@ -2,8 +2,9 @@
 `retd.model.generation.generate()`, a TorchServe batch of requests at a time.
 
 `retd.server.bench.peers` packs this file into a model archive (torch-model-archiver
---handler torchserve_handler.py:handle) beside the checkpoint's weights and card; TorchServe
-imports it as a module of its own, so it imports nothing of retd but the model. A request is
+--handler torchserve_handler.py) beside the checkpoint's weights and card; TorchServe imports
+it as a module of its own and calls its function `handle`, so it imports nothing of retd but
+the model. A request is
 TorchServe's input map: "embedding" (float32 little-endian bytes, the model's embedding
 width) and "max_new_tokens" (a decimal number); the answer is JSON, {"text",
 "generated_tokens", "finish_reason"}. Decoding is plain greedy (no loop breakers), as
