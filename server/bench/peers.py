@@ -195,7 +195,7 @@ def run_peers(
         "torchserve": where["version"],
         "settings": asdict(settings),
         "retd_args": RETD_ARGS,
-        "checkpoint": str(checkpoint),
+        "checkpoint": _shown(checkpoint),
         "greedy_check": check,
         "raw": {name: asdict(report) for name, report in raw.items()},
         "runs": [asdict(run) for run in runs],
@@ -238,6 +238,11 @@ def markdown(results: dict[str, Any], command: str) -> str:
             f"{check['peer_vs_generate']}; from each other: {check['retd_vs_peer']}.",
         ]
     )
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it (the checkout)."""
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def _commit() -> str:
