@@ -72,7 +72,8 @@ def descriptor_from_jar(jar: Path) -> bytes:
     """The serialized FileDescriptorProto of TorchServe's inference.proto: the string constant
     of the compiled outer class that begins with the file's name (a class file's strings are
     "modified UTF-8": NUL is C0 80; protobuf stores each descriptor byte as one char)."""
-    data = zipfile.ZipFile(jar).read(DESCRIPTOR_CLASS)
+    with zipfile.ZipFile(jar) as archive:
+        data = archive.read(DESCRIPTOR_CLASS)
     count, offset, index = struct.unpack(">H", data[8:10])[0], 10, 1
     sizes = {3: 4, 4: 4, 5: 8, 6: 8, 7: 2, 8: 2, 9: 4, 10: 4, 11: 4, 12: 4, 15: 3, 16: 2}
     sizes |= {17: 4, 18: 4, 19: 2, 20: 2}
