@@ -2,7 +2,8 @@
 training commands of `retd.model.commands` (`corpus`, `embed`, `train`, `eval`,
 `build-phrase-bank`).
 
-`retd.client.cli` dispatches these here lazily, so the client never imports torch; and
+`retd.client.cli` hands these here through the `retd.cli` entry point `server`
+(pyproject.toml), never by import, so the client never imports torch; and
 `retd.server.bench` is imported only for `retd bench`, so serving never imports it."""
 
 from __future__ import annotations
