@@ -16,6 +16,7 @@ from ._core import (
     Core,
     Stream,
     Unary,
+    constructor_options,
     insecure_or_secure,
     stream_error,
 )
@@ -49,21 +50,7 @@ class BlockingClient(ClientBase):
         private_key: PemSource | None = None,
         token: str | None = None,
     ) -> None:
-        self._core = Core(
-            target,
-            timeout=timeout,
-            options=options,
-            channel=channel,
-            credentials=credentials,
-            metadata=metadata,
-            encoding=encoding,
-            tls=tls,
-            root_certificates=root_certificates,
-            certificate_chain=certificate_chain,
-            private_key=private_key,
-            token=token,
-            open_channel=_open_channel,
-        )
+        self._core = Core(**constructor_options(locals()), open_channel=_open_channel)
         self.channel: grpc.Channel = self._core.channel
 
     # --- lifecycle ---------------------------------------------------------------------------

@@ -118,33 +118,24 @@ def _embeddings(args: argparse.Namespace) -> Any:
 
 def _decode(args: argparse.Namespace, out: TextIO) -> int:
     embeddings = _embeddings(args)
+    options = dict(
+        model=args.model,
+        version=args.version,
+        max_new_tokens=args.max_new_tokens,
+        no_repeat_ngram_size=args.no_repeat_ngram,
+        repetition_penalty=args.repetition_penalty,
+        repetition_ngram_size=args.repetition_ngram,
+        priority=args.priority,
+    )
     with _client(args) as client:
         if embeddings.ndim == 1:
-            result = client.decode(
-                embeddings,
-                model=args.model,
-                version=args.version,
-                max_new_tokens=args.max_new_tokens,
-                no_repeat_ngram_size=args.no_repeat_ngram,
-                repetition_penalty=args.repetition_penalty,
-                repetition_ngram_size=args.repetition_ngram,
-                priority=args.priority,
-            )
+            result = client.decode(embeddings, **options)
             if args.json:
                 _print_json(result, out)
             else:
                 print(result.text, file=out)
             return 0
-        items = client.decode_batch(
-            embeddings,
-            model=args.model,
-            version=args.version,
-            max_new_tokens=args.max_new_tokens,
-            no_repeat_ngram_size=args.no_repeat_ngram,
-            repetition_penalty=args.repetition_penalty,
-            repetition_ngram_size=args.repetition_ngram,
-            priority=args.priority,
-        )
+        items = client.decode_batch(embeddings, **options)
     return _print_batch(items, out, as_json=args.json)
 
 

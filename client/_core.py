@@ -68,6 +68,12 @@ def call_options(arguments: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in arguments.items() if name not in _NOT_OPTIONS}
 
 
+def constructor_options(arguments: dict[str, Any]) -> dict[str, Any]:
+    """What a client's ``__init__`` passes on to :class:`Core`: its arguments (its
+    ``locals()`` as it starts) but ``self``."""
+    return {name: value for name, value in arguments.items() if name not in ("self", "__class__")}
+
+
 @dataclass(frozen=True)
 class Unary(Generic[R]):
     """A unary call to make: ``convert(method(request, ...))``; ``retry``: the client repeats
