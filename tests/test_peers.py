@@ -31,7 +31,9 @@ from retd.server.bench.peers_report import (
 
 def test_tree_rss_sums_a_process_and_its_descendants() -> None:
     """A real tree: a parent that starts a child that starts a grandchild."""
-    sleeper = "import time; time.sleep(60)"
+    # The grandchild says when it has started (its memory no longer grows), so the sums
+    # below compare settled processes.
+    sleeper = "import time; print('ready', flush=True); time.sleep(60)"
     middle = (
         "import subprocess, sys, time; "
         f"c = subprocess.Popen([sys.executable, '-c', {sleeper!r}]); "
@@ -45,7 +47,11 @@ def test_tree_rss_sums_a_process_and_its_descendants() -> None:
     parent = subprocess.Popen([sys.executable, "-c", top], stdout=subprocess.PIPE, text=True)
     assert parent.stdout is not None
     try:
-        child, grandchild = int(parent.stdout.readline()), int(parent.stdout.readline())
+        # The child's and grandchild's pids (printed by their parents) and the grandchild's
+        # "ready", in whichever order the processes got to them.
+        lines = [parent.stdout.readline().strip() for _ in range(3)]
+        assert "ready" in lines, lines
+        child, grandchild = (int(line) for line in lines if line != "ready")
         assert process_tree(parent.pid) == [parent.pid, child, grandchild]
         assert process_tree(child) == [child, grandchild]
         each = [rss_mib(pid) for pid in (parent.pid, child, grandchild)]
