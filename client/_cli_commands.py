@@ -130,13 +130,18 @@ def _decode(args: argparse.Namespace, out: TextIO) -> int:
     with _client(args) as client:
         if embeddings.ndim == 1:
             result = client.decode(embeddings, **options)
-            if args.json:
-                _print_json(result, out)
-            else:
-                print(result.text, file=out)
+            _print_result(result, out, as_json=args.json)
             return 0
         items = client.decode_batch(embeddings, **options)
     return _print_batch(items, out, as_json=args.json)
+
+
+def _print_result(result: Any, out: TextIO, *, as_json: bool) -> None:
+    """One decoded or generated text: the text alone, or the whole result as JSON."""
+    if as_json:
+        _print_json(result, out)
+    else:
+        print(result.text, file=out)
 
 
 def _print_batch(items: Sequence[DecodeBatchItem], out: TextIO, *, as_json: bool) -> int:
@@ -179,10 +184,7 @@ def _generate(args: argparse.Namespace, out: TextIO) -> int:
     with _client(args) as client:
         if not args.stream:
             result = client.generate(embedding, **params)
-            if args.json:
-                _print_json(result, out)
-            else:
-                print(result.text, file=out)
+            _print_result(result, out, as_json=args.json)
             return 0
         stream = client.generate_stream(embedding, **params)
         try:
