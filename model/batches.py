@@ -1,33 +1,50 @@
 """Teacher-forced batches of texts, for training (`retd.model.train`) and for scoring held-out
-texts (`retd.model.evaluate`): a text's bytes are the inputs, the same bytes then EOS the
+texts (`retd.model.evaluate`): a text's tokens are the inputs, the same tokens then EOS the
 targets, padding `IGNORE`d."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from retd.model.tokenizer import BYTES, Tokenizer
+
 IGNORE = -100
 
 
-def encode_texts(texts: list[str], max_length: int) -> list[bytes]:
-    """UTF-8 bytes of each text, cut to leave room for the end-of-sequence byte."""
-    return [t.encode("utf-8")[: max_length - 1] for t in texts]
+def encode_texts(
+    texts: Sequence[str], max_length: int, tokenizer: Tokenizer = BYTES
+) -> list[np.ndarray]:
+    """Token ids of each text (uint16), cut to leave room for the end-of-sequence token."""
+    if tokenizer.kind == "bytes":
+        return [
+            np.frombuffer(t.encode("utf-8")[: max_length - 1], np.uint8).astype(np.uint16)
+            for t in texts
+        ]
+    return [np.asarray(ids[: max_length - 1], np.uint16) for ids in tokenizer.encode_batch(texts)]
+
+
+def byte_lengths(encoded: Sequence[np.ndarray], tokenizer: Tokenizer = BYTES) -> np.ndarray:
+    """How many bytes of text each encoded row holds (its tokens' bytes)."""
+    if tokenizer.kind == "bytes":
+        return np.array([len(ids) for ids in encoded], dtype=np.int64)
+    sizes = np.array([len(p) for p in tokenizer.pieces], dtype=np.int64)
+    return np.array([int(sizes[ids].sum()) for ids in encoded], dtype=np.int64)
 
 
 def make_batch(
-    encoded: list[bytes], rows: np.ndarray, eos_id: int
+    encoded: Sequence[np.ndarray], rows: np.ndarray, eos_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs (B, T) = the bytes, 0-padded; targets (B, T+1) = the bytes then EOS, padding
-    ignored. The model's row t predicts byte t (row 0 from the embedding alone)."""
+    """Inputs (B, T) = the tokens, 0-padded; targets (B, T+1) = the tokens then EOS, padding
+    ignored. The model's row t predicts token t (row 0 from the embedding alone)."""
     lengths = [len(encoded[i]) for i in rows]
     T = max(lengths)
     inputs = torch.zeros(len(rows), T, dtype=torch.long)
     targets = torch.full((len(rows), T + 1), IGNORE, dtype=torch.long)
     for b, (i, n) in enumerate(zip(rows, lengths, strict=True)):
-        data = torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8).long()
+        data = torch.from_numpy(encoded[i].astype(np.int64))
         inputs[b, :n] = data
         targets[b, :n] = data
         targets[b, n] = eos_id
@@ -36,7 +53,7 @@ def make_batch(
 
 @torch.no_grad()
 def batches_in_order(
-    encoded: list[bytes], eos_id: int, batch_size: int = 128
+    encoded: Sequence[np.ndarray], eos_id: int, batch_size: int = 128
 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     """(rows, inputs, targets) of successive teacher-forced batches, in order: how held-out
     texts are scored."""

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from .encoder import sha256_file
 from .kinds import PHRASE_BANK_KIND, RET_KIND
 from .model import ARCHITECTURES, RET, RETConfig, config_for, model_class
+from .tokenizer import BYTES, TOKENIZER_FILE, Tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
@@ -79,6 +80,7 @@ class LoadedModel:
     card: dict[str, Any]
     sha256: str  # of the weights file
     path: Path
+    tokenizer: Tokenizer = BYTES  # tokenizer.json beside the weights; none: bytes
 
     @property
     def trained(self) -> bool:
@@ -102,9 +104,20 @@ def atomic_write(path: Path, write: Any) -> None:
 
 
 def save_checkpoint(
-    model: RET, directory: str | Path, *, architecture: str, card: Mapping[str, Any]
+    model: RET,
+    directory: str | Path,
+    *,
+    architecture: str,
+    card: Mapping[str, Any],
+    tokenizer: Tokenizer = BYTES,
 ) -> Path:
-    """Write model.safetensors (fp32) and card.json into directory; return the directory."""
+    """Write model.safetensors (fp32), card.json and (unless it is the byte tokenizer)
+    tokenizer.json into directory; return the directory."""
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size}"
+        )
     if architecture not in ARCHITECTURES:
         raise ValueError(
             f"unknown architecture {architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}"
@@ -127,9 +140,18 @@ def save_checkpoint(
         "encoder": encoder,
         "training": dict(card.get("training", {})),
         "metrics": dict(card.get("metrics", {})),
+        "tokenizer": tokenizer.card(),
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer.kind != "bytes":
+        spec = tokenizer.to_json()
+        atomic_write(
+            directory / TOKENIZER_FILE,
+            lambda tmp: Path(tmp).write_text(spec, encoding="utf-8"),
+        )
+    elif (directory / TOKENIZER_FILE).exists():
+        (directory / TOKENIZER_FILE).unlink()
     # The head is tied to wte and owns no tensor, so every tensor is stored exactly once.
     tensors = {
         name: t.detach().to("cpu", torch.float32).contiguous()
@@ -274,6 +296,7 @@ def load_checkpoint(
             f"{weights_path} has sha256 {digest} but {card_path.name} names "
             f"{card['weights_sha256']}: the weights are not the ones the card describes"
         )
+    tokenizer = load_tokenizer(directory, config)
     model.load_state_dict(tensors)
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return LoadedModel(
@@ -283,4 +306,25 @@ def load_checkpoint(
         card=card,
         sha256=digest,
         path=directory,
+        tokenizer=tokenizer,
     )
+
+
+def load_tokenizer(directory: Path, config: RETConfig) -> Tokenizer:
+    """The checkpoint's tokenizer.json, or the byte tokenizer when there is none; either must
+    have the config's vocab_size."""
+    path = directory / TOKENIZER_FILE
+    if path.is_file():
+        try:
+            tokenizer = Tokenizer.from_json(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    else:
+        tokenizer = BYTES
+    if tokenizer.vocab_size != config.vocab_size:
+        where = path if path.is_file() else f"{directory} (no {TOKENIZER_FILE}: bytes)"
+        raise CheckpointError(
+            f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the config's "
+            f"vocab_size is {config.vocab_size}"
+        )
+    return tokenizer

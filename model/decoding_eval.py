@@ -37,6 +37,7 @@ import torch
 
 from retd.model.generation import FinishReason, SamplingParams, generate
 from retd.model.model import RET
+from retd.model.tokenizer import BYTES, Tokenizer
 
 # Sentences of everyday kinds (news, questions, instructions, dialogue, ...) to show outputs on.
 EVERYDAY = (
@@ -162,7 +163,11 @@ class _EosBonus:
 
 
 def decode_all(
-    model: RET, embeddings: torch.Tensor, decoder: Decoder, batch_size: int = 256
+    model: RET,
+    embeddings: torch.Tensor,
+    decoder: Decoder,
+    batch_size: int = 256,
+    tokenizer: Tokenizer = BYTES,
 ) -> tuple[list[str], list[FinishReason], list[int]]:
     """Each row decoded: texts, finish reasons, and bytes generated."""
     runner = cast(RET, _EosBonus(model, decoder.eos_bonus)) if decoder.eos_bonus else model
@@ -172,7 +177,7 @@ def decode_all(
     lengths: list[int] = []
     for start in range(0, len(embeddings), batch_size):
         chunk = embeddings[start : start + batch_size]
-        for result in generate(runner, chunk, [params] * len(chunk)):
+        for result in generate(runner, chunk, [params] * len(chunk), tokenizer=tokenizer):
             texts.append(result.text)
             reasons.append(result.finish_reason)
             lengths.append(len(result.text.encode("utf-8")))
@@ -192,7 +197,8 @@ def measure(
     from retd.model.encoder import SentenceEncoder, cosine_rows
     from retd.model.evaluate import text_scores
 
-    model = load_checkpoint(checkpoint, device="cpu").model.eval()
+    loaded = load_checkpoint(checkpoint, device="cpu")
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
     encoder = SentenceEncoder.load()
     started = time.perf_counter()
     embeddings = encoder.encode(list(texts)).astype(np.float32)
@@ -212,7 +218,9 @@ def measure(
     for spec in decoders:
         decoder = Decoder.parse(spec)
         started = time.perf_counter()
-        decoded, reasons, lengths = decode_all(model, torch.from_numpy(embeddings), decoder)
+        decoded, reasons, lengths = decode_all(
+            model, torch.from_numpy(embeddings), decoder, tokenizer=tokenizer
+        )
         seconds = time.perf_counter() - started
         figures: dict[str, Any] = {
             k: round(v, 2) for k, v in text_scores(decoded, texts).items() if k != "exact_match"
@@ -226,7 +234,9 @@ def measure(
         figures["mean_bytes"] = round(float(np.mean(lengths)), 1)
         figures["decode_s"] = round(seconds, 1)
         report["decoders"][spec] = figures
-        shown, _, _ = decode_all(model, torch.from_numpy(example_embeddings), decoder)
+        shown, _, _ = decode_all(
+            model, torch.from_numpy(example_embeddings), decoder, tokenizer=tokenizer
+        )
         for row, text in zip(report["examples"], shown, strict=True):
             row[spec] = text
         if log:

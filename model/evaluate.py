@@ -20,11 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retd.model.batches import IGNORE, batches_in_order, encode_texts
+from retd.model.batches import IGNORE, batches_in_order, byte_lengths, encode_texts
 from retd.model.defaults import DecodeDefaults
 from retd.model.generation import SamplingParams, generate
 from retd.model.model import RET, KVCache
-from retd.model.tokenizer import decode as decode_bytes
+from retd.model.tokenizer import BYTES, Tokenizer
 
 
 @torch.no_grad()
@@ -35,6 +35,7 @@ def greedy_texts(
     batch_size: int = 256,
     no_repeat_ngram_size: int = 0,
     breakers: DecodeDefaults | None = None,
+    tokenizer: Tokenizer = BYTES,
 ) -> list[str]:
     """Greedy decoding of each embedding row, optionally never repeating a byte n-gram (its
     `no_repeat_ngram_size`) or with `breakers`, Decode's default loop breakers."""
@@ -51,7 +52,9 @@ def greedy_texts(
     return _texts_in_chunks(
         embeddings,
         batch_size,
-        lambda chunk: [r.text for r in generate(model, chunk, [params] * len(chunk))],
+        lambda chunk: [
+            r.text for r in generate(model, chunk, [params] * len(chunk), tokenizer=tokenizer)
+        ],
     )
 
 
@@ -149,12 +152,13 @@ def beam_texts(
     num_beams: int,
     max_new_tokens: int = 200,
     batch_size: int = 128,
+    tokenizer: Tokenizer = BYTES,
 ) -> list[str]:
     return _texts_in_chunks(
         embeddings,
         batch_size,
         lambda chunk: [
-            decode_bytes(bytes(seq)) for seq in beam_search(model, chunk, num_beams, max_new_tokens)
+            tokenizer.decode(seq) for seq in beam_search(model, chunk, num_beams, max_new_tokens)
         ],
     )
 
@@ -172,11 +176,12 @@ def text_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[st
 
 
 @torch.no_grad()
-def byte_accuracy(
-    model: RET, embeddings: torch.Tensor, texts: Sequence[str]
+def token_accuracy(
+    model: RET, embeddings: torch.Tensor, texts: Sequence[str], tokenizer: Tokenizer = BYTES
 ) -> tuple[float, float]:
-    """Teacher-forced next-byte accuracy (%) and loss (nats/byte), EOS included."""
-    encoded = encode_texts(list(texts), model.config.max_length)
+    """Teacher-forced next-token accuracy (%; a byte model's tokens are bytes) and loss
+    (nats per byte: the EOS token counts as one byte), EOS included."""
+    encoded = encode_texts(list(texts), model.config.max_length, tokenizer)
     correct = total = 0
     loss_sum = 0.0
     for rows, inputs, targets in batches_in_order(encoded, model.config.eos_id):
@@ -185,7 +190,8 @@ def byte_accuracy(
         correct += int((logits.argmax(-1)[mask] == targets[mask]).sum())
         total += int(mask.sum())
         loss_sum += float(F.cross_entropy(logits[mask], targets[mask], reduction="sum"))
-    return 100.0 * correct / total, loss_sum / total
+    count = int(byte_lengths(encoded, tokenizer).sum()) + len(encoded)
+    return 100.0 * correct / total, loss_sum / count
 
 
 def retrieval_baseline(
@@ -269,22 +275,30 @@ def evaluate_checkpoint(
         return figures
 
     report: dict[str, Any] = {"heldout_texts": len(texts)}
-    accuracy, loss = byte_accuracy(model, embeddings, texts)
-    report["byte_accuracy"] = round(accuracy, 2)
+    tokenizer = loaded.tokenizer
+    report["tokenizer"] = tokenizer.card()
+    accuracy, loss = token_accuracy(model, embeddings, texts, tokenizer)
+    report["token_accuracy"] = round(accuracy, 2)
+    if tokenizer.kind == "bytes":
+        report["byte_accuracy"] = report["token_accuracy"]
     report["heldout_loss"] = round(loss, 4)
     started = time.perf_counter()
-    greedy = greedy_texts(model, embeddings, max_new)
+    greedy = greedy_texts(model, embeddings, max_new, tokenizer=tokenizer)
     report["greedy"] = scored(greedy, time.perf_counter() - started)
     started = time.perf_counter()
-    decoded = greedy_texts(model, embeddings, max_new, breakers=DecodeDefaults())
+    decoded = greedy_texts(
+        model, embeddings, max_new, breakers=DecodeDefaults(), tokenizer=tokenizer
+    )
     report["decode_default"] = scored(decoded, time.perf_counter() - started)
     for ngram in no_repeat_ngram:
         started = time.perf_counter()
-        decoded = greedy_texts(model, embeddings, max_new, no_repeat_ngram_size=ngram)
+        decoded = greedy_texts(
+            model, embeddings, max_new, no_repeat_ngram_size=ngram, tokenizer=tokenizer
+        )
         report[f"greedy_no_repeat{ngram}"] = scored(decoded, time.perf_counter() - started)
     for beams in num_beams:
         started = time.perf_counter()
-        decoded = beam_texts(model, embeddings, beams, max_new)
+        decoded = beam_texts(model, embeddings, beams, max_new, tokenizer=tokenizer)
         report[f"beam{beams}"] = scored(decoded, time.perf_counter() - started)
     train = load_split(data_dir, "train")
     if train.texts:
@@ -298,7 +312,9 @@ def evaluate_checkpoint(
         }
     if per_source > 0:
         report["per_source"] = {
-            split: _per_source(model, data_dir, split, per_source, train, scored_for, max_new)
+            split: _per_source(
+                model, tokenizer, data_dir, split, per_source, train, scored_for, max_new
+            )
             for split in ("heldout", "ood")
             if (data_dir / "corpus" / f"{split}.txt").exists()
         }
@@ -315,6 +331,7 @@ Scorer = Callable[[list[str], list[str], np.ndarray, float], dict[str, Any]]
 
 def _per_source(
     model: RET,
+    tokenizer: Tokenizer,
     data_dir: Path,
     split: str,
     cap: int,
@@ -344,7 +361,7 @@ def _per_source(
         entry: dict[str, Any] = {"texts": len(rows)}
         for name, breakers in (("greedy", None), ("decode_default", DecodeDefaults())):
             started = time.perf_counter()
-            decoded = greedy_texts(model, inputs, max_new, breakers=breakers)
+            decoded = greedy_texts(model, inputs, max_new, breakers=breakers, tokenizer=tokenizer)
             entry[name] = scored(decoded, refs, vectors, time.perf_counter() - started)
         if train.texts:
             started = time.perf_counter()

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retd.model.batches import IGNORE, batches_in_order, encode_texts, make_batch
-from retd.model.checkpoint import DEFAULT_ENCODER, save_checkpoint
+from retd.model.batches import IGNORE, batches_in_order, byte_lengths, encode_texts, make_batch
+from retd.model.checkpoint import DEFAULT_ENCODER, load_tokenizer, save_checkpoint
 from retd.model.encoder import ENCODER_WEIGHTS_SHA256
 from retd.model.evaluate import greedy_texts, heldout_rows, text_scores
-from retd.model.model import RET, config_for, model_class
+from retd.model.model import RET, RETConfig, config_for, model_class
+from retd.model.tokenizer import BYTES, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class TrainConfig:
     # warm start: the optimizer and the schedule start afresh); unused when --resume finds a
     # saved state. Its card's training record is kept in the new card.
     init_from: str = ""
+    # The tokenizer: a tokenizer.json (`retd tokenizer` makes one); "" = init_from's
+    # checkpoint's, else bytes. The model's vocab_size follows it.
+    tokenizer: str = ""
 
     @classmethod
     def from_toml(cls, path: Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
@@ -177,21 +181,47 @@ def make_optimizer(model: RET, config: TrainConfig) -> torch.optim.AdamW:
 
 @torch.no_grad()
 def heldout_losses(
-    model: RET, embeddings: torch.Tensor, encoded: list[bytes], batch_size: int = 128
+    model: RET,
+    embeddings: torch.Tensor,
+    encoded: list[np.ndarray],
+    tokenizer: Tokenizer = BYTES,
+    batch_size: int = 128,
 ) -> tuple[float, float]:
-    """Mean loss per byte on held-out texts with their own embeddings and with the embeddings
-    rolled by one within each batch (another text's embedding)."""
+    """Loss per byte (nats; the EOS token counts as one byte) on held-out texts with their own
+    embeddings and with the embeddings rolled by one within each batch (another text's
+    embedding). Per byte, not per token, so that models with other tokenizers compare."""
     model.eval()
     true_total = shuffled_total = 0.0
-    count = 0
     for rows, inputs, targets in batches_in_order(encoded, model.config.eos_id, batch_size):
         emb = embeddings[rows]
         n = int((targets != IGNORE).sum())
         true_total += float(sequence_loss(model, emb, inputs, targets)) * n
         shuffled_total += float(sequence_loss(model, emb.roll(1, 0), inputs, targets)) * n
-        count += n
     model.train()
+    count = int(byte_lengths(encoded, tokenizer).sum()) + len(encoded)
     return true_total / count, shuffled_total / count
+
+
+def resolve_tokenizer(config: TrainConfig) -> Tokenizer:
+    """The run's tokenizer: config.tokenizer's file, else init_from's, else bytes."""
+    if config.tokenizer:
+        return Tokenizer.from_json(Path(config.tokenizer).read_text(encoding="utf-8"))
+    if config.init_from:
+        card = json.loads((Path(config.init_from) / "card.json").read_text(encoding="utf-8"))
+        vocab = card.get("config", {}).get("vocab_size", 256)
+        return load_tokenizer(Path(config.init_from), RETConfig(vocab_size=vocab))
+    return BYTES
+
+
+def model_config_for(config: TrainConfig, tokenizer: Tokenizer) -> RETConfig:
+    """The architecture's config with config.model's changes; vocab_size is the tokenizer's."""
+    shape = dict(config.model)
+    if shape.setdefault("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
+        raise ValueError(
+            f"model.vocab_size {shape['vocab_size']} but the tokenizer has "
+            f"{tokenizer.vocab_size} tokens"
+        )
+    return config_for(config.architecture, shape)
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
@@ -208,18 +238,21 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path, log_path = out_dir / "state.pt", out_dir / "metrics.jsonl"
 
-    model_config = config_for(config.architecture, config.model)
+    tokenizer = resolve_tokenizer(config)
+    model_config = model_config_for(config, tokenizer)
 
-    def load_train() -> tuple[int, list[bytes], np.ndarray, torch.Tensor]:
+    def load_train() -> tuple[int, list[np.ndarray], np.ndarray, np.ndarray, torch.Tensor]:
         shards = count_shards(data_dir, "train")
         split = load_split(data_dir, "train")
-        encoded = encode_texts(split.texts, model_config.max_length)
-        lengths = np.array([len(b) for b in encoded])
-        return shards, encoded, lengths, torch.from_numpy(split.embeddings.astype(np.float32))
+        encoded = encode_texts(split.texts, model_config.max_length, tokenizer)
+        lengths = np.array([len(ids) for ids in encoded])
+        sizes = byte_lengths(encoded, tokenizer)
+        embeddings = torch.from_numpy(split.embeddings.astype(np.float32))
+        return shards, encoded, lengths, sizes, embeddings
 
     # Training may start while `retd embed` is still running: each epoch takes in the shards
     # that have been completed since the last.
-    shards, encoded, lengths, train_embeddings = load_train()
+    shards, encoded, lengths, sizes, train_embeddings = load_train()
     heldout_split = load_split(data_dir, "heldout")
     if not encoded or not heldout_split.texts:
         raise ValueError(f"no embedded texts under {data_dir}: run `retd corpus` and `retd embed`")
@@ -227,7 +260,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     # Evenly spaced over the held-out split, which is grouped by source: every source counts.
     eval_rows = heldout_rows(len(heldout_split.texts), n_eval)
     eval_texts = [heldout_split.texts[i] for i in eval_rows]
-    eval_encoded = encode_texts(eval_texts, model_config.max_length)
+    eval_encoded = encode_texts(eval_texts, model_config.max_length, tokenizer)
     eval_embeddings = torch.from_numpy(heldout_split.embeddings[eval_rows].astype(np.float32))
 
     torch.manual_seed(config.seed)
@@ -296,13 +329,19 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
             "metrics": metrics,
         }
         return save_checkpoint(
-            model, out_dir / "checkpoint", architecture=config.architecture, card=card
+            model,
+            out_dir / "checkpoint",
+            architecture=config.architecture,
+            card=card,
+            tokenizer=tokenizer,
         )
 
     def evaluate() -> dict[str, Any]:
-        true_loss, shuffled_loss = heldout_losses(model, eval_embeddings, eval_encoded)
+        true_loss, shuffled_loss = heldout_losses(model, eval_embeddings, eval_encoded, tokenizer)
         model.eval()
-        decoded = greedy_texts(model, eval_embeddings, max_new_tokens=model_config.max_length - 1)
+        decoded = greedy_texts(
+            model, eval_embeddings, model_config.max_length - 1, tokenizer=tokenizer
+        )
         model.train()
         scores = text_scores(decoded, eval_texts)
         return {
@@ -328,7 +367,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     with log_path.open("a", encoding="utf-8") as log:
         while not done():
             if next_batch == 0 and count_shards(data_dir, "train") != shards:
-                shards, encoded, lengths, train_embeddings = load_train()
+                shards, encoded, lengths, sizes, train_embeddings = load_train()
                 bar.write(f"epoch {epoch}: {len(encoded)} texts from {shards} shards")
             epoch_rng = np.random.default_rng([config.seed, epoch])
             batches = list(bucketed_batches(lengths, config.batch_size, epoch_rng))
@@ -352,7 +391,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
                 step += 1
-                batch_bytes = int(lengths[rows].sum()) + len(rows)
+                batch_bytes = int(sizes[rows].sum()) + len(rows)  # text bytes and EOS
                 seen_bytes += batch_bytes
                 took = time.perf_counter() - started
                 elapsed += took

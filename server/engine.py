@@ -201,6 +201,7 @@ class Engine(abc.ABC):
         dtype: torch.dtype,
         scheduler_config: SchedulerConfig | None = None,
         eos_id: int = 0,
+        pieces: Sequence[bytes] | None = None,
     ) -> None:
         self.name = name
         self.description = description
@@ -208,6 +209,7 @@ class Engine(abc.ABC):
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self._scheduler = Scheduler(self.scheduler_config)
         self._eos_id = eos_id
+        self._pieces = pieces  # the bytes of each token id; None: one token per byte
         self._handles: dict[int, SequenceHandle] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -232,7 +234,11 @@ class Engine(abc.ABC):
         if not isinstance(params, self.params_type):
             raise TypeError(f"a {self.kind} takes {self.params_type.__name__}, not {params!r}")
         handle = SequenceHandle(asyncio.get_running_loop(), self)
-        output = None if isinstance(params, SearchParams) else OutputBuffer(params, self._eos_id)
+        output = (
+            None
+            if isinstance(params, SearchParams)
+            else OutputBuffer(params, self._eos_id, self._pieces)
+        )
         with self._lock:
             if self._closing:
                 raise ServeError(ErrorKind.UNAVAILABLE, "the server is shutting down")

@@ -123,18 +123,20 @@ def raw(checkpoint: Path, device: str, quick: bool) -> dict[str, Any]:
     new = 16 if quick else 64
     rows: dict[str, Any] = {}
     embeddings = torch.randn(64, 768, generator=torch.Generator().manual_seed(0))
-    reference = generate(load_checkpoint(checkpoint).model, embeddings, [SamplingParams(new)] * 64)
+    on_cpu = load_checkpoint(checkpoint)
+    tokenizer = on_cpu.tokenizer
+    reference = generate(on_cpu.model, embeddings, [SamplingParams(new)] * 64, tokenizer=tokenizer)
     for dtype in ("float32", "bfloat16"):
         model = load_checkpoint(checkpoint, device=device, dtype=getattr(torch, dtype)).model
         for batch in (1, 64):
             params = [SamplingParams(new)] * batch
             inputs = embeddings[:batch].to(device)
-            generate(model, inputs, params)  # warm-up
+            generate(model, inputs, params, tokenizer=tokenizer)  # warm-up
             _sync(device)
             runs = 2 if quick else 10
             started = time.perf_counter()
             for _ in range(runs):
-                results = generate(model, inputs, params)
+                results = generate(model, inputs, params, tokenizer=tokenizer)
             _sync(device)
             seconds = (time.perf_counter() - started) / runs
             steps = max(len(r.token_ids) for r in results)  # the batch runs until its longest
@@ -143,7 +145,9 @@ def raw(checkpoint: Path, device: str, quick: bool) -> dict[str, Any]:
                 "sequences_per_s": round(batch / seconds, 1),
             }
         if dtype == "float32":
-            outputs = generate(model, embeddings.to(device), [SamplingParams(new)] * 64)
+            outputs = generate(
+                model, embeddings.to(device), [SamplingParams(new)] * 64, tokenizer=tokenizer
+            )
             same = sum(a.text == b.text for a, b in zip(outputs, reference, strict=True))
             rows["float32_greedy_equal_to_cpu"] = f"{same}/64"
     return {"ok": True, "rows": rows}
@@ -160,7 +164,8 @@ def memory(checkpoint: Path, device: str) -> dict[str, Any]:
         return {"ok": True, "note": "device memory is measured on CUDA only"}
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
-    model = load_checkpoint(checkpoint, device="cuda").model
+    loaded = load_checkpoint(checkpoint, device="cuda")
+    model = loaded.model
     weights = torch.cuda.memory_allocated() - base
     figures: dict[str, Any] = {"weights_mb": round(weights / 2**20, 2)}
     full = model.config.max_length - 1
@@ -168,7 +173,7 @@ def memory(checkpoint: Path, device: str) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         params = [SamplingParams(full)] * batch  # the KV cache is sized for `full` bytes
-        generate(model, torch.randn(batch, 768, device="cuda"), params)
+        generate(model, torch.randn(batch, 768, device="cuda"), params, tokenizer=loaded.tokenizer)
         peak = torch.cuda.max_memory_allocated() - before
         figures[f"peak_mb@{batch}"] = round(peak / 2**20, 2)
         figures[f"per_call_mb@{batch}"] = round((peak + weights) / batch / 2**20, 2)

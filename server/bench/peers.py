@@ -96,9 +96,10 @@ async def greedy_check(
     vectors = rng.standard_normal((64, 768)).astype("<f4")
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     lengths = [int(n) for n in rng.integers(8, 129, size=64)]
-    model = load_checkpoint(checkpoint).model
+    loaded = load_checkpoint(checkpoint)
     params = [SamplingParams(max_new_tokens=n) for n in lengths]
-    expected = [r.text for r in generate(model, torch.from_numpy(vectors), params)]
+    results = generate(loaded.model, torch.from_numpy(vectors), params, tokenizer=loaded.tokenizer)
+    expected = [r.text for r in results]
     async with (
         grpc.aio.insecure_channel(retd_address) as ours,
         grpc.aio.insecure_channel(peer_address) as theirs,

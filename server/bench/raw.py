@@ -107,7 +107,7 @@ def run_raw(
             for i in range(size)
         ]
         started = time.perf_counter()
-        results = generate(loaded.model, embeddings, params)
+        results = generate(loaded.model, embeddings, params, tokenizer=loaded.tokenizer)
         return time.perf_counter() - started, sum(len(r.token_ids) for r in results)
 
     latencies, tokens, seconds = _time_batches(one_batch, config)

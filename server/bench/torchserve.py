@@ -134,11 +134,15 @@ def pack_archive(
         f"batchSize: {settings.batch_size}\nmaxBatchDelay: {settings.max_batch_delay_ms}\n"
         f"responseTimeout: {settings.response_timeout_s}\n"
     )
+    # The card, and the tokenizer where the checkpoint has one of its own.
+    extra = ",".join(
+        str(p) for p in (checkpoint / "card.json", checkpoint / "tokenizer.json") if p.exists()
+    )
     subprocess.run(
         [
             venv.tool("torch-model-archiver"), "--model-name", MODEL, "--version", "1.0",
             "--handler", HANDLER, "--serialized-file", checkpoint / "model.safetensors",
-            "--extra-files", checkpoint / "card.json", "--config-file", config,
+            "--extra-files", extra, "--config-file", config,
             "--export-path", store, "--force",
         ],
         check=True,

@@ -44,11 +44,13 @@ class RetBatchHandler:
 
     def __init__(self) -> None:
         self.model: Any = None
+        self.tokenizer: Any = None
         self.initialized = False
 
     def load(self, checkpoint: str | Path) -> None:
         torch.set_num_threads(1)
-        self.model = load_checkpoint(checkpoint).model
+        loaded = load_checkpoint(checkpoint)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.initialized = True
 
     def initialize(self, context: Any) -> None:
@@ -67,7 +69,7 @@ class RetBatchHandler:
     def inference(self, batch: tuple[torch.Tensor, list[SamplingParams]]) -> list[GenerationResult]:
         """One `generate()` call for the whole batch: it returns when its longest row ends."""
         embeddings, params = batch
-        return generate(self.model, embeddings, params)
+        return generate(self.model, embeddings, params, tokenizer=self.tokenizer)
 
     def postprocess(self, results: Sequence[GenerationResult]) -> list[bytes]:
         return [

@@ -11,7 +11,7 @@ import torch
 
 from retd.client import Client
 from retd.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-from retd.model.evaluate import byte_accuracy, greedy_texts, text_scores
+from retd.model.evaluate import greedy_texts, text_scores, token_accuracy
 from retd.model.model import RET
 from tests.conftest import start_server
 
@@ -67,7 +67,7 @@ def test_the_cards_figures_hold_on_a_slice(
     decoded = greedy_texts(model, embeddings, model.config.max_length - 1)
     chrf = text_scores(decoded, texts)["chrf"]
     assert abs(chrf - evaluation["greedy"]["chrf"]) < 10, (chrf, evaluation["greedy"])
-    accuracy, _ = byte_accuracy(model, embeddings, texts)
+    accuracy, _ = token_accuracy(model, embeddings, texts)
     assert abs(accuracy - evaluation["byte_accuracy"]) < 5, (accuracy, evaluation)
 
 

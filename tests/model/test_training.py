@@ -163,7 +163,8 @@ def test_an_epoch_of_batches_covers_every_text_once(
 
 @given(texts=st.lists(st.binary(min_size=1, max_size=30), min_size=1, max_size=8))
 def test_a_batch_teaches_each_byte_then_eos_and_ignores_padding(texts: list[bytes]) -> None:
-    inputs, targets = make_batch(texts, np.arange(len(texts)), eos_id=0)
+    encoded = [np.frombuffer(t, np.uint8).astype(np.uint16) for t in texts]
+    inputs, targets = make_batch(encoded, np.arange(len(texts)), eos_id=0)
     for i, data in enumerate(texts):
         assert inputs[i, : len(data)].tolist() == list(data)
         assert targets[i, : len(data)].tolist() == list(data)
