@@ -142,13 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
         "repeated; needs the encoder: `make encoder`)",
     )
     decoding.add_argument(
-        "--max-new-tokens", type=int, metavar="N", help="bytes to generate at most"
+        "--max-new-tokens", type=int, metavar="N", help="tokens to generate at most"
     )
     decoding.add_argument(
         "--no-repeat-ngram",
         type=int,
         metavar="N",
-        help="loop breaker: never generate a byte that would repeat a byte N-gram already in "
+        help="loop breaker: never generate a token that would repeat a token N-gram already in "
         "the text (0: off; at most 256; unset: decode takes the server's default loop "
         "breakers, generate none)",
     )
@@ -179,15 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--repetition-penalty",
         type=float,
         metavar="P",
-        help="loop breaker: divide (multiply, when negative) the logit of a byte that would "
-        "repeat a byte n-gram of --repetition-ngram bytes by P (1: off; at most 10; unset: "
+        help="loop breaker: divide (multiply, when negative) the logit of a token that would "
+        "repeat a token n-gram of --repetition-ngram tokens by P (1: off; at most 10; unset: "
         "the server's default)",
     )
     decode.add_argument(
         "--repetition-ngram",
         type=int,
         metavar="N",
-        help="the n-gram size --repetition-penalty looks at (1: every byte generated; at most "
+        help="the n-gram size --repetition-penalty looks at (1: every token generated; at most "
         "256; unset: the server's default)",
     )
     decode.set_defaults(func=_decode)
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate text from one embedding with sampling parameters.",
     )
     generate.add_argument("--temperature", type=float, help="0 is greedy (default: 1.0)")
-    generate.add_argument("--top-k", type=int, metavar="K", help="keep the K likeliest bytes")
+    generate.add_argument("--top-k", type=int, metavar="K", help="keep the K likeliest tokens")
     generate.add_argument("--top-p", type=float, metavar="P", help="nucleus threshold in (0, 1]")
     generate.add_argument("--seed", type=int, help="seed for reproducible sampling")
     generate.add_argument(

@@ -64,7 +64,7 @@ def check_version(value: int | None) -> int:
     return number
 
 
-#: The largest ``no_repeat_ngram_size`` the server takes (bytes).
+#: The largest ``no_repeat_ngram_size`` the server takes (tokens).
 MAX_NO_REPEAT_NGRAM_SIZE = 256
 
 
@@ -74,7 +74,7 @@ def check_no_repeat_ngram_size(value: int | None) -> int:
     if number > MAX_NO_REPEAT_NGRAM_SIZE:
         raise InvalidArgumentError(
             f"no_repeat_ngram_size: {number} is too large; expected 0 (off) to "
-            f"{MAX_NO_REPEAT_NGRAM_SIZE} bytes"
+            f"{MAX_NO_REPEAT_NGRAM_SIZE} tokens"
         )
     return number
 
@@ -110,8 +110,8 @@ def loop_breakers(
         size = _uint("repetition_ngram_size", repetition_ngram_size)
         if not 1 <= size <= MAX_NO_REPEAT_NGRAM_SIZE:
             raise InvalidArgumentError(
-                f"repetition_ngram_size: expected 1 (every byte generated) to "
-                f"{MAX_NO_REPEAT_NGRAM_SIZE} bytes, got {repetition_ngram_size!r}"
+                f"repetition_ngram_size: expected 1 (every token generated) to "
+                f"{MAX_NO_REPEAT_NGRAM_SIZE} tokens, got {repetition_ngram_size!r}"
             )
         fields["repetition_ngram_size"] = size
     return fields

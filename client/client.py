@@ -99,20 +99,20 @@ class Client(BlockingClient):
                 serves by default (its newest loaded version). A version that is not loaded
                 raises :class:`NotFoundError` listing the loaded ones; ``result.version``
                 says which version answered.
-            max_new_tokens: bytes to generate at most; ``None`` means the model's max_length.
-                A phrase bank ignores it.
-            no_repeat_ngram_size: a loop breaker: never generate a byte that would repeat a
-                byte n-gram of this size already in the text. ``None`` takes the server's
+            max_new_tokens: tokens to generate at most (a byte each, or a BPE piece of a few
+                bytes); ``None`` means the model's max_length. A phrase bank ignores it.
+            no_repeat_ngram_size: a loop breaker: never generate a token that would repeat a
+                token n-gram of this size already in the text. ``None`` takes the server's
                 default (the loop breakers are on by default: see the README's "Decoding that
-                does not loop"); 0 is off; at most 256 (bytes). A phrase bank checks it and
+                does not loop"); 0 is off; at most 256 (tokens). A phrase bank checks it and
                 ignores it.
-            repetition_penalty: a softer loop breaker (CTRL-style): the logit of a byte that
-                would repeat a byte n-gram of ``repetition_ngram_size`` bytes already in the
+            repetition_penalty: a softer loop breaker (CTRL-style): the logit of a token that
+                would repeat a token n-gram of ``repetition_ngram_size`` tokens already in the
                 text is divided by this (multiplied, when negative). ``None`` takes the
                 server's default; 1 is off; at most 10. Plain greedy decoding, loops and all:
                 ``no_repeat_ngram_size=0, repetition_penalty=1``.
             repetition_ngram_size: the n-gram size ``repetition_penalty`` looks at; 1
-                penalises every byte already generated. ``None`` takes the server's default.
+                penalises every token already generated. ``None`` takes the server's default.
             priority: higher is served first when requests wait for a slot; FIFO among
                 equals. ``None`` means 0, the server's default; any int32, negative included.
             hybrid: a :class:`Hybrid`: ask its phrase bank first, and take its phrase when
@@ -164,7 +164,7 @@ class Client(BlockingClient):
 
         Args:
             temperature: softmax temperature; ``None`` means 1.0, ``0`` means greedy.
-            top_k: keep only the k most likely bytes; ``None``/0 keeps all. For a phrase
+            top_k: keep only the k most likely tokens; ``None``/0 keeps all. For a phrase
                 bank: how many candidates to return; ``None``/0 means 5, at most 100.
             top_p: nucleus sampling threshold in (0, 1]; ``None`` means 1.0.
             seed: seed of this request's random stream; ``None`` lets the server pick one

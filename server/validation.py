@@ -129,7 +129,7 @@ def parse_no_repeat_ngram_size(value: int) -> int:
     if value > MAX_NO_REPEAT_NGRAM:
         raise invalid(
             f"no_repeat_ngram_size: {value} is too large; expected 0 (off) to "
-            f"{MAX_NO_REPEAT_NGRAM} bytes"
+            f"{MAX_NO_REPEAT_NGRAM} tokens"
         )
     return int(value)
 
@@ -146,8 +146,8 @@ def parse_repetition_penalty(value: float) -> float:
 def parse_repetition_ngram_size(value: int) -> int:
     if not 1 <= value <= MAX_NGRAM_SIZE:
         raise invalid(
-            f"repetition_ngram_size: {value} is invalid; expected 1 (every byte generated) to "
-            f"{MAX_NGRAM_SIZE} bytes (unset = the server's default)"
+            f"repetition_ngram_size: {value} is invalid; expected 1 (every token generated) to "
+            f"{MAX_NGRAM_SIZE} tokens (unset = the server's default)"
         )
     return int(value)
 

@@ -120,7 +120,7 @@ BAD = [
     (2.5, "no_repeat_ngram_size: expected an integer >= 0, got 2.5"),
     (True, "no_repeat_ngram_size: expected an integer >= 0, got True"),
     ("6", "no_repeat_ngram_size: expected an integer >= 0, got '6'"),
-    (257, r"no_repeat_ngram_size: 257 is too large; expected 0 \(off\) to 256 bytes"),
+    (257, r"no_repeat_ngram_size: 257 is too large; expected 0 \(off\) to 256 tokens"),
 ]
 
 
@@ -200,7 +200,7 @@ def test_cli_no_repeat_ngram(address: str, expected: dict[int, list[str]], tmp_p
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == (
         "error: INVALID_ARGUMENT: no_repeat_ngram_size: 257 is too large; "
-        "expected 0 (off) to 256 bytes\n"
+        "expected 0 (off) to 256 tokens\n"
     )
 
 

@@ -225,10 +225,12 @@ def test_the_shape_table_reads_each_runs_last_evaluation(tmp_path: Path) -> None
     early = table(tmp_path, timings, speeds, at_minutes=4.0).splitlines()
     assert "decode ms/step @1 | decode ms/step @64 | train kB/s" in lines[0]
     assert len(lines) == 2 + len(SHAPES)
-    (measured,) = [line for line in lines if line.startswith("| 3×128 | add |")]
+    (measured,) = [line for line in lines if line.startswith("| 3×128 | add | 512 |")]
     cells = [c.strip() for c in measured.strip("|").split("|")]
-    assert cells[3:7] == ["722,944", "0.25", "3.50", "12.0"]
-    assert cells[7:] == ["400", "4.5", "2.500", "2.750", "0.250", "7.25"]
+    assert cells[3:9] == ["bytes", "1.00", "722,944", "0.25", "3.50", "12.0"]
+    assert cells[9:] == ["400", "4.5", "2.500", "2.750", "0.250", "7.25"]
+    (bpe,) = [line for line in lines if "| BPE 1024 |" in line]
+    assert "| 2.51 | 722,944 |" in bpe
     assert all(line.endswith("| — |") for line in lines[2:] if line is not measured)
     assert all(line.endswith("| — |") for line in early[2:])  # no evaluation by 4 minutes
 

@@ -125,7 +125,7 @@ def test_a_too_large_size_is_invalid_and_names_the_field(stub: pb_grpc.DecoderSt
             call()
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "no_repeat_ngram_size:" in raised.value.details()
-        assert "expected 0 (off) to 256 bytes" in raised.value.details()
+        assert "expected 0 (off) to 256 tokens" in raised.value.details()
 
 
 def test_decode_forms_apply_the_default_loop_breakers_unless_set(
