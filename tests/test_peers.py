@@ -165,13 +165,16 @@ def test_the_handler_answers_a_batch_as_generate_does(checkpoint: Path) -> None:
     assert params == [SamplingParams(max_new_tokens=n) for n in lengths]
     answers = [json.loads(a) for a in handler.handle_batch(requests)]
 
-    model = load_checkpoint(checkpoint).model
-    expected = generate(model, torch.from_numpy(vectors), params)
+    loaded = load_checkpoint(checkpoint)
+    expected = generate(loaded.model, torch.from_numpy(vectors), params, tokenizer=loaded.tokenizer)
     assert [a["text"] for a in answers] == [r.text for r in expected]
     assert [a["generated_tokens"] for a in answers] == [len(r.token_ids) for r in expected]
     assert [a["finish_reason"] for a in answers] == [str(r.finish_reason) for r in expected]
     rows = zip(vectors, params, strict=True)
-    alone = [generate(model, torch.from_numpy(v[None]), [p])[0] for v, p in rows]
+    alone = [
+        generate(loaded.model, torch.from_numpy(v[None]), [p], tokenizer=loaded.tokenizer)[0]
+        for v, p in rows
+    ]
     assert [a["text"] for a in answers] == [r.text for r in alone]  # a batch changes nothing
 
 

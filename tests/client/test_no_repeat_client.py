@@ -34,11 +34,13 @@ SIZES = (0, 3, 6)  # 0: plain greedy
 @pytest.fixture(scope="module")
 def expected() -> dict[int, list[str]]:
     """The shipped model's greedy texts for QUERIES per n-gram size, computed here."""
-    model = load_checkpoint(DEFAULT_CHECKPOINT).model
+    loaded = load_checkpoint(DEFAULT_CHECKPOINT)
+    model, tokenizer = loaded.model, loaded.tokenizer
     texts = {}
     for n in (*SIZES, 256):
         params = [SamplingParams(MAX_NEW, no_repeat_ngram_size=n)] * len(QUERIES)
-        texts[n] = [r.text for r in generate(model, torch.from_numpy(QUERIES), params)]
+        results = generate(model, torch.from_numpy(QUERIES), params, tokenizer=tokenizer)
+        texts[n] = [r.text for r in results]
     for n in SIZES[1:]:  # else the tests below could not tell the setting was sent
         assert texts[n] != texts[0], f"no_repeat_ngram_size={n} changes no answer"
     return texts
@@ -231,9 +233,12 @@ def test_unset_loop_breakers_take_the_server_default(address: str) -> None:
 
     from retd.server.config import DecodeDefaults
 
-    model = load_checkpoint(DEFAULT_CHECKPOINT).model
+    loaded = load_checkpoint(DEFAULT_CHECKPOINT)
     params = SamplingParams(MAX_NEW, **dataclasses.asdict(DecodeDefaults()))
-    want = [r.text for r in generate(model, torch.from_numpy(QUERIES), [params] * len(QUERIES))]
+    results = generate(
+        loaded.model, torch.from_numpy(QUERIES), [params] * len(QUERIES), tokenizer=loaded.tokenizer
+    )
+    want = [r.text for r in results]
     with Client(address, timeout=60) as client:
         assert [client.decode(q, max_new_tokens=MAX_NEW).text for q in QUERIES] == want
         batch = client.decode_batch(QUERIES, max_new_tokens=MAX_NEW)
@@ -247,9 +252,10 @@ def test_unset_loop_breakers_take_the_server_default(address: str) -> None:
             repetition_ngram_size=3,
         ).text  # fmt: skip
     (alone,) = generate(
-        model,
+        loaded.model,
         torch.from_numpy(QUERIES[:1]),
         [SamplingParams(MAX_NEW, repetition_penalty=2.0, repetition_ngram_size=3)],
+        tokenizer=loaded.tokenizer,
     )
     assert explicit == alone.text
 

@@ -38,9 +38,10 @@ def as_pb(values: np.ndarray) -> pb.Embedding:
 
 def greedy_texts(checkpoint: Path) -> list[str]:
     """What the model in `checkpoint` decodes for each query, computed here without a server."""
-    model = load_checkpoint(checkpoint).model
+    loaded = load_checkpoint(checkpoint)
     params = [SamplingParams(MAX_NEW_TOKENS)] * len(QUERIES)
-    return [r.text for r in generate(model, torch.from_numpy(QUERIES), params)]
+    results = generate(loaded.model, torch.from_numpy(QUERIES), params, tokenizer=loaded.tokenizer)
+    return [r.text for r in results]
 
 
 def publish(staging: Path, destination: Path) -> None:

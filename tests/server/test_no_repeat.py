@@ -35,14 +35,18 @@ def as_pb(values: np.ndarray) -> pb.Embedding:
 @pytest.fixture(scope="module")
 def expected() -> dict[int, list[str]]:
     """The shipped model's texts for QUERIES, per n-gram size (0: plain greedy), computed here."""
-    model = load_checkpoint(DEFAULT_CHECKPOINT).model
+    loaded = load_checkpoint(DEFAULT_CHECKPOINT)
+    model, tokenizer = loaded.model, loaded.tokenizer
     texts = {}
     for n in (0, 3, 6):
         params = [SamplingParams(MAX_NEW, no_repeat_ngram_size=n)] * len(QUERIES)
-        texts[n] = [r.text for r in generate(model, torch.from_numpy(QUERIES), params)]
+        texts[n] = [
+            r.text for r in generate(model, torch.from_numpy(QUERIES), params, tokenizer=tokenizer)
+        ]
     assert texts[0] != texts[6], "the setting must change some answers to be tested"
     default = SamplingParams(MAX_NEW, **dataclasses.asdict(DecodeDefaults()))
-    texts[-1] = [r.text for r in generate(model, torch.from_numpy(QUERIES), [default] * 24)]
+    results = generate(model, torch.from_numpy(QUERIES), [default] * 24, tokenizer=tokenizer)
+    texts[-1] = [r.text for r in results]
     assert texts[-1] != texts[0], "the default must change some answers to be tested"
     return texts  # texts[-1]: the server's default loop breakers
 

@@ -45,9 +45,10 @@ def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningSe
 
 
 def alone(checkpoint: Path, values: np.ndarray, max_new_tokens: int) -> str:
-    model = load_checkpoint(checkpoint).model
+    loaded = load_checkpoint(checkpoint)
     embedding = torch.from_numpy(values)[None]
-    return generate(model, embedding, [SamplingParams(max_new_tokens)])[0].text
+    params = [SamplingParams(max_new_tokens)]
+    return generate(loaded.model, embedding, params, tokenizer=loaded.tokenizer)[0].text
 
 
 def test_a_marked_item_fails_alone_in_its_batch(faulty: tuple[RunningServer, Path]) -> None:

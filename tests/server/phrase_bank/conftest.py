@@ -81,11 +81,12 @@ def bank_matrix(checkpoints: dict[str, Path]) -> np.ndarray:
 
 @pytest.fixture(scope="package")
 def ret_alone(checkpoints: dict[str, Path]) -> object:
-    model = load_checkpoint(checkpoints[RET]).model
+    loaded = load_checkpoint(checkpoints[RET])
 
     def decode(values: np.ndarray, max_new_tokens: int) -> str:
         embedding = torch.from_numpy(values)[None]
-        return generate(model, embedding, [SamplingParams(max_new_tokens)])[0].text
+        params = [SamplingParams(max_new_tokens)]
+        return generate(loaded.model, embedding, params, tokenizer=loaded.tokenizer)[0].text
 
     return decode
 
