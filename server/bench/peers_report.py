@@ -66,7 +66,7 @@ def servers_table(runs: Sequence[PeerRun], raw_seq_per_s: dict[str, float]) -> s
     model's seq/s at a batch of as many rows as callers (same lengths, same thread); RSS: the
     largest over the rounds."""
     lines = [
-        "| scenario | server | req/s | bytes/s | p50 ms | p90 ms | p99 ms | share of raw "
+        "| scenario | server | req/s | tokens/s | p50 ms | p90 ms | p99 ms | share of raw "
         "| RSS MiB | errors |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]

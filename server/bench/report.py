@@ -80,7 +80,7 @@ class BenchReport:
             f"mode {self.mode}  callers {self.concurrency}  batch {self.batch_size}  "
             f"new tokens {self.new_tokens}  {self.server_args or ''}".rstrip(),
             f"  {self.requests} requests in {self.seconds:.2f}s: {self.requests_per_s:.1f} req/s, "
-            f"{self.sequences_per_s:.1f} seq/s, {self.tokens_per_s:.0f} bytes/s",
+            f"{self.sequences_per_s:.1f} seq/s, {self.tokens_per_s:.0f} tokens/s",
         ]
         if self.latency_ms:
             lines.append("  latency ms  " + _render_percentiles(self.latency_ms))

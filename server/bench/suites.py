@@ -187,7 +187,7 @@ def run_suite(checkpoint: Path, scenarios: Sequence[Scenario]) -> list[tuple[str
 
 def round_ratios(results: Sequence[tuple[str, BenchReport]]) -> str:
     """For a suite that repeats its loads in rounds (a round starts at each repeat of the
-    first scenario): each load's bytes/s over the first load's in the same round, median and
+    first scenario): each load's tokens/s over the first load's in the same round, median and
     range over the rounds. Empty if the first scenario does not repeat."""
     rounds: list[dict[str, float]] = []
     for name, report in results:
@@ -197,7 +197,7 @@ def round_ratios(results: Sequence[tuple[str, BenchReport]]) -> str:
     if len(rounds) < 2:
         return ""
     lines = [
-        f"| load | bytes/s × {results[0][0]}, median | min | max | rounds |",
+        f"| load | tokens/s × {results[0][0]}, median | min | max | rounds |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name in rounds[0]:
@@ -211,10 +211,10 @@ def round_ratios(results: Sequence[tuple[str, BenchReport]]) -> str:
 
 
 def markdown_table(results: Sequence[tuple[str, BenchReport]]) -> str:
-    """One row per scenario; "× row 1": its bytes/s over the first scenario's; bytes/seq: the
-    mean bytes a sequence generated (fewer than asked when it ended with EOS)."""
+    """One row per scenario; "× row 1": its tokens/s over the first scenario's; tokens/seq: the
+    mean tokens a sequence generated (fewer than asked when it ended with EOS)."""
     lines = [
-        "| scenario | seq/s | bytes/s | × row 1 | bytes/seq | p50 ms | p90 ms | p99 ms "
+        "| scenario | seq/s | tokens/s | × row 1 | tokens/seq | p50 ms | p90 ms | p99 ms "
         "| short p99 ms | errors |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
