@@ -209,3 +209,23 @@ def test_training_with_a_bpe_learns_and_saves_it(tmp_path: Path, bpe: Tokenizer)
     assert load_checkpoint(train(warm, progress=False)).tokenizer.pieces == bpe.pieces
     with pytest.raises(ValueError, match="vocab_size 256 but the tokenizer has 300"):
         train(dataclasses.replace(config, model={"vocab_size": 256}), progress=False)
+
+
+def test_the_committed_bpe_checkpoint_decodes_its_cards_examples() -> None:
+    """model/checkpoints/ret_v21_bpe (trained here, not the default yet): 722,944 parameters
+    over its own 1,024-token BPE, and `retd eval`'s recorded greedy outputs are what these
+    weights decode from the same held-out embeddings (tests/data/heldout_head)."""
+    from retd.model.checkpoint import DEFAULT_CHECKPOINT
+    from retd.model.embed import load_split
+    from retd.model.evaluate import greedy_texts
+
+    loaded = load_checkpoint(DEFAULT_CHECKPOINT.parent / "ret_v21_bpe")  # checks the sha256
+    assert loaded.model.num_parameters() == 722_944 and loaded.trained
+    assert loaded.tokenizer.kind == "bpe" and loaded.tokenizer.vocab_size == 1024
+    examples = loaded.card["metrics"]["eval"]["examples"]
+    head = load_split(Path(__file__).parents[1] / "data" / "heldout_head", "heldout")
+    assert [e["reference"] for e in examples] == head.texts[: len(examples)]
+    embeddings = torch.from_numpy(head.embeddings[: len(examples)].astype(np.float32))
+    full = loaded.config.max_length - 1
+    decoded = greedy_texts(loaded.model, embeddings, full, tokenizer=loaded.tokenizer)
+    assert decoded == [e["greedy"] for e in examples]
