@@ -214,8 +214,13 @@ def resolve_tokenizer(config: TrainConfig) -> Tokenizer:
 
 
 def model_config_for(config: TrainConfig, tokenizer: Tokenizer) -> RETConfig:
-    """The architecture's config with config.model's changes; vocab_size is the tokenizer's."""
-    shape = dict(config.model)
+    """The architecture's config with config.model's changes (a warm start: the init_from
+    checkpoint's shape, then config.model's); vocab_size is the tokenizer's."""
+    shape: dict[str, Any] = {}
+    if config.init_from:
+        card = json.loads((Path(config.init_from) / "card.json").read_text(encoding="utf-8"))
+        shape.update(card.get("config", {}))
+    shape.update(config.model)
     if shape.setdefault("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
         raise ValueError(
             f"model.vocab_size {shape['vocab_size']} but the tokenizer has "

@@ -181,6 +181,7 @@ def test_training_with_a_bpe_learns_and_saves_it(tmp_path: Path, bpe: Tokenizer)
         data_dir=str(FIXTURE),
         out_dir=str(tmp_path / "run"),
         architecture="ret_tiny",
+        model={"n_layer": 2},
         tokenizer=str(spec),
         batch_size=32,
         warmup_steps=5,
@@ -197,18 +198,21 @@ def test_training_with_a_bpe_learns_and_saves_it(tmp_path: Path, bpe: Tokenizer)
     assert loaded.config.vocab_size == 300 and loaded.tokenizer.pieces == bpe.pieces
     # held-out loss is per byte: from ~ln(300) per token at first, and it fell
     assert lines[-1]["heldout_loss"] < np.log(300) / 1.2
-    # a warm start with no tokenizer named takes the checkpoint's
+    # a warm start naming no tokenizer and no shape takes the checkpoint's
     warm = dataclasses.replace(
         config,
+        model={},
         tokenizer="",
         init_from=str(checkpoint),
         out_dir=str(tmp_path / "warm"),
         max_steps=2,
         eval_every=2,
     )
-    assert load_checkpoint(train(warm, progress=False)).tokenizer.pieces == bpe.pieces
+    went_on = load_checkpoint(train(warm, progress=False))
+    assert went_on.tokenizer.pieces == bpe.pieces and went_on.config.n_layer == 2
     with pytest.raises(ValueError, match="vocab_size 256 but the tokenizer has 300"):
         train(dataclasses.replace(config, model={"vocab_size": 256}), progress=False)
+    assert loaded.config.n_layer == 2
 
 
 def test_the_committed_bpe_checkpoint_decodes_its_cards_examples() -> None:
