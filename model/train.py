@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from retd.model.batches import IGNORE, batches_in_order, byte_lengths, encode_texts, make_batch
-from retd.model.checkpoint import DEFAULT_ENCODER, load_tokenizer, save_checkpoint
+from retd.model.checkpoint import DEFAULT_ENCODER, save_checkpoint
 from retd.model.encoder import ENCODER_WEIGHTS_SHA256
 from retd.model.evaluate import greedy_texts, heldout_rows, text_scores
-from retd.model.model import RET, RETConfig, config_for, model_class
+from retd.model.model import RET, model_class
+from retd.model.run_setup import model_config_for, resolve_tokenizer, warm_start
 from retd.model.tokenizer import BYTES, Tokenizer
 
 
@@ -88,24 +89,6 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training setting(s) in {path}: {', '.join(unknown)}")
         return cls(**values)
-
-
-def _warm_start(model: RET, config: TrainConfig) -> dict[str, Any]:
-    """Load `config.init_from`'s weights into `model`; what the new card says about them."""
-    from retd.model.checkpoint import load_checkpoint
-
-    loaded = load_checkpoint(Path(config.init_from))
-    if loaded.architecture != config.architecture:
-        raise ValueError(
-            f"init_from: {config.init_from} holds a {loaded.architecture!r} model; this run "
-            f"trains {config.architecture!r}"
-        )
-    model.load_state_dict(loaded.model.state_dict())
-    return {
-        "path": str(config.init_from),
-        "weights_sha256": loaded.sha256,
-        "training": loaded.card.get("training", {}),
-    }
 
 
 def bucketed_batches(
@@ -202,33 +185,6 @@ def heldout_losses(
     return true_total / count, shuffled_total / count
 
 
-def resolve_tokenizer(config: TrainConfig) -> Tokenizer:
-    """The run's tokenizer: config.tokenizer's file, else init_from's, else bytes."""
-    if config.tokenizer:
-        return Tokenizer.from_json(Path(config.tokenizer).read_text(encoding="utf-8"))
-    if config.init_from:
-        card = json.loads((Path(config.init_from) / "card.json").read_text(encoding="utf-8"))
-        vocab = card.get("config", {}).get("vocab_size", 256)
-        return load_tokenizer(Path(config.init_from), RETConfig(vocab_size=vocab))
-    return BYTES
-
-
-def model_config_for(config: TrainConfig, tokenizer: Tokenizer) -> RETConfig:
-    """The architecture's config with config.model's changes (a warm start: the init_from
-    checkpoint's shape, then config.model's); vocab_size is the tokenizer's."""
-    shape: dict[str, Any] = {}
-    if config.init_from:
-        card = json.loads((Path(config.init_from) / "card.json").read_text(encoding="utf-8"))
-        shape.update(card.get("config", {}))
-    shape.update(config.model)
-    if shape.setdefault("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
-        raise ValueError(
-            f"model.vocab_size {shape['vocab_size']} but the tokenizer has "
-            f"{tokenizer.vocab_size} tokens"
-        )
-    return config_for(config.architecture, shape)
-
-
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train until max_steps (or max_minutes); returns the exported checkpoint's directory."""
     from tqdm import tqdm
@@ -271,7 +227,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     torch.manual_seed(config.seed)
     model = model_class(config.architecture)(model_config)
     model.init_weights(generator=torch.Generator().manual_seed(config.seed))
-    warm_start = _warm_start(model, config) if config.init_from else None
+    warm_record = warm_start(model, config) if config.init_from else None
     optimizer = make_optimizer(model, config)
     forward = torch.compile(model, dynamic=True) if config.compile else model
     noise_generator = torch.Generator().manual_seed(config.seed + 1)
@@ -329,7 +285,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
                 "texts": len(encoded),
                 "corpus": _corpus_card(data_dir),
                 "config": dataclasses.asdict(config),
-                **({"init_from": warm_start} if warm_start is not None else {}),
+                **({"init_from": warm_record} if warm_record is not None else {}),
             },
             "metrics": metrics,
         }
