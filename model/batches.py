@@ -34,6 +34,12 @@ def byte_lengths(encoded: Sequence[np.ndarray], tokenizer: Tokenizer = BYTES) ->
     return np.array([int(sizes[ids].sum()) for ids in encoded], dtype=np.int64)
 
 
+def text_bytes(encoded: Sequence[np.ndarray], tokenizer: Tokenizer = BYTES) -> int:
+    """Bytes of text of all encoded rows plus one per end-of-sequence token: what a loss per
+    byte divides the summed token losses by."""
+    return int(byte_lengths(encoded, tokenizer).sum()) + len(encoded)
+
+
 def make_batch(
     encoded: Sequence[np.ndarray], rows: np.ndarray, eos_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -310,17 +310,21 @@ def load_checkpoint(
     )
 
 
-def load_tokenizer(directory: Path, config: RETConfig) -> Tokenizer:
-    """The checkpoint's tokenizer.json, or the byte tokenizer when there is none; either must
-    have the config's vocab_size."""
+def read_tokenizer(directory: Path) -> Tokenizer:
+    """A checkpoint's tokenizer.json, or the byte tokenizer when there is none."""
     path = directory / TOKENIZER_FILE
-    if path.is_file():
-        try:
-            tokenizer = Tokenizer.from_json(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise CheckpointError(f"cannot read {path}: {exc}") from exc
-    else:
-        tokenizer = BYTES
+    if not path.is_file():
+        return BYTES
+    try:
+        return Tokenizer.from_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+
+
+def load_tokenizer(directory: Path, config: RETConfig) -> Tokenizer:
+    """`read_tokenizer`, which must have the config's vocab_size."""
+    tokenizer = read_tokenizer(directory)
+    path = directory / TOKENIZER_FILE
     if tokenizer.vocab_size != config.vocab_size:
         where = path if path.is_file() else f"{directory} (no {TOKENIZER_FILE}: bytes)"
         raise CheckpointError(

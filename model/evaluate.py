@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retd.model.batches import IGNORE, batches_in_order, byte_lengths, encode_texts
+from retd.model.batches import IGNORE, batches_in_order, encode_texts, text_bytes
 from retd.model.defaults import DecodeDefaults
 from retd.model.generation import SamplingParams, generate
 from retd.model.model import RET, KVCache
@@ -190,8 +190,7 @@ def token_accuracy(
         correct += int((logits.argmax(-1)[mask] == targets[mask]).sum())
         total += int(mask.sum())
         loss_sum += float(F.cross_entropy(logits[mask], targets[mask], reduction="sum"))
-    count = int(byte_lengths(encoded, tokenizer).sum()) + len(encoded)
-    return 100.0 * correct / total, loss_sum / count
+    return 100.0 * correct / total, loss_sum / text_bytes(encoded, tokenizer)
 
 
 def retrieval_baseline(

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from retd.model.checkpoint import load_tokenizer
+from retd.model.checkpoint import read_tokenizer
 from retd.model.model import RET, RETConfig, config_for
 from retd.model.tokenizer import BYTES, Tokenizer
 
@@ -42,12 +42,12 @@ def _init_shape(config: TrainConfig) -> dict[str, Any]:
 
 
 def resolve_tokenizer(config: TrainConfig) -> Tokenizer:
-    """The run's tokenizer: config.tokenizer's file, else init_from's, else bytes."""
+    """The run's tokenizer: config.tokenizer's file, else init_from's, else bytes (whether it
+    fits the model is `model_config_for`'s check)."""
     if config.tokenizer:
         return Tokenizer.from_json(Path(config.tokenizer).read_text(encoding="utf-8"))
     if config.init_from:
-        vocab = _init_shape(config).get("vocab_size", 256)
-        return load_tokenizer(Path(config.init_from), RETConfig(vocab_size=vocab))
+        return read_tokenizer(Path(config.init_from))
     return BYTES
 
 

@@ -26,7 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retd.model.batches import IGNORE, batches_in_order, byte_lengths, encode_texts, make_batch
+from retd.model.batches import (
+    IGNORE,
+    batches_in_order,
+    byte_lengths,
+    encode_texts,
+    make_batch,
+    text_bytes,
+)
 from retd.model.checkpoint import DEFAULT_ENCODER, save_checkpoint
 from retd.model.encoder import ENCODER_WEIGHTS_SHA256
 from retd.model.evaluate import greedy_texts, heldout_rows, text_scores
@@ -181,7 +188,7 @@ def heldout_losses(
         true_total += float(sequence_loss(model, emb, inputs, targets)) * n
         shuffled_total += float(sequence_loss(model, emb.roll(1, 0), inputs, targets)) * n
     model.train()
-    count = int(byte_lengths(encoded, tokenizer).sum()) + len(encoded)
+    count = text_bytes(encoded, tokenizer)
     return true_total / count, shuffled_total / count
 
 

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, TypeAlias
 import torch
 
 from retd.model.generation import FinishReason, OutputBuffer, SamplingParams
+from retd.model.tokenizer import BYTES, Tokenizer
 from retd.server.config import DecodeDefaults
 from retd.server.errors import ErrorKind, ServeError
 from retd.server.requests import SearchParams, SequenceRequest
@@ -201,7 +202,7 @@ class Engine(abc.ABC):
         dtype: torch.dtype,
         scheduler_config: SchedulerConfig | None = None,
         eos_id: int = 0,
-        pieces: Sequence[bytes] | None = None,
+        tokenizer: Tokenizer = BYTES,
     ) -> None:
         self.name = name
         self.description = description
@@ -209,7 +210,7 @@ class Engine(abc.ABC):
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self._scheduler = Scheduler(self.scheduler_config)
         self._eos_id = eos_id
-        self._pieces = pieces  # the bytes of each token id; None: one token per byte
+        self._tokenizer = tokenizer  # turns each generated token into its bytes
         self._handles: dict[int, SequenceHandle] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -237,7 +238,7 @@ class Engine(abc.ABC):
         output = (
             None
             if isinstance(params, SearchParams)
-            else OutputBuffer(params, self._eos_id, self._pieces)
+            else OutputBuffer(params, self._eos_id, self._tokenizer)
         )
         with self._lock:
             if self._closing:

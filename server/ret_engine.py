@@ -58,7 +58,6 @@ class RETEngine(Engine):
             max_length=config.max_length,
             parameter_count=sum(p.numel() for p in loaded.model.parameters()),  # tied once
         )
-        tokenizer = loaded.tokenizer
         super().__init__(
             name,
             description,
@@ -66,7 +65,7 @@ class RETEngine(Engine):
             parameter.dtype,
             scheduler_config,
             config.eos_id,
-            None if tokenizer.kind == "bytes" else tokenizer.pieces,
+            loaded.tokenizer,
         )
         self.loaded = loaded
         slots = self.scheduler_config.max_batch_size

@@ -146,7 +146,8 @@ def test_stops_and_deltas_over_tokens_of_several_bytes(
     case: tuple[list[bytes], list[int], list[str]], limit: int
 ) -> None:
     pieces, stream, stops = case
-    buffer = OutputBuffer(SamplingParams(max_new_tokens=limit, stop=tuple(stops)), 0, pieces)
+    params = SamplingParams(max_new_tokens=limit, stop=tuple(stops))
+    buffer = OutputBuffer(params, 0, Tokenizer(pieces))
     deltas = []
     for token in stream:
         buffer.append(token, -1.0)
