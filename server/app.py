@@ -20,7 +20,6 @@ from retd.model.checkpoint import (
     PHRASE_BANK_KIND,
     RET_KIND,
     checkpoint_kind,
-    load_checkpoint,
     parse_dtype,
     resolve_device,
 )
@@ -28,12 +27,13 @@ from retd.model.phrase_bank import load_phrase_bank
 from retd.server.admin import ADMIN_SERVICE, RepositoryService
 from retd.server.calls import add_service
 from retd.server.config import BATCH_ITEM_WIRE_BYTES, ModelSpec, ServerConfig
-from retd.server.engine import Engine, sample_memory
+from retd.server.engine import ServingEngine, sample_memory
+from retd.server.engine_process import EngineProcess
 from retd.server.gate import CallGate
 from retd.server.interceptor import CallInterceptor
 from retd.server.phrase_bank_engine import PhraseBankEngine
 from retd.server.repository import ModelRegistry, ServingListener
-from retd.server.ret_engine import RETEngine
+from retd.server.ret_engine import load_ret_engine
 from retd.server.security import (
     TokenAuthInterceptor,
     TokenStore,
@@ -53,16 +53,18 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def load_engine(spec: ModelSpec) -> Engine:
+def load_engine(spec: ModelSpec) -> ServingEngine:
     """Load a checkpoint of any kind (its card names it) onto its device and warm it up
     (runs off the event loop)."""
     kind = checkpoint_kind(spec.checkpoint)
+    if kind == RET_KIND and spec.settings.engine == "process":
+        return EngineProcess(spec, torch.get_num_threads())  # warm when it says it is ready
     engine = ENGINE_LOADERS[kind](spec)
     engine.warm_up()
     return engine
 
 
-def _load_phrase_bank_engine(spec: ModelSpec) -> Engine:
+def _load_phrase_bank_engine(spec: ModelSpec) -> ServingEngine:
     settings = spec.settings
     device = resolve_device(settings.device)
     loaded = load_phrase_bank(spec.checkpoint, device=device, dtype=parse_dtype(settings.dtype))
@@ -80,32 +82,8 @@ def _load_phrase_bank_engine(spec: ModelSpec) -> Engine:
     return PhraseBankEngine(spec.name, loaded, settings.scheduler)
 
 
-def _load_ret_engine(spec: ModelSpec) -> Engine:
-    settings = spec.settings
-    device = resolve_device(settings.device)
-    loaded = load_checkpoint(spec.checkpoint, device=device, dtype=parse_dtype(settings.dtype))
-    engine = RETEngine(spec.name, loaded, settings.scheduler)
-    log.info(
-        "model %s loaded: %s %s, %d parameters, %s on %s, sha256 %s",
-        spec.name,
-        loaded.architecture,
-        loaded.version,
-        loaded.model.num_parameters(),
-        settings.dtype,
-        device,
-        loaded.sha256[:12],
-    )
-    if not loaded.trained:
-        log.warning(
-            "model %s is UNTRAINED (random weights from %s): it decodes noise, not text",
-            spec.name,
-            spec.checkpoint,
-        )
-    return engine
-
-
-ENGINE_LOADERS: dict[str, Callable[[ModelSpec], Engine]] = {
-    RET_KIND: _load_ret_engine,
+ENGINE_LOADERS: dict[str, Callable[[ModelSpec], ServingEngine]] = {
+    RET_KIND: load_ret_engine,
     PHRASE_BANK_KIND: _load_phrase_bank_engine,
 }
 
@@ -182,7 +160,7 @@ class Daemon:
         self.telemetry.observe(
             self.models.engines,
             lambda: gate.in_flight,
-            device_memory=lambda engine: sample_memory(engine.device).device_allocated_bytes,
+            device_memory=lambda engine: engine.device_memory(),
             rss=lambda: sample_memory(torch.device("cpu")).rss_bytes,
         )
         add_service(self.service, server, pb, "Decoder")

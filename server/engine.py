@@ -22,9 +22,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar, Protocol, TypeAlias
 
 import torch
 
@@ -125,7 +125,7 @@ ABORT_KINDS = {
 class SequenceHandle:
     """The event-loop side of one submitted sequence."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, engine: Engine) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, engine: ServingEngine) -> None:
         self.seq_id = -1
         self._loop = loop
         self._engine = engine
@@ -141,6 +141,10 @@ class SequenceHandle:
         """Called from the worker thread."""
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    def deliver_in_loop(self, event: Event) -> None:
+        """Called on the event loop's own thread (an engine process's reader)."""
+        self._events.put_nowait(event)
 
     async def events(self) -> AsyncIterator[TokenDelta | SequenceResult]:
         """Deltas (streams only), then the result; a failure raises ServeError."""
@@ -185,6 +189,60 @@ class ModelDescription:
     phrase_count: int = 0
 
 
+class ServingEngine(Protocol):
+    """What the servicer, the registry and telemetry use of a loaded model: an `Engine`
+    (its worker a thread of this process) or an `EngineProcess` (server/engine_process.py)."""
+
+    name: str
+    kind: ClassVar[str]
+    description: ModelDescription
+    device: torch.device
+    dtype: torch.dtype
+    scheduler_config: SchedulerConfig
+
+    def warm_up(self) -> None: ...
+    def start(self) -> None: ...
+    def stats(self) -> EngineStats: ...
+    def device_memory(self) -> int | None: ...
+    def limits(self, max_new_tokens_limit: int = 0) -> ModelLimits: ...
+    def submit(self, request: SequenceRequest) -> SequenceHandle: ...
+    def cancel(self, seq_id: int) -> None: ...
+    async def close(self) -> None: ...
+
+    def build_request(
+        self,
+        embedding: pb.Embedding,
+        field: str,
+        options: DecodeOptions,
+        defaults: DecodeDefaults,
+        deadline: float | None,
+        max_new_tokens_limit: int = 0,
+    ) -> SequenceRequest: ...
+
+    def build_generate_request(
+        self,
+        request: pb.GenerateRequest,
+        stream: bool,
+        deadline: float | None,
+        max_new_tokens_limit: int = 0,
+    ) -> SequenceRequest: ...
+
+
+def model_limits(name: str, model: ModelDescription, max_new_tokens_limit: int = 0) -> ModelLimits:
+    """What model `name` accepts; `max_new_tokens_limit` (the server's, 0: none) caps its
+    max_length."""
+    encoder = model.encoder or "sentence encoder"
+    if 0 < max_new_tokens_limit < model.max_length:
+        return ModelLimits(
+            name,
+            model.embedding_dim,
+            max_new_tokens_limit,
+            encoder,
+            "the server's max_new_tokens_limit",
+        )
+    return ModelLimits(name, model.embedding_dim, model.max_length, encoder)
+
+
 class Engine(abc.ABC):
     """Serves one loaded model: a scheduler in front of one worker thread (`_work`, the same
     for every kind). Subclasses serve one kind of model (`kind`): they run a step on it in
@@ -217,6 +275,8 @@ class Engine(abc.ABC):
         self._wakeup = threading.Condition(self._lock)
         self._closing = False
         self._thread = threading.Thread(target=self._work, name=f"retd-worker-{name}", daemon=True)
+        # Set in an engine process (server/engine_process.py): events go to it, not to handles.
+        self._sink: Callable[[list[tuple[int, Event]], EngineStats], None] | None = None
 
     # ---- the event-loop side -----------------------------------------------------------
 
@@ -225,33 +285,50 @@ class Engine(abc.ABC):
 
     def stats(self) -> EngineStats:
         with self._lock:
-            s = self._scheduler
-            return EngineStats(s.num_waiting, s.num_running, s.free_slots)
+            return self._stats()
+
+    def _stats(self) -> EngineStats:
+        s = self._scheduler
+        return EngineStats(s.num_waiting, s.num_running, s.free_slots)
+
+    def device_memory(self) -> int | None:
+        """Bytes of device memory allocated now (None on the CPU)."""
+        return sample_memory(self.device).device_allocated_bytes
 
     def submit(self, request: SequenceRequest) -> SequenceHandle:
         """Queue a sequence; raises ServeError (EXHAUSTED when the queue is full, UNAVAILABLE
         when shutting down)."""
+        handle = SequenceHandle(asyncio.get_running_loop(), self)
+        with self._lock:
+            handle.seq_id = next(self._ids)
+            self._enqueue(handle.seq_id, request)
+            self._handles[handle.seq_id] = handle
+        return handle
+
+    def enqueue(self, seq_id: int, request: SequenceRequest) -> None:
+        """`submit` for a caller that keeps its own handles (an engine process's parent):
+        the sequence's events go to the sink under `seq_id`."""
+        with self._lock:
+            self._enqueue(seq_id, request)
+
+    def _enqueue(self, seq_id: int, request: SequenceRequest) -> None:
+        """Under the lock: hand a sequence to the scheduler and wake the worker."""
         params = request.params
         if not isinstance(params, self.params_type):
             raise TypeError(f"a {self.kind} takes {self.params_type.__name__}, not {params!r}")
-        handle = SequenceHandle(asyncio.get_running_loop(), self)
+        if self._closing:
+            raise ServeError(ErrorKind.UNAVAILABLE, "the server is shutting down")
         output = (
             None
             if isinstance(params, SearchParams)
             else OutputBuffer(params, self._eos_id, self._tokenizer)
         )
-        with self._lock:
-            if self._closing:
-                raise ServeError(ErrorKind.UNAVAILABLE, "the server is shutting down")
-            handle.seq_id = next(self._ids)
-            state = SequenceState(handle.seq_id, request, output, arrival=time.monotonic())
-            try:
-                self._scheduler.add(state)
-            except QueueFullError as exc:
-                raise ServeError(ErrorKind.EXHAUSTED, f"model {self.name!r}: {exc}") from None
-            self._handles[handle.seq_id] = handle
-            self._wakeup.notify()
-        return handle
+        state = SequenceState(seq_id, request, output, arrival=time.monotonic())
+        try:
+            self._scheduler.add(state)
+        except QueueFullError as exc:
+            raise ServeError(ErrorKind.EXHAUSTED, f"model {self.name!r}: {exc}") from None
+        self._wakeup.notify()
 
     def cancel(self, seq_id: int) -> None:
         with self._lock:
@@ -260,28 +337,22 @@ class Engine(abc.ABC):
 
     async def close(self) -> None:
         """Finish every sequence already accepted, then stop the worker."""
+        await asyncio.to_thread(self.close_and_join)
+
+    def close_and_join(self) -> None:
+        """`close`, blocking (an engine process's main thread)."""
         with self._lock:
             self._closing = True
             self._wakeup.notify()
         if self._thread.is_alive():
-            await asyncio.to_thread(self._thread.join)
+            self._thread.join()
 
     # ---- requests ------------------------------------------------------------------------
 
     def limits(self, max_new_tokens_limit: int = 0) -> ModelLimits:
         """What this model accepts; `max_new_tokens_limit` (the server's, 0: none) caps its
         max_length."""
-        model = self.description
-        encoder = model.encoder or "sentence encoder"
-        if 0 < max_new_tokens_limit < model.max_length:
-            return ModelLimits(
-                self.name,
-                model.embedding_dim,
-                max_new_tokens_limit,
-                encoder,
-                "the server's max_new_tokens_limit",
-            )
-        return ModelLimits(self.name, model.embedding_dim, model.max_length, encoder)
+        return model_limits(self.name, self.description, max_new_tokens_limit)
 
     @abc.abstractmethod
     def build_request(
@@ -372,7 +443,15 @@ class Engine(abc.ABC):
         return events
 
     def _deliver(self, events: Sequence[tuple[int, Event]]) -> None:
-        """Under the lock: hand events to their callers; a sequence's last event forgets it."""
+        """Under the lock: hand events to their callers (or to the sink); a sequence's last
+        event forgets it."""
+        if self._sink is not None:
+            for seq_id, event in events:
+                if not isinstance(event, TokenDelta):
+                    self._forget(seq_id)
+            if events:
+                self._sink(list(events), self._stats())
+            return
         for seq_id, event in events:
             handle = self._handles.get(seq_id)
             if handle is None:

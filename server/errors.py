@@ -29,6 +29,9 @@ class ServeError(Exception):
         self.kind = kind
         self.message = message
 
+    def __reduce__(self) -> tuple[type[ServeError], tuple[ErrorKind, str]]:
+        return ServeError, (self.kind, self.message)  # crosses to and from an engine process
+
 
 def invalid(message: str) -> ServeError:
     return ServeError(ErrorKind.INVALID, message)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from retd.model.checkpoint import RET_KIND
 from retd.server.config import ModelSettings, ModelSpec, RepositoryConfig
-from retd.server.engine import Engine
+from retd.server.engine import ServingEngine
 from retd.server.errors import ErrorKind, ServeError, not_found
 from retd.server.routing import VersionTable
 from retd.server.validation import shorten
@@ -61,7 +61,7 @@ class ModelRegistry(VersionTable):
     def __init__(
         self,
         static: Sequence[ModelSpec],
-        load: Callable[[ModelSpec], Engine],
+        load: Callable[[ModelSpec], ServingEngine],
         *,
         repository: RepositoryConfig = NO_REPOSITORY,
         model_defaults: ModelSettings = MODEL_DEFAULTS,

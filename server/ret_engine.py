@@ -13,11 +13,17 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from retd.model.checkpoint import RET_KIND, LoadedModel
+from retd.model.checkpoint import (
+    RET_KIND,
+    LoadedModel,
+    load_checkpoint,
+    parse_dtype,
+    resolve_device,
+)
 from retd.model.generation import NGramBlocker, RepetitionTracker, SamplingParams
 from retd.model.model import KVCache
 from retd.model.sampling import Sampler
-from retd.server.config import DecodeDefaults
+from retd.server.config import DecodeDefaults, ModelSpec
 from retd.server.engine import (
     Engine,
     Event,
@@ -29,10 +35,45 @@ from retd.server.engine import (
     sample_memory,
 )
 from retd.server.scheduler import Delta, Finished, Joiner, Row, SchedulerConfig, Step
-from retd.server.validation import DecodeOptions, greedy_params, parse_embedding, parse_generate
+from retd.server.validation import (
+    DecodeOptions,
+    ModelLimits,
+    greedy_params,
+    parse_embedding,
+    parse_generate,
+)
 from retd.v1 import decoder_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+
+def decode_request(
+    limits: ModelLimits,
+    embedding: pb.Embedding,
+    field: str,
+    options: DecodeOptions,
+    defaults: DecodeDefaults,
+    deadline: float | None,
+) -> SequenceRequest:
+    """A greedy decode for a RET model, with the loop breakers the request (or the server)
+    sets; errors name `field`."""
+    return SequenceRequest(
+        embedding=parse_embedding(embedding, field, limits),
+        params=greedy_params(options.max_new_tokens, "max_new_tokens", limits, options, defaults),
+        deadline=deadline,
+        priority=options.priority,
+    )
+
+
+def generate_request(
+    limits: ModelLimits, request: pb.GenerateRequest, stream: bool, deadline: float | None
+) -> SequenceRequest:
+    """A Generate (or a GenerateStream) for a RET model, checked."""
+    embedding = parse_embedding(request.embedding, "embedding", limits)
+    params = parse_generate(request, limits)
+    return SequenceRequest(
+        embedding, params, stream=stream, deadline=deadline, priority=request.priority
+    )
 
 
 class RETEngine(Engine):
@@ -90,16 +131,8 @@ class RETEngine(Engine):
         deadline: float | None,
         max_new_tokens_limit: int = 0,
     ) -> SequenceRequest:
-        """A greedy decode, with the loop breakers the request (or the server) sets."""
         limits = self.limits(max_new_tokens_limit)
-        return SequenceRequest(
-            embedding=parse_embedding(embedding, field, limits),
-            params=greedy_params(
-                options.max_new_tokens, "max_new_tokens", limits, options, defaults
-            ),
-            deadline=deadline,
-            priority=options.priority,
-        )
+        return decode_request(limits, embedding, field, options, defaults, deadline)
 
     def build_generate_request(
         self,
@@ -109,15 +142,7 @@ class RETEngine(Engine):
         max_new_tokens_limit: int = 0,
     ) -> SequenceRequest:
         limits = self.limits(max_new_tokens_limit)
-        embedding = parse_embedding(request.embedding, "embedding", limits)
-        params = parse_generate(request, limits)
-        return SequenceRequest(
-            embedding,
-            params,
-            stream=stream,
-            deadline=deadline,
-            priority=request.priority,
-        )
+        return generate_request(limits, request, stream, deadline)
 
     def warm_up(self, steps: int = 4) -> None:
         """Run a few decode steps so the first caller pays no start-up cost; call it before
@@ -314,3 +339,28 @@ class RETEngine(Engine):
         self._params.pop(seq_id, None)
         self._blockers.pop(seq_id, None)
         self._penalized.discard(seq_id)
+
+
+def load_ret_engine(spec: ModelSpec) -> RETEngine:
+    """Load a RET checkpoint onto its device (not yet warmed up)."""
+    settings = spec.settings
+    device = resolve_device(settings.device)
+    loaded = load_checkpoint(spec.checkpoint, device=device, dtype=parse_dtype(settings.dtype))
+    engine = RETEngine(spec.name, loaded, settings.scheduler)
+    log.info(
+        "model %s loaded: %s %s, %d parameters, %s on %s, sha256 %s",
+        spec.name,
+        loaded.architecture,
+        loaded.version,
+        loaded.model.num_parameters(),
+        settings.dtype,
+        device,
+        loaded.sha256[:12],
+    )
+    if not loaded.trained:
+        log.warning(
+            "model %s is UNTRAINED (random weights from %s): it decodes noise, not text",
+            spec.name,
+            spec.checkpoint,
+        )
+    return engine

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from retd.server.engine import Engine
+from retd.server.engine import ServingEngine
 from retd.server.errors import ErrorKind, ServeError, not_found
 from retd.server.validation import shorten
 from retd.server.versions import ModelVersion, State
@@ -85,7 +85,7 @@ class VersionTable:
         ready = [v for v, e in self._versions.get(name, {}).items() if e.state is State.READY]
         return max(ready, default=0)
 
-    def engines(self) -> list[Engine]:
+    def engines(self) -> list[ServingEngine]:
         """Every engine with work or able to take it (READY and UNLOADING versions). Safe to
         call from another thread (the metrics exporter's): it iterates snapshots, each taken
         in one step under the GIL, never a dict the event loop may be changing."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from retd.model.checkpoint import checkpoint_kind
 from retd.server.config import ConfigError, ModelSettings, ModelSpec, model_settings_file
-from retd.server.engine import Engine
+from retd.server.engine import ServingEngine
 
 # The registry's logger: every line about a model version's load and release carries one name.
 log = logging.getLogger("retd.server.repository")
@@ -51,13 +51,13 @@ class ModelVersion:
     reason: str = ""
     kind: str = ""
     fingerprint: Fingerprint = ()
-    engine: Engine | None = None
+    engine: ServingEngine | None = None
     pinned: bool = False  # loaded by name and version: the watcher leaves it alone
     active_calls: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
-    def ready_engine(self) -> Engine:
+    def ready_engine(self) -> ServingEngine:
         assert self.engine is not None, "only READY versions are leased"
         return self.engine
 
@@ -141,7 +141,7 @@ def kind_or_empty(path: Path) -> str:
 
 async def load_into(
     entry: ModelVersion,
-    load: Callable[[ModelSpec], Engine],
+    load: Callable[[ModelSpec], ServingEngine],
     raise_on_failure: bool = False,
     settings_error: ConfigError | None = None,
 ) -> None:

@@ -229,3 +229,34 @@ def test_the_section_is_replaced_between_its_markers(tmp_path: Path) -> None:
     assert again.count(BEGIN) == 1 and "first table" not in again
     assert f"{BEGIN}\nsecond table\n{END}\n\n## After\n\nmore\n" in again
     assert again.startswith("# Benchmarks\n\n## Batching\n\ntext\n")
+
+
+def test_the_report_compares_each_retd_engine_with_the_peer_and_with_each_other() -> None:
+    from dataclasses import asdict
+
+    from retd.server.bench.peers import markdown
+
+    runs = [
+        _run("64 callers", "retd", 0, 100, 200, 300),
+        _run("64 callers", "retd, engine process", 0, 150, 150, 480),
+        _run("64 callers", "TorchServe", 0, 120, 180, 500),
+    ]
+    check = {"requests": 64, "retd_vs_generate": 0, "peer_vs_generate": 0, "retd_vs_peer": 0}
+    results = {
+        "runs": [asdict(r) for r in runs],
+        "raw": {"64 callers": {"sequences_per_s": 200.0}},
+        "greedy_checks": {"retd": check, "retd, engine process": {**check, "retd_vs_peer": 1}},
+        "engines": ["thread", "process"],
+        "settings": {"batch_size": 64, "max_batch_delay_ms": 5, "workers": 1},
+        "date": "today", "commit": "abc", "torchserve": "0.12.0", "retd_args": "--x",
+        "checkpoint": "ck", "rounds": 1, "duration": 1.0, "warmup": 1.0,
+    }  # fmt: skip
+    lines = markdown(results, "make bench-peers").splitlines()
+    assert "| 64 callers | **0.83** | 0.83 | 0.83 | 0.90 | 0.90 | 1.67 | 1 |" in lines  # thread
+    assert "| 64 callers | **1.25** | 1.25 | 1.25 | 1.20 | 1.20 | 1.04 | 1 |" in lines  # process
+    assert "| 64 callers | **1.50** | 1.50 | 1.50 | 1.33 | 1.33 | 0.62 | 1 |" in lines  # p / t
+    assert any(line.startswith("| scenario | req/s retd, engine process / retd,") for line in lines)
+    assert (
+        "retd, engine process: 0 answers differ from `generate()`'s, 1 from TorchServe's"
+        in (lines[-1])
+    )

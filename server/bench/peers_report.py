@@ -13,6 +13,7 @@ from pathlib import Path
 from .report import BenchReport
 
 RETD = "retd"
+RETD_PROCESS = "retd, engine process"  # retd with `--engine process`
 BEGIN = "<!-- bench-peers: begin (written by `make bench-peers`) -->"
 END = "<!-- bench-peers: end -->"
 HEADING = "## Against TorchServe (issue 17)"
@@ -58,7 +59,7 @@ def _scenarios(runs: Sequence[PeerRun]) -> list[str]:
 
 def _servers(runs: Sequence[PeerRun]) -> list[str]:
     names = list(dict.fromkeys(r.server for r in runs))
-    return sorted(names, key=lambda name: name != RETD)  # retd first
+    return sorted(names, key=lambda name: not name.startswith(RETD))  # retd's first
 
 
 def servers_table(runs: Sequence[PeerRun], raw_seq_per_s: dict[str, float]) -> str:
@@ -89,20 +90,20 @@ def servers_table(runs: Sequence[PeerRun], raw_seq_per_s: dict[str, float]) -> s
     return "\n".join(lines)
 
 
-def ratio_table(runs: Sequence[PeerRun], peer: str) -> str:
-    """Per scenario: retd's req/s over the peer's in the same round (median, min, max over
-    the rounds); the peer's p50 and p99 over retd's (median); the peer's RSS over retd's."""
+def ratio_table(runs: Sequence[PeerRun], peer: str, ours: str = RETD) -> str:
+    """Per scenario: `ours`'s req/s over the peer's in the same round (median, min, max over
+    the rounds); the peer's p50 and p99 over ours (median); the peer's RSS over ours."""
     lines = [
-        f"| scenario | req/s retd / {peer}, median | min | max | p50 {peer} / retd "
-        f"| p99 {peer} / retd | RSS {peer} / retd | rounds |",
+        f"| scenario | req/s {ours} / {peer}, median | min | max | p50 {peer} / {ours} "
+        f"| p99 {peer} / {ours} | RSS {peer} / {ours} | rounds |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for scenario in _scenarios(runs):
         pairs = []
         for round_ in sorted({r.round for r in runs if r.scenario == scenario}):
             found = {r.server: r for r in runs if r.scenario == scenario and r.round == round_}
-            if RETD in found and peer in found and found[peer].requests_per_s > 0:
-                pairs.append((found[RETD], found[peer]))
+            if ours in found and peer in found and found[peer].requests_per_s > 0:
+                pairs.append((found[ours], found[peer]))
         if not pairs:
             continue
         speed = sorted(ours.requests_per_s / theirs.requests_per_s for ours, theirs in pairs)

@@ -25,6 +25,7 @@ MAX_NGRAM_SIZE = 256  # bytes; no answer is longer
 MAX_REPETITION_PENALTY = 10.0
 
 BATCHING = ("continuous", "static")
+ENGINES = ("thread", "process")
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,13 @@ class ModelSettings:
     device: str = "auto"
     dtype: str = "float32"
     scheduler: SchedulerConfig = SchedulerConfig()
+    # Where a RET model's scheduler and worker run: a thread of the server's process, or a
+    # process of their own (server/engine_process.py). Phrase banks always run in a thread.
+    engine: str = "thread"
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine: expected 'thread' or 'process', got {self.engine!r}")
 
 
 @dataclass(frozen=True)

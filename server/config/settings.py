@@ -119,6 +119,14 @@ SETTINGS: tuple[Setting, ...] = (
         at="model_defaults.scheduler.batching",
     ),
     Setting(
+        "engine",
+        as_given,
+        "where a RET model's scheduler and decode steps run: thread (default: a thread of "
+        "the server's process) or process (a process of its own, out of the way of the "
+        "event loop's GIL)",
+        at="model_defaults.engine",
+    ),
+    Setting(
         "torch_threads",
         non_negative_int("torch_threads"),
         "CPU threads for torch; 0 (default) = one less than the cores, at most 4, "

@@ -1,0 +1,490 @@
+"""A RET model's engine in a process of its own (`engine = "process"`).
+
+The front end (the gRPC server's event loop) validates requests and keeps the callers'
+handles; the engine process runs the scheduler and the worker thread of an ordinary
+`RETEngine` (server/engine.py, server/ret_engine.py), so a decode step never waits for the
+GIL of the process that serves the network. They talk over two pipes, a frame each way per
+message: a 4-byte length, then a pickle.
+
+    front end -> engine   ("submit", seq_id, SequenceRequest) | ("cancel", seq_id) | ("close",)
+    engine -> front end   ("ready", EngineInfo) | ("failed", message)
+                          | ("events", [(seq_id, TokenDelta | SequenceResult | ServeError)],
+                             EngineStats, device bytes)
+
+The worker sends every step's events as one frame. The front end never blocks on a pipe:
+it reads when the loop says the pipe is readable and buffers what the pipe cannot take yet.
+An engine process that dies is started again: the calls it had get UNAVAILABLE, and calls
+that arrive meanwhile wait for the new one. `close()` drains it (every accepted sequence
+finishes) and waits for it to exit; an engine process whose front end dies closes itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from retd.model.checkpoint import RET_KIND
+from retd.model.generation import SamplingParams
+from retd.server.config import DecodeDefaults, ModelSpec, SchedulerConfig
+from retd.server.engine import (
+    EngineStats,
+    Event,
+    ModelDescription,
+    SequenceHandle,
+    TokenDelta,
+    model_limits,
+)
+from retd.server.errors import ErrorKind, ServeError
+from retd.server.requests import SequenceRequest
+from retd.server.validation import DecodeOptions, ModelLimits
+from retd.v1 import decoder_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("!I")
+_PIPE_BYTES = 1 << 20  # ask for 1 MiB pipes (Linux): ~300 queued requests without a wait
+_F_SETPIPE_SZ = 1031
+# Not `-m retd.server.engine_process`: what it pickles must name this module, not __main__.
+_ENTRY = "import sys; from retd.server.engine_process import main; sys.exit(main())"
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the engine process tells the front end once its model is loaded and warm."""
+
+    description: ModelDescription
+    scheduler_config: SchedulerConfig
+    device: str
+    dtype: str  # torch.float32 -> "float32"
+    pid: int
+
+
+def frame(message: object) -> bytes:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(body)) + body
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            raise EOFError("the pipe closed")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(fd: int) -> Any:
+    """Blocking: the next message on `fd` (EOFError once the writer is gone)."""
+    (size,) = _HEADER.unpack(_read_exactly(fd, _HEADER.size))
+    return pickle.loads(_read_exactly(fd, size))
+
+
+def write_frame(fd: int, message: object) -> None:
+    """Blocking: the whole message."""
+    view = memoryview(frame(message))
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _grow_pipe(fd: int) -> None:
+    with contextlib.suppress(OSError, ImportError):
+        import fcntl
+
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
+
+
+class _Child:
+    """One running engine process, as the front end sees it: the process and its pipes."""
+
+    def __init__(self, spec: ModelSpec, threads: int) -> None:
+        to_child_r, self.to_child = os.pipe()
+        self.from_child, from_child_w = os.pipe()
+        for fd in (self.to_child, from_child_w):
+            _grow_pipe(fd)
+        root = logging.getLogger()
+        log_format = "json" if any(_is_json(h) for h in root.handlers) else "text"
+        command = [
+            sys.executable, "-c", _ENTRY,
+            "--read-fd", str(to_child_r), "--write-fd", str(from_child_w),
+            "--log-level", logging.getLevelName(root.level), "--log-format", log_format,
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, pass_fds=(to_child_r, from_child_w))
+        os.close(to_child_r)  # the child's ends: it alone holds them, so its exit is EOF here
+        os.close(from_child_w)
+        try:
+            write_frame(self.to_child, (spec, threads))
+            reply = read_frame(self.from_child)
+        except (EOFError, OSError):
+            self.close_pipes()
+            code = self.process.wait()
+            raise RuntimeError(f"the engine process exited (code {code}) while loading") from None
+        if reply[0] == "failed":
+            self.close_pipes()
+            self.process.wait()
+            raise RuntimeError(reply[1])
+        self.info: EngineInfo = reply[1]
+
+    def close_pipes(self) -> None:
+        for fd in (self.to_child, self.from_child):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _is_json(handler: logging.Handler) -> bool:
+    from retd.server.logs import JsonFormatter
+
+    return isinstance(handler.formatter, JsonFormatter)
+
+
+class EngineProcess:
+    """The front end's side of a RET engine in its own process: what the servicer, the
+    registry and telemetry use of an `Engine`, over the pipes. Built (loading the model in
+    the new process) off the event loop; `start()` on it."""
+
+    kind: ClassVar[str] = RET_KIND
+    params_type: ClassVar[type[SamplingParams]] = SamplingParams
+
+    def __init__(self, spec: ModelSpec, threads: int) -> None:
+        self.name = spec.name
+        self._spec, self._threads = spec, threads
+        self._child: _Child | None = _Child(spec, threads)
+        info = self._child.info
+        self.description = info.description
+        self.scheduler_config = info.scheduler_config
+        self.device = torch.device(info.device)
+        self.dtype = getattr(torch, info.dtype)
+        # Waiting or running in the engine process: past this a call gets EXHAUSTED here.
+        self._capacity = self.scheduler_config.max_queue_size + self.scheduler_config.max_batch_size
+        self._handles: dict[int, SequenceHandle] = {}
+        self._pending: list[tuple[int, SequenceRequest]] = []  # while (re)starting
+        self._ids = itertools.count()
+        self._stats = EngineStats(0, 0, self.scheduler_config.max_batch_size)
+        self._device_bytes: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbuf = bytearray()
+        self._outbuf = bytearray()
+        self._closing = False
+        self._exited: asyncio.Event | None = None
+        self._restarting: asyncio.Task[None] | None = None
+        self.restarts = 0
+
+    @property
+    def pid(self) -> int | None:
+        """The engine process's pid (None while it restarts)."""
+        return None if self._child is None else self._child.process.pid
+
+    # ---- the Engine interface -----------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Done: the engine process warms its model up before it says it is ready."""
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._exited = asyncio.Event()
+        self._attach()
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def device_memory(self) -> int | None:
+        return self._device_bytes
+
+    def limits(self, max_new_tokens_limit: int = 0) -> ModelLimits:
+        return model_limits(self.name, self.description, max_new_tokens_limit)
+
+    def build_request(
+        self,
+        embedding: pb.Embedding,
+        field: str,
+        options: DecodeOptions,
+        defaults: DecodeDefaults,
+        deadline: float | None,
+        max_new_tokens_limit: int = 0,
+    ) -> SequenceRequest:
+        from retd.server.ret_engine import decode_request
+
+        limits = self.limits(max_new_tokens_limit)
+        return decode_request(limits, embedding, field, options, defaults, deadline)
+
+    def build_generate_request(
+        self,
+        request: pb.GenerateRequest,
+        stream: bool,
+        deadline: float | None,
+        max_new_tokens_limit: int = 0,
+    ) -> SequenceRequest:
+        from retd.server.ret_engine import generate_request
+
+        limits = self.limits(max_new_tokens_limit)
+        return generate_request(limits, request, stream, deadline)
+
+    def submit(self, request: SequenceRequest) -> SequenceHandle:
+        """Hand a sequence to the engine process (or keep it for the next one while it
+        restarts); raises ServeError (EXHAUSTED when its queue is full, UNAVAILABLE when
+        shutting down)."""
+        if self._closing:
+            raise ServeError(ErrorKind.UNAVAILABLE, "the server is shutting down")
+        if len(self._handles) >= self._capacity:
+            limit = self.scheduler_config.max_queue_size
+            raise ServeError(
+                ErrorKind.EXHAUSTED,
+                f"model {self.name!r}: the queue of waiting requests is full (max_queue_size "
+                f"{limit}); retry later",
+            )
+        handle = SequenceHandle(asyncio.get_running_loop(), self)
+        handle.seq_id = next(self._ids)
+        self._handles[handle.seq_id] = handle
+        if self._child is None:
+            self._pending.append((handle.seq_id, request))
+        else:
+            self._send(("submit", handle.seq_id, request))
+        return handle
+
+    def cancel(self, seq_id: int) -> None:
+        if seq_id not in self._handles:
+            return  # over already
+        for i, (pending, _) in enumerate(self._pending):
+            if pending == seq_id:
+                del self._pending[i]
+                stage = "the engine process restarted"
+                error = ServeError(ErrorKind.CANCELLED, f"the call was cancelled while {stage}")
+                self._handles.pop(seq_id).deliver_in_loop(error)
+                return
+        if self._child is not None:
+            self._send(("cancel", seq_id))
+
+    async def close(self) -> None:
+        """Let the engine process finish every sequence it accepted, then wait for it to
+        exit."""
+        self._closing = True
+        self._fail_pending("the server is shutting down")
+        if self._restarting is not None:
+            self._restarting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._restarting
+        child = self._child
+        if child is None:
+            return
+        if self._loop is None:  # never started: nothing in flight
+            child.close_pipes()
+        else:
+            self._send(("close",))
+            assert self._exited is not None
+            await self._exited.wait()
+        await asyncio.to_thread(child.process.wait)
+
+    # ---- the pipes ------------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        assert self._loop is not None and self._child is not None
+        os.set_blocking(self._child.to_child, False)
+        os.set_blocking(self._child.from_child, False)
+        self._inbuf.clear()
+        self._outbuf.clear()
+        self._loop.add_reader(self._child.from_child, self._readable)
+
+    def _send(self, message: object) -> None:
+        """Write now what the pipe takes; the rest when it is writable again."""
+        assert self._child is not None and self._loop is not None
+        data = frame(message)
+        if self._outbuf:
+            self._outbuf += data
+            return
+        try:
+            written = os.write(self._child.to_child, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            return  # the engine process is gone: the reader sees EOF and fails its calls
+        if written < len(data):
+            self._outbuf += data[written:]
+            self._loop.add_writer(self._child.to_child, self._writable)
+
+    def _writable(self) -> None:
+        assert self._child is not None and self._loop is not None
+        try:
+            written = os.write(self._child.to_child, self._outbuf)
+        except BlockingIOError:
+            return
+        except OSError:
+            written = len(self._outbuf)  # gone: the reader sees EOF
+        del self._outbuf[:written]
+        if not self._outbuf:
+            self._loop.remove_writer(self._child.to_child)
+
+    def _readable(self) -> None:
+        assert self._child is not None
+        try:
+            data = os.read(self._child.from_child, 1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._lost()
+            return
+        buffer = self._inbuf
+        buffer += data
+        start = 0
+        while len(buffer) - start >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buffer, start)
+            end = start + _HEADER.size + size
+            if len(buffer) < end:
+                break
+            self._receive(pickle.loads(buffer[start + _HEADER.size : end]))
+            start = end
+        del buffer[:start]
+
+    def _receive(self, message: tuple[Any, ...]) -> None:
+        if message[0] != "events":
+            log.warning("model %s: unexpected message from its engine: %r", self.name, message)
+            return
+        _, events, self._stats, self._device_bytes = message
+        for seq_id, event in events:
+            handle = self._handles.get(seq_id)
+            if handle is None:
+                continue
+            if not isinstance(event, TokenDelta):
+                del self._handles[seq_id]
+            handle.deliver_in_loop(event)
+
+    # ---- death and restart --------------------------------------------------------------
+
+    def _lost(self) -> None:
+        """EOF from the engine process: it exited (drained, when closing) or died."""
+        child, loop = self._child, self._loop
+        assert child is not None and loop is not None and self._exited is not None
+        loop.remove_reader(child.from_child)
+        if self._outbuf:
+            loop.remove_writer(child.to_child)
+        child.close_pipes()
+        self._child = None
+        code = child.process.poll()
+        how = "exited" if code is None else f"exited with code {code}"
+        if not self._closing:
+            log.error("model %s: its engine process %d %s; restarting it", self.name,
+                      child.process.pid, how)  # fmt: skip
+        handles, self._handles = self._handles, {}
+        message = f"model {self.name!r}: its engine process {how} before the answer"
+        for handle in handles.values():
+            handle.deliver_in_loop(ServeError(ErrorKind.UNAVAILABLE, message))
+        self._exited.set()
+        if not self._closing:
+            self._exited = asyncio.Event()
+            self._restarting = loop.create_task(self._restart(child))
+
+    async def _restart(self, dead: _Child) -> None:
+        await asyncio.to_thread(dead.process.wait)
+        delay = 0.5
+        while not self._closing:
+            try:
+                child = await asyncio.to_thread(_Child, self._spec, self._threads)
+            except Exception as exc:
+                log.error("model %s: restarting its engine process failed: %s", self.name, exc)
+                self._fail_pending(f"model {self.name!r}: its engine process failed to start")
+                await asyncio.sleep(delay)  # back off; the calls that come meanwhile wait
+                delay = min(2 * delay, 30.0)
+                continue
+            if self._closing:  # closed while it loaded: it never took a call
+                child.close_pipes()
+                await asyncio.to_thread(child.process.wait)
+                return
+            self._child, self.restarts = child, self.restarts + 1
+            self._attach()
+            pending, self._pending = self._pending, []
+            for seq_id, request in pending:
+                self._send(("submit", seq_id, request))
+            log.info("model %s: engine process %d is serving", self.name, child.process.pid)
+            return
+
+    def _fail_pending(self, message: str) -> None:
+        pending, self._pending = self._pending, []
+        for seq_id, _ in pending:
+            handle = self._handles.pop(seq_id, None)
+            if handle is not None:
+                handle.deliver_in_loop(ServeError(ErrorKind.UNAVAILABLE, message))
+
+
+# ---- the engine process itself -----------------------------------------------------------
+
+
+def serve_engine(read_fd: int, write_fd: int) -> int:
+    """The engine process: load the model the front end names, say ready, then take its
+    messages until it closes us (or goes away), and drain."""
+    from retd.server.ret_engine import load_ret_engine
+
+    spec, threads = read_frame(read_fd)
+    torch.set_num_threads(threads)
+    sending = threading.Lock()
+
+    def send(message: object) -> None:
+        with sending:
+            write_frame(write_fd, message)
+
+    try:
+        engine = load_ret_engine(spec)
+        engine.warm_up()
+    except Exception as exc:
+        send(("failed", f"{type(exc).__name__}: {exc}"))
+        return 1
+
+    def sink(events: list[tuple[int, Event]], stats: EngineStats) -> None:
+        send(("events", events, stats, engine.device_memory()))
+
+    engine._sink = sink
+    engine.start()
+    dtype = str(engine.dtype).removeprefix("torch.")
+    info = EngineInfo(
+        engine.description, engine.scheduler_config, str(engine.device), dtype, os.getpid()
+    )
+    send(("ready", info))
+    while True:
+        try:
+            message = read_frame(read_fd)
+        except (EOFError, OSError):
+            return 0  # the front end is gone, and nobody is left to answer: exit now
+        if message[0] == "submit":
+            _, seq_id, request = message
+            try:
+                engine.enqueue(seq_id, request)
+            except ServeError as error:
+                send(("events", [(seq_id, error)], engine.stats(), engine.device_memory()))
+        elif message[0] == "cancel":
+            engine.cancel(message[1])
+        else:
+            break
+    engine.close_and_join()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="retd's engine process (started by retd serve)")
+    parser.add_argument("--read-fd", type=int, required=True)
+    parser.add_argument("--write-fd", type=int, required=True)
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", default="text")
+    args = parser.parse_args(argv)
+    from retd.server.logs import configure_logging
+
+    configure_logging(args.log_level, args.log_format, access=False)
+    # The front end drains this process on SIGTERM/SIGINT (a terminal's Ctrl-C reaches the
+    # whole process group): the signals themselves are not for it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return serve_engine(args.read_fd, args.write_fd)
