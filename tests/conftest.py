@@ -35,6 +35,14 @@ class RunningServer:
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.address)
 
+    def children(self) -> list[int]:
+        """The daemon's child processes (its engine processes, with `--engine process`)."""
+        children: list[int] = []
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            with (task / "children").open() as f:
+                children += [int(pid) for pid in f.read().split()]
+        return children
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)

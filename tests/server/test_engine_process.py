@@ -34,16 +34,6 @@ def as_pb(values: np.ndarray) -> pb.Embedding:
     return pb.Embedding(raw=pb.RawTensor(data=values.astype("<f4").tobytes(), shape=[768]))
 
 
-def engine_pids(server: RunningServer) -> list[int]:
-    """The daemon's child processes (its engine processes)."""
-    pid = server.process.pid
-    children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with (task / "children").open() as f:
-            children += [int(p) for p in f.read().split()]
-    return children
-
-
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -73,7 +63,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterat
 
 
 def test_the_engine_runs_in_a_child_process(served: RunningServer) -> None:
-    (child,) = engine_pids(served)
+    (child,) = served.children()
     with open(f"/proc/{child}/cmdline", "rb") as f:
         assert b"retd.server.engine_process" in f.read()
 
@@ -137,7 +127,7 @@ def test_a_killed_engine_fails_its_calls_and_is_started_again(
 ) -> None:
     server = start(tmp_path, checkpoint, "--max-batch-size", "4")
     try:
-        (child,) = engine_pids(server)
+        (child,) = server.children()
         with server.channel() as channel:
             stub = pb_grpc.DecoderStub(channel)
             long = pb.GenerateRequest(embedding=as_pb(EMBEDDINGS[0]), max_new_tokens=250)
@@ -153,7 +143,7 @@ def test_a_killed_engine_fails_its_calls_and_is_started_again(
             request = pb.DecodeRequest(embedding=as_pb(EMBEDDINGS[1]), max_new_tokens=MAX_NEW)
             answer = stub.Decode(request, timeout=60)
             assert answer.text == local(checkpoint, [SamplingParams(MAX_NEW)] * 2)[1]
-            (again,) = engine_pids(server)
+            (again,) = server.children()
             assert again != child
         assert "restarting it" in server.log()
     finally:
@@ -164,7 +154,7 @@ def test_sigterm_drains_the_engine_process_and_takes_it_down(
     tmp_path: Path, checkpoint: Path
 ) -> None:
     server = start(tmp_path, checkpoint)
-    (child,) = engine_pids(server)
+    (child,) = server.children()
     expected = local(checkpoint, [SamplingParams(200)])[0]
     with server.channel() as channel:
         stub = pb_grpc.DecoderStub(channel)
@@ -181,7 +171,7 @@ def test_sigterm_drains_the_engine_process_and_takes_it_down(
 
 def test_a_killed_daemon_leaves_no_engine_process(tmp_path: Path, checkpoint: Path) -> None:
     server = start(tmp_path, checkpoint)
-    (child,) = engine_pids(server)
+    (child,) = server.children()
     server.process.kill()
     server.process.wait(timeout=60)
     poll(lambda: not alive(child), what="the orphaned engine process exits")

@@ -143,14 +143,17 @@ class Load:
 
 
 @pytest.fixture
-def watched(tmp_path: Path) -> Iterator[tuple[RunningServer, Path]]:
+def watched(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[RunningServer, Path]]:
     root = tmp_path / "repo"
     init_checkpoint(root / "ret" / "1", seed=11)
-    server = start_server(tmp_path, ["--model-repo", str(root), "--watch", "0.2"])
+    engine = getattr(request, "param", "thread")  # --engine
+    args = ["--model-repo", str(root), "--watch", "0.2", "--engine", engine]
+    server = start_server(tmp_path, args)
     yield server, root
     assert server.stop() == 0, server.log()
 
 
+@pytest.mark.parametrize("watched", ["thread", "process"], indirect=True)
 def test_a_new_version_takes_over_under_load_and_no_call_fails(
     watched: tuple[RunningServer, Path], repository: Repository
 ) -> None:
@@ -182,6 +185,9 @@ def test_a_new_version_takes_over_under_load_and_no_call_fails(
     log = server.log()
     assert "model ret version 2 is serving" in log and "model ret version 1 released" in log
     assert log.index("model ret version 2 is serving") < log.index("model ret version 1 released")
+    if "--engine process" in " ".join(map(str, server.process.args)):
+        # version 1's engine process drained and exited: only version 2's is left
+        poll(lambda: len(server.children()) == 1, what="one engine process left")
 
 
 def test_watch_reports_a_broken_version_keeps_the_old_one_and_loads_it_once_mended(
