@@ -3,7 +3,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Set
+from dataclasses import dataclass, replace
+from typing import Any
+
+#: The card key under which a checkpoint recommends its own Decode loop breakers.
+CARD_KEY = "decode_defaults"
+# What a card may recommend (the bounds a request's own values have).
+_BOUNDS = {
+    "no_repeat_ngram_size": (0, 256),
+    "repetition_penalty": (1.0, 10.0),
+    "repetition_ngram_size": (1, 256),
+}
 
 
 @dataclass(frozen=True)
@@ -15,3 +26,19 @@ class DecodeDefaults:
     no_repeat_ngram_size: int = 0
     repetition_penalty: float = 1.5
     repetition_ngram_size: int = 4
+
+    def for_card(self, card: Mapping[str, Any], pinned: Set[str] = frozenset()) -> DecodeDefaults:
+        """These defaults with the ones a checkpoint's card recommends (`card["decode_defaults"]`,
+        measured for that checkpoint by whoever trained it) in place of those not `pinned`
+        (set explicitly by the server's operator: a flag, a variable or the TOML file)."""
+        recommended = card.get(CARD_KEY)
+        if not isinstance(recommended, Mapping):
+            return self
+        changes: dict[str, Any] = {}
+        for name, (low, high) in _BOUNDS.items():
+            value = recommended.get(name)
+            if name in pinned or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if low <= value <= high:  # else ignored, as a card from elsewhere may be
+                changes[name] = float(value) if name == "repetition_penalty" else int(value)
+        return replace(self, **changes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -285,9 +286,10 @@ def evaluate_checkpoint(
     greedy = greedy_texts(model, embeddings, max_new, tokenizer=tokenizer)
     report["greedy"] = scored(greedy, time.perf_counter() - started)
     started = time.perf_counter()
-    decoded = greedy_texts(
-        model, embeddings, max_new, breakers=DecodeDefaults(), tokenizer=tokenizer
-    )
+    # Decode's defaults for this checkpoint: its card's recommendation, where it makes one.
+    breakers = DecodeDefaults().for_card(loaded.card)
+    report["decode_defaults"] = asdict(breakers)
+    decoded = greedy_texts(model, embeddings, max_new, breakers=breakers, tokenizer=tokenizer)
     report["decode_default"] = scored(decoded, time.perf_counter() - started)
     for ngram in no_repeat_ngram:
         started = time.perf_counter()
@@ -312,7 +314,7 @@ def evaluate_checkpoint(
     if per_source > 0:
         report["per_source"] = {
             split: _per_source(
-                model, tokenizer, data_dir, split, per_source, train, scored_for, max_new
+                model, tokenizer, data_dir, split, per_source, train, scored_for, max_new, breakers
             )
             for split in ("heldout", "ood")
             if (data_dir / "corpus" / f"{split}.txt").exists()
@@ -337,6 +339,7 @@ def _per_source(
     train: Any,
     scored: Scorer,
     max_new: int,
+    breakers: DecodeDefaults,
 ) -> dict[str, dict[str, Any]]:
     """Greedy and Decode-default figures beside the retrieval baseline's on the first `cap`
     embedded texts of each source of a labelled split (sources in file order; "" when the
@@ -358,9 +361,9 @@ def _per_source(
         vectors = loaded.embeddings[rows]
         inputs = torch.from_numpy(vectors.astype(np.float32))
         entry: dict[str, Any] = {"texts": len(rows)}
-        for name, breakers in (("greedy", None), ("decode_default", DecodeDefaults())):
+        for name, chosen in (("greedy", None), ("decode_default", breakers)):
             started = time.perf_counter()
-            decoded = greedy_texts(model, inputs, max_new, breakers=breakers, tokenizer=tokenizer)
+            decoded = greedy_texts(model, inputs, max_new, breakers=chosen, tokenizer=tokenizer)
             entry[name] = scored(decoded, refs, vectors, time.perf_counter() - started)
         if train.texts:
             started = time.perf_counter()

@@ -153,8 +153,10 @@ class Daemon:
                 ("grpc.http2.max_ping_strikes", 2),
             ],
         )
+        given = config.given  # the loop breakers the operator set hold over a card's
+        pinned = frozenset(n.removeprefix("decode_") for n in given if n.startswith("decode_"))
         self.service = DecoderService(
-            self.models, self.telemetry, config.limits, gate, config.decode_defaults
+            self.models, self.telemetry, config.limits, gate, config.decode_defaults, pinned
         )
         self.admin = RepositoryService(self.models)
         self.telemetry.observe(

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 from retd.model.checkpoint import PHRASE_BANK_KIND, RET_KIND
 from retd.server.config import DecodeDefaults
-from retd.server.engine import SequenceRequest, SequenceResult
+from retd.server.engine import SequenceRequest, SequenceResult, ServingEngine
 from retd.server.errors import ErrorKind, ServeError, invalid
 from retd.server.repository import ModelRegistry
 from retd.server.requests import SearchParams
@@ -43,12 +43,12 @@ class HybridDecoder:
         models: ModelRegistry,
         run: Runner,
         max_new_tokens_limit: int,
-        decode_defaults: DecodeDefaults,
+        decode_defaults: Callable[[ServingEngine], DecodeDefaults],
     ) -> None:
         self.models = models
         self._run = run
         self._max_new_tokens_limit = max_new_tokens_limit
-        self._decode_defaults = decode_defaults
+        self._decode_defaults = decode_defaults  # a model's, from the servicer
 
     async def decode(
         self,
@@ -65,8 +65,9 @@ class HybridDecoder:
             min_similarity = parse_min_similarity(hybrid)
             limits = generator.ready_engine.limits(self._max_new_tokens_limit)
             query = parse_query(embedding, field, limits)
+            defaults = self._decode_defaults(generator.ready_engine)
             params = greedy_params(
-                options.max_new_tokens, "max_new_tokens", limits, options, self._decode_defaults
+                options.max_new_tokens, "max_new_tokens", limits, options, defaults
             )
             priority = options.priority
             found = await self._run(

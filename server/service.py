@@ -16,7 +16,7 @@ import grpc
 
 from retd.server.calls import rpc
 from retd.server.config import DecodeDefaults, ServiceLimits
-from retd.server.engine import SequenceRequest, SequenceResult
+from retd.server.engine import SequenceRequest, SequenceResult, ServingEngine
 from retd.server.gate import CallGate
 from retd.server.hybrid import HybridDecoder
 from retd.server.repository import ModelRegistry
@@ -51,14 +51,19 @@ class DecoderService(pb_grpc.DecoderServicer):
         limits: ServiceLimits | None = None,
         gate: CallGate | None = None,
         decode_defaults: DecodeDefaults | None = None,
+        pinned_defaults: frozenset[str] = frozenset(),
     ) -> None:
+        """`decode_defaults`: Decode's loop breakers when a request sets none; those not in
+        `pinned_defaults` (set explicitly by the operator) give way to what a checkpoint's
+        card recommends for it."""
         self.models = models
         self._limits = limits or ServiceLimits()
         self._decode_defaults = decode_defaults or DecodeDefaults()
+        self._pinned_defaults = pinned_defaults
         self.gate = gate or CallGate()
         self.telemetry = telemetry or Telemetry()
         self.hybrid = HybridDecoder(
-            models, self._run, self._limits.max_new_tokens_limit, self._decode_defaults
+            models, self._run, self._limits.max_new_tokens_limit, self.decode_defaults
         )
         self.items = ItemDecoder(
             self.service_name, models, self._limits, self.gate, self.telemetry, self.hybrid,
@@ -73,10 +78,15 @@ class DecoderService(pb_grpc.DecoderServicer):
         options: DecodeOptions,
         deadline: float | None,
     ) -> SequenceRequest:
-        return served.ready_engine.build_request(
-            embedding, field, options, self._decode_defaults, deadline,
+        engine = served.ready_engine
+        return engine.build_request(
+            embedding, field, options, self.decode_defaults(engine), deadline,
             self._limits.max_new_tokens_limit,
         )  # fmt: skip
+
+    def decode_defaults(self, engine: ServingEngine) -> DecodeDefaults:
+        """The loop breakers a Decode to `engine`'s model gets when it sets none."""
+        return self._decode_defaults.for_card(engine.description.card, self._pinned_defaults)
 
     def _generate_request(
         self,

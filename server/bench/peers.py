@@ -15,7 +15,8 @@ callers) runs on each server in turn, round after round (each round starts with 
 server), with `retd bench`'s callers, embeddings, lengths and percentiles; TorchServe's
 requests are its gRPC Predictions. Before them: the raw model (`generate()` alone at a batch
 of as many rows as callers) for the "share of raw" column, and a greedy check: the same 64
-requests to every server and to `generate()`, answers compared. JSON and the tables go to --out; --write-benchmarks puts them in BENCHMARKS.md."""
+requests to every server and to `generate()`, answers compared. JSON and the tables go to
+--out; --write-benchmarks puts them in BENCHMARKS.md."""
 
 from __future__ import annotations
 
