@@ -22,21 +22,27 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .encoder import sha256_file
-from .kinds import PHRASE_BANK_KIND, RET_KIND
+from .kinds import (  # torch-free, for the server's front end; re-exported here
+    CARD_FILE as CARD_FILE,
+)
+from .kinds import (
+    CARD_FORMAT,
+    RET_KIND,
+    CheckpointError,
+    read_card,
+)
+from .kinds import DEFAULT_CHECKPOINT as DEFAULT_CHECKPOINT
+from .kinds import KINDS as KINDS
+from .kinds import PHRASE_BANK_KIND as PHRASE_BANK_KIND
+from .kinds import checkpoint_kind as checkpoint_kind
 from .model import ARCHITECTURES, RET, RETConfig, config_for, model_class
 from .tokenizer import BYTES, TOKENIZER_FILE, Tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
-CARD_FILE = "card.json"
-CARD_FORMAT = "retd-checkpoint/1"
-#: Every kind of checkpoint retd serves, by the `kind` its card names.
-KINDS = (RET_KIND, PHRASE_BANK_KIND)
+
 DEFAULT_ENCODER: Mapping[str, Any] = MappingProxyType(
     {"name": "sentence-transformers/all-mpnet-base-v2", "dim": 768}
 )
-
-#: The trained RET v2.1 shipped in the package: what `retd serve` serves when given no model.
-DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "ret_v21"
 
 _DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
     {
@@ -49,10 +55,6 @@ _DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
         "half": torch.float16,
     }
 )
-
-
-class CheckpointError(Exception):
-    """A checkpoint directory that cannot be loaded; the message says exactly what is wrong."""
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -186,32 +188,6 @@ def init_checkpoint(
         "metrics": {},
     }
     return save_checkpoint(model, directory, architecture=architecture, card=card)
-
-
-def read_card(path: Path) -> dict[str, Any]:
-    """A card.json of any kind: a JSON object of our format naming a known `kind`."""
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(card, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, got {type(card).__name__}")
-    if card.get("format") != CARD_FORMAT:
-        raise CheckpointError(f"{path} has format {card.get('format')!r}, expected {CARD_FORMAT!r}")
-    kind = card.get("kind", RET_KIND)
-    if kind not in KINDS:
-        raise CheckpointError(f"{path}: unknown kind {kind!r}; known kinds: {', '.join(KINDS)}")
-    return card
-
-
-def checkpoint_kind(directory: str | Path) -> str:
-    """The kind of model a checkpoint directory holds, from its card (`ret` when unnamed)."""
-    if not Path(directory).is_dir():
-        raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    card_path = Path(directory) / CARD_FILE
-    if not card_path.is_file():
-        raise CheckpointError(f"checkpoint {directory} is missing {CARD_FILE}")
-    return str(read_card(card_path).get("kind", RET_KIND))
 
 
 def _read_card(path: Path) -> dict[str, Any]:

@@ -4,36 +4,29 @@ grpc.aio server, and drain gracefully on SIGTERM / SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import signal
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from retd.model.checkpoint import (
-    PHRASE_BANK_KIND,
+from retd.model.kinds import (
     RET_KIND,
     checkpoint_kind,
-    parse_dtype,
-    resolve_device,
 )
-from retd.model.phrase_bank import load_phrase_bank
 from retd.server.admin import ADMIN_SERVICE, RepositoryService
 from retd.server.calls import add_service
 from retd.server.config import BATCH_ITEM_WIRE_BYTES, ModelSpec, ServerConfig
-from retd.server.engine import ServingEngine, sample_memory
+from retd.server.engine import ServingEngine, rss_bytes
 from retd.server.engine_process import EngineProcess
 from retd.server.gate import CallGate
 from retd.server.interceptor import CallInterceptor
-from retd.server.phrase_bank_engine import PhraseBankEngine
 from retd.server.repository import ModelRegistry, ServingListener
-from retd.server.ret_engine import load_ret_engine
 from retd.server.security import (
     TokenAuthInterceptor,
     TokenStore,
@@ -53,39 +46,32 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def load_engine(spec: ModelSpec) -> ServingEngine:
+def load_engine(spec: ModelSpec, threads: int | None = None) -> ServingEngine:
     """Load a checkpoint of any kind (its card names it) onto its device and warm it up
-    (runs off the event loop)."""
+    (runs off the event loop). `threads`: torch's CPU threads (the `torch_threads` setting,
+    resolved), for the model's process; None leaves torch's own choice.
+
+    With `engine = "process"` a RET model loads in an engine process of its own, and this
+    process never imports torch for it."""
     kind = checkpoint_kind(spec.checkpoint)
     if kind == RET_KIND and spec.settings.engine == "process":
-        return EngineProcess(spec, torch.get_num_threads())  # warm when it says it is ready
-    engine = ENGINE_LOADERS[kind](spec)
+        # warm when it says it is ready
+        return EngineProcess(spec, threads if threads is not None else torch_threads(0))
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    engine: ServingEngine
+    if kind == RET_KIND:
+        from retd.server.ret_engine import load_ret_engine
+
+        engine = load_ret_engine(spec)
+    else:
+        from retd.server.phrase_bank_engine import load_phrase_bank_engine
+
+        engine = load_phrase_bank_engine(spec)
     engine.warm_up()
     return engine
-
-
-def _load_phrase_bank_engine(spec: ModelSpec) -> ServingEngine:
-    settings = spec.settings
-    device = resolve_device(settings.device)
-    loaded = load_phrase_bank(spec.checkpoint, device=device, dtype=parse_dtype(settings.dtype))
-    bank = loaded.bank
-    log.info(
-        "model %s loaded: phrase bank %s, %d phrases x %d, %s on %s, sha256 %s",
-        spec.name,
-        loaded.version,
-        len(bank),
-        bank.dim,
-        settings.dtype,
-        device,
-        loaded.sha256[:12],
-    )
-    return PhraseBankEngine(spec.name, loaded, settings.scheduler)
-
-
-ENGINE_LOADERS: dict[str, Callable[[ModelSpec], ServingEngine]] = {
-    RET_KIND: load_ret_engine,
-    PHRASE_BANK_KIND: _load_phrase_bank_engine,
-}
 
 
 def health_listener(servicer: health.aio.HealthServicer) -> ServingListener:
@@ -108,7 +94,7 @@ class Daemon:
         self.health = health.aio.HealthServicer()
         self.models = ModelRegistry(
             config.models,
-            load_engine,
+            functools.partial(load_engine, threads=torch_threads(config.torch_threads)),
             repository=config.repository,
             model_defaults=config.model_defaults,
             default_model=config.default_model,
@@ -163,7 +149,7 @@ class Daemon:
             self.models.engines,
             lambda: gate.in_flight,
             device_memory=lambda engine: engine.device_memory(),
-            rss=lambda: sample_memory(torch.device("cpu")).rss_bytes,
+            rss=rss_bytes,
         )
         add_service(self.service, server, pb, "Decoder")
         add_service(self.admin, server, repository_pb2, "ModelRepository")
@@ -307,7 +293,6 @@ def torch_threads(setting: int) -> int:
 
 async def serve(config: ServerConfig) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the process exit status."""
-    torch.set_num_threads(torch_threads(config.torch_threads))
     daemon = Daemon(config)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()

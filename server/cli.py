@@ -28,7 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"retd serve: {exc}", file=sys.stderr)
         return 2
-    from retd.model.checkpoint import CheckpointError
+    from retd.model.kinds import CheckpointError
     from retd.server.app import serve
     from retd.server.logs import configure_logging
 

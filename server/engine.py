@@ -24,11 +24,9 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias
 
-import torch
-
-from retd.model.generation import FinishReason, OutputBuffer, SamplingParams
+from retd.model.decoding import FinishReason, OutputBuffer, SamplingParams
 from retd.model.tokenizer import BYTES, Tokenizer
 from retd.server.config import DecodeDefaults
 from retd.server.errors import ErrorKind, ServeError
@@ -44,6 +42,9 @@ from retd.server.scheduler import (
 )
 from retd.server.validation import DecodeOptions, ModelLimits
 from retd.v1 import decoder_pb2 as pb
+
+if TYPE_CHECKING:  # the front end never imports torch: an engine process's parent has none
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +103,22 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 def sample_memory(device: torch.device) -> MemorySample:
     """Cheap: host-side counters only, no device sync."""
     if device.type == "cuda":
+        import torch
+
         return MemorySample(
             device_allocated_bytes=torch.cuda.memory_allocated(device),
             device_peak_bytes=torch.cuda.max_memory_allocated(device),
         )
+    return MemorySample(rss_bytes=rss_bytes())
+
+
+def rss_bytes() -> int | None:
+    """Resident memory of this process (None where /proc is not)."""
     try:
         with open("/proc/self/statm", "rb") as statm:
-            return MemorySample(rss_bytes=int(statm.read().split()[1]) * _PAGE_SIZE)
+            return int(statm.read().split()[1]) * _PAGE_SIZE
     except OSError:  # not Linux
-        return MemorySample()
+        return None
 
 
 Event: TypeAlias = TokenDelta | SequenceResult | ServeError
@@ -196,8 +204,15 @@ class ServingEngine(Protocol):
     name: str
     kind: ClassVar[str]
     description: ModelDescription
-    device: torch.device
-    dtype: torch.dtype
+
+    @property
+    def device(self) -> object:
+        """A torch.device, or its name (str() of either names it)."""
+
+    @property
+    def dtype(self) -> object:
+        """A torch.dtype, or its name."""
+
     scheduler_config: SchedulerConfig
 
     def warm_up(self) -> None: ...
@@ -388,6 +403,8 @@ class Engine(abc.ABC):
         """The worker thread, until closing and drained: take a step under the lock, run it
         outside the lock (a failure fails only its rows; the worker never dies), then under
         the lock apply its outcome to the scheduler and hand the events to their callers."""
+        import torch
+
         torch.set_grad_enabled(False)
         while True:
             with self._lock:

@@ -35,10 +35,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
-
-from retd.model.checkpoint import RET_KIND
-from retd.model.generation import SamplingParams
+from retd.model.decoding import SamplingParams
+from retd.model.kinds import RET_KIND
 from retd.server.config import DecodeDefaults, ModelSpec, SchedulerConfig
 from retd.server.engine import (
     EngineStats,
@@ -167,8 +165,8 @@ class EngineProcess:
         info = self._child.info
         self.description = info.description
         self.scheduler_config = info.scheduler_config
-        self.device = torch.device(info.device)
-        self.dtype = getattr(torch, info.dtype)
+        self.device = info.device  # names, not torch objects: this process has no torch
+        self.dtype = info.dtype
         # Waiting or running in the engine process: past this a call gets EXHAUSTED here.
         self._capacity = self.scheduler_config.max_queue_size + self.scheduler_config.max_batch_size
         self._handles: dict[int, SequenceHandle] = {}
@@ -427,6 +425,8 @@ class EngineProcess:
 def serve_engine(read_fd: int, write_fd: int) -> int:
     """The engine process: load the model the front end names, say ready, then take its
     messages until it closes us (or goes away), and drain."""
+    import torch
+
     from retd.server.ret_engine import load_ret_engine
 
     spec, threads = read_frame(read_fd)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 
-from retd.model.checkpoint import PHRASE_BANK_KIND, RET_KIND
+from retd.model.kinds import PHRASE_BANK_KIND, RET_KIND
 from retd.server.config import DecodeDefaults
 from retd.server.engine import SequenceRequest, SequenceResult, ServingEngine
 from retd.server.errors import ErrorKind, ServeError, invalid

@@ -12,10 +12,11 @@ import logging
 import numpy as np
 import torch
 
-from retd.model.checkpoint import PHRASE_BANK_KIND
-from retd.model.generation import FinishReason
-from retd.model.phrase_bank import LoadedPhraseBank
-from retd.server.config import DecodeDefaults
+from retd.model.checkpoint import parse_dtype, resolve_device
+from retd.model.decoding import FinishReason
+from retd.model.kinds import PHRASE_BANK_KIND
+from retd.model.phrase_bank import LoadedPhraseBank, load_phrase_bank
+from retd.server.config import DecodeDefaults, ModelSpec
 from retd.server.engine import (
     Candidate,
     Engine,
@@ -189,3 +190,22 @@ def _search_params(joiner: Joiner) -> SearchParams:
     params = joiner.request.params
     assert isinstance(params, SearchParams), "a phrase bank's request is a search"
     return params
+
+
+def load_phrase_bank_engine(spec: ModelSpec) -> PhraseBankEngine:
+    """Load a phrase bank onto its device (not yet warmed up)."""
+    settings = spec.settings
+    device = resolve_device(settings.device)
+    loaded = load_phrase_bank(spec.checkpoint, device=device, dtype=parse_dtype(settings.dtype))
+    bank = loaded.bank
+    log.info(
+        "model %s loaded: phrase bank %s, %d phrases x %d, %s on %s, sha256 %s",
+        spec.name,
+        loaded.version,
+        len(bank),
+        bank.dim,
+        settings.dtype,
+        device,
+        loaded.sha256[:12],
+    )
+    return PhraseBankEngine(spec.name, loaded, settings.scheduler)

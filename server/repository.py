@@ -23,7 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from retd.model.checkpoint import RET_KIND
+from retd.model.kinds import RET_KIND
 from retd.server.config import ModelSettings, ModelSpec, RepositoryConfig
 from retd.server.engine import ServingEngine
 from retd.server.errors import ErrorKind, ServeError, not_found

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retd.model.generation import SamplingParams
+from retd.model.decoding import SamplingParams
 
 
 @dataclass(frozen=True)

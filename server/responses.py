@@ -9,8 +9,8 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
-from retd.model.checkpoint import PHRASE_BANK_KIND
-from retd.model.generation import FinishReason
+from retd.model.decoding import FinishReason
+from retd.model.kinds import PHRASE_BANK_KIND
 from retd.server.calls import status_code
 from retd.server.engine import SequenceResult
 from retd.server.errors import ServeError

@@ -30,7 +30,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from retd.model.generation import OutputBuffer
+from retd.model.decoding import OutputBuffer
 from retd.server.config import SchedulerConfig
 from retd.server.requests import SequenceRequest
 

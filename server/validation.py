@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from retd.model.generation import SamplingParams
+from retd.model.decoding import SamplingParams
 from retd.server.config import MAX_NGRAM_SIZE, MAX_REPETITION_PENALTY, DecodeDefaults
 from retd.server.errors import invalid
 from retd.v1 import decoder_pb2 as pb

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retd.model.checkpoint import checkpoint_kind
+from retd.model.kinds import checkpoint_kind
 from retd.server.config import ConfigError, ModelSettings, ModelSpec, model_settings_file
 from retd.server.engine import ServingEngine
 

@@ -1,5 +1,6 @@
 """`--engine process`: the real daemon with its RET engine in a process of its own. Every RPC
-form answers what `generate()` gives here; the engine process is a child of the daemon; a
+form answers what `generate()` gives here; the engine process is a child of the daemon, and
+the only process that loads torch; a
 killed engine process fails only the calls it had (UNAVAILABLE, never a hang) and is started
 again; SIGTERM drains it (accepted calls finish whole) and takes it down; a daemon killed
 outright leaves no engine process behind."""
@@ -66,6 +67,14 @@ def test_the_engine_runs_in_a_child_process(served: RunningServer) -> None:
     (child,) = served.children()
     with open(f"/proc/{child}/cmdline", "rb") as f:
         assert b"retd.server.engine_process" in f.read()
+
+
+def test_the_front_end_never_loads_torch(served: RunningServer) -> None:
+    """Only the engine process maps libtorch: the front end's memory is the server's less
+    torch's (~200 MiB)."""
+    (child,) = served.children()
+    assert "libtorch" not in Path(f"/proc/{served.process.pid}/maps").read_text()
+    assert "libtorch" in Path(f"/proc/{child}/maps").read_text()
 
 
 def test_every_form_answers_what_generate_gives(served: RunningServer, checkpoint: Path) -> None:
