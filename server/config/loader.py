@@ -188,7 +188,7 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
     models = _models(args, environ, toml_models)
     repository = values.get("model_repo")
     if not models and repository is None:
-        from retd.model.checkpoint import DEFAULT_CHECKPOINT
+        from retd.model.kinds import DEFAULT_CHECKPOINT
 
         if (DEFAULT_CHECKPOINT / "card.json").is_file():
             models = [_named_after_its_card(DEFAULT_CHECKPOINT)]

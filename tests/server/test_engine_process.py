@@ -77,6 +77,15 @@ def test_the_front_end_never_loads_torch(served: RunningServer) -> None:
     assert "libtorch" in Path(f"/proc/{child}/maps").read_text()
 
 
+def test_nor_when_it_serves_the_shipped_checkpoint_by_default(tmp_path: Path) -> None:
+    """No model named: the config loader finds the shipped checkpoint without torch too."""
+    server = start_server(tmp_path, ["--engine", "process", "--torch-threads", "1"])
+    try:
+        assert "libtorch" not in Path(f"/proc/{server.process.pid}/maps").read_text()
+    finally:
+        assert server.stop() == 0, server.log()
+
+
 def test_every_form_answers_what_generate_gives(served: RunningServer, checkpoint: Path) -> None:
     n = len(EMBEDDINGS)
     greedy = local(checkpoint, [SamplingParams(MAX_NEW)] * n)
