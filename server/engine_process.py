@@ -48,7 +48,7 @@ from retd.server.engine import (
 )
 from retd.server.errors import ErrorKind, ServeError
 from retd.server.requests import SequenceRequest
-from retd.server.validation import DecodeOptions, ModelLimits
+from retd.server.validation import DecodeOptions, ModelLimits, decode_request, generate_request
 from retd.v1 import decoder_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -215,8 +215,6 @@ class EngineProcess:
         deadline: float | None,
         max_new_tokens_limit: int = 0,
     ) -> SequenceRequest:
-        from retd.server.ret_engine import decode_request
-
         limits = self.limits(max_new_tokens_limit)
         return decode_request(limits, embedding, field, options, defaults, deadline)
 
@@ -227,8 +225,6 @@ class EngineProcess:
         deadline: float | None,
         max_new_tokens_limit: int = 0,
     ) -> SequenceRequest:
-        from retd.server.ret_engine import generate_request
-
         limits = self.limits(max_new_tokens_limit)
         return generate_request(limits, request, stream, deadline)
 
@@ -329,7 +325,7 @@ class EngineProcess:
     def _readable(self) -> None:
         assert self._child is not None
         try:
-            data = os.read(self._child.from_child, 1 << 20)
+            data = os.read(self._child.from_child, 1 << 16)
         except BlockingIOError:
             return
         except OSError:

@@ -37,43 +37,12 @@ from retd.server.engine import (
 from retd.server.scheduler import Delta, Finished, Joiner, Row, SchedulerConfig, Step
 from retd.server.validation import (
     DecodeOptions,
-    ModelLimits,
-    greedy_params,
-    parse_embedding,
-    parse_generate,
+    decode_request,
+    generate_request,
 )
 from retd.v1 import decoder_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-
-def decode_request(
-    limits: ModelLimits,
-    embedding: pb.Embedding,
-    field: str,
-    options: DecodeOptions,
-    defaults: DecodeDefaults,
-    deadline: float | None,
-) -> SequenceRequest:
-    """A greedy decode for a RET model, with the loop breakers the request (or the server)
-    sets; errors name `field`."""
-    return SequenceRequest(
-        embedding=parse_embedding(embedding, field, limits),
-        params=greedy_params(options.max_new_tokens, "max_new_tokens", limits, options, defaults),
-        deadline=deadline,
-        priority=options.priority,
-    )
-
-
-def generate_request(
-    limits: ModelLimits, request: pb.GenerateRequest, stream: bool, deadline: float | None
-) -> SequenceRequest:
-    """A Generate (or a GenerateStream) for a RET model, checked."""
-    embedding = parse_embedding(request.embedding, "embedding", limits)
-    params = parse_generate(request, limits)
-    return SequenceRequest(
-        embedding, params, stream=stream, deadline=deadline, priority=request.priority
-    )
 
 
 class RETEngine(Engine):

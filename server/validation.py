@@ -15,6 +15,7 @@ import numpy as np
 from retd.model.decoding import SamplingParams
 from retd.server.config import MAX_NGRAM_SIZE, MAX_REPETITION_PENALTY, DecodeDefaults
 from retd.server.errors import invalid
+from retd.server.requests import SequenceRequest
 from retd.v1 import decoder_pb2 as pb
 
 # Below this a temperature overflows the logits (1/t): use 0 for greedy decoding.
@@ -266,3 +267,35 @@ def _parse_stops(stops: Sequence[str]) -> tuple[str, ...]:
                 f"stop[{index}]: {len(stop.encode())} bytes; expected at most {MAX_STOP_BYTES}"
             )
     return tuple(stops)
+
+
+# ---- a RET model's requests (the thread engine's and an engine process's front end) ----
+
+
+def decode_request(
+    limits: ModelLimits,
+    embedding: pb.Embedding,
+    field: str,
+    options: DecodeOptions,
+    defaults: DecodeDefaults,
+    deadline: float | None,
+) -> SequenceRequest:
+    """A greedy decode for a RET model, with the loop breakers the request (or the server)
+    sets; errors name `field`."""
+    return SequenceRequest(
+        embedding=parse_embedding(embedding, field, limits),
+        params=greedy_params(options.max_new_tokens, "max_new_tokens", limits, options, defaults),
+        deadline=deadline,
+        priority=options.priority,
+    )
+
+
+def generate_request(
+    limits: ModelLimits, request: pb.GenerateRequest, stream: bool, deadline: float | None
+) -> SequenceRequest:
+    """A Generate (or a GenerateStream) for a RET model, checked."""
+    embedding = parse_embedding(request.embedding, "embedding", limits)
+    params = parse_generate(request, limits)
+    return SequenceRequest(
+        embedding, params, stream=stream, deadline=deadline, priority=request.priority
+    )

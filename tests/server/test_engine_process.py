@@ -70,9 +70,18 @@ def test_the_engine_runs_in_a_child_process(served: RunningServer) -> None:
 
 
 def test_the_front_end_never_loads_torch(served: RunningServer) -> None:
-    """Only the engine process maps libtorch: the front end's memory is the server's less
-    torch's (~200 MiB)."""
+    """Only the engine process maps libtorch, before and after calls of every kind: the
+    front end's memory is the server's less torch's (~200 MiB)."""
     (child,) = served.children()
+    assert "libtorch" not in Path(f"/proc/{served.process.pid}/maps").read_text()
+    with served.channel() as channel:
+        stub = pb_grpc.DecoderStub(channel)
+        embedding = as_pb(EMBEDDINGS[0])
+        stub.Decode(pb.DecodeRequest(embedding=embedding, max_new_tokens=4))
+        stub.DecodeBatch(pb.DecodeBatchRequest(embeddings=[embedding], max_new_tokens=4))
+        stub.Generate(pb.GenerateRequest(embedding=embedding, max_new_tokens=4))
+        list(stub.GenerateStream(pb.GenerateRequest(embedding=embedding, max_new_tokens=4)))
+        stub.GetModelInfo(pb.GetModelInfoRequest())
     assert "libtorch" not in Path(f"/proc/{served.process.pid}/maps").read_text()
     assert "libtorch" in Path(f"/proc/{child}/maps").read_text()
 
