@@ -22,7 +22,7 @@ from retd.model.kinds import (
 from retd.server.admin import ADMIN_SERVICE, RepositoryService
 from retd.server.calls import add_service
 from retd.server.config import BATCH_ITEM_WIRE_BYTES, ModelSpec, ServerConfig
-from retd.server.engine import ServingEngine, rss_bytes
+from retd.server.engine import ServingEngine, daemon_rss_bytes
 from retd.server.engine_process import EngineProcess
 from retd.server.gate import CallGate
 from retd.server.interceptor import CallInterceptor
@@ -149,7 +149,7 @@ class Daemon:
             self.models.engines,
             lambda: gate.in_flight,
             device_memory=lambda engine: engine.device_memory(),
-            rss=rss_bytes,
+            rss=daemon_rss_bytes,
         )
         add_service(self.service, server, pb, "Decoder")
         add_service(self.admin, server, repository_pb2, "ModelRepository")

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias
 
 from retd.model.decoding import FinishReason, OutputBuffer, SamplingParams
@@ -112,13 +113,26 @@ def sample_memory(device: torch.device) -> MemorySample:
     return MemorySample(rss_bytes=rss_bytes())
 
 
-def rss_bytes() -> int | None:
-    """Resident memory of this process (None where /proc is not)."""
+def rss_bytes(pid: int | str = "self") -> int | None:
+    """Resident memory of a process, this one by default (None where /proc is not)."""
     try:
-        with open("/proc/self/statm", "rb") as statm:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
             return int(statm.read().split()[1]) * _PAGE_SIZE
-    except OSError:  # not Linux
+    except OSError:  # not Linux, or the process is gone
         return None
+
+
+def daemon_rss_bytes() -> int | None:
+    """Resident memory of this process and its children (its engine processes)."""
+    own = rss_bytes()
+    if own is None:
+        return None
+    try:  # a child is listed under the thread that started it
+        tasks = Path("/proc/self/task").iterdir()
+        children = [pid for task in tasks for pid in (task / "children").read_text().split()]
+    except OSError:
+        return own
+    return own + sum(rss_bytes(pid) or 0 for pid in children)
 
 
 Event: TypeAlias = TokenDelta | SequenceResult | ServeError

@@ -179,7 +179,8 @@ class Telemetry:
         """Gauges read when the metrics are collected: queue depth, running batch, calls in
         flight, memory. `engines()`: the engines loaded then (versions come and go); the
         figures of several versions of one model are summed. `device_memory(engine)`: the
-        bytes allocated on its device (None on the CPU); `rss()`: the process's."""
+        bytes allocated on its device (None on the CPU); `rss()`: the daemon's (its engine
+        processes included)."""
 
         def per_model(
             read: Callable[[E], int],
@@ -218,7 +219,10 @@ class Telemetry:
             unit="{request}", description="Calls being served",
         )  # fmt: skip
         meter.create_observable_gauge(
-            "retd.process.memory.rss", [resident], unit="By", description="Resident memory"
+            "retd.process.memory.rss",
+            [resident],
+            unit="By",
+            description="Resident memory of the daemon and its engine processes",
         )
         meter.create_observable_gauge(
             "retd.device.memory.allocated", [memory], unit="By",

@@ -22,6 +22,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from retd.server.bench.load import rss_mib
 from retd.server.config import ServerConfig
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
@@ -316,3 +317,24 @@ def test_calls_refused_while_draining_are_counted(checkpoint: Path) -> None:
             assert list(answers) == []
             stopped.result(30)
     assert counts == {by_call("Decode", 14): 1}  # the stream is still open: not counted yet
+
+
+def test_the_rss_gauge_counts_the_engine_processes(tmp_path: Path, checkpoint: Path) -> None:
+    """With --engine process the daemon's resident memory is its front end's and its
+    engine process's: more than either alone."""
+    metrics_port = free_port()
+    server = start_server(
+        tmp_path,
+        ["--checkpoint", str(checkpoint), "--engine", "process", "--torch-threads", "1",
+         "--metrics-port", str(metrics_port)],
+    )  # fmt: skip
+    try:
+        families = scrape(metrics_port)
+        (child,) = server.children()
+        own, engine = (rss_mib(pid) for pid in (server.process.pid, child))
+    finally:
+        assert server.stop() == 0, server.log()
+    name = "retd_process_memory_rss_bytes"
+    (rss,) = sample_values(families[name], name)
+    assert rss / 2**20 > max(own, engine) + 0.5 * min(own, engine)
+    assert rss / 2**20 < 1.5 * (own + engine)
