@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 
 from retd.model.decoding import SamplingParams
 from retd.model.kinds import RET_KIND
-from retd.server.config import DecodeDefaults, ModelSpec, SchedulerConfig
+from retd.server.config import ModelSpec, SchedulerConfig
 from retd.server.engine import (
     EngineStats,
     Event,
@@ -48,8 +48,7 @@ from retd.server.engine import (
 )
 from retd.server.errors import ErrorKind, ServeError
 from retd.server.requests import SequenceRequest
-from retd.server.validation import DecodeOptions, ModelLimits, decode_request, generate_request
-from retd.v1 import decoder_pb2 as pb
+from retd.server.validation import ModelLimits, RETRequests
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +149,7 @@ def _is_json(handler: logging.Handler) -> bool:
     return isinstance(handler.formatter, JsonFormatter)
 
 
-class EngineProcess:
+class EngineProcess(RETRequests):
     """The front end's side of a RET engine in its own process: what the servicer, the
     registry and telemetry use of an `Engine`, over the pipes. Built (loading the model in
     the new process) off the event loop; `start()` on it."""
@@ -205,28 +204,6 @@ class EngineProcess:
 
     def limits(self, max_new_tokens_limit: int = 0) -> ModelLimits:
         return model_limits(self.name, self.description, max_new_tokens_limit)
-
-    def build_request(
-        self,
-        embedding: pb.Embedding,
-        field: str,
-        options: DecodeOptions,
-        defaults: DecodeDefaults,
-        deadline: float | None,
-        max_new_tokens_limit: int = 0,
-    ) -> SequenceRequest:
-        limits = self.limits(max_new_tokens_limit)
-        return decode_request(limits, embedding, field, options, defaults, deadline)
-
-    def build_generate_request(
-        self,
-        request: pb.GenerateRequest,
-        stream: bool,
-        deadline: float | None,
-        max_new_tokens_limit: int = 0,
-    ) -> SequenceRequest:
-        limits = self.limits(max_new_tokens_limit)
-        return generate_request(limits, request, stream, deadline)
 
     def submit(self, request: SequenceRequest) -> SequenceHandle:
         """Hand a sequence to the engine process (or keep it for the next one while it

@@ -23,7 +23,7 @@ from retd.model.checkpoint import (
 from retd.model.generation import NGramBlocker, RepetitionTracker, SamplingParams
 from retd.model.model import KVCache
 from retd.model.sampling import Sampler
-from retd.server.config import DecodeDefaults, ModelSpec
+from retd.server.config import ModelSpec
 from retd.server.engine import (
     Engine,
     Event,
@@ -35,17 +35,12 @@ from retd.server.engine import (
     sample_memory,
 )
 from retd.server.scheduler import Delta, Finished, Joiner, Row, SchedulerConfig, Step
-from retd.server.validation import (
-    DecodeOptions,
-    decode_request,
-    generate_request,
-)
-from retd.v1 import decoder_pb2 as pb
+from retd.server.validation import RETRequests
 
 log = logging.getLogger(__name__)
 
 
-class RETEngine(Engine):
+class RETEngine(RETRequests, Engine):
     """Serves a RET model: continuous batching of decode steps over KV-cache slots."""
 
     kind = RET_KIND
@@ -90,28 +85,6 @@ class RETEngine(Engine):
         # Worker thread only: the bytes each slot's repetition penalty applies to.
         self._repeats = RepetitionTracker(slots, config.vocab_size, self.device)
         self._penalized: set[int] = set()  # seq_ids whose repetition penalty is on
-
-    def build_request(
-        self,
-        embedding: pb.Embedding,
-        field: str,
-        options: DecodeOptions,
-        defaults: DecodeDefaults,
-        deadline: float | None,
-        max_new_tokens_limit: int = 0,
-    ) -> SequenceRequest:
-        limits = self.limits(max_new_tokens_limit)
-        return decode_request(limits, embedding, field, options, defaults, deadline)
-
-    def build_generate_request(
-        self,
-        request: pb.GenerateRequest,
-        stream: bool,
-        deadline: float | None,
-        max_new_tokens_limit: int = 0,
-    ) -> SequenceRequest:
-        limits = self.limits(max_new_tokens_limit)
-        return generate_request(limits, request, stream, deadline)
 
     def warm_up(self, steps: int = 4) -> None:
         """Run a few decode steps so the first caller pays no start-up cost; call it before

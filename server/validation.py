@@ -272,30 +272,46 @@ def _parse_stops(stops: Sequence[str]) -> tuple[str, ...]:
 # ---- a RET model's requests (the thread engine's and an engine process's front end) ----
 
 
-def decode_request(
-    limits: ModelLimits,
-    embedding: pb.Embedding,
-    field: str,
-    options: DecodeOptions,
-    defaults: DecodeDefaults,
-    deadline: float | None,
-) -> SequenceRequest:
-    """A greedy decode for a RET model, with the loop breakers the request (or the server)
-    sets; errors name `field`."""
-    return SequenceRequest(
-        embedding=parse_embedding(embedding, field, limits),
-        params=greedy_params(options.max_new_tokens, "max_new_tokens", limits, options, defaults),
-        deadline=deadline,
-        priority=options.priority,
-    )
+class _Limited(Protocol):
+    def limits(self, max_new_tokens_limit: int = 0) -> ModelLimits: ...
 
 
-def generate_request(
-    limits: ModelLimits, request: pb.GenerateRequest, stream: bool, deadline: float | None
-) -> SequenceRequest:
-    """A Generate (or a GenerateStream) for a RET model, checked."""
-    embedding = parse_embedding(request.embedding, "embedding", limits)
-    params = parse_generate(request, limits)
-    return SequenceRequest(
-        embedding, params, stream=stream, deadline=deadline, priority=request.priority
-    )
+class RETRequests:
+    """What a RET model is asked, checked against its `limits()`: the requests of the thread
+    engine (`RETEngine`) and of an engine process's front end (`EngineProcess`)."""
+
+    def build_request(
+        self: _Limited,
+        embedding: pb.Embedding,
+        field: str,
+        options: DecodeOptions,
+        defaults: DecodeDefaults,
+        deadline: float | None,
+        max_new_tokens_limit: int = 0,
+    ) -> SequenceRequest:
+        """A greedy decode, with the loop breakers the request (or `defaults`) sets; errors
+        name `field`."""
+        limits = self.limits(max_new_tokens_limit)
+        return SequenceRequest(
+            embedding=parse_embedding(embedding, field, limits),
+            params=greedy_params(
+                options.max_new_tokens, "max_new_tokens", limits, options, defaults
+            ),
+            deadline=deadline,
+            priority=options.priority,
+        )
+
+    def build_generate_request(
+        self: _Limited,
+        request: pb.GenerateRequest,
+        stream: bool,
+        deadline: float | None,
+        max_new_tokens_limit: int = 0,
+    ) -> SequenceRequest:
+        """A Generate (or a GenerateStream), checked."""
+        limits = self.limits(max_new_tokens_limit)
+        embedding = parse_embedding(request.embedding, "embedding", limits)
+        params = parse_generate(request, limits)
+        return SequenceRequest(
+            embedding, params, stream=stream, deadline=deadline, priority=request.priority
+        )
