@@ -20,18 +20,15 @@ finishes) and waits for it to exit; an engine process whose front end dies close
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import itertools
 import logging
 import os
 import pickle
-import signal
 import struct
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -40,7 +37,6 @@ from retd.model.kinds import RET_KIND
 from retd.server.config import ModelSpec, SchedulerConfig
 from retd.server.engine import (
     EngineStats,
-    Event,
     ModelDescription,
     SequenceHandle,
     TokenDelta,
@@ -55,8 +51,9 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct("!I")
 _PIPE_BYTES = 1 << 20  # ask for 1 MiB pipes (Linux): ~300 queued requests without a wait
 _F_SETPIPE_SZ = 1031
-# Not `-m retd.server.engine_process`: what it pickles must name this module, not __main__.
-_ENTRY = "import sys; from retd.server.engine_process import main; sys.exit(main())"
+# The engine process's main (server/engine_main.py). Not `-m`: what it pickles must name
+# its modules, not __main__.
+_ENTRY = "import sys; from retd.server.engine_main import main; sys.exit(main())"
 
 
 @dataclass(frozen=True)
@@ -390,74 +387,3 @@ class EngineProcess(RETRequests):
             handle = self._handles.pop(seq_id, None)
             if handle is not None:
                 handle.deliver_in_loop(ServeError(ErrorKind.UNAVAILABLE, message))
-
-
-# ---- the engine process itself -----------------------------------------------------------
-
-
-def serve_engine(read_fd: int, write_fd: int) -> int:
-    """The engine process: load the model the front end names, say ready, then take its
-    messages until it closes us (or goes away), and drain."""
-    import torch
-
-    from retd.server.ret_engine import load_ret_engine
-
-    spec, threads = read_frame(read_fd)
-    torch.set_num_threads(threads)
-    sending = threading.Lock()
-
-    def send(message: object) -> None:
-        with sending:
-            write_frame(write_fd, message)
-
-    try:
-        engine = load_ret_engine(spec)
-        engine.warm_up()
-    except Exception as exc:
-        send(("failed", f"{type(exc).__name__}: {exc}"))
-        return 1
-
-    def sink(events: list[tuple[int, Event]], stats: EngineStats) -> None:
-        send(("events", events, stats, engine.device_memory()))
-
-    engine._sink = sink
-    engine.start()
-    dtype = str(engine.dtype).removeprefix("torch.")
-    info = EngineInfo(
-        engine.description, engine.scheduler_config, str(engine.device), dtype, os.getpid()
-    )
-    send(("ready", info))
-    while True:
-        try:
-            message = read_frame(read_fd)
-        except (EOFError, OSError):
-            return 0  # the front end is gone, and nobody is left to answer: exit now
-        if message[0] == "submit":
-            _, seq_id, request = message
-            try:
-                engine.enqueue(seq_id, request)
-            except ServeError as error:
-                send(("events", [(seq_id, error)], engine.stats(), engine.device_memory()))
-        elif message[0] == "cancel":
-            engine.cancel(message[1])
-        else:
-            break
-    engine.close_and_join()
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="retd's engine process (started by retd serve)")
-    parser.add_argument("--read-fd", type=int, required=True)
-    parser.add_argument("--write-fd", type=int, required=True)
-    parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--log-format", default="text")
-    args = parser.parse_args(argv)
-    from retd.server.logs import configure_logging
-
-    configure_logging(args.log_level, args.log_format, access=False)
-    # The front end drains this process on SIGTERM/SIGINT (a terminal's Ctrl-C reaches the
-    # whole process group): the signals themselves are not for it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    return serve_engine(args.read_fd, args.write_fd)

@@ -66,7 +66,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterat
 def test_the_engine_runs_in_a_child_process(served: RunningServer) -> None:
     (child,) = served.children()
     with open(f"/proc/{child}/cmdline", "rb") as f:
-        assert b"retd.server.engine_process" in f.read()
+        assert b"retd.server.engine_main" in f.read()
 
 
 def test_the_front_end_never_loads_torch(served: RunningServer) -> None:
