@@ -176,12 +176,6 @@ class EngineProcess(RETRequests):
         self._closing = False
         self._exited: asyncio.Event | None = None
         self._restarting: asyncio.Task[None] | None = None
-        self.restarts = 0
-
-    @property
-    def pid(self) -> int | None:
-        """The engine process's pid (None while it restarts)."""
-        return None if self._child is None else self._child.process.pid
 
     # ---- the Engine interface -----------------------------------------------------------
 
@@ -373,7 +367,7 @@ class EngineProcess(RETRequests):
                 child.close_pipes()
                 await asyncio.to_thread(child.process.wait)
                 return
-            self._child, self.restarts = child, self.restarts + 1
+            self._child = child
             self._attach()
             pending, self._pending = self._pending, []
             for seq_id, request in pending:
