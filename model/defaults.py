@@ -1,11 +1,16 @@
-"""Decode's loop breakers when a request leaves them unset (torch-free: the server's config,
-`retd eval` and the decoding measurements read them from here)."""
+"""Decode's loop breakers when a request leaves them unset, and how decode steps run
+(torch-free: the server's config, `retd eval` and the decoding measurements read them from
+here)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, replace
 from typing import Any
+
+#: How a RET model's decode steps run (model/cpp_step.py): "cpp" (one C++ call a step),
+#: "eager" (RET.step), or "auto" (cpp when its extension builds here, else eager).
+STEP_IMPLS = ("auto", "cpp", "eager")
 
 #: The card key under which a checkpoint recommends its own Decode loop breakers.
 CARD_KEY = "decode_defaults"

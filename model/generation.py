@@ -4,7 +4,7 @@ The per-step token choice (temperature, top-k, top-p, seeded draws) is `sampling
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -107,13 +107,15 @@ def generate(
     *,
     use_cache: bool = True,
     tokenizer: Tokenizer = BYTES,
+    step: Callable[..., Tensor] | None = None,
 ) -> list[GenerationResult]:
     """Generate one sequence per embedding row (B, E), row i sampled with params[i]; the
     model's `tokenizer` turns its tokens into text (a checkpoint's `LoadedModel.tokenizer`).
 
     Each row stops on its own and finished rows drop out of the batch. use_cache=True decodes
     with a KVCache and model.step; use_cache=False re-runs model.forward over the whole prefix at
-    every step (the reference path).
+    every step (the reference path). `step` runs the cached steps in model.step's place (a
+    `retd.model.cpp_step` step function).
     """
     config = model.config
     B = embeddings.shape[0]
@@ -145,6 +147,7 @@ def generate(
     generated = torch.zeros(B, horizon, dtype=torch.long, device=device)  # (B, horizon)
 
     if use_cache:
+        run_step = step or model.step
         cond = model.condition(embeddings)  # (B, C)
         cache = KVCache(config, num_slots=B, device=device, dtype=dtype)
 
@@ -157,7 +160,7 @@ def generate(
             previous = generated[rows, t - 1] if t > 0 else torch.zeros_like(rows)
             positions = torch.full_like(rows, t)
             # length and span known here: attention reads nothing back from the device
-            logits = model.step(cond[rows], previous, positions, cache, rows, t + 1, active[-1] + 1)
+            logits = run_step(cond[rows], previous, positions, cache, rows, t + 1, active[-1] + 1)
         else:
             logits = model(embeddings[rows], generated[rows, :t])[:, -1]  # (A, V)
         tokens, logprobs = sampler(

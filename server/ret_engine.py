@@ -20,6 +20,7 @@ from retd.model.checkpoint import (
     parse_dtype,
     resolve_device,
 )
+from retd.model.cpp_step import StepFunction, step_function
 from retd.model.generation import NGramBlocker, RepetitionTracker, SamplingParams
 from retd.model.model import KVCache
 from retd.model.sampling import Sampler
@@ -47,8 +48,14 @@ class RETEngine(RETRequests, Engine):
     params_type = SamplingParams
 
     def __init__(
-        self, name: str, loaded: LoadedModel, scheduler_config: SchedulerConfig | None = None
+        self,
+        name: str,
+        loaded: LoadedModel,
+        scheduler_config: SchedulerConfig | None = None,
+        step: StepFunction | None = None,
     ) -> None:
+        """`step` runs the model's decode steps (model/cpp_step.py); by default the eager
+        `RET.step`."""
         parameter = next(loaded.model.parameters())
         config = loaded.config
         description = ModelDescription(
@@ -73,6 +80,7 @@ class RETEngine(RETRequests, Engine):
             loaded.tokenizer,
         )
         self.loaded = loaded
+        self._step = step or loaded.model.step
         slots = self.scheduler_config.max_batch_size
         self._cache = KVCache(config, slots, self.device, self.dtype)
         self._cond = torch.zeros(slots, config.n_embd, device=self.device, dtype=self.dtype)
@@ -251,7 +259,7 @@ class RETEngine(RETRequests, Engine):
         tokens = torch.tensor([r.token for r in rows], device=device)
         length = max(r.position for r in rows) + 1
         span = max(r.slot for r in rows) + 1
-        return model.step(self._cond[slots], tokens, positions, self._cache, slots, length, span)
+        return self._step(self._cond[slots], tokens, positions, self._cache, slots, length, span)
 
     def _result(self, finished: Finished, memory: MemorySample) -> SequenceResult:
         state = finished.state
@@ -288,15 +296,17 @@ def load_ret_engine(spec: ModelSpec) -> RETEngine:
     settings = spec.settings
     device = resolve_device(settings.device)
     loaded = load_checkpoint(spec.checkpoint, device=device, dtype=parse_dtype(settings.dtype))
-    engine = RETEngine(spec.name, loaded, settings.scheduler)
+    step = step_function(loaded.model, settings.step_impl)
+    engine = RETEngine(spec.name, loaded, settings.scheduler, step)
     log.info(
-        "model %s loaded: %s %s, %d parameters, %s on %s, sha256 %s",
+        "model %s loaded: %s %s, %d parameters, %s on %s, %s step, sha256 %s",
         spec.name,
         loaded.architecture,
         loaded.version,
         loaded.model.num_parameters(),
         settings.dtype,
         device,
+        "eager" if step == loaded.model.step else "C++",
         loaded.sha256[:12],
     )
     if not loaded.trained:

@@ -11,6 +11,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from retd.model.defaults import STEP_IMPLS
+
 from .load import LoadGenerator
 from .raw import run_raw
 from .report import MODES, BenchConfig
@@ -63,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="device for --raw")
     parser.add_argument("--dtype", default="float32", help="dtype for --raw")
     parser.add_argument(
+        "--step-impl",
+        choices=STEP_IMPLS,
+        default="auto",
+        help="how --raw runs decode steps, as `retd serve --step-impl` (default auto)",
+    )
+    parser.add_argument(
         "--torch-threads",
         type=int,
         default=0,
@@ -112,7 +120,9 @@ def main(args: argparse.Namespace) -> int:
         if args.checkpoint is None:
             print("retd bench --raw needs --checkpoint DIR", file=sys.stderr)
             return 2
-        report = run_raw(args.checkpoint, config, args.device, args.dtype, args.torch_threads)
+        report = run_raw(
+            args.checkpoint, config, args.device, args.dtype, args.torch_threads, args.step_impl
+        )
     elif args.target:
         report = asyncio.run(LoadGenerator(args.target, config).run())
     elif args.checkpoint is not None:

@@ -65,11 +65,17 @@ def _raw_report(
 
 
 def run_raw(
-    checkpoint: Path, config: BenchConfig, device: str, dtype: str, threads: int = 0
+    checkpoint: Path,
+    config: BenchConfig,
+    device: str,
+    dtype: str,
+    threads: int = 0,
+    step_impl: str = "auto",
 ) -> BenchReport:
     """The model alone: batches of `batch_size` through `generate()` (a phrase bank: through
     its search) for the duration, on as many torch threads as a server started with
-    `--torch-threads threads` uses."""
+    `--torch-threads threads` uses, its decode steps run as a server's `--step-impl` runs
+    them."""
     import torch
 
     from retd.model.checkpoint import (
@@ -79,6 +85,7 @@ def run_raw(
         parse_dtype,
         resolve_device,
     )
+    from retd.model.cpp_step import step_function
     from retd.model.generation import SamplingParams, generate
     from retd.server.app import torch_threads
 
@@ -91,6 +98,7 @@ def run_raw(
     param_rng = random.Random(config.seed)
     size = config.batch_size
     model_device = next(loaded.model.parameters()).device
+    step = step_function(loaded.model, step_impl)
 
     def one_batch() -> tuple[float, int]:
         embeddings = torch.from_numpy(
@@ -107,11 +115,18 @@ def run_raw(
             for i in range(size)
         ]
         started = time.perf_counter()
-        results = generate(loaded.model, embeddings, params, tokenizer=loaded.tokenizer)
+        results = generate(loaded.model, embeddings, params, tokenizer=loaded.tokenizer, step=step)
         return time.perf_counter() - started, sum(len(r.token_ids) for r in results)
 
     latencies, tokens, seconds = _time_batches(one_batch, config)
-    return _raw_report(config, latencies, tokens, seconds, torch_threads=torch.get_num_threads())
+    return _raw_report(
+        config,
+        latencies,
+        tokens,
+        seconds,
+        torch_threads=torch.get_num_threads(),
+        step_impl="eager" if step == loaded.model.step else "cpp",
+    )
 
 
 def raw_params(

@@ -32,6 +32,7 @@ class Scenario:
     config: BenchConfig
     server_args: str = ""
     raw: bool = False
+    step_impl: str = "auto"  # how a raw scenario runs decode steps (servers: --step-impl)
     reuse_server: bool = False  # run on the scenario before's server if its args are these
 
 
@@ -110,7 +111,40 @@ def telemetry_suite(duration: float) -> list[Scenario]:
     return [off, on, off, on]
 
 
-SUITES = {"batching": issue_suite, "sampling": sampling_suite, "telemetry": telemetry_suite}
+def step_suite(duration: float, rounds: int = 3) -> list[Scenario]:
+    """The C++ decode step against the eager one (`--step-impl`), side by side: a lone
+    64-byte Decode each way in `rounds` interleaved rounds; then 64 callers each way, the raw
+    model at batch 64 each way (the server's share of it), and the C++ step with tracing on
+    (every span, OTLP to loopback) and in an engine process."""
+    fixed = BenchConfig(concurrency=64, duration=duration)
+    lone = replace(fixed, concurrency=1)
+    raw = replace(fixed, batch_size=64)
+    eager, cpp = "--max-batch-size 64 --step-impl eager", "--max-batch-size 64 --step-impl cpp"
+    tracing = " --traces-exporter otlp --otlp-endpoint http://{otlp}"
+    return [
+        *(
+            scenario
+            for _ in range(rounds)
+            for scenario in (
+                Scenario("1 caller, eager step", lone, eager),
+                Scenario("1 caller, C++ step", lone, cpp),
+            )
+        ),
+        Scenario("64 callers, eager step", fixed, eager),
+        Scenario("64 callers, C++ step", fixed, cpp),
+        Scenario("raw model, batch 64, eager step", raw, raw=True, step_impl="eager"),
+        Scenario("raw model, batch 64, C++ step", raw, raw=True, step_impl="cpp"),
+        Scenario("64 callers, C++ step, tracing on (100%, OTLP)", fixed, cpp + tracing),
+        Scenario("64 callers, C++ step, engine process", fixed, cpp + " --engine process"),
+    ]
+
+
+SUITES = {
+    "batching": issue_suite,
+    "sampling": sampling_suite,
+    "telemetry": telemetry_suite,
+    "step": step_suite,
+}
 
 
 def run_otlp_sink(ready: str) -> None:
@@ -168,7 +202,9 @@ def run_suite(checkpoint: Path, scenarios: Sequence[Scenario]) -> list[tuple[str
             if scenario.raw:
                 stack.close()  # no idle server beside the model
                 server = None
-                report = run_raw(checkpoint, scenario.config, "auto", "float32")
+                report = run_raw(
+                    checkpoint, scenario.config, "auto", "float32", step_impl=scenario.step_impl
+                )
             else:
                 if not (scenario.reuse_server and server and server[0] == scenario.server_args):
                     stack.close()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Decode's default loop breakers are declared with the model (`retd eval` measures them too).
-from retd.model.defaults import DecodeDefaults
+from retd.model.defaults import STEP_IMPLS, DecodeDefaults
 
 DEFAULT_PORT = 50051
 MiB = 1024 * 1024
@@ -73,10 +73,16 @@ class ModelSettings:
     # Where a RET model's scheduler and worker run: a thread of the server's process, or a
     # process of their own (server/engine_process.py). Phrase banks always run in a thread.
     engine: str = "thread"
+    # How a RET model's decode steps run (model/cpp_step.py): auto, cpp or eager.
+    step_impl: str = "auto"
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ConfigError(f"engine: expected 'thread' or 'process', got {self.engine!r}")
+        if self.step_impl not in STEP_IMPLS:
+            raise ConfigError(
+                f"step_impl: expected one of {', '.join(STEP_IMPLS)}, got {self.step_impl!r}"
+            )
 
 
 @dataclass(frozen=True)

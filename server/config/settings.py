@@ -127,6 +127,14 @@ SETTINGS: tuple[Setting, ...] = (
         at="model_defaults.engine",
     ),
     Setting(
+        "step_impl",
+        as_given,
+        "how a RET model's decode steps run: auto (default: one C++ call a step when its "
+        "extension builds here, else eager), cpp (the C++ step or fail), eager (PyTorch op by "
+        "op); greedy outputs are the same either way",
+        at="model_defaults.step_impl",
+    ),
+    Setting(
         "torch_threads",
         non_negative_int("torch_threads"),
         "CPU threads for torch; 0 (default) = one less than the cores, at most 4, "

@@ -1,0 +1,154 @@
+"""RET's decode step as one C++ call (csrc/ret_step.cpp), beside the eager `RET.step`.
+
+The eager step makes ~50 small torch calls a block, each paying Python's dispatch and a GIL
+handoff; at batch 1 that overhead is most of a step. The C++ step runs the same ATen
+ops on the same shapes in C++ under InferenceMode, with the GIL released once for the whole
+step, so its logits and cache writes are bitwise the eager step's
+(tests/model/test_cpp_step.py) and greedy outputs are unchanged.
+
+The extension is built by torch.utils.cpp_extension (g++ and ninja) on first use and cached
+under torch's extensions directory (`TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions);
+`python -m retd.model.cpp_step` builds it ahead of time (the Makefile's install does).
+
+    step = step_function(model, "auto")   # the C++ step if it builds here, else eager
+    logits = step(cond, tokens, positions, cache, slots, length, span)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from types import ModuleType
+from typing import Protocol, cast
+
+import torch
+from torch import Tensor, nn
+
+from .defaults import STEP_IMPLS
+from .model import RET, Block, KVCache
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "ret_step.cpp"
+_EXTENSION_NAME = "retd_ret_step"
+_LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which every RET LayerNorm uses
+
+_lock = threading.Lock()
+_extension: ModuleType | None = None
+
+
+class StepFunction(Protocol):
+    """RET.step's signature: one new position per row -> logits (B, V)."""
+
+    def __call__(
+        self,
+        cond: Tensor,
+        tokens: Tensor,
+        positions: Tensor,
+        cache: KVCache,
+        slots: Tensor,
+        length: int | None = None,
+        span: int | None = None,
+    ) -> Tensor: ...
+
+
+def load_extension() -> ModuleType:
+    """The C++ step's extension module, built on first use (tens of seconds) and loaded
+    from torch's cache afterwards; raises if it cannot be built here (no compiler, no ninja)."""
+    global _extension
+    with _lock:
+        if _extension is None:
+            from torch.utils.cpp_extension import load
+
+            started = time.monotonic()
+            _extension = load(_EXTENSION_NAME, [str(SOURCE)], extra_cflags=["-O3"])
+            log.info("C++ decode step ready in %.1f s", time.monotonic() - started)
+        return _extension
+
+
+class CppStep:
+    """`RET.step` for `model` as one C++ call. It holds the model's weight tensors (not
+    copies): build it once the model is on its final device and dtype."""
+
+    def __init__(self, model: RET) -> None:
+        config = model.config
+        blocks = [
+            [
+                b.ln_1.weight,
+                b.ln_1.bias,
+                b.attn.qkv.weight,
+                b.attn.proj.weight,
+                b.ln_2.weight,
+                b.ln_2.bias,
+                b.mlp.fc.weight,
+                b.mlp.proj.weight,
+            ]
+            for b in cast(Iterable[Block], model.blocks)
+        ]
+        self._step = load_extension().RETStep(
+            model.wte.weight,
+            blocks,
+            [cast(nn.Linear, p).weight for p in model.cond_proj],
+            model.ln_f.weight,
+            model.ln_f.bias,
+            config.n_head,
+            float(config.rope_base),
+            _LAYER_NORM_EPS,
+        )
+
+    def __call__(
+        self,
+        cond: Tensor,
+        tokens: Tensor,
+        positions: Tensor,
+        cache: KVCache,
+        slots: Tensor,
+        length: int | None = None,
+        span: int | None = None,
+    ) -> Tensor:
+        if length is None:
+            length = int(positions.max()) + 1
+        if span is None:
+            span = int(slots.max()) + 1
+        return self._step.step(cond, tokens, positions, cache.k, cache.v, slots, length, span)
+
+
+def step_function(model: RET, impl: str = "auto") -> StepFunction:
+    """The decode step `impl` names for `model` (see STEP_IMPLS)."""
+    if impl not in STEP_IMPLS:
+        raise ValueError(f"step_impl: expected one of {', '.join(STEP_IMPLS)}, got {impl!r}")
+    if impl == "eager":
+        return model.step
+    try:
+        return CppStep(model)
+    except Exception as exc:
+        if impl == "cpp":
+            raise RuntimeError(f"step_impl cpp: the C++ step cannot be built: {exc}") from exc
+        log.warning("the C++ decode step cannot be built here (%s); running eager", exc)
+        return model.step
+
+
+def main() -> None:
+    """Build (or find) the extension and check it against the eager step once."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    load_extension()
+    from .model import ARCHITECTURES
+
+    model = RET(ARCHITECTURES["ret_tiny"]).eval().requires_grad_(False)
+    cond = model.condition(torch.randn(2, model.config.embedding_dim))
+    args = (torch.tensor([5, 9]), torch.tensor([0, 3]))
+    caches = KVCache(model.config, 2), KVCache(model.config, 2)
+    slots = torch.tensor([1, 0])
+    with torch.inference_mode():
+        eager = model.step(cond, *args, caches[0], slots)
+        compiled = CppStep(model)(cond, *args, caches[1], slots)
+    if not torch.equal(eager, compiled):
+        raise SystemExit("the C++ decode step's logits differ from the eager step's")
+    print(f"C++ decode step: built, and bitwise the eager step's ({SOURCE.name})")
+
+
+if __name__ == "__main__":
+    main()

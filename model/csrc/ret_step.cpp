@@ -1,0 +1,131 @@
+// RET's KV-cached decode step (model.py: RET.step) as one call from Python.
+//
+// The same ATen ops on the same shapes as the eager step, so the logits are bitwise the eager
+// step's (tests/model/test_cpp_step.py compares them); what it saves is Python's per-op
+// overhead (~50 ops a block), the autograd dispatch (InferenceMode), the GIL handoffs around
+// every op (the GIL is released once for the whole step), and the work every block repeated:
+// RoPE's frequencies (once per model), its angles and the attention mask (once per step).
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using at::indexing::Slice;
+
+struct BlockWeights {
+  Tensor cond_proj;  // undefined unless conditioning == "layer"
+  Tensor ln_1_w, ln_1_b, qkv, attn_proj, ln_2_w, ln_2_b, fc, mlp_proj;
+};
+
+class RETStep {
+ public:
+  // blocks: each block's ln_1 weight and bias, attn.qkv, attn.proj, ln_2 weight and bias,
+  // mlp.fc, mlp.proj; cond_projs: one per block with conditioning "layer", else none.
+  RETStep(Tensor wte, const std::vector<std::vector<Tensor>>& blocks,
+          const std::vector<Tensor>& cond_projs, Tensor ln_f_w, Tensor ln_f_b, int64_t n_head,
+          double rope_base, double eps)
+      : wte_(std::move(wte)), ln_f_w_(std::move(ln_f_w)), ln_f_b_(std::move(ln_f_b)),
+        n_head_(n_head), eps_(eps) {
+    TORCH_CHECK(!blocks.empty(), "RETStep needs at least one block");
+    TORCH_CHECK(cond_projs.empty() || cond_projs.size() == blocks.size(),
+                "cond_projs: one per block or none, got ", cond_projs.size());
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      const auto& b = blocks[i];
+      TORCH_CHECK(b.size() == 8, "a block takes 8 tensors, got ", b.size());
+      blocks_.push_back({cond_projs.empty() ? Tensor() : cond_projs[i], b[0], b[1], b[2], b[3],
+                         b[4], b[5], b[6], b[7]});
+    }
+    const int64_t C = wte_.size(1);
+    TORCH_CHECK(n_head > 0 && C % n_head == 0 && (C / n_head) % 2 == 0,
+                "n_head must divide n_embd into even head dims");
+    // apply_rope's inverse frequencies: base ** (-arange(D/2) / (D/2)), float32
+    const int64_t half = C / n_head / 2;
+    inv_freq_ = at::pow(
+        rope_base, at::neg(at::arange(half, wte_.options().dtype(at::kFloat))).div(half));
+  }
+
+  // cond (B, C); tokens, positions, slots (B,) long; k, v (n_layer, S, H, L, D), written in
+  // place; length = max(positions) + 1, span = max(slots) + 1 -> logits (B, V)
+  Tensor step(const Tensor& cond, const Tensor& tokens, const Tensor& positions,
+              const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots, int64_t length,
+              int64_t span) const {
+    pybind11::gil_scoped_release no_gil;
+    c10::InferenceMode inference;
+    TORCH_CHECK(k_cache.size(0) == static_cast<int64_t>(blocks_.size()),
+                "the cache has ", k_cache.size(0), " layers, the model ", blocks_.size());
+    // What every block shares: RoPE's cos and sin at the rows' positions, (B, 1, 1, D/2),
+    // and which cached positions each slot's query sees, (S, 1, 1, L).
+    const auto angles = positions.unsqueeze(1).to(at::kFloat).unsqueeze(-1) * inv_freq_;
+    const auto cos = angles.cos().unsqueeze(-3), sin = angles.sin().unsqueeze(-3);
+    auto position_at_slot = positions.new_zeros({span});
+    position_at_slot.index_put_({slots}, positions);
+    const auto visible = at::arange(length, positions.options())
+                             .unsqueeze(0)
+                             .le(position_at_slot.unsqueeze(1))
+                             .unsqueeze(1)
+                             .unsqueeze(1);
+
+    const auto first = positions.eq(0);
+    const auto prev = at::embedding(wte_, tokens.masked_fill(first, 0));  // (B, C)
+    auto x = at::where(first.unsqueeze(1), cond, prev + cond).unsqueeze(1);  // (B, 1, C)
+    const int64_t C = x.size(2);
+    for (size_t layer = 0; layer < blocks_.size(); ++layer) {
+      const auto& w = blocks_[layer];
+      if (w.cond_proj.defined()) {
+        x = x + at::linear(cond, w.cond_proj).unsqueeze(1);
+      }
+      const auto h = at::layer_norm(x, {C}, w.ln_1_w, w.ln_1_b, eps_);
+      x = x + attention(h, w, positions, cos, sin, k_cache.select(0, layer),
+                        v_cache.select(0, layer), slots, visible, length, span);
+      const auto g = at::layer_norm(x, {C}, w.ln_2_w, w.ln_2_b, eps_);
+      x = x + at::linear(at::gelu(at::linear(g, w.fc)), w.mlp_proj);
+    }
+    const auto last = x.select(1, 0);  // (B, C)
+    return at::matmul(at::layer_norm(last, {C}, ln_f_w_, ln_f_b_, eps_), wte_.t());
+  }
+
+ private:
+  // CausalSelfAttention.step on h (B, 1, C).
+  Tensor attention(const Tensor& h, const BlockWeights& w, const Tensor& positions,
+                   const Tensor& cos, const Tensor& sin, Tensor k_cache, Tensor v_cache,
+                   const Tensor& slots, const Tensor& visible, int64_t length,
+                   int64_t span) const {
+    const int64_t B = h.size(0), C = h.size(2), H = n_head_, D = C / H, half = D / 2;
+    const auto qkv = at::linear(h, w.qkv).split(C, 2);
+    const auto q0 = qkv[0].view({B, 1, H, D}).transpose(1, 2);  // (B, H, 1, D)
+    const auto k0 = qkv[1].view({B, 1, H, D}).transpose(1, 2);
+    const auto v = qkv[2].view({B, 1, H, D}).transpose(1, 2);
+    // apply_rope on q and k together, (B, 2H, 1, D), rotate-half in float32
+    const auto both = at::cat({q0, k0}, 1);
+    const auto xf = both.to(at::kFloat);
+    const auto x1 = xf.slice(-1, 0, half), x2 = xf.slice(-1, half);
+    const auto rotated =
+        at::cat({x1 * cos - x2 * sin, x1 * sin + x2 * cos}, -1).to(both.scalar_type());
+    const auto q = rotated.slice(1, 0, H), k = rotated.slice(1, H);
+    k_cache.index_put_({slots, Slice(), positions}, k.select(2, 0));
+    v_cache.index_put_({slots, Slice(), positions}, v.select(2, 0));
+    auto q_at_slot = q.new_zeros({span, H, 1, D});
+    q_at_slot.index_put_({slots}, q);
+    const auto keys = k_cache.slice(0, 0, span).slice(2, 0, length);  // (S, H, L, D)
+    const auto values = v_cache.slice(0, 0, span).slice(2, 0, length);
+    const auto y = at::scaled_dot_product_attention(q_at_slot, keys, values, visible)
+                       .index({slots});  // (B, H, 1, D)
+    return at::linear(y.transpose(1, 2).reshape({B, 1, C}), w.attn_proj);
+  }
+
+  Tensor wte_, ln_f_w_, ln_f_b_, inv_freq_;
+  std::vector<BlockWeights> blocks_;
+  int64_t n_head_;
+  double eps_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<RETStep>(m, "RETStep")
+      .def(pybind11::init<Tensor, const std::vector<std::vector<Tensor>>&,
+                          const std::vector<Tensor>&, Tensor, Tensor, int64_t, double, double>())
+      .def("step", &RETStep::step);
+}
