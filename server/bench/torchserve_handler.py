@@ -8,7 +8,9 @@ the model. A request is
 TorchServe's input map: "embedding" (float32 little-endian bytes, the model's embedding
 width) and "max_new_tokens" (a decimal number); the answer is JSON, {"text",
 "generated_tokens", "finish_reason"}. Decoding is plain greedy (no loop breakers), as
-`retd serve --decode-no-repeat-ngram-size 0 --decode-repetition-penalty 1` decodes.
+`retd serve --decode-no-repeat-ngram-size 0 --decode-repetition-penalty 1` decodes, and its
+steps run as retd's do by default (`retd.model.cpp_step.step_function(model, "auto")`: the
+C++ step where it builds), so both servers run the same step.
 
 `RetBatchHandler` holds preprocess, inference and postprocess and needs no TorchServe (the
 tests call it directly); where TorchServe is installed, `TorchServeHandler` is it on
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 from retd.model.checkpoint import load_checkpoint
+from retd.model.cpp_step import step_function
 from retd.model.generation import GenerationResult, SamplingParams, generate
 
 EMBEDDING = "embedding"
@@ -45,12 +48,14 @@ class RetBatchHandler:
     def __init__(self) -> None:
         self.model: Any = None
         self.tokenizer: Any = None
+        self.step: Any = None
         self.initialized = False
 
     def load(self, checkpoint: str | Path) -> None:
         torch.set_num_threads(1)
         loaded = load_checkpoint(checkpoint)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.step = step_function(self.model, "auto")
         self.initialized = True
 
     def initialize(self, context: Any) -> None:
@@ -69,7 +74,7 @@ class RetBatchHandler:
     def inference(self, batch: tuple[torch.Tensor, list[SamplingParams]]) -> list[GenerationResult]:
         """One `generate()` call for the whole batch: it returns when its longest row ends."""
         embeddings, params = batch
-        return generate(self.model, embeddings, params, tokenizer=self.tokenizer)
+        return generate(self.model, embeddings, params, tokenizer=self.tokenizer, step=self.step)
 
     def postprocess(self, results: Sequence[GenerationResult]) -> list[bytes]:
         return [

@@ -127,3 +127,16 @@ def test_auto_falls_back_to_eager_where_the_step_cannot_be_built(
     assert "cannot be built here" in caplog.text
     with pytest.raises(RuntimeError, match="step_impl cpp: the C\\+\\+ step cannot be built"):
         step_function(tiny_model, "cpp")
+
+
+def test_the_step_benchmark_runs_each_way_the_eager_way(tiny_model: RET) -> None:
+    """`python -m retd.model.step_bench`: the C++ and the scripted steps it times decode what
+    the eager step decodes (torch.compile's way is left out here: it compiles for minutes)."""
+    from retd.model.step_bench import run, ways
+
+    found = ways(tiny_model)
+    reference, _ = run(found["eager"], tiny_model, 3, 8)
+    for name in ("cpp", "torchscript"):
+        logits, ms = run(found[name], tiny_model, 3, 8)
+        assert torch.equal(logits, reference), name
+        assert ms > 0
