@@ -3,8 +3,9 @@
 // The same ATen ops on the same shapes as the eager step, so the logits are bitwise the eager
 // step's (tests/model/test_cpp_step.py compares them); what it saves is Python's per-op
 // overhead (~50 ops a block), the autograd dispatch (InferenceMode), the GIL handoffs around
-// every op (the GIL is released once for the whole step), and the work every block repeated:
-// RoPE's frequencies (once per model), its angles and the attention mask (once per step).
+// every op (the GIL is released once for the whole step), the work every block repeated:
+// RoPE's frequencies (once per model), its angles and the attention mask (once per step),
+// and, when each row sits in its own slot (a lone call), moving queries to their slots.
 #include <torch/extension.h>
 
 #include <vector>
@@ -56,11 +57,16 @@ class RETStep {
     TORCH_CHECK(k_cache.size(0) == static_cast<int64_t>(blocks_.size()),
                 "the cache has ", k_cache.size(0), " layers, the model ", blocks_.size());
     // What every block shares: RoPE's cos and sin at the rows' positions, (B, 1, 1, D/2),
-    // and which cached positions each slot's query sees, (S, 1, 1, L).
+    // and which cached positions each slot's query sees, (S, 1, 1, L). When row i is in slot
+    // i for every row (a lone call: slot 0), queries need no moving to their slots.
+    const bool dense = in_own_slots(slots, span);
     const auto angles = positions.unsqueeze(1).to(at::kFloat).unsqueeze(-1) * inv_freq_;
     const auto cos = angles.cos().unsqueeze(-3), sin = angles.sin().unsqueeze(-3);
-    auto position_at_slot = positions.new_zeros({span});
-    position_at_slot.index_put_({slots}, positions);
+    auto position_at_slot = positions;
+    if (!dense) {
+      position_at_slot = positions.new_zeros({span});
+      position_at_slot.index_put_({slots}, positions);
+    }
     const auto visible = at::arange(length, positions.options())
                              .unsqueeze(0)
                              .le(position_at_slot.unsqueeze(1))
@@ -78,7 +84,7 @@ class RETStep {
       }
       const auto h = at::layer_norm(x, {C}, w.ln_1_w, w.ln_1_b, eps_);
       x = x + attention(h, w, positions, cos, sin, k_cache.select(0, layer),
-                        v_cache.select(0, layer), slots, visible, length, span);
+                        v_cache.select(0, layer), slots, visible, length, span, dense);
       const auto g = at::layer_norm(x, {C}, w.ln_2_w, w.ln_2_b, eps_);
       x = x + at::linear(at::gelu(at::linear(g, w.fc)), w.mlp_proj);
     }
@@ -87,11 +93,27 @@ class RETStep {
   }
 
  private:
+  // Whether row i's slot is i for every row and there are no other slots (read on the host:
+  // only for CPU tensors, where that costs no device sync).
+  static bool in_own_slots(const Tensor& slots, int64_t span) {
+    if (!slots.device().is_cpu() || slots.size(0) != span) {
+      return false;
+    }
+    const auto owned = slots.to(at::kLong).contiguous();
+    const int64_t* slot = owned.data_ptr<int64_t>();
+    for (int64_t i = 0; i < span; ++i) {
+      if (slot[i] != i) {
+        return false;
+      }
+    }
+    return true;
+  }
+
   // CausalSelfAttention.step on h (B, 1, C).
   Tensor attention(const Tensor& h, const BlockWeights& w, const Tensor& positions,
                    const Tensor& cos, const Tensor& sin, Tensor k_cache, Tensor v_cache,
-                   const Tensor& slots, const Tensor& visible, int64_t length,
-                   int64_t span) const {
+                   const Tensor& slots, const Tensor& visible, int64_t length, int64_t span,
+                   bool dense) const {
     const int64_t B = h.size(0), C = h.size(2), H = n_head_, D = C / H, half = D / 2;
     const auto qkv = at::linear(h, w.qkv).split(C, 2);
     const auto q0 = qkv[0].view({B, 1, H, D}).transpose(1, 2);  // (B, H, 1, D)
@@ -106,12 +128,16 @@ class RETStep {
     const auto q = rotated.slice(1, 0, H), k = rotated.slice(1, H);
     k_cache.index_put_({slots, Slice(), positions}, k.select(2, 0));
     v_cache.index_put_({slots, Slice(), positions}, v.select(2, 0));
-    auto q_at_slot = q.new_zeros({span, H, 1, D});
-    q_at_slot.index_put_({slots}, q);
     const auto keys = k_cache.slice(0, 0, span).slice(2, 0, length);  // (S, H, L, D)
     const auto values = v_cache.slice(0, 0, span).slice(2, 0, length);
-    const auto y = at::scaled_dot_product_attention(q_at_slot, keys, values, visible)
-                       .index({slots});  // (B, H, 1, D)
+    Tensor y;  // (B, H, 1, D)
+    if (dense) {
+      y = at::scaled_dot_product_attention(q, keys, values, visible);
+    } else {
+      auto q_at_slot = q.new_zeros({span, H, 1, D});
+      q_at_slot.index_put_({slots}, q);
+      y = at::scaled_dot_product_attention(q_at_slot, keys, values, visible).index({slots});
+    }
     return at::linear(y.transpose(1, 2).reshape({B, 1, C}), w.attn_proj);
   }
 
