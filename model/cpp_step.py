@@ -117,10 +117,18 @@ class CppStep:
 
 
 def step_function(model: RET, impl: str = "auto") -> StepFunction:
-    """The decode step `impl` names for `model` (see STEP_IMPLS)."""
+    """The decode step `impl` names for `model` (see STEP_IMPLS). A model whose class has a
+    step of its own runs that one under "auto"."""
     if impl not in STEP_IMPLS:
         raise ValueError(f"step_impl: expected one of {', '.join(STEP_IMPLS)}, got {impl!r}")
     if impl == "eager":
+        return model.step
+    if type(model).step is not RET.step:  # a module class of its own (register_architecture)
+        if impl == "cpp":
+            raise RuntimeError(
+                f"step_impl cpp: {type(model).__name__} has a decode step of its own; the C++ "
+                "step is RET.step's"
+            )
         return model.step
     try:
         return CppStep(model)

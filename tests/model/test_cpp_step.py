@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -107,6 +108,17 @@ def test_step_function_picks_what_it_is_asked(tiny_model: RET) -> None:
     assert isinstance(step_function(tiny_model, "auto"), CppStep)
     with pytest.raises(ValueError, match="step_impl: expected one of auto, cpp, eager"):
         step_function(tiny_model, "jit")
+
+
+def test_a_model_with_a_step_of_its_own_keeps_it(tiny_model: RET) -> None:
+    class Doubled(RET):
+        def step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return 2 * super().step(*args, **kwargs)
+
+    model = Doubled(tiny_model.config)
+    assert step_function(model, "auto") == model.step
+    with pytest.raises(RuntimeError, match="Doubled has a decode step of its own"):
+        step_function(model, "cpp")
 
 
 def test_auto_falls_back_to_eager_where_the_step_cannot_be_built(
