@@ -125,6 +125,7 @@ def _decode(args: argparse.Namespace, out: TextIO) -> int:
         no_repeat_ngram_size=args.no_repeat_ngram,
         repetition_penalty=args.repetition_penalty,
         repetition_ngram_size=args.repetition_ngram,
+        eos_bias=args.eos_bias,
         priority=args.priority,
     )
     with _client(args) as client:

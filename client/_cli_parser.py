@@ -190,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the n-gram size --repetition-penalty looks at (1: every token generated; at most "
         "256; unset: the server's default)",
     )
+    decode.add_argument(
+        "--eos-bias",
+        type=float,
+        metavar="B",
+        help="add B to the end-of-sequence token's logit at every step: below 0 answers run "
+        "longer (0: off; in [-20, 20]; unset: the server's default)",
+    )
     decode.set_defaults(func=_decode)
 
     generate = commands.add_parser(

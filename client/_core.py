@@ -256,12 +256,15 @@ class Core:
         no_repeat_ngram_size: int | None,
         repetition_penalty: float | None,
         repetition_ngram_size: int | None,
+        eos_bias: float | None,
         **options: Any,
     ) -> Stream[StreamItem]:
         """A DecodeStream whose items are built by ``item``; bad arguments raise here."""
         priority = _requests.check_priority(priority)
         version = _requests.check_version(version)
-        _requests.loop_breakers(no_repeat_ngram_size, repetition_penalty, repetition_ngram_size)
+        _requests.loop_breakers(
+            no_repeat_ngram_size, repetition_penalty, repetition_ngram_size, eos_bias
+        )
 
         def item(index: int, value: object) -> decoder_pb2.DecodeStreamRequest:
             return _requests.stream_item(
@@ -273,6 +276,7 @@ class Core:
                 no_repeat_ngram_size=no_repeat_ngram_size,
                 repetition_penalty=repetition_penalty,
                 repetition_ngram_size=repetition_ngram_size,
+                eos_bias=eos_bias,
                 **options,
             )
 

@@ -81,15 +81,19 @@ def check_no_repeat_ngram_size(value: int | None) -> int:
 
 #: The largest ``repetition_penalty`` the server takes.
 MAX_REPETITION_PENALTY = 10.0
+#: The largest ``abs(eos_bias)`` the server takes.
+MAX_EOS_BIAS = 20.0
 
 
 def loop_breakers(
     no_repeat_ngram_size: int | None = None,
     repetition_penalty: float | None = None,
     repetition_ngram_size: int | None = None,
+    eos_bias: float | None = None,
 ) -> dict[str, int | float]:
-    """The decode forms' loop breakers as request fields, checked: only those given, so that
-    the server applies its default to the others (``None``: the server's default)."""
+    """The decode forms' loop breakers and EOS bias as request fields, checked: only those
+    given, so that the server applies its default to the others (``None``: the server's
+    default)."""
     fields: dict[str, int | float] = {}
     if no_repeat_ngram_size is not None:
         fields["no_repeat_ngram_size"] = check_no_repeat_ngram_size(no_repeat_ngram_size)
@@ -114,6 +118,17 @@ def loop_breakers(
                 f"{MAX_NO_REPEAT_NGRAM_SIZE} tokens, got {repetition_ngram_size!r}"
             )
         fields["repetition_ngram_size"] = size
+    if eos_bias is not None:
+        try:
+            bias = float(eos_bias)
+        except (TypeError, ValueError):
+            bias = float("nan")
+        if isinstance(eos_bias, bool | str | bytes) or not -MAX_EOS_BIAS <= bias <= MAX_EOS_BIAS:
+            raise InvalidArgumentError(
+                f"eos_bias: expected a number in [-{MAX_EOS_BIAS:g}, {MAX_EOS_BIAS:g}] "
+                f"(0 = off), got {eos_bias!r}"
+            )
+        fields["eos_bias"] = bias
     return fields
 
 
@@ -147,6 +162,7 @@ def decode(
     no_repeat_ngram_size: int | None = None,
     repetition_penalty: float | None = None,
     repetition_ngram_size: int | None = None,
+    eos_bias: float | None = None,
 ) -> decoder_pb2.DecodeRequest:
     return decoder_pb2.DecodeRequest(
         model=model or "",
@@ -155,7 +171,7 @@ def decode(
         priority=check_priority(priority),
         hybrid=_hybrid(hybrid),
         version=check_version(version),
-        **loop_breakers(no_repeat_ngram_size, repetition_penalty, repetition_ngram_size),  # type: ignore[arg-type]
+        **loop_breakers(no_repeat_ngram_size, repetition_penalty, repetition_ngram_size, eos_bias),  # type: ignore[arg-type]
     )
 
 
@@ -205,6 +221,7 @@ def decode_batch(
     no_repeat_ngram_size: int | None = None,
     repetition_penalty: float | None = None,
     repetition_ngram_size: int | None = None,
+    eos_bias: float | None = None,
     hybrid: Hybrid | None = None,
 ) -> decoder_pb2.DecodeBatchRequest:
     return decoder_pb2.DecodeBatchRequest(
@@ -213,7 +230,7 @@ def decode_batch(
         max_new_tokens=_uint("max_new_tokens", max_new_tokens),
         priority=check_priority(priority),
         version=check_version(version),
-        **loop_breakers(no_repeat_ngram_size, repetition_penalty, repetition_ngram_size),  # type: ignore[arg-type]
+        **loop_breakers(no_repeat_ngram_size, repetition_penalty, repetition_ngram_size, eos_bias),  # type: ignore[arg-type]
         hybrid=_hybrid(hybrid),
     )
 
@@ -240,6 +257,7 @@ def stream_item(
     no_repeat_ngram_size: int | None = None,
     repetition_penalty: float | None = None,
     repetition_ngram_size: int | None = None,
+    eos_bias: float | None = None,
     hybrid: Hybrid | None = None,
 ) -> decoder_pb2.DecodeStreamRequest:
     item_id, embedding = split_stream_item(index, item)
@@ -250,7 +268,7 @@ def stream_item(
         max_new_tokens=_uint("max_new_tokens", max_new_tokens),
         priority=check_priority(priority),
         version=check_version(version),
-        **loop_breakers(no_repeat_ngram_size, repetition_penalty, repetition_ngram_size),  # type: ignore[arg-type]
+        **loop_breakers(no_repeat_ngram_size, repetition_penalty, repetition_ngram_size, eos_bias),  # type: ignore[arg-type]
         hybrid=_hybrid(hybrid),
     )
 

@@ -144,6 +144,7 @@ class AsyncClient(ClientBase):
         no_repeat_ngram_size: int | None = None,
         repetition_penalty: float | None = None,
         repetition_ngram_size: int | None = None,
+        eos_bias: float | None = None,
         priority: int | None = None,
         hybrid: Hybrid | None = None,
         timeout: float | None = None,
@@ -157,9 +158,9 @@ class AsyncClient(ClientBase):
         ``version``: a loaded version of ``model`` (0: the newest); every decoding method and
         :meth:`model_info` take it, and ``result.version`` says which version answered.
         ``no_repeat_ngram_size``, ``repetition_penalty``, ``repetition_ngram_size``: the loop
-        breakers, as on :meth:`Client.decode`. On the decode forms ``None`` takes the server's
-        default (on by default); ``generate`` takes ``no_repeat_ngram_size`` only, ``None``/0
-        being off there.
+        breakers, and ``eos_bias``, as on :meth:`Client.decode`. On the decode forms ``None``
+        takes the server's default (the breakers are on by default); ``generate`` takes
+        ``no_repeat_ngram_size`` only, ``None``/0 being off there.
 
         >>> async def unlooped():
         ...     async with AsyncClient(address) as client:
@@ -221,6 +222,7 @@ class AsyncClient(ClientBase):
         no_repeat_ngram_size: int | None = None,
         repetition_penalty: float | None = None,
         repetition_ngram_size: int | None = None,
+        eos_bias: float | None = None,
         priority: int | None = None,
         hybrid: Hybrid | None = None,
         timeout: float | None = None,
@@ -241,6 +243,7 @@ class AsyncClient(ClientBase):
         no_repeat_ngram_size: int | None = None,
         repetition_penalty: float | None = None,
         repetition_ngram_size: int | None = None,
+        eos_bias: float | None = None,
         priority: int | None = None,
         hybrid: Hybrid | None = None,
         timeout: float | None = None,

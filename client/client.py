@@ -81,6 +81,7 @@ class Client(BlockingClient):
         no_repeat_ngram_size: int | None = None,
         repetition_penalty: float | None = None,
         repetition_ngram_size: int | None = None,
+        eos_bias: float | None = None,
         priority: int | None = None,
         hybrid: Hybrid | None = None,
         timeout: float | None = None,
@@ -113,6 +114,9 @@ class Client(BlockingClient):
                 ``no_repeat_ngram_size=0, repetition_penalty=1``.
             repetition_ngram_size: the n-gram size ``repetition_penalty`` looks at; 1
                 penalises every token already generated. ``None`` takes the server's default.
+            eos_bias: added to the end-of-sequence token's logit at every step: below 0 the
+                answer runs longer, above 0 shorter. ``None`` takes the server's default (0,
+                off, unless the model's card recommends one); in [-20, 20].
             priority: higher is served first when requests wait for a slot; FIFO among
                 equals. ``None`` means 0, the server's default; any int32, negative included.
             hybrid: a :class:`Hybrid`: ask its phrase bank first, and take its phrase when
@@ -222,6 +226,7 @@ class Client(BlockingClient):
         no_repeat_ngram_size: int | None = None,
         repetition_penalty: float | None = None,
         repetition_ngram_size: int | None = None,
+        eos_bias: float | None = None,
         priority: int | None = None,
         hybrid: Hybrid | None = None,
         timeout: float | None = None,
@@ -232,7 +237,8 @@ class Client(BlockingClient):
         does not fail the call: its :class:`DecodeBatchItem` has ``ok == False`` and a typed
         ``error``; ``item.unwrap()`` returns the result or raises that error. ``priority``,
         ``version``, the loop breakers (``no_repeat_ngram_size``, ``repetition_penalty``,
-        ``repetition_ngram_size``) and ``hybrid`` (see :meth:`decode`) apply to every item; a
+        ``repetition_ngram_size``), ``eos_bias`` and ``hybrid`` (see :meth:`decode`) apply to
+        every item; a
         ``version`` that is not loaded fails the whole call (:class:`NotFoundError`).
         With ``hybrid``, each item's answer says whether the bank or the model gave it.
 
@@ -256,6 +262,7 @@ class Client(BlockingClient):
         no_repeat_ngram_size: int | None = None,
         repetition_penalty: float | None = None,
         repetition_ngram_size: int | None = None,
+        eos_bias: float | None = None,
         priority: int | None = None,
         hybrid: Hybrid | None = None,
         timeout: float | None = None,

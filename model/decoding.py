@@ -43,6 +43,9 @@ class SamplingParams:
     # (CTRL as published). 1.0 is off.
     repetition_penalty: float = 1.0
     repetition_ngram_size: int = 1
+    # b != 0: added to the end-of-sequence token's logit at every step, before the other
+    # breakers and the draw (a length handling: b < 0 lengthens answers). 0 is off.
+    eos_bias: float = 0.0
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -91,6 +94,12 @@ class SamplingParams:
             raise ValueError(
                 f"repetition_ngram_size must be an int >= 1, got {self.repetition_ngram_size!r}"
             )
+        if (
+            isinstance(self.eos_bias, bool)
+            or not isinstance(self.eos_bias, int | float)
+            or not math.isfinite(self.eos_bias)
+        ):
+            raise ValueError(f"eos_bias must be a finite number (0 = off), got {self.eos_bias!r}")
 
     @property
     def greedy(self) -> bool:

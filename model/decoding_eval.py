@@ -15,7 +15,7 @@ A decoder spec is `name` or comma-separated `key=value` pairs:
   rp=P         repetition_penalty P (CTRL-style)
   rpn=N        repetition_ngram_size N (the penalty's n-gram; 1 = every byte generated)
   max=N        max_new_tokens N (default: the model's max_length - 1, as `retd eval`)
-  eos=B        add B to the end-of-sequence byte's logit at every step (a length handling)
+  eos=B        eos_bias B: added to the end-of-sequence token's logit at every step (length)
 e.g. `greedy`, `nr=6`, `rp=1.3,rpn=4`, `nr=8,rp=1.2,max=160`.
 """
 
@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,7 +114,7 @@ class Decoder:
     repetition_penalty: float = 1.0
     repetition_ngram_size: int = 1
     max_new_tokens: int | None = None
-    eos_bonus: float = 0.0
+    eos_bias: float = 0.0
 
     @classmethod
     def parse(cls, spec: str) -> Decoder:
@@ -125,7 +125,7 @@ class Decoder:
             "rp": "repetition_penalty",
             "rpn": "repetition_ngram_size",
             "max": "max_new_tokens",
-            "eos": "eos_bonus",
+            "eos": "eos_bias",
         }
         fields: dict[str, Any] = {}
         for item in spec.split(","):
@@ -134,7 +134,7 @@ class Decoder:
                 raise ValueError(f"decoder {spec!r}: expected key=value with key in {list(keys)}")
             name = keys[key]
             fields[name] = (
-                float(value) if name in ("repetition_penalty", "eos_bonus") else int(value)
+                float(value) if name in ("repetition_penalty", "eos_bias") else int(value)
             )
         return cls(spec, **fields)
 
@@ -144,22 +144,8 @@ class Decoder:
             no_repeat_ngram_size=self.no_repeat_ngram_size,
             repetition_penalty=self.repetition_penalty,
             repetition_ngram_size=self.repetition_ngram_size,
+            eos_bias=self.eos_bias,
         )
-
-
-class _EosBonus:
-    """A model whose decode steps add `bonus` to the end-of-sequence logit."""
-
-    def __init__(self, model: RET, bonus: float) -> None:
-        self._model, self._bonus = model, bonus
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        logits = self._model.step(*args, **kwargs).clone()
-        logits[:, self._model.config.eos_id] += self._bonus
-        return logits
 
 
 def decode_all(
@@ -170,14 +156,13 @@ def decode_all(
     tokenizer: Tokenizer = BYTES,
 ) -> tuple[list[str], list[FinishReason], list[int]]:
     """Each row decoded: texts, finish reasons, and bytes generated."""
-    runner = cast(RET, _EosBonus(model, decoder.eos_bonus)) if decoder.eos_bonus else model
     params = decoder.params(model.config.max_length)
     texts: list[str] = []
     reasons: list[FinishReason] = []
     lengths: list[int] = []
     for start in range(0, len(embeddings), batch_size):
         chunk = embeddings[start : start + batch_size]
-        for result in generate(runner, chunk, [params] * len(chunk), tokenizer=tokenizer):
+        for result in generate(model, chunk, [params] * len(chunk), tokenizer=tokenizer):
             texts.append(result.text)
             reasons.append(result.finish_reason)
             lengths.append(len(result.text.encode("utf-8")))

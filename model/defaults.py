@@ -19,7 +19,9 @@ _BOUNDS = {
     "no_repeat_ngram_size": (0, 256),
     "repetition_penalty": (1.0, 10.0),
     "repetition_ngram_size": (1, 256),
+    "eos_bias": (-20.0, 20.0),
 }
+_FLOATS = ("repetition_penalty", "eos_bias")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class DecodeDefaults:
     no_repeat_ngram_size: int = 0
     repetition_penalty: float = 1.5
     repetition_ngram_size: int = 4
+    eos_bias: float = 0.0  # added to the EOS logit at every step; < 0 lengthens answers
 
     def for_card(self, card: Mapping[str, Any], pinned: Set[str] = frozenset()) -> DecodeDefaults:
         """These defaults with the ones a checkpoint's card recommends (`card["decode_defaults"]`,
@@ -45,5 +48,5 @@ class DecodeDefaults:
             if name in pinned or isinstance(value, bool) or not isinstance(value, int | float):
                 continue
             if low <= value <= high:  # else ignored, as a card from elsewhere may be
-                changes[name] = float(value) if name == "repetition_penalty" else int(value)
+                changes[name] = float(value) if name in _FLOATS else int(value)
         return replace(self, **changes)

@@ -48,6 +48,7 @@ def greedy_texts(
             no_repeat_ngram_size=breakers.no_repeat_ngram_size,
             repetition_penalty=breakers.repetition_penalty,
             repetition_ngram_size=breakers.repetition_ngram_size,
+            eos_bias=breakers.eos_bias,
         )
     )
     return _texts_in_chunks(

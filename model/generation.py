@@ -135,7 +135,7 @@ def generate(
     weight = model.wte.weight
     device, dtype = weight.device, weight.dtype
     embeddings = embeddings.to(device=device, dtype=dtype)
-    sampler = Sampler()
+    sampler = Sampler(config.eos_id)
     buffers = [OutputBuffer(p, eos_id=config.eos_id, tokenizer=tokenizer) for p in params]
     blockers = [NGramBlocker(n) if (n := p.no_repeat_ngram_size) else None for p in params]
     tracker = None

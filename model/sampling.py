@@ -1,7 +1,7 @@
 """Batched sampling: one token per row of a (B, V) batch of logits in a fixed number of tensor
 ops, whatever B and however the rows' parameters differ.
 
-    logits (B, V) -> repetition penalty -> no-repeat bans (one masked write)
+    logits (B, V) -> EOS bias -> repetition penalty -> no-repeat bans (one masked write)
       greedy rows:  argmax
       sampled rows: (logits - max) / temperature -> [top-k -> top-p on the sorted values]
                     -> softmax -> cdf -> inverse-CDF draw with u in [0, 1)
@@ -157,10 +157,18 @@ class SamplingBatch:
     a step pays only for what its rows ask for."""
 
     def __init__(
-        self, params: Sequence[SamplingParams], vocab_size: int, device: torch.device | str
+        self,
+        params: Sequence[SamplingParams],
+        vocab_size: int,
+        device: torch.device | str,
+        eos_id: int = 0,
     ) -> None:
         self.params = tuple(params)
         B, V = len(self.params), vocab_size
+        self.eos_id = eos_id
+        self.eos_bias: Tensor | None = None  # (B,): each row's bias on the EOS logit
+        if any(p.eos_bias for p in self.params):
+            self.eos_bias = torch.tensor([float(p.eos_bias) for p in self.params], device=device)
         greedy = [p.greedy for p in self.params]
         self.all_greedy = all(greedy)
         self.any_greedy = any(greedy)
@@ -252,6 +260,9 @@ def sample_batch(
     if batch.size != B:
         raise ValueError(f"got {B} rows of logits for a batch of {batch.size}")
     logits = unfiltered = logits.float()  # (B, V)
+    if batch.eos_bias is not None:
+        logits = logits.clone()
+        logits[:, batch.eos_id] += batch.eos_bias
     if repeated is not None and batch.penalty is not None:
         logits = _penalize(logits, batch.penalty, repeated)
     if banned is not None:
@@ -277,6 +288,7 @@ def sample(
     steps: int | Sequence[int] | Tensor = 0,
     banned: Sequence[Collection[int]] | None = None,
     repeated: Tensor | None = None,
+    eos_id: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Pick one token per row: logits (B, V) -> tokens (B,) long, logprobs (B,) float32.
 
@@ -284,22 +296,25 @@ def sample(
     from (seed, steps[i]) for a seeded row (steps: each row's draw counter, the number of tokens
     it has generated; an int for all rows), so a row never depends on its batch-mates.
     `repeated` (B, V) bool: the tokens row i's `repetition_penalty` applies to (see
-    `RepetitionTracker`); `banned[i]`: tokens row i may not pick (no-repeat n-grams). logprob is
-    the unfiltered, temperature-1 log-probability of the chosen token. A sampled row that cannot
-    draw gets token -1 (logprob NaN).
+    `RepetitionTracker`); `banned[i]`: tokens row i may not pick (no-repeat n-grams); a row's
+    `eos_bias` is added to token `eos_id`'s logit first. logprob is the unfiltered, unbiased,
+    temperature-1 log-probability of the chosen token. A sampled row that cannot draw gets
+    token -1 (logprob NaN).
     """
     if len(params) != logits.shape[0]:
         raise ValueError(f"got {logits.shape[0]} rows of logits and {len(params)} params")
-    batch = SamplingBatch(params, logits.shape[-1], logits.device)
+    batch = SamplingBatch(params, logits.shape[-1], logits.device, eos_id)
     return sample_batch(logits, batch, steps, banned, repeated)
 
 
 class Sampler:
     """`sample` for a batch whose rows come back step after step: the tensors of the last
-    composition are kept until its rows (their `SamplingParams` objects) change."""
+    composition are kept until its rows (their `SamplingParams` objects) change. `eos_id`:
+    the model's end-of-sequence token (what a row's eos_bias applies to)."""
 
-    def __init__(self) -> None:
+    def __init__(self, eos_id: int = 0) -> None:
         self._batch: SamplingBatch | None = None
+        self._eos_id = eos_id
 
     def __call__(
         self,
@@ -318,5 +333,7 @@ class Sampler:
         ):
             if len(params) != logits.shape[0]:
                 raise ValueError(f"got {logits.shape[0]} rows of logits and {len(params)} params")
-            batch = self._batch = SamplingBatch(params, logits.shape[-1], logits.device)
+            batch = self._batch = SamplingBatch(
+                params, logits.shape[-1], logits.device, self._eos_id
+            )
         return sample_batch(logits, batch, steps, banned, repeated)

@@ -86,7 +86,7 @@ class RETEngine(RETRequests, Engine):
         self._cond = torch.zeros(slots, config.n_embd, device=self.device, dtype=self.dtype)
         # Worker thread only: the sampling tensors of the last step's rows. A sampled row's
         # draws hash its seed and position, so no generator state is kept per sequence.
-        self._sampler = Sampler()
+        self._sampler = Sampler(config.eos_id)
         # Worker thread only: each running sequence's params, from the step it joins.
         self._params: dict[int, SamplingParams] = {}
         self._blockers: dict[int, NGramBlocker] = {}  # worker thread only: no-repeat n-grams

@@ -13,7 +13,12 @@ from typing import Protocol
 import numpy as np
 
 from retd.model.decoding import SamplingParams
-from retd.server.config import MAX_NGRAM_SIZE, MAX_REPETITION_PENALTY, DecodeDefaults
+from retd.server.config import (
+    MAX_EOS_BIAS,
+    MAX_NGRAM_SIZE,
+    MAX_REPETITION_PENALTY,
+    DecodeDefaults,
+)
 from retd.server.errors import invalid
 from retd.server.requests import SequenceRequest
 from retd.v1 import decoder_pb2 as pb
@@ -153,12 +158,23 @@ def parse_repetition_ngram_size(value: int) -> int:
     return int(value)
 
 
+def parse_eos_bias(value: float) -> float:
+    if not (math.isfinite(value) and -MAX_EOS_BIAS <= value <= MAX_EOS_BIAS):
+        raise invalid(
+            f"eos_bias: {value:g} is invalid; expected a number in [-{MAX_EOS_BIAS:g}, "
+            f"{MAX_EOS_BIAS:g}] (0 = off; unset = the server's default)"
+        )
+    return float(value)
+
+
 class DecodeFields(Protocol):
-    """The loop breakers of a Decode, a DecodeBatch or a DecodeStream item (proto3 optional)."""
+    """The loop breakers and EOS bias of a Decode, a DecodeBatch or a DecodeStream item (proto3
+    optional)."""
 
     no_repeat_ngram_size: int
     repetition_penalty: float
     repetition_ngram_size: int
+    eos_bias: float
 
     def HasField(self, field_name: str) -> bool: ...  # noqa: N802 (protobuf's name)
 
@@ -173,7 +189,8 @@ class DecodeOptions(DecodeFields, Protocol):
 
 
 def loop_breakers(options: DecodeFields, defaults: DecodeDefaults) -> dict[str, int | float]:
-    """The request's loop breakers, checked; an unset field takes the server's default."""
+    """The request's loop breakers and EOS bias, checked; an unset field takes the server's
+    default."""
 
     def given(name: str) -> int | float:
         value: int | float = getattr(options if options.HasField(name) else defaults, name)
@@ -183,6 +200,7 @@ def loop_breakers(options: DecodeFields, defaults: DecodeDefaults) -> dict[str, 
         "no_repeat_ngram_size": parse_no_repeat_ngram_size(int(given("no_repeat_ngram_size"))),
         "repetition_penalty": parse_repetition_penalty(float(given("repetition_penalty"))),
         "repetition_ngram_size": parse_repetition_ngram_size(int(given("repetition_ngram_size"))),
+        "eos_bias": parse_eos_bias(float(given("eos_bias"))),
     }
 
 

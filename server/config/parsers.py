@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from retd.server.config.schema import MAX_REPETITION_PENALTY, ConfigError
+from retd.server.config.schema import MAX_EOS_BIAS, MAX_REPETITION_PENALTY, ConfigError
 
 ZERO_PORT = {"port": "picks a free port", "metrics_port": "no metrics endpoint"}
 
@@ -51,6 +51,20 @@ def non_negative_float(name: str) -> Callable[[Any], float]:
         return number
 
     return parse
+
+
+def eos_bias(value: Any) -> float:
+    name = "decode_eos_bias"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if not -MAX_EOS_BIAS <= number <= MAX_EOS_BIAS:
+        raise ConfigError(
+            f"{name}: expected a number in [-{MAX_EOS_BIAS:g}, {MAX_EOS_BIAS:g}] (0 = off), "
+            f"got {value!r}"
+        )
+    return number
 
 
 def repetition_penalty(value: Any) -> float:

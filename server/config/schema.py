@@ -23,6 +23,7 @@ BATCH_ITEM_WIRE_BYTES = EMBEDDING_DIM * 4 + 16
 # Bounds of the loop breakers, for the settings and for requests (server/validation.py).
 MAX_NGRAM_SIZE = 256  # bytes; no answer is longer
 MAX_REPETITION_PENALTY = 10.0
+MAX_EOS_BIAS = 20.0  # |eos_bias| at most this
 
 BATCHING = ("continuous", "static")
 ENGINES = ("thread", "process")

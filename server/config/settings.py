@@ -14,6 +14,7 @@ from typing import Any
 from retd.server.config.parsers import (
     as_given,
     choice,
+    eos_bias,
     integer,
     names,
     non_negative_float,
@@ -274,6 +275,13 @@ SETTINGS: tuple[Setting, ...] = (
         "the n-gram size of Decode's default repetition penalty; 1 = every byte generated "
         "(default {default})",
         at="decode_defaults.repetition_ngram_size",
+    ),
+    Setting(
+        "decode_eos_bias",
+        eos_bias,
+        "Decode's bias on the end-of-sequence token's logit when a request leaves eos_bias "
+        "unset; < 0 lengthens answers, 0 = off (default {default})",
+        at="decode_defaults.eos_bias",
     ),
     Setting(
         "default_model",

@@ -271,6 +271,9 @@ def test_unset_loop_breakers_take_the_server_default(address: str) -> None:
         ({"repetition_penalty": True}, "repetition_penalty: expected a number in"),
         ({"repetition_ngram_size": 0}, "repetition_ngram_size: expected 1"),
         ({"repetition_ngram_size": 2.5}, "repetition_ngram_size: expected an integer >= 0"),
+        ({"eos_bias": -21}, r"eos_bias: expected a number in \[-20, 20\] \(0 = off\)"),
+        ({"eos_bias": float("nan")}, "eos_bias: expected a number in"),
+        ({"eos_bias": "1"}, "eos_bias: expected a number in"),
     ],
 )
 def test_bad_loop_breakers_raise_before_sending(kwargs: dict[str, object], message: str) -> None:
@@ -282,3 +285,32 @@ def test_bad_loop_breakers_raise_before_sending(kwargs: dict[str, object], messa
     assert loop_breakers(0, 1, 1) == {
         "no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "repetition_ngram_size": 1
     }  # fmt: skip
+    assert loop_breakers(eos_bias=-3) == {"eos_bias": -3.0}
+
+
+def test_eos_bias_from_every_client_form(address: str, tmp_path: Path) -> None:
+    """eos_bias 20 ends each answer at once, -20 runs it to max_new_tokens: from Client,
+    AsyncClient and `retd decode --eos-bias`."""
+    with Client(address, timeout=60) as client:
+        ended = client.decode(QUERIES[0], eos_bias=20)
+        assert (ended.text, ended.finish_reason) == ("", "eos")
+        items = client.decode_batch(QUERIES[:2], max_new_tokens=24, eos_bias=-20)
+        assert [i.unwrap().usage.generated_tokens for i in items] == [24, 24]
+        (answer,) = client.decode_stream([QUERIES[0]], eos_bias=20)
+        assert answer.unwrap().text == ""
+
+    async def main() -> tuple[str, int]:
+        async with AsyncClient(address, timeout=60) as client:
+            ended = await client.decode(QUERIES[0], eos_bias=20)
+            longest = await client.decode(QUERIES[0], max_new_tokens=24, eos_bias=-20)
+            return ended.text, longest.usage.generated_tokens
+
+    assert asyncio.run(main()) == ("", 24)
+    one = tmp_path / "one.npy"
+    np.save(one, QUERIES[0])
+    done = retd("decode", str(one), "--target", address, "--eos-bias", "20", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["text"] == ""
+    done = retd("decode", str(one), "--target", address, "--eos-bias", "30")
+    assert done.returncode == 2 and done.stdout == ""
+    assert "eos_bias: expected a number in [-20, 20] (0 = off), got 30.0" in done.stderr

@@ -264,3 +264,32 @@ def test_sampling_reads_nothing_back_from_the_device() -> None:
     assert tokens.shape == logprobs.shape == (4,) and tokens.device.type == "meta"
     with pytest.raises(RuntimeError, match="meta"):  # the check can fail
         tokens.tolist()
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    biases=st.lists(st.floats(-20, 20, allow_nan=False), min_size=1, max_size=6),
+    seed=st.integers(0, 2**16),
+    eos_id=st.integers(0, 9),
+)
+def test_eos_bias_moves_only_its_rows_eos_logit(
+    biases: list[float], seed: int, eos_id: int
+) -> None:
+    """A greedy row with eos_bias b takes the argmax of its logits with b added at eos_id; its
+    logprob is the model's own (unbiased); rows without a bias are untouched."""
+    logits = torch.randn(len(biases), 10, generator=torch.Generator().manual_seed(seed))
+    params = [SamplingParams(max_new_tokens=4, eos_bias=b) for b in biases]
+    tokens, logprobs = sample(logits, params, eos_id=eos_id)
+    biased = logits.clone()
+    biased[:, eos_id] += torch.tensor(biases)
+    assert tokens.tolist() == biased.argmax(-1).tolist()
+    expected = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
+    assert torch.equal(logprobs, expected)
+    plain, _ = sample(logits, [SamplingParams(max_new_tokens=4)] * len(biases), eos_id=eos_id)
+    assert plain.tolist() == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), True, "1"])
+def test_a_non_finite_eos_bias_is_refused(bad: object) -> None:
+    with pytest.raises(ValueError, match="eos_bias must be a finite number"):
+        SamplingParams(max_new_tokens=4, eos_bias=bad)  # type: ignore[arg-type]

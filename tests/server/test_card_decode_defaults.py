@@ -28,13 +28,14 @@ values = st.one_of(
     st.integers(-5, 300), st.floats(-1, 20, allow_nan=False), st.booleans(), st.text(max_size=3)
 )
 names = st.sampled_from(
-    ["repetition_penalty", "repetition_ngram_size", "no_repeat_ngram_size", "temperature"]
-)
+    ["repetition_penalty", "repetition_ngram_size", "no_repeat_ngram_size", "eos_bias",
+     "temperature"]
+)  # fmt: skip
 
 
 @given(
     st.dictionaries(names, values),
-    st.sets(st.sampled_from(["repetition_penalty", "repetition_ngram_size"])),
+    st.sets(st.sampled_from(["repetition_penalty", "repetition_ngram_size", "eos_bias"])),
 )
 def test_a_card_sets_only_known_unpinned_fields_within_bounds(
     recommended: dict[str, object], pinned: set[str]
@@ -42,7 +43,7 @@ def test_a_card_sets_only_known_unpinned_fields_within_bounds(
     server = DecodeDefaults(no_repeat_ngram_size=0, repetition_penalty=1.5, repetition_ngram_size=4)
     got = server.for_card({"decode_defaults": recommended}, pinned)
     bounds = {"no_repeat_ngram_size": (0, 256), "repetition_penalty": (1, 10),
-              "repetition_ngram_size": (1, 256)}  # fmt: skip
+              "repetition_ngram_size": (1, 256), "eos_bias": (-20, 20)}  # fmt: skip
     for name, (low, high) in bounds.items():
         value = recommended.get(name)
         usable = (
@@ -51,7 +52,8 @@ def test_a_card_sets_only_known_unpinned_fields_within_bounds(
             and not isinstance(value, bool)
             and low <= value <= high
         )
-        expected = (int(value) if name != "repetition_penalty" else value) if usable else None
+        floats = ("repetition_penalty", "eos_bias")
+        expected = (int(value) if name not in floats else value) if usable else None
         assert getattr(got, name) == (getattr(server, name) if expected is None else expected)
     assert server.for_card({}) == server  # no recommendation: the server's
 

@@ -171,6 +171,8 @@ def test_decode_forms_apply_the_default_loop_breakers_unless_set(
         ({"repetition_penalty": float("nan")}, "repetition_penalty: nan is invalid"),
         ({"repetition_ngram_size": 0}, "repetition_ngram_size: 0 is invalid; expected 1"),
         ({"repetition_ngram_size": 257}, "repetition_ngram_size: 257 is invalid"),
+        ({"eos_bias": 21.0}, "eos_bias: 21 is invalid; expected a number in [-20, 20]"),
+        ({"eos_bias": float("-inf")}, "eos_bias: -inf is invalid"),
     ],
 )
 def test_bad_loop_breakers_are_invalid_and_name_the_field(
@@ -184,3 +186,24 @@ def test_bad_loop_breakers_are_invalid_and_name_the_field(
     batch = stub.DecodeBatch(pb.DecodeBatchRequest(embeddings=[embedding], **fields), timeout=30)
     assert batch.results[0].error.code_name == "INVALID_ARGUMENT"
     assert message in batch.results[0].error.message
+
+
+def test_eos_bias_lengthens_and_shortens_answers_in_every_decode_form(
+    stub: pb_grpc.DecoderStub,
+) -> None:
+    """A strong bias against EOS runs every answer to its length; one for it ends each at
+    once; 0 (the server's default here) is what `generate` gives with the default breakers."""
+    embedding = as_pb(QUERIES[0])
+    longest = stub.Decode(pb.DecodeRequest(embedding=embedding, max_new_tokens=40, eos_bias=-20))
+    assert longest.finish_reason == pb.FINISH_REASON_LENGTH
+    assert longest.usage.generated_tokens == 40
+    ended = stub.Decode(pb.DecodeRequest(embedding=embedding, eos_bias=20))
+    assert (ended.text, ended.finish_reason) == ("", pb.FINISH_REASON_EOS)
+    batch = stub.DecodeBatch(
+        pb.DecodeBatchRequest(embeddings=[embedding] * 2, max_new_tokens=40, eos_bias=-20)
+    )
+    assert [r.response.text for r in batch.results] == [longest.text] * 2
+    (streamed,) = stub.DecodeStream(
+        iter([pb.DecodeStreamRequest(id="a", embedding=embedding, eos_bias=20)])
+    )
+    assert streamed.response.finish_reason == pb.FINISH_REASON_EOS

@@ -67,7 +67,7 @@ class Timing(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("model", "embedding", "max_new_tokens", "priority", "hybrid", "version", "no_repeat_ngram_size", "repetition_penalty", "repetition_ngram_size")
+    __slots__ = ("model", "embedding", "max_new_tokens", "priority", "hybrid", "version", "no_repeat_ngram_size", "repetition_penalty", "repetition_ngram_size", "eos_bias")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class DecodeRequest(_message.Message):
     NO_REPEAT_NGRAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
     REPETITION_NGRAM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EOS_BIAS_FIELD_NUMBER: _ClassVar[int]
     model: str
     embedding: Embedding
     max_new_tokens: int
@@ -86,7 +87,8 @@ class DecodeRequest(_message.Message):
     no_repeat_ngram_size: int
     repetition_penalty: float
     repetition_ngram_size: int
-    def __init__(self, model: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., hybrid: _Optional[_Union[Hybrid, _Mapping]] = ..., version: _Optional[int] = ..., no_repeat_ngram_size: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., repetition_ngram_size: _Optional[int] = ...) -> None: ...
+    eos_bias: float
+    def __init__(self, model: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., hybrid: _Optional[_Union[Hybrid, _Mapping]] = ..., version: _Optional[int] = ..., no_repeat_ngram_size: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., repetition_ngram_size: _Optional[int] = ..., eos_bias: _Optional[float] = ...) -> None: ...
 
 class Hybrid(_message.Message):
     __slots__ = ("phrase_bank", "min_similarity")
@@ -201,7 +203,7 @@ class GenerateChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., mean_logprob: _Optional[float] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class DecodeBatchRequest(_message.Message):
-    __slots__ = ("model", "embeddings", "max_new_tokens", "priority", "version", "no_repeat_ngram_size", "repetition_penalty", "repetition_ngram_size", "hybrid")
+    __slots__ = ("model", "embeddings", "max_new_tokens", "priority", "version", "no_repeat_ngram_size", "repetition_penalty", "repetition_ngram_size", "eos_bias", "hybrid")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +212,7 @@ class DecodeBatchRequest(_message.Message):
     NO_REPEAT_NGRAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
     REPETITION_NGRAM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EOS_BIAS_FIELD_NUMBER: _ClassVar[int]
     HYBRID_FIELD_NUMBER: _ClassVar[int]
     model: str
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
@@ -219,8 +222,9 @@ class DecodeBatchRequest(_message.Message):
     no_repeat_ngram_size: int
     repetition_penalty: float
     repetition_ngram_size: int
+    eos_bias: float
     hybrid: Hybrid
-    def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., version: _Optional[int] = ..., no_repeat_ngram_size: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., repetition_ngram_size: _Optional[int] = ..., hybrid: _Optional[_Union[Hybrid, _Mapping]] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., version: _Optional[int] = ..., no_repeat_ngram_size: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., repetition_ngram_size: _Optional[int] = ..., eos_bias: _Optional[float] = ..., hybrid: _Optional[_Union[Hybrid, _Mapping]] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("code", "code_name", "message")
@@ -247,7 +251,7 @@ class DecodeBatchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[DecodeBatchResult, _Mapping]]] = ...) -> None: ...
 
 class DecodeStreamRequest(_message.Message):
-    __slots__ = ("id", "model", "embedding", "max_new_tokens", "priority", "version", "no_repeat_ngram_size", "hybrid", "repetition_penalty", "repetition_ngram_size")
+    __slots__ = ("id", "model", "embedding", "max_new_tokens", "priority", "version", "no_repeat_ngram_size", "hybrid", "repetition_penalty", "repetition_ngram_size", "eos_bias")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
@@ -258,6 +262,7 @@ class DecodeStreamRequest(_message.Message):
     HYBRID_FIELD_NUMBER: _ClassVar[int]
     REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
     REPETITION_NGRAM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EOS_BIAS_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     embedding: Embedding
@@ -268,7 +273,8 @@ class DecodeStreamRequest(_message.Message):
     hybrid: Hybrid
     repetition_penalty: float
     repetition_ngram_size: int
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., version: _Optional[int] = ..., no_repeat_ngram_size: _Optional[int] = ..., hybrid: _Optional[_Union[Hybrid, _Mapping]] = ..., repetition_penalty: _Optional[float] = ..., repetition_ngram_size: _Optional[int] = ...) -> None: ...
+    eos_bias: float
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., version: _Optional[int] = ..., no_repeat_ngram_size: _Optional[int] = ..., hybrid: _Optional[_Union[Hybrid, _Mapping]] = ..., repetition_penalty: _Optional[float] = ..., repetition_ngram_size: _Optional[int] = ..., eos_bias: _Optional[float] = ...) -> None: ...
 
 class DecodeStreamResponse(_message.Message):
     __slots__ = ("id", "response", "error")
