@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from retd.server.config.schema import MAX_EOS_BIAS, MAX_REPETITION_PENALTY, ConfigError
+from retd.server.config.schema import ConfigError
 
 ZERO_PORT = {"port": "picks a free port", "metrics_port": "no metrics endpoint"}
 
@@ -53,31 +53,21 @@ def non_negative_float(name: str) -> Callable[[Any], float]:
     return parse
 
 
-def eos_bias(value: Any) -> float:
-    name = "decode_eos_bias"
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected a number, got {value!r}") from None
-    if not -MAX_EOS_BIAS <= number <= MAX_EOS_BIAS:
-        raise ConfigError(
-            f"{name}: expected a number in [-{MAX_EOS_BIAS:g}, {MAX_EOS_BIAS:g}] (0 = off), "
-            f"got {value!r}"
-        )
-    return number
+def number_in(name: str, low: float, high: float, off: float) -> Callable[[Any], float]:
+    """A number in [low, high]; `off` is the value that turns the setting off."""
 
+    def parse(value: Any) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+        if not low <= number <= high:
+            raise ConfigError(
+                f"{name}: expected a number in [{low:g}, {high:g}] ({off:g} = off), got {value!r}"
+            )
+        return number
 
-def repetition_penalty(value: Any) -> float:
-    name = "decode_repetition_penalty"
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected a number, got {value!r}") from None
-    if not 1 <= number <= MAX_REPETITION_PENALTY:
-        raise ConfigError(
-            f"{name}: expected a number in [1, {MAX_REPETITION_PENALTY:g}] (1 = off), got {value!r}"
-        )
-    return number
+    return parse
 
 
 def choice(name: str, choices: Sequence[str]) -> Callable[[Any], str]:

@@ -14,19 +14,23 @@ from typing import Any
 from retd.server.config.parsers import (
     as_given,
     choice,
-    eos_bias,
     integer,
     names,
     non_negative_float,
     non_negative_int,
+    number_in,
     on_off,
     one_of,
     optional_path,
     port,
     positive_int,
-    repetition_penalty,
 )
-from retd.server.config.schema import MAX_NGRAM_SIZE, ServerConfig
+from retd.server.config.schema import (
+    MAX_EOS_BIAS,
+    MAX_NGRAM_SIZE,
+    MAX_REPETITION_PENALTY,
+    ServerConfig,
+)
 
 # Where the per-model settings live in ServerConfig (and, below it, in ModelSettings).
 MODEL_DEFAULTS = "model_defaults."
@@ -264,7 +268,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "decode_repetition_penalty",
-        repetition_penalty,
+        number_in("decode_repetition_penalty", 1, MAX_REPETITION_PENALTY, off=1),
         "Decode's repetition penalty when a request leaves repetition_penalty unset; 1 = off "
         "(default {default})",
         at="decode_defaults.repetition_penalty",
@@ -278,7 +282,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "decode_eos_bias",
-        eos_bias,
+        number_in("decode_eos_bias", -MAX_EOS_BIAS, MAX_EOS_BIAS, off=0),
         "Decode's bias on the end-of-sequence token's logit when a request leaves eos_bias "
         "unset; < 0 lengthens answers, 0 = off (default {default})",
         at="decode_defaults.eos_bias",

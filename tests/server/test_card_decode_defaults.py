@@ -125,3 +125,25 @@ def test_a_breaker_the_operator_sets_holds_over_the_cards(
     )
     assert pinned.repetition_penalty == 1.2 and pinned.no_repeat_ngram_size == 2
     assert decode_all(args, tmp_path, recommending) == breakers_texts(recommending, pinned)
+
+
+def test_the_operators_eos_bias_is_decodes_default(tmp_path: Path) -> None:
+    """`--decode-eos-bias -20` runs every Decode that sets no eos_bias to its length; one that
+    sets 20 ends at once; a value out of bounds stops the daemon from starting, by name."""
+    server = start_server(tmp_path, ["--decode-eos-bias", "-20"], plain_decode=False)
+    try:
+        with server.channel() as channel:
+            stub = pb_grpc.DecoderStub(channel)
+            embedding = pb.Embedding(
+                raw=pb.RawTensor(data=EMBEDDINGS[0].astype("<f4").tobytes(), shape=[768])
+            )
+            unset = stub.Decode(pb.DecodeRequest(embedding=embedding, max_new_tokens=24))
+            assert (unset.finish_reason, unset.usage.generated_tokens) == (
+                pb.FINISH_REASON_LENGTH, 24
+            )  # fmt: skip
+            ended = stub.Decode(pb.DecodeRequest(embedding=embedding, eos_bias=20))
+            assert (ended.text, ended.finish_reason) == ("", pb.FINISH_REASON_EOS)
+    finally:
+        assert server.stop() == 0, server.log()
+    with pytest.raises(RuntimeError, match=r"decode_eos_bias: expected a number in \[-20, 20\]"):
+        start_server(tmp_path, ["--decode-eos-bias", "25"])
