@@ -17,6 +17,8 @@ under torch's extensions directory (`TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
 import time
 from collections.abc import Iterable
@@ -63,10 +65,23 @@ def load_extension() -> ModuleType:
         if _extension is None:
             from torch.utils.cpp_extension import load
 
+            _find_ninja()
             started = time.monotonic()
             _extension = load(_EXTENSION_NAME, [str(SOURCE)], extra_cflags=["-O3"])
             log.info("C++ decode step ready in %.1f s", time.monotonic() - started)
         return _extension
+
+
+def _find_ninja() -> None:
+    """cpp_extension runs `ninja` from PATH: where there is none (a venv used without being
+    activated), the `ninja` wheel's binary (a dependency of retd[server]) is put on it."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja  # type: ignore[import-untyped]
+    except ImportError:
+        return  # load() then says that ninja is missing
+    os.environ["PATH"] = os.pathsep.join((ninja.BIN_DIR, os.environ.get("PATH", "")))
 
 
 class CppStep:
