@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "ret_step.cpp"
 _EXTENSION_NAME = "retd_ret_step"
-_LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which every RET LayerNorm uses
 
 _lock = threading.Lock()
 _extension: ModuleType | None = None
@@ -111,7 +110,7 @@ class CppStep:
             model.ln_f.bias,
             config.n_head,
             float(config.rope_base),
-            _LAYER_NORM_EPS,
+            model.ln_f.eps,  # every RET LayerNorm has nn.LayerNorm's default eps
         )
 
     def __call__(
@@ -129,6 +128,11 @@ class CppStep:
         if span is None:
             span = int(slots.max()) + 1
         return self._step.step(cond, tokens, positions, cache.k, cache.v, slots, length, span)
+
+
+def step_name(step: StepFunction) -> str:
+    """Which step `step` is, as `--step-impl` names it: "cpp" or "eager"."""
+    return "cpp" if isinstance(step, CppStep) else "eager"
 
 
 def step_function(model: RET, impl: str = "auto") -> StepFunction:

@@ -20,7 +20,7 @@ from retd.model.checkpoint import (
     parse_dtype,
     resolve_device,
 )
-from retd.model.cpp_step import StepFunction, step_function
+from retd.model.cpp_step import StepFunction, step_function, step_name
 from retd.model.generation import NGramBlocker, RepetitionTracker, SamplingParams
 from retd.model.model import KVCache
 from retd.model.sampling import Sampler
@@ -306,7 +306,7 @@ def load_ret_engine(spec: ModelSpec) -> RETEngine:
         loaded.model.num_parameters(),
         settings.dtype,
         device,
-        "eager" if step == loaded.model.step else "C++",
+        "C++" if step_name(step) == "cpp" else "eager",
         loaded.sha256[:12],
     )
     if not loaded.trained:

@@ -85,7 +85,7 @@ def run_raw(
         parse_dtype,
         resolve_device,
     )
-    from retd.model.cpp_step import step_function
+    from retd.model.cpp_step import step_function, step_name
     from retd.model.generation import SamplingParams, generate
     from retd.server.app import torch_threads
 
@@ -125,7 +125,7 @@ def run_raw(
         tokens,
         seconds,
         torch_threads=torch.get_num_threads(),
-        step_impl="eager" if step == loaded.model.step else "cpp",
+        step_impl=step_name(step),
     )
 
 
