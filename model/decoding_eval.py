@@ -133,9 +133,7 @@ class Decoder:
             if key not in keys or not value:
                 raise ValueError(f"decoder {spec!r}: expected key=value with key in {list(keys)}")
             name = keys[key]
-            fields[name] = (
-                float(value) if name in ("repetition_penalty", "eos_bias") else int(value)
-            )
+            fields[name] = float(value) if isinstance(getattr(cls, name), float) else int(value)
         return cls(spec, **fields)
 
     def params(self, max_length: int) -> SamplingParams:

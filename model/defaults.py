@@ -14,14 +14,14 @@ STEP_IMPLS = ("auto", "cpp", "eager")
 
 #: The card key under which a checkpoint recommends its own Decode loop breakers.
 CARD_KEY = "decode_defaults"
-# What a card may recommend (the bounds a request's own values have).
-_BOUNDS = {
+#: The bounds of each Decode field a request, a setting or a card may set (float bounds: a
+#: float field); the server's settings and request checks read them from here.
+BOUNDS = {
     "no_repeat_ngram_size": (0, 256),
     "repetition_penalty": (1.0, 10.0),
     "repetition_ngram_size": (1, 256),
     "eos_bias": (-20.0, 20.0),
 }
-_FLOATS = ("repetition_penalty", "eos_bias")
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,10 @@ class DecodeDefaults:
         if not isinstance(recommended, Mapping):
             return self
         changes: dict[str, Any] = {}
-        for name, (low, high) in _BOUNDS.items():
+        for name, (low, high) in BOUNDS.items():
             value = recommended.get(name)
             if name in pinned or isinstance(value, bool) or not isinstance(value, int | float):
                 continue
             if low <= value <= high:  # else ignored, as a card from elsewhere may be
-                changes[name] = float(value) if name in _FLOATS else int(value)
+                changes[name] = float(value) if isinstance(low, float) else int(value)
         return replace(self, **changes)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Decode's default loop breakers are declared with the model (`retd eval` measures them too).
-from retd.model.defaults import STEP_IMPLS, DecodeDefaults
+from retd.model.defaults import BOUNDS, STEP_IMPLS, DecodeDefaults
 
 DEFAULT_PORT = 50051
 MiB = 1024 * 1024
@@ -20,10 +20,11 @@ MiB = 1024 * 1024
 EMBEDDING_DIM = 768
 BATCH_ITEM_WIRE_BYTES = EMBEDDING_DIM * 4 + 16
 
-# Bounds of the loop breakers, for the settings and for requests (server/validation.py).
-MAX_NGRAM_SIZE = 256  # bytes; no answer is longer
-MAX_REPETITION_PENALTY = 10.0
-MAX_EOS_BIAS = 20.0  # |eos_bias| at most this
+# Bounds of the loop breakers and the EOS bias, for the settings and for requests
+# (server/validation.py): those of DecodeDefaults, which a card's recommendation obeys too.
+MAX_NGRAM_SIZE = int(BOUNDS["no_repeat_ngram_size"][1])  # bytes; no answer is longer
+MAX_REPETITION_PENALTY = BOUNDS["repetition_penalty"][1]
+MAX_EOS_BIAS = BOUNDS["eos_bias"][1]  # |eos_bias| at most this
 
 BATCHING = ("continuous", "static")
 ENGINES = ("thread", "process")
