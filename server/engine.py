@@ -147,17 +147,18 @@ ABORT_KINDS = {
 class SequenceHandle:
     """The event-loop side of one submitted sequence."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, engine: ServingEngine) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, cancel: Callable[[int], None]) -> None:
+        """`cancel(seq_id)`: its engine's, called when the caller leaves."""
         self.seq_id = -1
         self._loop = loop
-        self._engine = engine
+        self._cancel = cancel
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._done = False
 
     def cancel(self) -> None:
         """The caller left: the sequence leaves its batch at the next step (no-op once done)."""
         if not self._done:
-            self._engine.cancel(self.seq_id)
+            self._cancel(self.seq_id)
 
     def deliver(self, event: Event) -> None:
         """Called from the worker thread."""
@@ -246,7 +247,9 @@ class ServingEngine(Protocol):
         defaults: DecodeDefaults,
         deadline: float | None,
         max_new_tokens_limit: int = 0,
-    ) -> SequenceRequest: ...
+    ) -> SequenceRequest:
+        """A Decode (or an item of a batch or stream) for this model, checked; errors name
+        `field`."""
 
     def build_generate_request(
         self,
@@ -254,7 +257,8 @@ class ServingEngine(Protocol):
         stream: bool,
         deadline: float | None,
         max_new_tokens_limit: int = 0,
-    ) -> SequenceRequest: ...
+    ) -> SequenceRequest:
+        """A Generate (or a GenerateStream) for this model, checked."""
 
 
 def model_limits(name: str, model: ModelDescription, max_new_tokens_limit: int = 0) -> ModelLimits:
@@ -276,7 +280,8 @@ class Engine(abc.ABC):
     """Serves one loaded model: a scheduler in front of one worker thread (`_work`, the same
     for every kind). Subclasses serve one kind of model (`kind`): they run a step on it in
     `_run_step` (outside the lock), apply its outcome to the scheduler in `_apply` (under the
-    lock), and warm it up in `warm_up`."""
+    lock), warm it up in `warm_up`, and build its requests as `ServingEngine` says
+    (`build_request`, `build_generate_request`)."""
 
     kind: ClassVar[str]
     params_type: ClassVar[type[SamplingParams | SearchParams]]  # what its requests carry
@@ -327,7 +332,7 @@ class Engine(abc.ABC):
     def submit(self, request: SequenceRequest) -> SequenceHandle:
         """Queue a sequence; raises ServeError (EXHAUSTED when the queue is full, UNAVAILABLE
         when shutting down)."""
-        handle = SequenceHandle(asyncio.get_running_loop(), self)
+        handle = SequenceHandle(asyncio.get_running_loop(), self.cancel)
         with self._lock:
             handle.seq_id = next(self._ids)
             self._enqueue(handle.seq_id, request)
@@ -382,29 +387,6 @@ class Engine(abc.ABC):
         """What this model accepts; `max_new_tokens_limit` (the server's, 0: none) caps its
         max_length."""
         return model_limits(self.name, self.description, max_new_tokens_limit)
-
-    @abc.abstractmethod
-    def build_request(
-        self,
-        embedding: pb.Embedding,
-        field: str,
-        options: DecodeOptions,
-        defaults: DecodeDefaults,
-        deadline: float | None,
-        max_new_tokens_limit: int = 0,
-    ) -> SequenceRequest:
-        """A Decode (or an item of a batch or stream) for this model, checked; errors name
-        `field`."""
-
-    @abc.abstractmethod
-    def build_generate_request(
-        self,
-        request: pb.GenerateRequest,
-        stream: bool,
-        deadline: float | None,
-        max_new_tokens_limit: int = 0,
-    ) -> SequenceRequest:
-        """A Generate (or a GenerateStream) for this model, checked."""
 
     # ---- the worker thread -------------------------------------------------------------
 

@@ -209,7 +209,7 @@ class EngineProcess(RETRequests):
                 f"model {self.name!r}: the queue of waiting requests is full (max_queue_size "
                 f"{limit}); retry later",
             )
-        handle = SequenceHandle(asyncio.get_running_loop(), self)
+        handle = SequenceHandle(asyncio.get_running_loop(), self.cancel)
         handle.seq_id = next(self._ids)
         self._handles[handle.seq_id] = handle
         if self._child is None:
