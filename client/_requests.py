@@ -98,18 +98,9 @@ def loop_breakers(
     if no_repeat_ngram_size is not None:
         fields["no_repeat_ngram_size"] = check_no_repeat_ngram_size(no_repeat_ngram_size)
     if repetition_penalty is not None:
-        try:
-            penalty = float(repetition_penalty)
-        except (TypeError, ValueError):
-            penalty = float("nan")
-        if isinstance(repetition_penalty, bool | str | bytes) or not (
-            1 <= penalty <= MAX_REPETITION_PENALTY
-        ):
-            raise InvalidArgumentError(
-                f"repetition_penalty: expected a number in [1, {MAX_REPETITION_PENALTY:g}] "
-                f"(1 = off), got {repetition_penalty!r}"
-            )
-        fields["repetition_penalty"] = penalty
+        fields["repetition_penalty"] = _number_in(
+            "repetition_penalty", repetition_penalty, 1, MAX_REPETITION_PENALTY, off=1
+        )
     if repetition_ngram_size is not None:
         size = _uint("repetition_ngram_size", repetition_ngram_size)
         if not 1 <= size <= MAX_NO_REPEAT_NGRAM_SIZE:
@@ -119,17 +110,21 @@ def loop_breakers(
             )
         fields["repetition_ngram_size"] = size
     if eos_bias is not None:
-        try:
-            bias = float(eos_bias)
-        except (TypeError, ValueError):
-            bias = float("nan")
-        if isinstance(eos_bias, bool | str | bytes) or not -MAX_EOS_BIAS <= bias <= MAX_EOS_BIAS:
-            raise InvalidArgumentError(
-                f"eos_bias: expected a number in [-{MAX_EOS_BIAS:g}, {MAX_EOS_BIAS:g}] "
-                f"(0 = off), got {eos_bias!r}"
-            )
-        fields["eos_bias"] = bias
+        fields["eos_bias"] = _number_in("eos_bias", eos_bias, -MAX_EOS_BIAS, MAX_EOS_BIAS, off=0)
     return fields
+
+
+def _number_in(name: str, value: object, low: float, high: float, off: float) -> float:
+    """`value` as a float in [low, high] (a bool or a string is not a number here)."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool | str | bytes) or not low <= number <= high:
+        raise InvalidArgumentError(
+            f"{name}: expected a number in [{low:g}, {high:g}] ({off:g} = off), got {value!r}"
+        )
+    return number
 
 
 def _hybrid(value: Hybrid | None) -> decoder_pb2.Hybrid | None:
