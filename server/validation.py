@@ -140,11 +140,12 @@ def parse_no_repeat_ngram_size(value: int) -> int:
     return int(value)
 
 
-def parse_repetition_penalty(value: float) -> float:
-    if not (math.isfinite(value) and 1 <= value <= MAX_REPETITION_PENALTY):
+def parse_number_in(name: str, value: float, low: float, high: float, off: float) -> float:
+    """A float field of a request in [low, high]; `off` is its value that turns it off."""
+    if not (math.isfinite(value) and low <= value <= high):
         raise invalid(
-            f"repetition_penalty: {value:g} is invalid; expected a number in "
-            f"[1, {MAX_REPETITION_PENALTY:g}] (1 = off; unset = the server's default)"
+            f"{name}: {value:g} is invalid; expected a number in [{low:g}, {high:g}] "
+            f"({off:g} = off; unset = the server's default)"
         )
     return float(value)
 
@@ -156,15 +157,6 @@ def parse_repetition_ngram_size(value: int) -> int:
             f"{MAX_NGRAM_SIZE} tokens (unset = the server's default)"
         )
     return int(value)
-
-
-def parse_eos_bias(value: float) -> float:
-    if not (math.isfinite(value) and -MAX_EOS_BIAS <= value <= MAX_EOS_BIAS):
-        raise invalid(
-            f"eos_bias: {value:g} is invalid; expected a number in [-{MAX_EOS_BIAS:g}, "
-            f"{MAX_EOS_BIAS:g}] (0 = off; unset = the server's default)"
-        )
-    return float(value)
 
 
 class DecodeFields(Protocol):
@@ -198,9 +190,17 @@ def loop_breakers(options: DecodeFields, defaults: DecodeDefaults) -> dict[str, 
 
     return {
         "no_repeat_ngram_size": parse_no_repeat_ngram_size(int(given("no_repeat_ngram_size"))),
-        "repetition_penalty": parse_repetition_penalty(float(given("repetition_penalty"))),
+        "repetition_penalty": parse_number_in(
+            "repetition_penalty",
+            float(given("repetition_penalty")),
+            1,
+            MAX_REPETITION_PENALTY,
+            off=1,
+        ),
         "repetition_ngram_size": parse_repetition_ngram_size(int(given("repetition_ngram_size"))),
-        "eos_bias": parse_eos_bias(float(given("eos_bias"))),
+        "eos_bias": parse_number_in(
+            "eos_bias", float(given("eos_bias")), -MAX_EOS_BIAS, MAX_EOS_BIAS, off=0
+        ),
     }
 
 
