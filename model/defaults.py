@@ -8,9 +8,11 @@ from collections.abc import Mapping, Set
 from dataclasses import dataclass, replace
 from typing import Any
 
-#: How a RET model's decode steps run (model/cpp_step.py): "cpp" (one C++ call a step),
-#: "eager" (RET.step), or "auto" (cpp when its extension builds here, else eager).
-STEP_IMPLS = ("auto", "cpp", "eager")
+#: How a RET model's decode steps run (model/cpp_step.py): "cpp" (one C++ call a step, bitwise
+#: the eager step), "prefix" (that call with attention over each row's own prefix: a float32
+#: cache on the CPU), "eager" (RET.step), or "auto" (prefix when the extension builds here,
+#: else eager).
+STEP_IMPLS = ("auto", "cpp", "prefix", "eager")
 
 #: The card key under which a checkpoint recommends its own Decode loop breakers.
 CARD_KEY = "decode_defaults"

@@ -3,11 +3,13 @@
     python -m retd.model.step_bench model/checkpoints/ret_v21 --rounds 5
 
 eager (RET.step, op by op), cpp (model/cpp_step.py: the same ATen ops in one C++ call),
-torchscript (the same step scripted: TorchScript's interpreter runs the ops) and compile
-(torch.compile of RET.step, dynamic shapes; inductor's C++ kernels). Each decodes 64 positions
-of a batch of 1 and of 64 greedy rows from fresh caches, in interleaved rounds; a way's figure
-is its best round (ms per step), and "identical" says whether every step's logits equal the
-eager step's bit for bit.
+prefix (that call with attention over each row's own prefix), torchscript (the same step
+scripted: TorchScript's interpreter runs the ops) and compile (torch.compile of RET.step,
+dynamic shapes; inductor's C++ kernels). Each decodes 64 positions of a batch of 1 and of 64
+greedy rows from fresh caches, the 64 rows once all at one position and once spread (row b
+starts at position b, as a continuously batched step holds them), in interleaved rounds; a
+way's figure is its best round (ms per step), and "identical" says whether every step's logits
+equal the eager step's bit for bit.
 """
 
 from __future__ import annotations
@@ -101,15 +103,22 @@ def ways(model: RET) -> dict[str, Callable[..., Tensor]]:
                     slots: Tensor, length: int, span: int) -> Tensor:  # fmt: skip
         return scripted(cond, tokens, positions, cache.k, cache.v, slots, length, span, *constants)
 
-    found: dict[str, Callable[..., Tensor]] = {"eager": model.step, "cpp": CppStep(model)}
+    found: dict[str, Callable[..., Tensor]] = {
+        "eager": model.step,
+        "cpp": CppStep(model),
+        "prefix": CppStep(model, prefix=True),
+    }
     if config.conditioning == "add":  # the scripted step has no per-layer conditioning
         found["torchscript"] = torchscript
     found["compile"] = torch.compile(model.step, dynamic=True)
     return found
 
 
-def run(step: Callable[..., Tensor], model: RET, batch: int, steps: int) -> tuple[Tensor, float]:
-    """`steps` greedy positions of `batch` rows from a fresh cache: the logits and ms/step."""
+def run(
+    step: Callable[..., Tensor], model: RET, batch: int, steps: int, spread: bool = False
+) -> tuple[Tensor, float]:
+    """`steps` greedy positions of `batch` rows from a fresh cache: the logits and ms/step.
+    spread: row b starts at position b (its earlier positions hold zeros), not at 0."""
     generator = torch.Generator().manual_seed(0)
     embeddings = torch.randn(batch, model.config.embedding_dim, generator=generator)
     with torch.inference_mode():
@@ -119,9 +128,11 @@ def run(step: Callable[..., Tensor], model: RET, batch: int, steps: int) -> tupl
         tokens = torch.zeros(batch, dtype=torch.long)
         logits = []
         started = time.perf_counter()
+        offsets = torch.arange(batch) if spread else torch.zeros(batch, dtype=torch.long)
         for position in range(steps):
-            positions = torch.full((batch,), position)
-            logits.append(step(cond, tokens, positions, cache, slots, position + 1, batch))
+            positions = offsets + position
+            length = int(offsets[-1]) + position + 1
+            logits.append(step(cond, tokens, positions, cache, slots, length, batch))
             tokens = logits[-1].argmax(-1)
         seconds = time.perf_counter() - started
     return torch.stack(logits), seconds / steps * 1000
@@ -139,19 +150,20 @@ def main() -> None:
     found = ways(model)
     print("| batch | way | ms/step (best round) | × eager | identical to eager |")
     print("| ---: | --- | ---: | ---: | --- |")
-    for batch in (1, 64):
-        reference, _ = run(model.step, model, batch, args.steps)
+    for batch, spread in ((1, False), (64, False), (64, True)):
+        label = f"{batch}, spread" if spread else str(batch)
+        reference, _ = run(model.step, model, batch, args.steps, spread)
         for step in found.values():
-            run(step, model, batch, args.steps)  # warm-up (compiles)
+            run(step, model, batch, args.steps, spread)  # warm-up (compiles)
         best = {name: float("inf") for name in found}
         same = dict.fromkeys(found, True)
         for _ in range(args.rounds):
             for name, step in found.items():
-                logits, ms = run(step, model, batch, args.steps)
+                logits, ms = run(step, model, batch, args.steps, spread)
                 best[name] = min(best[name], ms)
                 same[name] = same[name] and torch.equal(logits, reference)
         for name in found:
-            print(f"| {batch} | {name} | {best[name]:.3f} | {best['eager'] / best[name]:.2f} | "
+            print(f"| {label} | {name} | {best[name]:.3f} | {best['eager'] / best[name]:.2f} | "
                   f"{'yes' if same[name] else 'no'} |", flush=True)  # fmt: skip
 
 

@@ -306,7 +306,7 @@ def load_ret_engine(spec: ModelSpec) -> RETEngine:
         loaded.model.num_parameters(),
         settings.dtype,
         device,
-        "C++" if step_name(step) == "cpp" else "eager",
+        {"cpp": "C++", "prefix": "C++ prefix-attention"}.get(step_name(step), "eager"),
         loaded.sha256[:12],
     )
     if not loaded.trained:

@@ -59,7 +59,7 @@ def test_bench_starts_its_own_server_and_times_the_raw_model(checkpoint: Path) -
     raw = bench("--raw", "--checkpoint", str(checkpoint), "-b", "4", "-n", "8",
                 "--max-new-tokens", "8")  # fmt: skip
     assert raw["raw"] and raw["sequences"] == 8 and raw["batch_size"] == 4
-    assert raw["extra"]["step_impl"] == "cpp"  # auto, where the C++ step builds
+    assert raw["extra"]["step_impl"] == "prefix"  # auto, where the C++ step builds
     sampled = bench("--raw", "--checkpoint", str(checkpoint), "-b", "4", "-n", "8",
                     "--max-new-tokens", "8", "--mode", "mixed", "--step-impl", "eager")  # fmt: skip
     assert sampled["sequences"] == 8 and sampled["tokens_per_s"] > 0

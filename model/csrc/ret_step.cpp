@@ -8,12 +8,123 @@
 // and, when each row sits in its own slot (a lone call), moving queries to their slots.
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
 
 using at::Tensor;
 using at::indexing::Slice;
+
+// cache[slots[b], :, positions[b]] = x[b, :, 0] for each row b: what index_put_ writes, as plain
+// copies (exact, any dtype) where index_put_ costs tens of microseconds a call on the CPU.
+// cache (S, H, L, D) with unit stride in D; x (B, H, 1, D); slots, positions (B,) long, CPU.
+void write_cache(Tensor& cache, const Tensor& slots, const Tensor& positions, const Tensor& x) {
+  const int64_t B = x.size(0), H = x.size(1), D = x.size(3);
+  const auto xc = x.contiguous().to(cache.scalar_type());
+  const auto slot = slots.to(at::kLong).contiguous();
+  const auto position = positions.to(at::kLong).contiguous();
+  const int64_t* slot_at = slot.data_ptr<int64_t>();
+  const int64_t* position_at = position.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(slot_at[b] >= 0 && slot_at[b] < cache.size(0) && position_at[b] >= 0 &&
+                    position_at[b] < cache.size(2),
+                "row ", b, " has slot ", slot_at[b], " and position ", position_at[b],
+                " outside the cache (", cache.size(0), " slots of ", cache.size(2), ")");
+  }
+  const int64_t item = cache.element_size();
+  const auto* from = static_cast<const char*>(xc.data_ptr());
+  auto* to = static_cast<char*>(cache.data_ptr());
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t at_cache =
+          slot_at[b] * cache.stride(0) + h * cache.stride(1) + position_at[b] * cache.stride(2);
+      std::memcpy(to + at_cache * item, from + (b * H + h) * D * item, D * item);
+    }
+  }
+}
+
+// Single-query attention that reads only each row's own prefix: row b's query (H, D) against
+// positions 0..positions[b] of cache slot slots[b]. q (B, H, 1, D); k_cache, v_cache (S, H, L, D)
+// with unit stride in D; float32 on the CPU -> y (B, H, 1, D). Where SDPA over a padded batch
+// reads every slot up to the furthest row's position, this reads each row's own prefix once
+// (half the cache a step, for rows spread evenly) and needs no mask and no moving of queries to
+// their slots. It rounds differently from SDPA (its own order of sums), so its outputs are
+// measured for quality rather than bitwise the eager step's.
+Tensor prefix_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                        const Tensor& slots, const Tensor& positions) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat &&
+                  k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
+              "prefix_attention: float32 CPU tensors only");
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k_cache.dim() == 4 && v_cache.dim() == 4,
+              "prefix_attention: q (B, H, 1, D), caches (S, H, L, D)");
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
+              "prefix_attention: the caches need unit stride in D");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), L = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(1) == H && k_cache.size(3) == D && v_cache.sizes() == k_cache.sizes(),
+              "prefix_attention: q and the caches disagree on heads or head size");
+  const auto qc = q.contiguous();
+  const auto slot = slots.to(at::kLong).contiguous();
+  const auto position = positions.to(at::kLong).contiguous();
+  const int64_t* slot_at = slot.data_ptr<int64_t>();
+  const int64_t* position_at = position.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(slot_at[b] >= 0 && slot_at[b] < k_cache.size(0) && position_at[b] >= 0 &&
+                    position_at[b] < L,
+                "prefix_attention: row ", b, " has slot ", slot_at[b], " and position ",
+                position_at[b], " outside the cache");
+  }
+  auto y = at::empty({B, H, 1, D}, qc.options());
+  const float* q_at = qc.data_ptr<float>();
+  const float* k_at = k_cache.data_ptr<float>();
+  const float* v_at = v_cache.data_ptr<float>();
+  float* y_at = y.data_ptr<float>();
+  const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
+  const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1), vs2 = v_cache.stride(2);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  constexpr int64_t kLanes = 8;  // independent partial sums, so the compiler can vectorise
+  at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> weight(L);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H, n = position_at[b] + 1;
+      const float* qv = q_at + i * D;
+      const float* keys = k_at + slot_at[b] * ks0 + h * ks1;
+      const float* values = v_at + slot_at[b] * vs0 + h * vs1;
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < n; ++j) {
+        const float* key = keys + j * ks2;
+        float lane[kLanes] = {0};
+        int64_t d = 0;
+        for (; d + kLanes <= D; d += kLanes) {
+          for (int64_t l = 0; l < kLanes; ++l) lane[l] += qv[d + l] * key[d + l];
+        }
+        float dot = 0.0f;
+        for (; d < D; ++d) dot += qv[d] * key[d];
+        for (int64_t l = 0; l < kLanes; ++l) dot += lane[l];
+        weight[j] = dot * scale;
+        top = std::max(top, weight[j]);
+      }
+      float total = 0.0f;
+      for (int64_t j = 0; j < n; ++j) {
+        weight[j] = std::exp(weight[j] - top);
+        total += weight[j];
+      }
+      float* out = y_at + i * D;
+      std::fill(out, out + D, 0.0f);
+      for (int64_t j = 0; j < n; ++j) {
+        const float* value = values + j * vs2;
+        const float w = weight[j];
+        for (int64_t d = 0; d < D; ++d) out[d] += w * value[d];
+      }
+      const float inverse = 1.0f / total;
+      for (int64_t d = 0; d < D; ++d) out[d] *= inverse;
+    }
+  });
+  return y;
+}
 
 struct BlockWeights {
   Tensor cond_proj;  // undefined unless conditioning == "layer"
@@ -24,11 +135,12 @@ class RETStep {
  public:
   // blocks: each block's ln_1 weight and bias, attn.qkv, attn.proj, ln_2 weight and bias,
   // mlp.fc, mlp.proj; cond_projs: one per block with conditioning "layer", else none.
+  // prefix: attend with prefix_attention where the cache is float32 on the CPU (else SDPA).
   RETStep(Tensor wte, const std::vector<std::vector<Tensor>>& blocks,
           const std::vector<Tensor>& cond_projs, Tensor ln_f_w, Tensor ln_f_b, int64_t n_head,
-          double rope_base, double eps)
+          double rope_base, double eps, bool prefix)
       : wte_(std::move(wte)), ln_f_w_(std::move(ln_f_w)), ln_f_b_(std::move(ln_f_b)),
-        n_head_(n_head), eps_(eps) {
+        n_head_(n_head), eps_(eps), prefix_(prefix) {
     TORCH_CHECK(!blocks.empty(), "RETStep needs at least one block");
     TORCH_CHECK(cond_projs.empty() || cond_projs.size() == blocks.size(),
                 "cond_projs: one per block or none, got ", cond_projs.size());
@@ -57,21 +169,26 @@ class RETStep {
     TORCH_CHECK(k_cache.size(0) == static_cast<int64_t>(blocks_.size()),
                 "the cache has ", k_cache.size(0), " layers, the model ", blocks_.size());
     // What every block shares: RoPE's cos and sin at the rows' positions, (B, 1, 1, D/2),
-    // and which cached positions each slot's query sees, (S, 1, 1, L). When row i is in slot
-    // i for every row (a lone call: slot 0), queries need no moving to their slots.
-    const bool dense = in_own_slots(slots, span);
+    // and for SDPA which cached positions each slot's query sees, (S, 1, 1, L). When row i is
+    // in slot i for every row (a lone call: slot 0), queries need no moving to their slots.
+    const bool prefix = prefix_ && k_cache.device().is_cpu() &&
+                        k_cache.scalar_type() == at::kFloat && positions.device().is_cpu();
+    const bool dense = !prefix && in_own_slots(slots, span);
     const auto angles = positions.unsqueeze(1).to(at::kFloat).unsqueeze(-1) * inv_freq_;
     const auto cos = angles.cos().unsqueeze(-3), sin = angles.sin().unsqueeze(-3);
-    auto position_at_slot = positions;
-    if (!dense) {
-      position_at_slot = positions.new_zeros({span});
-      position_at_slot.index_put_({slots}, positions);
+    Tensor visible;  // undefined with prefix_attention, which needs no mask
+    if (!prefix) {
+      auto position_at_slot = positions;
+      if (!dense) {
+        position_at_slot = positions.new_zeros({span});
+        position_at_slot.index_put_({slots}, positions);
+      }
+      visible = at::arange(length, positions.options())
+                    .unsqueeze(0)
+                    .le(position_at_slot.unsqueeze(1))
+                    .unsqueeze(1)
+                    .unsqueeze(1);
     }
-    const auto visible = at::arange(length, positions.options())
-                             .unsqueeze(0)
-                             .le(position_at_slot.unsqueeze(1))
-                             .unsqueeze(1)
-                             .unsqueeze(1);
 
     const auto first = positions.eq(0);
     const auto prev = at::embedding(wte_, tokens.masked_fill(first, 0));  // (B, C)
@@ -84,7 +201,7 @@ class RETStep {
       }
       const auto h = at::layer_norm(x, {C}, w.ln_1_w, w.ln_1_b, eps_);
       x = x + attention(h, w, positions, cos, sin, k_cache.select(0, layer),
-                        v_cache.select(0, layer), slots, visible, length, span, dense);
+                        v_cache.select(0, layer), slots, visible, length, span, dense, prefix);
       const auto g = at::layer_norm(x, {C}, w.ln_2_w, w.ln_2_b, eps_);
       x = x + at::linear(at::gelu(at::linear(g, w.fc)), w.mlp_proj);
     }
@@ -113,7 +230,7 @@ class RETStep {
   Tensor attention(const Tensor& h, const BlockWeights& w, const Tensor& positions,
                    const Tensor& cos, const Tensor& sin, Tensor k_cache, Tensor v_cache,
                    const Tensor& slots, const Tensor& visible, int64_t length, int64_t span,
-                   bool dense) const {
+                   bool dense, bool prefix) const {
     const int64_t B = h.size(0), C = h.size(2), H = n_head_, D = C / H, half = D / 2;
     const auto qkv = at::linear(h, w.qkv).split(C, 2);
     const auto q0 = qkv[0].view({B, 1, H, D}).transpose(1, 2);  // (B, H, 1, D)
@@ -126,12 +243,20 @@ class RETStep {
     const auto rotated =
         at::cat({x1 * cos - x2 * sin, x1 * sin + x2 * cos}, -1).to(both.scalar_type());
     const auto q = rotated.slice(1, 0, H), k = rotated.slice(1, H);
-    k_cache.index_put_({slots, Slice(), positions}, k.select(2, 0));
-    v_cache.index_put_({slots, Slice(), positions}, v.select(2, 0));
+    if (k_cache.device().is_cpu() && k_cache.stride(3) == 1 && v_cache.stride(3) == 1 &&
+        slots.device().is_cpu() && positions.device().is_cpu()) {
+      write_cache(k_cache, slots, positions, k);
+      write_cache(v_cache, slots, positions, v);
+    } else {
+      k_cache.index_put_({slots, Slice(), positions}, k.select(2, 0));
+      v_cache.index_put_({slots, Slice(), positions}, v.select(2, 0));
+    }
     const auto keys = k_cache.slice(0, 0, span).slice(2, 0, length);  // (S, H, L, D)
     const auto values = v_cache.slice(0, 0, span).slice(2, 0, length);
     Tensor y;  // (B, H, 1, D)
-    if (dense) {
+    if (prefix) {
+      y = prefix_attention(q, k_cache, v_cache, slots, positions);
+    } else if (dense) {
       y = at::scaled_dot_product_attention(q, keys, values, visible);
     } else {
       auto q_at_slot = q.new_zeros({span, H, 1, D});
@@ -145,6 +270,7 @@ class RETStep {
   std::vector<BlockWeights> blocks_;
   int64_t n_head_;
   double eps_;
+  bool prefix_;
 };
 
 }  // namespace
@@ -152,6 +278,9 @@ class RETStep {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<RETStep>(m, "RETStep")
       .def(pybind11::init<Tensor, const std::vector<std::vector<Tensor>>&,
-                          const std::vector<Tensor>&, Tensor, Tensor, int64_t, double, double>())
+                          const std::vector<Tensor>&, Tensor, Tensor, int64_t, double, double,
+                          bool>())
       .def("step", &RETStep::step);
+  m.def("prefix_attention", &prefix_attention,
+        "Single-query attention over each row's own cached prefix (float32, CPU).");
 }

@@ -112,30 +112,40 @@ def telemetry_suite(duration: float) -> list[Scenario]:
 
 
 def step_suite(duration: float, rounds: int = 3) -> list[Scenario]:
-    """The C++ decode step against the eager one (`--step-impl`), side by side: a lone
-    64-byte Decode each way in `rounds` interleaved rounds; then 64 callers each way, the raw
-    model at batch 64 each way (the server's share of it), and the C++ step with tracing on
-    (every span, OTLP to loopback) and in an engine process."""
+    """The decode steps side by side (`--step-impl`): a lone 64-byte Decode each way in
+    `rounds` interleaved rounds (Decode's default loop breakers, as callers get them); then 64
+    callers each way and the raw model at batch 64 each way, both plain greedy (the same work,
+    for the server's share of the raw model); and the prefix step with tracing on (every span,
+    OTLP to loopback) and in an engine process."""
     fixed = BenchConfig(concurrency=64, duration=duration)
     lone = replace(fixed, concurrency=1)
     raw = replace(fixed, batch_size=64)
-    eager, cpp = "--max-batch-size 64 --step-impl eager", "--max-batch-size 64 --step-impl cpp"
+    impls = ("eager", "cpp", "prefix")
+    label = {"eager": "eager step", "cpp": "C++ step", "prefix": "C++ prefix step"}
+    server = {impl: f"--max-batch-size 64 --step-impl {impl}" for impl in impls}
+    greedy = " --decode-no-repeat-ngram-size 0 --decode-repetition-penalty 1"
     tracing = " --traces-exporter otlp --otlp-endpoint http://{otlp}"
     return [
         *(
-            scenario
+            Scenario(f"1 caller, {label[impl]}", lone, server[impl])
             for _ in range(rounds)
-            for scenario in (
-                Scenario("1 caller, eager step", lone, eager),
-                Scenario("1 caller, C++ step", lone, cpp),
-            )
+            for impl in impls
         ),
-        Scenario("64 callers, eager step", fixed, eager),
-        Scenario("64 callers, C++ step", fixed, cpp),
-        Scenario("raw model, batch 64, eager step", raw, raw=True, step_impl="eager"),
-        Scenario("raw model, batch 64, C++ step", raw, raw=True, step_impl="cpp"),
-        Scenario("64 callers, C++ step, tracing on (100%, OTLP)", fixed, cpp + tracing),
-        Scenario("64 callers, C++ step, engine process", fixed, cpp + " --engine process"),
+        *(Scenario(f"64 callers, {label[impl]}", fixed, server[impl] + greedy) for impl in impls),
+        *(
+            Scenario(f"raw model, batch 64, {label[impl]}", raw, raw=True, step_impl=impl)
+            for impl in impls
+        ),
+        Scenario(
+            "64 callers, C++ prefix step, tracing on (100%, OTLP)",
+            fixed,
+            server["prefix"] + greedy + tracing,
+        ),
+        Scenario(
+            "64 callers, C++ prefix step, engine process",
+            fixed,
+            server["prefix"] + greedy + " --engine process",
+        ),
     ]
 
 

@@ -1,5 +1,6 @@
-"""`--step-impl`: the C++ decode step and the eager one serve the same answers, in a thread
-engine and in an engine process; the log says which step a model runs."""
+"""`--step-impl`: the C++ decode steps (SDPA and prefix attention) and the eager one serve the
+same answers, in a thread engine and in an engine process; the log says which step a model
+runs."""
 
 from __future__ import annotations
 
@@ -44,6 +45,14 @@ def test_the_cpp_step_serves_what_the_eager_step_serves(tmp_path: Path) -> None:
     assert "C++ step" in cpp_log and "eager step" not in cpp_log
 
 
+def test_the_prefix_step_serves_what_the_eager_step_serves(tmp_path: Path) -> None:
+    """Not bitwise SDPA, but the same answers (measured: README); `auto` runs it."""
+    eager, _ = decode_all(tmp_path, "--step-impl", "eager")
+    prefix, prefix_log = decode_all(tmp_path)  # --step-impl auto
+    assert prefix == eager
+    assert "C++ prefix-attention step" in prefix_log and "eager step" not in prefix_log
+
+
 def test_an_unknown_step_impl_is_refused_by_name(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="step_impl: expected one of auto, cpp, eager"):
+    with pytest.raises(RuntimeError, match="step_impl: expected one of auto, cpp, prefix, eager"):
         start_server(tmp_path, ["--step-impl", "jit"])
