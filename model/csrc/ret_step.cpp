@@ -19,22 +19,34 @@ namespace {
 using at::Tensor;
 using at::indexing::Slice;
 
+// Each row's slot and position as long arrays on the host, checked against a cache
+// (S, H, L, D) as index_put_ checks its indices.
+struct RowIndex {
+  Tensor slot, position;
+  const int64_t* slot_at;
+  const int64_t* position_at;
+
+  RowIndex(const Tensor& slots, const Tensor& positions, const Tensor& cache)
+      : slot(slots.to(at::kLong).contiguous()), position(positions.to(at::kLong).contiguous()),
+        slot_at(slot.data_ptr<int64_t>()), position_at(position.data_ptr<int64_t>()) {
+    for (int64_t b = 0; b < slot.size(0); ++b) {
+      TORCH_CHECK(slot_at[b] >= 0 && slot_at[b] < cache.size(0) && position_at[b] >= 0 &&
+                      position_at[b] < cache.size(2),
+                  "row ", b, " has slot ", slot_at[b], " and position ", position_at[b],
+                  " outside the cache (", cache.size(0), " slots of ", cache.size(2), ")");
+    }
+  }
+};
+
 // cache[slots[b], :, positions[b]] = x[b, :, 0] for each row b: what index_put_ writes, as plain
 // copies (exact, any dtype) where index_put_ costs tens of microseconds a call on the CPU.
 // cache (S, H, L, D) with unit stride in D; x (B, H, 1, D); slots, positions (B,) long, CPU.
 void write_cache(Tensor& cache, const Tensor& slots, const Tensor& positions, const Tensor& x) {
   const int64_t B = x.size(0), H = x.size(1), D = x.size(3);
   const auto xc = x.contiguous().to(cache.scalar_type());
-  const auto slot = slots.to(at::kLong).contiguous();
-  const auto position = positions.to(at::kLong).contiguous();
-  const int64_t* slot_at = slot.data_ptr<int64_t>();
-  const int64_t* position_at = position.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(slot_at[b] >= 0 && slot_at[b] < cache.size(0) && position_at[b] >= 0 &&
-                    position_at[b] < cache.size(2),
-                "row ", b, " has slot ", slot_at[b], " and position ", position_at[b],
-                " outside the cache (", cache.size(0), " slots of ", cache.size(2), ")");
-  }
+  const RowIndex rows(slots, positions, cache);
+  const int64_t* slot_at = rows.slot_at;
+  const int64_t* position_at = rows.position_at;
   const int64_t item = cache.element_size();
   const auto* from = static_cast<const char*>(xc.data_ptr());
   auto* to = static_cast<char*>(cache.data_ptr());
@@ -67,16 +79,9 @@ Tensor prefix_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_
   TORCH_CHECK(k_cache.size(1) == H && k_cache.size(3) == D && v_cache.sizes() == k_cache.sizes(),
               "prefix_attention: q and the caches disagree on heads or head size");
   const auto qc = q.contiguous();
-  const auto slot = slots.to(at::kLong).contiguous();
-  const auto position = positions.to(at::kLong).contiguous();
-  const int64_t* slot_at = slot.data_ptr<int64_t>();
-  const int64_t* position_at = position.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(slot_at[b] >= 0 && slot_at[b] < k_cache.size(0) && position_at[b] >= 0 &&
-                    position_at[b] < L,
-                "prefix_attention: row ", b, " has slot ", slot_at[b], " and position ",
-                position_at[b], " outside the cache");
-  }
+  const RowIndex rows(slots, positions, k_cache);
+  const int64_t* slot_at = rows.slot_at;
+  const int64_t* position_at = rows.position_at;
   auto y = at::empty({B, H, 1, D}, qc.options());
   const float* q_at = qc.data_ptr<float>();
   const float* k_at = k_cache.data_ptr<float>();

@@ -159,12 +159,16 @@ def test_bfloat16_steps_are_bitwise_the_eager_ones() -> None:
     assert [r.mean_logprob for r in compiled] == [r.mean_logprob for r in eager]
 
 
+@pytest.mark.parametrize("impl", ["cpp", "prefix"])
 @pytest.mark.parametrize("name", ["ret_v21", "ret_v21_bpe"])
-def test_greedy_text_of_a_shipped_checkpoint_is_unchanged(name: str) -> None:
+def test_greedy_text_of_a_shipped_checkpoint_is_unchanged(name: str, impl: str) -> None:
     """Many embeddings, decoded together (rows leave the batch as they end) with the default
-    loop breaker on: every token and logprob the same."""
+    loop breaker on: every token the eager step's, and with `cpp` every logprob too. (The
+    prefix step rounds differently from SDPA: measured on 500 held-out texts per checkpoint
+    it changed no greedy output; here 48 fixed embeddings.)"""
     loaded = load_checkpoint(CHECKPOINTS / name)
-    embeddings = torch.randn(48, loaded.config.embedding_dim)
+    generator = torch.Generator().manual_seed(15)
+    embeddings = torch.randn(48, loaded.config.embedding_dim, generator=generator)
     params = [
         SamplingParams(max_new_tokens=n, repetition_penalty=1.5, repetition_ngram_size=4)
         for n in range(8, 8 + 48 * 2, 2)
@@ -175,36 +179,12 @@ def test_greedy_text_of_a_shipped_checkpoint_is_unchanged(name: str) -> None:
         embeddings,
         params,
         tokenizer=loaded.tokenizer,
-        step=step_function(loaded.model, "cpp"),
+        step=step_function(loaded.model, impl),
     )
     assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
-    assert [r.mean_logprob for r in compiled] == [r.mean_logprob for r in eager]
+    if impl == "cpp":
+        assert [r.mean_logprob for r in compiled] == [r.mean_logprob for r in eager]
     assert len({r.text for r in eager}) > 10  # the embeddings were told apart
-
-
-@pytest.mark.parametrize("name", ["ret_v21", "ret_v21_bpe"])
-def test_prefix_attention_decodes_a_shipped_checkpoints_greedy_text(name: str) -> None:
-    """The prefix step rounds differently from SDPA; measured on 500 held-out texts per
-    checkpoint it changed no greedy output. Here: 48 fixed embeddings with the default loop
-    breaker, rows leaving the batch as they end, every token the eager step's."""
-    loaded = load_checkpoint(CHECKPOINTS / name)
-    embeddings = torch.randn(
-        48, loaded.config.embedding_dim, generator=torch.Generator().manual_seed(15)
-    )
-    params = [
-        SamplingParams(max_new_tokens=n, repetition_penalty=1.5, repetition_ngram_size=4)
-        for n in range(8, 8 + 48 * 2, 2)
-    ]
-    eager = generate(loaded.model, embeddings, params, tokenizer=loaded.tokenizer)
-    prefix = generate(
-        loaded.model,
-        embeddings,
-        params,
-        tokenizer=loaded.tokenizer,
-        step=step_function(loaded.model, "prefix"),
-    )
-    assert [r.token_ids for r in prefix] == [r.token_ids for r in eager]
-    assert len({r.text for r in eager}) > 10
 
 
 def test_step_function_picks_what_it_is_asked(tiny_model: RET) -> None:
