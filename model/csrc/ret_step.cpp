@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -20,7 +21,8 @@ using at::Tensor;
 using at::indexing::Slice;
 
 // Each row's slot and position as long arrays on the host, checked against a cache
-// (S, H, L, D) as index_put_ checks its indices.
+// (S, H, L, D) as index_put_ checks its indices: built once a step, read by every layer's cache
+// writes and prefix attention.
 struct RowIndex {
   Tensor slot, position;
   const int64_t* slot_at;
@@ -40,11 +42,10 @@ struct RowIndex {
 
 // cache[slots[b], :, positions[b]] = x[b, :, 0] for each row b: what index_put_ writes, as plain
 // copies (exact, any dtype) where index_put_ costs tens of microseconds a call on the CPU.
-// cache (S, H, L, D) with unit stride in D; x (B, H, 1, D); slots, positions (B,) long, CPU.
-void write_cache(Tensor& cache, const Tensor& slots, const Tensor& positions, const Tensor& x) {
+// cache (S, H, L, D) with unit stride in D, on the CPU; x (B, H, 1, D).
+void write_cache(Tensor& cache, const RowIndex& rows, const Tensor& x) {
   const int64_t B = x.size(0), H = x.size(1), D = x.size(3);
   const auto xc = x.contiguous().to(cache.scalar_type());
-  const RowIndex rows(slots, positions, cache);
   const int64_t* slot_at = rows.slot_at;
   const int64_t* position_at = rows.position_at;
   const int64_t item = cache.element_size();
@@ -65,21 +66,12 @@ void write_cache(Tensor& cache, const Tensor& slots, const Tensor& positions, co
 // reads every slot up to the furthest row's position, this reads each row's own prefix once
 // (half the cache a step, for rows spread evenly) and needs no mask and no moving of queries to
 // their slots. It rounds differently from SDPA (its own order of sums), so its outputs are
-// measured for quality rather than bitwise the eager step's.
-Tensor prefix_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                        const Tensor& slots, const Tensor& positions) {
-  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat &&
-                  k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
-              "prefix_attention: float32 CPU tensors only");
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k_cache.dim() == 4 && v_cache.dim() == 4,
-              "prefix_attention: q (B, H, 1, D), caches (S, H, L, D)");
-  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
-              "prefix_attention: the caches need unit stride in D");
+// measured for quality rather than bitwise the eager step's. The caller has checked the
+// shapes (see prefix_attention below).
+Tensor attend_prefixes(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                       const RowIndex& rows) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), L = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(1) == H && k_cache.size(3) == D && v_cache.sizes() == k_cache.sizes(),
-              "prefix_attention: q and the caches disagree on heads or head size");
   const auto qc = q.contiguous();
-  const RowIndex rows(slots, positions, k_cache);
   const int64_t* slot_at = rows.slot_at;
   const int64_t* position_at = rows.position_at;
   auto y = at::empty({B, H, 1, D}, qc.options());
@@ -131,6 +123,22 @@ Tensor prefix_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_
   return y;
 }
 
+// attend_prefixes from Python (the tests compare it with SDPA), its inputs checked.
+Tensor prefix_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                        const Tensor& slots, const Tensor& positions) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat &&
+                  k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
+              "prefix_attention: float32 CPU tensors only");
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k_cache.dim() == 4 && v_cache.dim() == 4,
+              "prefix_attention: q (B, H, 1, D), caches (S, H, L, D)");
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
+              "prefix_attention: the caches need unit stride in D");
+  TORCH_CHECK(k_cache.size(1) == q.size(1) && k_cache.size(3) == q.size(3) &&
+                  v_cache.sizes() == k_cache.sizes(),
+              "prefix_attention: q and the caches disagree on heads or head size");
+  return attend_prefixes(q, k_cache, v_cache, RowIndex(slots, positions, k_cache));
+}
+
 struct BlockWeights {
   Tensor cond_proj;  // undefined unless conditioning == "layer"
   Tensor ln_1_w, ln_1_b, qkv, attn_proj, ln_2_w, ln_2_b, fc, mlp_proj;
@@ -176,8 +184,14 @@ class RETStep {
     // What every block shares: RoPE's cos and sin at the rows' positions, (B, 1, 1, D/2),
     // and for SDPA which cached positions each slot's query sees, (S, 1, 1, L). When row i is
     // in slot i for every row (a lone call: slot 0), queries need no moving to their slots.
-    const bool prefix = prefix_ && k_cache.device().is_cpu() &&
-                        k_cache.scalar_type() == at::kFloat && positions.device().is_cpu();
+    // On the CPU the rows are read on the host once: the cache writes are plain copies, and
+    // prefix attention (a float32 cache) reads them.
+    std::optional<RowIndex> rows;
+    if (k_cache.device().is_cpu() && slots.device().is_cpu() && positions.device().is_cpu() &&
+        k_cache.stride(4) == 1 && v_cache.stride(4) == 1) {
+      rows.emplace(slots, positions, k_cache.select(0, 0));
+    }
+    const bool prefix = prefix_ && rows && k_cache.scalar_type() == at::kFloat;
     const bool dense = !prefix && in_own_slots(slots, span);
     const auto angles = positions.unsqueeze(1).to(at::kFloat).unsqueeze(-1) * inv_freq_;
     const auto cos = angles.cos().unsqueeze(-3), sin = angles.sin().unsqueeze(-3);
@@ -206,7 +220,8 @@ class RETStep {
       }
       const auto h = at::layer_norm(x, {C}, w.ln_1_w, w.ln_1_b, eps_);
       x = x + attention(h, w, positions, cos, sin, k_cache.select(0, layer),
-                        v_cache.select(0, layer), slots, visible, length, span, dense, prefix);
+                        v_cache.select(0, layer), slots, visible, length, span, dense,
+                        rows ? &*rows : nullptr, prefix);
       const auto g = at::layer_norm(x, {C}, w.ln_2_w, w.ln_2_b, eps_);
       x = x + at::linear(at::gelu(at::linear(g, w.fc)), w.mlp_proj);
     }
@@ -235,7 +250,7 @@ class RETStep {
   Tensor attention(const Tensor& h, const BlockWeights& w, const Tensor& positions,
                    const Tensor& cos, const Tensor& sin, Tensor k_cache, Tensor v_cache,
                    const Tensor& slots, const Tensor& visible, int64_t length, int64_t span,
-                   bool dense, bool prefix) const {
+                   bool dense, const RowIndex* rows, bool prefix) const {
     const int64_t B = h.size(0), C = h.size(2), H = n_head_, D = C / H, half = D / 2;
     const auto qkv = at::linear(h, w.qkv).split(C, 2);
     const auto q0 = qkv[0].view({B, 1, H, D}).transpose(1, 2);  // (B, H, 1, D)
@@ -248,25 +263,26 @@ class RETStep {
     const auto rotated =
         at::cat({x1 * cos - x2 * sin, x1 * sin + x2 * cos}, -1).to(both.scalar_type());
     const auto q = rotated.slice(1, 0, H), k = rotated.slice(1, H);
-    if (k_cache.device().is_cpu() && k_cache.stride(3) == 1 && v_cache.stride(3) == 1 &&
-        slots.device().is_cpu() && positions.device().is_cpu()) {
-      write_cache(k_cache, slots, positions, k);
-      write_cache(v_cache, slots, positions, v);
+    if (rows != nullptr) {
+      write_cache(k_cache, *rows, k);
+      write_cache(v_cache, *rows, v);
     } else {
       k_cache.index_put_({slots, Slice(), positions}, k.select(2, 0));
       v_cache.index_put_({slots, Slice(), positions}, v.select(2, 0));
     }
-    const auto keys = k_cache.slice(0, 0, span).slice(2, 0, length);  // (S, H, L, D)
-    const auto values = v_cache.slice(0, 0, span).slice(2, 0, length);
     Tensor y;  // (B, H, 1, D)
     if (prefix) {
-      y = prefix_attention(q, k_cache, v_cache, slots, positions);
-    } else if (dense) {
-      y = at::scaled_dot_product_attention(q, keys, values, visible);
+      y = attend_prefixes(q, k_cache, v_cache, *rows);
     } else {
-      auto q_at_slot = q.new_zeros({span, H, 1, D});
-      q_at_slot.index_put_({slots}, q);
-      y = at::scaled_dot_product_attention(q_at_slot, keys, values, visible).index({slots});
+      const auto keys = k_cache.slice(0, 0, span).slice(2, 0, length);  // (S, H, L, D)
+      const auto values = v_cache.slice(0, 0, span).slice(2, 0, length);
+      if (dense) {
+        y = at::scaled_dot_product_attention(q, keys, values, visible);
+      } else {
+        auto q_at_slot = q.new_zeros({span, H, 1, D});
+        q_at_slot.index_put_({slots}, q);
+        y = at::scaled_dot_product_attention(q_at_slot, keys, values, visible).index({slots});
+      }
     }
     return at::linear(y.transpose(1, 2).reshape({B, 1, C}), w.attn_proj);
   }
