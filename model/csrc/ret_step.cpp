@@ -6,6 +6,9 @@
 // every op (the GIL is released once for the whole step), the work every block repeated:
 // RoPE's frequencies (once per model), its angles and the attention mask (once per step),
 // and, when each row sits in its own slot (a lone call), moving queries to their slots.
+// With prefix attention (a float32 model and cache on the CPU) a layer's RoPE, cache writes
+// and attention are one pass per row and head (rotate_write_attend): bitwise the same ops
+// around prefix_attention, without their small tensors.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -60,6 +63,43 @@ void write_cache(Tensor& cache, const RowIndex& rows, const Tensor& x) {
   }
 }
 
+// One row's single-query attention over its own prefix, for one head: qv (D) against the first
+// n keys and values (unit stride in D, `key_stride` and `value_stride` between positions) -> out
+// (D). `weight` holds at least n floats. Its own order of sums: 8 independent partial sums per
+// dot product, so the compiler can vectorise, and one pass each for the softmax and the sum.
+void attend_row(const float* qv, const float* keys, const float* values, int64_t n, int64_t D,
+                int64_t key_stride, int64_t value_stride, float scale, float* weight,
+                float* out) {
+  constexpr int64_t kLanes = 8;
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    const float* key = keys + j * key_stride;
+    float lane[kLanes] = {0};
+    int64_t d = 0;
+    for (; d + kLanes <= D; d += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) lane[l] += qv[d + l] * key[d + l];
+    }
+    float dot = 0.0f;
+    for (; d < D; ++d) dot += qv[d] * key[d];
+    for (int64_t l = 0; l < kLanes; ++l) dot += lane[l];
+    weight[j] = dot * scale;
+    top = std::max(top, weight[j]);
+  }
+  float total = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    weight[j] = std::exp(weight[j] - top);
+    total += weight[j];
+  }
+  std::fill(out, out + D, 0.0f);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* value = values + j * value_stride;
+    const float w = weight[j];
+    for (int64_t d = 0; d < D; ++d) out[d] += w * value[d];
+  }
+  const float inverse = 1.0f / total;
+  for (int64_t d = 0; d < D; ++d) out[d] *= inverse;
+}
+
 // Single-query attention that reads only each row's own prefix: row b's query (H, D) against
 // positions 0..positions[b] of cache slot slots[b]. q (B, H, 1, D); k_cache, v_cache (S, H, L, D)
 // with unit stride in D; float32 on the CPU -> y (B, H, 1, D). Where SDPA over a padded batch
@@ -72,52 +112,67 @@ Tensor attend_prefixes(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
                        const RowIndex& rows) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), L = k_cache.size(2);
   const auto qc = q.contiguous();
-  const int64_t* slot_at = rows.slot_at;
-  const int64_t* position_at = rows.position_at;
   auto y = at::empty({B, H, 1, D}, qc.options());
   const float* q_at = qc.data_ptr<float>();
   const float* k_at = k_cache.data_ptr<float>();
   const float* v_at = v_cache.data_ptr<float>();
   float* y_at = y.data_ptr<float>();
-  const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
-  const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1), vs2 = v_cache.stride(2);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  constexpr int64_t kLanes = 8;  // independent partial sums, so the compiler can vectorise
   at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> weight(L);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / H, h = i % H, n = position_at[b] + 1;
-      const float* qv = q_at + i * D;
-      const float* keys = k_at + slot_at[b] * ks0 + h * ks1;
-      const float* values = v_at + slot_at[b] * vs0 + h * vs1;
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < n; ++j) {
-        const float* key = keys + j * ks2;
-        float lane[kLanes] = {0};
-        int64_t d = 0;
-        for (; d + kLanes <= D; d += kLanes) {
-          for (int64_t l = 0; l < kLanes; ++l) lane[l] += qv[d + l] * key[d + l];
-        }
-        float dot = 0.0f;
-        for (; d < D; ++d) dot += qv[d] * key[d];
-        for (int64_t l = 0; l < kLanes; ++l) dot += lane[l];
-        weight[j] = dot * scale;
-        top = std::max(top, weight[j]);
+      const int64_t b = i / H, h = i % H, slot = rows.slot_at[b];
+      attend_row(q_at + i * D, k_at + slot * k_cache.stride(0) + h * k_cache.stride(1),
+                 v_at + slot * v_cache.stride(0) + h * v_cache.stride(1),
+                 rows.position_at[b] + 1, D, k_cache.stride(2), v_cache.stride(2), scale,
+                 weight.data(), y_at + i * D);
+    }
+  });
+  return y;
+}
+
+// The middle of the attention sublayer for a float32 cache on the CPU, one pass per row and
+// head: from the fused projection qkv (B, 1, 3C), rotate the row's query and key by RoPE
+// (apply_rope's rotate-half, the same float32 products and sums), write its key and value to
+// its slot at its position, and attend over its prefix (attend_row) -> y (B, 1, C), heads side
+// by side. The same arithmetic as rotating with ATen ops, write_cache and attend_prefixes, so
+// the same logits, without their ~30 small ops and copies a layer. cos, sin (B, 1, 1, D/2)
+// float32, contiguous.
+Tensor rotate_write_attend(const Tensor& qkv, const Tensor& cos, const Tensor& sin,
+                           Tensor& k_cache, Tensor& v_cache, const RowIndex& rows,
+                           int64_t H) {
+  const int64_t B = qkv.size(0), C = qkv.size(2) / 3, D = C / H, half = D / 2;
+  const int64_t L = k_cache.size(2);
+  const auto x = qkv.contiguous();
+  auto y = at::empty({B, 1, C}, x.options());
+  const float* x_at = x.data_ptr<float>();
+  const float* cos_at = cos.data_ptr<float>();
+  const float* sin_at = sin.data_ptr<float>();
+  float* k_at = k_cache.data_ptr<float>();
+  float* v_at = v_cache.data_ptr<float>();
+  float* y_at = y.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> weight(L), q(D);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H, slot = rows.slot_at[b], n = rows.position_at[b] + 1;
+      const float* qv = x_at + b * 3 * C + h * D;
+      const float* kv = qv + C;
+      const float* vv = qv + 2 * C;
+      const float* c = cos_at + b * half;
+      const float* s = sin_at + b * half;
+      float* keys = k_at + slot * k_cache.stride(0) + h * k_cache.stride(1);
+      float* values = v_at + slot * v_cache.stride(0) + h * v_cache.stride(1);
+      float* key = keys + (n - 1) * k_cache.stride(2);
+      for (int64_t d = 0; d < half; ++d) {  // x1 * cos - x2 * sin, x1 * sin + x2 * cos
+        q[d] = qv[d] * c[d] - qv[d + half] * s[d];
+        q[d + half] = qv[d] * s[d] + qv[d + half] * c[d];
+        key[d] = kv[d] * c[d] - kv[d + half] * s[d];
+        key[d + half] = kv[d] * s[d] + kv[d + half] * c[d];
       }
-      float total = 0.0f;
-      for (int64_t j = 0; j < n; ++j) {
-        weight[j] = std::exp(weight[j] - top);
-        total += weight[j];
-      }
-      float* out = y_at + i * D;
-      std::fill(out, out + D, 0.0f);
-      for (int64_t j = 0; j < n; ++j) {
-        const float* value = values + j * vs2;
-        const float w = weight[j];
-        for (int64_t d = 0; d < D; ++d) out[d] += w * value[d];
-      }
-      const float inverse = 1.0f / total;
-      for (int64_t d = 0; d < D; ++d) out[d] *= inverse;
+      std::memcpy(values + (n - 1) * v_cache.stride(2), vv, D * sizeof(float));
+      attend_row(q.data(), keys, values, n, D, k_cache.stride(2), v_cache.stride(2), scale,
+                 weight.data(), y_at + b * C + h * D);
     }
   });
   return y;
@@ -191,7 +246,8 @@ class RETStep {
         k_cache.stride(4) == 1 && v_cache.stride(4) == 1) {
       rows.emplace(slots, positions, k_cache.select(0, 0));
     }
-    const bool prefix = prefix_ && rows && k_cache.scalar_type() == at::kFloat;
+    const bool prefix = prefix_ && rows && k_cache.scalar_type() == at::kFloat &&
+                      cond.scalar_type() == at::kFloat;
     const bool dense = !prefix && in_own_slots(slots, span);
     const auto angles = positions.unsqueeze(1).to(at::kFloat).unsqueeze(-1) * inv_freq_;
     const auto cos = angles.cos().unsqueeze(-3), sin = angles.sin().unsqueeze(-3);
@@ -252,6 +308,11 @@ class RETStep {
                    const Tensor& slots, const Tensor& visible, int64_t length, int64_t span,
                    bool dense, const RowIndex* rows, bool prefix) const {
     const int64_t B = h.size(0), C = h.size(2), H = n_head_, D = C / H, half = D / 2;
+    if (prefix) {
+      const auto y = rotate_write_attend(at::linear(h, w.qkv), cos, sin, k_cache, v_cache,
+                                         *rows, H);
+      return at::linear(y, w.attn_proj);
+    }
     const auto qkv = at::linear(h, w.qkv).split(C, 2);
     const auto q0 = qkv[0].view({B, 1, H, D}).transpose(1, 2);  // (B, H, 1, D)
     const auto k0 = qkv[1].view({B, 1, H, D}).transpose(1, 2);
@@ -271,9 +332,7 @@ class RETStep {
       v_cache.index_put_({slots, Slice(), positions}, v.select(2, 0));
     }
     Tensor y;  // (B, H, 1, D)
-    if (prefix) {
-      y = attend_prefixes(q, k_cache, v_cache, *rows);
-    } else {
+    {
       const auto keys = k_cache.slice(0, 0, span).slice(2, 0, length);  // (S, H, L, D)
       const auto values = v_cache.slice(0, 0, span).slice(2, 0, length);
       if (dense) {

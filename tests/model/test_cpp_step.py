@@ -1,6 +1,7 @@
 """The C++ decode step (model/cpp_step.py) against the eager RET.step: bitwise the same logits
 and cache writes for any shape, any rows, any positions; the same greedy text. Its prefix
-attention: SDPA over each row's own prefix to rounding, and the same greedy text."""
+attention: SDPA over each row's own prefix to rounding; the prefix step, bitwise the eager
+step's ops with that attention in SDPA's place; and the same greedy text."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from retd.model import cpp_step
 from retd.model.checkpoint import load_checkpoint
 from retd.model.cpp_step import CppStep, load_extension, step_function, step_name
 from retd.model.generation import SamplingParams, generate
-from retd.model.model import RET, KVCache, RETConfig
+from retd.model.model import RET, CausalSelfAttention, KVCache, RETConfig
 
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "model" / "checkpoints"
 
@@ -146,6 +147,55 @@ def test_a_prefix_step_is_the_eager_step_to_rounding(
     torch.testing.assert_close(prefix, eager, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(caches[1].k, caches[0].k, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(caches[1].v, caches[0].v, rtol=1e-4, atol=1e-4)
+
+
+def _attention_through_prefix_attention(
+    self: CausalSelfAttention,
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    length: int | None = None,
+    span: int | None = None,
+) -> torch.Tensor:
+    """CausalSelfAttention.step with the extension's prefix_attention where SDPA was: ATen's
+    RoPE, index_put_ cache writes, then attention over each row's own prefix."""
+    B, _, C = x.shape
+    q, k, v = self._heads(x)
+    q, k = self._rope(q, k, positions[:, None])
+    k_cache[slots, :, positions] = k[:, :, 0]
+    v_cache[slots, :, positions] = v[:, :, 0]
+    y = load_extension().prefix_attention(q, k_cache, v_cache, slots, positions)
+    return self.proj(y.transpose(1, 2).reshape(B, 1, C))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=shapes(), data=st.data())
+def test_a_prefix_step_is_bitwise_the_eager_ops_around_prefix_attention(
+    config: RETConfig, data: st.DataObject
+) -> None:
+    """The prefix step rotates, writes the cache and attends in one pass per row and head:
+    the same logits and cache, to the bit, as the eager step's ops with prefix_attention in
+    SDPA's place (so the 500 held-out outputs measured for prefix attention still hold)."""
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    model = RET(config).eval().requires_grad_(False)
+    num_slots, slots, drawn = draw_rows(data, config.max_length)
+    positions, rows = torch.tensor(drawn), torch.tensor(slots)
+    caches = KVCache(config, num_slots), KVCache(config, num_slots)
+    caches[0].k.normal_()
+    caches[0].v.normal_()
+    caches[1].k.copy_(caches[0].k)
+    caches[1].v.copy_(caches[0].v)
+    cond = model.condition(torch.randn(len(slots), config.embedding_dim))
+    tokens = torch.randint(0, config.vocab_size, (len(slots),))
+    with pytest.MonkeyPatch.context() as patch, torch.inference_mode():
+        patch.setattr(CausalSelfAttention, "step", _attention_through_prefix_attention)
+        reference = model.step(cond, tokens, positions, caches[0], rows)
+    with torch.inference_mode():
+        fused = CppStep(model, prefix=True)(cond, tokens, positions, caches[1], rows)
+    assert torch.equal(fused, reference)
+    assert torch.equal(caches[1].k, caches[0].k) and torch.equal(caches[1].v, caches[0].v)
 
 
 def test_bfloat16_steps_are_bitwise_the_eager_ones() -> None:
