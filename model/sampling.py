@@ -153,8 +153,9 @@ def filter_logits(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
 class SamplingBatch:
     """The sampling parameters of one batch composition (B rows) as tensors on `device`.
 
-    Built once per composition: the tensors of the filters a batch does not use are None, so
-    a step pays only for what its rows ask for."""
+    Built once per composition (with continuous batching, most steps): the tensors of the
+    filters a batch does not use are None, and an all-greedy batch builds none of the draw's
+    (greedy, temperature, seeded, keys), so a step pays only for what its rows ask for."""
 
     def __init__(
         self,
@@ -165,19 +166,26 @@ class SamplingBatch:
     ) -> None:
         self.params = tuple(params)
         B, V = len(self.params), vocab_size
+        self.size, self.vocab_size = B, V
+        self.device = torch.device(device)
         self.eos_id = eos_id
         self.eos_bias: Tensor | None = None  # (B,): each row's bias on the EOS logit
         if any(p.eos_bias for p in self.params):
             self.eos_bias = torch.tensor([float(p.eos_bias) for p in self.params], device=device)
-        greedy = [p.greedy for p in self.params]
-        self.all_greedy = all(greedy)
-        self.any_greedy = any(greedy)
-        self.greedy = torch.tensor(greedy, dtype=torch.bool, device=device)  # (B,)
         self.penalty: Tensor | None = None
         if any(p.penalizes for p in self.params):
             self.penalty = torch.tensor(  # (B, 1)
                 [[float(p.repetition_penalty)] for p in self.params], device=device
             )
+        greedy = [p.greedy for p in self.params]
+        self.all_greedy = all(greedy)
+        self.any_greedy = any(greedy)
+        self.kth_index: Tensor | None = None
+        self.top_p: Tensor | None = None
+        self.all_seeded = self.any_seeded = False
+        if self.all_greedy:  # the rest is what a draw reads: an all-greedy batch takes argmax
+            return
+        self.greedy = torch.tensor(greedy, dtype=torch.bool, device=device)  # (B,)
         sampled = [p for p in self.params if not p.greedy]
         # Greedy rows ride along the sampled ones' ops harmlessly: temperature 1, no filters.
         temperature = [1.0 if p.greedy else float(p.temperature) for p in self.params]
@@ -185,11 +193,9 @@ class SamplingBatch:
         self.temperature = torch.tensor(temperature, device=device)[:, None].clamp_min(
             torch.finfo(torch.float32).tiny
         )  # (B, 1)
-        self.kth_index: Tensor | None = None
         if any(0 < p.top_k < V for p in sampled):
             top_k = [p.top_k if not p.greedy and 0 < p.top_k < V else V for p in self.params]
             self.kth_index = torch.tensor(top_k, device=device)[:, None] - 1  # (B, 1)
-        self.top_p: Tensor | None = None
         if any(p.top_p < 1 for p in sampled):
             top_p = [p.top_p if not p.greedy and p.top_p < 1 else float("inf") for p in self.params]
             self.top_p = torch.tensor(top_p, device=device)[:, None]  # (B, 1)
@@ -202,7 +208,6 @@ class SamplingBatch:
             dtype=torch.long,
             device=device,
         )
-        self.size, self.vocab_size = B, V
 
     def matches(self, params: Sequence[SamplingParams]) -> bool:
         """Whether `params` are this batch's, the same objects in the same order."""
@@ -212,7 +217,7 @@ class SamplingBatch:
         """One u in [0, 1) per row (B,) float32: seeded rows hash (key, step), the rest draw."""
         if self.all_seeded:
             return counter_uniforms(self.keys, steps)
-        drawn = torch.rand(self.size, device=self.keys.device)
+        drawn = torch.rand(self.size, device=self.device)
         if not self.any_seeded:
             return drawn
         return torch.where(self.seeded, counter_uniforms(self.keys, steps), drawn)
@@ -329,7 +334,7 @@ class Sampler:
             batch is None
             or not batch.matches(params)
             or batch.vocab_size != logits.shape[-1]
-            or batch.greedy.device != logits.device
+            or batch.device != logits.device
         ):
             if len(params) != logits.shape[0]:
                 raise ValueError(f"got {logits.shape[0]} rows of logits and {len(params)} params")

@@ -98,17 +98,22 @@ def sampling_suite(duration: float, rounds: int = 4) -> list[Scenario]:
     ]
 
 
-def telemetry_suite(duration: float) -> list[Scenario]:
+def telemetry_suite(duration: float, rounds: int = 2) -> list[Scenario]:
     """Tracing off against tracing on (every span sampled, exported by OTLP to a receiver
-    on loopback), twice each, interleaved, at 64 callers."""
+    on loopback) at 64 callers, with the thread engine and with the engine process, in
+    `rounds` interleaved rounds."""
     fixed = BenchConfig(concurrency=64, duration=duration)
-    off = Scenario("tracing off", fixed, "--max-batch-size 64 --traces-exporter none")
-    on = Scenario(
-        "tracing on (100%, OTLP to loopback)",
-        fixed,
-        "--max-batch-size 64 --traces-exporter otlp --otlp-endpoint http://{otlp}",
-    )
-    return [off, on, off, on]
+    tracing = {
+        "off": " --traces-exporter none",
+        "on (100%, OTLP to loopback)": " --traces-exporter otlp --otlp-endpoint http://{otlp}",
+    }
+    engines = {"": "", ", engine process": " --engine process"}
+    return [
+        Scenario(f"tracing {state}{engine}", fixed, "--max-batch-size 64" + flags + engine_flags)
+        for _ in range(rounds)
+        for engine, engine_flags in engines.items()
+        for state, flags in tracing.items()
+    ]
 
 
 def step_suite(duration: float, rounds: int = 3) -> list[Scenario]:
