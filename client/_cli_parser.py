@@ -32,6 +32,7 @@ SERVER_COMMANDS = {
     "embed": "embed the corpus with the sentence encoder (needs retd[encoder])",
     "train": "train a RET decoder on the embedded corpus (needs retd[encoder])",
     "eval": "score a checkpoint on the held-out split (needs retd[encoder])",
+    "promote": "make a training run the committed checkpoint if better (needs retd[encoder])",
     "build-phrase-bank": "embed a text file into a phrase bank to serve (needs retd[encoder])",
 }
 

@@ -105,6 +105,27 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _promote(args: argparse.Namespace) -> int:
+    from retd.model.promote import promote
+
+    try:
+        done = promote(args.run_dir, args.into, args.data_dir, args.label, args.texts)
+    except ValueError as exc:
+        print(f"retd promote: {exc}")
+        return 2
+    verdict = "promoted" if done.promoted else "not better: nothing written"
+    print(
+        f"held-out loss per byte ({args.texts} texts): {args.into} {done.before:.4f}, "
+        f"{args.run_dir} {done.after:.4f}: {verdict}"
+    )
+    if done.promoted:
+        print(
+            f"{done.curve_rows} evaluations added to the learning curve ({done.total_minutes} "
+            f"training minutes in all); next: retd eval {args.into} --per-source 50"
+        )
+    return 0 if done.promoted else 1
+
+
 def _build_phrase_bank(args: argparse.Namespace) -> int:
     import torch
 
@@ -267,6 +288,24 @@ def add_commands(
     evaluate.add_argument("--no-encoder", action="store_true", help="skip the re-encoded cosine")
     evaluate.add_argument("--no-write", action="store_true", help="leave the card unchanged")
     evaluate.set_defaults(run=_eval)
+    promote = commands.add_parser(
+        "promote",
+        parents=[data],
+        help=helps["promote"],
+        description="Score RUN/checkpoint and the committed checkpoint on the same held-out "
+        "texts; if the run's loss is lower, it replaces the committed weights, tokenizer and "
+        "card (keeping the card's decode_defaults) and its evaluations join the learning "
+        "curve. Exit status 0 if promoted, 1 if not better, 2 if not a continuation.",
+    )
+    promote.add_argument("run_dir", type=Path, metavar="RUN", help="a training run's out_dir")
+    promote.add_argument(
+        "--into", type=Path, required=True, metavar="DIR", help="the committed checkpoint"
+    )
+    promote.add_argument("--label", required=True, help="what the learning curve calls this run")
+    promote.add_argument(
+        "--texts", type=int, default=256, help="held-out texts to score (default 256)"
+    )
+    promote.set_defaults(run=_promote)
     bank = commands.add_parser(
         "build-phrase-bank",
         help=helps["build-phrase-bank"],
