@@ -112,9 +112,11 @@ def _curve_rows(path: Path) -> list[dict[str, Any]]:
 
 def _curve_end(curve: list[dict[str, Any]], card: dict[str, Any]) -> float:
     """Where the committed checkpoint's training ended, in minutes over all its runs: its
-    last run began at (last row's total - its minutes) and lasted the card's minutes."""
+    last run began at (last row's total - its minutes) and lasted the card's minutes (which
+    the card rounds to 0.1: never before the last row)."""
     minutes = float(card.get("training", {}).get("minutes", 0.0))
     if not curve:
         return minutes
     last = curve[-1]
-    return float(last["total_minutes"]) - float(last["minutes"]) + minutes
+    total = float(last["total_minutes"])
+    return max(total, total - float(last["minutes"]) + minutes)
