@@ -148,8 +148,11 @@ class RETEngine(RETRequests, Engine):
                 self._penalized.add(joiner.seq_id)
         pushed: list[Row] = []
         for row in step.rows:  # each row's last byte, seen once per step
-            if row.seq_id in joining and row.seq_id in self._penalized:
-                self._repeats.reset(row.slot, self._params[row.seq_id])
+            if row.seq_id in joining:  # what the slot's last sequence left is forgotten
+                if row.seq_id in self._penalized:
+                    self._repeats.reset(row.slot, self._params[row.seq_id])
+                else:
+                    self._repeats.forget(row.slot)
             if row.position == 0 or row.padding:
                 continue
             blocker = self._blockers.get(row.seq_id)
