@@ -123,17 +123,14 @@ def test_a_step_refuses_a_row_outside_the_cache(tiny_model: RET) -> None:
         CppStep(tiny_model)(cond, torch.tensor([1]), torch.tensor([0]), cache, torch.tensor([5]))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(config=shapes(), data=st.data())
-def test_a_prefix_step_is_the_eager_step_to_rounding(
+def prefix_case(
     config: RETConfig, data: st.DataObject
-) -> None:
-    """The prefix-attention step: the eager step's logits and cache writes to float32
-    rounding, for any shape, rows, slots and positions."""
+) -> tuple[RET, tuple[torch.Tensor, ...], tuple[KVCache, KVCache]]:
+    """A random model of `config`, a step's inputs (cond, tokens, positions, slots) for rows
+    drawn from `data`, and two equal caches with garbage in them, one for each way."""
     torch.manual_seed(data.draw(st.integers(0, 2**16)))
     model = RET(config).eval().requires_grad_(False)
     num_slots, slots, drawn = draw_rows(data, config.max_length)
-    positions, rows = torch.tensor(drawn), torch.tensor(slots)
     caches = KVCache(config, num_slots), KVCache(config, num_slots)
     caches[0].k.normal_()
     caches[0].v.normal_()
@@ -141,6 +138,17 @@ def test_a_prefix_step_is_the_eager_step_to_rounding(
     caches[1].v.copy_(caches[0].v)
     cond = model.condition(torch.randn(len(slots), config.embedding_dim))
     tokens = torch.randint(0, config.vocab_size, (len(slots),))
+    return model, (cond, tokens, torch.tensor(drawn), torch.tensor(slots)), caches
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=shapes(), data=st.data())
+def test_a_prefix_step_is_the_eager_step_to_rounding(
+    config: RETConfig, data: st.DataObject
+) -> None:
+    """The prefix-attention step: the eager step's logits and cache writes to float32
+    rounding, for any shape, rows, slots and positions."""
+    model, (cond, tokens, positions, rows), caches = prefix_case(config, data)
     with torch.inference_mode():
         eager = model.step(cond, tokens, positions, caches[0], rows)
         prefix = CppStep(model, prefix=True)(cond, tokens, positions, caches[1], rows)
@@ -178,17 +186,7 @@ def test_a_prefix_step_is_bitwise_the_eager_ops_around_prefix_attention(
     """The prefix step rotates, writes the cache and attends in one pass per row and head:
     the same logits and cache, to the bit, as the eager step's ops with prefix_attention in
     SDPA's place (so the 500 held-out outputs measured for prefix attention still hold)."""
-    torch.manual_seed(data.draw(st.integers(0, 2**16)))
-    model = RET(config).eval().requires_grad_(False)
-    num_slots, slots, drawn = draw_rows(data, config.max_length)
-    positions, rows = torch.tensor(drawn), torch.tensor(slots)
-    caches = KVCache(config, num_slots), KVCache(config, num_slots)
-    caches[0].k.normal_()
-    caches[0].v.normal_()
-    caches[1].k.copy_(caches[0].k)
-    caches[1].v.copy_(caches[0].v)
-    cond = model.condition(torch.randn(len(slots), config.embedding_dim))
-    tokens = torch.randint(0, config.vocab_size, (len(slots),))
+    model, (cond, tokens, positions, rows), caches = prefix_case(config, data)
     with pytest.MonkeyPatch.context() as patch, torch.inference_mode():
         patch.setattr(CausalSelfAttention, "step", _attention_through_prefix_attention)
         reference = model.step(cond, tokens, positions, caches[0], rows)
