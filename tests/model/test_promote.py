@@ -25,7 +25,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A first run, the committed copy of its checkpoint (with decode defaults and a learning
     curve), a run that goes on from it, and a run of another shape."""
     root = tmp_path_factory.mktemp("promote")
-    first = fixture_config(root / "first", max_steps=20, eval_every=10)
+    first = fixture_config(root / "first", max_steps=10, eval_every=5)
     first_checkpoint = train(first, progress=False)
     committed = root / "committed"
     shutil.copytree(first_checkpoint, committed)
@@ -38,7 +38,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         if "heldout_loss" in row
     ]
     (committed / "learning_curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
-    on = fixture_config(root / "on", max_steps=40, eval_every=20, init_from=str(first_checkpoint))
+    on = fixture_config(root / "on", max_steps=20, eval_every=10, init_from=str(first_checkpoint))
     train(on, progress=False)
     other = fixture_config(root / "other", max_steps=2, eval_every=2, architecture="ret_tiny")
     train(other, progress=False)
@@ -56,7 +56,7 @@ def test_a_better_run_is_promoted_and_a_worse_one_is_not(
     committed = runs["committed"]
     before = heldout_loss(committed, FIXTURE, texts=16)
     run_loss = heldout_loss(runs["on"] / "checkpoint", FIXTURE, texts=16)
-    assert run_loss < before  # 40 more steps on the fixture
+    assert run_loss < before  # 20 more steps on the fixture
 
     code = cli(
         ["promote", str(runs["on"]), "--into", str(committed), "--label", "on",
@@ -67,7 +67,7 @@ def test_a_better_run_is_promoted_and_a_worse_one_is_not(
     assert heldout_loss(committed, FIXTURE, texts=16) == run_loss
     card = load_checkpoint(committed).card
     assert card["decode_defaults"] == DEFAULTS  # the committed card's, kept
-    assert card["training"]["steps"] == 40  # the run's card otherwise
+    assert card["training"]["steps"] == 20  # the run's card otherwise
     curve = [json.loads(line) for line in (committed / "learning_curve.jsonl").open()]
     assert [row["run"] for row in curve] == ["first", "first", "on", "on"]
     totals = [row["total_minutes"] for row in curve]  # counted on from the first run's end
