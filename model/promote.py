@@ -22,12 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from .checkpoint import load_checkpoint
-from .embed import load_split
-from .train import encode_texts, heldout_losses, heldout_rows
+from .embed import EmbeddedSplit, load_split
+from .train import heldout_losses, heldout_set
 
 CURVE = "learning_curve.jsonl"
 COPIED = ("model.safetensors", "card.json", "tokenizer.json")
@@ -47,14 +44,17 @@ class Promotion:
 def heldout_loss(checkpoint: Path, data_dir: Path, texts: int = 256) -> float:
     """A checkpoint's loss per byte on the first `texts` held-out texts (training's own
     held-out figure: the same texts, the same measure)."""
-    loaded = load_checkpoint(checkpoint, device="cpu")
-    split = load_split(data_dir, "heldout")
-    rows = heldout_rows(len(split.texts), texts)
-    encoded = encode_texts(
-        [split.texts[i] for i in rows], loaded.config.max_length, loaded.tokenizer
-    )
-    embeddings = torch.from_numpy(split.embeddings[rows].astype(np.float32))
-    return heldout_losses(loaded.model, embeddings, encoded, loaded.tokenizer)[0]
+    return _losses([checkpoint], load_split(data_dir, "heldout"), texts)[0]
+
+
+def _losses(checkpoints: list[Path], split: EmbeddedSplit, texts: int) -> list[float]:
+    """Each checkpoint's held-out loss per byte on `heldout_set`'s texts of `split` (encoded
+    once: the checkpoints share a tokenizer and a length)."""
+    loaded = [load_checkpoint(path, device="cpu") for path in checkpoints]
+    first = loaded[0]
+    n = min(texts, len(split.texts))
+    _, embeddings, encoded = heldout_set(split, n, first.config.max_length, first.tokenizer)
+    return [heldout_losses(c.model, embeddings, encoded, c.tokenizer)[0] for c in loaded]
 
 
 def promote(run_dir: Path, into: Path, data_dir: Path, label: str, texts: int = 256) -> Promotion:
@@ -71,8 +71,7 @@ def promote(run_dir: Path, into: Path, data_dir: Path, label: str, texts: int = 
         )
     if _read(source / "tokenizer.json") != _read(into / "tokenizer.json"):
         raise ValueError(f"{source} is not a continuation of {into}: its tokenizer differs")
-    before = heldout_loss(into, data_dir, texts)
-    after = heldout_loss(source, data_dir, texts)
+    before, after = _losses([into, source], load_split(data_dir, "heldout"), texts)
     if not after < before:
         return Promotion(before, after, promoted=False)
     curve = _curve_rows(into / CURVE)

@@ -20,7 +20,7 @@ import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from retd.model.evaluate import greedy_texts, heldout_rows, text_scores
 from retd.model.model import RET, model_class
 from retd.model.run_setup import model_config_for, resolve_tokenizer, warm_start
 from retd.model.tokenizer import BYTES, Tokenizer
+
+if TYPE_CHECKING:
+    from retd.model.embed import EmbeddedSplit
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,18 @@ def make_optimizer(model: RET, config: TrainConfig) -> torch.optim.AdamW:
     )
 
 
+def heldout_set(
+    split: EmbeddedSplit, n: int, max_length: int, tokenizer: Tokenizer = BYTES
+) -> tuple[list[str], torch.Tensor, list[np.ndarray]]:
+    """The held-out texts training evaluates on: `n` evenly spaced over the split (which is
+    grouped by source, so every source counts), their embeddings (n, E) float32 and their
+    encoded tokens. `retd promote` scores checkpoints on the same texts."""
+    rows = heldout_rows(len(split.texts), n)
+    texts = [split.texts[i] for i in rows]
+    embeddings = torch.from_numpy(split.embeddings[rows].astype(np.float32))
+    return texts, embeddings, encode_texts(texts, max_length, tokenizer)
+
+
 @torch.no_grad()
 def heldout_losses(
     model: RET,
@@ -225,11 +240,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     if not encoded or not heldout_split.texts:
         raise ValueError(f"no embedded texts under {data_dir}: run `retd corpus` and `retd embed`")
     n_eval = min(config.eval_texts, len(heldout_split.texts))
-    # Evenly spaced over the held-out split, which is grouped by source: every source counts.
-    eval_rows = heldout_rows(len(heldout_split.texts), n_eval)
-    eval_texts = [heldout_split.texts[i] for i in eval_rows]
-    eval_encoded = encode_texts(eval_texts, model_config.max_length, tokenizer)
-    eval_embeddings = torch.from_numpy(heldout_split.embeddings[eval_rows].astype(np.float32))
+    eval_texts, eval_embeddings, eval_encoded = heldout_set(
+        heldout_split, n_eval, model_config.max_length, tokenizer
+    )
 
     torch.manual_seed(config.seed)
     model = model_class(config.architecture)(model_config)
