@@ -331,17 +331,15 @@ class RETStep {
       k_cache.index_put_({slots, Slice(), positions}, k.select(2, 0));
       v_cache.index_put_({slots, Slice(), positions}, v.select(2, 0));
     }
+    const auto keys = k_cache.slice(0, 0, span).slice(2, 0, length);  // (S, H, L, D)
+    const auto values = v_cache.slice(0, 0, span).slice(2, 0, length);
     Tensor y;  // (B, H, 1, D)
-    {
-      const auto keys = k_cache.slice(0, 0, span).slice(2, 0, length);  // (S, H, L, D)
-      const auto values = v_cache.slice(0, 0, span).slice(2, 0, length);
-      if (dense) {
-        y = at::scaled_dot_product_attention(q, keys, values, visible);
-      } else {
-        auto q_at_slot = q.new_zeros({span, H, 1, D});
-        q_at_slot.index_put_({slots}, q);
-        y = at::scaled_dot_product_attention(q_at_slot, keys, values, visible).index({slots});
-      }
+    if (dense) {
+      y = at::scaled_dot_product_attention(q, keys, values, visible);
+    } else {
+      auto q_at_slot = q.new_zeros({span, H, 1, D});
+      q_at_slot.index_put_({slots}, q);
+      y = at::scaled_dot_product_attention(q_at_slot, keys, values, visible).index({slots});
     }
     return at::linear(y.transpose(1, 2).reshape({B, 1, C}), w.attn_proj);
   }
