@@ -30,7 +30,8 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Protocol, cast
@@ -38,6 +39,7 @@ from typing import Protocol, cast
 import torch
 from torch import Tensor, nn
 
+from .decoding import SamplingParams
 from .defaults import STEP_IMPLS
 from .model import RET, Block, KVCache
 
@@ -139,12 +141,77 @@ class CppStep:
         slots: Tensor,
         length: int | None = None,
         span: int | None = None,
+        history: Tensor | None = None,
     ) -> Tensor:
+        """`history` (S, L) long, if given: each slot's generated tokens, what `decode`'s loop
+        breakers read; row b's input token is written to it at its position - 1."""
         if length is None:
             length = int(positions.max()) + 1
         if span is None:
             span = int(slots.max()) + 1
-        return self._step.step(cond, tokens, positions, cache.k, cache.v, slots, length, span)
+        return self._step.step(
+            cond, tokens, positions, cache.k, cache.v, slots, length, span, history
+        )
+
+    def decode(
+        self,
+        cond: Tensor,
+        tokens: Tensor,
+        positions: Tensor,
+        cache: KVCache,
+        slots: Tensor,
+        span: int,
+        history: Tensor,
+        controls: GreedyControls,
+        steps: int,
+    ) -> tuple[Tensor, Tensor]:
+        """`steps` greedy decode steps in one call, each row's token fed back as its next
+        input, its loop breakers (`controls`) read from `history`: the tokens (steps, B) long
+        and their log-probabilities (steps, B) float32 that `sample_batch` would pick a step
+        at a time for greedy rows, bitwise. Every row's position + steps must be within the
+        cache (its max_length)."""
+        return cast(
+            tuple[Tensor, Tensor],
+            self._step.decode(
+                cond,
+                tokens,
+                positions,
+                cache.k,
+                cache.v,
+                slots,
+                span,
+                history,
+                controls.eos_bias,
+                controls.penalty,
+                controls.penalty_n,
+                controls.ban_n,
+                controls.eos_id,
+                steps,
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class GreedyControls:
+    """The loop breakers of a batch of greedy rows as `CppStep.decode` takes them, (B,) each:
+    the EOS bias, the repetition penalty (1: off) and its n-gram size, the no-repeat n-gram
+    size (0: off)."""
+
+    eos_bias: Tensor
+    penalty: Tensor
+    penalty_n: Tensor
+    ban_n: Tensor
+    eos_id: int
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams], eos_id: int) -> GreedyControls:
+        return cls(
+            torch.tensor([float(p.eos_bias) for p in params]),
+            torch.tensor([float(p.repetition_penalty) for p in params]),
+            torch.tensor([p.repetition_ngram_size for p in params]),
+            torch.tensor([p.no_repeat_ngram_size for p in params]),
+            eos_id,
+        )
 
 
 def step_name(step: StepFunction) -> str:

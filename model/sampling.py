@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from .generation import SamplingParams
 
 _MASK64 = (1 << 64) - 1
+# The tokens each row may not pick: a collection per row, or a (B, V) bool mask.
+Banned = Sequence[Collection[int]] | Tensor
+
 _GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment: 2**64 / the golden ratio
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _U_BITS = 24  # float32's mantissa: u = k / 2**24 is exact
@@ -223,8 +226,11 @@ class SamplingBatch:
         return torch.where(self.seeded, counter_uniforms(self.keys, steps), drawn)
 
 
-def _banned_mask(logits: Tensor, banned: Sequence[Collection[int]]) -> Tensor:
-    """logits (B, V) with -inf at row i's banned tokens: one indexed write for the batch."""
+def _banned_mask(logits: Tensor, banned: Banned) -> Tensor:
+    """logits (B, V) with -inf at row i's banned tokens: one indexed write for the batch (or
+    one masked fill, `banned` a (B, V) bool mask)."""
+    if isinstance(banned, Tensor):
+        return logits.masked_fill(banned.to(logits.device), float("-inf"))
     rows = [i for i, tokens in enumerate(banned) for _ in tokens]
     if not rows:
         return logits
@@ -257,7 +263,7 @@ def sample_batch(
     logits: Tensor,
     batch: SamplingBatch,
     steps: int | Sequence[int] | Tensor = 0,
-    banned: Sequence[Collection[int]] | None = None,
+    banned: Banned | None = None,
     repeated: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`sample` with the batch's parameters already as tensors."""
@@ -291,7 +297,7 @@ def sample(
     logits: Tensor,
     params: Sequence[SamplingParams],
     steps: int | Sequence[int] | Tensor = 0,
-    banned: Sequence[Collection[int]] | None = None,
+    banned: Banned | None = None,
     repeated: Tensor | None = None,
     eos_id: int = 0,
 ) -> tuple[Tensor, Tensor]:
@@ -301,7 +307,8 @@ def sample(
     from (seed, steps[i]) for a seeded row (steps: each row's draw counter, the number of tokens
     it has generated; an int for all rows), so a row never depends on its batch-mates.
     `repeated` (B, V) bool: the tokens row i's `repetition_penalty` applies to (see
-    `RepetitionTracker`); `banned[i]`: tokens row i may not pick (no-repeat n-grams); a row's
+    `RepetitionTracker`); `banned[i]`: tokens row i may not pick (no-repeat n-grams; or a
+    (B, V) bool mask of them); a row's
     `eos_bias` is added to token `eos_id`'s logit first. logprob is the unfiltered, unbiased,
     temperature-1 log-probability of the chosen token. A sampled row that cannot draw gets
     token -1 (logprob NaN).
@@ -326,7 +333,7 @@ class Sampler:
         logits: Tensor,
         params: Sequence[SamplingParams],
         steps: int | Sequence[int] | Tensor = 0,
-        banned: Sequence[Collection[int]] | None = None,
+        banned: Banned | None = None,
         repeated: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         batch = self._batch

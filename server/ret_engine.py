@@ -8,7 +8,7 @@ The generic worker loop it plugs into is `Engine`'s (server/engine.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,10 +20,17 @@ from retd.model.checkpoint import (
     parse_dtype,
     resolve_device,
 )
-from retd.model.cpp_step import StepFunction, step_function, step_name
+from retd.model.cpp_step import (
+    CppStep,
+    GreedyControls,
+    StepFunction,
+    load_extension,
+    step_function,
+    step_name,
+)
 from retd.model.generation import NGramBlocker, RepetitionTracker, SamplingParams
 from retd.model.model import KVCache
-from retd.model.sampling import Sampler
+from retd.model.sampling import Banned, Sampler
 from retd.server.config import ModelSpec
 from retd.server.engine import (
     Engine,
@@ -93,6 +100,14 @@ class RETEngine(RETRequests, Engine):
         # Worker thread only: the bytes each slot's repetition penalty applies to.
         self._repeats = RepetitionTracker(slots, config.vocab_size, self.device)
         self._penalized: set[int] = set()  # seq_ids whose repetition penalty is on
+        # With the C++ step on the CPU: each slot's generated tokens, written by the step, from
+        # which its loop breakers are read (not the trackers above), so that an all-greedy
+        # batch can run several steps in one call (`_decode`).
+        self._decoder: CppStep | None = None
+        self._history: torch.Tensor | None = None
+        if isinstance(self._step, CppStep) and self.device.type == "cpu":
+            self._decoder = self._step
+            self._history = torch.zeros(slots, config.max_length, dtype=torch.long)
 
     def warm_up(self, steps: int = 4) -> None:
         """Run a few decode steps so the first caller pays no start-up cost; call it before
@@ -111,17 +126,54 @@ class RETEngine(RETRequests, Engine):
         self._blockers.clear()
         self._penalized.clear()
 
-    def _run_step(self, step: Step) -> tuple[tuple[list[int], list[float]], dict[int, str]]:
+    def _run_step(self, step: Step) -> tuple[list[tuple[list[int], list[float]]], dict[int, str]]:
+        """One step's tokens and log-probabilities, or up to `step.steps` steps' in one call
+        of the C++ step when every row is greedy (the same tokens, a step at a time)."""
+        self._register(step.new)
+        if self._decoder is not None and self._all_greedy(step):
+            try:
+                return self._decode(step), {}
+            except Exception as exc:  # run it a step at a time, which isolates the rows at fault
+                log.warning(
+                    "model %s: a greedy call of %d rows failed (%r)", self.name, len(step.rows), exc
+                )
         tokens, logprobs, failures = self._execute_isolating_faults(step)
-        return (tokens, logprobs), failures
+        return [(tokens, logprobs)], failures
+
+    def _all_greedy(self, step: Step) -> bool:
+        params = self._params
+        return all(not r.padding and params[r.seq_id].greedy for r in step.rows)
+
+    def _decode(self, step: Step) -> list[tuple[list[int], list[float]]]:
+        """Up to `step.steps` greedy steps in one C++ call, no row past the cache's end."""
+        assert self._decoder is not None and self._history is not None
+        rows = step.rows
+        steps = min(step.steps, self.loaded.config.max_length - max(r.position for r in rows))
+        self._condition_joiners(rows, {j.seq_id: j.request for j in step.new})
+        slots = torch.tensor([r.slot for r in rows])
+        controls = GreedyControls.of([self._params[r.seq_id] for r in rows], self._eos_id)
+        tokens, logprobs = self._decoder.decode(
+            self._cond[slots],
+            torch.tensor([r.token for r in rows]),
+            torch.tensor([r.position for r in rows]),
+            self._cache,
+            slots,
+            max(r.slot for r in rows) + 1,
+            self._history,
+            controls,
+            steps,
+        )
+        return list(zip(tokens.tolist(), logprobs.tolist(), strict=True))
 
     def _apply(
-        self, step: Step, outcome: tuple[list[int], list[float]] | None, now: float
+        self,
+        step: Step,
+        outcome: list[tuple[list[int], list[float]]] | None,
+        now: float,
     ) -> list[tuple[int, Event]]:
-        tokens, logprobs = outcome or ([], [])
         events: list[tuple[int, Event]] = []
         memory = None
-        for done in self._scheduler.update(step, tokens, logprobs, now):
+        for done in self._scheduler.update_steps(step, outcome or [([], [])], now):
             if isinstance(done, Delta):
                 events.append((done.seq_id, TokenDelta(done.text, (done.token,))))
             else:
@@ -135,33 +187,9 @@ class RETEngine(RETRequests, Engine):
         """Run the step: a token and its log-probability for every row that did not fail,
         and the failed rows' messages, so one bad sequence (or an out-of-memory batch)
         never fails the rest. A padding row is computed, not sampled (its token is 0)."""
-        joining: dict[int, SequenceRequest] = {}
-        for joiner in step.new:  # what is kept of a sequence comes with its first step
-            request = joiner.request
-            params = request.params
-            assert isinstance(params, SamplingParams), "a RET sequence is sampled"
-            joining[joiner.seq_id] = request
-            self._params[joiner.seq_id] = params
-            if params.no_repeat_ngram_size:
-                self._blockers[joiner.seq_id] = NGramBlocker(params.no_repeat_ngram_size)
-            if params.penalizes:
-                self._penalized.add(joiner.seq_id)
-        pushed: list[Row] = []
-        for row in step.rows:  # each row's last byte, seen once per step
-            if row.seq_id in joining:  # what the slot's last sequence left is forgotten
-                if row.seq_id in self._penalized:
-                    self._repeats.reset(row.slot, self._params[row.seq_id])
-                else:
-                    self._repeats.forget(row.slot)
-            if row.position == 0 or row.padding:
-                continue
-            blocker = self._blockers.get(row.seq_id)
-            if blocker is not None:
-                blocker.push(row.token)
-            if row.seq_id in self._penalized:
-                pushed.append(row)
-        if pushed:
-            self._repeats.push([r.slot for r in pushed], [r.token for r in pushed])
+        joining = self._register(step.new)
+        if self._history is None:
+            self._track(step, joining)
         rows, logits, failures = self._forward_isolating_faults(step.rows, joining)
         live = [i for i, r in enumerate(rows) if not r.padding]
         if len(live) < len(rows):
@@ -180,6 +208,44 @@ class RETEngine(RETRequests, Engine):
                 )
         return tokens, logprobs, failures
 
+    def _register(self, new: Sequence[Joiner]) -> dict[int, SequenceRequest]:
+        """Keep what the worker needs of each joiner (it comes with its first step only):
+        its params, and its loop breakers' trackers. Returns the joiners' requests by id."""
+        joining: dict[int, SequenceRequest] = {}
+        for joiner in new:
+            request = joiner.request
+            params = request.params
+            assert isinstance(params, SamplingParams), "a RET sequence is sampled"
+            joining[joiner.seq_id] = request
+            if joiner.seq_id in self._params:
+                continue  # registered already (a greedy call that failed, run again)
+            self._params[joiner.seq_id] = params
+            if params.no_repeat_ngram_size and self._history is None:
+                self._blockers[joiner.seq_id] = NGramBlocker(params.no_repeat_ngram_size)
+            if params.penalizes:
+                self._penalized.add(joiner.seq_id)
+        return joining
+
+    def _track(self, step: Step, joining: Mapping[int, SequenceRequest]) -> None:
+        """Without a token history (the eager step, or a GPU): feed each row's last token to
+        its loop breakers' trackers."""
+        pushed: list[Row] = []
+        for row in step.rows:  # each row's last byte, seen once per step
+            if row.seq_id in joining:  # what the slot's last sequence left is forgotten
+                if row.seq_id in self._penalized:
+                    self._repeats.reset(row.slot, self._params[row.seq_id])
+                else:
+                    self._repeats.forget(row.slot)
+            if row.position == 0 or row.padding:
+                continue
+            blocker = self._blockers.get(row.seq_id)
+            if blocker is not None:
+                blocker.push(row.token)
+            if row.seq_id in self._penalized:
+                pushed.append(row)
+        if pushed:
+            self._repeats.push([r.slot for r in pushed], [r.token for r in pushed])
+
     def _sample(
         self, rows: list[Row], logits: torch.Tensor, failures: dict[int, str]
     ) -> list[tuple[int, float]]:
@@ -189,10 +255,7 @@ class RETEngine(RETRequests, Engine):
             return []
         params = [self._params[r.seq_id] for r in rows]
         positions = [r.position for r in rows]  # each row's draw counter
-        banned = [b.banned() if (b := self._blockers.get(r.seq_id)) else () for r in rows]
-        repeated = None
-        if any(r.seq_id in self._penalized for r in rows):
-            repeated = self._repeats.repeated([r.slot for r in rows])
+        banned, repeated = self._loop_breakers(rows, params)
         try:
             sampled, logprob_tensor = self._sampler(logits, params, positions, banned, repeated)
             return list(zip(sampled.tolist(), logprob_tensor.tolist(), strict=True))
@@ -215,6 +278,30 @@ class RETEngine(RETRequests, Engine):
                 failures[row.seq_id] = f"sampling failed: {row_exc}"
                 drawn.append((-1, float("nan")))
         return drawn
+
+    def _loop_breakers(
+        self, rows: Sequence[Row], params: Sequence[SamplingParams]
+    ) -> tuple[Banned, torch.Tensor | None]:
+        """Each row's banned tokens (no-repeat n-grams) and the (A, V) mask of those its
+        repetition penalty applies to (None when no row has one): from the slots' token
+        history where there is one, else from the trackers."""
+        penalize = [r.seq_id in self._penalized for r in rows]
+        if self._history is None:
+            banned = [b.banned() if (b := self._blockers.get(r.seq_id)) else () for r in rows]
+            repeated = self._repeats.repeated([r.slot for r in rows]) if any(penalize) else None
+            return banned, repeated
+        if not any(penalize) and not any(p.no_repeat_ngram_size for p in params):
+            return [()] * len(rows), None
+        repeated, banned_mask = load_extension().loop_breaker_masks(
+            self._history,
+            torch.tensor([r.slot for r in rows]),
+            torch.tensor([r.position for r in rows]),
+            torch.tensor(penalize),
+            torch.tensor([p.repetition_ngram_size for p in params]),
+            torch.tensor([p.no_repeat_ngram_size for p in params]),
+            self.loaded.config.vocab_size,
+        )
+        return banned_mask, repeated if any(penalize) else None
 
     def _forward_isolating_faults(
         self, rows: tuple[Row, ...], joining: Mapping[int, SequenceRequest]
@@ -249,20 +336,37 @@ class RETEngine(RETRequests, Engine):
     ) -> torch.Tensor:
         """One decode step on the model: next-byte logits (len(rows), V). `joining` holds the
         requests of the sequences whose first step this is (their input is the prefix)."""
-        model, device = self.loaded.model, self.device
-        joined = [r for r in rows if r.seq_id in joining]
-        if joined:
-            batch = np.stack([joining[r.seq_id].embedding for r in joined])
-            joined_slots = torch.tensor([r.slot for r in joined], device=device)
-            self._cond[joined_slots] = model.condition(
-                torch.from_numpy(batch).to(device, self.dtype)
-            )
+        device = self.device
+        self._condition_joiners(rows, joining)
         slots = torch.tensor([r.slot for r in rows], device=device)
         positions = torch.tensor([r.position for r in rows], device=device)
         tokens = torch.tensor([r.token for r in rows], device=device)
         length = max(r.position for r in rows) + 1
         span = max(r.slot for r in rows) + 1
+        if self._decoder is not None:  # it writes each row's last token to the history
+            return self._decoder(
+                self._cond[slots],
+                tokens,
+                positions,
+                self._cache,
+                slots,
+                length,
+                span,
+                history=self._history,
+            )
         return self._step(self._cond[slots], tokens, positions, self._cache, slots, length, span)
+
+    def _condition_joiners(
+        self, rows: Sequence[Row], joining: Mapping[int, SequenceRequest]
+    ) -> None:
+        """Each joining row's conditioning vector into its slot."""
+        joined = [r for r in rows if r.seq_id in joining]
+        if joined:
+            batch = np.stack([joining[r.seq_id].embedding for r in joined])
+            joined_slots = torch.tensor([r.slot for r in joined], device=self.device)
+            self._cond[joined_slots] = self.loaded.model.condition(
+                torch.from_numpy(batch).to(self.device, self.dtype)
+            )
 
     def _result(self, finished: Finished, memory: MemorySample) -> SequenceResult:
         state = finished.state

@@ -28,7 +28,7 @@ import enum
 import heapq
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from retd.model.decoding import OutputBuffer
 from retd.server.config import SchedulerConfig
@@ -118,6 +118,9 @@ class Step:
     new: tuple[Joiner, ...]  # the sequences whose first step this is, with their requests
     aborted: tuple[Aborted, ...]  # left the queue or the batch before this step
     wake_at: float | None = None  # with no rows: nothing to do before this time
+    # The most decode steps the worker may run before the next schedule() (multi-step
+    # scheduling; `update_steps` takes them): never more than the longest row has left.
+    steps: int = 1
 
     @property
     def empty(self) -> bool:
@@ -233,7 +236,22 @@ class Scheduler:
                 + [s.deadline for s in waiting if s.deadline is not None]
             )
         new = tuple(Joiner(s.seq_id, s.request) for s in joined)
-        return Step(rows, new, tuple(aborted), wake_at)
+        return Step(rows, new, tuple(aborted), wake_at, self._steps())
+
+    def _steps(self) -> int:
+        """How many steps the worker may run before the next decision: up to steps_per_call,
+        no more than the longest running sequence has left (1 for a static batch)."""
+        if self.config.steps_per_call == 1 or self._padding or self.config.batching == "static":
+            return 1
+        left = max(
+            (
+                s.output.params.max_new_tokens - s.position
+                for s in self._running.values()
+                if s.output
+            ),
+            default=1,
+        )
+        return max(1, min(self.config.steps_per_call, left))
 
     def update(
         self, step: Step, tokens: Sequence[int], logprobs: Sequence[float], now: float
@@ -264,6 +282,34 @@ class Scheduler:
             elif state.stream:
                 outcomes.append(Delta(state.seq_id, state.output.take_delta(), token))
         return outcomes
+
+    def update_steps(
+        self,
+        step: Step,
+        steps: Sequence[tuple[Sequence[int], Sequence[float]]],
+        now: float,
+    ) -> list[Outcome]:
+        """Apply several steps' tokens, each (tokens, logprobs) aligned with `step.rows`, in
+        order: a row whose sequence ended at an earlier one takes no more (its later tokens,
+        computed past its end, are dropped)."""
+        outcomes: list[Outcome] = []
+        rows = step.rows
+        for j, (tokens, logprobs) in enumerate(steps):
+            if j:
+                keep = [i for i, r in enumerate(step.rows) if self._runs(r)]
+                rows = tuple(step.rows[i] for i in keep)
+                tokens = [tokens[i] for i in keep]
+                logprobs = [logprobs[i] for i in keep]
+            if rows:
+                outcomes += self.update(replace(step, rows=rows), tokens, logprobs, now)
+        return outcomes
+
+    def _runs(self, row: Row) -> bool:
+        """Whether `row`'s sequence still holds its slot (a padding row: its slot still pads)."""
+        if row.padding:
+            return row.slot in self._padding
+        state = self._running.get(row.slot)
+        return state is not None and state.seq_id == row.seq_id
 
     def complete(self, step: Step, now: float) -> list[Finished]:
         """End every row of `step` now: for models that answer a sequence in one step and

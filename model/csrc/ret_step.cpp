@@ -178,6 +178,65 @@ Tensor rotate_write_attend(const Tensor& qkv, const Tensor& cos, const Tensor& s
   return y;
 }
 
+// Calls mark(t) for every token t that followed the row's last n - 1 generated tokens earlier
+// in its history h[0, p) (NGramBlocker.banned: the n-grams wholly inside h; n = 1: every
+// token of h). A token may be marked more than once.
+template <typename Mark>
+void followers(const int64_t* h, int64_t p, int64_t n, Mark&& mark) {
+  if (p < n - 1) {
+    return;
+  }
+  const int64_t* suffix = h + p - (n - 1);
+  for (int64_t i = 0; i + n <= p; ++i) {
+    if (std::equal(h + i, h + i + n - 1, suffix)) {
+      mark(h[i + n - 1]);
+    }
+  }
+}
+
+// The tokens each row's loop breakers apply to, read from history (S, L) long (each slot's
+// generated tokens, the C++ step writes them): for row b in slot slots[b] with positions[b]
+// tokens generated, repeated[b] marks the followers of its last penalty_n[b] - 1 tokens
+// (where penalize[b]), banned[b] those of its last ban_n[b] - 1 (where ban_n[b] > 0): what
+// RepetitionTracker.repeated and NGramBlocker.banned give. -> (repeated, banned) (B, V) bool.
+std::tuple<Tensor, Tensor> loop_breaker_masks(const Tensor& history, const Tensor& slots,
+                                              const Tensor& positions, const Tensor& penalize,
+                                              const Tensor& penalty_n, const Tensor& ban_n,
+                                              int64_t V) {
+  TORCH_CHECK(history.scalar_type() == at::kLong && history.dim() == 2 &&
+                  history.is_contiguous() && history.device().is_cpu(),
+              "history must be a contiguous (S, L) long CPU tensor");
+  const auto slot = slots.to(at::kLong).contiguous();
+  const auto position = positions.to(at::kLong).contiguous();
+  const auto pen = penalize.to(at::kBool).contiguous();
+  const auto pen_n = penalty_n.to(at::kLong).contiguous();
+  const auto ban = ban_n.to(at::kLong).contiguous();
+  const int64_t B = slot.numel(), S = history.size(0), L = history.size(1);
+  TORCH_CHECK(position.numel() == B && pen.numel() == B && pen_n.numel() == B &&
+                  ban.numel() == B,
+              "loop_breaker_masks: one slot, position, penalize, penalty_n and ban_n per row");
+  auto repeated = at::zeros({B, V}, at::kBool), banned = at::zeros({B, V}, at::kBool);
+  bool* repeated_at = repeated.data_ptr<bool>();
+  bool* banned_at = banned.data_ptr<bool>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t s = slot.data_ptr<int64_t>()[b], p = position.data_ptr<int64_t>()[b];
+    TORCH_CHECK(s >= 0 && s < S && p >= 0 && p <= L, "row ", b, " has slot ", s,
+                " and position ", p, " outside the history (", S, " x ", L, ")");
+    const int64_t* h = history.data_ptr<int64_t>() + s * L;
+    if (pen.data_ptr<bool>()[b]) {
+      followers(h, p, pen_n.data_ptr<int64_t>()[b], [&](int64_t t) {
+        if (t >= 0 && t < V) repeated_at[b * V + t] = true;
+      });
+    }
+    if (ban.data_ptr<int64_t>()[b] > 0) {
+      followers(h, p, ban.data_ptr<int64_t>()[b], [&](int64_t t) {
+        if (t >= 0 && t < V) banned_at[b * V + t] = true;
+      });
+    }
+  }
+  return {repeated, banned};
+}
+
 // attend_prefixes from Python (the tests compare it with SDPA), its inputs checked.
 Tensor prefix_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                         const Tensor& slots, const Tensor& positions) {
@@ -228,12 +287,73 @@ class RETStep {
   }
 
   // cond (B, C); tokens, positions, slots (B,) long; k, v (n_layer, S, H, L, D), written in
-  // place; length = max(positions) + 1, span = max(slots) + 1 -> logits (B, V)
+  // place; length = max(positions) + 1, span = max(slots) + 1 -> logits (B, V). history
+  // (S, L) long, if given: each slot's generated tokens, where row b's input token is written
+  // at position - 1 (what `decode`'s loop breakers read).
   Tensor step(const Tensor& cond, const Tensor& tokens, const Tensor& positions,
               const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots, int64_t length,
-              int64_t span) const {
+              int64_t span, const std::optional<Tensor>& history) const {
     pybind11::gil_scoped_release no_gil;
     c10::InferenceMode inference;
+    if (history) {
+      write_history(*history, slots, positions, tokens);
+    }
+    return forward(cond, tokens, positions, k_cache, v_cache, slots, length, span);
+  }
+
+  // Up to `steps` greedy decode steps in one call, each row's token fed back as its next
+  // input: what `sample_batch` picks for greedy rows, step after step, with the same ATen ops
+  // (argmax of the controlled logits, the log-probability from log_softmax of the raw ones),
+  // so the tokens are the ones a step at a time gives. Per row (B,): eos_bias (float32, added
+  // to logit eos_id), penalty (float32, 1 = off) over the tokens that would repeat one of the
+  // row's penalty_n-grams, and ban_n (long, 0 = off): the tokens that would repeat one of its
+  // ban_n-grams are banned; both read history (S, L) long, each slot's generated tokens,
+  // written here. The caller keeps every row's position + steps within the cache.
+  // -> tokens (steps, B) long, logprobs (steps, B) float32.
+  std::tuple<Tensor, Tensor> decode(const Tensor& cond, const Tensor& tokens,
+                                    const Tensor& positions, const Tensor& k_cache,
+                                    const Tensor& v_cache, const Tensor& slots, int64_t span,
+                                    const Tensor& history, const Tensor& eos_bias,
+                                    const Tensor& penalty, const Tensor& penalty_n,
+                                    const Tensor& ban_n, int64_t eos_id, int64_t steps) const {
+    pybind11::gil_scoped_release no_gil;
+    c10::InferenceMode inference;
+    TORCH_CHECK(steps >= 1, "decode: steps must be >= 1, got ", steps);
+    TORCH_CHECK(history.scalar_type() == at::kLong && history.dim() == 2 &&
+                    history.is_contiguous() && history.device().is_cpu(),
+                "decode: history must be a contiguous (S, L) long CPU tensor");
+    const int64_t B = tokens.size(0);
+    const auto bias = eos_bias.to(at::kFloat).contiguous();
+    const auto pen = penalty.to(at::kFloat).contiguous();
+    const auto pen_n = penalty_n.to(at::kLong).contiguous();
+    const auto ban = ban_n.to(at::kLong).contiguous();
+    TORCH_CHECK(bias.numel() == B && pen.numel() == B && pen_n.numel() == B && ban.numel() == B,
+                "decode: eos_bias, penalty, penalty_n and ban_n need one entry per row");
+    auto out_tokens = at::empty({steps, B}, tokens.options().dtype(at::kLong));
+    auto out_logprobs = at::empty({steps, B}, cond.options().dtype(at::kFloat));
+    auto token = tokens.to(at::kLong);
+    auto position = positions.to(at::kLong).contiguous();
+    const int64_t first_length = position.max().item<int64_t>() + 1;
+    const auto slot = slots.to(at::kLong).contiguous();
+    for (int64_t j = 0; j < steps; ++j) {
+      write_history(history, slot, position, token);
+      const auto logits = forward(cond, token, position, k_cache, v_cache, slot,
+                                  first_length + j, span).to(at::kFloat);
+      const auto controlled = control(logits, history, slot, position, bias, pen, pen_n, ban,
+                                      eos_id);
+      token = controlled.argmax(-1);  // (B,)
+      out_tokens.select(0, j).copy_(token);
+      out_logprobs.select(0, j).copy_(
+          at::log_softmax(logits, -1).gather(1, token.unsqueeze(1)).select(1, 0));
+      position = position + 1;
+    }
+    return {out_tokens, out_logprobs};
+  }
+
+ private:
+  Tensor forward(const Tensor& cond, const Tensor& tokens, const Tensor& positions,
+                 const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots,
+                 int64_t length, int64_t span) const {
     TORCH_CHECK(k_cache.size(0) == static_cast<int64_t>(blocks_.size()),
                 "the cache has ", k_cache.size(0), " layers, the model ", blocks_.size());
     // What every block shares: RoPE's cos and sin at the rows' positions, (B, 1, 1, D/2),
@@ -285,7 +405,78 @@ class RETStep {
     return at::matmul(at::layer_norm(last, {C}, ln_f_w_, ln_f_b_, eps_), wte_.t());
   }
 
- private:
+  // history[slots[b], positions[b] - 1] = tokens[b] for each row past its first step.
+  static void write_history(const Tensor& history, const Tensor& slots, const Tensor& positions,
+                            const Tensor& tokens) {
+    TORCH_CHECK(history.scalar_type() == at::kLong && history.dim() == 2 &&
+                    history.is_contiguous() && history.device().is_cpu(),
+                "history must be a contiguous (S, L) long CPU tensor");
+    const auto slot = slots.to(at::kLong).contiguous();
+    const auto position = positions.to(at::kLong).contiguous();
+    const auto token = tokens.to(at::kLong).contiguous();
+    int64_t* at = history.data_ptr<int64_t>();
+    const int64_t S = history.size(0), L = history.size(1);
+    for (int64_t b = 0; b < slot.numel(); ++b) {
+      const int64_t s = slot.data_ptr<int64_t>()[b], p = position.data_ptr<int64_t>()[b];
+      TORCH_CHECK(s >= 0 && s < S && p >= 0 && p <= L, "row ", b, " has slot ", s,
+                  " and position ", p, " outside the history (", S, " x ", L, ")");
+      if (p > 0) {
+        at[s * L + p - 1] = token.data_ptr<int64_t>()[b];
+      }
+    }
+  }
+
+  // sample_batch's loop breakers for greedy rows, in its order: the EOS bias, the repetition
+  // penalty (logit / p where > 0, else logit * p, once per token), the no-repeat ban (-inf).
+  // logits (B, V) float32 -> the controlled copy (the same tensor when no row has any).
+  static Tensor control(const Tensor& logits, const Tensor& history, const Tensor& slot,
+                        const Tensor& position, const Tensor& bias, const Tensor& penalty,
+                        const Tensor& penalty_n, const Tensor& ban_n, int64_t eos_id) {
+    const int64_t B = logits.size(0), V = logits.size(1), L = history.size(1);
+    const float* bias_at = bias.data_ptr<float>();
+    const float* penalty_at = penalty.data_ptr<float>();
+    const int64_t* penalty_n_at = penalty_n.data_ptr<int64_t>();
+    const int64_t* ban_at = ban_n.data_ptr<int64_t>();
+    bool any = false;
+    for (int64_t b = 0; b < B && !any; ++b) {
+      any = bias_at[b] != 0.0f || penalty_at[b] != 1.0f || ban_at[b] > 0;
+    }
+    if (!any) {
+      return logits;
+    }
+    auto out = logits.contiguous().clone();
+    float* row_at = out.data_ptr<float>();
+    const int64_t* h_at = history.data_ptr<int64_t>();
+    std::vector<uint8_t> marked(V, 0);
+    std::vector<int64_t> touched;
+    for (int64_t b = 0; b < B; ++b) {
+      float* row = row_at + b * V;
+      const int64_t* h = h_at + slot.data_ptr<int64_t>()[b] * L;
+      const int64_t p = position.data_ptr<int64_t>()[b];
+      if (bias_at[b] != 0.0f) {
+        row[eos_id] += bias_at[b];
+      }
+      const float pen = penalty_at[b];
+      if (pen != 1.0f) {
+        followers(h, p, penalty_n_at[b], [&](int64_t t) {
+          if (t >= 0 && t < V && !marked[t]) {
+            marked[t] = 1;
+            touched.push_back(t);
+            row[t] = row[t] > 0 ? row[t] / pen : row[t] * pen;
+          }
+        });
+        for (const int64_t t : touched) marked[t] = 0;
+        touched.clear();
+      }
+      if (ban_at[b] > 0) {
+        followers(h, p, ban_at[b], [&](int64_t t) {
+          if (t >= 0 && t < V) row[t] = -std::numeric_limits<float>::infinity();
+        });
+      }
+    }
+    return out;
+  }
+
   // Whether row i's slot is i for every row and there are no other slots (read on the host:
   // only for CPU tensors, where that costs no device sync).
   static bool in_own_slots(const Tensor& slots, int64_t span) {
@@ -358,7 +549,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<Tensor, const std::vector<std::vector<Tensor>>&,
                           const std::vector<Tensor>&, Tensor, Tensor, int64_t, double, double,
                           bool>())
-      .def("step", &RETStep::step);
+      .def("step", &RETStep::step)
+      .def("decode", &RETStep::decode);
+  m.def("loop_breaker_masks", &loop_breaker_masks,
+        "The tokens each row's repetition penalty and no-repeat ban apply to, from history.");
   m.def("prefix_attention", &prefix_attention,
         "Single-query attention over each row's own cached prefix (float32, CPU).");
 }

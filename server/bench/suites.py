@@ -154,11 +154,45 @@ def step_suite(duration: float, rounds: int = 3) -> list[Scenario]:
     ]
 
 
+def steps_suite(duration: float, rounds: int = 2) -> list[Scenario]:
+    """Several greedy steps a call (`--steps-per-call`) against one, the prefix step each
+    way: 64 callers (plain greedy, for the share of the raw model) in `rounds` interleaved
+    rounds of 1, 4 and 8 steps a call; 64 callers with Decode's default loop breakers; the
+    engine process; a lone 64-byte Decode; and the raw model at batch 64."""
+    fixed = BenchConfig(concurrency=64, duration=duration)
+    lone = replace(fixed, concurrency=1)
+    server = "--max-batch-size 64 --steps-per-call {k}"
+    greedy = " --decode-no-repeat-ngram-size 0 --decode-repetition-penalty 1"
+    calls = {k: f"{k} step{'s' if k > 1 else ''} a call" for k in (1, 4, 8)}
+    return [
+        *(
+            Scenario(f"64 callers, {calls[k]}", fixed, server.format(k=k) + greedy)
+            for _ in range(rounds)
+            for k in (1, 4, 8)
+        ),
+        *(
+            Scenario(f"64 callers, Decode's defaults, {calls[k]}", fixed, server.format(k=k))
+            for k in (1, 4)
+        ),
+        *(
+            Scenario(
+                f"64 callers, engine process, {calls[k]}",
+                fixed,
+                server.format(k=k) + greedy + " --engine process",
+            )
+            for k in (1, 4)
+        ),
+        *(Scenario(f"1 caller, {calls[k]}", lone, server.format(k=k)) for k in (1, 4)),
+        Scenario("raw model, batch 64", replace(fixed, batch_size=64), raw=True),
+    ]
+
+
 SUITES = {
     "batching": issue_suite,
     "sampling": sampling_suite,
     "telemetry": telemetry_suite,
     "step": step_suite,
+    "steps": steps_suite,
 }
 
 

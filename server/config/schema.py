@@ -52,10 +52,16 @@ class SchedulerConfig:
     max_wait_ms: float = 0.0  # with an idle model, wait this long for a fuller first batch
     # continuous: sequences join and leave at every step; static: request-level batching.
     batching: str = "continuous"
+    # The most decode steps of an all-greedy batch the worker runs in one call before the
+    # scheduler decides again (multi-step scheduling): joiners, cancellations and deadlines
+    # wait up to this many steps; 1: decide before every step.
+    steps_per_call: int = 4
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size: expected >= 1, got {self.max_batch_size}")
+        if self.steps_per_call < 1:
+            raise ConfigError(f"steps_per_call: expected >= 1, got {self.steps_per_call}")
         if self.max_queue_size < 0:
             raise ConfigError(f"max_queue_size: expected >= 0, got {self.max_queue_size}")
         if not self.max_wait_ms >= 0:

@@ -124,6 +124,14 @@ SETTINGS: tuple[Setting, ...] = (
         at="model_defaults.scheduler.batching",
     ),
     Setting(
+        "steps_per_call",
+        positive_int("steps_per_call"),
+        "the most decode steps an all-greedy batch runs in one call of the C++ step before "
+        "the scheduler decides again; joiners, cancellations and deadlines wait up to that "
+        "many steps (default {default}; 1: decide before every step)",
+        at="model_defaults.scheduler.steps_per_call",
+    ),
+    Setting(
         "engine",
         as_given,
         "where a RET model's scheduler and decode steps run: thread (default: a thread of "

@@ -17,9 +17,16 @@ from hypothesis import strategies as st
 
 from retd.model import cpp_step
 from retd.model.checkpoint import load_checkpoint
-from retd.model.cpp_step import CppStep, load_extension, step_function, step_name
-from retd.model.generation import SamplingParams, generate
+from retd.model.cpp_step import (
+    CppStep,
+    GreedyControls,
+    load_extension,
+    step_function,
+    step_name,
+)
+from retd.model.generation import NGramBlocker, RepetitionTracker, SamplingParams, generate
 from retd.model.model import RET, CausalSelfAttention, KVCache, RETConfig
+from retd.model.sampling import Sampler
 
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "model" / "checkpoints"
 
@@ -288,3 +295,126 @@ def test_the_step_benchmark_runs_each_way_the_eager_way(tiny_model: RET) -> None
         logits, ms = run(found[name], tiny_model, 3, 8)
         assert torch.equal(logits, reference), name
         assert ms > 0
+
+
+def _greedy_params(data: st.DataObject, max_new_tokens: int) -> SamplingParams:
+    """A greedy row with any of the loop breakers Decode's defaults and cards use."""
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        no_repeat_ngram_size=data.draw(st.sampled_from([0, 0, 1, 2, 3])),
+        repetition_penalty=data.draw(st.sampled_from([1.0, 1.5, 0.7, 3.0])),
+        repetition_ngram_size=data.draw(st.integers(1, 4)),
+        eos_bias=data.draw(st.sampled_from([0.0, 0.0, -3.0, 2.5])),
+    )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_decode_is_bitwise_greedy_sampling_a_step_at_a_time(data: st.DataObject) -> None:
+    """Several greedy steps in one call, loop breakers and all (on a vocabulary small enough
+    that rows repeat themselves at once): the tokens, log-probabilities and cache a step at a
+    time gives, to the bit, for rows in any slots, joining or midway."""
+    config = RETConfig(
+        embedding_dim=16,
+        n_embd=16,
+        n_head=2,
+        n_layer=2,
+        mlp_hidden=24,
+        vocab_size=data.draw(st.sampled_from([5, 12])),
+        max_length=40,
+    )
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    model = RET(config).eval().requires_grad_(False)
+    num_slots, slots, _ = draw_rows(data, 1)
+    steps = data.draw(st.integers(1, 6))
+    # Each row has some history, written a step at a time first (positions 0..start-1).
+    starts = [data.draw(st.integers(0, 30)) for _ in slots]
+    params = [_greedy_params(data, config.max_length) for _ in slots]
+    cond = model.condition(torch.randn(len(slots), config.embedding_dim))
+    caches = KVCache(config, num_slots), KVCache(config, num_slots)
+    history = torch.zeros(num_slots, config.max_length, dtype=torch.long)
+    step = CppStep(model, prefix=True)
+    slot_tensor = torch.tensor(slots)
+    with torch.inference_mode():
+        # the rows' pasts: random tokens at positions below their start, in both caches
+        for position in range(max(starts)):
+            live = [i for i, start in enumerate(starts) if position < start]
+            if not live:
+                continue
+            tokens = torch.randint(0, config.vocab_size, (len(live),))
+            for cache in caches:
+                step(
+                    cond[live],
+                    tokens,
+                    torch.full((len(live),), position),
+                    cache,
+                    slot_tensor[live],
+                    history=history,
+                )
+        tokens = torch.randint(0, config.vocab_size, (len(slots),))
+        args = (cond, tokens, torch.tensor(starts), slot_tensor)
+        # the reference rebuilds each row's history from the one the steps wrote
+        reference = _one_step_at_a_time_with_history(
+            step, args, caches[0], params, steps, history.clone(), config.vocab_size
+        )
+        controls = GreedyControls.of(params, eos_id=0)
+        got = step.decode(
+            cond,
+            tokens,
+            torch.tensor(starts),
+            caches[1],
+            slot_tensor,
+            num_slots,
+            history,
+            controls,
+            steps,
+        )
+    assert torch.equal(got[0], reference[0])
+    assert torch.equal(got[1], reference[1])
+    assert torch.equal(caches[1].k, caches[0].k) and torch.equal(caches[1].v, caches[0].v)
+
+
+def _one_step_at_a_time_with_history(
+    step: CppStep,
+    args: tuple[torch.Tensor, ...],
+    cache: KVCache,
+    params: list[SamplingParams],
+    steps: int,
+    history: torch.Tensor,
+    vocab_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the engine does a step at a time, its blockers and trackers first fed each row's
+    past tokens: feed each row's input token to its no-repeat blocker and repetition tracker,
+    run the step, sample the batch."""
+    cond, tokens, positions, slots = args
+    blockers = [
+        NGramBlocker(p.no_repeat_ngram_size) if p.no_repeat_ngram_size else None for p in params
+    ]
+    repeats = RepetitionTracker(cache.k.shape[1], vocab_size)
+    for i, (slot, start) in enumerate(zip(slots.tolist(), positions.tolist(), strict=True)):
+        repeats.reset(slot, params[i])
+        for token in history[slot, : max(start - 1, 0)].tolist():
+            if blockers[i] is not None:
+                blockers[i].push(token)
+            if params[i].penalizes:
+                repeats.push([slot], [token])
+    sampler = Sampler(eos_id=0)
+    out_tokens, out_logprobs = [], []
+    for _ in range(steps):
+        for i, (slot, position, token) in enumerate(
+            zip(slots.tolist(), positions.tolist(), tokens.tolist(), strict=True)
+        ):
+            if position > 0:
+                if blockers[i] is not None:
+                    blockers[i].push(token)
+                if params[i].penalizes:
+                    repeats.push([slot], [token])
+        logits = step(cond, tokens, positions, cache, slots)
+        banned = [b.banned() if b is not None else () for b in blockers]
+        tokens, logprobs = sampler(
+            logits, params, positions.tolist(), banned, repeats.repeated(slots.tolist())
+        )
+        out_tokens.append(tokens)
+        out_logprobs.append(logprobs)
+        positions = positions + 1
+    return torch.stack(out_tokens), torch.stack(out_logprobs)

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from retd.model.checkpoint import LoadedModel
+from retd.model.cpp_step import step_function
 from retd.model.generation import GenerationResult, SamplingParams, generate
 from retd.model.model import RET
 from retd.server.engine import (
@@ -39,25 +40,34 @@ def embedding(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(768).astype(np.float32)
 
 
-def run_alone(model: RET, emb: np.ndarray, params: SamplingParams) -> GenerationResult:
-    return generate(model, torch.from_numpy(emb)[None], [params])[0]
+def run_alone(
+    model: RET, emb: np.ndarray, params: SamplingParams, step_impl: str = "eager"
+) -> GenerationResult:
+    step = step_function(model, step_impl)
+    return generate(model, torch.from_numpy(emb)[None], [params], step=step)[0]
 
 
 _REFERENCES: dict[int, object] = {}
 
 
-def reference(loaded: LoadedModel, emb_seed: int, params: SamplingParams) -> GenerationResult:
-    """generate() alone, memoised per model, embedding and params."""
+def reference(
+    loaded: LoadedModel, emb_seed: int, params: SamplingParams, step_impl: str = "eager"
+) -> GenerationResult:
+    """generate() alone with the step `step_impl` names, memoised per model, embedding,
+    params and step."""
     cached = _REFERENCES.setdefault(id(loaded.model), {})
     assert isinstance(cached, dict)
-    key = (emb_seed, params)
+    key = (emb_seed, params, step_impl)
     if key not in cached:
-        cached[key] = run_alone(loaded.model, embedding(emb_seed), params)
+        cached[key] = run_alone(loaded.model, embedding(emb_seed), params, step_impl)
     return cached[key]
 
 
-def start_engine(loaded: LoadedModel, **config: object) -> RETEngine:
-    engine = RETEngine("test", loaded, SchedulerConfig(**config))  # type: ignore[arg-type]
+def start_engine(loaded: LoadedModel, step_impl: str = "eager", **config: object) -> RETEngine:
+    """A started engine on `loaded` whose decode steps are `step_impl`'s (model/cpp_step.py):
+    the eager step, or the C++ prefix step, whose all-greedy batches run several steps a call."""
+    step = step_function(loaded.model, step_impl)
+    engine = RETEngine("test", loaded, SchedulerConfig(**config), step)  # type: ignore[arg-type]
     engine.start()
     return engine
 
@@ -147,9 +157,20 @@ def plans_strategy(sampled: bool) -> st.SearchStrategy[list[Plan]]:
                     top_k=draw(st.sampled_from([0, 1, 5, 40])),
                     top_p=draw(st.sampled_from([1.0, 0.9, 0.5])),
                     seed=seed,
+                    no_repeat_ngram_size=draw(st.sampled_from([0, 0, 3])),
+                    repetition_penalty=draw(st.sampled_from([1.0, 1.0, 1.3])),
                 )
-            else:
-                seed, params = 0, SamplingParams(max_new_tokens=draw(st.integers(1, 40)))
+            else:  # greedy, with any of the loop breakers Decode's defaults and cards use
+                seed, params = (
+                    0,
+                    SamplingParams(
+                        max_new_tokens=draw(st.integers(1, 40)),
+                        no_repeat_ngram_size=draw(st.sampled_from([0, 0, 2, 3])),
+                        repetition_penalty=draw(st.sampled_from([1.0, 1.5])),
+                        repetition_ngram_size=draw(st.sampled_from([1, 2, 4])),
+                        eos_bias=draw(st.sampled_from([0.0, 0.0, -2.0])),
+                    ),
+                )
             cancel = None if sampled else draw(st.sampled_from([None, None, None, 0, 1, 5]))
             after = None
             if i and draw(st.booleans()):
@@ -166,5 +187,6 @@ def engine_config() -> st.SearchStrategy[dict[str, object]]:
             "max_batch_size": st.integers(1, 4),
             "batching": st.sampled_from(["continuous", "continuous", "static"]),
             "max_wait_ms": st.sampled_from([0.0, 0.0, 5.0]),
+            "steps_per_call": st.sampled_from([1, 2, 4, 8]),
         }
     )

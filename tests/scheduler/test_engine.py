@@ -1,10 +1,12 @@
 """The RETEngine with a real loaded model, driven from asyncio: continuous batching must give
-every sequence exactly what it would get alone."""
+every sequence exactly what it would get alone, with the eager step and with the C++ prefix
+step (whose all-greedy batches run up to `steps_per_call` steps a call)."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -29,15 +31,20 @@ from tests.scheduler._engine import (
 )
 
 
+@pytest.mark.parametrize("step_impl", ["eager", "prefix"])
 @HYPOTHESIS
 @given(plans=plans_strategy(sampled=False), config=engine_config(), data=st.data())
 def test_greedy_results_equal_generate_alone_whatever_the_batching(
-    sharp_model: LoadedModel, plans: list[Plan], config: dict[str, object], data: st.DataObject
+    sharp_model: LoadedModel,
+    step_impl: str,
+    plans: list[Plan],
+    config: dict[str, object],
+    data: st.DataObject,
 ) -> None:
     order = data.draw(st.permutations(range(len(plans))), label="order")
 
     async def main() -> dict[int, Run]:
-        engine = start_engine(sharp_model, **config)
+        engine = start_engine(sharp_model, step_impl, **config)
         try:
             runs = await serve(engine, plans, order)
             await wait_idle(engine)
@@ -48,7 +55,7 @@ def test_greedy_results_equal_generate_alone_whatever_the_batching(
     runs = asyncio.run(main())
     for i, plan in enumerate(plans):
         outcome = runs[i].outcome
-        expected = reference(sharp_model, plan.emb_seed, plan.params)
+        expected = reference(sharp_model, plan.emb_seed, plan.params, step_impl)
         if plan.cancel_after is not None and isinstance(outcome, ServeError):
             assert outcome.kind is ErrorKind.CANCELLED, outcome.message
             continue
@@ -58,15 +65,20 @@ def test_greedy_results_equal_generate_alone_whatever_the_batching(
         assert outcome.text == expected.text
 
 
+@pytest.mark.parametrize("step_impl", ["eager", "prefix"])
 @HYPOTHESIS
 @given(plans=plans_strategy(sampled=True), config=engine_config(), data=st.data())
 def test_seeded_sampling_does_not_depend_on_the_batch_around_it(
-    sharp_model: LoadedModel, plans: list[Plan], config: dict[str, object], data: st.DataObject
+    sharp_model: LoadedModel,
+    step_impl: str,
+    plans: list[Plan],
+    config: dict[str, object],
+    data: st.DataObject,
 ) -> None:
     order = data.draw(st.permutations(range(len(plans))), label="order")
 
     async def main() -> tuple[dict[int, Run], dict[int, SequenceResult]]:
-        engine = start_engine(sharp_model, **config)
+        engine = start_engine(sharp_model, step_impl, **config)
         try:
             runs = await serve(engine, plans, order)
             alone = {}
@@ -82,7 +94,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch_around_it(
     for i, plan in enumerate(plans):
         outcome = runs[i].outcome
         assert isinstance(outcome, SequenceResult), (i, outcome)
-        expected = reference(sharp_model, plan.emb_seed, plan.params)
+        expected = reference(sharp_model, plan.emb_seed, plan.params, step_impl)
         assert list(alone[i].token_ids) == expected.token_ids, (i, plan)
         assert list(outcome.token_ids) == expected.token_ids, (i, plan)
         assert outcome.seed == plan.seed

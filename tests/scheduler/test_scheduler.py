@@ -196,3 +196,53 @@ def test_complete_after_a_failed_row_ends_the_others() -> None:
     rest = Step(tuple(r for r in step.rows if r.seq_id != 2), step.new, ())
     assert [f.seq_id for f in s.complete(rest, 1.0)] == [1, 3]
     assert (s.num_running, s.free_slots, s.num_padding) == (0, 4, 0)
+
+
+@given(
+    lengths=st.lists(st.integers(1, 12), min_size=1, max_size=5),
+    steps_per_call=st.integers(1, 9),
+    static=st.booleans(),
+)
+def test_a_step_allows_up_to_steps_per_call_never_past_the_longest_row(
+    lengths: list[int], steps_per_call: int, static: bool
+) -> None:
+    """Step.steps: up to steps_per_call, no more than the longest running row has left, 1 for
+    a static batch, whatever has been generated so far."""
+    s = scheduler(
+        max_batch_size=8,
+        steps_per_call=steps_per_call,
+        batching="static" if static else "continuous",
+    )
+    for i, n in enumerate(lengths):
+        s.add(state(i, n))
+    generated = 0
+    while s.has_work():
+        step = s.schedule(now=0.0)
+        left = max(lengths) - generated
+        assert step.steps == (1 if static else min(steps_per_call, left))
+        s.update_steps(step, [([BYTE] * len(step.rows), [-1.0] * len(step.rows))], now=0.0)
+        generated += 1
+
+
+def test_update_steps_takes_each_rows_tokens_until_it_ends() -> None:
+    """Three steps' tokens at once: a row that ends at the first (EOS) or second (its length)
+    takes no more; the others take all three; deltas come in order."""
+    s = scheduler(max_batch_size=4, steps_per_call=3)
+    s.add(state(0, 5, stream=True))
+    s.add(state(1, 2))
+    s.add(state(2, 9))
+    step = s.schedule(now=0.0)
+    assert ids(step) == [0, 1, 2] and step.steps == 3
+    eos = 0
+    outcomes = s.update_steps(
+        step,
+        [([66, 67, eos], [-1.0] * 3), ([67, 67, 70], [-2.0] * 3), ([68, 71, 72], [-3.0] * 3)],
+        now=1.0,
+    )
+    assert finished_ids(outcomes) == [2, 1]  # 2 at its EOS (step 1), 1 at its length (step 2)
+    deltas = [o.text for o in outcomes if isinstance(o, Delta)]
+    assert deltas == ["B", "C", "D"]  # sequence 0's three bytes, one step after the other
+    assert s.num_running == 1 and s.free_slots == 3
+    step = s.schedule(now=1.0)
+    assert [(r.seq_id, r.position, r.token) for r in step.rows] == [(0, 3, 68)]
+    assert step.steps == 2  # sequence 0 has 2 of its 5 left
