@@ -62,9 +62,11 @@ def test_toml_models_take_per_model_overrides_over_server_wide_values(
         tmp_path,
         'device = "cpu"\nmax_batch_size = 16\n'
         '[[models]]\nname = "a"\ncheckpoint = "ck"\nmax_batch_size = 4\nbatching = "static"\n'
+        "steps_per_call = 8\n"
         '[[models]]\nname = "b"\ncheckpoint = "/abs/ck"\n',
     )
-    a, b = parse(["--config", str(toml)], {"RETD_MAX_WAIT_MS": "2.5"}).models
+    env = {"RETD_MAX_WAIT_MS": "2.5", "RETD_STEPS_PER_CALL": "2"}
+    a, b = parse(["--config", str(toml)], env).models
     assert a.checkpoint == tmp_path / "ck"  # relative to the TOML file
     ours, theirs = a.settings.scheduler, b.settings.scheduler
     assert (ours.max_batch_size, ours.batching, a.settings.device, ours.max_wait_ms) == (
@@ -78,6 +80,7 @@ def test_toml_models_take_per_model_overrides_over_server_wide_values(
         16,
         "continuous",
     )
+    assert (ours.steps_per_call, theirs.steps_per_call) == (8, 2)
 
 
 def test_models_from_flags_and_environment(checkpoint: Path) -> None:
@@ -104,6 +107,7 @@ def test_no_model_named_serves_the_shipped_checkpoint() -> None:
         (["--max-batch-size", "0"], {}, "max_batch_size: expected an integer >= 1"),
         (["--grace-period", "-1"], {}, "grace_period: expected a number >= 0"),
         (["--batching", "dynamic"], {}, "batching: expected 'continuous' or 'static'"),
+        (["--steps-per-call", "0"], {}, "steps_per_call: expected an integer >= 1"),
         (["--log-level", "loud"], {}, "log_level: expected one of"),
         ([], {"RETD_MAX_QUEUE_SIZE": "many"}, "max_queue_size: expected an integer"),
         (["--model", "nameonly"], {}, "--model: expected NAME=DIR"),

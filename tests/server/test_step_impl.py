@@ -56,3 +56,12 @@ def test_the_prefix_step_serves_what_the_eager_step_serves(tmp_path: Path) -> No
 def test_an_unknown_step_impl_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="step_impl: expected one of auto, cpp, prefix, eager"):
         start_server(tmp_path, ["--step-impl", "jit"])
+
+
+def test_several_greedy_steps_a_call_serve_what_one_step_a_call_serves(tmp_path: Path) -> None:
+    """`--steps-per-call`: an all-greedy batch's steps run in one C++ call, Decode's loop
+    breakers read in C++; the same answers as deciding before every step."""
+    one, _ = decode_all(tmp_path, "--steps-per-call", "1")
+    many, _ = decode_all(tmp_path, "--steps-per-call", "8", "--engine", "process")
+    assert many == one
+    assert len({text for text, _ in one}) > 20
