@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from .decoding import SamplingParams
 from .defaults import STEP_IMPLS
 from .model import RET, Block, KVCache
+from .sampling import seed_key
 
 log = logging.getLogger(__name__)
 
@@ -162,14 +163,18 @@ class CppStep:
         slots: Tensor,
         span: int,
         history: Tensor,
-        controls: GreedyControls,
+        controls: RowControls,
         steps: int,
+        uniforms: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """`steps` greedy decode steps in one call, each row's token fed back as its next
-        input, its loop breakers (`controls`) read from `history`: the tokens (steps, B) long
-        and their log-probabilities (steps, B) float32 that `sample_batch` would pick a step
-        at a time for greedy rows, bitwise. Every row's position + steps must be within the
-        cache (its max_length)."""
+        """`steps` decode steps in one call, each row's token fed back as its next input,
+        its loop breakers (`controls`) read from `history`: the tokens (steps, B) long and
+        their log-probabilities (steps, B) float32 that `sample_batch` gives a step at a time,
+        bitwise, for greedy rows and for sampled rows without top-k or top-p (`uniforms`
+        (steps, B): the unseeded sampled rows' u at each step; a seeded row hashes its seed
+        and position). A row that cannot draw gets -1 (NaN). Every row's position + steps
+        must be within the cache (its max_length)."""
+        c = controls
         return cast(
             tuple[Tensor, Tensor],
             self._step.decode(
@@ -181,37 +186,62 @@ class CppStep:
                 slots,
                 span,
                 history,
-                controls.eos_bias,
-                controls.penalty,
-                controls.penalty_n,
-                controls.ban_n,
-                controls.eos_id,
+                c.eos_bias,
+                c.penalty,
+                c.penalty_n,
+                c.ban_n,
+                c.eos_id,
+                c.temperature,
+                c.greedy,
+                c.seeded,
+                c.keys,
+                uniforms,
                 steps,
             ),
         )
 
 
 @dataclass(frozen=True)
-class GreedyControls:
-    """The loop breakers of a batch of greedy rows as `CppStep.decode` takes them, (B,) each:
-    the EOS bias, the repetition penalty (1: off) and its n-gram size, the no-repeat n-gram
-    size (0: off)."""
+class RowControls:
+    """What `CppStep.decode` needs of each row's `SamplingParams`, (B,) tensors: its loop
+    breakers (the EOS bias, the repetition penalty (1: off) and its n-gram size, the no-repeat
+    n-gram size (0: off)) and its draw (the temperature it divides by (1 for a greedy row),
+    whether it is greedy, whether it is seeded, and its seed's hash key)."""
 
     eos_bias: Tensor
     penalty: Tensor
     penalty_n: Tensor
     ban_n: Tensor
     eos_id: int
+    temperature: Tensor
+    greedy: Tensor
+    seeded: Tensor
+    keys: Tensor
 
     @classmethod
-    def of(cls, params: Sequence[SamplingParams], eos_id: int) -> GreedyControls:
+    def of(cls, params: Sequence[SamplingParams], eos_id: int) -> RowControls:
         return cls(
             torch.tensor([float(p.eos_bias) for p in params]),
             torch.tensor([float(p.repetition_penalty) for p in params]),
             torch.tensor([p.repetition_ngram_size for p in params]),
             torch.tensor([p.no_repeat_ngram_size for p in params]),
             eos_id,
+            torch.tensor([1.0 if p.greedy else float(p.temperature) for p in params]),
+            torch.tensor([p.greedy for p in params]),
+            torch.tensor([p.seed is not None for p in params]),
+            torch.tensor([0 if p.seed is None else seed_key(p.seed) for p in params]),
         )
+
+    @property
+    def needs_uniforms(self) -> bool:
+        """Whether a sampled row has no seed: `decode` then needs its u at each step."""
+        return bool((~self.greedy & ~self.seeded).any())
+
+
+def decodes_in_one_call(params: SamplingParams, vocab_size: int) -> bool:
+    """Whether `CppStep.decode` draws this row as `sample_batch` would: greedy, or sampled
+    without top-k or top-p."""
+    return params.greedy or (not 0 < params.top_k < vocab_size and params.top_p >= 1)
 
 
 def step_name(step: StepFunction) -> str:

@@ -22,8 +22,9 @@ from retd.model.checkpoint import (
 )
 from retd.model.cpp_step import (
     CppStep,
-    GreedyControls,
+    RowControls,
     StepFunction,
+    decodes_in_one_call,
     load_extension,
     step_function,
     step_name,
@@ -128,30 +129,35 @@ class RETEngine(RETRequests, Engine):
 
     def _run_step(self, step: Step) -> tuple[list[tuple[list[int], list[float]]], dict[int, str]]:
         """One step's tokens and log-probabilities, or up to `step.steps` steps' in one call
-        of the C++ step when every row is greedy (the same tokens, a step at a time)."""
+        of the C++ step when it draws every row (greedy, or sampled without top-k or top-p):
+        the same tokens as a step at a time."""
         self._register(step.new)
-        if self._decoder is not None and self._all_greedy(step):
+        if self._decoder is not None and self._decodes_in_one_call(step):
             try:
-                return self._decode(step), {}
+                return self._decode(step)
             except Exception as exc:  # run it a step at a time, which isolates the rows at fault
                 log.warning(
-                    "model %s: a greedy call of %d rows failed (%r)", self.name, len(step.rows), exc
+                    "model %s: a call of %d rows failed (%r)", self.name, len(step.rows), exc
                 )
         tokens, logprobs, failures = self._execute_isolating_faults(step)
         return [(tokens, logprobs)], failures
 
-    def _all_greedy(self, step: Step) -> bool:
-        params = self._params
-        return all(not r.padding and params[r.seq_id].greedy for r in step.rows)
+    def _decodes_in_one_call(self, step: Step) -> bool:
+        params, vocab_size = self._params, self.loaded.config.vocab_size
+        return all(
+            not r.padding and decodes_in_one_call(params[r.seq_id], vocab_size) for r in step.rows
+        )
 
-    def _decode(self, step: Step) -> list[tuple[list[int], list[float]]]:
-        """Up to `step.steps` greedy steps in one C++ call, no row past the cache's end."""
+    def _decode(self, step: Step) -> tuple[list[tuple[list[int], list[float]]], dict[int, str]]:
+        """Up to `step.steps` steps in one C++ call, no row past the cache's end. A sampled
+        row that cannot draw fails (its tokens of this call are dropped)."""
         assert self._decoder is not None and self._history is not None
         rows = step.rows
         steps = min(step.steps, self.loaded.config.max_length - max(r.position for r in rows))
         self._condition_joiners(rows, {j.seq_id: j.request for j in step.new})
         slots = torch.tensor([r.slot for r in rows])
-        controls = GreedyControls.of([self._params[r.seq_id] for r in rows], self._eos_id)
+        controls = RowControls.of([self._params[r.seq_id] for r in rows], self._eos_id)
+        uniforms = torch.rand(steps, len(rows)) if controls.needs_uniforms else None
         tokens, logprobs = self._decoder.decode(
             self._cond[slots],
             torch.tensor([r.token for r in rows]),
@@ -162,8 +168,16 @@ class RETEngine(RETRequests, Engine):
             self._history,
             controls,
             steps,
+            uniforms,
         )
-        return list(zip(tokens.tolist(), logprobs.tolist(), strict=True))
+        failed = (tokens < 0).any(0).tolist()  # (B,)
+        if not any(failed):
+            return list(zip(tokens.tolist(), logprobs.tolist(), strict=True)), {}
+        message = "sampling failed: no token can be drawn (NaN logits or every token banned)"
+        failures = {r.seq_id: message for r, bad in zip(rows, failed, strict=True) if bad}
+        keep = torch.tensor([i for i, bad in enumerate(failed) if not bad], dtype=torch.long)
+        tokens, logprobs = tokens[:, keep], logprobs[:, keep]
+        return list(zip(tokens.tolist(), logprobs.tolist(), strict=True)), failures
 
     def _apply(
         self,

@@ -301,21 +301,28 @@ class RETStep {
     return forward(cond, tokens, positions, k_cache, v_cache, slots, length, span);
   }
 
-  // Up to `steps` greedy decode steps in one call, each row's token fed back as its next
-  // input: what `sample_batch` picks for greedy rows, step after step, with the same ATen ops
-  // (argmax of the controlled logits, the log-probability from log_softmax of the raw ones),
-  // so the tokens are the ones a step at a time gives. Per row (B,): eos_bias (float32, added
-  // to logit eos_id), penalty (float32, 1 = off) over the tokens that would repeat one of the
-  // row's penalty_n-grams, and ban_n (long, 0 = off): the tokens that would repeat one of its
-  // ban_n-grams are banned; both read history (S, L) long, each slot's generated tokens,
-  // written here. The caller keeps every row's position + steps within the cache.
+  // Up to `steps` decode steps in one call, each row's token fed back as its next input: what
+  // `sample_batch` picks a step at a time for greedy rows and for sampled rows without top-k
+  // or top-p, with the same ATen ops on the same (B, V) tensors, so the same tokens and
+  // log-probabilities to the bit. Per row (B,): eos_bias (float32, added to logit eos_id),
+  // penalty (float32, 1 = off) over the tokens that would repeat one of the row's
+  // penalty_n-grams, ban_n (long, 0 = off): the tokens that would repeat one of its
+  // ban_n-grams are banned (both read history (S, L) long, each slot's generated tokens,
+  // written here); temperature (float32, what the draw divides by: 1 for greedy rows), greedy
+  // (bool), seeded (bool) and keys (long): a seeded row's u hashes its key and its position
+  // (counter_uniforms); uniforms (steps, B) float32, if given: the other sampled rows' u at
+  // each step. A sampled row that cannot draw gets token -1 and a NaN log-probability (its
+  // next input is token 0). The caller keeps every row's position + steps within the cache.
   // -> tokens (steps, B) long, logprobs (steps, B) float32.
   std::tuple<Tensor, Tensor> decode(const Tensor& cond, const Tensor& tokens,
                                     const Tensor& positions, const Tensor& k_cache,
                                     const Tensor& v_cache, const Tensor& slots, int64_t span,
                                     const Tensor& history, const Tensor& eos_bias,
                                     const Tensor& penalty, const Tensor& penalty_n,
-                                    const Tensor& ban_n, int64_t eos_id, int64_t steps) const {
+                                    const Tensor& ban_n, int64_t eos_id,
+                                    const Tensor& temperature, const Tensor& greedy,
+                                    const Tensor& seeded, const Tensor& keys,
+                                    const std::optional<Tensor>& uniforms, int64_t steps) const {
     pybind11::gil_scoped_release no_gil;
     c10::InferenceMode inference;
     TORCH_CHECK(steps >= 1, "decode: steps must be >= 1, got ", steps);
@@ -327,8 +334,23 @@ class RETStep {
     const auto pen = penalty.to(at::kFloat).contiguous();
     const auto pen_n = penalty_n.to(at::kLong).contiguous();
     const auto ban = ban_n.to(at::kLong).contiguous();
-    TORCH_CHECK(bias.numel() == B && pen.numel() == B && pen_n.numel() == B && ban.numel() == B,
-                "decode: eos_bias, penalty, penalty_n and ban_n need one entry per row");
+    const auto is_greedy = greedy.to(at::kBool).contiguous();
+    const auto is_seeded = seeded.to(at::kBool).contiguous();
+    const auto key = keys.to(at::kLong).contiguous();
+    for (const auto* t : {&bias, &pen, &pen_n, &ban, &is_greedy, &is_seeded, &key}) {
+      TORCH_CHECK(t->numel() == B, "decode: every per-row argument needs one entry per row");
+    }
+    const bool all_greedy = is_greedy.all().item<bool>();
+    const bool any_greedy = is_greedy.any().item<bool>();
+    const auto sampled = is_greedy.logical_not();
+    const bool any_seeded = sampled.logical_and(is_seeded).any().item<bool>();
+    const bool any_unseeded = sampled.logical_and(is_seeded.logical_not()).any().item<bool>();
+    TORCH_CHECK(!any_unseeded || (uniforms && uniforms->dim() == 2 &&
+                                  uniforms->size(0) >= steps && uniforms->size(1) == B),
+                "decode: unseeded sampled rows need uniforms (steps, B)");
+    // sample_batch's temperature: (B, 1), clamped so that a t float32 rounds to 0 divides
+    const auto temp = temperature.to(at::kFloat).unsqueeze(1).clamp_min(
+        std::numeric_limits<float>::min());
     auto out_tokens = at::empty({steps, B}, tokens.options().dtype(at::kLong));
     auto out_logprobs = at::empty({steps, B}, cond.options().dtype(at::kFloat));
     auto token = tokens.to(at::kLong);
@@ -341,10 +363,29 @@ class RETStep {
                                   first_length + j, span).to(at::kFloat);
       const auto controlled = control(logits, history, slot, position, bias, pen, pen_n, ban,
                                       eos_id);
-      token = controlled.argmax(-1);  // (B,)
+      if (all_greedy) {
+        token = controlled.argmax(-1);  // (B,)
+      } else {
+        Tensor u;  // (B,): sample_batch's uniforms at this step
+        if (!any_unseeded) {
+          u = counter_uniforms(key, position);
+        } else if (!any_seeded) {
+          u = uniforms->select(0, j);
+        } else {
+          u = at::where(is_seeded, counter_uniforms(key, position), uniforms->select(0, j));
+        }
+        token = draw(controlled, temp, u);
+        if (any_greedy) {
+          token = at::where(is_greedy, controlled.argmax(-1), token);
+        }
+      }
       out_tokens.select(0, j).copy_(token);
-      out_logprobs.select(0, j).copy_(
-          at::log_softmax(logits, -1).gather(1, token.unsqueeze(1)).select(1, 0));
+      auto logprob = at::log_softmax(logits, -1).gather(1, token.clamp_min(0).unsqueeze(1));
+      if (!all_greedy) {
+        logprob = logprob.masked_fill(token.unsqueeze(1).lt(0), NAN);
+      }
+      out_logprobs.select(0, j).copy_(logprob.select(1, 0));
+      token = token.clamp_min(0);  // a row that could not draw: ended, its input is 0
       position = position + 1;
     }
     return {out_tokens, out_logprobs};
@@ -403,6 +444,39 @@ class RETStep {
     }
     const auto last = x.select(1, 0);  // (B, C)
     return at::matmul(at::layer_norm(last, {C}, ln_f_w_, ln_f_b_, eps_), wte_.t());
+  }
+
+  // sampling.py's _draw without top-k or top-p: one token per row by inverse CDF, -1 for a
+  // row that cannot draw. logits (B, V) float32, temperature (B, 1), u (B,) in [0, 1).
+  static Tensor draw(const Tensor& logits, const Tensor& temperature, const Tensor& u) {
+    const int64_t V = logits.size(1);
+    const auto top = logits.amax(-1, true);
+    const auto scaled = (logits - top) / temperature;
+    const auto cdf = scaled.softmax(-1).cumsum(-1);
+    const auto total = cdf.slice(1, V - 1);  // (B, 1)
+    const auto below_total = at::nextafter(total, at::zeros_like(total));
+    const auto target = at::minimum(u.unsqueeze(1) * total, below_total);
+    const auto token = at::searchsorted(cdf, target, false, true).select(1, 0).clamp_max(V - 1);
+    return token.masked_fill(total.select(1, 0).gt(0).logical_not(), -1);
+  }
+
+  // sampling.py's counter_uniforms: u (B,) float32 from each row's key and draw counter,
+  // splitmix64's finaliser on key + counter * golden, its top 24 bits over 2**24.
+  static Tensor counter_uniforms(const Tensor& keys, const Tensor& counters) {
+    const int64_t B = keys.numel();
+    auto u = at::empty({B}, keys.options().dtype(at::kFloat));
+    const int64_t* key = keys.data_ptr<int64_t>();
+    const int64_t* counter = counters.data_ptr<int64_t>();
+    float* out = u.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      uint64_t z = static_cast<uint64_t>(key[b]) +
+                   static_cast<uint64_t>(counter[b]) * 0x9E3779B97F4A7C15ULL;
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+      z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+      z = z ^ (z >> 31);
+      out[b] = static_cast<float>(z >> 40) * 0x1p-24f;
+    }
+    return u;
   }
 
   // history[slots[b], positions[b] - 1] = tokens[b] for each row past its first step.

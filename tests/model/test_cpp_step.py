@@ -19,7 +19,7 @@ from retd.model import cpp_step
 from retd.model.checkpoint import load_checkpoint
 from retd.model.cpp_step import (
     CppStep,
-    GreedyControls,
+    RowControls,
     load_extension,
     step_function,
     step_name,
@@ -297,10 +297,14 @@ def test_the_step_benchmark_runs_each_way_the_eager_way(tiny_model: RET) -> None
         assert ms > 0
 
 
-def _greedy_params(data: st.DataObject, max_new_tokens: int) -> SamplingParams:
-    """A greedy row with any of the loop breakers Decode's defaults and cards use."""
+def _row_params(data: st.DataObject, max_new_tokens: int) -> SamplingParams:
+    """A greedy row, or a sampled one (seeded or not) without top-k or top-p, with any of the
+    loop breakers Decode's defaults and cards use."""
+    sampled = data.draw(st.booleans())
     return SamplingParams(
         max_new_tokens=max_new_tokens,
+        temperature=data.draw(st.sampled_from([0.5, 1.0, 1.7])) if sampled else 0.0,
+        seed=data.draw(st.sampled_from([None, 7, 2**63 + 5])) if sampled else None,
         no_repeat_ngram_size=data.draw(st.sampled_from([0, 0, 1, 2, 3])),
         repetition_penalty=data.draw(st.sampled_from([1.0, 1.5, 0.7, 3.0])),
         repetition_ngram_size=data.draw(st.integers(1, 4)),
@@ -310,10 +314,12 @@ def _greedy_params(data: st.DataObject, max_new_tokens: int) -> SamplingParams:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_decode_is_bitwise_greedy_sampling_a_step_at_a_time(data: st.DataObject) -> None:
-    """Several greedy steps in one call, loop breakers and all (on a vocabulary small enough
-    that rows repeat themselves at once): the tokens, log-probabilities and cache a step at a
-    time gives, to the bit, for rows in any slots, joining or midway."""
+def test_decode_is_bitwise_sampling_a_step_at_a_time(data: st.DataObject) -> None:
+    """Several steps in one call, greedy and sampled rows (seeded, or with the u the sampler
+    would have drawn), loop breakers and all (on a vocabulary small enough that rows repeat
+    themselves at once, and a row whose every token is banned cannot draw): the tokens,
+    log-probabilities and cache a step at a time gives, to the bit, for rows in any slots,
+    joining or midway."""
     config = RETConfig(
         embedding_dim=16,
         n_embd=16,
@@ -329,7 +335,7 @@ def test_decode_is_bitwise_greedy_sampling_a_step_at_a_time(data: st.DataObject)
     steps = data.draw(st.integers(1, 6))
     # Each row has some history, written a step at a time first (positions 0..start-1).
     starts = [data.draw(st.integers(0, 30)) for _ in slots]
-    params = [_greedy_params(data, config.max_length) for _ in slots]
+    params = [_row_params(data, config.max_length) for _ in slots]
     cond = model.condition(torch.randn(len(slots), config.embedding_dim))
     caches = KVCache(config, num_slots), KVCache(config, num_slots)
     history = torch.zeros(num_slots, config.max_length, dtype=torch.long)
@@ -353,11 +359,16 @@ def test_decode_is_bitwise_greedy_sampling_a_step_at_a_time(data: st.DataObject)
                 )
         tokens = torch.randint(0, config.vocab_size, (len(slots),))
         args = (cond, tokens, torch.tensor(starts), slot_tensor)
+        # the u the sampler draws for unseeded rows, a step at a time
+        draws = data.draw(st.integers(0, 2**16))
+        torch.manual_seed(draws)
+        uniforms = torch.stack([torch.rand(len(slots)) for _ in range(steps)])
         # the reference rebuilds each row's history from the one the steps wrote
+        torch.manual_seed(draws)
         reference = _one_step_at_a_time_with_history(
             step, args, caches[0], params, steps, history.clone(), config.vocab_size
         )
-        controls = GreedyControls.of(params, eos_id=0)
+        controls = RowControls.of(params, eos_id=0)
         got = step.decode(
             cond,
             tokens,
@@ -368,9 +379,10 @@ def test_decode_is_bitwise_greedy_sampling_a_step_at_a_time(data: st.DataObject)
             history,
             controls,
             steps,
+            uniforms if controls.needs_uniforms else None,
         )
     assert torch.equal(got[0], reference[0])
-    assert torch.equal(got[1], reference[1])
+    torch.testing.assert_close(got[1], reference[1], rtol=0, atol=0, equal_nan=True)
     assert torch.equal(caches[1].k, caches[0].k) and torch.equal(caches[1].v, caches[0].v)
 
 
@@ -416,5 +428,6 @@ def _one_step_at_a_time_with_history(
         )
         out_tokens.append(tokens)
         out_logprobs.append(logprobs)
+        tokens = tokens.clamp_min(0)  # a row that could not draw goes on from token 0
         positions = positions + 1
     return torch.stack(out_tokens), torch.stack(out_logprobs)
