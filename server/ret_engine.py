@@ -25,13 +25,12 @@ from retd.model.cpp_step import (
     RowControls,
     StepFunction,
     decodes_in_one_call,
-    load_extension,
     step_function,
     step_name,
 )
-from retd.model.generation import NGramBlocker, RepetitionTracker, SamplingParams
+from retd.model.generation import SamplingParams
 from retd.model.model import KVCache
-from retd.model.sampling import Banned, Sampler
+from retd.model.sampling import Sampler
 from retd.server.config import ModelSpec
 from retd.server.engine import (
     Engine,
@@ -43,6 +42,7 @@ from retd.server.engine import (
     TokenDelta,
     sample_memory,
 )
+from retd.server.loop_breakers import LoopBreakers
 from retd.server.scheduler import Delta, Finished, Joiner, Row, SchedulerConfig, Step
 from retd.server.validation import RETRequests
 
@@ -97,18 +97,13 @@ class RETEngine(RETRequests, Engine):
         self._sampler = Sampler(config.eos_id)
         # Worker thread only: each running sequence's params, from the step it joins.
         self._params: dict[int, SamplingParams] = {}
-        self._blockers: dict[int, NGramBlocker] = {}  # worker thread only: no-repeat n-grams
-        # Worker thread only: the bytes each slot's repetition penalty applies to.
-        self._repeats = RepetitionTracker(slots, config.vocab_size, self.device)
-        self._penalized: set[int] = set()  # seq_ids whose repetition penalty is on
-        # With the C++ step on the CPU: each slot's generated tokens, written by the step, from
-        # which its loop breakers are read (not the trackers above), so that an all-greedy
-        # batch can run several steps in one call (`_decode`).
-        self._decoder: CppStep | None = None
-        self._history: torch.Tensor | None = None
-        if isinstance(self._step, CppStep) and self.device.type == "cpu":
-            self._decoder = self._step
-            self._history = torch.zeros(slots, config.max_length, dtype=torch.long)
+        # Worker thread only: the running sequences' loop breakers. With the C++ step on the
+        # CPU they read each slot's token history (which the step writes), and a batch whose
+        # rows that step can draw runs several steps in one call (`_decode`).
+        self._decoder = self._step if isinstance(self._step, CppStep) else None
+        if self.device.type != "cpu":
+            self._decoder = None
+        self._breakers = LoopBreakers(slots, config, self.device, history=self._decoder is not None)
 
     def warm_up(self, steps: int = 4) -> None:
         """Run a few decode steps so the first caller pays no start-up cost; call it before
@@ -124,8 +119,7 @@ class RETEngine(RETRequests, Engine):
             if failures:
                 raise RuntimeError(f"model {self.name}: warm-up failed: {failures[-1]}")
         self._params.clear()
-        self._blockers.clear()
-        self._penalized.clear()
+        self._breakers.clear()
 
     def _run_step(self, step: Step) -> tuple[list[tuple[list[int], list[float]]], dict[int, str]]:
         """One step's tokens and log-probabilities, or up to `step.steps` steps' in one call
@@ -151,7 +145,8 @@ class RETEngine(RETRequests, Engine):
     def _decode(self, step: Step) -> tuple[list[tuple[list[int], list[float]]], dict[int, str]]:
         """Up to `step.steps` steps in one C++ call, no row past the cache's end. A sampled
         row that cannot draw fails (its tokens of this call are dropped)."""
-        assert self._decoder is not None and self._history is not None
+        history = self._breakers.history
+        assert self._decoder is not None and history is not None
         rows = step.rows
         steps = min(step.steps, self.loaded.config.max_length - max(r.position for r in rows))
         self._condition_joiners(rows, {j.seq_id: j.request for j in step.new})
@@ -165,7 +160,7 @@ class RETEngine(RETRequests, Engine):
             self._cache,
             slots,
             max(r.slot for r in rows) + 1,
-            self._history,
+            history,
             controls,
             steps,
             uniforms,
@@ -202,8 +197,7 @@ class RETEngine(RETRequests, Engine):
         and the failed rows' messages, so one bad sequence (or an out-of-memory batch)
         never fails the rest. A padding row is computed, not sampled (its token is 0)."""
         joining = self._register(step.new)
-        if self._history is None:
-            self._track(step, joining)
+        self._breakers.track(step.rows, joining, self._params)
         rows, logits, failures = self._forward_isolating_faults(step.rows, joining)
         live = [i for i, r in enumerate(rows) if not r.padding]
         if len(live) < len(rows):
@@ -234,31 +228,8 @@ class RETEngine(RETRequests, Engine):
             if joiner.seq_id in self._params:
                 continue  # registered already (a greedy call that failed, run again)
             self._params[joiner.seq_id] = params
-            if params.no_repeat_ngram_size and self._history is None:
-                self._blockers[joiner.seq_id] = NGramBlocker(params.no_repeat_ngram_size)
-            if params.penalizes:
-                self._penalized.add(joiner.seq_id)
+            self._breakers.register(joiner.seq_id, params)
         return joining
-
-    def _track(self, step: Step, joining: Mapping[int, SequenceRequest]) -> None:
-        """Without a token history (the eager step, or a GPU): feed each row's last token to
-        its loop breakers' trackers."""
-        pushed: list[Row] = []
-        for row in step.rows:  # each row's last byte, seen once per step
-            if row.seq_id in joining:  # what the slot's last sequence left is forgotten
-                if row.seq_id in self._penalized:
-                    self._repeats.reset(row.slot, self._params[row.seq_id])
-                else:
-                    self._repeats.forget(row.slot)
-            if row.position == 0 or row.padding:
-                continue
-            blocker = self._blockers.get(row.seq_id)
-            if blocker is not None:
-                blocker.push(row.token)
-            if row.seq_id in self._penalized:
-                pushed.append(row)
-        if pushed:
-            self._repeats.push([r.slot for r in pushed], [r.token for r in pushed])
 
     def _sample(
         self, rows: list[Row], logits: torch.Tensor, failures: dict[int, str]
@@ -269,7 +240,7 @@ class RETEngine(RETRequests, Engine):
             return []
         params = [self._params[r.seq_id] for r in rows]
         positions = [r.position for r in rows]  # each row's draw counter
-        banned, repeated = self._loop_breakers(rows, params)
+        banned, repeated = self._breakers.masks(rows, params)
         try:
             sampled, logprob_tensor = self._sampler(logits, params, positions, banned, repeated)
             return list(zip(sampled.tolist(), logprob_tensor.tolist(), strict=True))
@@ -284,7 +255,7 @@ class RETEngine(RETRequests, Engine):
                     logits[i : i + 1],
                     params[i : i + 1],
                     positions[i : i + 1],
-                    [banned[i]],
+                    banned[i : i + 1],
                     None if repeated is None else repeated[i : i + 1],
                 )
                 drawn.append((int(token[0]), float(logprob[0])))
@@ -292,30 +263,6 @@ class RETEngine(RETRequests, Engine):
                 failures[row.seq_id] = f"sampling failed: {row_exc}"
                 drawn.append((-1, float("nan")))
         return drawn
-
-    def _loop_breakers(
-        self, rows: Sequence[Row], params: Sequence[SamplingParams]
-    ) -> tuple[Banned, torch.Tensor | None]:
-        """Each row's banned tokens (no-repeat n-grams) and the (A, V) mask of those its
-        repetition penalty applies to (None when no row has one): from the slots' token
-        history where there is one, else from the trackers."""
-        penalize = [r.seq_id in self._penalized for r in rows]
-        if self._history is None:
-            banned = [b.banned() if (b := self._blockers.get(r.seq_id)) else () for r in rows]
-            repeated = self._repeats.repeated([r.slot for r in rows]) if any(penalize) else None
-            return banned, repeated
-        if not any(penalize) and not any(p.no_repeat_ngram_size for p in params):
-            return [()] * len(rows), None
-        repeated, banned_mask = load_extension().loop_breaker_masks(
-            self._history,
-            torch.tensor([r.slot for r in rows]),
-            torch.tensor([r.position for r in rows]),
-            torch.tensor(penalize),
-            torch.tensor([p.repetition_ngram_size for p in params]),
-            torch.tensor([p.no_repeat_ngram_size for p in params]),
-            self.loaded.config.vocab_size,
-        )
-        return banned_mask, repeated if any(penalize) else None
 
     def _forward_isolating_faults(
         self, rows: tuple[Row, ...], joining: Mapping[int, SequenceRequest]
@@ -366,7 +313,7 @@ class RETEngine(RETRequests, Engine):
                 slots,
                 length,
                 span,
-                history=self._history,
+                history=self._breakers.history,
             )
         return self._step(self._cond[slots], tokens, positions, self._cache, slots, length, span)
 
@@ -408,8 +355,7 @@ class RETEngine(RETRequests, Engine):
 
     def _forget(self, seq_id: int) -> None:
         self._params.pop(seq_id, None)
-        self._blockers.pop(seq_id, None)
-        self._penalized.discard(seq_id)
+        self._breakers.forget(seq_id)
 
 
 def load_ret_engine(spec: ModelSpec) -> RETEngine:

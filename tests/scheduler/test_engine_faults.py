@@ -128,8 +128,9 @@ def test_a_failing_row_fails_only_its_sequence_with_internal(
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("step_impl", ["eager", "prefix"])
 def test_sampled_batch_mates_keep_their_tokens_when_a_row_fails_in_sampling(
-    sharp_model: LoadedModel,
+    sharp_model: LoadedModel, step_impl: str
 ) -> None:
     """A NaN embedding makes its sampled row's probabilities NaN, so `sample()` raises after the
     rows before it have drawn from their generators; the engine retries the step in halves.
@@ -140,7 +141,7 @@ def test_sampled_batch_mates_keep_their_tokens_when_a_row_fails_in_sampling(
     ]
 
     async def main() -> list[SequenceResult]:
-        engine = start_engine(sharp_model, max_batch_size=4)
+        engine = start_engine(sharp_model, step_impl, max_batch_size=4)
         try:
             runs = [
                 engine.submit(SequenceRequest(embedding(20 + i), p, stream=True))
@@ -171,11 +172,13 @@ def test_sampled_batch_mates_keep_their_tokens_when_a_row_fails_in_sampling(
 
     results = asyncio.run(main())
     for i, (p, result) in enumerate(zip(params, results, strict=True)):
-        assert list(result.token_ids) == reference(sharp_model, 20 + i, p).token_ids, i
+        expected = reference(sharp_model, 20 + i, p, step_impl)
+        assert list(result.token_ids) == expected.token_ids, i
 
 
+@pytest.mark.parametrize("step_impl", ["eager", "prefix"])
 def test_a_batch_whose_sampling_raises_is_sampled_row_by_row_with_the_same_draws(
-    sharp_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+    sharp_model: LoadedModel, monkeypatch: pytest.MonkeyPatch, step_impl: str
 ) -> None:
     """If sampling a whole step raises, the engine samples its rows one by one: a row's draws
     depend only on its seed and position, so every sequence still gets exactly its tokens."""
@@ -194,13 +197,13 @@ def test_a_batch_whose_sampling_raises_is_sampled_row_by_row_with_the_same_draws
     monkeypatch.setattr(Sampler, "__call__", fails_batched)
     params = [
         SamplingParams(max_new_tokens=12, temperature=1.2, top_k=20, seed=31),
-        SamplingParams(max_new_tokens=12),
+        SamplingParams(max_new_tokens=12, no_repeat_ngram_size=2, repetition_penalty=1.5),
         SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=32),
     ]
 
     async def main() -> list[SequenceResult]:
         # one batch of all three from the first step (the idle model waits until it is full)
-        engine = start_engine(sharp_model, max_batch_size=3, max_wait_ms=60_000.0)
+        engine = start_engine(sharp_model, step_impl, max_batch_size=3, max_wait_ms=60_000.0)
         try:
             handles = [
                 engine.submit(SequenceRequest(embedding(40 + i), p)) for i, p in enumerate(params)
@@ -215,4 +218,5 @@ def test_a_batch_whose_sampling_raises_is_sampled_row_by_row_with_the_same_draws
     assert batched_calls > 0  # the fallback ran
     monkeypatch.undo()
     for i, (p, result) in enumerate(zip(params, results, strict=True)):
-        assert list(result.token_ids) == reference(sharp_model, 40 + i, p).token_ids, i
+        expected = reference(sharp_model, 40 + i, p, step_impl)
+        assert list(result.token_ids) == expected.token_ids, i
