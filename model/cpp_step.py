@@ -25,6 +25,7 @@ under torch's extensions directory (`TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -47,6 +48,7 @@ from .sampling import seed_key
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "ret_step.cpp"
+HEADER = SOURCE.with_name("ret_decode.h")  # included by SOURCE
 _EXTENSION_NAME = "retd_ret_step"
 
 _lock = threading.Lock()
@@ -78,9 +80,10 @@ def load_extension() -> ModuleType:
 
             _find_ninja()
             started = time.monotonic()
-            _extension = load(
-                _EXTENSION_NAME, [str(SOURCE)], extra_cflags=["-O3", "-ffp-contract=off"]
-            )
+            # torch rebuilds when a source or a flag changes: the header's hash is a flag
+            header = hashlib.sha256(HEADER.read_bytes()).hexdigest()[:16]
+            flags = ["-O3", "-ffp-contract=off", f"-DRETD_DECODE_H_{header}"]
+            _extension = load(_EXTENSION_NAME, [str(SOURCE)], extra_cflags=flags)
             log.info("C++ decode step ready in %.1f s", time.monotonic() - started)
         return _extension
 

@@ -8,8 +8,11 @@
 // and, when each row sits in its own slot (a lone call), moving queries to their slots.
 // With prefix attention (a float32 model and cache on the CPU) a layer's RoPE, cache writes
 // and attention are one pass per row and head (rotate_write_attend): bitwise the same ops
-// around prefix_attention, without their small tensors.
+// around prefix_attention, without their small tensors. `decode` runs several steps in one
+// call, each row's token chosen and fed back in C++ (its loop breakers and draw: ret_decode.h).
 #include <torch/extension.h>
+
+#include "ret_decode.h"
 
 #include <algorithm>
 #include <cmath>
@@ -176,65 +179,6 @@ Tensor rotate_write_attend(const Tensor& qkv, const Tensor& cos, const Tensor& s
     }
   });
   return y;
-}
-
-// Calls mark(t) for every token t that followed the row's last n - 1 generated tokens earlier
-// in its history h[0, p) (NGramBlocker.banned: the n-grams wholly inside h; n = 1: every
-// token of h). A token may be marked more than once.
-template <typename Mark>
-void followers(const int64_t* h, int64_t p, int64_t n, Mark&& mark) {
-  if (p < n - 1) {
-    return;
-  }
-  const int64_t* suffix = h + p - (n - 1);
-  for (int64_t i = 0; i + n <= p; ++i) {
-    if (std::equal(h + i, h + i + n - 1, suffix)) {
-      mark(h[i + n - 1]);
-    }
-  }
-}
-
-// The tokens each row's loop breakers apply to, read from history (S, L) long (each slot's
-// generated tokens, the C++ step writes them): for row b in slot slots[b] with positions[b]
-// tokens generated, repeated[b] marks the followers of its last penalty_n[b] - 1 tokens
-// (where penalize[b]), banned[b] those of its last ban_n[b] - 1 (where ban_n[b] > 0): what
-// RepetitionTracker.repeated and NGramBlocker.banned give. -> (repeated, banned) (B, V) bool.
-std::tuple<Tensor, Tensor> loop_breaker_masks(const Tensor& history, const Tensor& slots,
-                                              const Tensor& positions, const Tensor& penalize,
-                                              const Tensor& penalty_n, const Tensor& ban_n,
-                                              int64_t V) {
-  TORCH_CHECK(history.scalar_type() == at::kLong && history.dim() == 2 &&
-                  history.is_contiguous() && history.device().is_cpu(),
-              "history must be a contiguous (S, L) long CPU tensor");
-  const auto slot = slots.to(at::kLong).contiguous();
-  const auto position = positions.to(at::kLong).contiguous();
-  const auto pen = penalize.to(at::kBool).contiguous();
-  const auto pen_n = penalty_n.to(at::kLong).contiguous();
-  const auto ban = ban_n.to(at::kLong).contiguous();
-  const int64_t B = slot.numel(), S = history.size(0), L = history.size(1);
-  TORCH_CHECK(position.numel() == B && pen.numel() == B && pen_n.numel() == B &&
-                  ban.numel() == B,
-              "loop_breaker_masks: one slot, position, penalize, penalty_n and ban_n per row");
-  auto repeated = at::zeros({B, V}, at::kBool), banned = at::zeros({B, V}, at::kBool);
-  bool* repeated_at = repeated.data_ptr<bool>();
-  bool* banned_at = banned.data_ptr<bool>();
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t s = slot.data_ptr<int64_t>()[b], p = position.data_ptr<int64_t>()[b];
-    TORCH_CHECK(s >= 0 && s < S && p >= 0 && p <= L, "row ", b, " has slot ", s,
-                " and position ", p, " outside the history (", S, " x ", L, ")");
-    const int64_t* h = history.data_ptr<int64_t>() + s * L;
-    if (pen.data_ptr<bool>()[b]) {
-      followers(h, p, pen_n.data_ptr<int64_t>()[b], [&](int64_t t) {
-        if (t >= 0 && t < V) repeated_at[b * V + t] = true;
-      });
-    }
-    if (ban.data_ptr<int64_t>()[b] > 0) {
-      followers(h, p, ban.data_ptr<int64_t>()[b], [&](int64_t t) {
-        if (t >= 0 && t < V) banned_at[b * V + t] = true;
-      });
-    }
-  }
-  return {repeated, banned};
 }
 
 // attend_prefixes from Python (the tests compare it with SDPA), its inputs checked.
@@ -444,111 +388,6 @@ class RETStep {
     }
     const auto last = x.select(1, 0);  // (B, C)
     return at::matmul(at::layer_norm(last, {C}, ln_f_w_, ln_f_b_, eps_), wte_.t());
-  }
-
-  // sampling.py's _draw without top-k or top-p: one token per row by inverse CDF, -1 for a
-  // row that cannot draw. logits (B, V) float32, temperature (B, 1), u (B,) in [0, 1).
-  static Tensor draw(const Tensor& logits, const Tensor& temperature, const Tensor& u) {
-    const int64_t V = logits.size(1);
-    const auto top = logits.amax(-1, true);
-    const auto scaled = (logits - top) / temperature;
-    const auto cdf = scaled.softmax(-1).cumsum(-1);
-    const auto total = cdf.slice(1, V - 1);  // (B, 1)
-    const auto below_total = at::nextafter(total, at::zeros_like(total));
-    const auto target = at::minimum(u.unsqueeze(1) * total, below_total);
-    const auto token = at::searchsorted(cdf, target, false, true).select(1, 0).clamp_max(V - 1);
-    return token.masked_fill(total.select(1, 0).gt(0).logical_not(), -1);
-  }
-
-  // sampling.py's counter_uniforms: u (B,) float32 from each row's key and draw counter,
-  // splitmix64's finaliser on key + counter * golden, its top 24 bits over 2**24.
-  static Tensor counter_uniforms(const Tensor& keys, const Tensor& counters) {
-    const int64_t B = keys.numel();
-    auto u = at::empty({B}, keys.options().dtype(at::kFloat));
-    const int64_t* key = keys.data_ptr<int64_t>();
-    const int64_t* counter = counters.data_ptr<int64_t>();
-    float* out = u.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b) {
-      uint64_t z = static_cast<uint64_t>(key[b]) +
-                   static_cast<uint64_t>(counter[b]) * 0x9E3779B97F4A7C15ULL;
-      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-      z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-      z = z ^ (z >> 31);
-      out[b] = static_cast<float>(z >> 40) * 0x1p-24f;
-    }
-    return u;
-  }
-
-  // history[slots[b], positions[b] - 1] = tokens[b] for each row past its first step.
-  static void write_history(const Tensor& history, const Tensor& slots, const Tensor& positions,
-                            const Tensor& tokens) {
-    TORCH_CHECK(history.scalar_type() == at::kLong && history.dim() == 2 &&
-                    history.is_contiguous() && history.device().is_cpu(),
-                "history must be a contiguous (S, L) long CPU tensor");
-    const auto slot = slots.to(at::kLong).contiguous();
-    const auto position = positions.to(at::kLong).contiguous();
-    const auto token = tokens.to(at::kLong).contiguous();
-    int64_t* at = history.data_ptr<int64_t>();
-    const int64_t S = history.size(0), L = history.size(1);
-    for (int64_t b = 0; b < slot.numel(); ++b) {
-      const int64_t s = slot.data_ptr<int64_t>()[b], p = position.data_ptr<int64_t>()[b];
-      TORCH_CHECK(s >= 0 && s < S && p >= 0 && p <= L, "row ", b, " has slot ", s,
-                  " and position ", p, " outside the history (", S, " x ", L, ")");
-      if (p > 0) {
-        at[s * L + p - 1] = token.data_ptr<int64_t>()[b];
-      }
-    }
-  }
-
-  // sample_batch's loop breakers for greedy rows, in its order: the EOS bias, the repetition
-  // penalty (logit / p where > 0, else logit * p, once per token), the no-repeat ban (-inf).
-  // logits (B, V) float32 -> the controlled copy (the same tensor when no row has any).
-  static Tensor control(const Tensor& logits, const Tensor& history, const Tensor& slot,
-                        const Tensor& position, const Tensor& bias, const Tensor& penalty,
-                        const Tensor& penalty_n, const Tensor& ban_n, int64_t eos_id) {
-    const int64_t B = logits.size(0), V = logits.size(1), L = history.size(1);
-    const float* bias_at = bias.data_ptr<float>();
-    const float* penalty_at = penalty.data_ptr<float>();
-    const int64_t* penalty_n_at = penalty_n.data_ptr<int64_t>();
-    const int64_t* ban_at = ban_n.data_ptr<int64_t>();
-    bool any = false;
-    for (int64_t b = 0; b < B && !any; ++b) {
-      any = bias_at[b] != 0.0f || penalty_at[b] != 1.0f || ban_at[b] > 0;
-    }
-    if (!any) {
-      return logits;
-    }
-    auto out = logits.contiguous().clone();
-    float* row_at = out.data_ptr<float>();
-    const int64_t* h_at = history.data_ptr<int64_t>();
-    std::vector<uint8_t> marked(V, 0);
-    std::vector<int64_t> touched;
-    for (int64_t b = 0; b < B; ++b) {
-      float* row = row_at + b * V;
-      const int64_t* h = h_at + slot.data_ptr<int64_t>()[b] * L;
-      const int64_t p = position.data_ptr<int64_t>()[b];
-      if (bias_at[b] != 0.0f) {
-        row[eos_id] += bias_at[b];
-      }
-      const float pen = penalty_at[b];
-      if (pen != 1.0f) {
-        followers(h, p, penalty_n_at[b], [&](int64_t t) {
-          if (t >= 0 && t < V && !marked[t]) {
-            marked[t] = 1;
-            touched.push_back(t);
-            row[t] = row[t] > 0 ? row[t] / pen : row[t] * pen;
-          }
-        });
-        for (const int64_t t : touched) marked[t] = 0;
-        touched.clear();
-      }
-      if (ban_at[b] > 0) {
-        followers(h, p, ban_at[b], [&](int64_t t) {
-          if (t >= 0 && t < V) row[t] = -std::numeric_limits<float>::infinity();
-        });
-      }
-    }
-    return out;
   }
 
   // Whether row i's slot is i for every row and there are no other slots (read on the host:
