@@ -287,7 +287,7 @@ def test_auto_falls_back_to_eager_where_the_step_cannot_be_built(
 def test_the_step_benchmark_runs_each_way_the_eager_way(tiny_model: RET) -> None:
     """`python -m retd.model.step_bench`: the C++ and the scripted steps it times decode what
     the eager step decodes (torch.compile's way is left out here: it compiles for minutes)."""
-    from retd.model.step_bench import run, ways
+    from retd.model.step_bench import run, run_calls, ways
 
     found = ways(tiny_model)
     reference, _ = run(found["eager"], tiny_model, 3, 8)
@@ -295,6 +295,12 @@ def test_the_step_benchmark_runs_each_way_the_eager_way(tiny_model: RET) -> None
         logits, ms = run(found[name], tiny_model, 3, 8)
         assert torch.equal(logits, reference), name
         assert ms > 0
+    for per_call in (1, 3, 8):  # several steps a call: the argmax at every step
+        prefix = found["prefix"]
+        assert isinstance(prefix, CppStep)
+        tokens, ms = run_calls(prefix, tiny_model, 3, 8, spread=True, per_call=per_call)
+        spread_reference, _ = run(prefix, tiny_model, 3, 8, spread=True)
+        assert torch.equal(tokens, spread_reference.argmax(-1)), per_call
 
 
 def _row_params(data: st.DataObject, max_new_tokens: int) -> SamplingParams:
