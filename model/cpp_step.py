@@ -173,9 +173,9 @@ class CppStep:
         """`steps` decode steps in one call, each row's token fed back as its next input,
         its loop breakers (`controls`) read from `history`: the tokens (steps, B) long and
         their log-probabilities (steps, B) float32 that `sample_batch` gives a step at a time,
-        bitwise, for greedy rows and for sampled rows without top-k or top-p (`uniforms`
-        (steps, B): the unseeded sampled rows' u at each step; a seeded row hashes its seed
-        and position). A row that cannot draw gets -1 (NaN). Every row's position + steps
+        bitwise, greedy and sampled rows alike (`uniforms` (steps, B): the unseeded sampled
+        rows' u at each step; a seeded row hashes its seed and position). A row that cannot
+        draw gets -1 (NaN). Every row's position + steps
         must be within the cache (its max_length)."""
         c = controls
         return cast(
@@ -198,6 +198,8 @@ class CppStep:
                 c.greedy,
                 c.seeded,
                 c.keys,
+                c.kth_index,
+                c.top_p,
                 uniforms,
                 steps,
             ),
@@ -206,10 +208,12 @@ class CppStep:
 
 @dataclass(frozen=True)
 class RowControls:
-    """What `CppStep.decode` needs of each row's `SamplingParams`, (B,) tensors: its loop
-    breakers (the EOS bias, the repetition penalty (1: off) and its n-gram size, the no-repeat
-    n-gram size (0: off)) and its draw (the temperature it divides by (1 for a greedy row),
-    whether it is greedy, whether it is seeded, and its seed's hash key)."""
+    """What `CppStep.decode` needs of each row's `SamplingParams`, as `SamplingBatch` holds
+    them: its loop breakers, (B,) each (the EOS bias, the repetition penalty (1: off) and its
+    n-gram size, the no-repeat n-gram size (0: off)), and its draw: the temperature it divides
+    by (1 for a greedy row), whether it is greedy, whether it is seeded and its seed's hash
+    key, (B,) each; top-k as kth_index (B, 1) (top_k - 1; V - 1 where off) and top-p (B, 1)
+    (inf where off), each None when no sampled row uses it."""
 
     eos_bias: Tensor
     penalty: Tensor
@@ -220,9 +224,20 @@ class RowControls:
     greedy: Tensor
     seeded: Tensor
     keys: Tensor
+    kth_index: Tensor | None = None
+    top_p: Tensor | None = None
 
     @classmethod
-    def of(cls, params: Sequence[SamplingParams], eos_id: int) -> RowControls:
+    def of(cls, params: Sequence[SamplingParams], eos_id: int, vocab_size: int) -> RowControls:
+        V = vocab_size
+        sampled = [p for p in params if not p.greedy]
+        kth_index = top_p = None
+        if any(0 < p.top_k < V for p in sampled):
+            top_k = [p.top_k if not p.greedy and 0 < p.top_k < V else V for p in params]
+            kth_index = torch.tensor(top_k)[:, None] - 1
+        if any(p.top_p < 1 for p in sampled):
+            nucleus = [p.top_p if not p.greedy and p.top_p < 1 else float("inf") for p in params]
+            top_p = torch.tensor(nucleus)[:, None]
         return cls(
             torch.tensor([float(p.eos_bias) for p in params]),
             torch.tensor([float(p.repetition_penalty) for p in params]),
@@ -233,18 +248,14 @@ class RowControls:
             torch.tensor([p.greedy for p in params]),
             torch.tensor([p.seed is not None for p in params]),
             torch.tensor([0 if p.seed is None else seed_key(p.seed) for p in params]),
+            kth_index,
+            top_p,
         )
 
     @property
     def needs_uniforms(self) -> bool:
         """Whether a sampled row has no seed: `decode` then needs its u at each step."""
         return bool((~self.greedy & ~self.seeded).any())
-
-
-def decodes_in_one_call(params: SamplingParams, vocab_size: int) -> bool:
-    """Whether `CppStep.decode` draws this row as `sample_batch` would: greedy, or sampled
-    without top-k or top-p."""
-    return params.greedy or (not 0 < params.top_k < vocab_size and params.top_p >= 1)
 
 
 def step_name(step: StepFunction) -> str:

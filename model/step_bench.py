@@ -148,7 +148,8 @@ def run_calls(
     and ms/step."""
     generator = torch.Generator().manual_seed(0)
     embeddings = torch.randn(batch, model.config.embedding_dim, generator=generator)
-    controls = RowControls.of([SamplingParams(max_new_tokens=steps)] * batch, model.config.eos_id)
+    greedy = [SamplingParams(max_new_tokens=steps)] * batch
+    controls = RowControls.of(greedy, model.config.eos_id, model.config.vocab_size)
     with torch.inference_mode():
         cond = model.condition(embeddings)
         cache = KVCache(model.config, batch)

@@ -24,7 +24,6 @@ from retd.model.cpp_step import (
     CppStep,
     RowControls,
     StepFunction,
-    decodes_in_one_call,
     step_function,
     step_name,
 )
@@ -122,11 +121,10 @@ class RETEngine(RETRequests, Engine):
         self._breakers.clear()
 
     def _run_step(self, step: Step) -> tuple[list[tuple[list[int], list[float]]], dict[int, str]]:
-        """One step's tokens and log-probabilities, or up to `step.steps` steps' in one call
-        of the C++ step when it draws every row (greedy, or sampled without top-k or top-p):
-        the same tokens as a step at a time."""
+        """One step's tokens and log-probabilities, or, with the C++ step on the CPU, up to
+        `step.steps` steps' in one call (the same tokens as a step at a time)."""
         self._register(step.new)
-        if self._decoder is not None and self._decodes_in_one_call(step):
+        if self._decoder is not None and not any(r.padding for r in step.rows):
             try:
                 return self._decode(step)
             except Exception as exc:  # run it a step at a time, which isolates the rows at fault
@@ -135,12 +133,6 @@ class RETEngine(RETRequests, Engine):
                 )
         tokens, logprobs, failures = self._execute_isolating_faults(step)
         return [(tokens, logprobs)], failures
-
-    def _decodes_in_one_call(self, step: Step) -> bool:
-        params, vocab_size = self._params, self.loaded.config.vocab_size
-        return all(
-            not r.padding and decodes_in_one_call(params[r.seq_id], vocab_size) for r in step.rows
-        )
 
     def _decode(self, step: Step) -> tuple[list[tuple[list[int], list[float]]], dict[int, str]]:
         """Up to `step.steps` steps in one C++ call, no row past the cache's end. A sampled
@@ -151,7 +143,8 @@ class RETEngine(RETRequests, Engine):
         steps = min(step.steps, self.loaded.config.max_length - max(r.position for r in rows))
         self._condition_joiners(rows, {j.seq_id: j.request for j in step.new})
         slots = torch.tensor([r.slot for r in rows])
-        controls = RowControls.of([self._params[r.seq_id] for r in rows], self._eos_id)
+        params = [self._params[r.seq_id] for r in rows]
+        controls = RowControls.of(params, self._eos_id, self.loaded.config.vocab_size)
         uniforms = torch.rand(steps, len(rows)) if controls.needs_uniforms else None
         tokens, logprobs = self._decoder.decode(
             self._cond[slots],

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -77,12 +78,55 @@ std::tuple<Tensor, Tensor> loop_breaker_masks(const Tensor& history, const Tenso
   return {repeated, banned};
 }
 
-// sampling.py's _draw without top-k or top-p: one token per row by inverse CDF, -1 for a
-// row that cannot draw. logits (B, V) float32, temperature (B, 1), u (B,) in [0, 1).
-Tensor draw(const Tensor& logits, const Tensor& temperature, const Tensor& u) {
+// Each row of x (B, V) float32 sorted in descending order, values only (NaN first, as
+// numpy's ascending sort puts it last): sampling.py's _descending_values, without the
+// indices torch's batched CPU sort computes.
+Tensor descending_values(const Tensor& x) {
+  auto sorted = x.contiguous().clone();
+  const int64_t B = sorted.size(0), V = sorted.size(1);
+  float* at = sorted.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    std::sort(at + b * V, at + (b + 1) * V, [](float l, float r) {
+      if (std::isnan(l)) return !std::isnan(r);
+      return !std::isnan(r) && l > r;
+    });
+  }
+  return sorted;
+}
+
+// sampling.py's _filter: top-k (kth_index (B, 1) long: top_k - 1, V - 1 where off), then
+// nucleus (top_p (B, 1) float32, inf where off) on the sorted values; what a row keeps is a
+// prefix of them, so its last kept value is a threshold: logits (B, V) below it become -inf.
+Tensor filter(const Tensor& logits, const std::optional<Tensor>& kth_index,
+              const std::optional<Tensor>& top_p) {
+  const auto descending = descending_values(logits);
+  const float inf = std::numeric_limits<float>::infinity();
+  auto sorted = descending;
+  if (kth_index) {
+    const auto kth = sorted.gather(1, *kth_index);
+    sorted = sorted.masked_fill(sorted.lt(kth), -inf);
+  }
+  if (top_p) {
+    const auto probs = sorted.softmax(-1);
+    const auto mass_before = probs.cumsum(-1) - probs;
+    sorted = sorted.masked_fill(mass_before.ge(*top_p), -inf);
+  }
+  const auto last = (sorted.isfinite().sum(-1, true) - 1).clamp_min(0);
+  const auto threshold = descending.gather(1, last);
+  return logits.masked_fill(logits.lt(threshold), -inf);
+}
+
+// sampling.py's _draw: one token per row by inverse CDF on the filtered distribution, -1 for
+// a row that cannot draw. logits (B, V) float32, temperature (B, 1), u (B,) in [0, 1);
+// kth_index and top_p as `filter` takes them, each left out when no row uses it.
+Tensor draw(const Tensor& logits, const Tensor& temperature, const Tensor& u,
+            const std::optional<Tensor>& kth_index, const std::optional<Tensor>& top_p) {
   const int64_t V = logits.size(1);
   const auto top = logits.amax(-1, true);
-  const auto scaled = (logits - top) / temperature;
+  auto scaled = (logits - top) / temperature;
+  if (kth_index || top_p) {
+    scaled = filter(scaled, kth_index, top_p);
+  }
   const auto cdf = scaled.softmax(-1).cumsum(-1);
   const auto total = cdf.slice(1, V - 1);  // (B, 1)
   const auto below_total = at::nextafter(total, at::zeros_like(total));

@@ -246,16 +246,16 @@ class RETStep {
   }
 
   // Up to `steps` decode steps in one call, each row's token fed back as its next input: what
-  // `sample_batch` picks a step at a time for greedy rows and for sampled rows without top-k
-  // or top-p, with the same ATen ops on the same (B, V) tensors, so the same tokens and
-  // log-probabilities to the bit. Per row (B,): eos_bias (float32, added to logit eos_id),
+  // `sample_batch` picks a step at a time, with the same ATen ops on the same (B, V) tensors,
+  // so the same tokens and log-probabilities to the bit. Per row (B,): eos_bias (float32, added to logit eos_id),
   // penalty (float32, 1 = off) over the tokens that would repeat one of the row's
   // penalty_n-grams, ban_n (long, 0 = off): the tokens that would repeat one of its
   // ban_n-grams are banned (both read history (S, L) long, each slot's generated tokens,
   // written here); temperature (float32, what the draw divides by: 1 for greedy rows), greedy
   // (bool), seeded (bool) and keys (long): a seeded row's u hashes its key and its position
-  // (counter_uniforms); uniforms (steps, B) float32, if given: the other sampled rows' u at
-  // each step. A sampled row that cannot draw gets token -1 and a NaN log-probability (its
+  // (counter_uniforms); kth_index (B, 1) long and top_p (B, 1) float32, each if some row
+  // uses it: top-k and nucleus filtering as `filter` takes them; uniforms (steps, B) float32,
+  // if given: the other sampled rows' u at each step. A sampled row that cannot draw gets token -1 and a NaN log-probability (its
   // next input is token 0). The caller keeps every row's position + steps within the cache.
   // -> tokens (steps, B) long, logprobs (steps, B) float32.
   std::tuple<Tensor, Tensor> decode(const Tensor& cond, const Tensor& tokens,
@@ -266,6 +266,8 @@ class RETStep {
                                     const Tensor& ban_n, int64_t eos_id,
                                     const Tensor& temperature, const Tensor& greedy,
                                     const Tensor& seeded, const Tensor& keys,
+                                    const std::optional<Tensor>& kth_index,
+                                    const std::optional<Tensor>& top_p,
                                     const std::optional<Tensor>& uniforms, int64_t steps) const {
     pybind11::gil_scoped_release no_gil;
     c10::InferenceMode inference;
@@ -318,7 +320,7 @@ class RETStep {
         } else {
           u = at::where(is_seeded, counter_uniforms(key, position), uniforms->select(0, j));
         }
-        token = draw(controlled, temp, u);
+        token = draw(controlled, temp, u, kth_index, top_p);
         if (any_greedy) {
           token = at::where(is_greedy, controlled.argmax(-1), token);
         }

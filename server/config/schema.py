@@ -52,8 +52,8 @@ class SchedulerConfig:
     max_wait_ms: float = 0.0  # with an idle model, wait this long for a fuller first batch
     # continuous: sequences join and leave at every step; static: request-level batching.
     batching: str = "continuous"
-    # The most decode steps the worker runs in one call of the C++ step (a batch of greedy
-    # rows and sampled rows without top-k or top-p) before the scheduler decides again
+    # The most decode steps the worker runs in one call of the C++ step before the scheduler
+    # decides again
     # (multi-step scheduling): joiners, cancellations and deadlines wait up to this many
     # steps; 1: decide before every step.
     steps_per_call: int = 4

@@ -126,10 +126,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "steps_per_call",
         positive_int("steps_per_call"),
-        "the most decode steps a batch runs in one call of the C++ step (greedy rows, and "
-        "sampled rows without top-k or top-p) before the scheduler decides again; joiners, "
-        "cancellations and deadlines wait up to that many steps (default {default}; 1: "
-        "decide before every step)",
+        "the most decode steps a batch runs in one call of the C++ step before the scheduler "
+        "decides again; joiners, cancellations and deadlines wait up to that many steps "
+        "(default {default}; 1: decide before every step)",
         at="model_defaults.scheduler.steps_per_call",
     ),
     Setting(

@@ -304,13 +304,15 @@ def test_the_step_benchmark_runs_each_way_the_eager_way(tiny_model: RET) -> None
 
 
 def _row_params(data: st.DataObject, max_new_tokens: int) -> SamplingParams:
-    """A greedy row, or a sampled one (seeded or not) without top-k or top-p, with any of the
+    """A greedy row, or a sampled one (seeded or not, top-k and top-p or not), with any of the
     loop breakers Decode's defaults and cards use."""
     sampled = data.draw(st.booleans())
     return SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=data.draw(st.sampled_from([0.5, 1.0, 1.7])) if sampled else 0.0,
         seed=data.draw(st.sampled_from([None, 7, 2**63 + 5])) if sampled else None,
+        top_k=data.draw(st.sampled_from([0, 1, 2, 50])) if sampled else 0,
+        top_p=data.draw(st.sampled_from([1.0, 0.3, 0.5, 0.9])) if sampled else 1.0,
         no_repeat_ngram_size=data.draw(st.sampled_from([0, 0, 1, 2, 3])),
         repetition_penalty=data.draw(st.sampled_from([1.0, 1.5, 0.7, 3.0])),
         repetition_ngram_size=data.draw(st.integers(1, 4)),
@@ -322,10 +324,10 @@ def _row_params(data: st.DataObject, max_new_tokens: int) -> SamplingParams:
 @given(data=st.data())
 def test_decode_is_bitwise_sampling_a_step_at_a_time(data: st.DataObject) -> None:
     """Several steps in one call, greedy and sampled rows (seeded, or with the u the sampler
-    would have drawn), loop breakers and all (on a vocabulary small enough that rows repeat
-    themselves at once, and a row whose every token is banned cannot draw): the tokens,
-    log-probabilities and cache a step at a time gives, to the bit, for rows in any slots,
-    joining or midway."""
+    would have drawn; top-k and top-p), loop breakers and all (on a vocabulary small enough
+    that rows repeat themselves at once, and a row whose every token is banned cannot draw):
+    the tokens, log-probabilities and cache a step at a time gives, to the bit, for rows in
+    any slots, joining or midway."""
     config = RETConfig(
         embedding_dim=16,
         n_embd=16,
@@ -374,7 +376,7 @@ def test_decode_is_bitwise_sampling_a_step_at_a_time(data: st.DataObject) -> Non
         reference = _one_step_at_a_time_with_history(
             step, args, caches[0], params, steps, history.clone(), config.vocab_size
         )
-        controls = RowControls.of(params, eos_id=0)
+        controls = RowControls.of(params, eos_id=0, vocab_size=config.vocab_size)
         got = step.decode(
             cond,
             tokens,

@@ -181,7 +181,9 @@ def test_a_batch_whose_sampling_raises_is_sampled_row_by_row_with_the_same_draws
     sharp_model: LoadedModel, monkeypatch: pytest.MonkeyPatch, step_impl: str
 ) -> None:
     """If sampling a whole step raises, the engine samples its rows one by one: a row's draws
-    depend only on its seed and position, so every sequence still gets exactly its tokens."""
+    depend only on its seed and position, so every sequence still gets exactly its tokens.
+    (A static batch: the C++ step draws a batch in Python only once a row has ended and pads
+    it.)"""
     from retd.model.sampling import Sampler
 
     original = Sampler.__call__
@@ -196,14 +198,16 @@ def test_a_batch_whose_sampling_raises_is_sampled_row_by_row_with_the_same_draws
 
     monkeypatch.setattr(Sampler, "__call__", fails_batched)
     params = [
-        SamplingParams(max_new_tokens=12, temperature=1.2, top_k=20, seed=31),
+        SamplingParams(max_new_tokens=3, temperature=1.2, top_k=20, seed=31),
         SamplingParams(max_new_tokens=12, no_repeat_ngram_size=2, repetition_penalty=1.5),
         SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=32),
     ]
 
     async def main() -> list[SequenceResult]:
         # one batch of all three from the first step (the idle model waits until it is full)
-        engine = start_engine(sharp_model, step_impl, max_batch_size=3, max_wait_ms=60_000.0)
+        engine = start_engine(
+            sharp_model, step_impl, max_batch_size=3, max_wait_ms=60_000.0, batching="static"
+        )
         try:
             handles = [
                 engine.submit(SequenceRequest(embedding(40 + i), p)) for i, p in enumerate(params)
