@@ -53,9 +53,8 @@ class SchedulerConfig:
     # continuous: sequences join and leave at every step; static: request-level batching.
     batching: str = "continuous"
     # The most decode steps the worker runs in one call of the C++ step before the scheduler
-    # decides again
-    # (multi-step scheduling): joiners, cancellations and deadlines wait up to this many
-    # steps; 1: decide before every step.
+    # decides again (multi-step scheduling): joiners, cancellations and deadlines wait up to
+    # this many steps; 1: decide before every step.
     steps_per_call: int = 4
 
     def __post_init__(self) -> None:
