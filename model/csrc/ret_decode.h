@@ -19,6 +19,20 @@ namespace {
 
 using at::Tensor;
 
+// Each slot's token history: (S, L) long, contiguous, on the CPU.
+void check_history(const Tensor& history) {
+  TORCH_CHECK(history.scalar_type() == at::kLong && history.dim() == 2 &&
+                  history.is_contiguous() && history.device().is_cpu(),
+              "history must be a contiguous (S, L) long CPU tensor");
+}
+
+// Row b's slot s and its count of generated tokens p within the history (S, L).
+void check_row(int64_t b, int64_t s, int64_t p, const Tensor& history) {
+  const int64_t S = history.size(0), L = history.size(1);
+  TORCH_CHECK(s >= 0 && s < S && p >= 0 && p <= L, "row ", b, " has slot ", s, " and position ",
+              p, " outside the history (", S, " x ", L, ")");
+}
+
 // Calls mark(t) for every token t that followed the row's last n - 1 generated tokens earlier
 // in its history h[0, p) (NGramBlocker.banned: the n-grams wholly inside h; n = 1: every
 // token of h). A token may be marked more than once.
@@ -44,15 +58,13 @@ std::tuple<Tensor, Tensor> loop_breaker_masks(const Tensor& history, const Tenso
                                               const Tensor& positions, const Tensor& penalize,
                                               const Tensor& penalty_n, const Tensor& ban_n,
                                               int64_t V) {
-  TORCH_CHECK(history.scalar_type() == at::kLong && history.dim() == 2 &&
-                  history.is_contiguous() && history.device().is_cpu(),
-              "history must be a contiguous (S, L) long CPU tensor");
+  check_history(history);
   const auto slot = slots.to(at::kLong).contiguous();
   const auto position = positions.to(at::kLong).contiguous();
   const auto pen = penalize.to(at::kBool).contiguous();
   const auto pen_n = penalty_n.to(at::kLong).contiguous();
   const auto ban = ban_n.to(at::kLong).contiguous();
-  const int64_t B = slot.numel(), S = history.size(0), L = history.size(1);
+  const int64_t B = slot.numel(), L = history.size(1);
   TORCH_CHECK(position.numel() == B && pen.numel() == B && pen_n.numel() == B &&
                   ban.numel() == B,
               "loop_breaker_masks: one slot, position, penalize, penalty_n and ban_n per row");
@@ -61,8 +73,7 @@ std::tuple<Tensor, Tensor> loop_breaker_masks(const Tensor& history, const Tenso
   bool* banned_at = banned.data_ptr<bool>();
   for (int64_t b = 0; b < B; ++b) {
     const int64_t s = slot.data_ptr<int64_t>()[b], p = position.data_ptr<int64_t>()[b];
-    TORCH_CHECK(s >= 0 && s < S && p >= 0 && p <= L, "row ", b, " has slot ", s,
-                " and position ", p, " outside the history (", S, " x ", L, ")");
+    check_row(b, s, p, history);
     const int64_t* h = history.data_ptr<int64_t>() + s * L;
     if (pen.data_ptr<bool>()[b]) {
       followers(h, p, pen_n.data_ptr<int64_t>()[b], [&](int64_t t) {
@@ -156,19 +167,16 @@ Tensor counter_uniforms(const Tensor& keys, const Tensor& counters) {
 
 // history[slots[b], positions[b] - 1] = tokens[b] for each row past its first step.
 void write_history(const Tensor& history, const Tensor& slots, const Tensor& positions,
-                          const Tensor& tokens) {
-  TORCH_CHECK(history.scalar_type() == at::kLong && history.dim() == 2 &&
-                  history.is_contiguous() && history.device().is_cpu(),
-              "history must be a contiguous (S, L) long CPU tensor");
+                   const Tensor& tokens) {
+  check_history(history);
   const auto slot = slots.to(at::kLong).contiguous();
   const auto position = positions.to(at::kLong).contiguous();
   const auto token = tokens.to(at::kLong).contiguous();
   int64_t* at = history.data_ptr<int64_t>();
-  const int64_t S = history.size(0), L = history.size(1);
+  const int64_t L = history.size(1);
   for (int64_t b = 0; b < slot.numel(); ++b) {
     const int64_t s = slot.data_ptr<int64_t>()[b], p = position.data_ptr<int64_t>()[b];
-    TORCH_CHECK(s >= 0 && s < S && p >= 0 && p <= L, "row ", b, " has slot ", s,
-                " and position ", p, " outside the history (", S, " x ", L, ")");
+    check_row(b, s, p, history);
     if (p > 0) {
       at[s * L + p - 1] = token.data_ptr<int64_t>()[b];
     }

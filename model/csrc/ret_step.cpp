@@ -272,9 +272,7 @@ class RETStep {
     pybind11::gil_scoped_release no_gil;
     c10::InferenceMode inference;
     TORCH_CHECK(steps >= 1, "decode: steps must be >= 1, got ", steps);
-    TORCH_CHECK(history.scalar_type() == at::kLong && history.dim() == 2 &&
-                    history.is_contiguous() && history.device().is_cpu(),
-                "decode: history must be a contiguous (S, L) long CPU tensor");
+    check_history(history);
     const int64_t B = tokens.size(0);
     const auto bias = eos_bias.to(at::kFloat).contiguous();
     const auto pen = penalty.to(at::kFloat).contiguous();

@@ -130,6 +130,21 @@ def test_a_step_refuses_a_row_outside_the_cache(tiny_model: RET) -> None:
         CppStep(tiny_model)(cond, torch.tensor([1]), torch.tensor([0]), cache, torch.tensor([5]))
 
 
+def test_a_step_refuses_a_history_it_cannot_write(tiny_model: RET) -> None:
+    """The token history is checked as the cache is: its dtype and shape, and each row."""
+    cache = KVCache(tiny_model.config, 2)
+    cond = tiny_model.condition(torch.randn(1, tiny_model.config.embedding_dim))
+    step, L = CppStep(tiny_model), tiny_model.config.max_length
+    args = (cond, torch.tensor([1]), torch.tensor([3]), cache, torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="row 0 has slot 1 and position 3 outside the history"):
+        step(*args, history=torch.zeros(1, L, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="history must be a contiguous"):
+        step(*args, history=torch.zeros(2, L, dtype=torch.int32))
+    history = torch.zeros(2, L, dtype=torch.long)
+    step(*args, history=history)
+    assert history[1, 2] == 1 and history.count_nonzero() == 1  # the input token, at 3 - 1
+
+
 def prefix_case(
     config: RETConfig, data: st.DataObject
 ) -> tuple[RET, tuple[torch.Tensor, ...], tuple[KVCache, KVCache]]:
