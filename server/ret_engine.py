@@ -99,9 +99,9 @@ class RETEngine(RETRequests, Engine):
         # Worker thread only: the running sequences' loop breakers. With the C++ step on the
         # CPU they read each slot's token history (which the step writes), and a batch whose
         # rows that step can draw runs several steps in one call (`_decode`).
-        self._decoder = self._step if isinstance(self._step, CppStep) else None
-        if self.device.type != "cpu":
-            self._decoder = None
+        step = self._step
+        on_cpu = self.device.type == "cpu"
+        self._decoder = step if isinstance(step, CppStep) and on_cpu else None
         self._breakers = LoopBreakers(slots, config, self.device, history=self._decoder is not None)
 
     def warm_up(self, steps: int = 4) -> None:
@@ -219,7 +219,7 @@ class RETEngine(RETRequests, Engine):
             assert isinstance(params, SamplingParams), "a RET sequence is sampled"
             joining[joiner.seq_id] = request
             if joiner.seq_id in self._params:
-                continue  # registered already (a greedy call that failed, run again)
+                continue  # registered already: its call failed and runs a step at a time
             self._params[joiner.seq_id] = params
             self._breakers.register(joiner.seq_id, params)
         return joining
