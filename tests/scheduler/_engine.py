@@ -169,6 +169,8 @@ def plans_strategy(sampled: bool) -> st.SearchStrategy[list[Plan]]:
                         repetition_penalty=draw(st.sampled_from([1.0, 1.5])),
                         repetition_ngram_size=draw(st.sampled_from([1, 2, 4])),
                         eos_bias=draw(st.sampled_from([0.0, 0.0, -2.0])),
+                        # bytes the sharp model writes: a stop ends some sequences mid-call
+                        stop=draw(st.sampled_from([(), ("\x07",), ("a", "1", "<", "q")])),
                     ),
                 )
             cancel = None if sampled else draw(st.sampled_from([None, None, None, 0, 1, 5]))
