@@ -309,8 +309,8 @@ def sample(
     `repeated` (B, V) bool: the tokens row i's `repetition_penalty` applies to (see
     `RepetitionTracker`); `banned[i]`: tokens row i may not pick (no-repeat n-grams; or a
     (B, V) bool mask of them); a row's `eos_bias` is added to token `eos_id`'s logit first.
-    logprob is the unfiltered, unbiased, temperature-1 log-probability of the chosen token. A sampled row that cannot draw gets
-    token -1 (logprob NaN).
+    logprob is the unfiltered, unbiased, temperature-1 log-probability of the chosen token.
+    A sampled row that cannot draw gets token -1 (logprob NaN).
     """
     if len(params) != logits.shape[0]:
         raise ValueError(f"got {logits.shape[0]} rows of logits and {len(params)} params")
