@@ -112,9 +112,8 @@ class RETEngine(RETRequests, Engine):
         request = SequenceRequest(np.zeros(config.embedding_dim, dtype=np.float32), params)
         for position in range(steps):
             new = (Joiner(-1, request),) if position == 0 else ()
-            _, _, failures = self._execute_isolating_faults(
-                Step((Row(-1, 0, position, 0),), new, ())
-            )
+            step = Step((Row(-1, 0, position, 0),), new, ())
+            _, _, failures = self._execute_isolating_faults(step, self._register(new))
             if failures:
                 raise RuntimeError(f"model {self.name}: warm-up failed: {failures[-1]}")
         self._params.clear()
@@ -123,25 +122,27 @@ class RETEngine(RETRequests, Engine):
     def _run_step(self, step: Step) -> tuple[list[tuple[list[int], list[float]]], dict[int, str]]:
         """One step's tokens and log-probabilities, or, with the C++ step on the CPU, up to
         `step.steps` steps' in one call (the same tokens as a step at a time)."""
-        self._register(step.new)
+        joining = self._register(step.new)
         if self._decoder is not None and not any(r.padding for r in step.rows):
             try:
-                return self._decode(step)
+                return self._decode(step, joining)
             except Exception as exc:  # run it a step at a time, which isolates the rows at fault
                 log.warning(
                     "model %s: a call of %d rows failed (%r)", self.name, len(step.rows), exc
                 )
-        tokens, logprobs, failures = self._execute_isolating_faults(step)
+        tokens, logprobs, failures = self._execute_isolating_faults(step, joining)
         return [(tokens, logprobs)], failures
 
-    def _decode(self, step: Step) -> tuple[list[tuple[list[int], list[float]]], dict[int, str]]:
+    def _decode(
+        self, step: Step, joining: Mapping[int, SequenceRequest]
+    ) -> tuple[list[tuple[list[int], list[float]]], dict[int, str]]:
         """Up to `step.steps` steps in one C++ call, no row past the cache's end. A sampled
         row that cannot draw fails (its tokens of this call are dropped)."""
         history = self._breakers.history
         assert self._decoder is not None and history is not None
         rows = step.rows
         steps = min(step.steps, self.loaded.config.max_length - max(r.position for r in rows))
-        self._condition_joiners(rows, {j.seq_id: j.request for j in step.new})
+        self._condition_joiners(rows, joining)
         slots = torch.tensor([r.slot for r in rows])
         params = [self._params[r.seq_id] for r in rows]
         controls = RowControls.of(params, self._eos_id, self.loaded.config.vocab_size)
@@ -184,12 +185,12 @@ class RETEngine(RETRequests, Engine):
         return events
 
     def _execute_isolating_faults(
-        self, step: Step
+        self, step: Step, joining: Mapping[int, SequenceRequest]
     ) -> tuple[list[int], list[float], dict[int, str]]:
         """Run the step: a token and its log-probability for every row that did not fail,
         and the failed rows' messages, so one bad sequence (or an out-of-memory batch)
-        never fails the rest. A padding row is computed, not sampled (its token is 0)."""
-        joining = self._register(step.new)
+        never fails the rest. A padding row is computed, not sampled (its token is 0).
+        `joining`: the requests of the sequences whose first step this is (`_register`)."""
         self._breakers.track(step.rows, joining, self._params)
         rows, logits, failures = self._forward_isolating_faults(step.rows, joining)
         live = [i for i, r in enumerate(rows) if not r.padding]
@@ -218,8 +219,6 @@ class RETEngine(RETRequests, Engine):
             params = request.params
             assert isinstance(params, SamplingParams), "a RET sequence is sampled"
             joining[joiner.seq_id] = request
-            if joiner.seq_id in self._params:
-                continue  # registered already: its call failed and runs a step at a time
             self._params[joiner.seq_id] = params
             self._breakers.register(joiner.seq_id, params)
         return joining
