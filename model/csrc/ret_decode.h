@@ -49,6 +49,42 @@ void followers(const int64_t* h, int64_t p, int64_t n, Mark&& mark) {
   }
 }
 
+// For each row b, in slot slot[b] with position[b] tokens generated: on_repeated(b, t) once
+// for each token its repetition penalty applies to (the followers of its last
+// penalty_n[b] - 1 tokens; penalty_n[b] 0: no penalty), on_banned(b, t) for each token its
+// no-repeat ban forbids (those of its last ban_n[b] - 1; 0: no ban): what
+// RepetitionTracker.repeated and NGramBlocker.banned give. Tokens outside [0, V) are skipped.
+template <typename OnRepeated, typename OnBanned>
+void breaker_tokens(const Tensor& history, const Tensor& slot, const Tensor& position,
+                    const int64_t* penalty_n, const int64_t* ban_n, int64_t V,
+                    OnRepeated&& on_repeated, OnBanned&& on_banned) {
+  const int64_t L = history.size(1);
+  const int64_t* h_at = history.data_ptr<int64_t>();
+  std::vector<uint8_t> marked(V, 0);
+  std::vector<int64_t> touched;
+  for (int64_t b = 0; b < slot.numel(); ++b) {
+    const int64_t s = slot.data_ptr<int64_t>()[b], p = position.data_ptr<int64_t>()[b];
+    check_row(b, s, p, history);
+    const int64_t* h = h_at + s * L;
+    if (penalty_n[b] > 0) {
+      followers(h, p, penalty_n[b], [&](int64_t t) {
+        if (t >= 0 && t < V && !marked[t]) {
+          marked[t] = 1;
+          touched.push_back(t);
+          on_repeated(b, t);
+        }
+      });
+      for (const int64_t t : touched) marked[t] = 0;
+      touched.clear();
+    }
+    if (ban_n[b] > 0) {
+      followers(h, p, ban_n[b], [&](int64_t t) {
+        if (t >= 0 && t < V) on_banned(b, t);
+      });
+    }
+  }
+}
+
 // The tokens each row's loop breakers apply to, read from history (S, L) long (each slot's
 // generated tokens, the C++ step writes them): for row b in slot slots[b] with positions[b]
 // tokens generated, repeated[b] marks the followers of its last penalty_n[b] - 1 tokens
@@ -64,28 +100,21 @@ std::tuple<Tensor, Tensor> loop_breaker_masks(const Tensor& history, const Tenso
   const auto pen = penalize.to(at::kBool).contiguous();
   const auto pen_n = penalty_n.to(at::kLong).contiguous();
   const auto ban = ban_n.to(at::kLong).contiguous();
-  const int64_t B = slot.numel(), L = history.size(1);
+  const int64_t B = slot.numel();
   TORCH_CHECK(position.numel() == B && pen.numel() == B && pen_n.numel() == B &&
                   ban.numel() == B,
               "loop_breaker_masks: one slot, position, penalize, penalty_n and ban_n per row");
+  std::vector<int64_t> penalized_n(B);  // 0 where the row has no penalty
+  for (int64_t b = 0; b < B; ++b) {
+    penalized_n[b] = pen.data_ptr<bool>()[b] ? pen_n.data_ptr<int64_t>()[b] : 0;
+  }
   auto repeated = at::zeros({B, V}, at::kBool), banned = at::zeros({B, V}, at::kBool);
   bool* repeated_at = repeated.data_ptr<bool>();
   bool* banned_at = banned.data_ptr<bool>();
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t s = slot.data_ptr<int64_t>()[b], p = position.data_ptr<int64_t>()[b];
-    check_row(b, s, p, history);
-    const int64_t* h = history.data_ptr<int64_t>() + s * L;
-    if (pen.data_ptr<bool>()[b]) {
-      followers(h, p, pen_n.data_ptr<int64_t>()[b], [&](int64_t t) {
-        if (t >= 0 && t < V) repeated_at[b * V + t] = true;
-      });
-    }
-    if (ban.data_ptr<int64_t>()[b] > 0) {
-      followers(h, p, ban.data_ptr<int64_t>()[b], [&](int64_t t) {
-        if (t >= 0 && t < V) banned_at[b * V + t] = true;
-      });
-    }
-  }
+  breaker_tokens(
+      history, slot, position, penalized_n.data(), ban.data_ptr<int64_t>(), V,
+      [&](int64_t b, int64_t t) { repeated_at[b * V + t] = true; },
+      [&](int64_t b, int64_t t) { banned_at[b * V + t] = true; });
   return {repeated, banned};
 }
 
@@ -183,54 +212,41 @@ void write_history(const Tensor& history, const Tensor& slots, const Tensor& pos
   }
 }
 
-// sample_batch's loop breakers, in its order: the EOS bias, the repetition
-// penalty (logit / p where > 0, else logit * p, once per token), the no-repeat ban (-inf).
+// sample_batch's loop breakers, in its order: the EOS bias, the repetition penalty
+// (logit / p where > 0, else logit * p, once per token), the no-repeat ban (-inf).
 // logits (B, V) float32 -> the controlled copy (the same tensor when no row has any).
 Tensor control(const Tensor& logits, const Tensor& history, const Tensor& slot,
-                      const Tensor& position, const Tensor& bias, const Tensor& penalty,
-                      const Tensor& penalty_n, const Tensor& ban_n, int64_t eos_id) {
-  const int64_t B = logits.size(0), V = logits.size(1), L = history.size(1);
+               const Tensor& position, const Tensor& bias, const Tensor& penalty,
+               const Tensor& penalty_n, const Tensor& ban_n, int64_t eos_id) {
+  const int64_t B = logits.size(0), V = logits.size(1);
   const float* bias_at = bias.data_ptr<float>();
   const float* penalty_at = penalty.data_ptr<float>();
-  const int64_t* penalty_n_at = penalty_n.data_ptr<int64_t>();
   const int64_t* ban_at = ban_n.data_ptr<int64_t>();
   bool any = false;
-  for (int64_t b = 0; b < B && !any; ++b) {
-    any = bias_at[b] != 0.0f || penalty_at[b] != 1.0f || ban_at[b] > 0;
+  std::vector<int64_t> penalized_n(B);  // 0 where the row's penalty is 1 (off)
+  for (int64_t b = 0; b < B; ++b) {
+    penalized_n[b] = penalty_at[b] != 1.0f ? penalty_n.data_ptr<int64_t>()[b] : 0;
+    any = any || bias_at[b] != 0.0f || penalized_n[b] > 0 || ban_at[b] > 0;
   }
   if (!any) {
     return logits;
   }
   auto out = logits.contiguous().clone();
   float* row_at = out.data_ptr<float>();
-  const int64_t* h_at = history.data_ptr<int64_t>();
-  std::vector<uint8_t> marked(V, 0);
-  std::vector<int64_t> touched;
   for (int64_t b = 0; b < B; ++b) {
-    float* row = row_at + b * V;
-    const int64_t* h = h_at + slot.data_ptr<int64_t>()[b] * L;
-    const int64_t p = position.data_ptr<int64_t>()[b];
     if (bias_at[b] != 0.0f) {
-      row[eos_id] += bias_at[b];
-    }
-    const float pen = penalty_at[b];
-    if (pen != 1.0f) {
-      followers(h, p, penalty_n_at[b], [&](int64_t t) {
-        if (t >= 0 && t < V && !marked[t]) {
-          marked[t] = 1;
-          touched.push_back(t);
-          row[t] = row[t] > 0 ? row[t] / pen : row[t] * pen;
-        }
-      });
-      for (const int64_t t : touched) marked[t] = 0;
-      touched.clear();
-    }
-    if (ban_at[b] > 0) {
-      followers(h, p, ban_at[b], [&](int64_t t) {
-        if (t >= 0 && t < V) row[t] = -std::numeric_limits<float>::infinity();
-      });
+      row_at[b * V + eos_id] += bias_at[b];
     }
   }
+  breaker_tokens(
+      history, slot, position, penalized_n.data(), ban_at, V,
+      [&](int64_t b, int64_t t) {
+        float& logit = row_at[b * V + t];
+        logit = logit > 0 ? logit / penalty_at[b] : logit * penalty_at[b];
+      },
+      [&](int64_t b, int64_t t) {
+        row_at[b * V + t] = -std::numeric_limits<float>::infinity();
+      });
   return out;
 }
 

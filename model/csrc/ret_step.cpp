@@ -247,16 +247,17 @@ class RETStep {
 
   // Up to `steps` decode steps in one call, each row's token fed back as its next input: what
   // `sample_batch` picks a step at a time, with the same ATen ops on the same (B, V) tensors,
-  // so the same tokens and log-probabilities to the bit. Per row (B,): eos_bias (float32, added to logit eos_id),
-  // penalty (float32, 1 = off) over the tokens that would repeat one of the row's
-  // penalty_n-grams, ban_n (long, 0 = off): the tokens that would repeat one of its
-  // ban_n-grams are banned (both read history (S, L) long, each slot's generated tokens,
+  // so the same tokens and log-probabilities to the bit. Per row (B,): eos_bias (float32,
+  // added to logit eos_id), penalty (float32, 1 = off) over the tokens that would repeat one
+  // of the row's penalty_n-grams, ban_n (long, 0 = off): the tokens that would repeat one of
+  // its ban_n-grams are banned (both read history (S, L) long, each slot's generated tokens,
   // written here); temperature (float32, what the draw divides by: 1 for greedy rows), greedy
   // (bool), seeded (bool) and keys (long): a seeded row's u hashes its key and its position
   // (counter_uniforms); kth_index (B, 1) long and top_p (B, 1) float32, each if some row
-  // uses it: top-k and nucleus filtering as `filter` takes them; uniforms (steps, B) float32,
-  // if given: the other sampled rows' u at each step. A sampled row that cannot draw gets token -1 and a NaN log-probability (its
-  // next input is token 0). The caller keeps every row's position + steps within the cache.
+  // uses it: top-k and nucleus filtering as `filter` takes them; uniforms (steps, B)
+  // float32, if given: the other sampled rows' u at each step. A sampled row that cannot
+  // draw gets token -1 and a NaN log-probability (its next input is token 0). The caller
+  // keeps every row's position + steps within the cache.
   // -> tokens (steps, B) long, logprobs (steps, B) float32.
   std::tuple<Tensor, Tensor> decode(const Tensor& cond, const Tensor& tokens,
                                     const Tensor& positions, const Tensor& k_cache,
