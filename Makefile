@@ -7,7 +7,7 @@ CHECKPOINT ?=
 SERVE_ARGS ?=
 
 .PHONY: serve test proto lint venv dev encoder train clean fuzz soak gpu-check gpu-wheels \
-	bench-peers
+	bench-peers gpu-site gpu-train
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -130,13 +130,41 @@ train: $(VENV)/.train
 GPU_OUT ?= build/gpu-check
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 GPU_SITE := /tmp/retd-gpu-site
-gpu-check:
+GPU_RUN := PYTHONPATH=$(GPU_SITE) PYTHONUNBUFFERED=1 $(GPU_PYTHON)
+gpu-site:
 	rm -rf $(GPU_SITE) && mkdir -p $(GPU_SITE)/retd
 	if [ -d .whl ]; then $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile \
 		--target $(GPU_SITE) .whl/*.whl; fi
 	ln -s $(CURDIR)/client $(GPU_SITE)/retd/client; ln -s $(CURDIR)/server $(GPU_SITE)/retd/server
 	ln -s $(CURDIR)/model $(GPU_SITE)/retd/model; ln -s $(CURDIR)/protos/retd/v1 $(GPU_SITE)/retd/v1
-	PYTHONPATH=$(GPU_SITE) PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m retd.server.gpu_check --out $(GPU_OUT)
+gpu-check: gpu-site
+	$(GPU_RUN) -m retd.server.gpu_check --out $(GPU_OUT)
+
+## On a lent GPU, from what travelled there under GPU_CARRY (encoder.npz.* from `python -m
+## retd.model.carry pack`, corpus.tar.xz of build/data/corpus): unpack the encoder, embed the
+## whole corpus on the device, and warm-start ret_v21_bpe once per learning rate in GPU_LRS,
+## side by side (a 722,944-parameter model leaves the device mostly idle), GPU_MINUTES each.
+GPU_CARRY ?= build/carry
+GPU_DATA ?= build/gpu-data
+GPU_TRAIN ?= build/gpu-train
+GPU_LRS ?= 3e-4 6e-4 1.2e-3
+GPU_MINUTES ?= 3
+GPU_DEVICE ?= cuda
+GPU_TRAIN_ARGS ?=
+GPU_EMBED_ARGS ?=
+gpu-train: gpu-site
+	rm -rf $(GPU_DATA) $(GPU_TRAIN) && mkdir -p $(GPU_DATA) $(GPU_TRAIN)
+	$(GPU_RUN) -m retd.model.carry unpack $(GPU_CARRY)/encoder.npz.* --out $(GPU_DATA)/encoder
+	tar -xJf $(GPU_CARRY)/corpus.tar.xz -C $(GPU_DATA)
+	RETD_ENCODER_DIR=$(GPU_DATA)/encoder RETD_ENCODER_DEVICE=$(GPU_DEVICE) $(GPU_RUN) \
+		-m retd.server.cli embed --data-dir $(GPU_DATA) --batch-size 256 $(GPU_EMBED_ARGS)
+	for lr in $(GPU_LRS); do \
+		$(GPU_RUN) -m retd.server.cli train --config model/configs/ret_v21_bpe_gpu.toml \
+			--set data_dir=$(GPU_DATA) --set out_dir=$(GPU_TRAIN)/lr$$lr \
+			--set learning_rate=$$lr --set max_minutes=$(GPU_MINUTES) --set device=$(GPU_DEVICE) \
+			$(GPU_TRAIN_ARGS) >$(GPU_TRAIN)/lr$$lr.log 2>&1 & \
+	done; wait; for f in $(GPU_TRAIN)/*/metrics.jsonl; do echo "$$f: step, held-out loss"; \
+		grep heldout_loss $$f | grep -o '"step": [0-9]*\|"heldout_loss": [0-9.]*' | paste -d' ' - - | tail -n 8; done
 
 # The server's pure-Python and grpc wheels at this venv's versions, for a Python 3.12 GPU image.
 GPU_WHEELS := grpcio protobuf grpcio-health-checking grpcio-reflection googleapis-common-protos \

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import io
+import json
 import os
 import shutil
 import zipfile
@@ -116,6 +117,8 @@ def _find_model_dir(root: Path) -> Path | None:
 #: (one in 1,000 held-out texts, "Then isn't it?", to cosine 0.987), and short batches cost
 #: little. Figures in BENCHMARKS.md (`python -m retd.model.encoder_bench`).
 PRECISIONS = ("float32", "fast")
+#: The file in a model directory that says its weights were carried (`retd.model.carry`).
+CARRIED_MARKER = "carried.json"
 FLOAT32_MAX_TOKENS = 16
 
 
@@ -131,7 +134,13 @@ class SentenceEncoder:
     (1, 768)
     """
 
-    def __init__(self, model_dir: Path, max_tokens: int = 128, precision: str = "float32") -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        max_tokens: int = 128,
+        precision: str = "float32",
+        device: str | None = None,
+    ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(
                 f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}"
@@ -150,9 +159,11 @@ class SentenceEncoder:
         self.model_dir = model_dir
         self.max_tokens = max_tokens
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.model = AutoModel.from_pretrained(str(model_dir)).eval()
+        # RETD_ENCODER_DEVICE=cuda embeds on a GPU (`make gpu-train`); the CPU by default.
+        self.device = device or os.environ.get("RETD_ENCODER_DEVICE") or "cpu"
+        self.model = AutoModel.from_pretrained(str(model_dir)).eval().to(self.device)
         self.precision = precision
-        self.weights_sha256 = ENCODER_WEIGHTS_SHA256
+        self.weights_sha256 = _carried_sha256(model_dir) or ENCODER_WEIGHTS_SHA256
         self._fast = None
         if precision == "fast":
             import copy
@@ -160,12 +171,19 @@ class SentenceEncoder:
             import torch
 
             bfloat16 = copy.deepcopy(self.model).to(torch.bfloat16)
-            self._fast = torch.compile(bfloat16, dynamic=True)
+            # A GPU runs bfloat16 fast as it is; compiling would cost more than it saves.
+            on_cpu = self.device == "cpu"
+            self._fast = torch.compile(bfloat16, dynamic=True) if on_cpu else bfloat16
 
     @classmethod
     def load(
         cls, out_dir: Path = DEFAULT_ENCODER_DIR, precision: str = "float32"
     ) -> SentenceEncoder:
+        """The installed encoder, or a copy carried to this machine (`retd.model.carry`) that
+        `out_dir` (RETD_ENCODER_DIR) holds where the upstream weights are not installed."""
+        carried = _find_model_dir(out_dir)
+        if carried is not None and _carried_sha256(carried):
+            return cls(carried, precision=precision)
         return cls(assemble_encoder(out_dir), precision=precision)
 
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
@@ -184,14 +202,23 @@ class SentenceEncoder:
                     max_length=self.max_tokens,
                     return_tensors="pt",
                 )
+                batch = batch.to(self.device)
                 long = batch["input_ids"].shape[1] > FLOAT32_MAX_TOKENS
                 forward = self._fast if self._fast is not None and long else self.model
                 hidden = forward(**batch).last_hidden_state.float()  # (B, T, 768)
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                out[index] = pooled.float().numpy()
+                out[index] = pooled.float().cpu().numpy()
         return out
+
+
+def _carried_sha256(model_dir: Path) -> str | None:
+    """A carried copy's hash, "carried:" + the packed archive's sha256; None for others."""
+    marker = model_dir / CARRIED_MARKER
+    if not marker.exists():
+        return None
+    return "carried:" + json.loads(marker.read_text())["packed_sha256"]
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

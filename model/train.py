@@ -11,6 +11,7 @@ logged at every evaluation, beside greedy chrF on a held-out slice.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -78,6 +79,13 @@ class TrainConfig:
     # optimizer state and the loss stay float32): twice the steps per minute on a CPU with
     # AVX512-BF16 (measured here: 91 vs 189 ms per step of 128 texts). "none": float32.
     autocast: str = "none"
+    # Where the step runs: "cpu", or "cuda" on a machine with an NVIDIA GPU (`make gpu-train`
+    # on a lent one). The exported checkpoint is on the CPU either way.
+    device: str = "cpu"
+    # Export the checkpoint only at evaluations that lower the held-out loss (early stopping,
+    # for runs that make many passes over a small corpus): checkpoint/ is then the best one
+    # evaluated since the process started.
+    keep_best: bool = False
     # Compile the training step's forward pass (torch.compile, dynamic shapes): fuses the
     # small elementwise ops that dominate a thin model's step on a CPU (BENCHMARKS.md).
     compile: bool = False
@@ -197,8 +205,9 @@ def heldout_losses(
     embedding). Per byte, not per token, so that models with other tokenizers compare."""
     model.eval()
     true_total = shuffled_total = 0.0
+    device = embeddings.device
     for rows, inputs, targets in batches_in_order(encoded, model.config.eos_id, batch_size):
-        emb = embeddings[rows]
+        emb, inputs, targets = embeddings[rows], inputs.to(device), targets.to(device)
         n = int((targets != IGNORE).sum())
         true_total += float(sequence_loss(model, emb, inputs, targets)) * n
         shuffled_total += float(sequence_loss(model, emb.roll(1, 0), inputs, targets)) * n
@@ -216,6 +225,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     if config.autocast not in ("none", "bfloat16"):
         raise ValueError(f"autocast: expected 'none' or 'bfloat16', got {config.autocast!r}")
     bf16 = config.autocast == "bfloat16"
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' but torch sees no CUDA device here")
     torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
     data_dir, out_dir = Path(config.data_dir), Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -243,17 +255,19 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     eval_texts, eval_embeddings, eval_encoded = heldout_set(
         heldout_split, n_eval, model_config.max_length, tokenizer
     )
+    eval_embeddings = eval_embeddings.to(device)
 
     torch.manual_seed(config.seed)
     model = model_class(config.architecture)(model_config)
     model.init_weights(generator=torch.Generator().manual_seed(config.seed))
     warm_record = warm_start(model, config) if config.init_from else None
+    model.to(device)
     optimizer = make_optimizer(model, config)
     forward = torch.compile(model, dynamic=True) if config.compile else model
     noise_generator = torch.Generator().manual_seed(config.seed + 1)
     step, epoch, next_batch, seen_bytes, elapsed = 0, 0, 0, 0, 0.0
     if resume and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=False, map_location="cpu")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         noise_generator.set_state(state["noise_generator"])
@@ -310,7 +324,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
             "metrics": metrics,
         }
         return save_checkpoint(
-            model,
+            copy.deepcopy(model).cpu() if device.type != "cpu" else model,
             out_dir / "checkpoint",
             architecture=config.architecture,
             card=card,
@@ -339,6 +353,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     )
     budget_s = config.max_minutes * 60 if config.max_minutes else math.inf
     last_metrics: dict[str, Any] = {}
+    best = math.inf  # the lowest held-out loss exported (keep_best)
 
     last_step = min(config.max_steps, config.stop_at_step or config.max_steps)
 
@@ -365,7 +380,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
                     config.embedding_noise,
                     noise_generator,
                 )
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                emb, inputs, targets = emb.to(device), inputs.to(device), targets.to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss = sequence_loss(forward, emb, inputs, targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -389,13 +405,17 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
                     last_metrics = evaluate()
                     record.update(last_metrics)
                     bar.write(json.dumps(record))
+                    if config.keep_best and last_metrics["heldout_loss"] < best:
+                        best = last_metrics["heldout_loss"]
+                        export(last_metrics)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.update(1)
                 bar.set_postfix(loss=record["loss"], lr=f"{lr:.2e}")
                 if step % config.save_every == 0:
                     save_state()
-                    export(last_metrics)
+                    if not config.keep_best:
+                        export(last_metrics)
             if next_batch >= len(batches):
                 epoch += 1
                 next_batch = 0
@@ -403,7 +423,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     save_state()
     if last_metrics.get("step") != step:
         last_metrics = evaluate()
-    return export(last_metrics)
+    if not config.keep_best or last_metrics["heldout_loss"] < best:
+        export(last_metrics)
+    return out_dir / "checkpoint"
 
 
 def _corpus_card(data_dir: Path) -> dict[str, Any]:

@@ -99,3 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv[0] if argv else None).parse_args(argv)
     return int(args.run(args))
+
+
+if __name__ == "__main__":  # `python -m retd.server.cli CMD`: no entry points needed (gpu-check)
+    sys.exit(main())

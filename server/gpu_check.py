@@ -105,7 +105,8 @@ def cuda_tests(device: str, quick: bool) -> dict[str, Any]:
     ok = counts["failed"] == 0 and counts["error"] == 0
     if device == "cuda":
         ok = ok and counts["skipped"] == 0 and counts["passed"] > 0
-    return {"ok": ok, **counts, "summary": last}
+    failures = {} if ok else {"output_tail": (completed.stdout + completed.stderr)[-3000:]}
+    return {"ok": ok, **counts, "summary": last, **failures}
 
 
 def _count(summary: str, word: str) -> int:
@@ -192,7 +193,7 @@ def server(checkpoint: Path, device: str, quick: bool) -> dict[str, Any]:
             if quick and (dtype, callers) != ("float32", 64):
                 continue
             command = [
-                sys.executable, "-m", "retd.client.cli", "bench", "--checkpoint", str(checkpoint),
+                sys.executable, "-m", "retd.server.cli", "bench", "--checkpoint", str(checkpoint),
                 "--server-args", f"--device {device} --dtype {dtype}", "--mode", mode,
                 "--concurrency", str(callers), "--duration", duration, "--json",
             ]  # fmt: skip

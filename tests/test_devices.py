@@ -68,6 +68,23 @@ def test_cuda_greedy_matches_cpu(checkpoint: Path) -> None:
 
 
 @needs_cuda
+def test_training_on_cuda_falls_like_the_cpu_run_and_exports_to_the_cpu(tmp_path: Path) -> None:
+    from retd.model.train import train
+    from tests.model.test_training import fixture_config, losses
+
+    on_cpu = fixture_config(tmp_path / "cpu", max_steps=20)
+    on_gpu = fixture_config(tmp_path / "cuda", max_steps=20, device="cuda")
+    train(on_cpu, progress=False)
+    checkpoint = train(on_gpu, progress=False)
+    a, b = losses(Path(on_cpu.out_dir)), losses(Path(on_gpu.out_dir))
+    assert abs(a[0] - b[0]) < 1e-3 and np.mean(b[-5:]) < b[0] - 1.0, b
+    assert abs(np.mean(a[-5:]) - np.mean(b[-5:])) < 0.1, (a[-5:], b[-5:])
+    loaded = load_checkpoint(checkpoint, device="cpu")
+    assert next(loaded.model.parameters()).device.type == "cpu"
+    assert loaded.card["training"]["config"]["device"] == "cuda"
+
+
+@needs_cuda
 def test_server_on_cuda(tmp_path: Path, checkpoint: Path) -> None:
     server = start_server(tmp_path, ["--checkpoint", str(checkpoint), "--device", "cuda"])
     try:

@@ -76,3 +76,13 @@ def test_a_failing_step_is_recorded_and_the_exit_status_says_so(
     assert report["steps"]["server"]["ok"] and report["steps"]["memory"]["ok"]
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| raw | **no** |" in table and "| server | yes |" in table
+
+
+def test_the_server_step_benches_a_real_server_through_the_server_cli(checkpoint: Path) -> None:
+    """`python -m retd.server.cli bench`: no `retd` entry point is needed, as on a GPU machine
+    whose Python reaches retd through PYTHONPATH alone (where `retd.client.cli` failed)."""
+    result = gpu_check.server(checkpoint, "cpu", quick=True)
+    assert result["ok"], result
+    row = result["rows"]["float32 decode x64"]
+    assert row["requests_per_s"] > 0 and row["p50_ms"] > 0 and not row["errors"]
+    assert set(result["rows"]) == {"float32 decode x64", "float32 generate x64"}

@@ -356,3 +356,32 @@ def test_a_compiled_training_step_trains_as_the_eager_one(tmp_path: Path) -> Non
     np.testing.assert_allclose(
         losses(Path(compiled.out_dir)), losses(Path(eager.out_dir)), rtol=2e-3
     )
+
+
+def test_keep_best_exports_the_evaluation_with_the_lowest_held_out_loss(tmp_path: Path) -> None:
+    """A warm start whose learning rate climbs until it makes the model worse: with keep_best
+    the exported checkpoint is the best evaluation's, not the last step's."""
+    first = train(fixture_config(tmp_path / "first"), progress=False)
+    run = fixture_config(
+        tmp_path / "hot", init_from=str(first), learning_rate=0.02, warmup_steps=12,
+        max_steps=12, eval_every=3, keep_best=True,
+    )  # fmt: skip
+    checkpoint = train(run, progress=False)
+    logged = [
+        json.loads(line)
+        for line in (Path(run.out_dir) / "metrics.jsonl").read_text().splitlines()
+        if "heldout_loss" in line
+    ]
+    best = min(logged, key=lambda r: r["heldout_loss"])
+    assert best["step"] < 12  # it did get worse, so the last step is not the best
+    card = load_checkpoint(checkpoint).card
+    assert (card["metrics"]["step"], card["metrics"]["heldout_loss"]) == (
+        best["step"],
+        best["heldout_loss"],
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="here a CUDA run would train")
+def test_a_cuda_run_without_a_cuda_device_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="device: 'cuda' but torch sees no CUDA device"):
+        train(fixture_config(tmp_path, device="cuda"), progress=False)
