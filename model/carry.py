@@ -1,7 +1,7 @@
 """The sentence encoder, packed small enough to travel to a lent GPU machine in a few calls.
 
-    python -m retd.model.carry pack --out build/carry --chunk-mb 43 51      # here
-    python -m retd.model.carry unpack DIR/encoder.npz.* --out ENCODER_DIR    # there
+    python -m retd.model.carry pack --out build/carry --chunk-mb 43 51 --corpus build/data/corpus
+    python -m retd.model.carry unpack DIR/encoder.npz.* --out ENCODER_DIR    # on the GPU
 
 A device call carries 64 MiB and all-mpnet-base-v2's float32 weights are 438 MB. Packed, every
 matrix is int8 with a float16 scale (absmax / 127) for each 32 weights of a row, and every
@@ -88,18 +88,30 @@ def pack(model_dir: Path) -> bytes:
 
 
 def write_chunks(data: bytes, out: Path, chunk_mb: Sequence[float]) -> list[Path]:
-    """`out`/encoder.npz.000, .001, ...: the k-th at most chunk_mb[k] MiB (the last size
-    repeats), to fit what each call has room for beside the working tree."""
-    out.mkdir(parents=True, exist_ok=True)
+    """`out`/call1/encoder.npz.000, call2/encoder.npz.001, ...: one folder for each device call
+    to carry, the k-th chunk at most chunk_mb[k] MiB (the last size repeats), to fit what each
+    call has room for beside the working tree."""
     paths: list[Path] = []
     start = 0
     while start < len(data):
         size = int(chunk_mb[min(len(paths), len(chunk_mb) - 1)] * 2**20)
-        path = out / f"encoder.npz.{len(paths):03d}"
+        path = out / f"call{len(paths) + 1}" / f"encoder.npz.{len(paths):03d}"
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data[start : start + size])
         paths.append(path)
         start += size
     return paths
+
+
+def write_corpus(corpus_dir: Path, folder: Path) -> Path:
+    """`folder`/corpus.tar.xz of a corpus directory (`retd corpus`'s texts and labels)."""
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "corpus.tar.xz"
+    with tarfile.open(path, "w:xz") as archive:
+        archive.add(corpus_dir, arcname="corpus")
+    return path
 
 
 def unpack(chunks: Sequence[Path], out: Path) -> Path:
@@ -145,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("pack", help="the installed encoder -> int8 chunks")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--chunk-mb", type=float, nargs="+", default=[45.0], help="MiB per chunk")
+    p.add_argument("--corpus", type=Path, help="also this corpus directory, in the last call")
     u = sub.add_parser("unpack", help="chunks -> a float32 model directory")
     u.add_argument("chunks", type=Path, nargs="+")
     u.add_argument("--out", type=Path, required=True)
@@ -157,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "pack":
         paths = write_chunks(pack(assemble_encoder()), args.out, args.chunk_mb)
-        print(f"packed into {len(paths)} chunks: {', '.join(str(p) for p in paths)}")
+        if args.corpus is not None:
+            paths.append(write_corpus(args.corpus, paths[-1].parent))
+        print(f"one folder a device call: {', '.join(str(p) for p in paths)}")
     elif args.command == "unpack":
         print(f"unpacked into {unpack(args.chunks, args.out)}")
     else:

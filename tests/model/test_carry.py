@@ -4,6 +4,7 @@ encoder again, close enough that its embeddings stay at cosine >= 0.999 to the u
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from safetensors.numpy import load_file, save_file
 
-from retd.model.carry import dequantize, pack, quantize, unpack, write_chunks
+from retd.model.carry import dequantize, pack, quantize, unpack, write_chunks, write_corpus
 from retd.model.encoder import SentenceEncoder, assemble_encoder, cosine_rows
 
 TEXTS = [
@@ -59,6 +60,7 @@ def test_a_model_directory_round_trips_through_chunks(tmp_path: Path) -> None:
     chunks = write_chunks(pack(model), tmp_path / "carry", [0.0008, 0.0004])
     sizes = [p.stat().st_size for p in chunks]
     assert len(chunks) > 2 and sizes[0] <= 0.0008 * 2**20 and max(sizes[1:]) <= 0.0004 * 2**20
+    assert [p.parent.name for p in chunks] == [f"call{k + 1}" for k in range(len(chunks))]
     out = unpack(list(reversed(chunks)), tmp_path / "out")  # joined in name order
     back = load_file(out / "model.safetensors")
     assert set(back) == set(tensors) and all(v.dtype == tensors[k].dtype for k, v in back.items())
@@ -68,6 +70,18 @@ def test_a_model_directory_round_trips_through_chunks(tmp_path: Path) -> None:
     assert np.allclose(back["vector"], tensors["vector"], rtol=1e-3)
     assert (out / "1_Pooling" / "config.json").read_text() == '{"pooling_mode_mean_tokens": true}'
     assert json.loads((out / "carried.json").read_text())["packed_sha256"]
+
+
+def test_the_corpus_travels_as_one_archive_beside_the_last_chunk(tmp_path: Path) -> None:
+    corpus = tmp_path / "data" / "corpus"
+    corpus.mkdir(parents=True)
+    (corpus / "train.txt").write_text("A cat sat on the mat.\nWhere did you put the car keys?\n")
+    (corpus / "corpus.json").write_text('{"sources": []}')
+    archive = write_corpus(corpus, tmp_path / "carry" / "call3")
+    with tarfile.open(archive) as opened:
+        opened.extractall(tmp_path / "there", filter="data")
+    for name in ("train.txt", "corpus.json"):
+        assert (tmp_path / "there" / "corpus" / name).read_bytes() == (corpus / name).read_bytes()
 
 
 def test_the_carried_encoder_embeds_as_the_upstream_one(
