@@ -140,10 +140,11 @@ gpu-site:
 gpu-check: gpu-site
 	$(GPU_RUN) -m retd.server.gpu_check --out $(GPU_OUT)
 
-## On a lent GPU, from what travelled there under GPU_CARRY (encoder.npz.* from `python -m
-## retd.model.carry pack`, corpus.tar.xz of build/data/corpus): unpack the encoder, embed the
-## whole corpus on the device, and warm-start ret_v21_bpe once per learning rate in GPU_LRS,
-## side by side (a 722,944-parameter model leaves the device mostly idle), GPU_MINUTES each.
+## On a lent GPU, from what travelled there under GPU_CARRY (`python -m retd.model.carry pack
+## --corpus`: encoder.npz.* and corpus.tar.xz, in callK/ folders or not): unpack the encoder,
+## embed the whole corpus on the device, and warm-start ret_v21_bpe once per learning rate in
+## GPU_LRS, side by side (the 722,944-parameter model leaves the device mostly idle),
+## GPU_MINUTES each.
 GPU_CARRY ?= build/carry
 GPU_DATA ?= build/gpu-data
 GPU_TRAIN ?= build/gpu-train
@@ -154,8 +155,10 @@ GPU_TRAIN_ARGS ?=
 GPU_EMBED_ARGS ?=
 gpu-train: gpu-site
 	rm -rf $(GPU_DATA) $(GPU_TRAIN) && mkdir -p $(GPU_DATA) $(GPU_TRAIN)
-	$(GPU_RUN) -m retd.model.carry unpack $(GPU_CARRY)/encoder.npz.* --out $(GPU_DATA)/encoder
-	tar -xJf $(GPU_CARRY)/corpus.tar.xz -C $(GPU_DATA)
+	$(GPU_RUN) -m retd.model.carry unpack --out $(GPU_DATA)/encoder \
+		$(wildcard $(GPU_CARRY)/encoder.npz.* $(GPU_CARRY)/call*/encoder.npz.*)
+	tar -xJf $(firstword $(wildcard $(GPU_CARRY)/corpus.tar.xz $(GPU_CARRY)/call*/corpus.tar.xz)) \
+		-C $(GPU_DATA)
 	RETD_ENCODER_DIR=$(GPU_DATA)/encoder RETD_ENCODER_DEVICE=$(GPU_DEVICE) $(GPU_RUN) \
 		-m retd.server.cli embed --data-dir $(GPU_DATA) --batch-size 256 $(GPU_EMBED_ARGS)
 	for lr in $(GPU_LRS); do \
