@@ -217,10 +217,12 @@ def add_commands(
     embed.add_argument("--batch-size", type=int, default=32, help="texts per encoder batch")
     embed.add_argument(
         "--precision",
-        choices=("fast", "float32"),
-        default="fast",
-        help="fast (default): bfloat16 weights and torch.compile for batches over 16 tokens "
-        "(cosine >= 0.999 to float32, ~3x the texts/s); float32: the reference",
+        choices=("auto", "fast", "float32"),
+        default="auto",
+        help="fast: bfloat16 weights and torch.compile for batches over 16 tokens "
+        "(cosine >= 0.999 to float32, ~3x the texts/s where the CPU has bfloat16 "
+        "instructions); float32: the reference; auto (default): fast on a GPU or such a CPU, "
+        "else float32",
     )
     embed.add_argument("--threads", type=int, default=0, help="torch threads (0: all)")
     embed.add_argument(

@@ -14,6 +14,7 @@ from retd.model.encoder import (
     EncoderError,
     SentenceEncoder,
     assemble_encoder,
+    auto_precision,
     cosine_rows,
 )
 
@@ -106,3 +107,28 @@ def test_assembly_refuses_weights_with_the_wrong_hash(tmp_path: Path) -> None:
     with pytest.raises(EncoderError, match="sha256"):
         assemble_encoder(tmp_path / "out", parts)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "device", "expected"),
+    [
+        ("fpu sse2 avx2 avx512f avx512_bf16", "cpu", "fast"),
+        ("fpu sse2 avx2 amx_bf16 amx_tile", "cpu", "fast"),
+        ("fpu sse2 avx2 avx512f avx512bw", "cpu", "float32"),  # AVX512 without bfloat16
+        ("fpu sse2 avx2 fma", "cpu", "float32"),
+        ("fpu sse2 avx2 fma", "cuda", "fast"),
+    ],
+)
+def test_auto_precision_runs_fast_only_where_bfloat16_is_native(
+    tmp_path: Path, flags: str, device: str, expected: str
+) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
+    )
+    assert auto_precision(device, cpuinfo) == expected
+    assert auto_precision("cpu", tmp_path / "missing") == "float32"
+
+
+def test_the_encoder_resolves_auto_to_this_machines_choice() -> None:
+    assert SentenceEncoder.load(precision="auto").precision == auto_precision()
