@@ -135,7 +135,7 @@ def unpack(chunks: Sequence[Path], out: Path) -> Path:
                 (out / name).write_bytes(archive[key].tobytes())
     save_file(weights, str(out / "model.safetensors"))
     record = {
-        "from": "all-mpnet-base-v2, int8 rows (retd.model.carry)",
+        "from": "all-mpnet-base-v2, int8 with a float16 scale per 32 weights (retd.model.carry)",
         "packed_sha256": hashlib.sha256(data).hexdigest(),
     }
     (out / CARRIED_MARKER).write_text(json.dumps(record, indent=2) + "\n")

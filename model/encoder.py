@@ -117,6 +117,9 @@ def _find_model_dir(root: Path) -> Path | None:
 #: (one in 1,000 held-out texts, "Then isn't it?", to cosine 0.987), and short batches cost
 #: little. Figures in BENCHMARKS.md (`python -m retd.model.encoder_bench`).
 PRECISIONS = ("float32", "fast")
+FLOAT32_MAX_TOKENS = 16
+#: The file in a model directory that says its weights were carried (`retd.model.carry`).
+CARRIED_MARKER = "carried.json"
 
 
 def auto_precision(device: str = "cpu", cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
@@ -131,11 +134,6 @@ def auto_precision(device: str = "cpu", cpuinfo: Path = Path("/proc/cpuinfo")) -
     except OSError:
         return "float32"
     return "fast" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
-
-
-#: The file in a model directory that says its weights were carried (`retd.model.carry`).
-CARRIED_MARKER = "carried.json"
-FLOAT32_MAX_TOKENS = 16
 
 
 class SentenceEncoder:
