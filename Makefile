@@ -142,14 +142,15 @@ gpu-check: gpu-site
 
 ## On a lent GPU, from what travelled there under GPU_CARRY (`python -m retd.model.carry pack
 ## --corpus`: encoder.npz.* and corpus.tar.xz, in callK/ folders or not): unpack the encoder,
-## embed the whole corpus on the device, and warm-start ret_v21_bpe once per learning rate in
-## GPU_LRS, side by side (the 722,944-parameter model leaves the device mostly idle),
-## GPU_MINUTES each.
+## embed the whole corpus on the device while the tokenizers of GPU_VOCABS are learnt on its
+## CPUs, then one `retd train` per config in GPU_CONFIGS (model/configs/gpu/: warm starts of
+## ret_v21_bpe and the shape search), side by side, GPU_MINUTES of training each.
 GPU_CARRY ?= build/carry
 GPU_DATA ?= build/gpu-data
 GPU_TRAIN ?= build/gpu-train
-GPU_LRS ?= 3e-4 6e-4 1.2e-3
-GPU_MINUTES ?= 3
+GPU_CONFIGS ?= $(wildcard model/configs/gpu/*.toml)
+GPU_VOCABS ?= 1016 1020 1792
+GPU_MINUTES ?= 5
 GPU_DEVICE ?= cuda
 GPU_TRAIN_ARGS ?=
 GPU_EMBED_ARGS ?=
@@ -159,13 +160,15 @@ gpu-train: gpu-site
 		$(wildcard $(GPU_CARRY)/encoder.npz.* $(GPU_CARRY)/call*/encoder.npz.*)
 	tar -xJf $(firstword $(wildcard $(GPU_CARRY)/corpus.tar.xz $(GPU_CARRY)/call*/corpus.tar.xz)) \
 		-C $(GPU_DATA)
+	for v in $(GPU_VOCABS); do $(GPU_RUN) -m retd.server.cli tokenizer --data-dir $(GPU_DATA) \
+		--vocab-size $$v --out $(GPU_DATA)/bpe$$v.json >$(GPU_DATA)/bpe$$v.log 2>&1 & done; \
 	RETD_ENCODER_DIR=$(GPU_DATA)/encoder RETD_ENCODER_DEVICE=$(GPU_DEVICE) $(GPU_RUN) \
-		-m retd.server.cli embed --data-dir $(GPU_DATA) --batch-size 256 $(GPU_EMBED_ARGS)
-	for lr in $(GPU_LRS); do \
-		$(GPU_RUN) -m retd.server.cli train --config model/configs/ret_v21_bpe_gpu.toml \
-			--set data_dir=$(GPU_DATA) --set out_dir=$(GPU_TRAIN)/lr$$lr \
-			--set learning_rate=$$lr --set max_minutes=$(GPU_MINUTES) --set device=$(GPU_DEVICE) \
-			$(GPU_TRAIN_ARGS) >$(GPU_TRAIN)/lr$$lr.log 2>&1 & \
+		-m retd.server.cli embed --data-dir $(GPU_DATA) --batch-size 256 $(GPU_EMBED_ARGS); \
+	status=$$?; wait; exit $$status
+	for c in $(GPU_CONFIGS); do n=$$(basename $$c .toml); \
+		$(GPU_RUN) -m retd.server.cli train --config $$c --set data_dir=$(GPU_DATA) \
+			--set out_dir=$(GPU_TRAIN)/$$n --set max_minutes=$(GPU_MINUTES) \
+			--set device=$(GPU_DEVICE) $(GPU_TRAIN_ARGS) >$(GPU_TRAIN)/$$n.log 2>&1 & \
 	done; wait; for f in $(GPU_TRAIN)/*/metrics.jsonl; do echo "$$f: step, held-out loss"; \
 		grep heldout_loss $$f | grep -o '"step": [0-9]*\|"heldout_loss": [0-9.]*' | paste -d' ' - - | tail -n 8; done
 

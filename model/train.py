@@ -128,7 +128,7 @@ def bucketed_batches(
 def add_noise(embeddings: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
     if std <= 0:
         return embeddings
-    noise = torch.randn(embeddings.shape, generator=generator) * std
+    noise = torch.randn(embeddings.shape, generator=generator, device=embeddings.device) * std
     return F.normalize(embeddings + noise, dim=-1)
 
 
@@ -242,7 +242,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
         encoded = encode_texts(split.texts, model_config.max_length, tokenizer)
         lengths = np.array([len(ids) for ids in encoded])
         sizes = byte_lengths(encoded, tokenizer)
-        embeddings = torch.from_numpy(split.embeddings.astype(np.float32))
+        # On a GPU the whole split's embeddings live there (951k texts: 2.9 GB), so a step
+        # gathers its rows and draws their noise on the device, not on the host.
+        embeddings = torch.from_numpy(split.embeddings.astype(np.float32)).to(device)
         return shards, encoded, lengths, sizes, embeddings
 
     # Training may start while `retd embed` is still running: each epoch takes in the shards
@@ -264,7 +266,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     model.to(device)
     optimizer = make_optimizer(model, config)
     forward = torch.compile(model, dynamic=True) if config.compile else model
-    noise_generator = torch.Generator().manual_seed(config.seed + 1)
+    noise_generator = torch.Generator(device).manual_seed(config.seed + 1)
     step, epoch, next_batch, seen_bytes, elapsed = 0, 0, 0, 0, 0.0
     if resume and state_path.exists():
         state = torch.load(state_path, weights_only=False, map_location="cpu")
@@ -376,11 +378,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
                     group["lr"] = lr * group["lr_scale"]
                 inputs, targets = make_batch(encoded, rows, model_config.eos_id)
                 emb = add_noise(
-                    train_embeddings[torch.from_numpy(rows)],
+                    train_embeddings[torch.from_numpy(rows).to(device)],
                     config.embedding_noise,
                     noise_generator,
                 )
-                emb, inputs, targets = emb.to(device), inputs.to(device), targets.to(device)
+                inputs, targets = inputs.to(device), targets.to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss = sequence_loss(forward, emb, inputs, targets)
                 optimizer.zero_grad(set_to_none=True)

@@ -161,15 +161,26 @@ def test_an_epoch_of_batches_covers_every_text_once(
     assert all(1 <= len(r) <= batch for r in rows)
 
 
-@given(texts=st.lists(st.binary(min_size=1, max_size=30), min_size=1, max_size=8))
-def test_a_batch_teaches_each_byte_then_eos_and_ignores_padding(texts: list[bytes]) -> None:
+@given(
+    texts=st.lists(st.binary(min_size=1, max_size=30), min_size=1, max_size=8),
+    data=st.data(),
+    eos=st.integers(0, 255),
+)
+def test_a_batch_teaches_each_byte_then_eos_and_ignores_padding(
+    texts: list[bytes], data: st.DataObject, eos: int
+) -> None:
     encoded = [np.frombuffer(t, np.uint8).astype(np.uint16) for t in texts]
-    inputs, targets = make_batch(encoded, np.arange(len(texts)), eos_id=0)
-    for i, data in enumerate(texts):
-        assert inputs[i, : len(data)].tolist() == list(data)
-        assert targets[i, : len(data)].tolist() == list(data)
-        assert targets[i, len(data)] == 0
-        assert (targets[i, len(data) + 1 :] == -100).all()
+    rows = np.array(data.draw(st.lists(st.integers(0, len(texts) - 1), min_size=1, max_size=8)))
+    inputs, targets = make_batch(encoded, rows, eos_id=eos)
+    longest = max(len(texts[i]) for i in rows)
+    assert inputs.shape == (len(rows), longest) and targets.shape == (len(rows), longest + 1)
+    for b, i in enumerate(rows):
+        text = texts[i]
+        assert inputs[b, : len(text)].tolist() == list(text)
+        assert (inputs[b, len(text) :] == 0).all()
+        assert targets[b, : len(text)].tolist() == list(text)
+        assert targets[b, len(text)] == eos
+        assert (targets[b, len(text) + 1 :] == -100).all()
 
 
 @settings(max_examples=10, deadline=None)
