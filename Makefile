@@ -56,10 +56,12 @@ encoder: $(VENV)/.encoder
 serve: $(VENV)/.server
 	$(BIN)/retd serve $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(SERVE_ARGS)
 
-## Install what the tests need, check hygiene (ruff, mypy), and run every test.
+## Install what the tests need, check hygiene (ruff, mypy), and run every test, on
+## PYTEST_WORKERS processes (pytest-xdist; 0: in this one).
+PYTEST_WORKERS ?= 2
 test: lint
-	@echo "pytest: every test (~10 min on 2 cores; the slowest ten are listed at the end)"
-	$(BIN)/python -m pytest
+	@echo "pytest: every test on $(PYTEST_WORKERS) workers (~10 min on 2 cores; the slowest ten are listed at the end)"
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS)
 
 ## Fuzz every method with malformed and extreme requests, a longer budget than make test's.
 fuzz: $(VENV)/.dev
@@ -144,13 +146,15 @@ gpu-check: gpu-site
 ## --corpus`: encoder.npz.* and corpus.tar.xz, in callK/ folders or not): unpack the encoder,
 ## embed the whole corpus on the device while the tokenizers of GPU_VOCABS are learnt on its
 ## CPUs, then one `retd train` per config in GPU_CONFIGS (model/configs/gpu/: warm starts of
-## ret_v21_bpe and the shape search), side by side, GPU_MINUTES of training each.
+## ret_v21_bpe1792 and the shape search), side by side, GPU_MINUTES of training each, each
+## run ended after GPU_RUN_TIMEOUT seconds if it is still going (0: never).
 GPU_CARRY ?= build/carry
 GPU_DATA ?= build/gpu-data
 GPU_TRAIN ?= build/gpu-train
 GPU_CONFIGS ?= $(wildcard model/configs/gpu/*.toml)
-GPU_VOCABS ?= 1016 1020 1792
+GPU_VOCABS ?= 1016 1020 1788 1792
 GPU_MINUTES ?= 5
+GPU_RUN_TIMEOUT ?= 0
 GPU_DEVICE ?= cuda
 GPU_TRAIN_ARGS ?=
 GPU_EMBED_ARGS ?=
@@ -166,7 +170,8 @@ gpu-train: gpu-site
 		-m retd.server.cli embed --data-dir $(GPU_DATA) --batch-size 256 $(GPU_EMBED_ARGS); \
 	status=$$?; wait; exit $$status
 	for c in $(GPU_CONFIGS); do n=$$(basename $$c .toml); \
-		$(GPU_RUN) -m retd.server.cli train --config $$c --set data_dir=$(GPU_DATA) \
+		timeout $(GPU_RUN_TIMEOUT) env $(GPU_RUN) -m retd.server.cli train --config $$c \
+			--set data_dir=$(GPU_DATA) \
 			--set out_dir=$(GPU_TRAIN)/$$n --set max_minutes=$(GPU_MINUTES) \
 			--set device=$(GPU_DEVICE) $(GPU_TRAIN_ARGS) >$(GPU_TRAIN)/$$n.log 2>&1 & \
 	done; wait; for f in $(GPU_TRAIN)/*/metrics.jsonl; do echo "$$f: step, held-out loss"; \

@@ -73,6 +73,10 @@ class TrainConfig:
     eval_every: int = 500
     eval_texts: int = 256  # held-out texts for the loss gap and greedy chrF at each evaluation
     save_every: int = 500
+    # A cap on a batch's rows times its longest row in tokens (0 = none): batches of long
+    # texts get fewer rows. At batch 4,096 a bucket of 255-token texts took 23-43 GB of a
+    # GPU per run (BENCHMARKS.md); 4,096 x 48 keeps the usual batches whole.
+    max_batch_tokens: int = 0
     threads: int = 0  # 0 = every core this process may use
     version: str = "2.1.0"
     # "bfloat16": the training step's matrix products in bfloat16 (torch.autocast; weights,
@@ -110,17 +114,27 @@ class TrainConfig:
 
 
 def bucketed_batches(
-    lengths: np.ndarray, batch_size: int, rng: np.random.Generator
+    lengths: np.ndarray, batch_size: int, rng: np.random.Generator, max_tokens: int = 0
 ) -> Iterator[np.ndarray]:
     """An epoch of batches of similar lengths, in random order: shuffle, sort chunks of 64
-    batches by length, cut into batches, shuffle the batches."""
+    batches by length, cut into batches, shuffle the batches. With `max_tokens`, a batch is
+    also cut before its rows times its longest row (+1 for EOS) would pass it: long texts
+    come in fewer rows, so one long bucket does not take a GPU's memory."""
     order = rng.permutation(len(lengths))
     chunk = batch_size * 64
     batches = []
     for start in range(0, len(order), chunk):
         part = order[start : start + chunk]
         part = part[np.argsort(lengths[part], kind="stable")]
-        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+        if not max_tokens:
+            batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+            continue
+        first = 0
+        for i, longest in enumerate(lengths[part] + 1):  # ascending: row i is the longest
+            if i > first and (i - first >= batch_size or (i - first + 1) * longest > max_tokens):
+                batches.append(part[first:i])
+                first = i
+        batches.append(part[first:])
     for k in rng.permutation(len(batches)):
         yield batches[k]
 
@@ -368,7 +382,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
                 shards, encoded, lengths, sizes, train_embeddings = load_train()
                 bar.write(f"epoch {epoch}: {len(encoded)} texts from {shards} shards")
             epoch_rng = np.random.default_rng([config.seed, epoch])
-            batches = list(bucketed_batches(lengths, config.batch_size, epoch_rng))
+            batches = list(
+                bucketed_batches(lengths, config.batch_size, epoch_rng, config.max_batch_tokens)
+            )
             while next_batch < len(batches) and not done():
                 rows = batches[next_batch]
                 next_batch += 1

@@ -44,6 +44,9 @@ def fixture_config(tmp_path: Path, **overrides: object) -> TrainConfig:
         "eval_texts": 16,
         "threads": 1,
         "version": "test",
+        # RET v2.1's shape with room for the fixture's texts (at most 60 bytes): evaluations
+        # of a barely trained model decode to max_length, 4x fewer steps than at 256
+        "model": {"max_length": 64},
     }
     values.update(overrides)
     return TrainConfig(**values)  # type: ignore[arg-type]
@@ -110,8 +113,9 @@ def test_a_warm_start_begins_from_the_given_weights_and_keeps_their_record(
 def test_bfloat16_autocast_trains_as_float32_does(tmp_path: Path) -> None:
     """The same run with the step's matrix products in bfloat16: the same fall of the loss
     (what the real-data comparison in BENCHMARKS.md found too), float32 weights exported."""
-    plain = fixture_config(tmp_path / "fp32")
-    fast = fixture_config(tmp_path / "bf16", autocast="bfloat16")
+    # ret_tiny: bfloat16 is emulated, and slow, on a CPU without AVX512-BF16 (CI's may be one)
+    plain = fixture_config(tmp_path / "fp32", architecture="ret_tiny")
+    fast = fixture_config(tmp_path / "bf16", architecture="ret_tiny", autocast="bfloat16")
     train(plain, progress=False)
     checkpoint = train(fast, progress=False)
     a, b = losses(Path(plain.out_dir)), losses(Path(fast.out_dir))
@@ -152,13 +156,19 @@ def test_learning_rate_warms_up_then_decays_within_bounds(
     lengths=st.lists(st.integers(1, 200), min_size=1, max_size=500),
     batch=st.integers(1, 64),
     seed=st.integers(0, 2**32 - 1),
+    max_tokens=st.sampled_from([0, 1, 150, 1000, 5000]),
 )
 def test_an_epoch_of_batches_covers_every_text_once(
-    lengths: list[int], batch: int, seed: int
+    lengths: list[int], batch: int, seed: int, max_tokens: int
 ) -> None:
-    rows = list(bucketed_batches(np.array(lengths), batch, np.random.default_rng(seed)))
+    sizes = np.array(lengths)
+    rows = list(bucketed_batches(sizes, batch, np.random.default_rng(seed), max_tokens))
     assert sorted(np.concatenate(rows).tolist()) == list(range(len(lengths)))
     assert all(1 <= len(r) <= batch for r in rows)
+    if max_tokens:  # only a text alone may pass the cap
+        assert all(len(r) == 1 or len(r) * (sizes[r].max() + 1) <= max_tokens for r in rows)
+    else:  # no cap: every batch but each chunk's last is full
+        assert sum(len(r) < batch for r in rows) <= -(-len(lengths) // (batch * 64))
 
 
 @given(
@@ -396,3 +406,31 @@ def test_keep_best_exports_the_evaluation_with_the_lowest_held_out_loss(tmp_path
 def test_a_cuda_run_without_a_cuda_device_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="device: 'cuda' but torch sees no CUDA device"):
         train(fixture_config(tmp_path, device="cuda"), progress=False)
+
+
+ROOT = Path(__file__).parents[2]
+CONFIGS = sorted((ROOT / "model" / "configs").rglob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_training_config_reads_and_its_shape_is_722944_parameters(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The configs `retd train` and `make gpu-train` run: every setting known, and the shape
+    each trains (its [model] over its init_from checkpoint's shape) exactly RET v2.1's
+    parameter count, at its tokenizer's vocabulary (one `make gpu-train` learns on the device
+    is named for its size: bpe1792.json)."""
+    import re
+
+    from retd.model.run_setup import _init_shape, resolve_tokenizer
+
+    monkeypatch.chdir(ROOT)  # the configs name paths from the repository root
+    config = TrainConfig.from_toml(path)
+    made_earlier = config.init_from.startswith("build/")  # a run of a past session: gone
+    shape = {**({} if made_earlier else _init_shape(config)), **config.model}
+    learnt_there = re.fullmatch(r"build/gpu-data/bpe(\d+)\.json", config.tokenizer)
+    if learnt_there:
+        shape["vocab_size"] = int(learnt_there.group(1))
+    else:
+        shape["vocab_size"] = resolve_tokenizer(config).vocab_size
+    assert RET(config_for(config.architecture, shape)).num_parameters() == 722_944, shape
