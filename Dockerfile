@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # The retd daemon: `retd serve` on 0.0.0.0:50051, Prometheus /metrics on :9464, the packaged
-# default checkpoint (model/checkpoints/ret_v21) baked in.
+# default checkpoint (model/checkpoints/ret_v21_bpe1792) baked in.
 #
 #   docker build -t retd:0.1.0 .                                        # CPU (the default)
 #   docker build -t retd:0.1.0-cuda --build-arg VARIANT=cuda .          # CUDA
@@ -38,7 +38,7 @@ COPY model ./model
 RUN /opt/retd/bin/pip install -c constraints.txt ".[server]" \
     && /opt/retd/bin/python -c "from retd.model.checkpoint import DEFAULT_CHECKPOINT as d; \
 assert (d / 'card.json').is_file() and (d / 'model.safetensors').is_file(), \
-f'no default checkpoint in {d}: train one (make train) and copy it to model/checkpoints/ret_v21'"
+f'no default checkpoint in {d}: train one (make train) and copy it to model/checkpoints/ret_v21_bpe1792'"
 
 FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 retd \

@@ -46,7 +46,7 @@ examples:
   retd decode --text "A small dog barked at the mailman."   # needs `make encoder`
   python -c 'import json; print(json.dumps([0.0] * 768))' | retd decode --json
   retd generate emb.npy --temperature 0.8 --seed 7 --stream
-  retd decode emb.npy --no-repeat-ngram 0 --repetition-penalty 1   # plain greedy: may loop
+  retd decode emb.npy --no-repeat-ngram 0 --repetition-penalty 1 --eos-bias 0   # plain greedy
   retd info --json
   retd decode emb.npy --model ret --version 1   # one version of a repository model
   retd repo list                                # every model version the server knows

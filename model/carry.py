@@ -55,7 +55,12 @@ def quantize(weight: np.ndarray, group: int = GROUP) -> tuple[np.ndarray, np.nda
     rows, cols = weight.shape
     size = group if cols % group == 0 else cols
     runs = weight.reshape(rows, cols // size, size)
-    scale = (np.abs(runs).max(axis=2) / 127).astype(np.float16)
+    exact = np.abs(runs).max(axis=2) / 127
+    scale = exact.astype(np.float16)
+    # Rounded up where float16 rounded it down (tiny weights, float16's subnormals): else the
+    # largest weight needs more than 127 steps, is clipped, and misses by more than half a step.
+    low = scale.astype(np.float32) < exact
+    scale[low] = np.nextafter(scale[low], np.float16(np.inf))
     scale = np.maximum(scale, np.float16(1e-7))  # all-zero runs (a padding row)
     q = np.clip(np.rint(runs / scale[:, :, None].astype(np.float32)), -127, 127)
     return q.astype(np.int8).reshape(rows, cols), scale

@@ -15,7 +15,8 @@ CARD_FILE = "card.json"
 CARD_FORMAT = "retd-checkpoint/1"
 
 #: The trained RET v2.1 shipped in the package: what `retd serve` serves when given no model.
-DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "ret_v21"
+#: Three blocks of 128 over a 1,792-token BPE (README, "The shipped checkpoint").
+DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "ret_v21_bpe1792"
 
 
 class CheckpointError(Exception):

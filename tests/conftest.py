@@ -51,7 +51,11 @@ class RunningServer:
 
 # Decode with its loop breakers off: what the tests that compare a daemon's Decode with plain
 # greedy `generate()` expect. Tests of the default loop breakers pass plain_decode=False.
-PLAIN_DECODE = ["--decode-no-repeat-ngram-size", "0", "--decode-repetition-penalty", "1"]
+PLAIN_DECODE = [
+    "--decode-no-repeat-ngram-size", "0",
+    "--decode-repetition-penalty", "1",
+    "--decode-eos-bias", "0",
+]  # fmt: skip
 
 
 def start_server(

@@ -64,7 +64,7 @@ PEER = "TorchServe"
 # retd as TorchServe's handler runs the model: batches of up to 64, plain greedy, one thread
 RETD_ARGS = (
     "--max-batch-size 64 --torch-threads 1 --metrics-port 0 "
-    "--decode-no-repeat-ngram-size 0 --decode-repetition-penalty 1"
+    "--decode-no-repeat-ngram-size 0 --decode-repetition-penalty 1 --decode-eos-bias 0"
 )
 # retd is run with each of its engines (`--engine`), under these names.
 ENGINES = ("thread", "process")

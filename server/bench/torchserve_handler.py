@@ -8,7 +8,8 @@ the model. A request is
 TorchServe's input map: "embedding" (float32 little-endian bytes, the model's embedding
 width) and "max_new_tokens" (a decimal number); the answer is JSON, {"text",
 "generated_tokens", "finish_reason"}. Decoding is plain greedy (no loop breakers), as
-`retd serve --decode-no-repeat-ngram-size 0 --decode-repetition-penalty 1` decodes, and its
+`retd serve --decode-no-repeat-ngram-size 0 --decode-repetition-penalty 1 --decode-eos-bias 0`
+decodes, and its
 steps run as retd's do by default (`retd.model.cpp_step.step_function(model, "auto")`: the
 C++ step where it builds), so both servers run the same step.
 

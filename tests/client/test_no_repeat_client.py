@@ -72,7 +72,9 @@ def test_client_methods_send_it(address: str, expected: dict[int, list[str]]) ->
             size = n or None  # Generate: None and 0 are both off
             kw = dict(max_new_tokens=MAX_NEW, no_repeat_ngram_size=size)
             # The decode forms: an explicit 0 is off, None the server's default loop breakers.
-            dkw = dict(max_new_tokens=MAX_NEW, no_repeat_ngram_size=n, repetition_penalty=1)
+            dkw = dict(
+                max_new_tokens=MAX_NEW, no_repeat_ngram_size=n, repetition_penalty=1, eos_bias=0
+            )
             assert [client.decode(q, **dkw).text for q in QUERIES] == expected[n], n
             for i in range(2):
                 assert client.generate(QUERIES[i], temperature=0, **kw).text == expected[n][i]
@@ -95,7 +97,7 @@ def test_async_client_methods_send_it(address: str, expected: dict[int, list[str
         async with AsyncClient(address, timeout=60) as client:
             for n in SIZES:
                 kw = dict(max_new_tokens=MAX_NEW, no_repeat_ngram_size=n)
-                dkw = dict(kw, repetition_penalty=1.0)
+                dkw = dict(kw, repetition_penalty=1.0, eos_bias=0.0)
                 decoded = [(await client.decode(q, **dkw)).text for q in QUERIES]
                 generated = [
                     (await client.generate(q, temperature=0, **kw)).text for q in QUERIES[:2]
@@ -186,7 +188,7 @@ def test_cli_no_repeat_ngram(address: str, expected: dict[int, list[str]], tmp_p
     np.save(batch, QUERIES)
     common = ["--target", address, "--max-new-tokens", str(MAX_NEW)]
 
-    off = ["--repetition-penalty", "1"]  # only the n-gram loop breaker
+    off = ["--repetition-penalty", "1", "--eos-bias", "0"]  # only the n-gram loop breaker
     done = retd("decode", str(one), *common, *off, "--no-repeat-ngram", "6")
     assert (done.returncode, done.stdout, done.stderr) == (0, expected[6][i] + "\n", "")
     done = retd("decode", str(batch), *common, *off, "--no-repeat-ngram", "3", "--json")
@@ -215,14 +217,15 @@ def test_cli_text_mode_with_no_repeat_ngram(
     sentence = "The stock market fell sharply."
     vector = SentenceEncoder.load().encode([sentence])[0]
     with Client(address, timeout=60) as client:
-        kw = dict(max_new_tokens=MAX_NEW, repetition_penalty=1.0)
-        want = client.decode(vector, no_repeat_ngram_size=6, **kw).text
+        kw = dict(max_new_tokens=MAX_NEW, repetition_penalty=1.0, eos_bias=0.0)
+        want = client.decode(vector, no_repeat_ngram_size=2, **kw).text
         plain = client.decode(vector, no_repeat_ngram_size=0, **kw).text
-    assert want != plain  # "The stock stock stock ...": the flag must show
+    assert want != plain  # "... Just Just Just Inc.": the flag must show
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
     out = io.StringIO()
     argv = ["decode", "--target", address, "--max-new-tokens", str(MAX_NEW), "--text", sentence]
-    assert cli.main([*argv, "--no-repeat-ngram", "6", "--repetition-penalty", "1"], out=out) == 0
+    off = ["--repetition-penalty", "1", "--eos-bias", "0"]
+    assert cli.main([*argv, "--no-repeat-ngram", "2", *off], out=out) == 0
     assert out.getvalue() == want + "\n"
     assert capsys.readouterr().err == ""
 
@@ -234,7 +237,7 @@ def test_unset_loop_breakers_take_the_server_default(address: str) -> None:
     from retd.server.config import DecodeDefaults
 
     loaded = load_checkpoint(DEFAULT_CHECKPOINT)
-    params = SamplingParams(MAX_NEW, **dataclasses.asdict(DecodeDefaults()))
+    params = SamplingParams(MAX_NEW, **dataclasses.asdict(DecodeDefaults().for_card(loaded.card)))
     results = generate(
         loaded.model, torch.from_numpy(QUERIES), [params] * len(QUERIES), tokenizer=loaded.tokenizer
     )

@@ -216,17 +216,18 @@ def test_training_with_a_bpe_learns_and_saves_it(tmp_path: Path, bpe: Tokenizer)
     assert loaded.config.n_layer == 2
 
 
-def test_the_committed_bpe_checkpoint_decodes_its_cards_examples() -> None:
-    """model/checkpoints/ret_v21_bpe (trained here, not the default yet): 722,944 parameters
-    over its own 1,024-token BPE, and `retd eval`'s recorded greedy outputs are what these
+@pytest.mark.parametrize(("name", "vocab_size"), [("ret_v21_bpe", 1024), ("ret_v21_bpe1792", 1792)])
+def test_a_committed_bpe_checkpoint_decodes_its_cards_examples(name: str, vocab_size: int) -> None:
+    """model/checkpoints/ret_v21_bpe and ret_v21_bpe1792 (not the default yet): 722,944
+    parameters over their own BPE, and `retd eval`'s recorded greedy outputs are what these
     weights decode from the same held-out embeddings (tests/data/heldout_head)."""
     from retd.model.checkpoint import DEFAULT_CHECKPOINT
     from retd.model.embed import load_split
     from retd.model.evaluate import greedy_texts
 
-    loaded = load_checkpoint(DEFAULT_CHECKPOINT.parent / "ret_v21_bpe")  # checks the sha256
+    loaded = load_checkpoint(DEFAULT_CHECKPOINT.parent / name)  # checks the sha256
     assert loaded.model.num_parameters() == 722_944 and loaded.trained
-    assert loaded.tokenizer.kind == "bpe" and loaded.tokenizer.vocab_size == 1024
+    assert loaded.tokenizer.kind == "bpe" and loaded.tokenizer.vocab_size == vocab_size
     examples = loaded.card["metrics"]["eval"]["examples"]
     head = load_split(Path(__file__).parents[1] / "data" / "heldout_head", "heldout")
     assert [e["reference"] for e in examples] == head.texts[: len(examples)]

@@ -101,3 +101,11 @@ def test_the_carried_encoder_embeds_as_the_upstream_one(
         carried.encode(["Then isn't it?"]), SentenceEncoder(upstream).encode(["Then isn't it?"])
     )
     assert 0.9 < odd[0] < 0.999
+
+
+def test_a_tiny_weight_is_not_clipped_by_its_rounded_scale() -> None:
+    """0.0001 / 127 in float16 (a subnormal) rounds down: 129 steps would be needed and 127
+    kept. The scale is rounded up instead (found by the property test above)."""
+    weight = np.array([[1e-4]], np.float32)
+    q, scale = quantize(weight)
+    assert abs(dequantize(q, scale)[0, 0] - 1e-4) <= float(scale[0, 0]) * 0.5 + 1e-9

@@ -230,7 +230,7 @@ def test_bfloat16_steps_are_bitwise_the_eager_ones() -> None:
 
 
 @pytest.mark.parametrize("impl", ["cpp", "prefix"])
-@pytest.mark.parametrize("name", ["ret_v21", "ret_v21_bpe"])
+@pytest.mark.parametrize("name", ["ret_v21", "ret_v21_bpe", "ret_v21_bpe1792"])
 def test_greedy_text_of_a_shipped_checkpoint_is_unchanged(name: str, impl: str) -> None:
     """Many embeddings, decoded together (rows leave the batch as they end) with the default
     loop breaker on: every token the eager step's, and with `cpp` every logprob too, for any

@@ -77,13 +77,13 @@ def test_training_lowers_the_loss_and_exports_a_loadable_checkpoint(tmp_path: Pa
 
 
 def test_resuming_gives_exactly_the_uninterrupted_run(tmp_path: Path) -> None:
-    """Paused mid-epoch at step 20 and resumed to 40, the weights equal a straight run's."""
-    straight = fixture_config(tmp_path / "a", embedding_noise=0.01)
+    """Paused mid-epoch at step 10 and resumed to 20, the weights equal a straight run's."""
+    straight = fixture_config(tmp_path / "a", embedding_noise=0.01, max_steps=20)
     train(straight, progress=False)
-    paused = fixture_config(tmp_path / "b", embedding_noise=0.01, stop_at_step=20)
+    paused = fixture_config(tmp_path / "b", embedding_noise=0.01, max_steps=20, stop_at_step=10)
     train(paused, progress=False)
-    assert len(losses(Path(paused.out_dir))) == 20
-    resumed = fixture_config(tmp_path / "b", embedding_noise=0.01)
+    assert len(losses(Path(paused.out_dir))) == 10
+    resumed = fixture_config(tmp_path / "b", embedding_noise=0.01, max_steps=20)
     train(resumed, resume=True, progress=False)
     assert losses(Path(resumed.out_dir)) == losses(Path(straight.out_dir))
     a = torch.load(Path(straight.out_dir) / "state.pt", weights_only=False)["model"]

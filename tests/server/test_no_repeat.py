@@ -44,7 +44,7 @@ def expected() -> dict[int, list[str]]:
             r.text for r in generate(model, torch.from_numpy(QUERIES), params, tokenizer=tokenizer)
         ]
     assert texts[0] != texts[6], "the setting must change some answers to be tested"
-    default = SamplingParams(MAX_NEW, **dataclasses.asdict(DecodeDefaults()))
+    default = SamplingParams(MAX_NEW, **dataclasses.asdict(DecodeDefaults().for_card(loaded.card)))
     results = generate(model, torch.from_numpy(QUERIES), [default] * 24, tokenizer=tokenizer)
     texts[-1] = [r.text for r in results]
     assert texts[-1] != texts[0], "the default must change some answers to be tested"
@@ -66,7 +66,7 @@ def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.DecoderSt
 def decode(stub: pb_grpc.DecoderStub, index: int, n: int) -> str:
     request = pb.DecodeRequest(
         embedding=as_pb(QUERIES[index]), max_new_tokens=MAX_NEW, no_repeat_ngram_size=n,
-        repetition_penalty=1.0,
+        repetition_penalty=1.0, eos_bias=0.0,
     )  # fmt: skip
     return stub.Decode(request, timeout=60).text
 
@@ -100,7 +100,7 @@ def test_batch_and_stream_items_honour_it(
     batch = stub.DecodeBatch(
         pb.DecodeBatchRequest(
             embeddings=[as_pb(q) for q in QUERIES[:8]], max_new_tokens=MAX_NEW,
-            no_repeat_ngram_size=3, repetition_penalty=1.0,
+            no_repeat_ngram_size=3, repetition_penalty=1.0, eos_bias=0.0,
         ),
         timeout=60,
     )  # fmt: skip
@@ -108,7 +108,7 @@ def test_batch_and_stream_items_honour_it(
     items = [
         pb.DecodeStreamRequest(
             id=f"{i}-{n}", embedding=as_pb(QUERIES[i]), max_new_tokens=MAX_NEW,
-            no_repeat_ngram_size=n, repetition_penalty=1.0,
+            no_repeat_ngram_size=n, repetition_penalty=1.0, eos_bias=0.0,
         )
         for i in range(8) for n in (0, 6)
     ]  # fmt: skip
@@ -141,7 +141,7 @@ def test_decode_forms_apply_the_default_loop_breakers_unless_set(
         assert stub.Decode(bare, timeout=60).text == expected[-1][index]
         off = pb.DecodeRequest(
             embedding=as_pb(QUERIES[index]), max_new_tokens=MAX_NEW, no_repeat_ngram_size=0,
-            repetition_penalty=1.0,
+            repetition_penalty=1.0, eos_bias=0.0,
         )  # fmt: skip
         assert stub.Decode(off, timeout=60).text == expected[0][index]
     batch = stub.DecodeBatch(
