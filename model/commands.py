@@ -215,9 +215,11 @@ def add_commands(
         "an interrupted run resumes at the first missing shard.",
     )
     embed.add_argument("--batch-size", type=int, default=32, help="texts per encoder batch")
+    from retd.model.encoder import PRECISIONS
+
     embed.add_argument(
         "--precision",
-        choices=("auto", "fast", "float32"),
+        choices=PRECISIONS,
         default="auto",
         help="fast: bfloat16 weights and torch.compile for batches over 16 tokens "
         "(cosine >= 0.999 to float32, ~3x the texts/s where the CPU has bfloat16 "

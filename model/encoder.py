@@ -115,8 +115,9 @@ def _find_model_dir(root: Path) -> Path | None:
 #: torch.compile (inductor fuses the GELU, LayerNorm and softmax around bfloat16 matrix
 #: products) and shorter ones in float32: bfloat16 moved a few very short texts' embeddings
 #: (one in 1,000 held-out texts, "Then isn't it?", to cosine 0.987), and short batches cost
-#: little. Figures in BENCHMARKS.md (`python -m retd.model.encoder_bench`).
-PRECISIONS = ("float32", "fast")
+#: little. Figures in BENCHMARKS.md (`python -m retd.model.encoder_bench`). "auto" is "fast"
+#: where bfloat16 is native (`auto_precision`), else "float32".
+PRECISIONS = ("float32", "fast", "auto")
 FLOAT32_MAX_TOKENS = 16
 #: The file in a model directory that says its weights were carried (`retd.model.carry`).
 CARRIED_MARKER = "carried.json"
@@ -155,9 +156,9 @@ class SentenceEncoder:
         precision: str = "float32",
         device: str | None = None,
     ) -> None:
-        if precision not in (*PRECISIONS, "auto"):
+        if precision not in PRECISIONS:
             raise ValueError(
-                f"precision: expected one of {', '.join(PRECISIONS)}, auto, got {precision!r}"
+                f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}"
             )
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

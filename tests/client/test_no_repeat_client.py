@@ -29,6 +29,8 @@ HEAD = load_split(Path(__file__).parents[1] / "data" / "heldout_head", "heldout"
 QUERIES = HEAD.embeddings[:6].astype(np.float32)  # real embeddings of held-out sentences
 MAX_NEW = 64
 SIZES = (0, 3, 6)  # 0: plain greedy
+# The CLI's other loop breakers off (the shipped card's eos_bias too): n-gram bans alone.
+PLAIN_CLI = ["--repetition-penalty", "1", "--eos-bias", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +190,7 @@ def test_cli_no_repeat_ngram(address: str, expected: dict[int, list[str]], tmp_p
     np.save(batch, QUERIES)
     common = ["--target", address, "--max-new-tokens", str(MAX_NEW)]
 
-    off = ["--repetition-penalty", "1", "--eos-bias", "0"]  # only the n-gram loop breaker
+    off = PLAIN_CLI  # only the n-gram loop breaker
     done = retd("decode", str(one), *common, *off, "--no-repeat-ngram", "6")
     assert (done.returncode, done.stdout, done.stderr) == (0, expected[6][i] + "\n", "")
     done = retd("decode", str(batch), *common, *off, "--no-repeat-ngram", "3", "--json")
@@ -224,8 +226,7 @@ def test_cli_text_mode_with_no_repeat_ngram(
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
     out = io.StringIO()
     argv = ["decode", "--target", address, "--max-new-tokens", str(MAX_NEW), "--text", sentence]
-    off = ["--repetition-penalty", "1", "--eos-bias", "0"]
-    assert cli.main([*argv, "--no-repeat-ngram", "2", *off], out=out) == 0
+    assert cli.main([*argv, "--no-repeat-ngram", "2", *PLAIN_CLI], out=out) == 0
     assert out.getvalue() == want + "\n"
     assert capsys.readouterr().err == ""
 
