@@ -78,6 +78,7 @@ def test_a_failing_step_is_recorded_and_the_exit_status_says_so(
     assert "| raw | **no** |" in table and "| server | yes |" in table
 
 
+@pytest.mark.slow
 def test_the_server_step_benches_a_real_server_through_the_server_cli(checkpoint: Path) -> None:
     """`python -m retd.server.cli bench`: no `retd` entry point is needed, as on a GPU machine
     whose Python reaches retd through PYTHONPATH alone (where `retd.client.cli` failed)."""

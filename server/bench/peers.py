@@ -81,21 +81,29 @@ class PeerScenario:
     config: BenchConfig
 
 
-def peer_scenarios(duration: float, warmup: float) -> list[PeerScenario]:
+def peer_scenarios(duration: float, warmup: float, unit: str = "bytes") -> list[PeerScenario]:
+    """Fixed and mixed lengths at 64 callers and 1; `unit` names what a length counts: the
+    checkpoint's tokens ("bytes" for a byte-level model, "tokens" for a BPE one)."""
     fixed = BenchConfig(concurrency=64, duration=duration, warmup=warmup)
     mixed = replace(fixed, min_new_tokens=8, max_new_tokens=128)
     return [
-        PeerScenario("64 callers, 64 bytes", fixed),
-        PeerScenario("64 callers, 8..128 bytes", mixed),
-        PeerScenario("1 caller, 64 bytes", replace(fixed, concurrency=1)),
-        PeerScenario("1 caller, 8..128 bytes", replace(mixed, concurrency=1)),
+        PeerScenario(f"64 callers, 64 {unit}", fixed),
+        PeerScenario(f"64 callers, 8..128 {unit}", mixed),
+        PeerScenario(f"1 caller, 64 {unit}", replace(fixed, concurrency=1)),
+        PeerScenario(f"1 caller, 8..128 {unit}", replace(mixed, concurrency=1)),
     ]
+
+
+def length_unit(checkpoint: Path) -> str:
+    """What a checkpoint's token is: "bytes" (no tokenizer in its card) or "tokens"."""
+    card = json.loads((checkpoint / "card.json").read_text())
+    return "tokens" if card.get("tokenizer") else "bytes"
 
 
 async def greedy_check(
     retd_address: str, peer_address: str, messages: InferenceMessages, checkpoint: Path
 ) -> dict[str, int]:
-    """The same 64 requests (8..128 bytes) to both servers at once and to `generate()` in
+    """The same 64 requests (8..128 tokens) to both servers at once and to `generate()` in
     one batch here: how many answers differ from `generate()`'s and from each other."""
     import torch
 
@@ -263,7 +271,8 @@ def markdown(results: dict[str, Any], command: str) -> str:
                 if RETD in names and RETD_PROCESS in names
                 else []
             ),
-            "Greedy check (the same 64 requests of 8..128 bytes to each server, and to "
+            f"Greedy check (the same 64 requests of 8..128 {results.get('unit', 'bytes')} "
+            "to each server, and to "
             "`generate()` in one batch): "
             + "; ".join(
                 f"{name}: {c['retd_vs_generate']} answers differ from `generate()`'s, "
@@ -323,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         PeerVenv(args.venv),
         args.checkpoint.resolve(),
         args.out.resolve(),
-        peer_scenarios(args.duration, args.warmup),
+        peer_scenarios(args.duration, args.warmup, length_unit(args.checkpoint)),
         args.rounds,
         TorchServeSettings(),
         engines,
@@ -332,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": _commit(),
         "rounds": args.rounds,
+        "unit": length_unit(args.checkpoint),
         "duration": args.duration,
         "warmup": args.warmup,
     }

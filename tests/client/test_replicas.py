@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from retd.client import AsyncClient, Client, UnavailableError
@@ -208,6 +209,7 @@ def assert_spread(deltas: list[int]) -> None:
     assert min(deltas) >= 0.5 * sum(deltas) / len(deltas), deltas
 
 
+@pytest.mark.slow
 def test_failover_under_load_loses_no_call(tmp_path: Path, checkpoint: Path) -> None:
     replicas = start_replicas(tmp_path, checkpoint, 3)
     try:
@@ -267,6 +269,7 @@ def test_failover_under_load_loses_no_call(tmp_path: Path, checkpoint: Path) -> 
         stop_all(replicas)
 
 
+@pytest.mark.slow
 def test_drains_under_heavy_load_lose_no_call(tmp_path: Path, checkpoint: Path) -> None:
     """32 callers of short Decodes over four replicas; three are SIGTERMed one after the
     other. Calls reach a draining replica before the client sees its health turn

@@ -242,6 +242,7 @@ def by_kind(counts: Counter[str]) -> str:
     return ", ".join(f"{key} {value}" for key, value in sorted(counts.items()))
 
 
+@pytest.mark.slow
 def test_soak_mixed_load(
     daemon: RunningServer, reference: Reference, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -53,8 +53,9 @@ def test_the_corpus_embeddings_are_this_encoders(encoder: SentenceEncoder) -> No
 
 
 def test_the_fast_path_keeps_the_float32_embeddings(encoder: SentenceEncoder) -> None:
-    """`retd embed`'s default (bfloat16 weights, compiled) stays within cosine 0.999 of the
-    float32 reference on texts of every length, order and padding notwithstanding."""
+    """`retd embed`'s fast path (bfloat16 weights, compiled where bfloat16 is native) stays
+    within cosine 0.999 of the float32 reference on texts of every length, order and padding
+    notwithstanding."""
     # bfloat16 alone gave this short one cosine 0.961-0.987; the short batches run in float32
     texts = (FIXTURE / "corpus/heldout.txt").read_text().splitlines() + ["Then isn't it?"]
     fast = SentenceEncoder.load(precision="fast")

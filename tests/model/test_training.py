@@ -92,6 +92,7 @@ def test_resuming_gives_exactly_the_uninterrupted_run(tmp_path: Path) -> None:
         assert torch.equal(tensor, b[name]), name
 
 
+@pytest.mark.slow
 def test_a_warm_start_begins_from_the_given_weights_and_keeps_their_record(
     tmp_path: Path,
 ) -> None:
@@ -337,6 +338,7 @@ def test_no_repeat_decoding_holds_no_ngram_twice_and_is_greedy_until_a_repeat(
             assert seq == plain
 
 
+@pytest.mark.slow
 def test_eval_reports_each_source_and_the_ood_split_beside_retrieval(tmp_path: Path) -> None:
     checkpoint = train(fixture_config(tmp_path), progress=False)
     data = tmp_path / "data"
@@ -369,6 +371,7 @@ def test_a_model_table_trains_another_shape_and_the_card_records_it(tmp_path: Pa
     assert loaded.card["training"]["config"]["model"] == shape
 
 
+@pytest.mark.slow
 def test_a_compiled_training_step_trains_as_the_eager_one(tmp_path: Path) -> None:
     # ret_tiny: one block compiles in a third of the time three take (cold: 52 s in CI)
     tiny = dict(architecture="ret_tiny", max_steps=6, eval_every=6, model={})
@@ -381,6 +384,7 @@ def test_a_compiled_training_step_trains_as_the_eager_one(tmp_path: Path) -> Non
     )
 
 
+@pytest.mark.slow
 def test_keep_best_exports_the_evaluation_with_the_lowest_held_out_loss(tmp_path: Path) -> None:
     """A warm start whose learning rate climbs until it makes the model worse: with keep_best
     the exported checkpoint is the best evaluation's, not the last step's."""
