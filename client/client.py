@@ -64,7 +64,8 @@ class Client(BlockingClient):
         >>> import numpy as np
         >>> from retd.client import Client
         >>> with Client(address, timeout=30) as client:  # address: "127.0.0.1:50051"
-        ...     result = client.decode(np.random.randn(768).astype(np.float32))
+        ...     embedding = np.random.default_rng(0).standard_normal(768).astype(np.float32)
+        ...     result = client.decode(embedding)
         ...     print(result.finish_reason.value, result.usage.generated_tokens > 0)
         length True
     """

@@ -260,3 +260,21 @@ def test_the_report_compares_each_retd_engine_with_the_peer_and_with_each_other(
         "retd, engine process: 0 answers differ from `generate()`'s, 1 from TorchServe's"
         in (lines[-1])
     )
+
+
+def test_the_scenarios_count_lengths_in_the_checkpoints_tokens(checkpoint: Path) -> None:
+    """A byte-level checkpoint's lengths are bytes, a BPE one's tokens; a card says which."""
+    from retd.model.checkpoint import DEFAULT_CHECKPOINT
+    from retd.server.bench.peers import length_unit, peer_scenarios
+
+    root = DEFAULT_CHECKPOINT.parent
+    assert length_unit(checkpoint) == "bytes"  # the tests' untrained one: tokenizer "bytes"
+    assert length_unit(root / "ret_v21") == "bytes"  # a card from before tokenizers
+    assert length_unit(DEFAULT_CHECKPOINT) == "tokens"  # the shipped BPE one
+    names = [s.name for s in peer_scenarios(1.0, 0.0, length_unit(DEFAULT_CHECKPOINT))]
+    assert names == [
+        "64 callers, 64 tokens",
+        "64 callers, 8..128 tokens",
+        "1 caller, 64 tokens",
+        "1 caller, 8..128 tokens",
+    ]

@@ -95,9 +95,10 @@ def peer_scenarios(duration: float, warmup: float, unit: str = "bytes") -> list[
 
 
 def length_unit(checkpoint: Path) -> str:
-    """What a checkpoint's token is: "bytes" (no tokenizer in its card) or "tokens"."""
+    """What a checkpoint's token is: "bytes" (its card names no tokenizer, or the byte-level
+    one) or "tokens" (a BPE)."""
     card = json.loads((checkpoint / "card.json").read_text())
-    return "tokens" if card.get("tokenizer") else "bytes"
+    return "bytes" if card.get("tokenizer", {}).get("kind", "bytes") == "bytes" else "tokens"
 
 
 async def greedy_check(
@@ -328,11 +329,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"no TorchServe in {args.venv}: run `make bench-peers`", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
+    unit = length_unit(args.checkpoint)
     results = run_peers(
         PeerVenv(args.venv),
         args.checkpoint.resolve(),
         args.out.resolve(),
-        peer_scenarios(args.duration, args.warmup, length_unit(args.checkpoint)),
+        peer_scenarios(args.duration, args.warmup, unit),
         args.rounds,
         TorchServeSettings(),
         engines,
@@ -341,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": _commit(),
         "rounds": args.rounds,
-        "unit": length_unit(args.checkpoint),
+        "unit": unit,
         "duration": args.duration,
         "warmup": args.warmup,
     }
