@@ -47,7 +47,7 @@ from .peers_report import (
 )
 from .raw import run_raw
 from .report import BenchConfig, BenchReport
-from .spawn import spawned_server
+from .spawn import PLAIN_GREEDY, spawned_server
 from .torchserve import (
     MODEL,
     PREDICTIONS,
@@ -62,10 +62,7 @@ from .torchserve import (
 
 PEER = "TorchServe"
 # retd as TorchServe's handler runs the model: batches of up to 64, plain greedy, one thread
-RETD_ARGS = (
-    "--max-batch-size 64 --torch-threads 1 --metrics-port 0 "
-    "--decode-no-repeat-ngram-size 0 --decode-repetition-penalty 1 --decode-eos-bias 0"
-)
+RETD_ARGS = f"--max-batch-size 64 --torch-threads 1 --metrics-port 0 {PLAIN_GREEDY}"
 # retd is run with each of its engines (`--engine`), under these names.
 ENGINES = ("thread", "process")
 RETD_NAMES = {"thread": RETD, "process": RETD_PROCESS}

@@ -15,6 +15,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+#: `retd serve` flags that turn Decode's loop breakers and length bias off: plain greedy, as
+#: `generate()` decodes by default (the raw model, TorchServe's handler).
+PLAIN_GREEDY = "--decode-no-repeat-ngram-size 0 --decode-repetition-penalty 1 --decode-eos-bias 0"
+
 
 @contextlib.contextmanager
 def spawned_server(checkpoint: Path, server_args: str) -> Iterator[tuple[str, int]]:

@@ -21,7 +21,7 @@ import numpy as np
 from .load import LoadGenerator
 from .raw import run_raw
 from .report import BenchConfig, BenchReport
-from .spawn import spawned_server
+from .spawn import PLAIN_GREEDY, spawned_server
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def step_suite(duration: float, rounds: int = 3) -> list[Scenario]:
     impls = ("eager", "cpp", "prefix")
     label = {"eager": "eager step", "cpp": "C++ step", "prefix": "C++ prefix step"}
     server = {impl: f"--max-batch-size 64 --step-impl {impl}" for impl in impls}
-    greedy = " --decode-no-repeat-ngram-size 0 --decode-repetition-penalty 1 --decode-eos-bias 0"
+    greedy = f" {PLAIN_GREEDY}"
     tracing = " --traces-exporter otlp --otlp-endpoint http://{otlp}"
     return [
         *(
@@ -162,7 +162,7 @@ def steps_suite(duration: float, rounds: int = 2) -> list[Scenario]:
     fixed = BenchConfig(concurrency=64, duration=duration)
     lone = replace(fixed, concurrency=1)
     server = "--max-batch-size 64 --steps-per-call {k}"
-    greedy = " --decode-no-repeat-ngram-size 0 --decode-repetition-penalty 1 --decode-eos-bias 0"
+    greedy = f" {PLAIN_GREEDY}"
     calls = {k: f"{k} step{'s' if k > 1 else ''} a call" for k in (1, 4, 8)}
     return [
         *(

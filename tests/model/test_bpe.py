@@ -218,8 +218,8 @@ def test_training_with_a_bpe_learns_and_saves_it(tmp_path: Path, bpe: Tokenizer)
 
 @pytest.mark.parametrize(("name", "vocab_size"), [("ret_v21_bpe", 1024), ("ret_v21_bpe1792", 1792)])
 def test_a_committed_bpe_checkpoint_decodes_its_cards_examples(name: str, vocab_size: int) -> None:
-    """model/checkpoints/ret_v21_bpe and ret_v21_bpe1792 (not the default yet): 722,944
-    parameters over their own BPE, and `retd eval`'s recorded greedy outputs are what these
+    """model/checkpoints/ret_v21_bpe and ret_v21_bpe1792 (the default): 722,944 parameters
+    over their own BPE, and `retd eval`'s recorded greedy outputs are what these
     weights decode from the same held-out embeddings (tests/data/heldout_head)."""
     from retd.model.checkpoint import DEFAULT_CHECKPOINT
     from retd.model.embed import load_split
