@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from retd.server.bench.spawn import PLAIN_GREEDY
 from tests._wait import poll
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,11 +59,7 @@ class RunningServer:
 
 # Decode with its loop breakers off: what the tests that compare a daemon's Decode with plain
 # greedy `generate()` expect. Tests of the default loop breakers pass plain_decode=False.
-PLAIN_DECODE = [
-    "--decode-no-repeat-ngram-size", "0",
-    "--decode-repetition-penalty", "1",
-    "--decode-eos-bias", "0",
-]  # fmt: skip
+PLAIN_DECODE = PLAIN_GREEDY.split()
 
 
 def start_server(
