@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import grpc
 import pytest
 
 from retd.server.bench.spawn import PLAIN_GREEDY
+from tests._forked import ForkedProcess, popen
 from tests._wait import poll
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @dataclass
 class RunningServer:
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | ForkedProcess
     address: str
     port: int
     log_path: Path
@@ -72,7 +72,8 @@ def start_server(
     module: str = "retd.server",
 ) -> RunningServer:
     """Start `python -m retd.server` (or another `module` that serves as it does) with `args`
-    on 127.0.0.1:0 and wait until it says it is serving (it writes its ready file only after
+    on 127.0.0.1:0 (forked from the worker's zygote, torch already imported: tests/_forked.py)
+    and wait until it says it is serving (it writes its ready file only after
     every model is loaded and warm).
     plain_decode: Decode's default loop breakers off (PLAIN_DECODE), unless `args` set them.
     default_metrics_port: /metrics on the daemon's default port (else none, unless `args`
@@ -84,18 +85,9 @@ def start_server(
     defaults = [] if metrics_set else ["--metrics-port", "0"]
     if plain_decode and not any(str(a).startswith("--decode-") for a in args):
         defaults += PLAIN_DECODE
-    command = [
-        sys.executable, "-m", module, "--host", "127.0.0.1", "--port", "0",
-        "--ready-file", str(ready), *defaults, *args,
-    ]  # fmt: skip
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            command,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            cwd=REPO,
-        )
+    argv = ["--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready), *defaults, *args]
+    log_path.touch()
+    process = popen(module, argv, {**os.environ, **(env or {})}, REPO, log_path)
 
     def started() -> bool:
         if process.poll() is not None:
