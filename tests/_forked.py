@@ -3,9 +3,10 @@
 `popen(module, argv, env, cwd, log_path)` returns a process with the `subprocess.Popen`
 methods the tests use (`pid`, `args`, `poll`, `wait`, `send_signal`, `terminate`, `kill`,
 `returncode`); its exit comes from the zygote, which is its parent, and `wait` waits on an
-event for it. Where the request's environment changes what the import of torch reads
-(TORCH_*, OMP_*, ...), or with RETD_TEST_FORK=0, the daemon is started cold by
-`subprocess.Popen` instead, as before."""
+event for it. What the import of torch reads from the environment (TORCH_*, OMP_*, ...) is
+the zygote's: a daemon whose environment sets it differently forks from another zygote,
+started with that environment (one per such environment, each kept for the worker's life).
+With RETD_TEST_FORK=0 daemons start cold, by `subprocess.Popen`, as before."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-#: Environment variables read when torch (and what it loads) is imported: a daemon whose
-#: environment sets one of them differently from the zygote's is started cold.
+#: Environment variables read when torch (and what it loads) is imported: the zygotes differ
+#: in these, and only in these.
 IMPORT_TIME_ENV = ("TORCH", "PYTORCH", "OMP_", "MKL", "KMP_", "GOMP", "CUDA", "LD_", "PYTHON")
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,14 +28,13 @@ REPO = Path(__file__).resolve().parent.parent
 class Zygote:
     """The per-worker `python -m tests._zygote` and the thread that reads its replies."""
 
-    def __init__(self) -> None:
-        self.env = dict(os.environ)
+    def __init__(self, env: dict[str, str]) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests._zygote"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=REPO,
-            env=self.env,
+            env=env,
         )
         assert self.process.stdout is not None and self.process.stdin is not None
         self.replies = self.process.stdout
@@ -110,32 +110,33 @@ class ForkedProcess:
         self.send_signal(signal.SIGKILL)
 
 
-_zygote: Zygote | None = None
-_zygote_lock = threading.Lock()
+_zygotes: dict[tuple[tuple[str, str], ...], Zygote] = {}
+_zygotes_lock = threading.Lock()
 
 
-def zygote() -> Zygote:
-    global _zygote
-    with _zygote_lock:
-        if _zygote is None or _zygote.process.poll() is not None:
-            _zygote = Zygote()
-        return _zygote
-
-
-def forkable(env: dict[str, str]) -> bool:
-    if os.environ.get("RETD_TEST_FORK", "1") == "0":
-        return False
-    base = zygote().env
-    keys = {k for k in {*env, *base} if k.startswith(IMPORT_TIME_ENV)}
-    return all(env.get(k) == base.get(k) for k in keys)
+def zygote(env: dict[str, str]) -> Zygote:
+    """The zygote for `env`: one whose import of torch read what `env` sets."""
+    key = tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_TIME_ENV)))
+    with _zygotes_lock:
+        found = _zygotes.get(key)
+        if found is None or found.process.poll() is not None:
+            found = _zygotes[key] = Zygote(env)
+        return found
 
 
 def popen(
-    module: str, argv: Sequence[str], env: dict[str, str], cwd: Path, log_path: Path
+    module: str,
+    argv: Sequence[str],
+    env: dict[str, str],
+    cwd: Path,
+    log_path: Path,
+    *,
+    cold: bool = False,
 ) -> subprocess.Popen[bytes] | ForkedProcess:
-    """Start `python -m module *argv` with `env` in `cwd`, its output in `log_path`."""
+    """Start `python -m module *argv` with `env` in `cwd`, its output in `log_path`; `cold`:
+    by `subprocess.Popen`, for a process that must not hold what the zygote imported."""
     command = [sys.executable, "-m", module, *map(str, argv)]
-    if not forkable(env):
+    if cold or os.environ.get("RETD_TEST_FORK", "1") == "0":
         with log_path.open("ab") as log_file:
             return subprocess.Popen(
                 command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=cwd
@@ -147,5 +148,5 @@ def popen(
         "cwd": str(cwd),
         "log": str(log_path),
     }
-    forked = zygote()
+    forked = zygote(env)
     return ForkedProcess(forked, command, forked.fork(request))

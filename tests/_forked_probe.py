@@ -27,6 +27,8 @@ print(
             "main": __name__,
             "cwd": os.getcwd(),
             "env": os.environ.get("RETD_PROBE"),
+            "threads": os.environ.get("OMP_NUM_THREADS"),
+            "parent": os.getppid(),
             "random": random.random(),
             "stdin": sys.stdin.read(),
             "torch": "torch" in sys.modules,

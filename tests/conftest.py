@@ -72,9 +72,9 @@ def start_server(
     module: str = "retd.server",
 ) -> RunningServer:
     """Start `python -m retd.server` (or another `module` that serves as it does) with `args`
-    on 127.0.0.1:0 (forked from the worker's zygote, torch already imported: tests/_forked.py)
-    and wait until it says it is serving (it writes its ready file only after
-    every model is loaded and warm).
+    on 127.0.0.1:0 (forked from the worker's zygote, torch already imported: tests/_forked.py;
+    started cold with `--engine process`, whose front end must not hold torch) and wait until
+    it says it is serving (it writes its ready file only after every model is loaded and warm).
     plain_decode: Decode's default loop breakers off (PLAIN_DECODE), unless `args` set them.
     default_metrics_port: /metrics on the daemon's default port (else none, unless `args`
     set --metrics-port)."""
@@ -87,7 +87,10 @@ def start_server(
         defaults += PLAIN_DECODE
     argv = ["--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready), *defaults, *args]
     log_path.touch()
-    process = popen(module, argv, {**os.environ, **(env or {})}, REPO, log_path)
+    # An engine process's front end must not hold torch (tests check its memory): cold.
+    engine = [b for a, b in zip(args, [*args[1:], ""], strict=True) if a == "--engine"]
+    cold = "process" in engine or "--engine=process" in args
+    process = popen(module, argv, {**os.environ, **(env or {})}, REPO, log_path, cold=cold)
 
     def started() -> bool:
         if process.poll() is not None:

@@ -52,11 +52,27 @@ def test_a_signalled_child_ends_as_popen_reports_it(tmp_path: Path) -> None:
     process.kill()  # as Popen's: a no-op once it has ended
 
 
-def test_an_environment_torch_reads_at_import_starts_the_child_cold(tmp_path: Path) -> None:
-    log = tmp_path / "cold.log"
+def test_an_environment_torch_reads_at_import_forks_from_a_zygote_of_its_own(
+    tmp_path: Path,
+) -> None:
     threads = str(int(os.environ.get("OMP_NUM_THREADS", "1")) + 1)
-    env = {**os.environ, "OMP_NUM_THREADS": threads}
-    process = popen("tests._forked_probe", ["0"], env, REPO, log)
+    plain, plain_log = probe(tmp_path, "plain", "0")
+    other, other_log = probe(tmp_path, "other", "0", OMP_NUM_THREADS=threads)
+    again, again_log = probe(tmp_path, "again", "0")
+    assert (plain.wait(timeout=60), other.wait(timeout=60), again.wait(timeout=60)) == (0, 0, 0)
+    seen = [
+        json.loads(log.read_text().splitlines()[0]) for log in (plain_log, other_log, again_log)
+    ]
+    assert seen[1]["threads"] == threads and seen[1]["torch"]
+    assert seen[0]["parent"] == seen[2]["parent"] != seen[1]["parent"]
+
+
+def test_retd_test_fork_0_starts_daemons_cold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RETD_TEST_FORK", "0")
+    log = tmp_path / "cold.log"
+    process = popen("tests._forked_probe", ["0"], dict(os.environ), REPO, log)
     assert isinstance(process, subprocess.Popen)
     assert process.wait(timeout=60) == 0
     assert json.loads(log.read_text().splitlines()[0])["torch"] is False

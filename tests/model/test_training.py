@@ -52,14 +52,23 @@ def fixture_config(tmp_path: Path, **overrides: object) -> TrainConfig:
     return TrainConfig(**values)  # type: ignore[arg-type]
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainConfig, Path]:
+    """One run of the fixture's config (40 steps of RET v2.1's shape) and its exported
+    checkpoint, for the tests that only read them (a test that writes copies first)."""
+    config = fixture_config(tmp_path_factory.mktemp("trained"))
+    return config, train(config, progress=False)
+
+
 def losses(out_dir: Path) -> list[float]:
     lines = (out_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in lines]
 
 
-def test_training_lowers_the_loss_and_exports_a_loadable_checkpoint(tmp_path: Path) -> None:
-    config = fixture_config(tmp_path)
-    checkpoint = train(config, progress=False)
+def test_training_lowers_the_loss_and_exports_a_loadable_checkpoint(
+    trained: tuple[TrainConfig, Path],
+) -> None:
+    config, checkpoint = trained
     curve = losses(Path(config.out_dir))
     assert len(curve) == 40
     assert np.mean(curve[-5:]) < curve[0] - 1.0, curve  # from ~5.5 nats/byte (uniform)
@@ -77,13 +86,15 @@ def test_training_lowers_the_loss_and_exports_a_loadable_checkpoint(tmp_path: Pa
 
 
 def test_resuming_gives_exactly_the_uninterrupted_run(tmp_path: Path) -> None:
-    """Paused mid-epoch at step 10 and resumed to 20, the weights equal a straight run's."""
-    straight = fixture_config(tmp_path / "a", embedding_noise=0.01, max_steps=20)
+    """Paused mid-epoch at step 10 and resumed to 20, the weights equal a straight run's
+    (ret_tiny: what resuming restores does not depend on the shape)."""
+    run: dict[str, object] = {"architecture": "ret_tiny", "embedding_noise": 0.01, "max_steps": 20}
+    straight = fixture_config(tmp_path / "a", **run)
     train(straight, progress=False)
-    paused = fixture_config(tmp_path / "b", embedding_noise=0.01, max_steps=20, stop_at_step=10)
+    paused = fixture_config(tmp_path / "b", stop_at_step=10, **run)
     train(paused, progress=False)
     assert len(losses(Path(paused.out_dir))) == 10
-    resumed = fixture_config(tmp_path / "b", embedding_noise=0.01, max_steps=20)
+    resumed = fixture_config(tmp_path / "b", **run)
     train(resumed, resume=True, progress=False)
     assert losses(Path(resumed.out_dir)) == losses(Path(straight.out_dir))
     a = torch.load(Path(straight.out_dir) / "state.pt", weights_only=False)["model"]
@@ -94,9 +105,9 @@ def test_resuming_gives_exactly_the_uninterrupted_run(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_warm_start_begins_from_the_given_weights_and_keeps_their_record(
-    tmp_path: Path,
+    tmp_path: Path, trained: tuple[TrainConfig, Path]
 ) -> None:
-    first = train(fixture_config(tmp_path / "first"), progress=False)
+    _, first = trained
     cold = fixture_config(tmp_path / "cold", max_steps=5, eval_every=5)
     warm = fixture_config(tmp_path / "warm", max_steps=5, eval_every=5, init_from=str(first))
     train(cold, progress=False)
@@ -246,10 +257,11 @@ def test_retrieval_baseline_finds_bank_members() -> None:
     assert (sims > 0.99).all()
 
 
-def test_eval_scores_a_checkpoint_and_writes_its_card(tmp_path: Path) -> None:
-    checkpoint = train(fixture_config(tmp_path), progress=False)
+def test_eval_scores_a_checkpoint_and_writes_its_card(
+    tmp_path: Path, trained: tuple[TrainConfig, Path]
+) -> None:
     copy = tmp_path / "copy"
-    shutil.copytree(checkpoint, copy)
+    shutil.copytree(trained[1], copy)
     head = tmp_path / "head"
     report = evaluate_checkpoint(
         copy, FIXTURE, limit=8, num_beams=(2,), use_encoder=False, head=head
@@ -263,7 +275,7 @@ def test_eval_scores_a_checkpoint_and_writes_its_card(tmp_path: Path) -> None:
     assert card["metrics"]["eval"]["greedy"] == report["greedy"]
     assert (
         load_checkpoint(copy, device="cpu").sha256
-        == load_checkpoint(checkpoint, device="cpu").sha256
+        == load_checkpoint(trained[1], device="cpu").sha256
     )
     # the greedy figures are those of the server's Decode path
     loaded = load_checkpoint(copy, device="cpu")
@@ -339,8 +351,11 @@ def test_no_repeat_decoding_holds_no_ngram_twice_and_is_greedy_until_a_repeat(
 
 
 @pytest.mark.slow
-def test_eval_reports_each_source_and_the_ood_split_beside_retrieval(tmp_path: Path) -> None:
-    checkpoint = train(fixture_config(tmp_path), progress=False)
+def test_eval_reports_each_source_and_the_ood_split_beside_retrieval(
+    tmp_path: Path, trained: tuple[TrainConfig, Path]
+) -> None:
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(trained[1], checkpoint)
     data = tmp_path / "data"
     shutil.copytree(FIXTURE, data)
     heldout = (data / "corpus/heldout.txt").read_text().splitlines()
@@ -385,10 +400,12 @@ def test_a_compiled_training_step_trains_as_the_eager_one(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_keep_best_exports_the_evaluation_with_the_lowest_held_out_loss(tmp_path: Path) -> None:
+def test_keep_best_exports_the_evaluation_with_the_lowest_held_out_loss(
+    tmp_path: Path, trained: tuple[TrainConfig, Path]
+) -> None:
     """A warm start whose learning rate climbs until it makes the model worse: with keep_best
     the exported checkpoint is the best evaluation's, not the last step's."""
-    first = train(fixture_config(tmp_path / "first"), progress=False)
+    _, first = trained
     run = fixture_config(
         tmp_path / "hot", init_from=str(first), learning_rate=0.02, warmup_steps=12,
         max_steps=12, eval_every=3, keep_best=True,
