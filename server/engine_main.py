@@ -11,8 +11,9 @@ import signal
 import threading
 
 from retd.server.engine import EngineStats, Event
-from retd.server.engine_process import EngineInfo, read_frame, write_frame
+from retd.server.engine_process import EngineInfo
 from retd.server.errors import ServeError
+from retd.server.frames import read_frame, write_frame
 
 
 def serve_engine(read_fd: int, write_fd: int) -> int:

@@ -26,7 +26,6 @@ import itertools
 import logging
 import os
 import pickle
-import struct
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -43,14 +42,12 @@ from retd.server.engine import (
     model_limits,
 )
 from retd.server.errors import ErrorKind, ServeError
+from retd.server.frames import HEADER, frame, grow_pipe, read_frame, write_frame
 from retd.server.requests import SequenceRequest
 from retd.server.validation import ModelLimits, RETRequests
 
 log = logging.getLogger(__name__)
 
-_HEADER = struct.Struct("!I")
-_PIPE_BYTES = 1 << 20  # ask for 1 MiB pipes (Linux): ~300 queued requests without a wait
-_F_SETPIPE_SZ = 1031
 # The engine process's main (server/engine_main.py). Not `-m`: what it pickles must name
 # its modules, not __main__.
 _ENTRY = "import sys; from retd.server.engine_main import main; sys.exit(main())"
@@ -67,42 +64,6 @@ class EngineInfo:
     pid: int
 
 
-def frame(message: object) -> bytes:
-    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return _HEADER.pack(len(body)) + body
-
-
-def _read_exactly(fd: int, n: int) -> bytes:
-    chunks, left = [], n
-    while left:
-        chunk = os.read(fd, left)
-        if not chunk:
-            raise EOFError("the pipe closed")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def read_frame(fd: int) -> Any:
-    """Blocking: the next message on `fd` (EOFError once the writer is gone)."""
-    (size,) = _HEADER.unpack(_read_exactly(fd, _HEADER.size))
-    return pickle.loads(_read_exactly(fd, size))
-
-
-def write_frame(fd: int, message: object) -> None:
-    """Blocking: the whole message."""
-    view = memoryview(frame(message))
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _grow_pipe(fd: int) -> None:
-    with contextlib.suppress(OSError, ImportError):
-        import fcntl
-
-        fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
-
-
 class _Child:
     """One running engine process, as the front end sees it: the process and its pipes."""
 
@@ -110,7 +71,7 @@ class _Child:
         to_child_r, self.to_child = os.pipe()
         self.from_child, from_child_w = os.pipe()
         for fd in (self.to_child, from_child_w):
-            _grow_pipe(fd)
+            grow_pipe(fd)
         root = logging.getLogger()
         log_format = "json" if any(_is_json(h) for h in root.handlers) else "text"
         command = [
@@ -304,12 +265,12 @@ class EngineProcess(RETRequests):
         buffer = self._inbuf
         buffer += data
         start = 0
-        while len(buffer) - start >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(buffer, start)
-            end = start + _HEADER.size + size
+        while len(buffer) - start >= HEADER.size:
+            (size,) = HEADER.unpack_from(buffer, start)
+            end = start + HEADER.size + size
             if len(buffer) < end:
                 break
-            self._receive(pickle.loads(buffer[start + _HEADER.size : end]))
+            self._receive(pickle.loads(buffer[start + HEADER.size : end]))
             start = end
         del buffer[:start]
 

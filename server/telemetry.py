@@ -78,12 +78,12 @@ def _span_exporter(config: TelemetryConfig) -> SpanExporter | None:
         return None
     if kind == "console":
         return ConsoleSpanExporter()
-    if kind == "otlp":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    if kind == "otlp":  # OpenTelemetry's OTLP exporter, in a process of its own
+        from retd.server.span_export import ProcessSpanExporter
 
         endpoint = config.otlp_endpoint
         insecure = endpoint is None or not endpoint.startswith("https://")
-        return OTLPSpanExporter(endpoint=endpoint, insecure=insecure)
+        return ProcessSpanExporter(endpoint=endpoint, insecure=insecure)
     raise ValueError(f"traces exporter: expected otlp, console or none, got {kind!r}")
 
 

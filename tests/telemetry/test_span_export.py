@@ -1,0 +1,97 @@
+"""The OTLP span exporter's child process (server/span_export.py): what it exports is what
+OpenTelemetry's exporter would have exported from the daemon, byte for byte, and a child that
+dies is replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+from retd.server.span_export import NICE, ProcessSpanExporter, span_of, span_record
+from tests._wait import poll
+from tests.telemetry.conftest import Receiver
+
+scalars = st.one_of(
+    st.text(max_size=12),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False),
+)
+values = st.one_of(scalars, st.lists(st.text(max_size=5), max_size=3), st.lists(st.integers(0, 9)))
+attributes = st.dictionaries(st.text(min_size=1, max_size=10), values, max_size=6)
+
+
+def spans(
+    attrs: dict[str, object],
+    events: list[dict[str, object]],
+    kind: SpanKind,
+    status: StatusCode,
+) -> list[ReadableSpan]:
+    """A parent and a child span linked to it, with `attrs` and `events`, finished."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource({"service.name": "retd", "r": 1}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("retd.server", "1.2")
+    with tracer.start_as_current_span("parent", kind=kind) as parent:
+        links = [Link(parent.get_span_context(), {"why": "item"})]
+        with tracer.start_as_current_span("child", links=links, attributes=attrs) as child:
+            for i, event in enumerate(events):
+                child.add_event(f"e{i}", event, timestamp=1_000 + i)
+            child.set_status(Status(status, "why" if status is StatusCode.ERROR else None))
+    return list(memory.get_finished_spans())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    attributes,
+    st.lists(attributes, max_size=4),
+    st.sampled_from(list(SpanKind)),
+    st.sampled_from(list(StatusCode)),
+)
+def test_a_copied_span_encodes_as_the_original(
+    attrs: dict[str, object],
+    events: list[dict[str, object]],
+    kind: SpanKind,
+    status: StatusCode,
+) -> None:
+    originals = spans(attrs, events, kind, status)
+    resource = originals[0].resource
+    copies = [span_of(span_record(span), resource) for span in originals]
+    assert encode_spans(copies).SerializeToString() == encode_spans(originals).SerializeToString()
+
+
+def test_the_child_exports_flushes_and_is_replaced_when_it_dies(receiver: Receiver) -> None:
+    exporter = ProcessSpanExporter(receiver.endpoint, insecure=True)
+    try:
+        assert exporter.export(spans({"a": 1}, [], SpanKind.SERVER, StatusCode.OK)) == (
+            SpanExportResult.SUCCESS
+        )
+        assert exporter.force_flush()  # returns once the child has exported the batch
+        assert [s.name for s in receiver.servicer.spans()] == ["child", "parent"]
+        first = exporter._started()
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, first.pid) == min(ours + NICE, 19)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+        exporter.export(spans({"b": 2}, [], SpanKind.SERVER, StatusCode.OK))
+        assert exporter.force_flush()
+        assert exporter._started().pid != first.pid
+        poll(lambda: len(receiver.servicer.spans()) == 4, what="the new child's spans")
+        assert receiver.servicer.spans()[-1].attributes == {}  # the parent: no attributes
+        assert receiver.servicer.spans()[-2].attributes == {"b": 2}
+    finally:
+        exporter.shutdown()
+    child = exporter._child
+    assert child is not None and child.poll() == 0  # shutdown waited for its exit
+    assert exporter.export(spans({}, [], SpanKind.SERVER, StatusCode.OK)) == (
+        SpanExportResult.FAILURE
+    )
