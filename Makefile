@@ -62,7 +62,7 @@ serve: $(VENV)/.server
 ## PYTEST_WORKERS processes (pytest-xdist; 0: in this one).
 PYTEST_WORKERS ?= 2
 test: lint
-	@echo "pytest: every test on $(PYTEST_WORKERS) workers (~10 min on 2 cores; the slowest ten are listed at the end)"
+	@echo "pytest: every test on $(PYTEST_WORKERS) workers (~6 min on 2 cores; the slowest ten are listed at the end)"
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS)
 
 ## Fuzz every method with malformed and extreme requests, a longer budget than make test's.

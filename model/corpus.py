@@ -9,7 +9,8 @@ de-duplicated across sources (the first source to yield a text keeps it). One wh
 (`OOD_SOURCE`) never reaches training: it is the out-of-domain test split `ood.txt`. Every
 other source's held-out split is chosen by a hash of the text, so it never changes with the
 order of the sources and training never sees it. No source may exceed `MAX_SOURCE_SHARE` of
-the corpus (a hash-chosen subset is kept when one would). `heldout.sources.txt` and
+the corpus (a hash-chosen subset is kept when one would, where more than one source kept
+texts: the cap balances sources). `heldout.sources.txt` and
 `ood.sources.txt` name each line's source, line for line.
 """
 
@@ -197,8 +198,9 @@ def build_corpus(
     total = sum(len(texts) for texts in kept.values())
     cap = max(1, int(max_share * total))
     capped: dict[str, int] = {}
+    contributing = sum(1 for texts in kept.values() if texts)  # a cap only balances sources
     for name, texts in kept.items():
-        if len(texts) > cap and len(kept) > 1:
+        if len(texts) > cap and contributing > 1:
             capped[name] = len(texts)
             salt = name.encode()
             keep = set(sorted(texts, key=lambda t: _hash(t, salt))[:cap])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -88,7 +89,7 @@ def start_server(
     argv = ["--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready), *defaults, *args]
     log_path.touch()
     # An engine process's front end must not hold torch (tests check its memory): cold.
-    engine = [b for a, b in zip(args, [*args[1:], ""], strict=True) if a == "--engine"]
+    engine = [b for a, b in itertools.pairwise(args) if a == "--engine"]
     cold = "process" in engine or "--engine=process" in args
     process = popen(module, argv, {**os.environ, **(env or {})}, REPO, log_path, cold=cold)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from retd.model.corpus import (
@@ -74,6 +74,7 @@ def test_cleaning_examples() -> None:
 
 @settings(deadline=None)  # it writes files: slow on a loaded machine, not wrong
 @given(st.lists(st.text(min_size=1, max_size=80), max_size=60))
+@example(["00AAAA A A", "00AAAA A À"])  # one source kept both: no cap (it capped it to one)
 def test_built_corpus_is_deduplicated_and_its_split_is_by_text(texts: list[str]) -> None:
     import tempfile
 
