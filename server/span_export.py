@@ -19,9 +19,9 @@ at the next batch; the batch it had is lost and logged, as a failed export is.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -116,12 +116,19 @@ class ProcessSpanExporter(SpanExporter):
             grow_pipe(self._child.stdin.fileno())
         return self._child
 
-    def _send(self, message: tuple[Any, ...], *, answer: bool) -> bool:
+    def _send(self, message: tuple[Any, ...], *, answer_within: float | None = None) -> bool:
+        """Send `message`; with `answer_within`, wait that many seconds at most for the
+        child to say it has exported everything before it."""
         try:
             child = self._started()
             assert child.stdin is not None and child.stdout is not None
             write_frame(child.stdin.fileno(), message)
-            return not answer or read_frame(child.stdout.fileno()) == "done"
+            if answer_within is None:
+                return True
+            if not select.select([child.stdout], [], [], answer_within)[0]:
+                log.warning("the span exporter process did not flush in %.1f s", answer_within)
+                return False
+            return bool(read_frame(child.stdout.fileno()) == "done")
         except (OSError, EOFError) as exc:
             log.warning("the span exporter process failed (%r): spans lost", exc)
             return False
@@ -134,23 +141,28 @@ class ProcessSpanExporter(SpanExporter):
         with self._lock:
             if self._closed:
                 return SpanExportResult.FAILURE
-            sent = self._send((*message, [span_record(s) for s in spans]), answer=False)
+            sent = self._send((*message, [span_record(s) for s in spans]))
         return SpanExportResult.SUCCESS if sent else SpanExportResult.FAILURE
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         with self._lock:
-            return self._closed or self._send(("flush",), answer=True)
+            return self._closed or self._send(("flush",), answer_within=timeout_millis / 1e3)
 
     def shutdown(self) -> None:
+        """Export what was sent, within _FLUSH_TIMEOUT_S (then the child is killed)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            if self._child is None or self._child.poll() is not None:
+            child = self._child
+            if child is None or child.poll() is not None:
                 return
-            self._send(("close",), answer=True)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._child.wait(timeout=_FLUSH_TIMEOUT_S)
+            self._send(("close",), answer_within=_FLUSH_TIMEOUT_S)
+            try:
+                child.wait(timeout=_FLUSH_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

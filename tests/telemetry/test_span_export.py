@@ -95,3 +95,19 @@ def test_the_child_exports_flushes_and_is_replaced_when_it_dies(receiver: Receiv
     assert exporter.export(spans({}, [], SpanKind.SERVER, StatusCode.OK)) == (
         SpanExportResult.FAILURE
     )
+
+
+def test_a_flush_the_child_cannot_answer_in_time_returns_false(receiver: Receiver) -> None:
+    exporter = ProcessSpanExporter(receiver.endpoint, insecure=True)
+    try:
+        exporter.export(spans({"a": 1}, [], SpanKind.SERVER, StatusCode.OK))
+        assert exporter.force_flush()
+        child = exporter._started()
+        child.send_signal(signal.SIGSTOP)  # a child stuck in an export
+        try:
+            assert exporter.force_flush(timeout_millis=200) is False
+        finally:
+            child.send_signal(signal.SIGCONT)
+    finally:
+        exporter.shutdown()
+    assert child.poll() == 0  # shutdown ended it all the same
