@@ -6,7 +6,7 @@ neither the engine nor torch."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 
 class Stats(Protocol):
@@ -55,7 +55,6 @@ class Params(Protocol):
     def greedy(self) -> bool: ...
 
 
-@runtime_checkable
 class Search(Protocol):
     """A phrase bank's search parameters."""
 

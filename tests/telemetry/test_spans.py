@@ -9,11 +9,14 @@ import threading
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from opentelemetry import propagate
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.trace import SpanKind, StatusCode
 
+from retd.model.embed import load_split
+from retd.model.phrase_bank import save_phrase_bank
 from retd.v1 import decoder_pb2 as pb
 from tests.telemetry.conftest import SERVICE, InProcess, embedding, in_process_daemon
 
@@ -241,3 +244,22 @@ def test_server_address_is_the_address_served_on(checkpoint: Path) -> None:
         daemon.stub.Decode(pb.DecodeRequest(embedding=embedding(15), max_new_tokens=2))
         span = the_span(daemon, "Decode")
     assert (span.attributes or {})["server.address"] == "127.0.0.2"
+
+
+def test_a_phrase_bank_call_span_has_its_candidates_and_no_sampling_parameters(
+    tmp_path: Path,
+) -> None:
+    split = load_split(Path(__file__).parents[1] / "data" / "embedded", "train")
+    bank = save_phrase_bank(
+        tmp_path / "bank", split.texts[:32], split.embeddings[:32].astype(np.float32), name="bank"
+    )
+    with in_process_daemon(bank) as daemon:
+        request = pb.GenerateRequest(embedding=embedding(16), top_k=3)
+        response = daemon.stub.Generate(request)
+        span = the_span(daemon, "Generate")
+    a = span.attributes or {}
+    assert a["retd.candidates"] == 3 == len(response.candidates)
+    assert a["retd.model.kind"] == "phrase_bank"
+    assert not [
+        key for key in a if key.startswith("gen_ai.request.") and key != "gen_ai.request.model"
+    ]
