@@ -110,6 +110,30 @@ def test_prefix_attention_is_sdpa_over_each_rows_own_prefix(
         torch.testing.assert_close(got[row : row + 1], expected, rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    heads=st.integers(1, 4),
+    head_dim=st.sampled_from([16, 32, 64, 128]),
+    length=st.integers(1, 80),
+    data=st.data(),
+)
+def test_the_fixed_head_size_kernels_are_bitwise_the_runtime_one(
+    heads: int, head_dim: int, length: int, data: st.DataObject
+) -> None:
+    """A head of 16, 32, 64 or 128 attends with a kernel compiled for its size: the same
+    products and sums as the kernel that takes the size at run time, so the same bits."""
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    num_slots, slots, positions = draw_rows(data, length)
+    k_cache = torch.randn(num_slots, heads, length, head_dim) * 3
+    v_cache = torch.randn(num_slots, heads, length, head_dim)
+    q = torch.randn(len(slots), heads, 1, head_dim) * 3
+    rows = (torch.tensor(slots), torch.tensor(positions))
+    extension = load_extension()
+    fixed = extension.prefix_attention(q, k_cache, v_cache, *rows)
+    runtime = extension.prefix_attention(q, k_cache, v_cache, *rows, runtime_head_size=True)
+    assert torch.equal(fixed, runtime)
+
+
 def test_prefix_attention_refuses_rows_outside_the_cache() -> None:
     cache = torch.zeros(2, 1, 4, 8)
     q = torch.zeros(1, 1, 1, 8)
