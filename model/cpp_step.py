@@ -76,16 +76,22 @@ def load_extension() -> ModuleType:
     global _extension
     with _lock:
         if _extension is None:
-            from torch.utils.cpp_extension import load
-
-            _find_ninja()
             started = time.monotonic()
-            # torch rebuilds when a source or a flag changes: the header's hash is a flag
-            header = hashlib.sha256(HEADER.read_bytes()).hexdigest()[:16]
-            flags = ["-O3", "-ffp-contract=off", f"-DRETD_DECODE_H_{header}"]
-            _extension = load(_EXTENSION_NAME, [str(SOURCE)], extra_cflags=flags)
+            _extension = build_extension(_EXTENSION_NAME, SOURCE)
             log.info("C++ decode step ready in %.1f s", time.monotonic() - started)
         return _extension
+
+
+def build_extension(name: str, source: Path) -> ModuleType:
+    """The extension module `name` built from `source` (beside it: the header it includes),
+    or loaded from torch's cache where it was built from the same files and flags."""
+    from torch.utils.cpp_extension import load
+
+    _find_ninja()
+    # torch rebuilds when a source or a flag changes: the header's hash is a flag
+    header = hashlib.sha256(source.with_name(HEADER.name).read_bytes()).hexdigest()[:16]
+    flags = ["-O3", "-ffp-contract=off", f"-DRETD_DECODE_H_{header}"]
+    return load(name, [str(source)], extra_cflags=flags)
 
 
 def _find_ninja() -> None:
@@ -108,7 +114,11 @@ class CppStep:
     SDPA elsewhere): each row reads only its own cached prefix, where SDPA reads every slot up
     to the furthest row. Not bitwise SDPA's; its greedy outputs are measured for quality."""
 
-    def __init__(self, model: RET, prefix: bool = False) -> None:
+    def __init__(
+        self, model: RET, prefix: bool = False, extension: ModuleType | None = None
+    ) -> None:
+        """extension: the built module to run (`build_extension`'s); the project's own by
+        default."""
         self.prefix = prefix
         config = model.config
         blocks = [
@@ -124,7 +134,7 @@ class CppStep:
             ]
             for b in cast(Iterable[Block], model.blocks)
         ]
-        self._step = load_extension().RETStep(
+        self._step = (extension or load_extension()).RETStep(
             model.wte.weight,
             blocks,
             [cast(nn.Linear, p).weight for p in model.cond_proj],

@@ -11,14 +11,20 @@ starts at position b, as a continuously batched step holds them), in interleaved
 way's figure is its best round (ms per step), and "identical" says whether every step's logits
 equal the eager step's bit for bit. "prefix, K a call" runs the prefix step K steps in one call
 (`CppStep.decode`, what the engine runs with --steps-per-call K): "identical" there says whether
-its tokens are eager's argmax at every step (it returns tokens, not logits).
+its tokens are eager's argmax at every step (it returns tokens, not logits). `--baseline REV`
+adds "prefix (REV)": the C++ step as it was at git revision REV, built as a second extension
+and timed in the same rounds (its "identical" compares its logits with the eager step's too).
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import ModuleType
 from typing import Any, cast
 
 import torch
@@ -26,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import load_checkpoint
-from .cpp_step import CppStep, RowControls
+from .cpp_step import HEADER, SOURCE, CppStep, RowControls, build_extension
 from .decoding import SamplingParams
 from .model import RET, Block, KVCache
 
@@ -170,6 +176,21 @@ def run_calls(
     return torch.cat(chosen), seconds / steps * 1000
 
 
+REPO = SOURCE.parent.parent.parent  # model/csrc/ret_step.cpp -> the repository
+
+
+def baseline_extension(revision: str) -> ModuleType:
+    """The C++ step's extension as its sources were at git revision `revision`."""
+    folder = Path(tempfile.mkdtemp(prefix="retd-step-baseline-"))
+    for path in (SOURCE, HEADER):
+        relative = path.relative_to(REPO).as_posix()
+        shown = subprocess.run(
+            ["git", "show", f"{revision}:{relative}"], cwd=REPO, capture_output=True, check=True
+        )
+        (folder / path.name).write_bytes(shown.stdout)
+    return build_extension("retd_ret_step_baseline", folder / SOURCE.name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m retd.model.step_bench", description=__doc__)
     parser.add_argument("checkpoint")
@@ -177,10 +198,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--per-call", type=int, default=4, help="steps a call of decode")
+    parser.add_argument("--baseline", metavar="REV", help="also time the C++ step at this revision")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_checkpoint(args.checkpoint).model
     found = ways(model)
+    if args.baseline:
+        old = baseline_extension(args.baseline)
+        found[f"prefix ({args.baseline})"] = CppStep(model, prefix=True, extension=old)
     print("| batch | way | ms/step (best round) | × eager | identical to eager |")
     print("| ---: | --- | ---: | ---: | --- |")
     for batch, spread in ((1, False), (64, False), (64, True)):

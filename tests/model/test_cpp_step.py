@@ -478,3 +478,16 @@ def _one_step_at_a_time_with_history(
         tokens = tokens.clamp_min(0)  # a row that could not draw goes on from token 0
         positions = positions + 1
     return torch.stack(out_tokens), torch.stack(out_logprobs)
+
+
+def test_the_step_benchmark_builds_a_revisions_step_to_time_against(tiny_model: RET) -> None:
+    """`step_bench --baseline REV` builds the C++ step's sources as they were at REV into an
+    extension of its own: at HEAD it steps as the project's step does (the same logits)."""
+    from retd.model.step_bench import baseline_extension, run
+
+    old = baseline_extension("HEAD")
+    assert old is not load_extension()
+    head = CppStep(tiny_model, prefix=True, extension=old)
+    logits, ms = run(head, tiny_model, 3, 8, spread=True)
+    assert torch.equal(logits, run(CppStep(tiny_model, prefix=True), tiny_model, 3, 8, True)[0])
+    assert ms > 0
