@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import struct
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -27,6 +29,7 @@ from retd.server.bench.peers_report import (
     servers_table,
     write_section,
 )
+from retd.server.bench.spawn import spawned_server
 
 
 def test_tree_rss_sums_a_process_and_its_descendants() -> None:
@@ -278,3 +281,18 @@ def test_the_scenarios_count_lengths_in_the_checkpoints_tokens(checkpoint: Path)
         "1 caller, 64 tokens",
         "1 caller, 8..128 tokens",
     ]
+
+
+def test_a_spawned_server_gets_the_environment_asked_and_this_process_keeps_its_own(
+    checkpoint: Path,
+) -> None:
+    """The peer benchmark runs retd on one OpenMP thread, as TorchServe's worker, without
+    setting it in its own process (where the raw model and the load generator run)."""
+    before = dict(os.environ)
+    mark = {"RETD_SPAWN_MARK": "peers", "OMP_NUM_THREADS": "1"}
+    with spawned_server(checkpoint, "--metrics-port 0", mark) as (address, pid):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+    assert b"RETD_SPAWN_MARK=peers" in environ and b"OMP_NUM_THREADS=1" in environ
+    assert dict(os.environ) == before

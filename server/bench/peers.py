@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -63,6 +62,7 @@ from .torchserve import (
 PEER = "TorchServe"
 # retd as TorchServe's handler runs the model: batches of up to 64, plain greedy, one thread
 RETD_ARGS = f"--max-batch-size 64 --torch-threads 1 --metrics-port 0 {PLAIN_GREEDY}"
+RETD_ENV = {"OMP_NUM_THREADS": "1"}  # as TorchServe's worker gets it (torchserve.py)
 # retd is run with each of its engines (`--engine`), under these names.
 ENGINES = ("thread", "process")
 RETD_NAMES = {"thread": RETD, "process": RETD_PROCESS}
@@ -172,7 +172,6 @@ def run_peers(
     engines: Sequence[str] = ENGINES,
 ) -> dict[str, Any]:
     """Everything the module's docstring says, in that order; the results as JSON data."""
-    os.environ["OMP_NUM_THREADS"] = "1"  # the retd server inherits it, as TorchServe does
     where = venv.locations()
     messages = inference_messages(Path(where["jar"]))
     folder = out / "torchserve"
@@ -191,7 +190,7 @@ def run_peers(
     with contextlib.ExitStack() as stack:
         ours = {  # name: (address, pid)
             RETD_NAMES[engine]: stack.enter_context(
-                spawned_server(checkpoint, f"{RETD_ARGS} --engine {engine}")
+                spawned_server(checkpoint, f"{RETD_ARGS} --engine {engine}", RETD_ENV)
             )
             for engine in engines
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
 import signal
 import socket
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 #: `retd serve` flags that turn Decode's loop breakers and length bias off: plain greedy, as
@@ -21,8 +22,11 @@ PLAIN_GREEDY = "--decode-no-repeat-ngram-size 0 --decode-repetition-penalty 1 --
 
 
 @contextlib.contextmanager
-def spawned_server(checkpoint: Path, server_args: str) -> Iterator[tuple[str, int]]:
-    """A `retd serve` subprocess on a free loopback port; yields its address and pid."""
+def spawned_server(
+    checkpoint: Path, server_args: str, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[str, int]]:
+    """A `retd serve` subprocess on a free loopback port, with this process's environment and
+    `env` over it; yields its address and pid."""
     with tempfile.TemporaryDirectory() as folder:
         ready = Path(folder) / "ready.json"
         command = [
@@ -30,7 +34,7 @@ def spawned_server(checkpoint: Path, server_args: str) -> Iterator[tuple[str, in
             "--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready),
             "--log-level", "WARNING", *shlex.split(server_args),
         ]  # fmt: skip
-        process = subprocess.Popen(command)
+        process = subprocess.Popen(command, env=None if env is None else {**os.environ, **env})
         try:
             deadline = time.monotonic() + 120
             while not ready.exists():
