@@ -19,7 +19,12 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -76,6 +81,16 @@ void write_cache(Tensor& cache, const RowIndex& rows, const Tensor& x) {
 // kDynamic: D taken at run time.
 constexpr int64_t kDynamic = 0;
 
+// weight[j] = exp(weight[j] - top) for j < n, top their maximum -> 1 / their sum.
+inline float softmax_in_place(float* weight, int64_t n, float top) {
+  float total = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    weight[j] = std::exp(weight[j] - top);
+    total += weight[j];
+  }
+  return 1.0f / total;
+}
+
 template <int64_t kD>
 void attend_row(const float* qv, const float* keys, const float* values, int64_t n, int64_t D,
                 int64_t key_stride, int64_t value_stride, float scale, float* weight,
@@ -102,12 +117,7 @@ void attend_row(const float* qv, const float* keys, const float* values, int64_t
     weight[j] = dot * scale;
     top = std::max(top, weight[j]);
   }
-  float total = 0.0f;
-  for (int64_t j = 0; j < n; ++j) {
-    weight[j] = std::exp(weight[j] - top);
-    total += weight[j];
-  }
-  const float inverse = 1.0f / total;
+  const float inverse = softmax_in_place(weight, n, top);
   if constexpr (kD != kDynamic) {
     float sum[kD] = {0};
     for (int64_t j = 0; j < n; ++j) {
@@ -130,17 +140,83 @@ void attend_row(const float* qv, const float* keys, const float* values, int64_t
 using AttendRow = void (*)(const float*, const float*, const float*, int64_t, int64_t, int64_t,
                            int64_t, float, float*, float*);
 
+#if defined(__x86_64__)
+// attend_row<kD> with its eight lanes in one AVX2 register: the same products, sums and
+// order (a multiply, then an add: no fused multiply-add), so bitwise the same out, ~1.1-1.2x
+// faster. Chosen at run time where the CPU has AVX2 (the extension is built for any x86-64).
+template <int64_t kD>
+__attribute__((target("avx2"))) void attend_row_avx2(const float* qv, const float* keys,
+                                                    const float* values, int64_t n, int64_t,
+                                                    int64_t key_stride, int64_t value_stride,
+                                                    float scale, float* weight, float* out) {
+  constexpr int64_t kVectors = kD / 8;
+  __m256 q[kVectors];
+  for (int64_t i = 0; i < kVectors; ++i) q[i] = _mm256_loadu_ps(qv + 8 * i);
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    const float* key = keys + j * key_stride;
+    __m256 lane = _mm256_setzero_ps();
+    for (int64_t i = 0; i < kVectors; ++i) {
+      lane = _mm256_add_ps(lane, _mm256_mul_ps(q[i], _mm256_loadu_ps(key + 8 * i)));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, lane);
+    float dot = 0.0f;
+    for (int64_t l = 0; l < 8; ++l) dot += lanes[l];
+    weight[j] = dot * scale;
+    top = std::max(top, weight[j]);
+  }
+  const float inverse = softmax_in_place(weight, n, top);
+  __m256 sum[kVectors];
+  for (int64_t i = 0; i < kVectors; ++i) sum[i] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const float* value = values + j * value_stride;
+    const __m256 w = _mm256_set1_ps(weight[j]);
+    for (int64_t i = 0; i < kVectors; ++i) {
+      sum[i] = _mm256_add_ps(sum[i], _mm256_mul_ps(w, _mm256_loadu_ps(value + 8 * i)));
+    }
+  }
+  const __m256 scaled = _mm256_set1_ps(inverse);
+  for (int64_t i = 0; i < kVectors; ++i) {
+    _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(sum[i], scaled));
+  }
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+// Which attend_row kernels attend_row_for may pick: the fastest (kAuto), the fixed-size
+// portable ones only (kPortable), or the runtime-size one (kRuntimeSize); the last two are
+// for the tests, which compare them bit for bit.
+enum class Kernel { kAuto, kPortable, kRuntimeSize };
+
+template <int64_t kD>
+AttendRow fixed_size(Kernel kernel) {
+#if defined(__x86_64__)
+  if (kernel == Kernel::kAuto && cpu_has_avx2()) {
+    return attend_row_avx2<kD>;
+  }
+#endif
+  return attend_row<kD>;
+}
+
 // attend_row for a head of size D: a fixed-size one where there is one.
-AttendRow attend_row_for(int64_t D) {
+AttendRow attend_row_for(int64_t D, Kernel kernel = Kernel::kAuto) {
+  if (kernel == Kernel::kRuntimeSize) {
+    return attend_row<kDynamic>;
+  }
   switch (D) {
     case 16:
-      return attend_row<16>;
+      return fixed_size<16>(kernel);
     case 32:
-      return attend_row<32>;
+      return fixed_size<32>(kernel);
     case 64:
-      return attend_row<64>;
+      return fixed_size<64>(kernel);
     case 128:
-      return attend_row<128>;
+      return fixed_size<128>(kernel);
     default:
       return attend_row<kDynamic>;
   }
@@ -155,7 +231,7 @@ AttendRow attend_row_for(int64_t D) {
 // measured for quality rather than bitwise the eager step's. The caller has checked the
 // shapes (see prefix_attention below).
 Tensor attend_prefixes(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                       const RowIndex& rows, bool runtime_head_size = false) {
+                       const RowIndex& rows, Kernel kernel = Kernel::kAuto) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), L = k_cache.size(2);
   const auto qc = q.contiguous();
   auto y = at::empty({B, H, 1, D}, qc.options());
@@ -164,7 +240,7 @@ Tensor attend_prefixes(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
   const float* v_at = v_cache.data_ptr<float>();
   float* y_at = y.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const AttendRow attend = runtime_head_size ? attend_row<kDynamic> : attend_row_for(D);
+  const AttendRow attend = attend_row_for(D, kernel);
   at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> weight(L);
     for (int64_t i = begin; i < end; ++i) {
@@ -226,11 +302,13 @@ Tensor rotate_write_attend(const Tensor& qkv, const Tensor& cos, const Tensor& s
   return y;
 }
 
-// attend_prefixes from Python (the tests compare it with SDPA), its inputs checked;
-// runtime_head_size: with attend_row<kDynamic> whatever the head's size (the tests compare it
-// with the fixed-size kernels).
+// attend_prefixes from Python (the tests compare it with SDPA), its inputs checked; kernel:
+// "auto" (what the step runs), "portable" (the fixed-size kernels without AVX2) or "runtime"
+// (the runtime-size kernel whatever the head's size): the tests compare them bit for bit.
 Tensor prefix_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                        const Tensor& slots, const Tensor& positions, bool runtime_head_size) {
+                        const Tensor& slots, const Tensor& positions, const std::string& kernel) {
+  TORCH_CHECK(kernel == "auto" || kernel == "portable" || kernel == "runtime",
+              "prefix_attention: kernel must be auto, portable or runtime, got ", kernel);
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat &&
                   k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
               "prefix_attention: float32 CPU tensors only");
@@ -241,8 +319,10 @@ Tensor prefix_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_
   TORCH_CHECK(k_cache.size(1) == q.size(1) && k_cache.size(3) == q.size(3) &&
                   v_cache.sizes() == k_cache.sizes(),
               "prefix_attention: q and the caches disagree on heads or head size");
-  return attend_prefixes(q, k_cache, v_cache, RowIndex(slots, positions, k_cache),
-                         runtime_head_size);
+  const Kernel chosen = kernel == "portable" ? Kernel::kPortable
+                        : kernel == "runtime"  ? Kernel::kRuntimeSize
+                                               : Kernel::kAuto;
+  return attend_prefixes(q, k_cache, v_cache, RowIndex(slots, positions, k_cache), chosen);
 }
 
 struct BlockWeights {
@@ -519,5 +599,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Single-query attention over each row's own cached prefix (float32, CPU).",
         pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"),
         pybind11::arg("slots"), pybind11::arg("positions"),
-        pybind11::arg("runtime_head_size") = false);
+        pybind11::arg("kernel") = "auto");
 }
