@@ -181,14 +181,15 @@ REPO = SOURCE.parent.parent.parent  # model/csrc/ret_step.cpp -> the repository
 
 def baseline_extension(revision: str) -> ModuleType:
     """The C++ step's extension as its sources were at git revision `revision`."""
-    folder = Path(tempfile.mkdtemp(prefix="retd-step-baseline-"))
-    for path in (SOURCE, HEADER):
-        relative = path.relative_to(REPO).as_posix()
-        shown = subprocess.run(
-            ["git", "show", f"{revision}:{relative}"], cwd=REPO, capture_output=True, check=True
-        )
-        (folder / path.name).write_bytes(shown.stdout)
-    return build_extension("retd_ret_step_baseline", folder / SOURCE.name)
+    with tempfile.TemporaryDirectory(prefix="retd-step-baseline-") as where:
+        folder = Path(where)
+        for path in (SOURCE, HEADER):
+            relative = path.relative_to(REPO).as_posix()
+            shown = subprocess.run(
+                ["git", "show", f"{revision}:{relative}"], cwd=REPO, capture_output=True, check=True
+            )
+            (folder / path.name).write_bytes(shown.stdout)
+        return build_extension("retd_ret_step_baseline", folder / SOURCE.name)
 
 
 def main() -> None:

@@ -246,9 +246,8 @@ Tensor attend_prefixes(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, h = i % H, slot = rows.slot_at[b];
       attend(q_at + i * D, k_at + slot * k_cache.stride(0) + h * k_cache.stride(1),
-                 v_at + slot * v_cache.stride(0) + h * v_cache.stride(1),
-                 rows.position_at[b] + 1, D, k_cache.stride(2), v_cache.stride(2), scale,
-                 weight.data(), y_at + i * D);
+             v_at + slot * v_cache.stride(0) + h * v_cache.stride(1), rows.position_at[b] + 1,
+             D, k_cache.stride(2), v_cache.stride(2), scale, weight.data(), y_at + i * D);
     }
   });
   return y;
@@ -296,7 +295,7 @@ Tensor rotate_write_attend(const Tensor& qkv, const Tensor& cos, const Tensor& s
       }
       std::memcpy(values + (n - 1) * v_cache.stride(2), vv, D * sizeof(float));
       attend(q.data(), keys, values, n, D, k_cache.stride(2), v_cache.stride(2), scale,
-                 weight.data(), y_at + b * C + h * D);
+             weight.data(), y_at + b * C + h * D);
     }
   });
   return y;
