@@ -25,7 +25,6 @@ import contextlib
 import itertools
 import logging
 import os
-import pickle
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from retd.server.engine import (
     model_limits,
 )
 from retd.server.errors import ErrorKind, ServeError
-from retd.server.frames import HEADER, frame, grow_pipe, read_frame, write_frame
+from retd.server.frames import frame, grow_pipe, read_frame, take_frames, write_frame
 from retd.server.requests import SequenceRequest
 from retd.server.validation import ModelLimits, RETRequests
 
@@ -262,17 +261,9 @@ class EngineProcess(RETRequests):
         if not data:
             self._lost()
             return
-        buffer = self._inbuf
-        buffer += data
-        start = 0
-        while len(buffer) - start >= HEADER.size:
-            (size,) = HEADER.unpack_from(buffer, start)
-            end = start + HEADER.size + size
-            if len(buffer) < end:
-                break
-            self._receive(pickle.loads(buffer[start + HEADER.size : end]))
-            start = end
-        del buffer[:start]
+        self._inbuf += data
+        for message in take_frames(self._inbuf):
+            self._receive(message)
 
     def _receive(self, message: tuple[Any, ...]) -> None:
         if message[0] != "events":

@@ -36,6 +36,21 @@ def read_frame(fd: int) -> Any:
     return pickle.loads(_read_exactly(fd, size))
 
 
+def take_frames(buffer: bytearray) -> list[Any]:
+    """Non-blocking: the whole messages at the front of `buffer` (bytes read so far), removed
+    from it; a message not yet whole stays for the next read."""
+    messages, start = [], 0
+    while len(buffer) - start >= HEADER.size:
+        (size,) = HEADER.unpack_from(buffer, start)
+        end = start + HEADER.size + size
+        if len(buffer) < end:
+            break
+        messages.append(pickle.loads(buffer[start + HEADER.size : end]))
+        start = end
+    del buffer[:start]
+    return messages
+
+
 def write_frame(fd: int, message: object) -> None:
     """Blocking: the whole message."""
     view = memoryview(frame(message))
