@@ -179,6 +179,8 @@ class CppStep:
         controls: RowControls,
         steps: int,
         uniforms: Tensor | None = None,
+        draft: Draft | None = None,
+        room: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """`steps` decode steps in one call, each row's token fed back as its next input,
         its loop breakers (`controls`) read from `history`: the tokens (steps, B) long and
@@ -186,7 +188,13 @@ class CppStep:
         bitwise, greedy and sampled rows alike (`uniforms` (steps, B): the unseeded sampled
         rows' u at each step; a seeded row hashes its seed and position). A row that cannot
         draw gets -1 (NaN). Every row's position + steps
-        must be within the cache (its max_length)."""
+        must be within the cache (its max_length).
+
+        `draft`: speculate on greedy rows' n-gram drafts (prefix attention only): a row may
+        then give up to steps * (draft.tokens + 1) tokens, still each the one it would pick a
+        step at a time, and rows give different numbers; the tokens are (T, B) with -2 (NaN)
+        after a row's last. `room` (B,) long: how many tokens each row may still take; its
+        drafts stay within it (0: the row never drafts; None: no bound)."""
         c = controls
         return cast(
             tuple[Tensor, Tensor],
@@ -212,8 +220,25 @@ class CppStep:
                 c.top_p,
                 uniforms,
                 steps,
+                draft.tokens if draft else 0,
+                draft.ngram if draft else 1,
+                room,
             ),
         )
+
+
+@dataclass(frozen=True)
+class Draft:
+    """Speculative decoding of greedy rows on n-gram drafts (prompt lookup on the row's own
+    text): at each step, up to `tokens` guesses of what follows, read from where the row's
+    last `ngram` tokens occurred before, are checked in the same forward pass."""
+
+    tokens: int
+    ngram: int
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1 or self.ngram < 1:
+            raise ValueError(f"a draft needs tokens >= 1 and ngram >= 1, got {self}")
 
 
 @dataclass(frozen=True)

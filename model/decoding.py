@@ -11,6 +11,12 @@ from dataclasses import dataclass, field
 
 from .tokenizer import BYTES, Tokenizer
 
+# What a multi-step decode call (model/cpp_step.py) gives in place of a token: a sampled row
+# that could not draw, and a row that has no more tokens in the call (rows speculating on
+# drafts give different numbers of tokens).
+CANNOT_DRAW = -1
+NO_TOKEN = -2
+
 
 class FinishReason(enum.StrEnum):
     """Why a sequence ended."""

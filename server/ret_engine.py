@@ -22,11 +22,13 @@ from retd.model.checkpoint import (
 )
 from retd.model.cpp_step import (
     CppStep,
+    Draft,
     RowControls,
     StepFunction,
     step_function,
     step_name,
 )
+from retd.model.decoding import CANNOT_DRAW
 from retd.model.generation import SamplingParams
 from retd.model.model import KVCache
 from retd.model.sampling import Sampler
@@ -60,9 +62,11 @@ class RETEngine(RETRequests, Engine):
         loaded: LoadedModel,
         scheduler_config: SchedulerConfig | None = None,
         step: StepFunction | None = None,
+        draft: Draft | None = None,
     ) -> None:
         """`step` runs the model's decode steps (model/cpp_step.py); by default the eager
-        `RET.step`."""
+        `RET.step`. `draft`: speculate on greedy rows' n-gram drafts where the C++ prefix
+        step decodes several steps a call (the same tokens either way)."""
         parameter = next(loaded.model.parameters())
         config = loaded.config
         description = ModelDescription(
@@ -102,6 +106,7 @@ class RETEngine(RETRequests, Engine):
         step = self._step
         on_cpu = self.device.type == "cpu"
         self._decoder = step if isinstance(step, CppStep) and on_cpu else None
+        self._draft = draft
         self._breakers = LoopBreakers(slots, config, self.device, history=self._decoder is not None)
 
     def warm_up(self, steps: int = 4) -> None:
@@ -147,6 +152,9 @@ class RETEngine(RETRequests, Engine):
         params = [self._params[r.seq_id] for r in rows]
         controls = RowControls.of(params, self._eos_id, self.loaded.config.vocab_size)
         uniforms = torch.rand(steps, len(rows)) if controls.needs_uniforms else None
+        room = None
+        if self._draft is not None:
+            room = torch.tensor([_draft_room(p, r) for p, r in zip(params, rows, strict=True)])
         tokens, logprobs = self._decoder.decode(
             self._cond[slots],
             torch.tensor([r.token for r in rows]),
@@ -158,8 +166,10 @@ class RETEngine(RETRequests, Engine):
             controls,
             steps,
             uniforms,
+            self._draft,
+            room,
         )
-        failed = (tokens < 0).any(0).tolist()  # (B,)
+        failed = (tokens == CANNOT_DRAW).any(0).tolist()  # (B,)
         if not any(failed):
             return list(zip(tokens.tolist(), logprobs.tolist(), strict=True)), {}
         message = "sampling failed: no token can be drawn (NaN logits or every token banned)"
@@ -350,13 +360,23 @@ class RETEngine(RETRequests, Engine):
         self._breakers.forget(seq_id)
 
 
+def _draft_room(params: SamplingParams, row: Row) -> int:
+    """How many tokens a row's drafts may reach: those it may still take; none where its loop
+    breakers push it away from what it wrote before (a no-repeat ban or a repetition
+    penalty), which is what an n-gram draft guesses it writes again."""
+    if params.no_repeat_ngram_size or params.penalizes:
+        return 0
+    return params.max_new_tokens - row.position
+
+
 def load_ret_engine(spec: ModelSpec) -> RETEngine:
     """Load a RET checkpoint onto its device (not yet warmed up)."""
     settings = spec.settings
     device = resolve_device(settings.device)
     loaded = load_checkpoint(spec.checkpoint, device=device, dtype=parse_dtype(settings.dtype))
     step = step_function(loaded.model, settings.step_impl)
-    engine = RETEngine(spec.name, loaded, settings.scheduler, step)
+    draft = Draft(settings.draft_tokens, settings.draft_ngram) if settings.draft_tokens else None
+    engine = RETEngine(spec.name, loaded, settings.scheduler, step, draft)
     log.info(
         "model %s loaded: %s %s, %d parameters, %s on %s, %s step, sha256 %s",
         spec.name,

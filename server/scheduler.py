@@ -30,7 +30,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from retd.model.decoding import OutputBuffer
+from retd.model.decoding import NO_TOKEN, OutputBuffer
 from retd.server.config import SchedulerConfig
 from retd.server.requests import SequenceRequest
 
@@ -291,12 +291,17 @@ class Scheduler:
     ) -> list[Outcome]:
         """Apply several steps' tokens, each (tokens, logprobs) aligned with `step.rows`, in
         order: a row whose sequence ended at an earlier one takes no more (its later tokens,
-        computed past its end, are dropped)."""
+        computed past its end, are dropped), nor does a row whose token is NO_TOKEN (it had
+        no more: rows that speculate give different numbers of tokens)."""
         outcomes: list[Outcome] = []
         rows = step.rows
         for j, (tokens, logprobs) in enumerate(steps):
-            if j:
-                keep = [i for i, r in enumerate(step.rows) if self._runs(r)]
+            if j or NO_TOKEN in tokens:
+                keep = [
+                    i
+                    for i, r in enumerate(step.rows)
+                    if tokens[i] != NO_TOKEN and (j == 0 or self._runs(r))
+                ]
                 rows = tuple(step.rows[i] for i in keep)
                 tokens = [tokens[i] for i in keep]
                 logprobs = [logprobs[i] for i in keep]

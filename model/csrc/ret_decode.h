@@ -212,6 +212,31 @@ void write_history(const Tensor& history, const Tensor& slots, const Tensor& pos
   }
 }
 
+// An n-gram draft (prompt-lookup decoding, speculating on the row's own text): the tokens
+// generated[0..p) of a row, the newest earlier place its last n tokens occurred, and the up to
+// m tokens that followed them there, read on as a loop would repeat: the token at p + k is
+// guessed to be the one `shift` places before it (shift: how far back the match is), the
+// guesses themselves read where the match runs into them. -> the draft (empty: no match, or
+// p <= n). A loop ("a b c a b c a b") is matched once it has shown a whole period.
+std::vector<int64_t> ngram_draft(const int64_t* generated, int64_t p, int64_t n, int64_t m) {
+  std::vector<int64_t> draft;
+  if (n < 1 || m < 1 || p <= n) {
+    return draft;
+  }
+  const int64_t* key = generated + p - n;
+  for (int64_t i = p - n - 1; i >= 0; --i) {
+    if (std::equal(key, key + n, generated + i)) {
+      const int64_t shift = p - n - i;
+      for (int64_t k = 0; k < m; ++k) {
+        const int64_t from = p + k - shift;
+        draft.push_back(from < p ? generated[from] : draft[from - p]);
+      }
+      break;
+    }
+  }
+  return draft;
+}
+
 // sample_batch's loop breakers, in its order: the EOS bias, the repetition penalty
 // (logit / p where > 0, else logit * p, once per token), the no-repeat ban (-inf).
 // logits (B, V) float32 -> the controlled copy (the same tensor when no row has any).

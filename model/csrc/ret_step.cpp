@@ -34,19 +34,25 @@ using at::indexing::Slice;
 // Each row's slot and position as long arrays on the host, checked against a cache
 // (S, H, L, D) as index_put_ checks its indices: built once a step, read by every layer's cache
 // writes and prefix attention.
+// Rows may share a slot at different positions (a draft's rows, `decode`): then every row's
+// key and value are written before any row attends (`repeats`).
 struct RowIndex {
   Tensor slot, position;
   const int64_t* slot_at;
   const int64_t* position_at;
+  bool repeats = false;  // some slot has more than one row
 
   RowIndex(const Tensor& slots, const Tensor& positions, const Tensor& cache)
       : slot(slots.to(at::kLong).contiguous()), position(positions.to(at::kLong).contiguous()),
         slot_at(slot.data_ptr<int64_t>()), position_at(position.data_ptr<int64_t>()) {
+    std::vector<bool> seen(cache.size(0));
     for (int64_t b = 0; b < slot.size(0); ++b) {
       TORCH_CHECK(slot_at[b] >= 0 && slot_at[b] < cache.size(0) && position_at[b] >= 0 &&
                       position_at[b] < cache.size(2),
                   "row ", b, " has slot ", slot_at[b], " and position ", position_at[b],
                   " outside the cache (", cache.size(0), " slots of ", cache.size(2), ")");
+      repeats = repeats || seen[slot_at[b]];
+      seen[slot_at[b]] = true;
     }
   }
 };
@@ -275,27 +281,51 @@ Tensor rotate_write_attend(const Tensor& qkv, const Tensor& cos, const Tensor& s
   float* y_at = y.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const AttendRow attend = attend_row_for(D);
+  // Rotate row b's query (into q) and key, and write its key and value at its position.
+  auto rotate_write = [&](int64_t b, int64_t h, float* q) {
+    const int64_t slot = rows.slot_at[b], position = rows.position_at[b];
+    const float* qv = x_at + b * 3 * C + h * D;
+    const float* kv = qv + C;
+    const float* vv = qv + 2 * C;
+    const float* c = cos_at + b * half;
+    const float* s = sin_at + b * half;
+    float* key = k_at + slot * k_cache.stride(0) + h * k_cache.stride(1) +
+                 position * k_cache.stride(2);
+    for (int64_t d = 0; d < half; ++d) {  // x1 * cos - x2 * sin, x1 * sin + x2 * cos
+      q[d] = qv[d] * c[d] - qv[d + half] * s[d];
+      q[d + half] = qv[d] * s[d] + qv[d + half] * c[d];
+      key[d] = kv[d] * c[d] - kv[d + half] * s[d];
+      key[d + half] = kv[d] * s[d] + kv[d + half] * c[d];
+    }
+    std::memcpy(v_at + slot * v_cache.stride(0) + h * v_cache.stride(1) +
+                    position * v_cache.stride(2),
+                vv, D * sizeof(float));
+  };
+  // Row b's query attends over its slot's positions up to its own.
+  auto attend_at = [&](int64_t b, int64_t h, const float* q, float* weight) {
+    const int64_t slot = rows.slot_at[b];
+    attend(q, k_at + slot * k_cache.stride(0) + h * k_cache.stride(1),
+           v_at + slot * v_cache.stride(0) + h * v_cache.stride(1), rows.position_at[b] + 1, D,
+           k_cache.stride(2), v_cache.stride(2), scale, weight, y_at + b * C + h * D);
+  };
+  if (rows.repeats) {  // a slot's later rows read what its earlier rows write: write first
+    std::vector<float> queries(B * H * D);
+    for (int64_t i = 0; i < B * H; ++i) {
+      rotate_write(i / H, i % H, queries.data() + i * D);
+    }
+    at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> weight(L);
+      for (int64_t i = begin; i < end; ++i) {
+        attend_at(i / H, i % H, queries.data() + i * D, weight.data());
+      }
+    });
+    return y;
+  }
   at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> weight(L), q(D);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / H, h = i % H, slot = rows.slot_at[b], n = rows.position_at[b] + 1;
-      const float* qv = x_at + b * 3 * C + h * D;
-      const float* kv = qv + C;
-      const float* vv = qv + 2 * C;
-      const float* c = cos_at + b * half;
-      const float* s = sin_at + b * half;
-      float* keys = k_at + slot * k_cache.stride(0) + h * k_cache.stride(1);
-      float* values = v_at + slot * v_cache.stride(0) + h * v_cache.stride(1);
-      float* key = keys + (n - 1) * k_cache.stride(2);
-      for (int64_t d = 0; d < half; ++d) {  // x1 * cos - x2 * sin, x1 * sin + x2 * cos
-        q[d] = qv[d] * c[d] - qv[d + half] * s[d];
-        q[d + half] = qv[d] * s[d] + qv[d + half] * c[d];
-        key[d] = kv[d] * c[d] - kv[d + half] * s[d];
-        key[d + half] = kv[d] * s[d] + kv[d + half] * c[d];
-      }
-      std::memcpy(values + (n - 1) * v_cache.stride(2), vv, D * sizeof(float));
-      attend(q.data(), keys, values, n, D, k_cache.stride(2), v_cache.stride(2), scale,
-             weight.data(), y_at + b * C + h * D);
+      rotate_write(i / H, i % H, q.data());
+      attend_at(i / H, i % H, q.data(), weight.data());
     }
   });
   return y;
@@ -385,7 +415,18 @@ class RETStep {
   // float32, if given: the other sampled rows' u at each step. A sampled row that cannot
   // draw gets token -1 and a NaN log-probability (its next input is token 0). The caller
   // keeps every row's position + steps within the cache.
-  // -> tokens (steps, B) long, logprobs (steps, B) float32.
+  //
+  // Speculation (draft_tokens > 0, prefix attention only): at each step a greedy row may
+  // also run up to draft_tokens guessed next tokens (`ngram_draft` of its history, n =
+  // draft_ngram) as rows of the same slot at the following positions, no more than its
+  // room (B,) long (tokens it may still take: 0, it never drafts; none: unbounded) allows or
+  // than keeps the call's later steps within the cache. Each guess that equals the token the row picks at
+  // the position before it is kept, and so is the token picked after it: a row gains one
+  // token a step for each guess kept, the same tokens it would pick a step at a time (a
+  // row's logits do not depend on the rows beside it). Then a row may give more tokens
+  // than steps, and rows give different numbers of them.
+  // -> tokens (T, B) long, logprobs (T, B) float32: row b's tokens in order, then -2 (NaN)
+  // once it has none (T = steps without speculation).
   std::tuple<Tensor, Tensor> decode(const Tensor& cond, const Tensor& tokens,
                                     const Tensor& positions, const Tensor& k_cache,
                                     const Tensor& v_cache, const Tensor& slots, int64_t span,
@@ -396,10 +437,14 @@ class RETStep {
                                     const Tensor& seeded, const Tensor& keys,
                                     const std::optional<Tensor>& kth_index,
                                     const std::optional<Tensor>& top_p,
-                                    const std::optional<Tensor>& uniforms, int64_t steps) const {
+                                    const std::optional<Tensor>& uniforms, int64_t steps,
+                                    int64_t draft_tokens, int64_t draft_ngram,
+                                    const std::optional<Tensor>& room) const {
     pybind11::gil_scoped_release no_gil;
     c10::InferenceMode inference;
     TORCH_CHECK(steps >= 1, "decode: steps must be >= 1, got ", steps);
+    TORCH_CHECK(draft_tokens >= 0 && draft_ngram >= 1,
+                "decode: draft_tokens must be >= 0 and draft_ngram >= 1");
     check_history(history);
     const int64_t B = tokens.size(0);
     const auto bias = eos_bias.to(at::kFloat).contiguous();
@@ -423,21 +468,78 @@ class RETStep {
     // sample_batch's temperature: (B, 1), clamped so that a t float32 rounds to 0 divides
     const auto temp = temperature.to(at::kFloat).unsqueeze(1).clamp_min(
         std::numeric_limits<float>::min());
-    auto out_tokens = at::empty({steps, B}, tokens.options().dtype(at::kLong));
-    auto out_logprobs = at::empty({steps, B}, cond.options().dtype(at::kFloat));
-    auto token = tokens.to(at::kLong);
-    auto position = positions.to(at::kLong).contiguous();
-    const int64_t first_length = position.max().item<int64_t>() + 1;
-    const auto slot = slots.to(at::kLong).contiguous();
+    // the rows are read and advanced on the host (history, which the loop breakers read, is
+    // on the CPU too)
+    auto token = tokens.to(at::kCPU, at::kLong).clone();
+    auto position = positions.to(at::kCPU, at::kLong).clone();
+    const auto slot = slots.to(at::kCPU, at::kLong).contiguous();
+    const int64_t L = history.size(1);
+    const bool drafting = draft_tokens > 0 && any_greedy && prefix_path(cond, k_cache, v_cache);
+    std::vector<int64_t> left(B, std::numeric_limits<int64_t>::max());  // each row's room
+    if (room) {
+      TORCH_CHECK(room->numel() == B, "decode: room needs one entry per row");
+      const auto given = room->to(at::kLong).contiguous();
+      std::copy(given.data_ptr<int64_t>(), given.data_ptr<int64_t>() + B, left.begin());
+    }
+    std::vector<std::vector<int64_t>> out_token(B);
+    std::vector<std::vector<float>> out_logprob(B);
     for (int64_t j = 0; j < steps; ++j) {
       write_history(history, slot, position, token);
-      const auto logits = forward(cond, token, position, k_cache, v_cache, slot,
-                                  first_length + j, span).to(at::kFloat);
-      const auto controlled = control(logits, history, slot, position, bias, pen, pen_n, ban,
-                                      eos_id);
+      // The rows of this step: every row, then each greedy row's draft rows.
+      // a draft row's row, its input token, and which of the row's guesses it is (1, 2, ...)
+      std::vector<int64_t> owner, drafted, guess;
+      if (drafting) {
+        const int64_t* generated = history.data_ptr<int64_t>();
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t p = position.data_ptr<int64_t>()[b];
+          // guesses fit where every later step of the call still has a position in the cache
+          const int64_t fits = std::min(L - 1 - (steps - 1 - j) - p, left[b] - 1);
+          if (!is_greedy.data_ptr<bool>()[b] || fits < 1) {
+            continue;
+          }
+          const int64_t s = slot.data_ptr<int64_t>()[b];
+          int64_t k = 0;
+          for (const int64_t t : ngram_draft(generated + s * L, p, draft_ngram,
+                                             std::min(draft_tokens, fits))) {
+            owner.push_back(b);
+            drafted.push_back(t);
+            guess.push_back(++k);
+          }
+        }
+      }
+      const int64_t R = B + static_cast<int64_t>(owner.size());
+      Tensor row_of, step_token = token, step_position = position, step_slot = slot;
+      if (R > B) {
+        row_of = at::empty({R}, at::kLong);
+        auto draft_token = at::empty({R - B}, at::kLong);
+        auto draft_position = at::empty({R - B}, at::kLong);
+        int64_t* row_at = row_of.data_ptr<int64_t>();
+        for (int64_t b = 0; b < B; ++b) {
+          row_at[b] = b;
+        }
+        for (int64_t r = 0; r < R - B; ++r) {
+          row_at[B + r] = owner[r];
+          draft_token.data_ptr<int64_t>()[r] = drafted[r];
+          draft_position.data_ptr<int64_t>()[r] = position.data_ptr<int64_t>()[owner[r]] + guess[r];
+        }
+        step_token = at::cat({token, draft_token});
+        step_position = at::cat({position, draft_position});
+        step_slot = slot.index_select(0, row_of);
+        write_history(history, step_slot.narrow(0, B, R - B), draft_position, draft_token);
+      }
+      const auto step_cond = R > B ? cond.index_select(0, row_of) : cond;
+      const int64_t length = step_position.max().item<int64_t>() + 1;
+      const auto logits = forward(step_cond, step_token, step_position, k_cache, v_cache,
+                                  step_slot, length, span)
+                              .to(at::kFloat);
+      const auto row_param = [&](const Tensor& t) { return R > B ? t.index_select(0, row_of) : t; };
+      const auto controlled = control(logits, history, step_slot, step_position, row_param(bias),
+                                      row_param(pen), row_param(pen_n), row_param(ban), eos_id);
+      Tensor chosen;  // (R,): every row's token, a draft row's its argmax
       if (all_greedy) {
-        token = controlled.argmax(-1);  // (B,)
+        chosen = controlled.argmax(-1);
       } else {
+        const auto own = controlled.narrow(0, 0, B);
         Tensor u;  // (B,): sample_batch's uniforms at this step
         if (!any_unseeded) {
           u = counter_uniforms(key, position);
@@ -446,24 +548,74 @@ class RETStep {
         } else {
           u = at::where(is_seeded, counter_uniforms(key, position), uniforms->select(0, j));
         }
-        token = draw(controlled, temp, u, kth_index, top_p);
+        chosen = draw(own, temp, u, kth_index, top_p);
         if (any_greedy) {
-          token = at::where(is_greedy, controlled.argmax(-1), token);
+          chosen = at::where(is_greedy, own.argmax(-1), chosen);
+        }
+        if (R > B) {
+          chosen = at::cat({chosen, controlled.narrow(0, B, R - B).argmax(-1)});
         }
       }
-      out_tokens.select(0, j).copy_(token);
-      auto logprob = at::log_softmax(logits, -1).gather(1, token.clamp_min(0).unsqueeze(1));
+      auto logprob =
+          at::log_softmax(logits, -1).gather(1, chosen.clamp_min(0).unsqueeze(1)).select(1, 0);
       if (!all_greedy) {
-        logprob = logprob.masked_fill(token.unsqueeze(1).lt(0), NAN);
+        logprob = logprob.masked_fill(chosen.lt(0), NAN);
       }
-      out_logprobs.select(0, j).copy_(logprob.select(1, 0));
-      token = token.clamp_min(0);  // a row that could not draw: ended, its input is 0
-      position = position + 1;
+      chosen = chosen.to(at::kCPU).contiguous();
+      logprob = logprob.to(at::kCPU).contiguous();
+      const int64_t* chosen_at = chosen.data_ptr<int64_t>();
+      const float* logprob_at = logprob.data_ptr<float>();
+      // Each row's token, then its guesses' tokens while each guess was right.
+      std::vector<int64_t> count(B, 1);
+      for (int64_t b = 0; b < B; ++b) {
+        out_token[b].push_back(chosen_at[b]);
+        out_logprob[b].push_back(logprob_at[b]);
+      }
+      for (int64_t r = 0; r < R - B; ++r) {
+        const int64_t b = owner[r];
+        // guess[r] - 1 guesses of the row come before this one: each was right if the row
+        // has a token for each; then this one is right if the row's last token is it
+        if (count[b] != guess[r] || out_token[b].back() == eos_id ||
+            out_token[b].back() != drafted[r]) {
+          continue;
+        }
+        out_token[b].push_back(chosen_at[B + r]);
+        out_logprob[b].push_back(logprob_at[B + r]);
+        ++count[b];
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        left[b] -= count[b];
+        position.data_ptr<int64_t>()[b] += count[b];
+        // a row that could not draw: ended, its input is 0
+        token.data_ptr<int64_t>()[b] = std::max<int64_t>(out_token[b].back(), 0);
+      }
     }
-    return {out_tokens, out_logprobs};
+    size_t most = 0;
+    for (const auto& t : out_token) {
+      most = std::max(most, t.size());
+    }
+    const int64_t T = static_cast<int64_t>(most);
+    auto out_tokens = at::full({T, B}, -2, tokens.options().dtype(at::kLong).device(at::kCPU));
+    auto out_logprobs = at::full({T, B}, NAN, cond.options().dtype(at::kFloat).device(at::kCPU));
+    int64_t* tokens_at = out_tokens.data_ptr<int64_t>();
+    float* logprobs_at = out_logprobs.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      for (size_t t = 0; t < out_token[b].size(); ++t) {
+        tokens_at[t * B + b] = out_token[b][t];
+        logprobs_at[t * B + b] = out_logprob[b][t];
+      }
+    }
+    return {out_tokens.to(tokens.device()), out_logprobs.to(cond.device())};
   }
 
  private:
+  // Whether `forward` attends with prefix_attention (what a draft's rows need: rows sharing a
+  // slot): a float32 cache on the CPU, unit stride in D.
+  bool prefix_path(const Tensor& cond, const Tensor& k_cache, const Tensor& v_cache) const {
+    return prefix_ && k_cache.device().is_cpu() && k_cache.scalar_type() == at::kFloat &&
+           cond.scalar_type() == at::kFloat && k_cache.stride(4) == 1 && v_cache.stride(4) == 1;
+  }
+
   Tensor forward(const Tensor& cond, const Tensor& tokens, const Tensor& positions,
                  const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots,
                  int64_t length, int64_t span) const {
@@ -594,6 +746,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("decode", &RETStep::decode);
   m.def("loop_breaker_masks", &loop_breaker_masks,
         "The tokens each row's repetition penalty and no-repeat ban apply to, from history.");
+  m.def(
+      "ngram_draft",
+      [](const std::vector<int64_t>& generated, int64_t n, int64_t m) {
+        return ngram_draft(generated.data(), static_cast<int64_t>(generated.size()), n, m);
+      },
+      "The n-gram draft decode speculates on: up to m guesses of what follows generated.",
+      pybind11::arg("generated"), pybind11::arg("n"), pybind11::arg("m"));
   m.def("prefix_attention", &prefix_attention,
         "Single-query attention over each row's own cached prefix (float32, CPU).",
         pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"),

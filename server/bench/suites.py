@@ -187,12 +187,40 @@ def steps_suite(duration: float, rounds: int = 2) -> list[Scenario]:
     ]
 
 
+def drafts_suite(duration: float, rounds: int = 3) -> list[Scenario]:
+    """Speculation on n-gram drafts (`--draft-tokens`, default 2) against none, in `rounds`
+    interleaved rounds: 64 callers of plain greedy 8..128-token requests (the rows that loop
+    are the tail), with the engine process and the default 32 slots, and with 64 slots; then
+    64 callers with Decode's default loop breakers (whose rows do not guess) each way."""
+    mixed = BenchConfig(concurrency=64, duration=duration, min_new_tokens=8, max_new_tokens=128)
+    engine = " --engine process"
+    drafts = {0: "no drafts", 2: "drafts of 2"}
+    return [
+        *(
+            Scenario(
+                f"mixed, plain greedy, {slots} slots, {drafts[k]}",
+                mixed,
+                f"--max-batch-size {slots} --draft-tokens {k} {PLAIN_GREEDY}{engine}",
+            )
+            for _ in range(rounds)
+            for slots in (32, 64)
+            for k in drafts
+        ),
+        *(
+            Scenario(f"mixed, Decode's defaults, 32 slots, {drafts[k]}", mixed,
+                     f"--draft-tokens {k}{engine}")  # fmt: skip
+            for k in drafts
+        ),
+    ]
+
+
 SUITES = {
     "batching": issue_suite,
     "sampling": sampling_suite,
     "telemetry": telemetry_suite,
     "step": step_suite,
     "steps": steps_suite,
+    "drafts": drafts_suite,
 }
 
 

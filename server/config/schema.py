@@ -83,10 +83,18 @@ class ModelSettings:
     engine: str = "thread"
     # How a RET model's decode steps run (model/cpp_step.py): auto, cpp or eager.
     step_impl: str = "auto"
+    # Speculative decoding of greedy rows with the C++ prefix step: up to this many tokens
+    # guessed a step from the row's own earlier text (its last draft_ngram tokens); 0: off.
+    draft_tokens: int = 2
+    draft_ngram: int = 3
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ConfigError(f"engine: expected 'thread' or 'process', got {self.engine!r}")
+        if self.draft_tokens < 0:
+            raise ConfigError(f"draft_tokens: expected >= 0, got {self.draft_tokens}")
+        if self.draft_ngram < 1:
+            raise ConfigError(f"draft_ngram: expected >= 1, got {self.draft_ngram}")
         if self.step_impl not in STEP_IMPLS:
             raise ConfigError(
                 f"step_impl: expected one of {', '.join(STEP_IMPLS)}, got {self.step_impl!r}"

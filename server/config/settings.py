@@ -148,6 +148,21 @@ SETTINGS: tuple[Setting, ...] = (
         at="model_defaults.step_impl",
     ),
     Setting(
+        "draft_tokens",
+        non_negative_int("draft_tokens"),
+        "speculative decoding of greedy rows (C++ prefix step): up to this many tokens a step "
+        "guessed from the row's own earlier text and checked in the same forward pass; the "
+        "same tokens either way (default {default}; 0: off)",
+        at="model_defaults.draft_tokens",
+    ),
+    Setting(
+        "draft_ngram",
+        positive_int("draft_ngram"),
+        "the n of --draft-tokens' guesses: where the row's last n tokens occurred before, what "
+        "followed them is the guess (default {default})",
+        at="model_defaults.draft_ngram",
+    ),
+    Setting(
         "torch_threads",
         non_negative_int("torch_threads"),
         "CPU threads for torch; 0 (default) = one less than the cores, at most 4, "

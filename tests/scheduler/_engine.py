@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from retd.model.checkpoint import LoadedModel
-from retd.model.cpp_step import step_function
+from retd.model.cpp_step import Draft, step_function
 from retd.model.generation import GenerationResult, SamplingParams, generate
 from retd.model.model import RET
 from retd.server.engine import (
@@ -63,11 +63,15 @@ def reference(
     return cached[key]
 
 
-def start_engine(loaded: LoadedModel, step_impl: str = "eager", **config: object) -> RETEngine:
+def start_engine(
+    loaded: LoadedModel, step_impl: str = "eager", draft: Draft | None = None, **config: object
+) -> RETEngine:
     """A started engine on `loaded` whose decode steps are `step_impl`'s (model/cpp_step.py):
-    the eager step, or the C++ prefix step, whose all-greedy batches run several steps a call."""
+    the eager step, or the C++ prefix step, whose all-greedy batches run several steps a call
+    (speculating on `draft`s if given)."""
     step = step_function(loaded.model, step_impl)
-    engine = RETEngine("test", loaded, SchedulerConfig(**config), step)  # type: ignore[arg-type]
+    scheduler = SchedulerConfig(**config)  # type: ignore[arg-type]
+    engine = RETEngine("test", loaded, scheduler, step, draft)
     engine.start()
     return engine
 

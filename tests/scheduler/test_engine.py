@@ -1,6 +1,7 @@
 """The RETEngine with a real loaded model, driven from asyncio: continuous batching must give
 every sequence exactly what it would get alone, with the eager step and with the C++ prefix
-step (whose all-greedy batches run up to `steps_per_call` steps a call)."""
+step (whose all-greedy batches run up to `steps_per_call` steps a call), speculating on n-gram
+drafts or not ("prefix+draft")."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from retd.model.checkpoint import LoadedModel
+from retd.model.cpp_step import Draft
 from retd.server.engine import (
     SequenceRequest,
     SequenceResult,
@@ -31,7 +33,15 @@ from tests.scheduler._engine import (
 )
 
 
-@pytest.mark.parametrize("step_impl", ["eager", "prefix"])
+def with_draft(step_impl: str, data: st.DataObject) -> tuple[str, Draft | None]:
+    """ "prefix+draft": the prefix step and a Draft drawn from `data`."""
+    impl, _, drafted = step_impl.partition("+")
+    if not drafted:
+        return impl, None
+    return impl, data.draw(st.builds(Draft, st.integers(1, 4), st.integers(1, 3)), label="draft")
+
+
+@pytest.mark.parametrize("step_impl", ["eager", "prefix", "prefix+draft"])
 @HYPOTHESIS
 @given(plans=plans_strategy(sampled=False), config=engine_config(), data=st.data())
 def test_greedy_results_equal_generate_alone_whatever_the_batching(
@@ -42,9 +52,10 @@ def test_greedy_results_equal_generate_alone_whatever_the_batching(
     data: st.DataObject,
 ) -> None:
     order = data.draw(st.permutations(range(len(plans))), label="order")
+    step_impl, draft = with_draft(step_impl, data)
 
     async def main() -> dict[int, Run]:
-        engine = start_engine(sharp_model, step_impl, **config)
+        engine = start_engine(sharp_model, step_impl, draft, **config)
         try:
             runs = await serve(engine, plans, order)
             await wait_idle(engine)
@@ -65,7 +76,7 @@ def test_greedy_results_equal_generate_alone_whatever_the_batching(
         assert outcome.text == expected.text
 
 
-@pytest.mark.parametrize("step_impl", ["eager", "prefix"])
+@pytest.mark.parametrize("step_impl", ["eager", "prefix", "prefix+draft"])
 @HYPOTHESIS
 @given(plans=plans_strategy(sampled=True), config=engine_config(), data=st.data())
 def test_seeded_sampling_does_not_depend_on_the_batch_around_it(
@@ -76,9 +87,10 @@ def test_seeded_sampling_does_not_depend_on_the_batch_around_it(
     data: st.DataObject,
 ) -> None:
     order = data.draw(st.permutations(range(len(plans))), label="order")
+    step_impl, draft = with_draft(step_impl, data)
 
     async def main() -> tuple[dict[int, Run], dict[int, SequenceResult]]:
-        engine = start_engine(sharp_model, step_impl, **config)
+        engine = start_engine(sharp_model, step_impl, draft, **config)
         try:
             runs = await serve(engine, plans, order)
             alone = {}

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from retd.model.decoding import NO_TOKEN
 from retd.model.generation import FinishReason
 from retd.server.scheduler import (
     Delta,
@@ -246,3 +247,22 @@ def test_update_steps_takes_each_rows_tokens_until_it_ends() -> None:
     step = s.schedule(now=1.0)
     assert [(r.seq_id, r.position, r.token) for r in step.rows] == [(0, 3, 68)]
     assert step.steps == 2  # sequence 0 has 2 of its 5 left
+
+
+def test_update_steps_skips_a_row_with_no_token_at_a_step() -> None:
+    """Rows that speculated give different numbers of tokens in one call: a row whose token
+    at a step is NO_TOKEN takes nothing there (nor after), the others go on."""
+    s = scheduler(max_batch_size=4, steps_per_call=1)
+    s.add(state(0, 9, stream=True))
+    s.add(state(1, 9))
+    step = s.schedule(now=0.0)
+    assert ids(step) == [0, 1]
+    outcomes = s.update_steps(
+        step,
+        [([66, 66], [-1.0] * 2), ([NO_TOKEN, 67], [-2.0] * 2), ([NO_TOKEN, 68], [-3.0] * 2)],
+        now=1.0,
+    )
+    assert [o.text for o in outcomes if isinstance(o, Delta)] == ["B"]
+    assert not finished_ids(outcomes)
+    step = s.schedule(now=1.0)
+    assert [(r.seq_id, r.position, r.token) for r in step.rows] == [(0, 1, 66), (1, 3, 68)]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 import pytest
 
+from retd.server.bench.suites import SUITES
 from retd.server.config import ConfigError, ServerConfig, add_arguments, load_config
 
 
@@ -171,3 +173,26 @@ def test_a_model_repository_needs_no_checkpoint_and_watch_defaults_to_two_second
 def test_bad_repository_settings_name_the_setting(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse(argv)
+
+
+def test_draft_settings_reach_each_models_settings(checkpoint: Path) -> None:
+    (model,) = parse(["--checkpoint", str(checkpoint)]).models
+    assert (model.settings.draft_tokens, model.settings.draft_ngram) == (2, 3)
+    argv = ["--checkpoint", str(checkpoint), "--draft-tokens", "0"]
+    (model,) = parse(argv, {"RETD_DRAFT_NGRAM": "5"}).models
+    assert (model.settings.draft_tokens, model.settings.draft_ngram) == (0, 5)
+    with pytest.raises(ConfigError, match="draft_ngram"):
+        parse(["--checkpoint", str(checkpoint), "--draft-ngram", "0"])
+    with pytest.raises(ConfigError, match="draft_tokens"):
+        parse(["--checkpoint", str(checkpoint)], {"RETD_DRAFT_TOKENS": "-1"})
+
+
+@pytest.mark.parametrize("suite", sorted(SUITES))
+def test_every_bench_suite_starts_servers_with_flags_retd_takes(
+    suite: str, checkpoint: Path
+) -> None:
+    for scenario in SUITES[suite](1.0):
+        if scenario.raw:
+            continue
+        args = shlex.split(scenario.server_args.format(otlp="127.0.0.1:4317"))
+        parse(["--checkpoint", str(checkpoint), *args])
