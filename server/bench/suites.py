@@ -207,8 +207,11 @@ def drafts_suite(duration: float, rounds: int = 3) -> list[Scenario]:
             for k in drafts
         ),
         *(
-            Scenario(f"mixed, Decode's defaults, 32 slots, {drafts[k]}", mixed,
-                     f"--draft-tokens {k}{engine}")  # fmt: skip
+            Scenario(
+                f"mixed, Decode's defaults, 32 slots, {drafts[k]}",
+                mixed,
+                f"--draft-tokens {k}{engine}",
+            )
             for k in drafts
         ),
     ]
