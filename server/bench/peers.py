@@ -357,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "peers.json").write_text(json.dumps(results, indent=1))
     command = COMMAND.format(duration=args.duration, warmup=args.warmup, rounds=args.rounds)
     if args.retd_flags:
-        command = command[:-1] + f" --retd-flags \"{args.retd_flags}\"'"
+        command = command[:-1] + f' --retd-flags "{args.retd_flags}"\''
     table = markdown(results, command)
     (args.out / "peers.md").write_text(table + "\n")
     print(table)
