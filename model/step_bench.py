@@ -13,7 +13,8 @@ equal the eager step's bit for bit. "prefix, K a call" runs the prefix step K st
 (`CppStep.decode`, what the engine runs with --steps-per-call K): "identical" there says whether
 its tokens are eager's argmax at every step (it returns tokens, not logits). `--baseline REV`
 adds "prefix (REV)": the C++ step as it was at git revision REV, built as a second extension
-and timed in the same rounds (its "identical" compares its logits with the eager step's too).
+and timed in the same rounds (its "identical" compares its logits with the eager step's too),
+and its K steps a call beside ours.
 """
 
 from __future__ import annotations
@@ -221,15 +222,23 @@ def main() -> None:
                 logits, ms = run(step, model, batch, args.steps, spread)
                 best[name] = min(best[name], ms)
                 same[name] = same[name] and torch.equal(logits, reference)
-        prefix = cast(CppStep, found["prefix"])
-        run_calls(prefix, model, batch, args.steps, spread)  # warm-up
-        calls, chosen_same = float("inf"), True
-        for _ in range(args.rounds):
-            chosen, ms = run_calls(prefix, model, batch, args.steps, spread, args.per_call)
-            calls = min(calls, ms)
-            chosen_same = chosen_same and torch.equal(chosen, reference.argmax(-1))
-        best[f"prefix, {args.per_call} a call"] = calls
-        same[f"prefix, {args.per_call} a call"] = chosen_same
+        decoders = {"prefix": cast(CppStep, found["prefix"])}
+        if args.baseline:
+            decoders[f"prefix ({args.baseline})"] = cast(
+                CppStep, found[f"prefix ({args.baseline})"]
+            )
+        for decoder in decoders.values():
+            run_calls(decoder, model, batch, args.steps, spread)  # warm-up
+        calls = {name: float("inf") for name in decoders}
+        chosen_same = dict.fromkeys(decoders, True)
+        for _ in range(args.rounds):  # the decoders in turn, round after round
+            for name, decoder in decoders.items():
+                chosen, ms = run_calls(decoder, model, batch, args.steps, spread, args.per_call)
+                calls[name] = min(calls[name], ms)
+                chosen_same[name] = chosen_same[name] and torch.equal(chosen, reference.argmax(-1))
+        for name in decoders:
+            best[f"{name}, {args.per_call} a call"] = calls[name]
+            same[f"{name}, {args.per_call} a call"] = chosen_same[name]
         for name in best:
             print(f"| {label} | {name} | {best[name]:.3f} | {best['eager'] / best[name]:.2f} | "
                   f"{'yes' if same[name] else 'no'} |", flush=True)  # fmt: skip

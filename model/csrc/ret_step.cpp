@@ -537,7 +537,7 @@ class RETStep {
                                       row_param(pen), row_param(pen_n), row_param(ban), eos_id);
       Tensor chosen;  // (R,): every row's token, a draft row's its argmax
       if (all_greedy) {
-        chosen = controlled.argmax(-1);
+        chosen = argmax_rows(controlled);
       } else {
         const auto own = controlled.narrow(0, 0, B);
         Tensor u;  // (B,): sample_batch's uniforms at this step
@@ -550,10 +550,10 @@ class RETStep {
         }
         chosen = draw(own, temp, u, kth_index, top_p);
         if (any_greedy) {
-          chosen = at::where(is_greedy, own.argmax(-1), chosen);
+          chosen = at::where(is_greedy, argmax_rows(own), chosen);
         }
         if (R > B) {
-          chosen = at::cat({chosen, controlled.narrow(0, B, R - B).argmax(-1)});
+          chosen = at::cat({chosen, argmax_rows(controlled.narrow(0, B, R - B))});
         }
       }
       auto logprob =
@@ -746,6 +746,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("decode", &RETStep::decode);
   m.def("loop_breaker_masks", &loop_breaker_masks,
         "The tokens each row's repetition penalty and no-repeat ban apply to, from history.");
+  m.def("argmax_rows", &argmax_rows, "torch.argmax(x, -1) of a (R, V) float32 CPU tensor.");
   m.def(
       "ngram_draft",
       [](const std::vector<int64_t>& generated, int64_t n, int64_t m) {
