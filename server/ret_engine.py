@@ -378,7 +378,7 @@ def load_ret_engine(spec: ModelSpec) -> RETEngine:
     draft = Draft(settings.draft_tokens, settings.draft_ngram) if settings.draft_tokens else None
     engine = RETEngine(spec.name, loaded, settings.scheduler, step, draft)
     log.info(
-        "model %s loaded: %s %s, %d parameters, %s on %s, %s step, sha256 %s",
+        "model %s loaded: %s %s, %d parameters, %s on %s, %s step%s, sha256 %s",
         spec.name,
         loaded.architecture,
         loaded.version,
@@ -386,6 +386,9 @@ def load_ret_engine(spec: ModelSpec) -> RETEngine:
         settings.dtype,
         device,
         {"cpp": "C++", "prefix": "C++ prefix-attention"}.get(step_name(step), "eager"),
+        f" (greedy rows guess {draft.tokens} tokens of {draft.ngram}-grams)"
+        if draft and step_name(step) == "prefix"
+        else "",
         loaded.sha256[:12],
     )
     if not loaded.trained:
