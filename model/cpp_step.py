@@ -192,9 +192,10 @@ class CppStep:
 
         `draft`: speculate on greedy rows' n-gram drafts (prefix attention only): a row may
         then give up to steps * (draft.tokens + 1) tokens, still each the one it would pick a
-        step at a time, and rows give different numbers; the tokens are (T, B) with -2 (NaN)
-        after a row's last. `room` (B,) long: how many tokens each row may still take; its
-        drafts stay within it (0: the row never drafts; None: no bound)."""
+        step at a time, and rows give different numbers; the tokens are (T, B) with NO_TOKEN
+        (model/decoding.py; NaN log-probabilities) after a row's last. `room` (B,) long:
+        how many tokens each row may still take; its drafts stay within it (0: the row never
+        drafts; None: no bound)."""
         c = controls
         return cast(
             tuple[Tensor, Tensor],

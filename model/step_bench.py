@@ -205,9 +205,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = load_checkpoint(args.checkpoint).model
     found = ways(model)
+    baseline = f"prefix ({args.baseline})"
     if args.baseline:
         old = baseline_extension(args.baseline)
-        found[f"prefix ({args.baseline})"] = CppStep(model, prefix=True, extension=old)
+        found[baseline] = CppStep(model, prefix=True, extension=old)
     print("| batch | way | ms/step (best round) | × eager | identical to eager |")
     print("| ---: | --- | ---: | ---: | --- |")
     for batch, spread in ((1, False), (64, False), (64, True)):
@@ -224,9 +225,7 @@ def main() -> None:
                 same[name] = same[name] and torch.equal(logits, reference)
         decoders = {"prefix": cast(CppStep, found["prefix"])}
         if args.baseline:
-            decoders[f"prefix ({args.baseline})"] = cast(
-                CppStep, found[f"prefix ({args.baseline})"]
-            )
+            decoders[baseline] = cast(CppStep, found[baseline])
         for decoder in decoders.values():
             run_calls(decoder, model, batch, args.steps, spread)  # warm-up
         calls = {name: float("inf") for name in decoders}

@@ -31,6 +31,9 @@ namespace {
 using at::Tensor;
 using at::indexing::Slice;
 
+// What `decode` gives after a row's last token (model/decoding.py's NO_TOKEN).
+constexpr int64_t kNoToken = -2;
+
 // Each row's slot and position as long arrays on the host, checked against a cache
 // (S, H, L, D) as index_put_ checks its indices: built once a step, read by every layer's cache
 // writes and prefix attention.
@@ -420,13 +423,13 @@ class RETStep {
   // also run up to draft_tokens guessed next tokens (`ngram_draft` of its history, n =
   // draft_ngram) as rows of the same slot at the following positions, no more than its
   // room (B,) long (tokens it may still take: 0, it never drafts; none: unbounded) allows or
-  // than keeps the call's later steps within the cache. Each guess that equals the token the row picks at
-  // the position before it is kept, and so is the token picked after it: a row gains one
-  // token a step for each guess kept, the same tokens it would pick a step at a time (a
-  // row's logits do not depend on the rows beside it). Then a row may give more tokens
-  // than steps, and rows give different numbers of them.
-  // -> tokens (T, B) long, logprobs (T, B) float32: row b's tokens in order, then -2 (NaN)
-  // once it has none (T = steps without speculation).
+  // than keeps the call's later steps within the cache. Each guess that equals the token the
+  // row picks at the position before it is kept, and so is the token picked after it: a row
+  // gains one token a step for each guess kept, the same tokens it would pick a step at a
+  // time (a row's logits do not depend on the rows beside it). Then a row may give more
+  // tokens than steps, and rows give different numbers of them.
+  // -> tokens (T, B) long, logprobs (T, B) float32: row b's tokens in order, then kNoToken
+  // (NaN) once it has none (T = steps without speculation).
   std::tuple<Tensor, Tensor> decode(const Tensor& cond, const Tensor& tokens,
                                     const Tensor& positions, const Tensor& k_cache,
                                     const Tensor& v_cache, const Tensor& slots, int64_t span,
@@ -595,7 +598,8 @@ class RETStep {
       most = std::max(most, t.size());
     }
     const int64_t T = static_cast<int64_t>(most);
-    auto out_tokens = at::full({T, B}, -2, tokens.options().dtype(at::kLong).device(at::kCPU));
+    auto out_tokens =
+        at::full({T, B}, kNoToken, tokens.options().dtype(at::kLong).device(at::kCPU));
     auto out_logprobs = at::full({T, B}, NAN, cond.options().dtype(at::kFloat).device(at::kCPU));
     int64_t* tokens_at = out_tokens.data_ptr<int64_t>();
     float* logprobs_at = out_logprobs.data_ptr<float>();
@@ -631,8 +635,7 @@ class RETStep {
         k_cache.stride(4) == 1 && v_cache.stride(4) == 1) {
       rows.emplace(slots, positions, k_cache.select(0, 0));
     }
-    const bool prefix = prefix_ && rows && k_cache.scalar_type() == at::kFloat &&
-                      cond.scalar_type() == at::kFloat;
+    const bool prefix = rows && prefix_path(cond, k_cache, v_cache);
     const bool dense = !prefix && in_own_slots(slots, span);
     const auto angles = positions.unsqueeze(1).to(at::kFloat).unsqueeze(-1) * inv_freq_;
     const auto cos = angles.cos().unsqueeze(-3), sin = angles.sin().unsqueeze(-3);
