@@ -6,7 +6,8 @@ processor's thread, it held the GIL the event loop needs, and tracing every call
 of the requests/s at 64 callers, where spans recorded but not exported cost ~1%.
 
 So the daemon's batch span processor hands each batch to `ProcessSpanExporter`, which copies
-the spans into plain tuples (`span_record`) and pickles them down a pipe (server/frames.py)
+the spans into plain tuples (`span_record`; the daemon's spans for this exporter are such
+records from the start: server/span_records.py) and pickles them down a pipe (server/frames.py)
 to a child, `python -m retd.server.span_export`. The child rebuilds the spans and exports
 them with OpenTelemetry's own OTLP exporter, made as the daemon would make it: the endpoint
 given, and the standard `OTEL_EXPORTER_OTLP_*` environment (headers, certificates,
@@ -32,10 +33,10 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
-from opentelemetry.trace.span import TraceState
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from retd.server.frames import grow_pipe, read_frame, write_frame
+from retd.server.span_records import RecordedSpan, context_record, span_context_of
 
 log = logging.getLogger(__name__)
 
@@ -45,33 +46,24 @@ _FLUSH_TIMEOUT_S = 30.0
 #: dropped by the processor, with its warning, only when both are full).
 NICE = 10
 
-Context = tuple[int, int, bool, int, tuple[tuple[str, str], ...]]
-
-
-def _context(context: SpanContext) -> Context:
-    state = tuple(context.trace_state.items())
-    return context.trace_id, context.span_id, context.is_remote, context.trace_flags, state
-
-
-def _span_context(record: Context) -> SpanContext:
-    trace_id, span_id, remote, flags, state = record
-    return SpanContext(trace_id, span_id, remote, TraceFlags(flags), TraceState(list(state)))
-
 
 def span_record(span: ReadableSpan) -> tuple[Any, ...]:
-    """What the child needs of a finished span, in builtins only (cheap to pickle)."""
+    """What the child needs of a finished span, in builtins only (cheap to pickle); a
+    `RecordedSpan` is that record already."""
+    if isinstance(span, RecordedSpan):
+        return span.record()
     assert span.context is not None
     scope = span.instrumentation_scope
     return (
         span.name,
-        _context(span.context),
-        None if span.parent is None else _context(span.parent),
+        context_record(span.context),
+        None if span.parent is None else context_record(span.parent),
         span.kind.value,
         span.start_time,
         span.end_time,
         dict(span.attributes or {}),
         [(e.name, dict(e.attributes or {}), e.timestamp) for e in span.events],
-        [(_context(k.context), dict(k.attributes or {})) for k in span.links],
+        [(context_record(k.context), dict(k.attributes or {})) for k in span.links],
         span.status.status_code.value,
         span.status.description,
         None if scope is None else (scope.name, scope.version, scope.schema_url),
@@ -83,12 +75,12 @@ def span_of(record: tuple[Any, ...], resource: Resource) -> ReadableSpan:
     name, context, parent, kind, start, end, attributes, events, links, code, text, scope = record
     return ReadableSpan(
         name=name,
-        context=_span_context(context),
-        parent=None if parent is None else _span_context(parent),
+        context=span_context_of(context),
+        parent=None if parent is None else span_context_of(parent),
         resource=resource,
         attributes=attributes,
         events=[Event(n, a, t) for n, a, t in events],
-        links=[Link(_span_context(c), a) for c, a in links],
+        links=[Link(span_context_of(c), a) for c, a in links],
         kind=SpanKind(kind),
         status=Status(StatusCode(code), text),
         start_time=start,

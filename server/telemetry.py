@@ -45,6 +45,7 @@ from retd.server.observed import (
     SequenceFacts,
     ServedVersion,
 )
+from retd.server.span_records import RecordingTracerProvider
 
 # Histogram buckets for latencies, in seconds (the SDK's defaults suit milliseconds).
 LATENCY_BUCKETS_S = (
@@ -157,10 +158,14 @@ class Telemetry:
     def from_config(cls, config: TelemetryConfig) -> Telemetry:
         resource = Resource.create({"service.name": config.service_name})
         exporter = _span_exporter(config)
-        tracer_provider = None
+        tracer_provider: trace.TracerProvider | None = None
         if exporter is not None:
-            tracer_provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
-            tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+            sdk = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
+            processor = BatchSpanProcessor(exporter)
+            sdk.add_span_processor(processor)
+            tracer_provider = sdk
+            if config.traces_exporter.strip().lower() == "otlp":  # spans as export records
+                tracer_provider = RecordingTracerProvider(sdk, processor)
         readers, metrics_port = _metric_readers(config)
         meter_provider = (
             MeterProvider(resource=resource, metric_readers=readers) if readers else None

@@ -1,0 +1,207 @@
+"""The daemon's spans for the OTLP export process (server/span_records.py): on any span a
+program makes, `RecordingTracer` decides what OpenTelemetry's SDK tracer decides (ids,
+parents, sampling, flags, trace state) and its record exports byte for byte as the SDK
+span's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.span import TraceState
+
+from retd.server.span_export import span_of, span_record
+from retd.server.span_records import RecordedSpan, RecordingTracerProvider
+
+RESOURCE = Resource({"service.name": "retd"})
+
+
+class Trouble(ValueError):
+    """An error of a module's own (a span names its type with the module)."""
+
+
+class CountingIds(IdGenerator):
+    """Ids from a counter: two tracers given one each draw the same ids."""
+
+    def __init__(self, random_trace_ids: bool) -> None:
+        self.count = 0
+        self.random = random_trace_ids
+
+    def generate_span_id(self) -> int:
+        self.count += 1
+        return self.count * 0x9E3779B9
+
+    def generate_trace_id(self) -> int:
+        self.count += 1
+        return self.count * 0x9E3779B97F4A7C15  # spread, so ratio sampling goes both ways
+
+    def is_trace_id_random(self) -> bool:
+        return self.random
+
+
+scalars = st.one_of(
+    st.text(max_size=8),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False),
+)
+values = st.one_of(scalars, st.lists(st.text(max_size=4), max_size=3), st.lists(st.integers()))
+keys = st.text(min_size=1, max_size=6)
+attributes = st.dictionaries(keys, values, max_size=5)
+timestamps = st.integers(1, 2**62)
+statuses = st.sampled_from(list(StatusCode))
+
+# one step of a span's life: (what, arguments)
+steps = st.one_of(
+    st.tuples(st.just("attributes"), attributes),
+    st.tuples(st.just("attribute"), st.tuples(keys, values)),
+    st.tuples(st.just("event"), st.tuples(st.text(max_size=6), attributes, timestamps)),
+    st.tuples(st.just("status"), st.tuples(statuses, st.none() | st.text(max_size=6))),
+    st.tuples(st.just("status object"), st.tuples(statuses, st.none() | st.text(max_size=6))),
+    st.tuples(st.just("name"), st.text(max_size=6)),
+    st.tuples(st.just("link"), st.tuples(st.booleans(), attributes)),
+    st.tuples(st.just("exception"), st.tuples(attributes, timestamps)),
+)
+
+samplers: dict[str, Sampler] = {
+    "always_on": ALWAYS_ON,
+    "always_off": ALWAYS_OFF,
+    "parentbased_always_on": ParentBased(ALWAYS_ON),
+    "parentbased_always_off": ParentBased(ALWAYS_OFF),
+    "traceidratio 0.5": TraceIdRatioBased(0.5),
+}
+
+
+@dataclass(frozen=True)
+class Program:
+    sampler: str
+    random_trace_ids: bool
+    parent: str  # none, remote sampled, remote unsampled, local
+    kind: SpanKind
+    start_attributes: dict[str, Any]
+    links: list[tuple[bool, dict[str, Any]]]
+    steps: list[tuple[str, Any]]
+    after_end: list[tuple[str, Any]]
+
+
+programs = st.builds(
+    Program,
+    st.sampled_from(sorted(samplers)),
+    st.booleans(),
+    st.sampled_from(["none", "remote sampled", "remote unsampled", "local"]),
+    st.sampled_from(list(SpanKind)),
+    attributes,
+    st.lists(st.tuples(st.booleans(), attributes), max_size=2),
+    st.lists(steps, max_size=8),
+    st.lists(steps, max_size=2),
+)
+
+LINKED = SpanContext(0xAB, 0xCD, is_remote=True, trace_flags=TraceFlags(1))
+STATE = TraceState([("vendor", "x")])
+
+
+def _link_context(valid: bool) -> SpanContext:
+    return LINKED if valid else SpanContext(0, 0, is_remote=False, trace_state=STATE)
+
+
+def _apply(span: trace.Span, step: tuple[str, Any], error: BaseException) -> None:
+    what, args = step
+    if what == "attributes":
+        span.set_attributes(args)
+    elif what == "attribute":
+        span.set_attribute(*args)
+    elif what == "event":
+        name, attrs, when = args
+        span.add_event(name, attrs, when)
+    elif what == "status":
+        span.set_status(*args)
+    elif what == "status object":
+        span.set_status(Status(*args))
+    elif what == "name":
+        span.update_name(args)
+    elif what == "link":
+        valid, attrs = args
+        span.add_link(_link_context(valid), attrs)
+    else:
+        attrs, when = args
+        span.record_exception(error, attrs, when)
+
+
+def _run(program: Program, recording: bool, error: BaseException) -> tuple[list[bytes], Any]:
+    """The program on a tracer (the SDK's, or the recording one with the SDK provider's
+    settings): each exported span's OTLP encoding, and the contexts the program saw."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(
+        sampler=samplers[program.sampler],
+        resource=RESOURCE,
+        id_generator=CountingIds(program.random_trace_ids),
+    )
+    processor = SimpleSpanProcessor(memory)
+    provider.add_span_processor(processor)
+    tracer_provider: trace.TracerProvider = provider
+    if recording:
+        tracer_provider = RecordingTracerProvider(provider, processor)
+    tracer = tracer_provider.get_tracer("retd.server")
+    flags = {"remote sampled": "01", "remote unsampled": "00"}.get(program.parent, "01")
+    carrier = {
+        "traceparent": f"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-{flags}",
+        "tracestate": "congo=t61rcWkgMzE",
+    }
+    parent: Context | None = None
+    if program.parent.startswith("remote"):
+        parent = propagate.extract(carrier)
+    seen = []
+    outers = tracer.start_as_current_span("outer", parent, start_time=10, end_on_exit=False)
+    with outers as outer:
+        seen.append(outer.get_span_context())
+        context = None if program.parent == "local" else parent
+        links = [Link(_link_context(valid), attrs) for valid, attrs in program.links]
+        span = tracer.start_span(
+            "inner", context, program.kind, program.start_attributes, links, start_time=20
+        )
+        seen.append((span.get_span_context(), span.is_recording()))
+        for step in program.steps:
+            _apply(span, step, error)
+        span.end(end_time=30)
+        for step in program.after_end:  # ignored: the span has ended
+            _apply(span, step, error)
+        span.end(end_time=40)
+    outer.end(end_time=50)
+    finished = memory.get_finished_spans()
+    if recording:
+        assert all(isinstance(s, RecordedSpan) for s in finished)
+    encoded = [
+        encode_spans([span_of(span_record(s), RESOURCE)]).SerializeToString() for s in finished
+    ]
+    return encoded, seen
+
+
+@settings(max_examples=150, deadline=None)
+@given(programs)
+def test_recorded_spans_export_as_the_sdks(program: Program) -> None:
+    try:
+        raise Trouble("the error a span records")
+    except Trouble as caught:
+        error = caught
+    sdk, sdk_seen = _run(program, recording=False, error=error)
+    recorded, recorded_seen = _run(program, recording=True, error=error)
+    assert recorded_seen == sdk_seen
+    assert recorded == sdk
