@@ -101,10 +101,33 @@ def test_round_ratios_compare_each_load_within_its_round() -> None:
     results = [("greedy", report(100)), ("sampled", report(90)), ("greedy", report(200))]
     results += [("sampled", report(190)), ("1 caller", report(5))]
     table = round_ratios(results).splitlines()
-    assert table[2] == "| greedy | 1.00 | 1.00 | 1.00 | 2 |"
-    assert table[3] == "| sampled | 0.93 | 0.90 | 0.95 | 2 |"  # 0.90 and 0.95, not 280/300
+    assert table[2] == "| greedy | greedy | 1.00 | 1.00 | 1.00 | 2 |"
+    assert table[3] == "| sampled | greedy | 0.93 | 0.90 | 0.95 | 2 |"  # not 280/300
     assert len(table) == 4  # a load of one round only has no ratio
     assert round_ratios(results[:2]) == ""
+
+
+def test_round_ratios_of_rotated_rounds_over_their_own_baselines() -> None:
+    """Rounds that start one load later each time (the telemetry suite's), each load over the
+    baseline it names."""
+    from retd.server.bench import BenchReport, round_ratios
+
+    def report(bytes_per_s: float) -> BenchReport:
+        return BenchReport("decode", 64, 1, "64", 1.0, 1, 1, 1.0, 1.0, bytes_per_s, {}, {}, {}, {})
+
+    rounds = [
+        [("off", 100), ("on", 95), ("off p", 150), ("on p", 120)],
+        [("on", 180), ("off p", 300), ("on p", 290), ("off", 200)],
+        [("off p", 100), ("on p", 99), ("off", 70), ("on", 63)],
+    ]
+    results = [(name, report(value)) for loads in rounds for name, value in loads]
+    table = round_ratios(results, {"on": "off", "on p": "off p"}).splitlines()
+    assert table[2:] == [
+        "| off | off | 1.00 | 1.00 | 1.00 | 3 |",
+        "| on | off | 0.90 | 0.90 | 0.95 | 3 |",
+        "| off p | off | 1.50 | 1.43 | 1.50 | 3 |",
+        "| on p | off p | 0.97 | 0.80 | 0.99 | 3 |",
+    ]
 
 
 def test_serving_never_imports_the_bench() -> None:
@@ -127,3 +150,37 @@ def test_serving_never_imports_the_bench() -> None:
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
+
+
+def test_kept_servers_are_loaded_in_turn_and_their_spans_counted(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A suite whose servers stay up (the telemetry suite's way): each server starts once
+    and serves each of its rounds; the OTLP receiver's count of spans, printed once the
+    servers have flushed, covers every call sent to the server that traces."""
+    from retd.server.bench import BenchConfig, Scenario, run_suite, suites
+
+    started: list[str] = []
+    spawn = suites.spawned_server
+
+    def spawned_server(checkpoint: Path, server_args: str) -> Any:
+        started.append(server_args)
+        return spawn(checkpoint, server_args)
+
+    monkeypatch.setattr(suites, "spawned_server", spawned_server)
+    config = BenchConfig(
+        concurrency=2, duration=0.3, warmup=0.2, min_new_tokens=4, max_new_tokens=4
+    )
+    traced = "--max-batch-size 4 --traces-exporter otlp --otlp-endpoint http://{otlp}"
+    loads = [
+        Scenario("off", config, "--max-batch-size 4 --traces-exporter none", kept=True),
+        Scenario("on", config, traced, kept=True, baseline="off"),
+    ]
+    results = run_suite(checkpoint, [*loads, *reversed(loads)])
+    assert [name for name, _ in results] == ["off", "on", "on", "off"]
+    assert len(started) == 2 and "--traces-exporter none" in started[0]
+    assert all(r.errors == {} and r.requests > 0 for _, r in results)
+    calls = sum(r.requests + r.extra["warmup_requests"] for name, r in results if name == "on")
+    log = capsys.readouterr().err
+    received = int(log.split("OTLP receiver: ")[1].split()[0])
+    assert f"spans for {calls} calls" in log and received >= calls

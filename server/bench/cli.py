@@ -111,9 +111,11 @@ def main(args: argparse.Namespace) -> int:
         if args.checkpoint is None:
             print("retd bench --suite needs --checkpoint DIR", file=sys.stderr)
             return 2
-        results = run_suite(args.checkpoint, SUITES[args.suite](config.duration or 10.0))
+        scenarios = SUITES[args.suite](config.duration or 10.0)
+        results = run_suite(args.checkpoint, scenarios)
         print(markdown_table(results))
-        if ratios := round_ratios(results):
+        baselines = {s.name: s.baseline for s in scenarios if s.baseline}
+        if ratios := round_ratios(results, baselines):
             print(f"\n{ratios}")
         return 0
     if args.raw:

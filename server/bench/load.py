@@ -127,13 +127,15 @@ class LoadGenerator:
             def one(greedy: bool) -> Awaitable[Sample]:
                 return self._one(stub, greedy)
 
+            warm = []
             if config.warmup > 0:
-                await self._phase(one, requests=None, duration=config.warmup)
+                warm = await self._phase(one, requests=None, duration=config.warmup)
             rss_before = total_rss_mib(pids)
             started = time.perf_counter()
             samples = await self._phase(one, config.requests, config.duration)
             seconds = time.perf_counter() - started
         report = self._report(samples, seconds)
+        report.extra["warmup_requests"] = len(warm)
         if pids:
             report.extra.update(
                 server_rss_mib_before=rss_before, server_rss_mib_after=total_rss_mib(pids)

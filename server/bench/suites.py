@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,8 @@ class Scenario:
     raw: bool = False
     step_impl: str = "auto"  # how a raw scenario runs decode steps (servers: --step-impl)
     reuse_server: bool = False  # run on the scenario before's server if its args are these
+    kept: bool = False  # its server stays up to the suite's end (later rounds load it again)
+    baseline: str = ""  # the load its round's ratio is over ("": the suite's first)
 
 
 def issue_suite(duration: float) -> list[Scenario]:
@@ -98,22 +100,30 @@ def sampling_suite(duration: float, rounds: int = 4) -> list[Scenario]:
     ]
 
 
-def telemetry_suite(duration: float, rounds: int = 2) -> list[Scenario]:
+def telemetry_suite(duration: float, rounds: int = 6) -> list[Scenario]:
     """Tracing off against tracing on (every span sampled, exported by OTLP to a receiver
-    on loopback) at 64 callers, with the thread engine and with the engine process, in
-    `rounds` interleaved rounds."""
+    on loopback) at 64 callers, with the thread engine and with the engine process: four
+    servers kept up side by side and loaded in turn, `rounds` rounds, each round starting
+    one server later (a noisy machine slows neighbours alike; the ratios compare within a
+    round)."""
     fixed = BenchConfig(concurrency=64, duration=duration)
     tracing = {
         "off": " --traces-exporter none",
         "on (100%, OTLP to loopback)": " --traces-exporter otlp --otlp-endpoint http://{otlp}",
     }
     engines = {"": "", ", engine process": " --engine process"}
-    return [
-        Scenario(f"tracing {state}{engine}", fixed, "--max-batch-size 64" + flags + engine_flags)
-        for _ in range(rounds)
+    loads = [
+        Scenario(
+            f"tracing {state}{engine}",
+            fixed,
+            "--max-batch-size 64" + flags + engine_flags,
+            kept=True,
+            baseline=f"tracing off{engine}" if state != "off" else "tracing off",
+        )
         for engine, engine_flags in engines.items()
         for state, flags in tracing.items()
     ]
+    return [loads[(i + r) % len(loads)] for r in range(rounds) for i in range(len(loads))]
 
 
 def step_suite(duration: float, rounds: int = 3) -> list[Scenario]:
@@ -229,13 +239,16 @@ SUITES = {
 
 def run_otlp_sink(ready: str) -> None:
     """An OTLP/gRPC trace receiver that counts what it gets (for `--suite telemetry`);
-    writes its address to `ready` and serves until killed."""
+    writes its address to `ready`, the spans it has had so far to `ready`.spans, and serves
+    until killed."""
     from concurrent import futures
 
     from opentelemetry.proto.collector.trace.v1 import (
         trace_service_pb2,
         trace_service_pb2_grpc,
     )
+
+    counted = Path(f"{ready}.spans")
 
     class Sink(trace_service_pb2_grpc.TraceServiceServicer):
         spans = 0
@@ -244,9 +257,10 @@ def run_otlp_sink(ready: str) -> None:
             for resource in request.resource_spans:
                 for scope in resource.scope_spans:
                     Sink.spans += len(scope.spans)
+            counted.write_text(str(Sink.spans))
             return trace_service_pb2.ExportTraceServiceResponse()
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Sink(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -254,9 +268,21 @@ def run_otlp_sink(ready: str) -> None:
     server.wait_for_termination()
 
 
+@dataclass(frozen=True)
+class OtlpSink:
+    """A running `run_otlp_sink`: its address, and how many spans it has received."""
+
+    address: str
+    ready: Path
+
+    def spans(self) -> int:
+        counted = Path(f"{self.ready}.spans")
+        return int(counted.read_text() or 0) if counted.exists() else 0
+
+
 @contextlib.contextmanager
-def spawned_otlp_sink() -> Iterator[str]:
-    """`run_otlp_sink` in a process of its own; yields its address."""
+def spawned_otlp_sink() -> Iterator[OtlpSink]:
+    """`run_otlp_sink` in a process of its own."""
     with tempfile.TemporaryDirectory() as folder:
         ready = Path(folder) / "sink"
         code = f"from retd.server.bench.suites import run_otlp_sink; run_otlp_sink({str(ready)!r})"
@@ -267,16 +293,34 @@ def spawned_otlp_sink() -> Iterator[str]:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the OTLP receiver did not start")
                 time.sleep(0.05)
-            yield ready.read_text()
+            yield OtlpSink(ready.read_text(), ready)
         finally:
             process.kill()
             process.wait()
 
 
 def run_suite(checkpoint: Path, scenarios: Sequence[Scenario]) -> list[tuple[str, BenchReport]]:
-    """Each scenario in turn, on a server of its own unless it reuses the one before it."""
+    """Each scenario in turn, on a server of its own unless it reuses the one before it or
+    one kept up. Servers that export spans share one OTLP receiver; once they have stopped
+    (and flushed), the spans it received are printed beside the calls those servers were
+    sent, so a load that dropped spans shows."""
     results = []
-    with contextlib.ExitStack() as stack:
+    calls = 0
+    with (
+        contextlib.ExitStack() as sink_stack,
+        contextlib.ExitStack() as kept_stack,
+        contextlib.ExitStack() as stack,
+    ):
+        sink: OtlpSink | None = None
+
+        def spawn(server_args: str, on: contextlib.ExitStack) -> tuple[str, int]:
+            nonlocal sink
+            if "{otlp}" in server_args:
+                sink = sink or sink_stack.enter_context(spawned_otlp_sink())
+                server_args = server_args.format(otlp=sink.address)
+            return on.enter_context(spawned_server(checkpoint, server_args))
+
+        kept: dict[str, tuple[str, int]] = {}  # a kept server's args: its address and pid
         server: tuple[str, str, int] | None = None  # its server_args, address and pid
         for scenario in scenarios:
             if scenario.raw:
@@ -286,42 +330,55 @@ def run_suite(checkpoint: Path, scenarios: Sequence[Scenario]) -> list[tuple[str
                     checkpoint, scenario.config, "auto", "float32", step_impl=scenario.step_impl
                 )
             else:
-                if not (scenario.reuse_server and server and server[0] == scenario.server_args):
+                args = scenario.server_args
+                if scenario.kept:
+                    if args not in kept:
+                        kept[args] = spawn(args, kept_stack)
+                    server = (args, *kept[args])
+                elif not (scenario.reuse_server and server and server[0] == args):
                     stack.close()
-                    server_args = scenario.server_args
-                    if "{otlp}" in server_args:
-                        otlp = stack.enter_context(spawned_otlp_sink())
-                        server_args = server_args.format(otlp=otlp)
-                    address, pid = stack.enter_context(spawned_server(checkpoint, server_args))
-                    server = (scenario.server_args, address, pid)
+                    server = (args, *spawn(args, stack))
                 report = asyncio.run(LoadGenerator(server[1], scenario.config).run(server[2]))
-                report.server_args = scenario.server_args
+                report.server_args = args
+                if "{otlp}" in args:
+                    warm = report.extra.get("warmup_requests", 0)
+                    calls += report.requests + (warm if isinstance(warm, int) else 0)
             print(f"{scenario.name}\n{report.render()}", file=sys.stderr, flush=True)
             results.append((scenario.name, report))
+        stack.close()
+        kept_stack.close()
+        if sink is not None:
+            print(f"OTLP receiver: {sink.spans()} spans for {calls} calls", file=sys.stderr)
     return results
 
 
-def round_ratios(results: Sequence[tuple[str, BenchReport]]) -> str:
-    """For a suite that repeats its loads in rounds (a round starts at each repeat of the
-    first scenario): each load's tokens/s over the first load's in the same round, median and
-    range over the rounds. Empty if the first scenario does not repeat."""
-    rounds: list[dict[str, float]] = []
+def round_ratios(
+    results: Sequence[tuple[str, BenchReport]], baselines: Mapping[str, str] | None = None
+) -> str:
+    """For a suite that repeats its loads in rounds (a round ends where a load repeats):
+    each load's tokens/s over its baseline's in the same round (`baselines`: load -> the
+    load it is compared to; the suite's first load otherwise), median and range over the
+    rounds. Empty if no load repeats."""
+    rounds: list[dict[str, float]] = [{}]
     for name, report in results:
-        if name == results[0][0]:
+        if name in rounds[-1]:
             rounds.append({})
-        rounds[-1].setdefault(name, report.tokens_per_s)
+        rounds[-1][name] = report.tokens_per_s
     if len(rounds) < 2:
         return ""
+    first = results[0][0]
     lines = [
-        f"| load | tokens/s × {results[0][0]}, median | min | max | rounds |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| load | over | tokens/s ×, median | min | max | rounds |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    for name in rounds[0]:
-        ratios = sorted(r[name] / r[results[0][0]] for r in rounds if name in r)
+    for name in dict.fromkeys(name for name, _ in results):
+        over = (baselines or {}).get(name, first)
+        ratios = sorted(r[name] / r[over] for r in rounds if name in r and over in r)
         if len(ratios) >= 2:
             median = float(np.median(ratios))
             lines.append(
-                f"| {name} | {median:.2f} | {ratios[0]:.2f} | {ratios[-1]:.2f} | {len(ratios)} |"
+                f"| {name} | {over} | {median:.2f} | {ratios[0]:.2f} | {ratios[-1]:.2f} "
+                f"| {len(ratios)} |"
             )
     return "\n".join(lines)
 
