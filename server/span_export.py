@@ -8,8 +8,9 @@ of the requests/s at 64 callers, where spans recorded but not exported cost ~1%.
 So the daemon's batch span processor hands each batch to `ProcessSpanExporter`, which copies
 the spans into plain tuples (`span_record`; the daemon's spans for this exporter are such
 records from the start: server/span_records.py) and pickles them down a pipe (server/frames.py)
-to a child, `python -m retd.server.span_export`. The child rebuilds the spans and exports
-them with OpenTelemetry's own OTLP exporter, made as the daemon would make it: the endpoint
+to a child, `python -m retd.server.span_export`. The child encodes them
+(server/otlp_encode.py) and exports them with OpenTelemetry's own OTLP exporter, made as the
+daemon would make it: the endpoint
 given, and the standard `OTEL_EXPORTER_OTLP_*` environment (headers, certificates,
 compression, timeout), which the child inherits. The child runs at a lower priority (`NICE`)
 so that on a busy machine serving comes first. A flush or shutdown in the daemon waits
@@ -30,13 +31,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from retd.server.frames import grow_pipe, read_frame, write_frame
-from retd.server.span_records import RecordedSpan, context_record, span_context_of
+from retd.server.span_records import RecordedSpan, context_record
 
 log = logging.getLogger(__name__)
 
@@ -67,25 +66,6 @@ def span_record(span: ReadableSpan) -> tuple[Any, ...]:
         span.status.status_code.value,
         span.status.description,
         None if scope is None else (scope.name, scope.version, scope.schema_url),
-    )
-
-
-def span_of(record: tuple[Any, ...], resource: Resource) -> ReadableSpan:
-    """The span `span_record` copied."""
-    name, context, parent, kind, start, end, attributes, events, links, code, text, scope = record
-    return ReadableSpan(
-        name=name,
-        context=span_context_of(context),
-        parent=None if parent is None else span_context_of(parent),
-        resource=resource,
-        attributes=attributes,
-        events=[Event(n, a, t) for n, a, t in events],
-        links=[Link(span_context_of(c), a) for c, a in links],
-        kind=SpanKind(kind),
-        status=Status(StatusCode(code), text),
-        start_time=start,
-        end_time=end,
-        instrumentation_scope=None if scope is None else InstrumentationScope(*scope),
     )
 
 
@@ -159,7 +139,7 @@ class ProcessSpanExporter(SpanExporter):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The child: spans from stdin, exported by OTLP until stdin closes or says `close`."""
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from retd.server.otlp_encode import Batch, RecordExporter
 
     parser = argparse.ArgumentParser(prog="python -m retd.server.span_export")
     parser.add_argument("--endpoint")
@@ -167,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.nice(NICE)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    exporter = OTLPSpanExporter(endpoint=args.endpoint, insecure=args.insecure)
+    exporter = RecordExporter(endpoint=args.endpoint, insecure=args.insecure)
     requests, replies = sys.stdin.fileno(), sys.stdout.fileno()
     resource = Resource({})
     try:
@@ -180,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _, attributes, schema_url, records = message
                 if (attributes, schema_url) != (dict(resource.attributes), resource.schema_url):
                     resource = Resource(attributes, schema_url)  # once: the daemon has one
-                exporter.export([span_of(r, resource) for r in records])
+                exporter.export(Batch(resource, records))  # type: ignore[arg-type]
             else:  # flush or close: everything before it has been exported
                 write_frame(replies, "done")
                 if message[0] == "close":

@@ -31,7 +31,6 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
-from opentelemetry.trace.span import TraceState
 from opentelemetry.util import types
 
 Context = tuple[int, int, bool, int, tuple[tuple[str, str], ...]]
@@ -41,12 +40,6 @@ def context_record(context: SpanContext) -> Context:
     """A span context as builtins."""
     state = tuple(context.trace_state.items())
     return context.trace_id, context.span_id, context.is_remote, int(context.trace_flags), state
-
-
-def span_context_of(record: Context) -> SpanContext:
-    """The span context `context_record` copied."""
-    trace_id, span_id, remote, flags, state = record
-    return SpanContext(trace_id, span_id, remote, TraceFlags(flags), TraceState(list(state)))
 
 
 class RecordedSpan(trace.Span):
@@ -110,11 +103,19 @@ class RecordedSpan(trace.Span):
         return self._end_time is None
 
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
-        if self._end_time is None:
+        if self._end_time is not None:
+            return
+        if self._attributes.keys().isdisjoint(attributes):
             self._attributes.update(attributes)
+        else:
+            for key, value in attributes.items():
+                self.set_attribute(key, value)
 
     def set_attribute(self, key: str, value: types.AnyValue) -> None:
+        """A key set again moves to the end, as in the SDK's attributes (the order the
+        export keeps)."""
         if self._end_time is None:
+            self._attributes.pop(key, None)
             self._attributes[key] = value
 
     def add_event(

@@ -1,6 +1,6 @@
 """The OTLP span exporter's child process (server/span_export.py): what it exports is what
-OpenTelemetry's exporter would have exported from the daemon, byte for byte, and a child that
-dies is replaced."""
+OpenTelemetry's exporter would have exported from the daemon, byte for byte (its encoding:
+server/otlp_encode.py), and a child that dies is replaced."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from retd.server.span_export import NICE, ProcessSpanExporter, span_of, span_record
+from retd.server.otlp_encode import _PAIRS, RecordEncoder
+from retd.server.span_export import NICE, ProcessSpanExporter, span_record
 from tests._wait import poll
 from tests.telemetry.conftest import Receiver
 
@@ -26,8 +27,18 @@ scalars = st.one_of(
     st.integers(-(2**63), 2**63 - 1),
     st.floats(allow_nan=False),
 )
-values = st.one_of(scalars, st.lists(st.text(max_size=5), max_size=3), st.lists(st.integers(0, 9)))
-attributes = st.dictionaries(st.text(min_size=1, max_size=10), values, max_size=6)
+lists = st.one_of(
+    st.lists(st.text(max_size=5), max_size=3),
+    st.lists(st.integers(0, 9)),
+    st.lists(st.booleans(), max_size=2),
+    st.lists(st.floats(allow_nan=False), max_size=2),
+)
+values = st.one_of(scalars, lists, st.sampled_from([0, 1, True, False, 0.0, -0.0, "", "ok"]))
+attributes = st.dictionaries(
+    st.sampled_from(["a", "b"]) | st.text(min_size=1, max_size=10), values, max_size=6
+)
+
+ENCODER = RecordEncoder()  # one for every example: pairs it has seen before come from its cache
 
 
 def spans(
@@ -57,7 +68,7 @@ def spans(
     st.sampled_from(list(SpanKind)),
     st.sampled_from(list(StatusCode)),
 )
-def test_a_copied_span_encodes_as_the_original(
+def test_records_encode_as_opentelemetry_encodes_the_spans(
     attrs: dict[str, object],
     events: list[dict[str, object]],
     kind: SpanKind,
@@ -65,8 +76,19 @@ def test_a_copied_span_encodes_as_the_original(
 ) -> None:
     originals = spans(attrs, events, kind, status)
     resource = originals[0].resource
-    copies = [span_of(span_record(span), resource) for span in originals]
-    assert encode_spans(copies).SerializeToString() == encode_spans(originals).SerializeToString()
+    records = [span_record(span) for span in originals]
+    encoded = ENCODER.request(resource, records).SerializeToString()
+    assert encoded == encode_spans(originals).SerializeToString()
+
+
+def test_the_encoders_pairs_stay_bounded() -> None:
+    encoder = RecordEncoder()
+    (span,) = spans({}, [], SpanKind.SERVER, StatusCode.OK)[:1]
+    record = span_record(span)
+    for count in range(2 * _PAIRS):  # a counter that never repeats
+        attributes = {"retd.memory.rss_bytes": count, "rpc.method": "Decode"}
+        encoder.request(span.resource, [(*record[:6], attributes, *record[7:])])
+    assert len(encoder._pairs) <= _PAIRS
 
 
 def test_the_child_exports_flushes_and_is_replaced_when_it_dies(receiver: Receiver) -> None:

@@ -1,7 +1,7 @@
 """The daemon's spans for the OTLP export process (server/span_records.py): on any span a
 program makes, `RecordingTracer` decides what OpenTelemetry's SDK tracer decides (ids,
-parents, sampling, flags, trace state) and its record exports byte for byte as the SDK
-span's."""
+parents, sampling, flags, trace state), and the export process encodes its record
+(server/otlp_encode.py) byte for byte as OpenTelemetry encodes the SDK's span."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
-from retd.server.span_export import span_of, span_record
+from retd.server.otlp_encode import RecordEncoder
 from retd.server.span_records import RecordedSpan, RecordingTracerProvider
 
 RESOURCE = Resource({"service.name": "retd"})
@@ -64,7 +64,7 @@ scalars = st.one_of(
     st.floats(allow_nan=False),
 )
 values = st.one_of(scalars, st.lists(st.text(max_size=4), max_size=3), st.lists(st.integers()))
-keys = st.text(min_size=1, max_size=6)
+keys = st.sampled_from(["a", "b"]) | st.text(min_size=1, max_size=6)  # keys set again, too
 attributes = st.dictionaries(keys, values, max_size=5)
 timestamps = st.integers(1, 2**62)
 statuses = st.sampled_from(list(StatusCode))
@@ -188,10 +188,11 @@ def _run(program: Program, recording: bool, error: BaseException) -> tuple[list[
     finished = memory.get_finished_spans()
     if recording:
         assert all(isinstance(s, RecordedSpan) for s in finished)
-    encoded = [
-        encode_spans([span_of(span_record(s), RESOURCE)]).SerializeToString() for s in finished
-    ]
-    return encoded, seen
+    if recording:  # the export process's encoding of the records
+        encoded = [RecordEncoder().request(RESOURCE, [s.record()]) for s in finished]
+    else:  # OpenTelemetry's of the SDK's spans
+        encoded = [encode_spans([s]) for s in finished]
+    return [message.SerializeToString() for message in encoded], seen
 
 
 @settings(max_examples=150, deadline=None)
