@@ -103,9 +103,9 @@ def sampling_suite(duration: float, rounds: int = 4) -> list[Scenario]:
 def telemetry_suite(duration: float, rounds: int = 6) -> list[Scenario]:
     """Tracing off against tracing on (every span sampled, exported by OTLP to a receiver
     on loopback) at 64 callers, with the thread engine and with the engine process: four
-    servers kept up side by side and loaded in turn, `rounds` rounds, each round starting
-    one server later (a noisy machine slows neighbours alike; the ratios compare within a
-    round)."""
+    servers kept up side by side and loaded in turn, `rounds` rounds, every other one in
+    reverse order (each on/off pair back to back, each first as often as second: this
+    machine's speed drifts within minutes; the ratios compare within a round)."""
     fixed = BenchConfig(concurrency=64, duration=duration)
     tracing = {
         "off": " --traces-exporter none",
@@ -123,7 +123,7 @@ def telemetry_suite(duration: float, rounds: int = 6) -> list[Scenario]:
         for engine, engine_flags in engines.items()
         for state, flags in tracing.items()
     ]
-    return [loads[(i + r) % len(loads)] for r in range(rounds) for i in range(len(loads))]
+    return [load for r in range(rounds) for load in (loads if r % 2 == 0 else loads[::-1])]
 
 
 def step_suite(duration: float, rounds: int = 3) -> list[Scenario]:
