@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 
+from retd.server import heap
 from retd.server.engine import EngineStats, Event
 from retd.server.engine_process import EngineInfo
 from retd.server.errors import ServeError
@@ -37,6 +38,7 @@ def serve_engine(read_fd: int, write_fd: int) -> int:
     except Exception as exc:
         send(("failed", f"{type(exc).__name__}: {exc}"))
         return 1
+    heap.settle()  # torch and the model, frozen: collections walk only what comes after
 
     def sink(events: list[tuple[int, Event]], stats: EngineStats) -> None:
         send(("events", events, stats, engine.device_memory()))

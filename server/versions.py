@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retd.model.kinds import checkpoint_kind
+from retd.server import heap
 from retd.server.config import ConfigError, ModelSettings, ModelSpec, model_settings_file
 from retd.server.engine import ServingEngine
 
@@ -168,6 +169,7 @@ async def load_into(
     engine.start()
     entry.engine, entry.state, entry.reason = engine, State.READY, ""
     entry.idle.set()
+    heap.settle()  # the model's objects live as long as it serves: collected no more
     log.info("model %s version %d is serving", entry.name, entry.version)
 
 
@@ -187,6 +189,9 @@ async def release(entry: ModelVersion, timeout: float) -> None:
             timeout,
         )
     await entry.engine.close()
+    if entry.active_calls == 0:  # no call holds it (one past the timeout still might)...
+        entry.engine = None
+    heap.settle()  # ...so it goes now, its reference cycles too (frozen since it loaded)
 
 
 def _reason(exc: BaseException) -> str:
