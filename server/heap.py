@@ -10,6 +10,7 @@ only the objects made since (a full one then takes ~2 ms).
 It is called whenever the models loaded change (started, loaded, released) and in an engine
 process once its model is ready. It unfreezes first, so the objects of a model that was
 released are collected with their reference cycles rather than kept, frozen, for good.
+`observe_collections` counts the collector's runs and pauses (the `retd.gc.*` metrics).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Callable, Iterable
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 log = logging.getLogger(__name__)
 
@@ -32,3 +36,37 @@ def settle() -> None:
         gc.get_freeze_count(),
         (time.perf_counter() - started) * 1e3,
     )
+
+
+def observe_collections(meter: Meter) -> Callable[[], None]:
+    """`retd.gc.collections` and `retd.gc.pause` (seconds), by generation, on `meter`: the
+    collector's runs in this process from now on, counted by a `gc.callbacks` hook (plain
+    arithmetic: a collection can start in the middle of anything, a lock held) and read when
+    the metrics are collected. Returns the function that removes the hook."""
+    totals = {generation: [0, 0.0] for generation in range(3)}  # runs, seconds
+    started = [0.0]
+
+    def timed(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            total = totals[info["generation"]]
+            total[0] += 1
+            total[1] += time.perf_counter() - started[0]
+
+    def read(field: int) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(t[field], {"generation": g}) for g, t in totals.items()]
+
+        return callback
+
+    meter.create_observable_counter(
+        "retd.gc.collections", [read(0)], unit="{collection}",
+        description="Runs of Python's cyclic garbage collector in the daemon's process",
+    )  # fmt: skip
+    meter.create_observable_counter(
+        "retd.gc.pause", [read(1)], unit="s",
+        description="Time the daemon's process spent in garbage collections (the GIL held)",
+    )  # fmt: skip
+    gc.callbacks.append(timed)
+    return lambda: gc.callbacks.remove(timed)

@@ -34,6 +34,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
+from retd.server import heap
 from retd.server.config import TelemetryConfig
 from retd.server.logs import access_log, hex_id
 from retd.server.metrics_endpoint import start_metrics_endpoint
@@ -153,6 +154,7 @@ class Telemetry:
             "retd.requests", unit="{request}", description="Calls, by method and status"
         )
         self._meter = meter
+        self._stop_timing: Callable[[], None] | None = None
 
     @classmethod
     def from_config(cls, config: TelemetryConfig) -> Telemetry:
@@ -233,8 +235,13 @@ class Telemetry:
             "retd.device.memory.allocated", [memory], unit="By",
             description="CUDA memory allocated by the model's device",
         )  # fmt: skip
+        if self._meter_provider is not None:  # metrics on: the collector's pauses too
+            self._stop_timing = heap.observe_collections(meter)
 
     def shutdown(self) -> None:
+        if self._stop_timing is not None:
+            self._stop_timing()
+            self._stop_timing = None
         for provider in (self._tracer_provider, self._meter_provider):
             shutdown = getattr(provider, "shutdown", None)
             if shutdown is not None:

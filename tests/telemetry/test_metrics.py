@@ -190,6 +190,11 @@ def test_prometheus_endpoint_serves_the_retd_metrics(tmp_path: Path, checkpoint:
         "retd_requests_in_flight",
         "retd_process_memory_rss_bytes",
     }, sorted(families)
+    # the garbage collector's runs and pauses: at least the full collection that froze the
+    # model's objects once it loaded (server/heap.py)
+    runs = sample_values(retd["retd_gc_collections"], "retd_gc_collections_total", generation="2")
+    paused = sample_values(retd["retd_gc_pause_seconds"], "retd_gc_pause_seconds_total")
+    assert runs and runs[0] >= 1 and len(paused) == 3 and min(paused) > 0, (runs, paused)
     duration = retd["retd_request_duration_seconds"]
     assert duration.type == "histogram"
     count = "retd_request_duration_seconds_count"
