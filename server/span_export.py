@@ -7,15 +7,15 @@ of the requests/s at 64 callers, where spans recorded but not exported cost ~1%.
 
 So the daemon's batch span processor hands each batch to `ProcessSpanExporter`, which copies
 the spans into plain tuples (`span_record`; the daemon's spans for this exporter are such
-records from the start: server/span_records.py) and pickles them down a pipe (server/frames.py)
-to a child, `python -m retd.server.span_export`. The child encodes them
+records from the start: server/span_records.py) and pickles them down a pipe
+(server/frames.py) to a child, `python -m retd.server.span_export`. The child encodes them
 (server/otlp_encode.py) and exports them with OpenTelemetry's own OTLP exporter, made as the
-daemon would make it: the endpoint
-given, and the standard `OTEL_EXPORTER_OTLP_*` environment (headers, certificates,
-compression, timeout), which the child inherits. The child runs at a lower priority (`NICE`)
-so that on a busy machine serving comes first. A flush or shutdown in the daemon waits
-until the child has exported everything sent before it. A child that dies is started again
-at the next batch; the batch it had is lost and logged, as a failed export is.
+daemon would make it: the endpoint given, and the standard `OTEL_EXPORTER_OTLP_*`
+environment (headers, certificates, compression, timeout), which the child inherits. The
+child runs at a lower priority (`NICE`) so that on a busy machine serving comes first. A
+flush or shutdown in the daemon waits until the child has exported everything sent before
+it. A child that dies is started again at the next batch; the batch it had is lost and
+logged, as a failed export is.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ from retd.server.observed import (
     SequenceFacts,
     ServedVersion,
 )
+from retd.server.span_export import ProcessSpanExporter
 from retd.server.span_records import RecordingTracerProvider
 
 # Histogram buckets for latencies, in seconds (the SDK's defaults suit milliseconds).
@@ -81,8 +82,6 @@ def _span_exporter(config: TelemetryConfig) -> SpanExporter | None:
     if kind == "console":
         return ConsoleSpanExporter()
     if kind == "otlp":  # OpenTelemetry's OTLP exporter, in a process of its own
-        from retd.server.span_export import ProcessSpanExporter
-
         endpoint = config.otlp_endpoint
         insecure = endpoint is None or not endpoint.startswith("https://")
         return ProcessSpanExporter(endpoint=endpoint, insecure=insecure)
@@ -166,7 +165,7 @@ class Telemetry:
             processor = BatchSpanProcessor(exporter)
             sdk.add_span_processor(processor)
             tracer_provider = sdk
-            if config.traces_exporter.strip().lower() == "otlp":  # spans as export records
+            if isinstance(exporter, ProcessSpanExporter):  # spans as its records from the start
                 tracer_provider = RecordingTracerProvider(sdk, processor)
         readers, metrics_port = _metric_readers(config)
         meter_provider = (
