@@ -191,7 +191,7 @@ async def release(entry: ModelVersion, timeout: float) -> None:
     await entry.engine.close()
     if entry.active_calls == 0:  # no call holds it (one past the timeout still might)...
         entry.engine = None
-    heap.settle()  # ...so it goes now, its reference cycles too (frozen since it loaded)
+    heap.released()  # ...so it goes, its reference cycles too (frozen since it loaded)
 
 
 def _reason(exc: BaseException) -> str:

@@ -17,6 +17,7 @@ from retd.server.app import load_engine
 from retd.server.config import ModelSettings, ModelSpec
 from retd.server.engine import ServingEngine
 from retd.server.repository import ModelRegistry
+from tests._wait import poll
 
 
 class Node:
@@ -28,11 +29,36 @@ class Node:
 
 @pytest.fixture(autouse=True)
 def unfrozen() -> Iterator[None]:
-    """Whatever a test froze goes back to the collector (pytest's process goes on)."""
+    """Whatever a test froze goes back to the collector, and its thresholds are restored
+    (pytest's process goes on)."""
+    thresholds = gc.get_threshold()
     try:
         yield
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
+
+
+def test_after_settling_the_young_generation_is_collected_less_often() -> None:
+    runs = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop" and info["generation"] == 0:
+            runs.append(1)
+
+    def allocate() -> int:
+        runs.clear()
+        gc.callbacks.append(count)
+        try:
+            kept = [[i] for i in range(5000)]  # 5,000 containers that survive
+        finally:
+            gc.callbacks.remove(count)
+        return len(runs) if kept else 0
+
+    gc.set_threshold(700, 10, 10)  # Python's defaults
+    assert allocate() >= 5
+    heap.settle()
+    assert allocate() == 0
 
 
 def test_settle_freezes_what_lives_and_collects_what_died_since() -> None:
@@ -49,7 +75,8 @@ def test_settle_freezes_what_lives_and_collects_what_died_since() -> None:
 
 def test_a_released_models_engine_is_collected_with_its_cycles(checkpoint: Path) -> None:
     """A model loaded (its objects frozen), then unloaded while the admin's answer still
-    holds its version: the engine goes, though a reference cycle runs through it."""
+    holds its version: the engine goes, though a reference cycle runs through it, and the
+    heap is frozen again."""
     engines: list[weakref.ref[ServingEngine]] = []
 
     def load(spec: ModelSpec) -> ServingEngine:
@@ -58,16 +85,20 @@ def test_a_released_models_engine_is_collected_with_its_cycles(checkpoint: Path)
         engines.append(weakref.ref(engine))
         return engine
 
+    def collected() -> bool:
+        gc.collect()  # walks only what is not frozen
+        return engines[0]() is None
+
     async def load_and_unload() -> list[object]:
         spec = ModelSpec("m", checkpoint, ModelSettings(device="cpu"))
         models = ModelRegistry([spec], load)
         await models.start()
-        frozen = gc.get_freeze_count()
-        assert frozen > 0 and engines[0]() is not None
+        assert gc.get_freeze_count() > 0 and engines[0]() is not None
         released = await models.unload("m")
+        await asyncio.to_thread(poll, collected, what="the released engine collected")
+        assert gc.get_freeze_count() > 0  # settled again: collected, then frozen
         await models.close()
         return list(released)
 
     released = asyncio.run(load_and_unload())
     assert [entry.name for entry in released] == ["m"]  # type: ignore[attr-defined]
-    assert engines[0]() is None
