@@ -1,9 +1,9 @@
 """The daemon's long-lived objects and Python's cyclic garbage collector.
 
 A full collection walks every object the collector tracks: with torch imported and a model
-loaded that is ~190,000 of them, 60-70 ms of the GIL at a time on a 2-core test machine, and
-under load one came every few seconds (3-4 in 15 s at 64 callers), each a pause of every call
-in flight. The modules, the model and the server live as long as the daemon: `settle()`
+loaded that is ~190,000 of them, 60-110 ms of the GIL at a time on a 2-core test machine,
+and under load one came every few seconds (3-4 in 10 s at 64 callers), each a pause of every
+call in flight. The modules, the model and the server live as long as the daemon: `settle()`
 collects once and then freezes what is left (`gc.freeze`), so that later collections walk
 only the objects made since (a full one then takes ~2 ms).
 
