@@ -118,7 +118,7 @@ def telemetry_suite(duration: float, rounds: int = 6) -> list[Scenario]:
             fixed,
             "--max-batch-size 64" + flags + engine_flags,
             kept=True,
-            baseline=f"tracing off{engine}" if state != "off" else "tracing off",
+            baseline=f"tracing off{engine}" if state != "off" else "",  # "": the first
         )
         for engine, engine_flags in engines.items()
         for state, flags in tracing.items()
@@ -260,7 +260,7 @@ def run_otlp_sink(ready: str) -> None:
             counted.write_text(str(Sink.spans))
             return trace_service_pb2.ExportTraceServiceResponse()
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))  # one writer of the count
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Sink(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
