@@ -121,6 +121,16 @@ class CppStep:
         default."""
         self.prefix = prefix
         config = model.config
+        self._extension = extension or load_extension()
+        # RET.condition's weights, for condition_rows (None where the model's class makes its
+        # conditioning vector otherwise)
+        self._condition = model.condition if type(model).condition is not RET.condition else None
+        self._bridge = (
+            model.bridge.weight,
+            model.ln_bridge.weight,
+            model.ln_bridge.bias,
+            model.ln_bridge.eps,
+        )
         blocks = [
             [
                 b.ln_1.weight,
@@ -134,7 +144,7 @@ class CppStep:
             ]
             for b in cast(Iterable[Block], model.blocks)
         ]
-        self._step = (extension or load_extension()).RETStep(
+        self._step = self._extension.RETStep(
             model.wte.weight,
             blocks,
             [cast(nn.Linear, p).weight for p in model.cond_proj],
@@ -165,6 +175,29 @@ class CppStep:
             span = int(slots.max()) + 1
         return self._step.step(
             cond, tokens, positions, cache.k, cache.v, slots, length, span, history
+        )
+
+    def condition_rows(
+        self,
+        cond_cache: Tensor,
+        slots: Tensor,
+        embeddings: Tensor | None = None,
+        embedding_slots: Tensor | None = None,
+    ) -> Tensor:
+        """The cond rows (B, C) a step reads, cond_cache (S, C)'s at slots (B,) long, once
+        the joiners' embeddings (J, E) have been conditioned (`RET.condition`, the same bits)
+        into their slots (J,) long of it: one call, where the same in torch takes ~5 (each
+        hands the GIL to other threads and waits to get it back)."""
+        if self._condition is not None:  # a model class with a condition of its own
+            if embeddings is not None:
+                cond_cache[embedding_slots] = self._condition(embeddings.to(cond_cache.dtype))
+            return cond_cache[slots]
+        bridge_w, ln_w, ln_b, eps = self._bridge
+        return cast(
+            Tensor,
+            self._extension.condition_rows(
+                cond_cache, slots, embeddings, embedding_slots, bridge_w, ln_w, ln_b, eps
+            ),
         )
 
     def decode(
@@ -262,6 +295,8 @@ class RowControls:
     keys: Tensor
     kth_index: Tensor | None = None
     top_p: Tensor | None = None
+    #: whether a sampled row has no seed: `decode` then needs its u at each step
+    needs_uniforms: bool = False
 
     @classmethod
     def of(cls, params: Sequence[SamplingParams], eos_id: int, vocab_size: int) -> RowControls:
@@ -270,10 +305,10 @@ class RowControls:
         kth_index = top_p = None
         if any(0 < p.top_k < V for p in sampled):
             top_k = [p.top_k if not p.greedy and 0 < p.top_k < V else V for p in params]
-            kth_index = torch.tensor(top_k)[:, None] - 1
+            kth_index = torch.tensor([[k - 1] for k in top_k])
         if any(p.top_p < 1 for p in sampled):
             nucleus = [p.top_p if not p.greedy and p.top_p < 1 else float("inf") for p in params]
-            top_p = torch.tensor(nucleus)[:, None]
+            top_p = torch.tensor([[x] for x in nucleus])
         return cls(
             torch.tensor([float(p.eos_bias) for p in params]),
             torch.tensor([float(p.repetition_penalty) for p in params]),
@@ -286,12 +321,8 @@ class RowControls:
             torch.tensor([0 if p.seed is None else seed_key(p.seed) for p in params]),
             kth_index,
             top_p,
+            any(p.seed is None for p in sampled),
         )
-
-    @property
-    def needs_uniforms(self) -> bool:
-        """Whether a sampled row has no seed: `decode` then needs its u at each step."""
-        return bool((~self.greedy & ~self.seeded).any())
 
 
 def step_name(step: StepFunction) -> str:

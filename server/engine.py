@@ -101,8 +101,17 @@ class MemorySample:
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+#: How old a resident-memory figure a sequence's result may carry: reading /proc takes three
+#: system calls, each of which hands the GIL to the event loop's thread and waits to get it
+#: back, so a busy worker reads it at most this often.
+RSS_MAX_AGE_S = 0.1
+_rss_read: tuple[float, int | None] = (-RSS_MAX_AGE_S, None)  # (monotonic time, bytes)
+
+
 def sample_memory(device: torch.device) -> MemorySample:
-    """Cheap: host-side counters only, no device sync."""
+    """Cheap: host-side counters only, no device sync; on the CPU the process's resident
+    memory as read within the last RSS_MAX_AGE_S."""
+    global _rss_read
     if device.type == "cuda":
         import torch
 
@@ -110,7 +119,10 @@ def sample_memory(device: torch.device) -> MemorySample:
             device_allocated_bytes=torch.cuda.memory_allocated(device),
             device_peak_bytes=torch.cuda.max_memory_allocated(device),
         )
-    return MemorySample(rss_bytes=rss_bytes())
+    now = time.monotonic()
+    if now - _rss_read[0] >= RSS_MAX_AGE_S:
+        _rss_read = (now, rss_bytes())
+    return MemorySample(rss_bytes=_rss_read[1])
 
 
 def rss_bytes(pid: int | str = "self") -> int | None:
@@ -137,6 +149,12 @@ def daemon_rss_bytes() -> int | None:
 
 Event: TypeAlias = TokenDelta | SequenceResult | ServeError
 
+
+def _deliver_in_loop(pairs: Sequence[tuple[SequenceHandle, Event]]) -> None:
+    for handle, event in pairs:
+        handle.deliver_in_loop(event)
+
+
 ABORT_KINDS = {
     AbortReason.CANCELLED: ErrorKind.CANCELLED,
     AbortReason.DEADLINE: ErrorKind.DEADLINE,
@@ -160,10 +178,17 @@ class SequenceHandle:
         if not self._done:
             self._cancel(self.seq_id)
 
-    def deliver(self, event: Event) -> None:
-        """Called from the worker thread."""
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+    @staticmethod
+    def deliver_all(handed: Sequence[tuple[SequenceHandle, Event]]) -> None:
+        """Called from the worker thread: each event to its handle, in one wake-up of their
+        event loop (a wake-up writes to the loop's socket, which hands the GIL to the loop's
+        thread and waits to get it back: one a step, not one an event)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[SequenceHandle, Event]]] = {}
+        for handle, event in handed:
+            by_loop.setdefault(handle._loop, []).append((handle, event))
+        for loop, pairs in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+                loop.call_soon_threadsafe(_deliver_in_loop, pairs)
 
     def deliver_in_loop(self, event: Event) -> None:
         """Called on the event loop's own thread (an engine process's reader)."""
@@ -465,6 +490,7 @@ class Engine(abc.ABC):
             if events:
                 self._sink(list(events), self._stats())
             return
+        handed: list[tuple[SequenceHandle, Event]] = []
         for seq_id, event in events:
             handle = self._handles.get(seq_id)
             if handle is None:
@@ -472,7 +498,9 @@ class Engine(abc.ABC):
             if not isinstance(event, TokenDelta):
                 del self._handles[seq_id]
                 self._forget(seq_id)
-            handle.deliver(event)
+            handed.append((handle, event))
+        if handed:
+            SequenceHandle.deliver_all(handed)
 
     def _forget(self, seq_id: int) -> None:  # noqa: B027 (a hook; most kinds keep nothing)
         """Under the lock: drop what the worker kept of a sequence that is over."""

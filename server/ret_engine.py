@@ -147,8 +147,12 @@ class RETEngine(RETRequests, Engine):
         assert self._decoder is not None and history is not None
         rows = step.rows
         steps = min(step.steps, self.loaded.config.max_length - max(r.position for r in rows))
-        self._condition_joiners(rows, joining)
         slots = torch.tensor([r.slot for r in rows])
+        joined = [r for r in rows if r.seq_id in joining]
+        embeddings = joined_slots = None
+        if joined:
+            embeddings = torch.from_numpy(np.stack([joining[r.seq_id].embedding for r in joined]))
+            joined_slots = torch.tensor([r.slot for r in joined])
         params = [self._params[r.seq_id] for r in rows]
         controls = RowControls.of(params, self._eos_id, self.loaded.config.vocab_size)
         uniforms = torch.rand(steps, len(rows)) if controls.needs_uniforms else None
@@ -156,7 +160,7 @@ class RETEngine(RETRequests, Engine):
         if self._draft is not None:
             room = torch.tensor([_draft_room(p, r) for p, r in zip(params, rows, strict=True)])
         tokens, logprobs = self._decoder.decode(
-            self._cond[slots],
+            self._decoder.condition_rows(self._cond, slots, embeddings, joined_slots),
             torch.tensor([r.token for r in rows]),
             torch.tensor([r.position for r in rows]),
             self._cache,
@@ -169,14 +173,19 @@ class RETEngine(RETRequests, Engine):
             self._draft,
             room,
         )
-        failed = (tokens == CANNOT_DRAW).any(0).tolist()  # (B,)
-        if not any(failed):
-            return list(zip(tokens.tolist(), logprobs.tolist(), strict=True)), {}
+        # read as lists: a torch op here would hand the GIL to the event loop and wait for it
+        token_lists, logprob_lists = tokens.tolist(), logprobs.tolist()  # (T, B) each
+        if not any(CANNOT_DRAW in at_step for at_step in token_lists):
+            return list(zip(token_lists, logprob_lists, strict=True)), {}
+        failed = {b for at_step in token_lists for b, t in enumerate(at_step) if t == CANNOT_DRAW}
         message = "sampling failed: no token can be drawn (NaN logits or every token banned)"
-        failures = {r.seq_id: message for r, bad in zip(rows, failed, strict=True) if bad}
-        keep = torch.tensor([i for i, bad in enumerate(failed) if not bad], dtype=torch.long)
-        tokens, logprobs = tokens[:, keep], logprobs[:, keep]
-        return list(zip(tokens.tolist(), logprobs.tolist(), strict=True)), failures
+        failures = {rows[b].seq_id: message for b in failed}
+        kept = [b for b in range(len(rows)) if b not in failed]
+        outcome = [
+            ([toks[b] for b in kept], [lps[b] for b in kept])
+            for toks, lps in zip(token_lists, logprob_lists, strict=True)
+        ]
+        return outcome, failures
 
     def _apply(
         self,

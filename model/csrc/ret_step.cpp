@@ -357,6 +357,29 @@ Tensor prefix_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_
   return attend_prefixes(q, k_cache, v_cache, RowIndex(slots, positions, k_cache), chosen);
 }
 
+// The conditioning rows of a decode call, in one call that keeps the GIL: the joiners'
+// vectors first (embeddings (J, E) -> layer_norm(embeddings @ bridge_w.T), the ATen ops of
+// RET.condition, so the same bits) written to their slots (J,) of cond_cache (S, C);
+// -> cond_cache's rows at slots (B,) long, (B, C). Tens of microseconds: releasing the GIL
+// for them would let a busy event loop's thread take it, and the worker wait longer than that
+// to get it back (each torch op called from Python does so).
+Tensor condition_rows(const Tensor& cond_cache, const Tensor& slots,
+                      const std::optional<Tensor>& embeddings,
+                      const std::optional<Tensor>& embedding_slots, const Tensor& bridge_w,
+                      const Tensor& ln_w, const Tensor& ln_b, double eps) {
+  c10::InferenceMode inference;
+  TORCH_CHECK(embeddings.has_value() == embedding_slots.has_value(),
+              "condition_rows: embeddings and embedding_slots go together");
+  if (embeddings) {
+    TORCH_CHECK(embeddings->dim() == 2 && embedding_slots->numel() == embeddings->size(0),
+                "condition_rows: one slot per embedding row");
+    const auto cond = at::layer_norm(at::linear(embeddings->to(bridge_w.scalar_type()), bridge_w),
+                                     {bridge_w.size(0)}, ln_w, ln_b, eps);
+    cond_cache.index_put_({*embedding_slots}, cond);
+  }
+  return cond_cache.index({slots});
+}
+
 struct BlockWeights {
   Tensor cond_proj;  // undefined unless conditioning == "layer"
   Tensor ln_1_w, ln_1_b, qkv, attn_proj, ln_2_w, ln_2_b, fc, mlp_proj;
@@ -747,6 +770,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           bool>())
       .def("step", &RETStep::step)
       .def("decode", &RETStep::decode);
+  m.def("condition_rows", &condition_rows,
+        "Joiners' conditioning into their slots of cond_cache, then the rows at slots.",
+        pybind11::arg("cond_cache"), pybind11::arg("slots"), pybind11::arg("embeddings"),
+        pybind11::arg("embedding_slots"), pybind11::arg("bridge_w"), pybind11::arg("ln_w"),
+        pybind11::arg("ln_b"), pybind11::arg("eps"));
   m.def("loop_breaker_masks", &loop_breaker_masks,
         "The tokens each row's repetition penalty and no-repeat ban apply to, from history.");
   m.def("argmax_rows", &argmax_rows, "torch.argmax(x, -1) of a (R, V) float32 CPU tensor.");

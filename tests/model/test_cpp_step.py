@@ -284,6 +284,47 @@ def test_greedy_text_of_a_shipped_checkpoint_is_unchanged(name: str, impl: str) 
     assert len({r.text for r in eager}) > 10  # the embeddings were told apart
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=shapes(), data=st.data())
+def test_condition_rows_are_the_models_conditioning_bitwise(
+    config: RETConfig, data: st.DataObject
+) -> None:
+    """The rows a decode call reads, its joiners conditioned into their slots first: what
+    `RET.condition` and indexing give, to the bit."""
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    model = RET(config).eval().requires_grad_(False)
+    num_slots, slots, _ = draw_rows(data, 1)
+    joining = data.draw(st.lists(st.sampled_from(slots), unique=True))
+    embeddings = torch.randn(len(joining), config.embedding_dim) if joining else None
+    before = torch.randn(num_slots, config.n_embd)
+    expected = before.clone()
+    if embeddings is not None:
+        expected[torch.tensor(joining)] = model.condition(embeddings)
+    got_cache = before.clone()
+    rows = CppStep(model).condition_rows(
+        got_cache,
+        torch.tensor(slots),
+        embeddings,
+        torch.tensor(joining) if joining else None,
+    )
+    assert torch.equal(got_cache, expected)
+    assert torch.equal(rows, expected[torch.tensor(slots)])
+
+
+def test_condition_rows_keep_a_models_own_conditioning(tiny_model: RET) -> None:
+    class Shifted(RET):
+        def condition(self, embedding: torch.Tensor) -> torch.Tensor:
+            return super().condition(embedding) + 1.0
+
+    model = Shifted(tiny_model.config).eval().requires_grad_(False)
+    embeddings = torch.randn(2, model.config.embedding_dim)
+    cache = torch.zeros(3, model.config.n_embd)
+    rows = CppStep(model).condition_rows(
+        cache, torch.tensor([2, 0]), embeddings, torch.tensor([2, 0])
+    )
+    assert torch.equal(rows, model.condition(embeddings))
+
+
 def test_step_function_picks_what_it_is_asked(tiny_model: RET) -> None:
     assert step_function(tiny_model, "eager") == tiny_model.step
     assert step_name(step_function(tiny_model, "eager")) == "eager"
@@ -419,6 +460,7 @@ def test_decode_is_bitwise_sampling_a_step_at_a_time(data: st.DataObject) -> Non
             step, args, caches[0], params, steps, history.clone(), config.vocab_size
         )
         controls = RowControls.of(params, eos_id=0, vocab_size=config.vocab_size)
+        assert controls.needs_uniforms == bool((~controls.greedy & ~controls.seeded).any())
         got = step.decode(
             cond,
             tokens,

@@ -125,7 +125,10 @@ def test_every_form_answers_what_generate_gives(served: RunningServer, checkpoin
 
 
 def test_a_full_queue_is_refused_by_the_front_end(tmp_path: Path, checkpoint: Path) -> None:
-    server = start(tmp_path, checkpoint, "--max-batch-size", "1", "--max-queue-size", "1")
+    # a step a call, no drafts: the first stream's 250 tokens take 250 round trips
+    flags = ("--max-batch-size", "1", "--max-queue-size", "1", "--steps-per-call", "1")
+    server = start(tmp_path, checkpoint, *flags, "--draft-tokens", "0")
+    (child,) = server.children()
     try:
         with server.channel() as channel:
             stub = pb_grpc.DecoderStub(channel)
@@ -139,8 +142,12 @@ def test_a_full_queue_is_refused_by_the_front_end(tmp_path: Path, checkpoint: Pa
                 return stub.GetModelInfo(pb.GetModelInfoRequest()).load.waiting
 
             poll(waiting, what="the second stream waits (ModelInfo.load.waiting)")
-            with pytest.raises(grpc.RpcError) as refused:
-                stub.Decode(pb.DecodeRequest(embedding=as_pb(EMBEDDINGS[1])), timeout=30)
+            os.kill(child, signal.SIGSTOP)  # nothing finishes now: the front end must refuse
+            try:
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.Decode(pb.DecodeRequest(embedding=as_pb(EMBEDDINGS[1])), timeout=30)
+            finally:
+                os.kill(child, signal.SIGCONT)
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "max_queue_size 1" in str(refused.value.details())
             first.cancel()
