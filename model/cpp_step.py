@@ -16,8 +16,9 @@ cards' loop breakers, for the byte and the BPE checkpoint, every output was the 
 sums rounded one by one, as ATen's ops round them.
 
 The extension is built by torch.utils.cpp_extension (g++ and ninja) on first use and cached
-under torch's extensions directory (`TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions);
-`python -m retd.model.cpp_step` builds it ahead of time (the Makefile's install does).
+under torch's extensions directory (`TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions),
+named by its sources' hash; `python -m retd.model.cpp_step` builds it ahead of time (the
+Makefile's install does).
 
     step = step_function(model, "auto")   # the C++ prefix step if it builds here, else eager
     logits = step(cond, tokens, positions, cache, slots, length, span)
@@ -77,9 +78,18 @@ def load_extension() -> ModuleType:
     with _lock:
         if _extension is None:
             started = time.monotonic()
-            _extension = build_extension(_EXTENSION_NAME, SOURCE)
+            _extension = build_extension(f"{_EXTENSION_NAME}_{source_digest(SOURCE)}", SOURCE)
             log.info("C++ decode step ready in %.1f s", time.monotonic() - started)
         return _extension
+
+
+def source_digest(source: Path) -> str:
+    """12 hex digits of `source` and the header beside it: in the extension's name, so that
+    revisions never share torch's build directory (two daemons of different revisions
+    building at once could otherwise each load the other's build)."""
+    digest = hashlib.sha256(source.read_bytes())
+    digest.update(source.with_name(HEADER.name).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def build_extension(name: str, source: Path) -> ModuleType:

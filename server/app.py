@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 import grpc
@@ -293,6 +294,9 @@ def torch_threads(setting: int) -> int:
 
 async def serve(config: ServerConfig) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the process exit status."""
+    # A thread engine's worker hands the GIL to the event loop's thread for each call of the
+    # model and waits for it back; a busy loop keeps it for up to the switch interval.
+    sys.setswitchinterval(config.switch_interval_ms / 1e3)
     daemon = Daemon(config)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 import threading
 
 from retd.server import heap
@@ -24,8 +25,9 @@ def serve_engine(read_fd: int, write_fd: int) -> int:
 
     from retd.server.ret_engine import load_ret_engine
 
-    spec, threads = read_frame(read_fd)
+    spec, threads, switch_interval = read_frame(read_fd)
     torch.set_num_threads(threads)
+    sys.setswitchinterval(switch_interval)
     sending = threading.Lock()
 
     def send(message: object) -> None:

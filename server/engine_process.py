@@ -82,7 +82,8 @@ class _Child:
         os.close(to_child_r)  # the child's ends: it alone holds them, so its exit is EOF here
         os.close(from_child_w)
         try:
-            write_frame(self.to_child, (spec, threads))
+            # the child keeps the GIL's switch interval this process runs with (`serve`'s)
+            write_frame(self.to_child, (spec, threads, sys.getswitchinterval()))
             reply = read_frame(self.from_child)
         except (EOFError, OSError):
             self.close_pipes()

@@ -8,6 +8,7 @@ The generic worker loop it plugs into is `Engine`'s (server/engine.py).
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -387,7 +388,8 @@ def load_ret_engine(spec: ModelSpec) -> RETEngine:
     draft = Draft(settings.draft_tokens, settings.draft_ngram) if settings.draft_tokens else None
     engine = RETEngine(spec.name, loaded, settings.scheduler, step, draft)
     log.info(
-        "model %s loaded: %s %s, %d parameters, %s on %s, %s step%s, sha256 %s",
+        "model %s loaded: %s %s, %d parameters, %s on %s, %s step%s, sha256 %s, GIL switch "
+        "interval %g ms",
         spec.name,
         loaded.architecture,
         loaded.version,
@@ -399,6 +401,7 @@ def load_ret_engine(spec: ModelSpec) -> RETEngine:
         if draft and step_name(step) == "prefix"
         else "",
         loaded.sha256[:12],
+        sys.getswitchinterval() * 1e3,
     )
     if not loaded.trained:
         log.warning(

@@ -53,6 +53,19 @@ def non_negative_float(name: str) -> Callable[[Any], float]:
     return parse
 
 
+def positive_float(name: str) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+        if not 0 < number < float("inf"):
+            raise ConfigError(f"{name}: expected a number > 0, got {value!r}")
+        return number
+
+    return parse
+
+
 def number_in(name: str, low: float, high: float, off: float) -> Callable[[Any], float]:
     """A number in [low, high]; `off` is the value that turns the setting off."""
 

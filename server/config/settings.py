@@ -23,6 +23,7 @@ from retd.server.config.parsers import (
     one_of,
     optional_path,
     port,
+    positive_float,
     positive_int,
 )
 from retd.server.config.schema import (
@@ -167,6 +168,13 @@ SETTINGS: tuple[Setting, ...] = (
         non_negative_int("torch_threads"),
         "CPU threads for torch; 0 (default) = one less than the cores, at most 4, "
         "leaving a core to the event loop",
+    ),
+    Setting(
+        "switch_interval_ms",
+        positive_float("switch_interval_ms"),
+        "how long a thread may keep the GIL while another waits for it (Python's "
+        "sys.setswitchinterval, 5 ms by default): how long a model's decode worker may wait "
+        "for the event loop's thread after each call of the model (default {default})",
     ),
     Setting(
         "grace_period",

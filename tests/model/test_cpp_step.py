@@ -347,6 +347,20 @@ def test_a_model_with_a_step_of_its_own_keeps_it(tiny_model: RET) -> None:
             step_function(model, impl)
 
 
+def test_each_revision_of_the_sources_builds_an_extension_of_its_own(tmp_path: Path) -> None:
+    """Daemons of two revisions building at once must not share torch's build directory."""
+    source, header = tmp_path / "ret_step.cpp", tmp_path / cpp_step.HEADER.name
+    source.write_text("// one\n")
+    header.write_text("// header\n")
+    first = cpp_step.source_digest(source)
+    header.write_text("// header, changed\n")
+    second = cpp_step.source_digest(source)
+    source.write_text("// two\n")
+    third = cpp_step.source_digest(source)
+    assert len({first, second, third}) == 3
+    assert load_extension().__name__.endswith(cpp_step.source_digest(cpp_step.SOURCE))
+
+
 def test_auto_falls_back_to_eager_where_the_step_cannot_be_built(
     tiny_model: RET,
     tmp_path: Path,

@@ -37,6 +37,7 @@ def test_defaults_with_one_checkpoint(checkpoint: Path) -> None:
         "continuous",
     )
     assert config.access_log is False
+    assert config.switch_interval_ms == 0.2
     assert parse(["--checkpoint", str(checkpoint), "--access-log", "on"]).access_log is True
     assert parse(["--checkpoint", str(checkpoint)], {"RETD_ACCESS_LOG": "yes"}).access_log is True
 
@@ -110,6 +111,8 @@ def test_no_model_named_serves_the_shipped_checkpoint() -> None:
         (["--grace-period", "-1"], {}, "grace_period: expected a number >= 0"),
         (["--batching", "dynamic"], {}, "batching: expected 'continuous' or 'static'"),
         (["--steps-per-call", "0"], {}, "steps_per_call: expected an integer >= 1"),
+        (["--switch-interval-ms", "0"], {}, "switch_interval_ms: expected a number > 0"),
+        ([], {"RETD_SWITCH_INTERVAL_MS": "inf"}, "switch_interval_ms: expected a number > 0"),
         (["--log-level", "loud"], {}, "log_level: expected one of"),
         ([], {"RETD_MAX_QUEUE_SIZE": "many"}, "max_queue_size: expected an integer"),
         (["--model", "nameonly"], {}, "--model: expected NAME=DIR"),

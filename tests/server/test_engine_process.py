@@ -156,6 +156,20 @@ def test_a_full_queue_is_refused_by_the_front_end(tmp_path: Path, checkpoint: Pa
         assert server.stop() == 0, server.log()
 
 
+@pytest.mark.parametrize("engine", ["thread", "process"])
+def test_the_daemons_gil_switch_interval_holds_in_each_engine(
+    tmp_path: Path, checkpoint: Path, engine: str
+) -> None:
+    """Where the decode worker runs (the daemon, or an engine process of its own), it runs
+    with the daemon's switch interval (the model's load line says which)."""
+    server = start(tmp_path, checkpoint, "--engine", engine, "--switch-interval-ms", "0.7")
+    try:
+        loaded = [line for line in server.log().splitlines() if "model ret_v21 loaded" in line]
+        assert loaded and all(line.endswith("GIL switch interval 0.7 ms") for line in loaded)
+    finally:
+        assert server.stop() == 0, server.log()
+
+
 def test_a_killed_engine_fails_its_calls_and_is_started_again(
     tmp_path: Path, checkpoint: Path
 ) -> None:
