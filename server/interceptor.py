@@ -10,18 +10,32 @@ no span."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from contextvars import Token
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from opentelemetry import context as context_api
+from opentelemetry.trace import Span
 
 from retd.server.gate import SHUTTING_DOWN, CallGate
 from retd.server.telemetry import Telemetry
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
-Observed = Callable[[grpc.aio.ServicerContext], contextlib.AbstractContextManager[bool]]
+
+
+@dataclass(slots=True)
+class Call:
+    """One call in flight, as the interceptor keeps it between `begin` and `end`."""
+
+    service: str
+    method: str
+    started: float
+    admitted: bool  # by the gate
+    span: Span
+    token: Token[context_api.Context]  # the span as the current one
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
@@ -45,33 +59,31 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
         if handler is None or service not in self.services:
             return handler
+        return _observing(handler, self, service, method)
 
-        def observed(context: grpc.aio.ServicerContext) -> contextlib.AbstractContextManager[bool]:
-            return self._observed(service, method, context)
-
-        return _observing(handler, observed, self.gate)
-
-    @contextlib.contextmanager
-    def _observed(
-        self, service: str, method: str, context: grpc.aio.ServicerContext
-    ) -> Iterator[bool]:
-        """Around a call, admitted or turned away: its span, current while it runs; at its
-        end, its status, metrics and log line. Yields whether the gate admitted it."""
+    def begin(self, service: str, method: str, context: grpc.aio.ServicerContext) -> Call:
+        """A call arrives: the gate admits it or not; its span starts, the current one
+        while it runs. (Begin and end rather than a context manager: two fewer generator
+        context managers a call, on the event loop's thread.)"""
         started = time.monotonic()
-        error: BaseException | None = None
         admitted = self.gate.enter()
-        with self.telemetry.rpc_span(service, method, context, self.host, self.port) as span:
-            try:
-                yield admitted
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                if admitted:
-                    self.gate.exit()
-                code = _outcome(context, error)
-                details = context.details() or (str(error) if error else "")
-                self.telemetry.finish_rpc(span, method, code, details, time.monotonic() - started)
+        span, token = self.telemetry.start_rpc(service, method, context, self.host, self.port)
+        return Call(service, method, started, admitted, span, token)
+
+    def end(
+        self, call: Call, context: grpc.aio.ServicerContext, error: BaseException | None
+    ) -> None:
+        """A call is over, admitted or turned away: its status, metrics and log line, and
+        its span ends."""
+        try:
+            if call.admitted:
+                self.gate.exit()
+            code = _outcome(context, error)
+            details = context.details() or (str(error) if error else "")
+            seconds = time.monotonic() - call.started
+            self.telemetry.finish_rpc(call.span, call.method, code, details, seconds)
+        finally:
+            self.telemetry.end_rpc(call.span, call.token)
 
 
 def _outcome(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
@@ -91,10 +103,10 @@ async def _refuse(gate: CallGate, context: grpc.aio.ServicerContext) -> None:
 
 
 def _observing(
-    handler: grpc.RpcMethodHandler, observed: Observed, gate: CallGate
+    handler: grpc.RpcMethodHandler, calls: CallInterceptor, service: str, method: str
 ) -> grpc.RpcMethodHandler:
-    """`handler` run inside `observed`, of the same streaming shape (a coroutine or an async
-    generator); a call the gate turns away never reaches it."""
+    """`handler` observed by `calls` (`begin` and `end` around it), of the same streaming
+    shape (a coroutine or an async generator); a call the gate turns away never reaches it."""
     options = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
@@ -103,11 +115,18 @@ def _observing(
         streams = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            with observed(context) as admitted:
-                if not admitted:
-                    await _refuse(gate, context)
+            call = calls.begin(service, method, context)
+            error: BaseException | None = None
+            try:
+                if not call.admitted:
+                    await _refuse(calls.gate, context)
                 async for item in streams(request, context):
                     yield item
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                calls.end(call, context, error)
 
         if handler.request_streaming:
             return grpc.stream_stream_rpc_method_handler(stream, **options)
@@ -116,10 +135,17 @@ def _observing(
     answers = handler.stream_unary if handler.request_streaming else handler.unary_unary
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        with observed(context) as admitted:
-            if not admitted:
-                await _refuse(gate, context)
+        call = calls.begin(service, method, context)
+        error: BaseException | None = None
+        try:
+            if not call.admitted:
+                await _refuse(calls.gate, context)
             return await answers(request, context)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            calls.end(call, context, error)
 
     if handler.request_streaming:
         return grpc.stream_unary_rpc_method_handler(unary, **options)

@@ -16,11 +16,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import grpc
+from opentelemetry import context as context_api
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
@@ -248,37 +249,39 @@ class Telemetry:
 
     # ---- one call ----------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def rpc_span(
+    def start_rpc(
         self,
         service: str,
         method: str,
         context: grpc.aio.ServicerContext,
         server_address: str,
         server_port: int,
-    ) -> Iterator[Span]:
-        """The server span of one call, continuing the caller's trace (W3C traceparent)."""
+    ) -> tuple[Span, Token[context_api.Context]]:
+        """The server span of one call, continuing the caller's trace (W3C traceparent),
+        made the current span; returns it and the token `end_rpc` takes. (What
+        `start_as_current_span` does, without its two generator context managers: a call's
+        span is made at ~1,400 calls/s on the event loop's thread.)"""
         carrier = {key: value for key, value in (context.invocation_metadata() or ())}
         parent = propagate.extract(carrier)
         _current_call.set(CallTally())
-        with self.tracer.start_as_current_span(
-            f"{service}/{method}",
-            context=parent,
-            kind=SpanKind.SERVER,
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            if span.is_recording():
-                span.set_attributes(
-                    {
-                        "rpc.system": "grpc",
-                        "rpc.service": service,
-                        "rpc.method": method,
-                        "server.address": server_address,
-                        "server.port": server_port,
-                    }
-                )
-            yield span
+        span = self.tracer.start_span(f"{service}/{method}", context=parent, kind=SpanKind.SERVER)
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "rpc.system": "grpc",
+                    "rpc.service": service,
+                    "rpc.method": method,
+                    "server.address": server_address,
+                    "server.port": server_port,
+                }
+            )
+        return span, context_api.attach(trace.set_span_in_context(span))
+
+    @staticmethod
+    def end_rpc(span: Span, token: Token[context_api.Context]) -> None:
+        """The call's span is no longer the current one, and ends (after `finish_rpc`)."""
+        context_api.detach(token)
+        span.end()
 
     def finish_rpc(
         self, span: Span, method: str, code: grpc.StatusCode, details: str, seconds: float

@@ -3,6 +3,7 @@ value and returns it typed, or raises a `ConfigError` that names the setting."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,47 +41,33 @@ def port(name: str) -> Callable[[Any], int]:
     return integer(name, 0, 65535)
 
 
-def non_negative_float(name: str) -> Callable[[Any], float]:
+def _number(name: str, ok: Callable[[float], bool], expected: str) -> Callable[[Any], float]:
+    """A number for which `ok` holds; `expected` says which, in the error."""
+
     def parse(value: Any) -> float:
         try:
             number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: expected a number, got {value!r}") from None
-        if not number >= 0:
-            raise ConfigError(f"{name}: expected a number >= 0, got {value!r}")
+        if not ok(number):
+            raise ConfigError(f"{name}: expected {expected}, got {value!r}")
         return number
 
     return parse
+
+
+def non_negative_float(name: str) -> Callable[[Any], float]:
+    return _number(name, lambda number: number >= 0, "a number >= 0")
 
 
 def positive_float(name: str) -> Callable[[Any], float]:
-    def parse(value: Any) -> float:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
-        if not 0 < number < float("inf"):
-            raise ConfigError(f"{name}: expected a number > 0, got {value!r}")
-        return number
-
-    return parse
+    return _number(name, lambda number: 0 < number < math.inf, "a number > 0")
 
 
 def number_in(name: str, low: float, high: float, off: float) -> Callable[[Any], float]:
     """A number in [low, high]; `off` is the value that turns the setting off."""
-
-    def parse(value: Any) -> float:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
-        if not low <= number <= high:
-            raise ConfigError(
-                f"{name}: expected a number in [{low:g}, {high:g}] ({off:g} = off), got {value!r}"
-            )
-        return number
-
-    return parse
+    expected = f"a number in [{low:g}, {high:g}] ({off:g} = off)"
+    return _number(name, lambda number: low <= number <= high, expected)
 
 
 def choice(name: str, choices: Sequence[str]) -> Callable[[Any], str]:
