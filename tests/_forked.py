@@ -10,6 +10,7 @@ With RETD_TEST_FORK=0 daemons start cold, by `subprocess.Popen`, as before."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -101,7 +102,10 @@ class ForkedProcess:
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:  # as Popen: never signal a pid that may have been reused
-            os.kill(self.pid, sig)
+            # and, as Popen, a process that exits between the poll and the kill is no error
+            # (its zygote reaps it and reports it a moment later)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
