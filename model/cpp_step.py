@@ -194,10 +194,11 @@ class CppStep:
         embeddings: Tensor | None = None,
         embedding_slots: Tensor | None = None,
     ) -> Tensor:
-        """The cond rows (B, C) a step reads, cond_cache (S, C)'s at slots (B,) long, once
-        the joiners' embeddings (J, E) have been conditioned (`RET.condition`, the same bits)
-        into their slots (J,) long of it: one call, where the same in torch takes ~5 (each
-        hands the GIL to other threads and waits to get it back)."""
+        """The cond rows (B, C) a step reads: cond_cache (S, C)'s rows at slots (B,) long,
+        after the joiners' embeddings (J, E) are conditioned (`RET.condition`, the same bits)
+        into cond_cache at embedding_slots (J,) long. One C++ call that keeps the GIL, where
+        torch ops from Python take ~5, each handing the GIL to other threads and waiting to
+        get it back."""
         if self._condition is not None:  # a model class with a condition of its own
             if embeddings is not None:
                 cond_cache[embedding_slots] = self._condition(embeddings.to(cond_cache.dtype))

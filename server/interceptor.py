@@ -30,7 +30,6 @@ Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandl
 class Call:
     """One call in flight, as the interceptor keeps it between `begin` and `end`."""
 
-    service: str
     method: str
     started: float
     admitted: bool  # by the gate
@@ -68,7 +67,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         started = time.monotonic()
         admitted = self.gate.enter()
         span, token = self.telemetry.start_rpc(service, method, context, self.host, self.port)
-        return Call(service, method, started, admitted, span, token)
+        return Call(method, started, admitted, span, token)
 
     def end(
         self, call: Call, context: grpc.aio.ServicerContext, error: BaseException | None
