@@ -149,11 +149,7 @@ class RETEngine(RETRequests, Engine):
         rows = step.rows
         steps = min(step.steps, self.loaded.config.max_length - max(r.position for r in rows))
         slots = torch.tensor([r.slot for r in rows])
-        joined = [r for r in rows if r.seq_id in joining]
-        embeddings = joined_slots = None
-        if joined:
-            embeddings = torch.from_numpy(np.stack([joining[r.seq_id].embedding for r in joined]))
-            joined_slots = torch.tensor([r.slot for r in joined])
+        embeddings, joined_slots = _joiners(rows, joining) or (None, None)
         params = [self._params[r.seq_id] for r in rows]
         controls = RowControls.of(params, self._eos_id, self.loaded.config.vocab_size)
         uniforms = torch.rand(steps, len(rows)) if controls.needs_uniforms else None
@@ -333,12 +329,11 @@ class RETEngine(RETRequests, Engine):
         self, rows: Sequence[Row], joining: Mapping[int, SequenceRequest]
     ) -> None:
         """Each joining row's conditioning vector into its slot."""
-        joined = [r for r in rows if r.seq_id in joining]
-        if joined:
-            batch = np.stack([joining[r.seq_id].embedding for r in joined])
-            joined_slots = torch.tensor([r.slot for r in joined], device=self.device)
-            self._cond[joined_slots] = self.loaded.model.condition(
-                torch.from_numpy(batch).to(self.device, self.dtype)
+        joiners = _joiners(rows, joining)
+        if joiners is not None:
+            embeddings, joined_slots = joiners
+            self._cond[joined_slots.to(self.device)] = self.loaded.model.condition(
+                embeddings.to(self.device, self.dtype)
             )
 
     def _result(self, finished: Finished, memory: MemorySample) -> SequenceResult:
@@ -368,6 +363,18 @@ class RETEngine(RETRequests, Engine):
     def _forget(self, seq_id: int) -> None:
         self._params.pop(seq_id, None)
         self._breakers.forget(seq_id)
+
+
+def _joiners(
+    rows: Sequence[Row], joining: Mapping[int, SequenceRequest]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The joining rows' embeddings (J, E) and slots (J,) long, on the CPU, made without a
+    torch op (none when no row joins)."""
+    joined = [r for r in rows if r.seq_id in joining]
+    if not joined:
+        return None
+    embeddings = np.stack([joining[r.seq_id].embedding for r in joined])
+    return torch.from_numpy(embeddings), torch.tensor([r.slot for r in joined])
 
 
 def _draft_room(params: SamplingParams, row: Row) -> int:
