@@ -16,7 +16,10 @@ A decoder spec is `name` or comma-separated `key=value` pairs:
   rpn=N        repetition_ngram_size N (the penalty's n-gram; 1 = every byte generated)
   max=N        max_new_tokens N (default: the model's max_length - 1, as `retd eval`)
   eos=B        eos_bias B: added to the end-of-sequence token's logit at every step (length)
-e.g. `greedy`, `nr=6`, `rp=1.3,rpn=4`, `nr=8,rp=1.2,max=160`.
+  cfg=W        guidance W (as classifier-free guidance): each step's logits plus W times the
+               log-probabilities given the embedding less those given a zero embedding (a
+               second pass of the model a step; measured here, not served)
+e.g. `greedy`, `nr=6`, `rp=1.3,rpn=4`, `nr=8,rp=1.2,max=160`, `rp=1.5,rpn=2,eos=-3,cfg=0.2`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 
 from retd.model.generation import FinishReason, SamplingParams, generate
-from retd.model.model import RET
+from retd.model.model import RET, KVCache
 from retd.model.tokenizer import BYTES, Tokenizer
 
 # Sentences of everyday kinds (news, questions, instructions, dialogue, ...) to show outputs on.
@@ -115,6 +118,7 @@ class Decoder:
     repetition_ngram_size: int = 1
     max_new_tokens: int | None = None
     eos_bias: float = 0.0
+    guidance: float = 0.0
 
     @classmethod
     def parse(cls, spec: str) -> Decoder:
@@ -126,6 +130,7 @@ class Decoder:
             "rpn": "repetition_ngram_size",
             "max": "max_new_tokens",
             "eos": "eos_bias",
+            "cfg": "guidance",
         }
         fields: dict[str, Any] = {}
         for item in spec.split(","):
@@ -146,6 +151,24 @@ class Decoder:
         )
 
 
+def guided_step(model: RET, rows: int, weight: float) -> Callable[..., torch.Tensor]:
+    """A `generate` step with guidance `weight`: the model's logits plus `weight` times its
+    log-probabilities given each row's embedding less those given a zero embedding, which
+    runs beside it in a cache of its own (`rows` slots)."""
+    config = model.config
+    with torch.no_grad():
+        unconditioned = model.condition(torch.zeros(1, config.embedding_dim))  # (1, C)
+    cache = KVCache(config, num_slots=rows, device="cpu", dtype=unconditioned.dtype)
+
+    def step(cond: torch.Tensor, *args: Any) -> torch.Tensor:
+        tokens, positions, own_cache, slots, *known = args
+        given = model.step(cond, tokens, positions, own_cache, slots, *known)  # (B, V)
+        blind = model.step(unconditioned.expand_as(cond), tokens, positions, cache, slots, *known)
+        return given + weight * (given.log_softmax(-1) - blind.log_softmax(-1))
+
+    return step
+
+
 def decode_all(
     model: RET,
     embeddings: torch.Tensor,
@@ -160,7 +183,9 @@ def decode_all(
     lengths: list[int] = []
     for start in range(0, len(embeddings), batch_size):
         chunk = embeddings[start : start + batch_size]
-        for result in generate(model, chunk, [params] * len(chunk), tokenizer=tokenizer):
+        step = guided_step(model, len(chunk), decoder.guidance) if decoder.guidance else None
+        rows = [params] * len(chunk)
+        for result in generate(model, chunk, rows, tokenizer=tokenizer, step=step):
             texts.append(result.text)
             reasons.append(result.finish_reason)
             lengths.append(len(result.text.encode("utf-8")))

@@ -29,6 +29,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, SpanFlags
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import SpanKind
 
+from retd.server.span_facts import DEFERRED, expand_record
 from retd.server.span_records import Context
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class RecordEncoder:
 
     def _fill(self, span: Span, record: tuple[Any, ...]) -> None:
         name, context, parent, kind, start, end, attributes, events, links, code, text, _ = record
+        if any(event[0] == DEFERRED for event in events):  # a sequence's facts, to expand
+            attributes, events = expand_record(attributes, events)
         pending: list[bytes] = []  # encoded pairs not yet in `span` (merged in order)
         pairs = self._pairs
         for key, value in attributes.items():

@@ -35,12 +35,16 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
 
+from retd.server.span_facts import DEFERRED, Facts
+
 Context = tuple[int, int, bool, int, tuple[tuple[str, str], ...]]
+
+_UNSET = Status(StatusCode.UNSET)  # a span's status until it is set (never changed in place)
 
 
 def context_record(context: SpanContext) -> Context:
     """A span context as builtins."""
-    state = tuple(context.trace_state.items())
+    state = tuple(context.trace_state.items()) if context.trace_state else ()
     return context.trace_id, context.span_id, context.is_remote, int(context.trace_flags), state
 
 
@@ -60,7 +64,7 @@ class RecordedSpan(trace.Span):
         context: SpanContext,
         parent: SpanContext | None,
         kind: SpanKind,
-        attributes: Mapping[str, types.AnyValue],
+        attributes: dict[str, types.AnyValue],
         links: Sequence[Link],
         start_time: int,
     ) -> None:
@@ -71,12 +75,12 @@ class RecordedSpan(trace.Span):
         self._kind = kind
         self._start_time = start_time
         self._end_time: int | None = None
-        self._attributes: dict[str, types.AnyValue] = dict(attributes)
-        self._events: list[tuple[str, dict[str, Any], int]] = []
+        self._attributes = attributes  # the span's own (`start_span` makes it)
+        self._events: list[tuple[str, Any, int]] = []  # deferred facts: span_facts.py
         self._links: list[tuple[Context, dict[str, Any]]] = []
         for link in links:
             self.add_link(link.context, link.attributes)
-        self._status = Status(StatusCode.UNSET)
+        self._status = _UNSET
         self._processor = tracer.processor
         self._scope = tracer.scope
         self.resource = tracer.resource
@@ -127,6 +131,15 @@ class RecordedSpan(trace.Span):
         if self._end_time is None:
             when = time.time_ns() if timestamp is None else timestamp
             self._events.append((name, dict(attributes or {}), when))
+
+    def defer(self, facts: Facts) -> None:
+        """A finished sequence's facts, kept where their attributes and events go: the export
+        child makes those (server/span_facts.py)."""
+        if self._end_time is None:
+            attributes = self._attributes
+            key = DEFERRED if DEFERRED not in attributes else f"{DEFERRED}{len(attributes)}"
+            attributes[key] = facts
+            self._events.append((DEFERRED, facts, 0))
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
         if self._end_time is None and _valid_link(context, attributes):
@@ -229,7 +242,9 @@ class RecordingTracer(trace.Tracer):
             span_context,
             parent,
             kind,
-            {**dict(sampling.attributes or {}), **dict(attributes or {})},
+            {**sampling.attributes, **(attributes or {})}
+            if sampling.attributes or attributes
+            else {},
             links,
             time.time_ns() if start_time is None else start_time,
         )

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 import grpc
 from opentelemetry import context as context_api
@@ -40,7 +40,6 @@ from retd.server.config import TelemetryConfig
 from retd.server.logs import access_log, hex_id
 from retd.server.metrics_endpoint import start_metrics_endpoint
 from retd.server.observed import (
-    Memory,
     ObservedEngine,
     Outcome,
     Params,
@@ -48,6 +47,7 @@ from retd.server.observed import (
     ServedVersion,
 )
 from retd.server.span_export import ProcessSpanExporter
+from retd.server.span_facts import Facts, annotate
 from retd.server.span_records import RecordingTracerProvider
 
 # Histogram buckets for latencies, in seconds (the SDK's defaults suit milliseconds).
@@ -350,67 +350,38 @@ class Telemetry:
         self.time_to_first_token.record(result.first_token_s, model)
         self.tokens_generated.add(len(result.token_ids), model)
         span = trace.get_current_span()
-        if not span.is_recording():
-            return
-        attributes: dict[str, Any] = {
-            "gen_ai.operation.name": "generate_content",
-            "gen_ai.request.model": engine.name,
-            "gen_ai.response.model": f"{engine.name}@{engine.description.version}",
-            "gen_ai.usage.output_tokens": len(result.token_ids),
-            "gen_ai.response.finish_reasons": [str(result.finish_reason)],
-            "retd.model.kind": engine.kind,
-            "retd.model.device": str(engine.device),
-            "retd.queue_ms": result.queue_s * 1e3,
-            "retd.time_to_first_token_ms": result.first_token_s * 1e3,
-            "retd.compute_ms": result.compute_s * 1e3,
-            "retd.total_ms": (result.queue_s + result.compute_s) * 1e3,
-            "retd.batch_size.min": result.batch_min,
-            "retd.batch_size.max": result.batch_max,
-            "retd.batch_size.mean": result.batch_mean,
-            **_request_attributes(served, request),
-            **_memory_attributes(result.memory),
-        }
-        span.set_attributes(attributes)
-        submitted = result.submitted_at
-        span.add_event("queued", timestamp=wall_ns(submitted))
-        span.add_event("admitted", timestamp=wall_ns(submitted + result.queue_s))
-        span.add_event("first_token", timestamp=wall_ns(submitted + result.first_token_s))
-        span.add_event("finished", timestamp=wall_ns(submitted + result.queue_s + result.compute_s))
+        if span.is_recording():
+            annotate(span, _facts(served, request, result))
 
 
-def _request_attributes(served: ServedVersion, request: SequenceFacts) -> dict[str, Any]:
-    """What the request asked for: a phrase bank's candidates, or the sampling parameters
-    (OpenTelemetry's gen_ai.request.*); unset ones are left out."""
+def _facts(served: ServedVersion, request: SequenceFacts, result: Outcome) -> Facts:
+    """A finished sequence's span facts (server/span_facts.py: `FIELDS`, in order): the model,
+    the result, and what the request asked for (a phrase bank's candidates, or the sampling
+    parameters: OpenTelemetry's gen_ai.request.*); None: unset."""
+    engine = served.ready_engine
     params = request.params
-    attributes: dict[str, Any] = {
-        "retd.priority": request.priority,
-        "retd.model.version": served.version,
-    }
     # a phrase bank's search has candidates; asked by attribute, not isinstance on the
     # Protocol (typing's structural check took ~25 us a call, 4% of the front end's CPU)
     candidates = getattr(params, "candidates", None)
-    if candidates is not None:
-        attributes["retd.candidates"] = candidates
-    else:
+    asked: tuple[int | float | None, ...] = (None,) * 5  # a search has no sampling
+    if candidates is None:
         params = cast(Params, params)
-        attributes.update(
-            {
-                "gen_ai.request.max_tokens": params.max_new_tokens,
-                "gen_ai.request.temperature": params.temperature,
-                "gen_ai.request.top_k": params.top_k or None,
-                "gen_ai.request.top_p": params.top_p,
-                "gen_ai.request.seed": request.seed if not params.greedy else None,
-            }
+        seed = None if params.greedy else request.seed
+        asked = (
+            params.max_new_tokens,
+            params.temperature,
+            params.top_k or None,
+            params.top_p,
+            seed,
         )
-    return {key: value for key, value in attributes.items() if value is not None}
-
-
-def _memory_attributes(memory: Memory | None) -> dict[str, int]:
-    if memory is None:
-        return {}
-    names = {
-        "retd.memory.device_allocated_bytes": memory.device_allocated_bytes,
-        "retd.memory.device_peak_bytes": memory.device_peak_bytes,
-        "retd.memory.rss_bytes": memory.rss_bytes,
-    }
-    return {name: value for name, value in names.items() if value is not None}
+    memory = result.memory
+    return (
+        engine.name, engine.description.version, engine.kind, str(engine.device),
+        len(result.token_ids), str(result.finish_reason), result.queue_s,
+        result.first_token_s, result.compute_s, wall_ns(result.submitted_at),
+        result.batch_min, result.batch_max, result.batch_mean, request.priority,
+        served.version, candidates, *asked,
+        None if memory is None else memory.device_allocated_bytes,
+        None if memory is None else memory.device_peak_bytes,
+        None if memory is None else memory.rss_bytes,
+    )  # fmt: skip

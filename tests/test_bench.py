@@ -184,3 +184,22 @@ def test_kept_servers_are_loaded_in_turn_and_their_spans_counted(
     log = capsys.readouterr().err
     received = int(log.split("OTLP receiver: ")[1].split()[0])
     assert f"spans for {calls} calls" in log and received >= calls
+
+
+def test_rounds_repeat_a_suites_loads() -> None:
+    """`--rounds N`: N rounds of a suite's loads (its own number without it); a suite that
+    runs once says so."""
+    from retd.server.bench.cli import suite_scenarios
+
+    own = suite_scenarios("telemetry", 1.0)
+    three = suite_scenarios("telemetry", 1.0, rounds=3)
+    assert len(own) == 6 * 4 and len(three) == 3 * 4
+    assert [s.name for s in three] == [s.name for s in own[:12]]
+    with pytest.raises(ValueError, match="--rounds: the batching suite runs once"):
+        suite_scenarios("batching", 1.0, rounds=3)
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "retd"), "bench", "--suite", "--rounds", "2",
+         "--checkpoint", "unused"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 2 and "the batching suite runs once" in run.stderr

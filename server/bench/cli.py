@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from .load import LoadGenerator
 from .raw import run_raw
 from .report import MODES, BenchConfig
 from .spawn import spawned_servers
-from .suites import SUITES, markdown_table, round_ratios, run_suite
+from .suites import SUITES, Scenario, markdown_table, round_ratios, run_suite
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "lines; sampling: greedy against sampled alone; or telemetry) on --checkpoint and "
         "print a markdown table",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="rounds of a suite that repeats its loads (all but batching; 0: its own number): "
+        "more rounds, a steadier median on a noisy machine",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -105,13 +114,27 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
 
 
+def suite_scenarios(name: str, duration: float, rounds: int = 0) -> list[Scenario]:
+    """The loads of suite `name`, `rounds` rounds of them if given (0: the suite's own)."""
+    suite: Callable[..., list[Scenario]] = SUITES[name]  # some take rounds
+    if not rounds:
+        return suite(duration)
+    if "rounds" not in inspect.signature(suite).parameters:
+        raise ValueError(f"--rounds: the {name} suite runs once")
+    return suite(duration, rounds=rounds)
+
+
 def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.suite:
         if args.checkpoint is None:
             print("retd bench --suite needs --checkpoint DIR", file=sys.stderr)
             return 2
-        scenarios = SUITES[args.suite](config.duration or 10.0)
+        try:
+            scenarios = suite_scenarios(args.suite, config.duration or 10.0, args.rounds)
+        except ValueError as error:
+            print(f"retd bench: {error}", file=sys.stderr)
+            return 2
         results = run_suite(args.checkpoint, scenarios)
         print(markdown_table(results))
         baselines = {s.name: s.baseline for s in scenarios if s.baseline}

@@ -102,6 +102,8 @@ def test_the_child_exports_flushes_and_is_replaced_when_it_dies(receiver: Receiv
         first = exporter._started()
         ours = os.getpriority(os.PRIO_PROCESS, 0)
         assert os.getpriority(os.PRIO_PROCESS, first.pid) == min(ours + NICE, 19)
+        if hasattr(os, "SCHED_IDLE"):  # Linux: the idle policy, over the niceness
+            assert os.sched_getscheduler(first.pid) == os.SCHED_IDLE
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
         exporter.export(spans({"b": 2}, [], SpanKind.SERVER, StatusCode.OK))

@@ -1,7 +1,8 @@
 """The daemon's spans for the OTLP export process (server/span_records.py): on any span a
 program makes, `RecordingTracer` decides what OpenTelemetry's SDK tracer decides (ids,
 parents, sampling, flags, trace state), and the export process encodes its record
-(server/otlp_encode.py) byte for byte as OpenTelemetry encodes the SDK's span."""
+(server/otlp_encode.py) byte for byte as OpenTelemetry encodes the SDK's span, a finished
+sequence's facts deferred to it (server/span_facts.py) included."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from opentelemetry.trace.span import TraceState
 
 from retd.server.otlp_encode import RecordEncoder
+from retd.server.span_facts import FIELDS, Facts, annotate
 from retd.server.span_records import RecordedSpan, RecordingTracerProvider
 
 RESOURCE = Resource({"service.name": "retd"})
@@ -64,7 +66,10 @@ scalars = st.one_of(
     st.floats(allow_nan=False),
 )
 values = st.one_of(scalars, st.lists(st.text(max_size=4), max_size=3), st.lists(st.integers()))
-keys = st.sampled_from(["a", "b"]) | st.text(min_size=1, max_size=6)  # keys set again, too
+# keys set again, too; some a sequence's facts set (server/span_facts.py)
+keys = st.sampled_from(["a", "b", "retd.priority", "gen_ai.request.model"]) | st.text(
+    min_size=1, max_size=6
+)
 attributes = st.dictionaries(keys, values, max_size=5)
 timestamps = st.integers(1, 2**62)
 statuses = st.sampled_from(list(StatusCode))
@@ -79,7 +84,21 @@ steps = st.one_of(
     st.tuples(st.just("name"), st.text(max_size=6)),
     st.tuples(st.just("link"), st.tuples(st.booleans(), attributes)),
     st.tuples(st.just("exception"), st.tuples(attributes, timestamps)),
+    st.tuples(st.just("facts"), st.lists(st.integers(0, 10**6), min_size=8, max_size=8)),
 )
+
+
+def _facts(draw: list[int]) -> Facts:
+    """A finished sequence's facts (`span_facts.FIELDS`) from eight numbers; each optional
+    one unset where its number is even."""
+    a, b, c, d, e, f, g, h = draw
+    maybe = [None if n % 2 == 0 else n for n in draw]
+    return (
+        f"model{a % 3}", "2.1.0", "ret", "cpu", b, "stop", c / 1e4, d / 1e4, e / 1e3,
+        10**18 + f, 1, 64, g / 7, h % 3, a, maybe[0], maybe[1], maybe[2] and c / 10,
+        maybe[3], maybe[4] and d / 1e6, maybe[5], maybe[6], maybe[7], maybe[5],
+    )  # fmt: skip
+
 
 samplers: dict[str, Sampler] = {
     "always_on": ALWAYS_ON,
@@ -140,6 +159,8 @@ def _apply(span: trace.Span, step: tuple[str, Any], error: BaseException) -> Non
     elif what == "link":
         valid, attrs = args
         span.add_link(_link_context(valid), attrs)
+    elif what == "facts":  # expanded on the SDK's span, deferred to the export on ours
+        annotate(span, _facts(args))
     else:
         attrs, when = args
         span.record_exception(error, attrs, when)
@@ -206,3 +227,7 @@ def test_recorded_spans_export_as_the_sdks(program: Program) -> None:
     recorded, recorded_seen = _run(program, recording=True, error=error)
     assert recorded_seen == sdk_seen
     assert recorded == sdk
+
+
+def test_facts_are_as_many_as_their_fields() -> None:
+    assert len(_facts(list(range(8)))) == len(FIELDS)

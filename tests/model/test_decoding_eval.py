@@ -1,0 +1,42 @@
+"""`python -m retd.model.decoding_eval`'s decoders: their specs, the loop detector, and
+guidance (`cfg=W`) as a second pass a step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from retd.model.decoding_eval import Decoder, decode_all, guided_step, loops
+from retd.model.generation import generate
+from tests.model.conftest import seeded_model
+
+
+def test_specs_parse_into_their_fields() -> None:
+    decoder = Decoder.parse("rp=1.5,rpn=2,eos=-3,cfg=0.25,max=40")
+    assert (decoder.repetition_penalty, decoder.repetition_ngram_size) == (1.5, 2)
+    assert (decoder.eos_bias, decoder.guidance, decoder.max_new_tokens) == (-3.0, 0.25, 40)
+    assert Decoder.parse("greedy") == Decoder("greedy")
+    with pytest.raises(ValueError, match="expected key=value"):
+        Decoder.parse("guidance=1")
+
+
+@given(st.text(alphabet="abc ", max_size=12), st.integers(3, 5))
+def test_a_stretch_said_three_times_in_a_row_loops(stretch: str, times: int) -> None:
+    if len(stretch) >= 3:
+        assert loops("x" + stretch * times)
+    assert not loops("The cat sat on the mat.")
+
+
+def test_guidance_zero_is_the_plain_decoder_and_guidance_changes_outputs() -> None:
+    model = seeded_model("ret_tiny", seed=3)
+    embeddings = torch.randn(12, model.config.embedding_dim)
+    plain = decode_all(model, embeddings, Decoder.parse("max=24"))
+    params = [Decoder.parse("max=24").params(model.config.max_length)] * len(embeddings)
+    unguided = generate(model, embeddings, params, step=guided_step(model, len(embeddings), 0.0))
+    assert [r.text for r in unguided] == plain[0]  # the guided step's own pass is the model's
+    guided = decode_all(model, embeddings, Decoder.parse("max=24,cfg=2"))
+    assert guided[0] != plain[0]  # the second pass moves the argmax of some rows
+    batched = decode_all(model, embeddings, Decoder.parse("max=24,cfg=2"), batch_size=5)
+    assert batched == guided  # each row's guidance is its own, whatever the batch
