@@ -140,10 +140,15 @@ def daemon_rss_bytes() -> int | None:
     if own is None:
         return None
     try:  # a child is listed under the thread that started it
-        tasks = Path("/proc/self/task").iterdir()
-        children = [pid for task in tasks for pid in (task / "children").read_text().split()]
+        tasks = list(Path("/proc/self/task").iterdir())
     except OSError:
         return own
+    children: list[str] = []
+    for task in tasks:
+        try:
+            children += (task / "children").read_text().split()
+        except OSError:  # a thread that ended since the listing: the others still count
+            continue
     return own + sum(rss_bytes(pid) or 0 for pid in children)
 
 

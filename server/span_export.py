@@ -14,8 +14,8 @@ daemon would make it: the endpoint given, and the standard `OTEL_EXPORTER_OTLP_*
 environment (headers, certificates, compression, timeout), which the child inherits. The
 child runs at the lowest CPU priority (`lower_priority`) so that on a busy machine serving
 comes first. A flush or shutdown in the daemon waits until the child has exported everything
-sent before it. A child that dies is started again at the next batch; the batch it had is lost and
-logged, as a failed export is.
+sent before it. A child that dies is started again at the next batch; the batch it had is
+lost and logged, as a failed export is.
 """
 
 from __future__ import annotations

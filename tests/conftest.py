@@ -48,8 +48,11 @@ class RunningServer:
         """The daemon's child processes (its engine processes, with `--engine process`)."""
         children: list[int] = []
         for task in Path(f"/proc/{self.process.pid}/task").iterdir():
-            with (task / "children").open() as f:
-                children += [int(pid) for pid in f.read().split()]
+            try:
+                listed = (task / "children").read_text()
+            except FileNotFoundError:  # a thread that ended since the listing
+                continue
+            children += [int(pid) for pid in listed.split()]
         return children
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
