@@ -26,11 +26,13 @@ import contextlib
 import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, cast
 
 from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.sampling import DEFAULT_ON, Decision
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
@@ -40,6 +42,7 @@ from retd.server.span_facts import DEFERRED, Facts
 Context = tuple[int, int, bool, int, tuple[tuple[str, str], ...]]
 
 _UNSET = Status(StatusCode.UNSET)  # a span's status until it is set (never changed in place)
+_NO_ATTRIBUTES: Mapping[str, types.AnyValue] = MappingProxyType({})
 
 
 def context_record(context: SpanContext) -> Context:
@@ -223,8 +226,13 @@ class RecordingTracer(trace.Tracer):
         else:
             trace_id = parent.trace_id
             random_trace_id = parent.trace_flags.random_trace_id
-        sampling = self.sampler.should_sample(context, trace_id, name, kind, attributes, links)
-        flags = TraceFlags.SAMPLED if sampling.decision.is_sampled() else TraceFlags.DEFAULT
+        if parent is None and self.sampler is DEFAULT_ON:  # what it decides for a new trace
+            decision, trace_state, extra = Decision.RECORD_AND_SAMPLE, None, _NO_ATTRIBUTES
+        else:
+            sampling = self.sampler.should_sample(context, trace_id, name, kind, attributes, links)
+            decision, trace_state = sampling.decision, sampling.trace_state
+            extra = sampling.attributes
+        flags = TraceFlags.SAMPLED if decision.is_sampled() else TraceFlags.DEFAULT
         if random_trace_id:
             flags |= TraceFlags.RANDOM_TRACE_ID
         span_context = SpanContext(
@@ -232,9 +240,9 @@ class RecordingTracer(trace.Tracer):
             self.ids.generate_span_id(),
             is_remote=False,
             trace_flags=TraceFlags(flags),
-            trace_state=sampling.trace_state,
+            trace_state=trace_state,
         )
-        if not sampling.decision.is_recording():
+        if not decision.is_recording():
             return trace.NonRecordingSpan(span_context)
         return RecordedSpan(
             self,
@@ -242,9 +250,7 @@ class RecordingTracer(trace.Tracer):
             span_context,
             parent,
             kind,
-            {**sampling.attributes, **(attributes or {})}
-            if sampling.attributes or attributes
-            else {},
+            {**extra, **(attributes or {})} if extra or attributes else {},
             links,
             time.time_ns() if start_time is None else start_time,
         )

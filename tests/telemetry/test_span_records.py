@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
+    DEFAULT_ON,
     ParentBased,
     Sampler,
     TraceIdRatioBased,
@@ -101,6 +102,7 @@ def _facts(draw: list[int]) -> Facts:
 
 
 samplers: dict[str, Sampler] = {
+    "default": DEFAULT_ON,  # the very object: the recording tracer's shortcut for new traces
     "always_on": ALWAYS_ON,
     "always_off": ALWAYS_OFF,
     "parentbased_always_on": ParentBased(ALWAYS_ON),
