@@ -21,7 +21,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-#: What `record_sequence` gathers, in this order (server/telemetry.py `sequence_facts`).
+#: What `record_sequence` gathers, in this order (server/telemetry.py `_facts`).
 FIELDS = (
     "model", "model_version_name", "kind", "device", "output_tokens", "finish_reason",
     "queue_s", "first_token_s", "compute_s", "submitted_ns", "batch_min", "batch_max",
