@@ -21,14 +21,6 @@ from typing import Any
 
 from opentelemetry import trace
 
-#: What `record_sequence` gathers, in this order (server/telemetry.py `_facts`).
-FIELDS = (
-    "model", "model_version_name", "kind", "device", "output_tokens", "finish_reason",
-    "queue_s", "first_token_s", "compute_s", "submitted_ns", "batch_min", "batch_max",
-    "batch_mean", "priority", "version", "candidates", "max_tokens", "temperature", "top_k",
-    "top_p", "seed", "device_allocated_bytes", "device_peak_bytes", "rss_bytes",
-)  # fmt: skip
-
 #: Keys of a span's attributes, and names of its events, that stand for deferred facts: no
 #: caller's (OpenTelemetry's keys and names are printable).
 DEFERRED = "\x00retd.deferred"
@@ -38,7 +30,9 @@ Event = tuple[str, Any, int]  # name, attributes (or deferred facts), wall-clock
 
 
 def expand(facts: Facts) -> tuple[dict[str, Any], list[tuple[str, int]]]:
-    """The facts' attributes (unset ones left out) and stage events (name, wall-clock ns)."""
+    """The facts' attributes (unset ones left out) and stage events (name, wall-clock ns).
+    The facts are the 24 this unpacks, in its order (server/telemetry.py `_facts` makes
+    them)."""
     (
         model, model_version_name, kind, device, output_tokens, finish_reason,
         queue_s, first_token_s, compute_s, submitted_ns, batch_min, batch_max,

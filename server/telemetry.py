@@ -355,7 +355,7 @@ class Telemetry:
 
 
 def _facts(served: ServedVersion, request: SequenceFacts, result: Outcome) -> Facts:
-    """A finished sequence's span facts (server/span_facts.py: `FIELDS`, in order): the model,
+    """A finished sequence's span facts (in the order `span_facts.expand` unpacks): the model,
     the result, and what the request asked for (a phrase bank's candidates, or the sampling
     parameters: OpenTelemetry's gen_ai.request.*); None: unset."""
     engine = served.ready_engine

@@ -31,7 +31,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from opentelemetry.trace.span import TraceState
 
 from retd.server.otlp_encode import RecordEncoder
-from retd.server.span_facts import FIELDS, Facts, annotate
+from retd.server.span_facts import Facts, annotate, expand
 from retd.server.span_records import RecordedSpan, RecordingTracerProvider
 
 RESOURCE = Resource({"service.name": "retd"})
@@ -90,8 +90,8 @@ steps = st.one_of(
 
 
 def _facts(draw: list[int]) -> Facts:
-    """A finished sequence's facts (`span_facts.FIELDS`) from eight numbers; each optional
-    one unset where its number is even."""
+    """A finished sequence's facts (as `span_facts.expand` takes them) from eight numbers;
+    each optional one unset where its number is even."""
     a, b, c, d, e, f, g, h = draw
     maybe = [None if n % 2 == 0 else n for n in draw]
     return (
@@ -231,5 +231,7 @@ def test_recorded_spans_export_as_the_sdks(program: Program) -> None:
     assert recorded == sdk
 
 
-def test_facts_are_as_many_as_their_fields() -> None:
-    assert len(_facts(list(range(8)))) == len(FIELDS)
+def test_the_facts_drawn_are_what_expand_takes() -> None:
+    attributes, events = expand(_facts([1] * 8))  # every optional fact set
+    assert len(attributes) == 25
+    assert [name for name, _ in events] == ["queued", "admitted", "first_token", "finished"]
