@@ -102,11 +102,16 @@ def expand_record(
         return found
 
     flat: dict[str, Any] = {}
-    for key, value in attributes.items():
-        pairs = expanded(value)[0].items() if key.startswith(DEFERRED) else ((key, value),)
-        for name, item in pairs:  # set again: to the end, as in the SDK's attributes
-            flat.pop(name, None)
-            flat[name] = item
+    for key, value in attributes.items():  # a key set again moves to the end, as in the SDK's
+        if key.startswith(DEFERRED):
+            facts = expanded(value)[0]
+            if not flat.keys().isdisjoint(facts):
+                for name in facts:
+                    flat.pop(name, None)
+            flat.update(facts)
+        else:
+            flat.pop(key, None)
+            flat[key] = value
     stages: list[Event] = []
     for name, event_attributes, timestamp in events:
         if name == DEFERRED:

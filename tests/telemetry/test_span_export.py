@@ -43,11 +43,12 @@ ENCODER = RecordEncoder()  # one for every example: pairs it has seen before com
 
 def spans(
     attrs: dict[str, object],
-    events: list[dict[str, object]],
+    events: list[tuple[dict[str, object], int]],
     kind: SpanKind,
     status: StatusCode,
 ) -> list[ReadableSpan]:
-    """A parent and a child span linked to it, with `attrs` and `events`, finished."""
+    """A parent and a child span linked to it, with `attrs` and `events` (attributes,
+    timestamp), finished."""
     memory = InMemorySpanExporter()
     provider = TracerProvider(resource=Resource({"service.name": "retd", "r": 1}))
     provider.add_span_processor(SimpleSpanProcessor(memory))
@@ -55,8 +56,8 @@ def spans(
     with tracer.start_as_current_span("parent", kind=kind) as parent:
         links = [Link(parent.get_span_context(), {"why": "item"})]
         with tracer.start_as_current_span("child", links=links, attributes=attrs) as child:
-            for i, event in enumerate(events):
-                child.add_event(f"e{i}", event, timestamp=1_000 + i)
+            for i, (event, timestamp) in enumerate(events):
+                child.add_event(f"e{i % 2}", event, timestamp=timestamp)
             child.set_status(Status(status, "why" if status is StatusCode.ERROR else None))
     return list(memory.get_finished_spans())
 
@@ -64,13 +65,17 @@ def spans(
 @settings(max_examples=40, deadline=None)
 @given(
     attributes,
-    st.lists(attributes, max_size=4),
+    # events with attributes and without (encoded from their name's bytes), at any time
+    st.lists(
+        st.tuples(attributes, st.sampled_from([0, 1, 2**64 - 1]) | st.integers(0, 2**64 - 1)),
+        max_size=4,
+    ),
     st.sampled_from(list(SpanKind)),
     st.sampled_from(list(StatusCode)),
 )
 def test_records_encode_as_opentelemetry_encodes_the_spans(
     attrs: dict[str, object],
-    events: list[dict[str, object]],
+    events: list[tuple[dict[str, object], int]],
     kind: SpanKind,
     status: StatusCode,
 ) -> None:
@@ -79,6 +84,18 @@ def test_records_encode_as_opentelemetry_encodes_the_spans(
     records = [span_record(span) for span in originals]
     encoded = ENCODER.request(resource, records).SerializeToString()
     assert encoded == encode_spans(originals).SerializeToString()
+
+
+def test_values_that_compare_equal_encode_apart() -> None:
+    """1 == True == 1.0 and 0.0 == -0.0 in Python: an encoder that kept one's bytes for
+    another's would export the wrong type or sign."""
+    encoder = RecordEncoder()
+    lookalikes = [1, True, 1.0, "1", [1], [True], [1.0], ["1"], (1,), 0.0, -0.0, [0.0], [-0.0]]
+    for value in lookalikes + lookalikes[::-1]:
+        originals = spans({"a": value}, [], SpanKind.SERVER, StatusCode.UNSET)
+        records = [span_record(span) for span in originals]
+        encoded = encoder.request(originals[0].resource, records).SerializeToString()
+        assert encoded == encode_spans(originals).SerializeToString(), value
 
 
 def test_the_encoders_pairs_stay_bounded() -> None:
