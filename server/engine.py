@@ -134,21 +134,28 @@ def rss_bytes(pid: int | str = "self") -> int | None:
         return None
 
 
+def child_pids(pid: int | str = "self") -> list[int]:
+    """The child processes of a process, this one by default (Linux: each is listed under the
+    thread that started it; a thread that ends while they are read is passed over). OSError
+    where the process's threads cannot be listed."""
+    children: list[int] = []
+    for task in list(Path(f"/proc/{pid}/task").iterdir()):
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:  # a thread that ended since the listing: the others still count
+            continue
+    return children
+
+
 def daemon_rss_bytes() -> int | None:
     """Resident memory of this process and its children (its engine processes)."""
     own = rss_bytes()
     if own is None:
         return None
-    try:  # a child is listed under the thread that started it
-        tasks = list(Path("/proc/self/task").iterdir())
+    try:
+        children = child_pids()
     except OSError:
         return own
-    children: list[str] = []
-    for task in tasks:
-        try:
-            children += (task / "children").read_text().split()
-        except OSError:  # a thread that ended since the listing: the others still count
-            continue
     return own + sum(rss_bytes(pid) or 0 for pid in children)
 
 

@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from retd.server.bench.spawn import PLAIN_GREEDY
+from retd.server.engine import child_pids
 from tests._forked import ForkedProcess, popen
 from tests._wait import poll
 
@@ -46,14 +47,7 @@ class RunningServer:
 
     def children(self) -> list[int]:
         """The daemon's child processes (its engine processes, with `--engine process`)."""
-        children: list[int] = []
-        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
-            try:
-                listed = (task / "children").read_text()
-            except FileNotFoundError:  # a thread that ended since the listing
-                continue
-            children += [int(pid) for pid in listed.split()]
-        return children
+        return child_pids(self.process.pid)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.process.poll() is None:
