@@ -25,7 +25,7 @@ import logging
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -38,6 +38,8 @@ from retd.server.span_facts import DEFERRED, expand_record
 from retd.server.span_records import Context
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _KINDS = {kind.value: Span.SpanKind.Value(f"SPAN_KIND_{kind.name}") for kind in SpanKind}
 _HAS_IS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
@@ -110,8 +112,9 @@ class RecordEncoder:
         for key, value in attributes.items():
             of = type(value)
             if of is str or of is int or of is bool or (of in _SEQUENCES and _strings(value)):
-                pair = pairs.get((key, of, value if of is not list else tuple(value)))
-                pending.append(pair if pair is not None else self._pair(key, of, value))
+                kept = (key, of, value if of is not list else tuple(value))
+                pair = pairs.get(kept)
+                pending.append(pair if pair is not None else self._pair(kept, value))
             elif of is float and (prefix := floats.get(key) or self._float(key)):
                 pending += (prefix, _DOUBLE.pack(value))  # floats seldom repeat: keys do
             else:
@@ -153,24 +156,17 @@ class RecordEncoder:
             status.message = text
         span.flags = _flags(parent)
 
-    def _pair(self, key: str, kind: type, value: Any) -> bytes:
-        """A string, int, bool or list-of-strings attribute encoded, and kept: they repeat."""
-        pair = Span(attributes=_attributes({key: value})).SerializeToString()
-        if len(self._pairs) >= _PAIRS:
-            self._pairs.clear()
-        self._pairs[key, kind, value if kind is not list else tuple(value)] = pair
-        return pair
+    def _pair(self, kept: tuple[str, type, Any], value: Any) -> bytes:
+        """A string, int, bool or list-of-strings attribute encoded, and kept (under `kept`:
+        its key, type and hashable value): they repeat."""
+        pair = Span(attributes=_attributes({kept[0]: value})).SerializeToString()
+        return _keep(self._pairs, kept, pair)
 
     def _float(self, key: str) -> bytes | None:
         """A float attribute's bytes before its value (a double is the last 8 bytes of its
         pair, whatever the value), kept; None for a key that cannot be encoded."""
         around = _split(Span(attributes=_attributes({key: _PROBE_FLOAT})), _PROBE_FLOAT_BYTES)
-        if around is None:
-            return None
-        if len(self._floats) >= _PAIRS:
-            self._floats.clear()
-        self._floats[key] = around[0]
-        return around[0]
+        return None if around is None else _keep(self._floats, key, around[0])
 
     def _stage(self, name: str) -> tuple[bytes, bytes] | None:
         """An event without attributes, as the bytes around its time (a fixed64; a time of 0,
@@ -181,11 +177,7 @@ class RecordEncoder:
             around = _split(
                 Span(events=[Span.Event(name=name, time_unix_nano=_PROBE_TIME)]), _PROBE_TIME_BYTES
             )
-        if around is not None:
-            if len(self._stages) >= _PAIRS:
-                self._stages.clear()
-            self._stages[name] = around
-        return around
+        return None if around is None else _keep(self._stages, name, around)
 
 
 _SEQUENCES = (list, tuple)  # of strings, the ones encoded once (an SDK span's are tuples)
@@ -197,6 +189,14 @@ _PROBE_FLOAT = 1.0000000000000002  # 01 00 00 00 00 00 f0 3f
 _PROBE_FLOAT_BYTES = _DOUBLE.pack(_PROBE_FLOAT)
 _PROBE_TIME = 0x0123456789ABCDEF  # ef cd ab 89 67 45 23 01
 _PROBE_TIME_BYTES = _FIXED64.pack(_PROBE_TIME)
+
+
+def _keep(cache: dict[Any, T], key: Any, value: T) -> T:
+    """`value` kept in `cache` under `key`; a full cache starts again (see `_PAIRS`)."""
+    if len(cache) >= _PAIRS:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def _split(message: Any, value: bytes) -> tuple[bytes, bytes] | None:
