@@ -23,10 +23,11 @@ from retd.model.kinds import (
 from retd.server.admin import ADMIN_SERVICE, RepositoryService
 from retd.server.calls import add_service
 from retd.server.config import BATCH_ITEM_WIRE_BYTES, ModelSpec, ServerConfig
-from retd.server.engine import ServingEngine, daemon_rss_bytes
+from retd.server.engine import Engine, ServingEngine, daemon_rss_bytes
 from retd.server.engine_process import EngineProcess
 from retd.server.gate import CallGate
 from retd.server.interceptor import CallInterceptor
+from retd.server.placement import Placement, place_daemon
 from retd.server.repository import ModelRegistry, ServingListener
 from retd.server.security import (
     TokenAuthInterceptor,
@@ -47,22 +48,25 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def load_engine(spec: ModelSpec, threads: int | None = None) -> ServingEngine:
+def load_engine(
+    spec: ModelSpec, threads: int | None = None, cpus: frozenset[int] = frozenset()
+) -> ServingEngine:
     """Load a checkpoint of any kind (its card names it) onto its device and warm it up
     (runs off the event loop). `threads`: torch's CPU threads (the `torch_threads` setting,
-    resolved), for the model's process; None leaves torch's own choice.
+    resolved), for the model's process; None leaves torch's own choice. `cpus`: where its
+    decode worker runs (server/placement.py; empty: anywhere).
 
     With `engine = "process"` a RET model loads in an engine process of its own, and this
     process never imports torch for it."""
     kind = checkpoint_kind(spec.checkpoint)
     if kind == RET_KIND and spec.settings.engine == "process":
         # warm when it says it is ready
-        return EngineProcess(spec, threads if threads is not None else torch_threads(0))
+        return EngineProcess(spec, threads if threads is not None else torch_threads(0), cpus)
     import torch
 
     if threads is not None:
         torch.set_num_threads(threads)
-    engine: ServingEngine
+    engine: Engine
     if kind == RET_KIND:
         from retd.server.ret_engine import load_ret_engine
 
@@ -72,6 +76,7 @@ def load_engine(spec: ModelSpec, threads: int | None = None) -> ServingEngine:
 
         engine = load_phrase_bank_engine(spec)
     engine.warm_up()
+    engine.worker_cpus = cpus
     return engine
 
 
@@ -88,14 +93,25 @@ def health_listener(servicer: health.aio.HealthServicer) -> ServingListener:
 class Daemon:
     """A running retd server; `stop()` drains it."""
 
-    def __init__(self, config: ServerConfig, telemetry: Telemetry | None = None) -> None:
-        """`telemetry`: built from the config when None (tests pass their own providers)."""
+    def __init__(
+        self,
+        config: ServerConfig,
+        telemetry: Telemetry | None = None,
+        placement: Placement | None = None,
+    ) -> None:
+        """`telemetry`: built from the config when None (tests pass their own providers);
+        `placement`: where the models' decode workers run (`serve` pins the process to it;
+        None: anywhere)."""
         self.config = config
         self.telemetry = telemetry
         self.health = health.aio.HealthServicer()
         self.models = ModelRegistry(
             config.models,
-            functools.partial(load_engine, threads=torch_threads(config.torch_threads)),
+            functools.partial(
+                load_engine,
+                threads=torch_threads(config.torch_threads),
+                cpus=(placement or Placement()).workers,
+            ),
             repository=config.repository,
             model_defaults=config.model_defaults,
             default_model=config.default_model,
@@ -297,7 +313,10 @@ async def serve(config: ServerConfig) -> int:
     # A thread engine's worker hands the GIL to the event loop's thread for each call of the
     # model and waits for it back; a busy loop keeps it for up to the switch interval.
     sys.setswitchinterval(config.switch_interval_ms / 1e3)
-    daemon = Daemon(config)
+    # Every thread of the process now; the threads and children to come inherit it.
+    models = None if config.repository.path is not None else len(config.models)
+    placement = place_daemon(config.worker_cpus, torch_threads(config.torch_threads), models)
+    daemon = Daemon(config, placement=placement)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -31,6 +31,7 @@ from retd.model.decoding import FinishReason, OutputBuffer, SamplingParams
 from retd.model.tokenizer import BYTES, Tokenizer
 from retd.server.config import DecodeDefaults
 from retd.server.errors import ErrorKind, ServeError
+from retd.server.placement import pin_thread
 from retd.server.requests import SearchParams, SequenceRequest
 from retd.server.scheduler import (
     Aborted,
@@ -346,6 +347,7 @@ class Engine(abc.ABC):
         self._wakeup = threading.Condition(self._lock)
         self._closing = False
         self._thread = threading.Thread(target=self._work, name=f"retd-worker-{name}", daemon=True)
+        self.worker_cpus: frozenset[int] = frozenset()  # where `_work` runs (empty: anywhere)
         # Set in an engine process (server/engine_process.py): events go to it, not to handles.
         self._sink: Callable[[list[tuple[int, Event]], EngineStats], None] | None = None
 
@@ -439,6 +441,7 @@ class Engine(abc.ABC):
         import torch
 
         torch.set_grad_enabled(False)
+        pin_thread(self.worker_cpus)  # its torch threads, started from it, inherit the CPUs
         while True:
             with self._lock:
                 step = self._next_step()

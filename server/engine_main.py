@@ -25,7 +25,7 @@ def serve_engine(read_fd: int, write_fd: int) -> int:
 
     from retd.server.ret_engine import load_ret_engine
 
-    spec, threads, switch_interval = read_frame(read_fd)
+    spec, threads, switch_interval, cpus = read_frame(read_fd)
     torch.set_num_threads(threads)
     sys.setswitchinterval(switch_interval)
     sending = threading.Lock()
@@ -46,6 +46,7 @@ def serve_engine(read_fd: int, write_fd: int) -> int:
         send(("events", events, stats, engine.device_memory()))
 
     engine._sink = sink
+    engine.worker_cpus = cpus
     engine.start()
     dtype = str(engine.dtype).removeprefix("torch.")
     info = EngineInfo(

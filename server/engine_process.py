@@ -66,7 +66,7 @@ class EngineInfo:
 class _Child:
     """One running engine process, as the front end sees it: the process and its pipes."""
 
-    def __init__(self, spec: ModelSpec, threads: int) -> None:
+    def __init__(self, spec: ModelSpec, threads: int, cpus: frozenset[int]) -> None:
         to_child_r, self.to_child = os.pipe()
         self.from_child, from_child_w = os.pipe()
         for fd in (self.to_child, from_child_w):
@@ -82,8 +82,11 @@ class _Child:
         os.close(to_child_r)  # the child's ends: it alone holds them, so its exit is EOF here
         os.close(from_child_w)
         try:
-            # the child keeps the GIL's switch interval this process runs with (`serve`'s)
-            write_frame(self.to_child, (spec, threads, sys.getswitchinterval()))
+            # the child keeps the GIL's switch interval this process runs with (`serve`'s;
+            # whole microseconds, which the float read back may fall short of), its main
+            # thread the CPUs of this process's (inherited), its worker `cpus`
+            interval = round(sys.getswitchinterval(), 6)
+            write_frame(self.to_child, (spec, threads, interval, cpus))
             reply = read_frame(self.from_child)
         except (EOFError, OSError):
             self.close_pipes()
@@ -115,10 +118,11 @@ class EngineProcess(RETRequests):
     kind: ClassVar[str] = RET_KIND
     params_type: ClassVar[type[SamplingParams]] = SamplingParams
 
-    def __init__(self, spec: ModelSpec, threads: int) -> None:
+    def __init__(self, spec: ModelSpec, threads: int, cpus: frozenset[int] = frozenset()) -> None:
+        """`threads`: torch's in the engine process; `cpus`: where its worker runs."""
         self.name = spec.name
-        self._spec, self._threads = spec, threads
-        self._child: _Child | None = _Child(spec, threads)
+        self._spec, self._threads, self._cpus = spec, threads, cpus
+        self._child: _Child | None = _Child(spec, threads, cpus)
         info = self._child.info
         self.description = info.description
         self.scheduler_config = info.scheduler_config
@@ -309,7 +313,7 @@ class EngineProcess(RETRequests):
         delay = 0.5
         while not self._closing:
             try:
-                child = await asyncio.to_thread(_Child, self._spec, self._threads)
+                child = await asyncio.to_thread(_Child, self._spec, self._threads, self._cpus)
             except Exception as exc:
                 log.error("model %s: restarting its engine process failed: %s", self.name, exc)
                 self._fail_pending(f"model {self.name!r}: its engine process failed to start")

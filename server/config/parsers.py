@@ -4,7 +4,7 @@ value and returns it typed, or raises a `ConfigError` that names the setting."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,48 @@ def one_of(name: str, choices: Sequence[str]) -> Callable[[Any], str]:
         if text in choices:
             return text
         raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+
+    return parse
+
+
+AUTO, NONE = "auto", "none"  # worker_cpus: the daemon's choice, or unpinned
+
+
+def parse_cpus(text: str, name: str = "worker_cpus") -> frozenset[int]:
+    """A CPU list as taskset and cgroups write it: "3", "0,2", "2-3", "0,2-3"."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ConfigError(
+                f"{name}: expected auto, none or a CPU list such as 1, 2-3 or 0,2; got {text!r}"
+            )
+        low, high = int(first), int(last) if dash else int(first)
+        if high < low:
+            raise ConfigError(f"{name}: the range {part.strip()!r} runs backwards")
+        cpus.update(range(low, high + 1))
+    return frozenset(cpus)
+
+
+def cpu_list(cpus: Iterable[int]) -> str:
+    """`parse_cpus`'s inverse, with ranges: {0, 2, 3} -> "0,2-3"."""
+    ranges: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if ranges and cpu == ranges[-1][1] + 1:
+            ranges[-1][1] = cpu
+        else:
+            ranges.append([cpu, cpu])
+    return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in ranges)
+
+
+def cpus_setting(name: str) -> Callable[[Any], str]:
+    """auto, none, or a CPU list (a TOML integer is one CPU), written as `cpu_list` does."""
+
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text in (AUTO, NONE):
+            return text
+        return cpu_list(parse_cpus(text, name))
 
     return parse
 

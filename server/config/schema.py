@@ -155,6 +155,7 @@ class ServerConfig:
     # The per-model settings every model gets unless its own table says otherwise.
     model_defaults: ModelSettings = ModelSettings()
     torch_threads: int = 0
+    worker_cpus: str = "auto"  # auto, none or a CPU list (server/placement.py)
     switch_interval_ms: float = 0.2
     grace_period: float = 10.0
     max_message_bytes: int = 0  # 0: message_bytes_for(max_batch_items); see message_limit

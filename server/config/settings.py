@@ -14,6 +14,7 @@ from typing import Any
 from retd.server.config.parsers import (
     as_given,
     choice,
+    cpus_setting,
     integer,
     names,
     non_negative_float,
@@ -168,6 +169,13 @@ SETTINGS: tuple[Setting, ...] = (
         non_negative_int("torch_threads"),
         "CPU threads for torch; 0 (default) = one less than the cores, at most 4, "
         "leaving a core to the event loop",
+    ),
+    Setting(
+        "worker_cpus",
+        cpus_setting("worker_cpus"),
+        "where models' decode workers run: auto (default: the last --torch-threads CPUs, "
+        "the rest of the daemon on the others, when at least one is left), none (unpinned), "
+        "or a CPU list such as 1, 2-3 or 0,2",
     ),
     Setting(
         "switch_interval_ms",
