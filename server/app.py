@@ -23,10 +23,11 @@ from retd.model.kinds import (
 from retd.server.admin import ADMIN_SERVICE, RepositoryService
 from retd.server.calls import add_service
 from retd.server.config import BATCH_ITEM_WIRE_BYTES, ModelSpec, ServerConfig
-from retd.server.engine import Engine, ServingEngine, daemon_rss_bytes
+from retd.server.engine import Engine, ServingEngine
 from retd.server.engine_process import EngineProcess
 from retd.server.gate import CallGate
 from retd.server.interceptor import CallInterceptor
+from retd.server.memory import daemon_rss_bytes
 from retd.server.placement import Placement, place_daemon
 from retd.server.repository import ModelRegistry, ServingListener
 from retd.server.security import (

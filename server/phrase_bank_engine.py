@@ -21,13 +21,12 @@ from retd.server.engine import (
     Candidate,
     Engine,
     Event,
-    MemorySample,
     ModelDescription,
     SequenceRequest,
     SequenceResult,
     TokenDelta,
-    sample_memory,
 )
+from retd.server.memory import MemorySample, sample_memory
 from retd.server.requests import SearchParams
 from retd.server.scheduler import Finished, Joiner, SchedulerConfig, Step
 from retd.server.validation import DecodeOptions, loop_breakers, parse_bank_generate, parse_query

@@ -37,14 +37,13 @@ from retd.server.config import ModelSpec
 from retd.server.engine import (
     Engine,
     Event,
-    MemorySample,
     ModelDescription,
     SequenceRequest,
     SequenceResult,
     TokenDelta,
-    sample_memory,
 )
 from retd.server.loop_breakers import LoopBreakers
+from retd.server.memory import MemorySample, sample_memory
 from retd.server.scheduler import Delta, Finished, Joiner, Row, SchedulerConfig, Step
 from retd.server.validation import RETRequests
 

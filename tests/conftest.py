@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from retd.server.bench.spawn import PLAIN_GREEDY
-from retd.server.engine import child_pids
+from retd.server.memory import child_pids
 from tests._forked import ForkedProcess, popen
 from tests._wait import poll
 

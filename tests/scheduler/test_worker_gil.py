@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from retd.model.checkpoint import LoadedModel
 from retd.model.generation import SamplingParams
-from retd.server import engine as engine_module
+from retd.server import memory as memory_module
 from retd.server.engine import Event, SequenceHandle, SequenceRequest, TokenDelta
 from retd.server.ret_engine import RETEngine
 from retd.server.scheduler import Step
@@ -146,9 +146,9 @@ def test_resident_memory_is_read_at_most_every_rss_max_age(monkeypatch: pytest.M
     read within the last RSS_MAX_AGE_S."""
     cpu = torch.device("cpu")
     now = time.monotonic()
-    monkeypatch.setattr(engine_module, "_rss_read", (now, 12345))
-    assert engine_module.sample_memory(cpu).rss_bytes == 12345  # recent: not read again
-    monkeypatch.setattr(engine_module, "_rss_read", (now - engine_module.RSS_MAX_AGE_S, 12345))
-    fresh = engine_module.sample_memory(cpu).rss_bytes
+    monkeypatch.setattr(memory_module, "_rss_read", (now, 12345))
+    assert memory_module.sample_memory(cpu).rss_bytes == 12345  # recent: not read again
+    monkeypatch.setattr(memory_module, "_rss_read", (now - memory_module.RSS_MAX_AGE_S, 12345))
+    fresh = memory_module.sample_memory(cpu).rss_bytes
     assert fresh is not None and fresh > 12345 * 100  # read: a Python process's own RSS
-    assert engine_module._rss_read[0] >= now
+    assert memory_module._rss_read[0] >= now

@@ -16,7 +16,7 @@ from retd.server.app import torch_threads
 from retd.server.bench.suites import spawned_otlp_sink
 from retd.server.config import ConfigError
 from retd.server.config.parsers import cpu_list, parse_cpus
-from retd.server.engine import child_pids
+from retd.server.memory import child_pids
 from retd.server.placement import Placement, cpu_quota, plan
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
