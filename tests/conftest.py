@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from retd.server.bench.spawn import PLAIN_GREEDY
+from retd.server.config.parsers import parse_cpus
 from retd.server.memory import child_pids
 from tests._forked import ForkedProcess, popen
 from tests._wait import poll
@@ -53,6 +54,16 @@ class RunningServer:
         if self.process.poll() is None:
             self.process.send_signal(sig)
         return self.process.wait(timeout=timeout)
+
+
+def thread_affinities(pid: int) -> list[frozenset[int]]:
+    """The CPUs each thread of process `pid` may run on (`Cpus_allowed_list`)."""
+    masks = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as status:
+            line = next(row for row in status if row.startswith("Cpus_allowed_list:"))
+        masks.append(parse_cpus(line.split(":")[1].strip()))
+    return masks
 
 
 # Decode with its loop breakers off: what the tests that compare a daemon's Decode with plain

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, thread_affinities
 
 
 def bench(*args: str) -> dict[str, Any]:
@@ -94,6 +95,15 @@ def test_bench_balances_over_replicas(server: RunningServer, checkpoint: Path) -
     assert report["extra"]["server_rss_mib_before"] > 2 * 50  # two daemons' RSS, summed
     listed = bench("--target", f"{server.address},{server.address}", "-c", "2", "-n", "4")
     assert listed["errors"] == {} and listed["requests"] == 4
+
+
+def test_replicas_leave_their_threads_unpinned(checkpoint: Path) -> None:
+    """Several daemons on one machine must not all pin their workers to its last CPUs."""
+    from retd.server.bench import spawned_servers
+
+    allowed = frozenset(os.sched_getaffinity(0))
+    with spawned_servers(checkpoint, "--torch-threads 1", 2) as (_, pids):
+        assert all(set(thread_affinities(pid)) == {allowed} for pid in pids)
 
 
 def test_round_ratios_compare_each_load_within_its_round() -> None:

@@ -57,13 +57,17 @@ def spawned_servers(
     checkpoint: Path, server_args: str, replicas: int
 ) -> Iterator[tuple[list[str], list[int]]]:
     """`replicas` servers as `spawned_server` starts them; yields their addresses and pids.
-    Each gets a free metrics port (unless `server_args` names one)."""
+    Each gets a free metrics port, and with more than one unpinned threads (`--worker-cpus
+    none`: with `auto` every replica would put its worker on the same last CPUs), unless
+    `server_args` names them."""
     with contextlib.ExitStack() as stack:
         started = []
         for _ in range(replicas):
             args = server_args
             if "--metrics-port" not in args:  # never the default port a daemon may hold
                 args = f"{args} --metrics-port {free_port()}"
+            if replicas > 1 and "--worker-cpus" not in args:
+                args = f"{args} --worker-cpus none"
             started.append(stack.enter_context(spawned_server(checkpoint, args)))
         yield [address for address, _ in started], [pid for _, pid in started]
 

@@ -21,7 +21,7 @@ from retd.server.placement import Placement, cpu_quota, plan
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
 from tests._wait import poll
-from tests.conftest import RunningServer, start_server
+from tests.conftest import RunningServer, start_server, thread_affinities
 
 cpu_sets = st.frozensets(st.integers(0, 63), min_size=1, max_size=16)
 
@@ -98,16 +98,6 @@ def test_errors_say_which_cpus_and_why() -> None:
         plan("0-1", frozenset({0, 1}), 1)
 
 
-def affinities(pid: int) -> list[frozenset[int]]:
-    """The CPUs each thread of process `pid` may run on."""
-    masks = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/status") as status:
-            line = next(row for row in status if row.startswith("Cpus_allowed_list:"))
-        masks.append(parse_cpus(line.split(":")[1].strip()))
-    return masks
-
-
 def start(
     tmp_path: Path, checkpoint: Path, *extra: str, env: dict[str, str] | None = None
 ) -> RunningServer:
@@ -135,8 +125,8 @@ def test_the_worker_runs_on_its_cpus_and_everything_else_on_the_rest(
             pb_grpc.DecoderStub(channel).Decode(pb.DecodeRequest(embedding=embedding), timeout=60)
         kids = 2 if engine == "process" else 1  # the export child (and the engine process)
         poll(lambda: len(child_pids(server.process.pid)) == kids, 30, "the export child")
-        daemon = affinities(server.process.pid)
-        children = {pid: affinities(pid) for pid in child_pids(server.process.pid)}
+        daemon = thread_affinities(server.process.pid)
+        children = {pid: thread_affinities(pid) for pid in child_pids(server.process.pid)}
         if not expected.workers:  # one CPU here, or a quota: auto leaves threads alone
             assert set(daemon) == {ALLOWED}
             return
@@ -153,7 +143,7 @@ def test_the_worker_runs_on_its_cpus_and_everything_else_on_the_rest(
 def test_none_leaves_every_thread_where_it_may_run(tmp_path: Path, checkpoint: Path) -> None:
     server = start(tmp_path, checkpoint, "--worker-cpus", "none")
     try:
-        assert set(affinities(server.process.pid)) == {ALLOWED}
+        assert set(thread_affinities(server.process.pid)) == {ALLOWED}
         assert "threads not pinned" in server.log()
     finally:
         assert server.stop() == 0, server.log()
@@ -165,7 +155,7 @@ def test_auto_pins_nothing_for_two_models(tmp_path: Path, checkpoint: Path) -> N
     )
     try:
         assert "threads not pinned (worker_cpus auto: 2 models, not one)" in server.log()
-        assert set(affinities(server.process.pid)) == {ALLOWED}
+        assert set(thread_affinities(server.process.pid)) == {ALLOWED}
     finally:
         assert server.stop() == 0, server.log()
 
