@@ -121,10 +121,12 @@ def cpu_list(cpus: Iterable[int]) -> str:
 
 
 def cpus_setting(name: str) -> Callable[[Any], str]:
-    """auto, none, or a CPU list (a TOML integer is one CPU), written as `cpu_list` does."""
+    """auto, none, or a CPU list (in TOML also an integer, one CPU, or an array of them),
+    written as `cpu_list` does."""
 
     def parse(value: Any) -> str:
-        text = str(value).strip().lower()
+        items = value if isinstance(value, list | tuple) else [value]
+        text = ",".join(str(item) for item in items).strip().lower()
         if text in (AUTO, NONE):
             return text
         return cpu_list(parse_cpus(text, name))

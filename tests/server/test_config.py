@@ -131,6 +131,16 @@ def test_bad_settings_name_the_setting(
     assert message in str(raised.value)
 
 
+def test_worker_cpus_from_flags_environment_and_toml(tmp_path: Path, checkpoint: Path) -> None:
+    model = ["--checkpoint", str(checkpoint)]
+    assert parse(model).worker_cpus == "auto"
+    assert parse([*model, "--worker-cpus", "3,1,2"]).worker_cpus == "1-3"
+    assert parse(model, {"RETD_WORKER_CPUS": "NONE"}).worker_cpus == "none"
+    for value, written in (("[0, 2, 3]", "0,2-3"), ("5", "5"), ('"4-5"', "4-5")):
+        toml = write_toml(tmp_path, f"worker_cpus = {value}\n")
+        assert parse([*model, "--config", str(toml)]).worker_cpus == written
+
+
 def test_bad_toml_is_reported_with_its_path(tmp_path: Path) -> None:
     broken = write_toml(tmp_path, "port = [")
     with pytest.raises(ConfigError, match="not valid TOML"):
