@@ -314,8 +314,8 @@ async def serve(config: ServerConfig) -> int:
     # A thread engine's worker hands the GIL to the event loop's thread for each call of the
     # model and waits for it back; a busy loop keeps it for up to the switch interval.
     sys.setswitchinterval(config.switch_interval_ms / 1e3)
-    # Every thread of the process now; the threads and children to come inherit it.
     models = None if config.repository.path is not None else len(config.models)
+    # Every thread of the process now; the threads and children to come inherit it.
     placement = place_daemon(config.worker_cpus, torch_threads(config.torch_threads), models)
     daemon = Daemon(config, placement=placement)
     stop_requested = asyncio.Event()

@@ -6,8 +6,8 @@ rest.
 A thread engine's worker is the daemon's bottleneck at load (on a CPU ~96% of the time);
 unpinned, the event loop, the export child and the load's other processes take its core
 from it now and then, and tracing's work (more of theirs) then costs it throughput. With the
-worker on a CPU of its own nothing of the daemon's preempts it (BENCHMARKS.md: tracing on /
-off 0.94 -> 0.98 at 64 callers on 2 cores, tracing off unchanged).
+worker on a CPU of its own nothing of the daemon's preempts it (BENCHMARKS.md, 64 callers on
+2 cores, side by side: tracing on 1.02-1.03x the requests/s unpinned, tracing off unchanged).
 
 Linux's affinity is per thread: `pin_process` sets every thread of this process now (the
 ones started later inherit their creator's), `pin_thread` the calling one. Elsewhere (no
