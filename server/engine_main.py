@@ -12,10 +12,11 @@ import sys
 import threading
 
 from retd.server import heap
-from retd.server.engine import EngineStats, Event
+from retd.server.engine import EngineStats
 from retd.server.engine_process import EngineInfo
 from retd.server.errors import ServeError
 from retd.server.frames import read_frame, write_frame
+from retd.server.handles import Event
 
 
 def serve_engine(read_fd: int, write_fd: int) -> int:

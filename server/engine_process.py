@@ -33,15 +33,10 @@ from typing import Any, ClassVar
 from retd.model.decoding import SamplingParams
 from retd.model.kinds import RET_KIND
 from retd.server.config import ModelSpec, SchedulerConfig
-from retd.server.engine import (
-    EngineStats,
-    ModelDescription,
-    SequenceHandle,
-    TokenDelta,
-    model_limits,
-)
+from retd.server.engine import EngineStats, ModelDescription, model_limits
 from retd.server.errors import ErrorKind, ServeError
 from retd.server.frames import frame, grow_pipe, read_frame, take_frames, write_frame
+from retd.server.handles import SequenceHandle, TokenDelta
 from retd.server.requests import SequenceRequest
 from retd.server.validation import ModelLimits, RETRequests
 

@@ -8,8 +8,9 @@ from collections.abc import Awaitable, Callable, Iterator
 
 from retd.model.kinds import PHRASE_BANK_KIND, RET_KIND
 from retd.server.config import DecodeDefaults
-from retd.server.engine import SequenceRequest, SequenceResult, ServingEngine
+from retd.server.engine import SequenceRequest, ServingEngine
 from retd.server.errors import ErrorKind, ServeError, invalid
+from retd.server.handles import SequenceResult
 from retd.server.repository import ModelRegistry
 from retd.server.requests import SearchParams
 from retd.server.responses import decode_response

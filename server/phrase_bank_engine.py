@@ -17,15 +17,8 @@ from retd.model.decoding import FinishReason
 from retd.model.kinds import PHRASE_BANK_KIND
 from retd.model.phrase_bank import LoadedPhraseBank, load_phrase_bank
 from retd.server.config import DecodeDefaults, ModelSpec
-from retd.server.engine import (
-    Candidate,
-    Engine,
-    Event,
-    ModelDescription,
-    SequenceRequest,
-    SequenceResult,
-    TokenDelta,
-)
+from retd.server.engine import Engine, ModelDescription, SequenceRequest
+from retd.server.handles import Candidate, Event, SequenceResult, TokenDelta
 from retd.server.memory import MemorySample, sample_memory
 from retd.server.requests import SearchParams
 from retd.server.scheduler import Finished, Joiner, SchedulerConfig, Step

@@ -12,8 +12,8 @@ from google.protobuf import struct_pb2
 from retd.model.decoding import FinishReason
 from retd.model.kinds import PHRASE_BANK_KIND
 from retd.server.calls import status_code
-from retd.server.engine import SequenceResult
 from retd.server.errors import ServeError
+from retd.server.handles import SequenceResult
 from retd.server.versions import ModelVersion
 from retd.v1 import decoder_pb2 as pb
 

@@ -34,14 +34,8 @@ from retd.model.generation import SamplingParams
 from retd.model.model import KVCache
 from retd.model.sampling import Sampler
 from retd.server.config import ModelSpec
-from retd.server.engine import (
-    Engine,
-    Event,
-    ModelDescription,
-    SequenceRequest,
-    SequenceResult,
-    TokenDelta,
-)
+from retd.server.engine import Engine, ModelDescription, SequenceRequest
+from retd.server.handles import Event, SequenceResult, TokenDelta
 from retd.server.loop_breakers import LoopBreakers
 from retd.server.memory import MemorySample, sample_memory
 from retd.server.scheduler import Delta, Finished, Joiner, Row, SchedulerConfig, Step

@@ -16,8 +16,9 @@ import grpc
 
 from retd.server.calls import rpc
 from retd.server.config import DecodeDefaults, ServiceLimits
-from retd.server.engine import SequenceRequest, SequenceResult, ServingEngine
+from retd.server.engine import SequenceRequest, ServingEngine
 from retd.server.gate import CallGate
+from retd.server.handles import SequenceResult
 from retd.server.hybrid import HybridDecoder
 from retd.server.repository import ModelRegistry
 from retd.server.responses import decode_response, generate_response, last_chunk, model_info

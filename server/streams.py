@@ -13,9 +13,10 @@ from contextlib import AbstractContextManager as ContextManager
 
 from retd.server.calls import Unparseable
 from retd.server.config import ServiceLimits
-from retd.server.engine import SequenceRequest, SequenceResult
+from retd.server.engine import SequenceRequest
 from retd.server.errors import ErrorKind, ServeError, invalid
 from retd.server.gate import SHUTTING_DOWN, CallGate
+from retd.server.handles import SequenceResult
 from retd.server.hybrid import HybridDecoder, hybrid_of
 from retd.server.repository import ModelRegistry
 from retd.server.responses import decode_response, item_error

@@ -16,13 +16,9 @@ from retd.model.checkpoint import LoadedModel
 from retd.model.cpp_step import Draft, step_function
 from retd.model.generation import GenerationResult, SamplingParams, generate
 from retd.model.model import RET
-from retd.server.engine import (
-    SequenceHandle,
-    SequenceRequest,
-    SequenceResult,
-    TokenDelta,
-)
+from retd.server.engine import SequenceRequest
 from retd.server.errors import ServeError
+from retd.server.handles import SequenceHandle, SequenceResult, TokenDelta
 from retd.server.ret_engine import RETEngine
 from retd.server.scheduler import SchedulerConfig
 from tests._wait import apoll

@@ -13,11 +13,9 @@ from hypothesis import strategies as st
 
 from retd.model.checkpoint import LoadedModel
 from retd.model.cpp_step import Draft
-from retd.server.engine import (
-    SequenceRequest,
-    SequenceResult,
-)
+from retd.server.engine import SequenceRequest
 from retd.server.errors import ErrorKind, ServeError
+from retd.server.handles import SequenceResult
 from tests.scheduler._engine import (
     HYPOTHESIS,
     RUN_LIMIT_S,

@@ -14,11 +14,9 @@ import torch
 from retd.model.checkpoint import LoadedModel
 from retd.model.generation import SamplingParams
 from retd.model.model import RET
-from retd.server.engine import (
-    SequenceRequest,
-    TokenDelta,
-)
+from retd.server.engine import SequenceRequest
 from retd.server.errors import ErrorKind, ServeError
+from retd.server.handles import TokenDelta
 from retd.server.ret_engine import RETEngine
 from retd.server.scheduler import SchedulerConfig
 from tests.scheduler._engine import (

@@ -14,8 +14,9 @@ import torch
 
 from retd.model.generation import FinishReason
 from retd.model.phrase_bank import LoadedPhraseBank, PhraseBank
-from retd.server.engine import SequenceRequest, SequenceResult, TokenDelta
+from retd.server.engine import SequenceRequest
 from retd.server.errors import ErrorKind, ServeError
+from retd.server.handles import SequenceResult, TokenDelta
 from retd.server.phrase_bank_engine import PhraseBankEngine
 from retd.server.requests import SearchParams
 from retd.server.scheduler import SchedulerConfig

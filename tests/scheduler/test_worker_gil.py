@@ -19,7 +19,8 @@ from torch.overrides import TorchFunctionMode
 from retd.model.checkpoint import LoadedModel
 from retd.model.generation import SamplingParams
 from retd.server import memory as memory_module
-from retd.server.engine import Event, SequenceHandle, SequenceRequest, TokenDelta
+from retd.server.engine import SequenceRequest
+from retd.server.handles import Event, SequenceHandle, TokenDelta
 from retd.server.ret_engine import RETEngine
 from retd.server.scheduler import Step
 from tests.scheduler._engine import RUN_LIMIT_S, embedding, reference, start_engine
