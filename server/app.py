@@ -20,6 +20,7 @@ from retd.model.kinds import (
     RET_KIND,
     checkpoint_kind,
 )
+from retd.server import allocator
 from retd.server.admin import ADMIN_SERVICE, RepositoryService
 from retd.server.calls import add_service
 from retd.server.config import BATCH_ITEM_WIRE_BYTES, ModelSpec, ServerConfig
@@ -314,6 +315,7 @@ async def serve(config: ServerConfig) -> int:
     # A thread engine's worker hands the GIL to the event loop's thread for each call of the
     # model and waits for it back; a busy loop keeps it for up to the switch interval.
     sys.setswitchinterval(config.switch_interval_ms / 1e3)
+    log.info("%s", allocator.tune())  # a step's buffers reused, not faulted in each step
     models = None if config.repository.path is not None else len(config.models)
     # Every thread of the process now; the threads and children to come inherit it.
     placement = place_daemon(config.worker_cpus, torch_threads(config.torch_threads), models)

@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 
-from retd.server import heap
+from retd.server import allocator, heap
 from retd.server.engine import EngineStats
 from retd.server.engine_process import EngineInfo
 from retd.server.errors import ServeError
@@ -29,6 +29,7 @@ def serve_engine(read_fd: int, write_fd: int) -> int:
     spec, threads, switch_interval, cpus = read_frame(read_fd)
     torch.set_num_threads(threads)
     sys.setswitchinterval(switch_interval)
+    allocator.tune()  # as the daemon's (server/allocator.py)
     sending = threading.Lock()
 
     def send(message: object) -> None:

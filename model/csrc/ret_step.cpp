@@ -486,6 +486,7 @@ class RETStep {
     const bool all_greedy = is_greedy.all().item<bool>();
     const bool any_greedy = is_greedy.any().item<bool>();
     const auto sampled = is_greedy.logical_not();
+    const auto drawn = sampled.nonzero().select(1, 0);  // the sampled rows' indices
     const bool any_seeded = sampled.logical_and(is_seeded).any().item<bool>();
     const bool any_unseeded = sampled.logical_and(is_seeded.logical_not()).any().item<bool>();
     TORCH_CHECK(!any_unseeded || (uniforms && uniforms->dim() == 2 &&
@@ -574,9 +575,16 @@ class RETStep {
         } else {
           u = at::where(is_seeded, counter_uniforms(key, position), uniforms->select(0, j));
         }
-        chosen = draw(own, temp, u, kth_index, top_p);
-        if (any_greedy) {
-          chosen = at::where(is_greedy, argmax_rows(own), chosen);
+        if (any_greedy) {  // a mixed batch: each row picks its own way (a row's draw reads
+                           // its own logits only, so drawing the sampled ones alone is the same)
+          const auto pick = [&](const std::optional<Tensor>& t) -> std::optional<Tensor> {
+            return t ? std::optional<Tensor>(t->index_select(0, drawn)) : std::nullopt;
+          };
+          chosen = argmax_rows(own);
+          chosen.index_put_({drawn}, draw(own.index_select(0, drawn), temp.index_select(0, drawn),
+                                          u.index_select(0, drawn), pick(kth_index), pick(top_p)));
+        } else {
+          chosen = draw(own, temp, u, kth_index, top_p);
         }
         if (R > B) {
           chosen = at::cat({chosen, argmax_rows(controlled.narrow(0, B, R - B))});
@@ -778,6 +786,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("loop_breaker_masks", &loop_breaker_masks,
         "The tokens each row's repetition penalty and no-repeat ban apply to, from history.");
   m.def("argmax_rows", &argmax_rows, "torch.argmax(x, -1) of a (R, V) float32 CPU tensor.");
+  m.def("descending_values", &descending_values,
+        "Each row of a (B, V) float32 CPU tensor sorted in descending order, NaNs first.");
   m.def(
       "ngram_draft",
       [](const std::vector<int64_t>& generated, int64_t n, int64_t m) {

@@ -87,9 +87,11 @@ def run_raw(
     )
     from retd.model.cpp_step import step_function, step_name
     from retd.model.generation import SamplingParams, generate
+    from retd.server import allocator
     from retd.server.app import torch_threads
 
     torch.set_num_threads(torch_threads(threads))
+    allocator.tune()  # as a server does: the model alone compared like for like
     if checkpoint_kind(checkpoint) == PHRASE_BANK_KIND:
         return _run_raw_phrase_bank(checkpoint, config, resolve_device(device), parse_dtype(dtype))
 

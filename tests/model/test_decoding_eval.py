@@ -1,5 +1,5 @@
-"""`python -m retd.model.decoding_eval`'s decoders: their specs, the loop detector, and
-guidance (`cfg=W`) as a second pass a step."""
+"""`python -m retd.model.decoding_eval`'s decoders: their specs, the loop detector,
+guidance (`cfg=W`) as a second pass a step, and minimum Bayes risk over samples (`mbr=N`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from retd.model.decoding_eval import Decoder, decode_all, guided_step, loops
+from retd.model.decoding_eval import Decoder, decode_all, guided_step, loops, mbr_pick
 from retd.model.generation import generate
 from tests.model.conftest import seeded_model
 
@@ -17,6 +17,7 @@ def test_specs_parse_into_their_fields() -> None:
     decoder = Decoder.parse("rp=1.5,rpn=2,eos=-3,cfg=0.25,max=40")
     assert (decoder.repetition_penalty, decoder.repetition_ngram_size) == (1.5, 2)
     assert (decoder.eos_bias, decoder.guidance, decoder.max_new_tokens) == (-3.0, 0.25, 40)
+    assert (Decoder.parse("mbr=8,t=0.9").mbr, Decoder.parse("mbr=8,t=0.9").temperature) == (8, 0.9)
     assert Decoder.parse("greedy") == Decoder("greedy")
     with pytest.raises(ValueError, match="expected key=value"):
         Decoder.parse("guidance=1")
@@ -40,3 +41,36 @@ def test_guidance_zero_is_the_plain_decoder_and_guidance_changes_outputs() -> No
     assert guided[0] != plain[0]  # the second pass moves the argmax of some rows
     batched = decode_all(model, embeddings, Decoder.parse("max=24,cfg=2"), batch_size=5)
     assert batched == guided  # each row's guidance is its own, whatever the batch
+
+
+@given(st.lists(st.text(alphabet="abcde ", min_size=1, max_size=20), min_size=1, max_size=6))
+def test_the_mbr_pick_is_one_of_the_pool_and_a_majority_wins(pool: list[str]) -> None:
+    assert mbr_pick(pool) in pool
+    # a text said by most of the pool (sharing no letter with the rest) is its consensus
+    majority = "quiz glyph rhythm"
+    assert mbr_pick([majority] * (len(pool) + 1) + pool) == majority
+
+
+def test_the_mbr_pick_is_the_consensus_not_the_outlier() -> None:
+    pool = ["The cat sat on the mat.", "The cat sat on a mat.", "Quick zebras jump.", "A cat sat."]
+    assert mbr_pick(pool) in pool[:2]
+
+
+def test_an_mbr_decoder_picks_from_its_pool_whatever_the_batch() -> None:
+    model = seeded_model("ret_tiny", seed=3)
+    embeddings = torch.randn(7, model.config.embedding_dim)
+    plain = decode_all(model, embeddings, Decoder.parse("max=16"))
+    mbr = Decoder.parse("max=16,mbr=3,t=1.5")
+    picked = decode_all(model, embeddings, mbr)
+    assert decode_all(model, embeddings, mbr, batch_size=3) == picked  # seeds are per row
+    params = mbr.params(model.config.max_length)
+    samples = [
+        generate(model, embeddings, [mbr.sample_params(16, i * 1009 + k) for i in range(7)])
+        for k in range(3)
+    ]
+    for i, text in enumerate(picked[0]):
+        pool = [plain[0][i]] + [s[i].text for s in samples]
+        assert text == mbr_pick(pool)
+        assert picked[2][i] == len(text.encode("utf-8"))
+    assert params.temperature == 0.0  # the decoder's own output stays deterministic
+    assert any(len({s[i].text for s in samples}) > 1 for i in range(7))  # the pools vary
