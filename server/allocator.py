@@ -10,7 +10,10 @@ same buffers' pages in again: with 64 sampled callers `perf` put ~10% of the wor
 page faults and unmapping, and a server's sampled Generate ran at 0.60-0.75 of greedy Decode
 in some runs and ~0.9 in others. `tune()` sets both thresholds (blocks of up to `MMAP_THRESHOLD`
 come from the heap; up to `TRIM_THRESHOLD` of a heap's free top is kept): the buffers are
-reused, for ~5 MB more resident memory (BENCHMARKS.md).
+reused, for ~3 MB more resident memory (BENCHMARKS.md). Setting either fixes both (glibc no
+longer adapts them), so the mmap threshold is glibc's own ceiling for it: at 4 MiB a
+`generate()` call's KV cache (two 25 MB tensors at 64 rows) was mmap'd and faulted in at every
+call, and `retd bench --raw` made 0.70x its tokens/s.
 
 The daemon, an engine process and `retd bench --raw` call it at start. glibc's own
 MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, where set, win; elsewhere than glibc (musl,
@@ -23,10 +26,11 @@ import ctypes
 import os
 import platform
 
-#: Blocks up to this size come from a heap, not mmap (glibc: 128 KiB, adapting upwards).
-MMAP_THRESHOLD = 4 << 20
+#: Blocks up to this size come from a heap, not mmap (glibc: 128 KiB, adapting upwards to
+#: at most this, HEAP_MAX_SIZE / 2 on 64-bit, the most mallopt takes).
+MMAP_THRESHOLD = 32 << 20
 #: A heap's free top up to this size is kept, not handed back (glibc: 128 KiB, adapting).
-TRIM_THRESHOLD = 8 << 20
+TRIM_THRESHOLD = 64 << 20
 # mallopt's parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
