@@ -259,3 +259,25 @@ def test_rounds_repeat_a_suites_loads() -> None:
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 2 and "the batching suite runs once" in run.stderr
+
+
+def test_the_sampling_suite_reverses_every_other_round() -> None:
+    """Each round has each 64-caller load once, every other round in reverse, and
+    `round_ratios` still finds the rounds (a round ends where a load repeats)."""
+    from retd.server.bench import BenchReport, round_ratios
+    from retd.server.bench.cli import suite_scenarios
+
+    scenarios = suite_scenarios("sampling", 1.0, rounds=4)
+    loads = [s.name for s in scenarios if s.name.startswith("64 callers")]
+    first = loads[:4]
+    assert len(set(first)) == 4 and loads == first + first[::-1] + first + first[::-1]
+
+    def report(tokens_per_s: float) -> BenchReport:
+        return BenchReport("decode", 64, 1, "64", 1.0, 1, 1, 1.0, 1.0, tokens_per_s, {}, {}, {}, {})
+
+    # each load a fixed share of its round's greedy Decode, whatever its place in the round
+    share = dict(zip(first, (1.0, 0.9, 0.8, 0.5), strict=True))
+    results = [(name, report(100 * (i // 4 + 1) * share[name])) for i, name in enumerate(loads)]
+    table = round_ratios(results).splitlines()[2:]
+    assert [row.split(" | ")[2] for row in table] == ["1.00", "0.90", "0.80", "0.50"]
+    assert all(row.endswith("| 4 |") for row in table)

@@ -70,8 +70,9 @@ def issue_suite(duration: float) -> list[Scenario]:
 
 def sampling_suite(duration: float, rounds: int = 4) -> list[Scenario]:
     """Greedy Decode against sampled Generate (plain, filtered, and half of each in one
-    batch) at 64 callers on one server, in `rounds` interleaved rounds (a noisy machine slows
-    neighbours alike: `round_ratios` compares within a round); then 1 caller each way and the
+    batch) at 64 callers on one server, in `rounds` interleaved rounds, every other one in
+    reverse order (a noisy machine slows neighbours alike: `round_ratios` compares within a
+    round; each load follows each of its neighbours as often); then 1 caller each way and the
     raw model each way (no gRPC, no scheduler)."""
     fixed = BenchConfig(concurrency=64, duration=duration)
     lone = replace(fixed, concurrency=1)
@@ -86,8 +87,8 @@ def sampling_suite(duration: float, rounds: int = 4) -> list[Scenario]:
     return [
         *(
             Scenario(name, config, server, reuse_server=True)
-            for _ in range(rounds)
-            for name, config in loads
+            for r in range(rounds)
+            for name, config in (loads if r % 2 == 0 else loads[::-1])
         ),
         Scenario("1 caller, greedy Decode", lone, server, reuse_server=True),
         Scenario(

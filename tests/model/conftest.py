@@ -6,11 +6,29 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from hypothesis import strategies as st
 
 from retd.model.model import RET, config_for
 
 EOS = 0
 A = ord("A")
+
+#: float32 values a step's logits may hold at the edges: signed zeros, infinities, NaN
+EDGE_VALUES = st.sampled_from(
+    [0.0, -0.0, 1.0, -1.0, 2.5, float("inf"), float("-inf"), float("nan")]
+)
+
+
+def float_rows(max_width: int) -> st.SearchStrategy[list[list[float]]]:
+    """1-5 rows of one width (1..max_width) of edge values and any float32: a (R, V) tensor's
+    worth, for the C++ step's row-wise helpers."""
+    return st.integers(1, max_width).flatmap(
+        lambda width: st.lists(
+            st.lists(st.one_of(EDGE_VALUES, st.floats(width=32)), min_size=width, max_size=width),
+            min_size=1,
+            max_size=5,
+        )
+    )
 
 
 @pytest.fixture(autouse=True)

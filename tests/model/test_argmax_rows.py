@@ -5,23 +5,13 @@ from __future__ import annotations
 
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from retd.model.cpp_step import load_extension
-
-VALUES = st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, float("inf"), float("-inf"), float("nan")])
+from tests.model.conftest import float_rows
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    rows=st.integers(1, 6).flatmap(
-        lambda width: st.lists(
-            st.lists(st.one_of(VALUES, st.floats(width=32)), min_size=width, max_size=width),
-            min_size=1,
-            max_size=5,
-        )
-    )
-)
+@given(rows=float_rows(6))
 def test_argmax_rows_is_torch_argmax(rows: list[list[float]]) -> None:
     x = torch.tensor(rows, dtype=torch.float32)
     assert load_extension().argmax_rows(x).tolist() == x.argmax(-1).tolist()

@@ -7,12 +7,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from retd.model.cpp_step import load_extension
 from retd.model.sampling import _descending_values
-
-VALUES = st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, float("inf"), float("-inf"), float("nan")])
+from tests.model.conftest import float_rows
 
 
 def assert_same_values(got: torch.Tensor, expected: torch.Tensor) -> None:
@@ -23,15 +21,7 @@ def assert_same_values(got: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    rows=st.integers(1, 40).flatmap(
-        lambda width: st.lists(
-            st.lists(st.one_of(VALUES, st.floats(width=32)), min_size=width, max_size=width),
-            min_size=1,
-            max_size=5,
-        )
-    )
-)
+@given(rows=float_rows(40))
 def test_descending_values_are_numpys_sort_reversed(rows: list[list[float]]) -> None:
     x = torch.tensor(rows, dtype=torch.float32)
     assert_same_values(load_extension().descending_values(x), _descending_values(x))
