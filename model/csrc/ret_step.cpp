@@ -575,8 +575,9 @@ class RETStep {
         } else {
           u = at::where(is_seeded, counter_uniforms(key, position), uniforms->select(0, j));
         }
-        if (any_greedy) {  // a mixed batch: each row picks its own way (a row's draw reads
-                           // its own logits only, so drawing the sampled ones alone is the same)
+        // A mixed batch: the greedy rows' argmax, the sampled rows' draw (a row's draw reads
+        // its own logits only, so drawing the sampled rows alone picks the same tokens).
+        if (any_greedy) {
           const auto pick = [&](const std::optional<Tensor>& t) -> std::optional<Tensor> {
             return t ? std::optional<Tensor>(t->index_select(0, drawn)) : std::nullopt;
           };
