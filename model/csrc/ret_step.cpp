@@ -486,7 +486,8 @@ class RETStep {
     const bool all_greedy = is_greedy.all().item<bool>();
     const bool any_greedy = is_greedy.any().item<bool>();
     const auto sampled = is_greedy.logical_not();
-    const auto drawn = sampled.nonzero().select(1, 0);  // the sampled rows' indices
+    // a mixed batch's sampled rows, the ones it draws (`draw` below)
+    const auto drawn = any_greedy && !all_greedy ? sampled.nonzero().select(1, 0) : Tensor();
     const bool any_seeded = sampled.logical_and(is_seeded).any().item<bool>();
     const bool any_unseeded = sampled.logical_and(is_seeded.logical_not()).any().item<bool>();
     TORCH_CHECK(!any_unseeded || (uniforms && uniforms->dim() == 2 &&
