@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from retd.server import allocator
 from tests.conftest import start_server
 
@@ -55,14 +57,11 @@ def test_a_freed_step_sized_block_stays_in_the_heap_once_tuned() -> None:
     assert retained_kib("tune") >= 15360  # tuned: from the heap, kept for the next step
 
 
-def test_the_environments_thresholds_win() -> None:
+def test_the_environments_thresholds_win(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {"MALLOC_MMAP_THRESHOLD_": "131072"}
     assert retained_kib("tune", env) < 512  # tune() left glibc's (the environment's) alone
-    os.environ["MALLOC_TRIM_THRESHOLD_"] = "1"
-    try:
-        assert "from MALLOC_*_THRESHOLD_ in the environment" in allocator.tune()
-    finally:
-        del os.environ["MALLOC_TRIM_THRESHOLD_"]
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1")
+    assert "from MALLOC_*_THRESHOLD_ in the environment" in allocator.tune()
 
 
 def test_the_daemon_says_how_its_allocator_runs(tmp_path: Path, checkpoint: Path) -> None:
