@@ -1,6 +1,7 @@
 """The shape search of RET v2.1: candidate shapes at exactly 722,944 parameters, and its table.
 
     python -m retd.model.shapes [--runs DIR] [--at-step N | --at-minutes M] [--threads 1]
+    python -m retd.model.shapes --attention default auto    # training kB/s per attention kernel
 
 Prints one markdown row per candidate: its shape, parameters, decode milliseconds per step at
 batch 1 and 64 (random weights, KV cache, greedy) and training kB/s (batches of 128 texts of
@@ -78,11 +79,16 @@ def bytes_per_token(config: RETConfig) -> float:
 
 
 def train_kbytes_per_s(
-    configs: Mapping[str, RETConfig], batches: int = 4, repeats: int = 5
+    configs: Mapping[str, RETConfig],
+    batches: int = 4,
+    repeats: int = 5,
+    attention: Mapping[str, str] | None = None,
 ) -> dict[str, float]:
     """Median training kB/s of text (forward, backward, AdamW step) on the same synthetic
-    batches of 128 texts of 30-120 bytes (as tokens: bytes / `bytes_per_token`)."""
-    from retd.model.train import sequence_loss
+    batches of 128 texts of 30-120 bytes (as tokens: bytes / `bytes_per_token`), each
+    config's attention on the kernel `retd train` would pick (TrainConfig.attention: "auto"
+    unless `attention` names another for it)."""
+    from retd.model.train import attention_kernel, sequence_loss
 
     generator = torch.Generator().manual_seed(0)
     lengths = torch.linspace(30, 120, batches).round().long().tolist()
@@ -102,8 +108,12 @@ def train_kbytes_per_s(
     for repeat in range(repeats + 1):  # the first round warms up
         for name, model in models.items():
             start, nbytes = time.perf_counter(), 0
+            kernel = (attention or {}).get(name, "auto")
             for inputs, targets, text_bytes in data[name]:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                with (
+                    attention_kernel(kernel, torch.device("cpu")),
+                    torch.autocast("cpu", dtype=torch.bfloat16),
+                ):
                     loss = sequence_loss(model, embeddings, inputs, targets)
                 optimizers[name].zero_grad()
                 loss.backward()
@@ -178,6 +188,26 @@ def table(
     return "\n".join(lines)
 
 
+def kernel_table(shapes: Mapping[str, RETConfig], kernels: Sequence[str], repeats: int) -> str:
+    """Training kB/s of each shape on each attention kernel, measured interleaved, and each
+    kernel's ratio to the first."""
+    runs = {f"{name} {k}": config for name, config in shapes.items() for k in kernels}
+    speeds = train_kbytes_per_s(
+        runs, repeats=repeats, attention={f"{n} {k}": k for n in shapes for k in kernels}
+    )
+    head = [
+        "shape",
+        *(f"train kB/s, {k}" for k in kernels),
+        *(f"{k} / {kernels[0]}" for k in kernels[1:]),
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in shapes:
+        rates = [speeds[f"{name} {k}"] for k in kernels]
+        cells = [name, *(f"{r:.1f}" for r in rates), *(f"{r / rates[0]:.2f}" for r in rates[1:])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m retd.model.shapes", description=__doc__)
     parser.add_argument("--runs", type=Path, help="directory of training runs named as SHAPES")
@@ -187,12 +217,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=64, help="decode positions per timing")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: all)")
+    parser.add_argument(
+        "--attention",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "math", "default"],
+        help="training's attention kernel(s) (TrainConfig.attention); with several, each "
+        "shape's training kB/s is measured on each, interleaved, and printed as a table",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = configs()
+    if len(args.attention) > 1:
+        print(kernel_table(shapes, args.attention, args.repeats))
+        return 0
     timings = {b: decode_step_ms(shapes, b, args.steps, args.repeats) for b in args.batches}
-    speeds = train_kbytes_per_s(shapes, repeats=args.repeats)
+    speeds = train_kbytes_per_s(
+        shapes, repeats=args.repeats, attention=dict.fromkeys(shapes, args.attention[0])
+    )
     print(table(args.runs, timings, speeds, args.at_step, args.at_minutes))
     return 0
 

@@ -11,6 +11,7 @@ logged at every evaluation, beside greedy chrF on a held-out slice.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from retd.model.batches import (
     IGNORE,
@@ -83,6 +85,11 @@ class TrainConfig:
     # optimizer state and the loss stay float32): twice the steps per minute on a CPU with
     # AVX512-BF16 (measured here: 91 vs 189 ms per step of 128 texts). "none": float32.
     autocast: str = "none"
+    # The attention kernel of the training step. "auto": PyTorch's math kernel (matrix products
+    # and a softmax) on a CPU, whose flash-attention backward took 44% of a step of the shipped
+    # shape (1.64x the bytes/s without it, BENCHMARKS.md), and PyTorch's own choice on a GPU;
+    # "math"; "default": PyTorch's own choice everywhere.
+    attention: str = "auto"
     # Where the step runs: "cpu", or "cuda" on a machine with an NVIDIA GPU (`make gpu-train`
     # on a lent one). The exported checkpoint is on the CPU either way.
     device: str = "cpu"
@@ -154,6 +161,17 @@ def sequence_loss(
 ) -> torch.Tensor:
     logits = model(embeddings, inputs)  # (B, T+1, V)
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+
+
+ATTENTION_KERNELS = ("auto", "math", "default")
+
+
+def attention_kernel(choice: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Where the training step's attention runs (TrainConfig.attention): PyTorch's math kernel
+    for "math", and for "auto" on a CPU; else whatever PyTorch picks."""
+    if choice == "math" or (choice == "auto" and device.type == "cpu"):
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 def lr_at(step: int, config: TrainConfig, minutes: float = 0.0) -> float:
@@ -239,6 +257,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     if config.autocast not in ("none", "bfloat16"):
         raise ValueError(f"autocast: expected 'none' or 'bfloat16', got {config.autocast!r}")
     bf16 = config.autocast == "bfloat16"
+    if config.attention not in ATTENTION_KERNELS:
+        raise ValueError(
+            f"attention: expected one of {', '.join(ATTENTION_KERNELS)}, got {config.attention!r}"
+        )
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: 'cuda' but torch sees no CUDA device here")
@@ -399,7 +421,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
                     noise_generator,
                 )
                 inputs, targets = inputs.to(device), targets.to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                with (
+                    attention_kernel(config.attention, device),
+                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+                ):
                     loss = sequence_loss(forward, emb, inputs, targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

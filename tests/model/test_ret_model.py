@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from retd.model.model import ARCHITECTURES, RET, KVCache, RETConfig, config_for
-from retd.model.shapes import SHAPES, decode_step_ms, table, train_kbytes_per_s
+from retd.model.shapes import SHAPES, decode_step_ms, kernel_table, table, train_kbytes_per_s
 
 
 def test_ret_v21_has_exactly_722944_parameters() -> None:
@@ -242,6 +242,18 @@ def test_shapes_are_timed_side_by_side() -> None:
         train_kbytes_per_s(shapes, batches=1, repeats=1),
     ):
         assert set(result) == set(shapes) and all(v > 0 for v in result.values())
+
+
+def test_the_kernel_table_times_each_shape_on_each_attention_kernel() -> None:
+    shapes = {"one": config_for("ret_tiny"), "two": config_for("ret_tiny", {"n_layer": 2})}
+    lines = kernel_table(shapes, ["default", "auto"], repeats=1).splitlines()
+    assert lines[0] == "| shape | train kB/s, default | train kB/s, auto | auto / default |"
+    assert len(lines) == 2 + len(shapes)
+    for name, line in zip(shapes, lines[2:], strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        default, auto, ratio = (float(c) for c in cells[1:])
+        assert cells[0] == name and default > 0 and auto > 0
+        assert ratio == pytest.approx(auto / default, abs=0.01)
 
 
 def test_unknown_conditioning_is_refused() -> None:

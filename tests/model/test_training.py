@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -26,7 +27,7 @@ from retd.model.evaluate import (
 )
 from retd.model.generation import SamplingParams, generate
 from retd.model.model import RET, config_for
-from retd.model.train import TrainConfig, bucketed_batches, lr_at, train
+from retd.model.train import TrainConfig, attention_kernel, bucketed_batches, lr_at, train
 
 FIXTURE = Path(__file__).parents[1] / "data" / "embedded"
 
@@ -423,6 +424,36 @@ def test_keep_best_exports_the_evaluation_with_the_lowest_held_out_loss(
         best["step"],
         best["heldout_loss"],
     )
+
+
+def kernels_of_a_step(choice: str, device: str) -> set[str]:
+    """The ATen attention kernels a training step of RET v2.1 ran (forward and backward)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = RET(config_for("ret_v21", {"max_length": 64}))
+    embeddings = torch.nn.functional.normalize(torch.randn(4, 768), dim=-1)
+    inputs, targets = make_batch([np.arange(1, 20, dtype=np.uint16)] * 4, np.arange(4), 0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with attention_kernel(choice, torch.device(device)):
+            logits = model(embeddings, inputs)
+            loss = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), targets.flatten(), ignore_index=-100
+            )
+        loss.backward()
+    return {e.key for e in prof.key_averages() if "attention" in e.key or e.key == "aten::bmm"}
+
+
+def test_the_training_step_runs_attention_on_the_chosen_kernel(tmp_path: Path) -> None:
+    """On a CPU, "auto" and "math" run attention as matrix products (no flash kernel, whose
+    backward was 44% of a step); "default" leaves PyTorch's flash kernel; a GPU's "auto" is
+    PyTorch's choice. An unknown name is refused."""
+    for choice in ("auto", "math"):
+        ran = kernels_of_a_step(choice, "cpu")
+        assert "aten::bmm" in ran and not any("flash" in k for k in ran), ran
+    assert any("flash" in k for k in kernels_of_a_step("default", "cpu"))
+    assert isinstance(attention_kernel("auto", torch.device("cuda")), contextlib.nullcontext)
+    with pytest.raises(ValueError, match="attention: expected one of auto, math, default"):
+        train(fixture_config(tmp_path, attention="flash"), progress=False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="here a CUDA run would train")
