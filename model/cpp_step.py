@@ -32,7 +32,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from .decoding import SamplingParams
 from .defaults import STEP_IMPLS
-from .model import RET, Block, KVCache
+from .model import RET, KVCache
 from .sampling import seed_key
 
 log = logging.getLogger(__name__)
@@ -152,12 +152,12 @@ class CppStep:
                 b.mlp.fc.weight,
                 b.mlp.proj.weight,
             ]
-            for b in cast(Iterable[Block], model.blocks)
+            for b, _ in model.layers()
         ]
         self._step = self._extension.RETStep(
             model.wte.weight,
             blocks,
-            [cast(nn.Linear, p).weight for p in model.cond_proj],
+            [cast(nn.Linear, p).weight for _, p in model.layers() if p is not None],
             model.ln_f.weight,
             model.ln_f.bias,
             config.n_head,

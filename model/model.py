@@ -4,8 +4,9 @@ The whole model in one file, in the spirit of nanoGPT's model.py:
 
     embedding (B, E) --bridge+LN--> cond (B, C)
     inputs: position 0 = cond, position t >= 1 = wte(byte_{t-1}) + cond
-    -> n_layer pre-norm transformer blocks (RoPE attention + GELU MLP); with
-       conditioning "layer", block l first adds its own projection cond_proj[l](cond)
+    -> n_layer pre-norm transformer blocks (RoPE attention + GELU MLP), each run
+       block_repeat times in a row (depth = n_layer * block_repeat); with conditioning
+       "layer", block l first adds its own projection cond_proj[l](cond)
     -> ln_f -> logits = x @ wte.weight.T   (head tied to the byte embedding)
 
 Shapes: B batch, T sequence length, E embedding_dim, C n_embd, H n_head, D head_dim, V vocab_size.
@@ -43,9 +44,16 @@ class RETConfig:
     # How the embedding reaches the blocks: "add" = cond added to every input position only;
     # "layer" = also a learned projection of cond added before every block (n_layer * C * C).
     conditioning: str = "add"
+    # Each block's weights run this many times in a row (immediate block-wise weight sharing,
+    # as in MobileLLM): depth n_layer * block_repeat for the parameters of n_layer blocks, at
+    # block_repeat times the compute and KV cache.
+    block_repeat: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("embedding_dim", "n_embd", "n_head", "n_layer", "mlp_hidden", "vocab_size"):
+        for name in (
+            "embedding_dim", "n_embd", "n_head", "n_layer", "mlp_hidden", "vocab_size",
+            "block_repeat",
+        ):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"RETConfig.{name} must be a positive int, got {value!r}")
@@ -74,6 +82,11 @@ class RETConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def depth(self) -> int:
+        """Blocks a position passes through (each of the n_layer run block_repeat times)."""
+        return self.n_layer * self.block_repeat
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
@@ -136,7 +149,7 @@ def config_for(architecture: str, overrides: Mapping[str, Any] | None = None) ->
 class KVCache:
     """Preallocated keys/values for `num_slots` sequences.
 
-    k, v: (n_layer, num_slots, n_head, max_length, head_dim). A slot is one sequence's row; the
+    k, v: (depth, num_slots, n_head, max_length, head_dim). A slot is one sequence's row; the
     caller decides which slot each sequence uses and which positions are valid.
     """
 
@@ -149,7 +162,7 @@ class KVCache:
     ) -> None:
         if num_slots <= 0:
             raise ValueError(f"num_slots must be positive, got {num_slots}")
-        shape = (config.n_layer, num_slots, config.n_head, config.max_length, config.head_dim)
+        shape = (config.depth, num_slots, config.n_head, config.max_length, config.head_dim)
         self.config = config
         self.num_slots = num_slots
         self.k = torch.zeros(shape, device=device, dtype=dtype)
@@ -302,9 +315,9 @@ class RET(nn.Module):
         self.init_weights()
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """nanoGPT init: N(0, 0.02) weights, residual projections N(0, 0.02/sqrt(2*n_layer)),
+        """nanoGPT init: N(0, 0.02) weights, residual projections N(0, 0.02/sqrt(2*depth)),
         LayerNorm weight 1 and bias 0. Pass a generator for seeded init without global RNG."""
-        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        residual_std = 0.02 / math.sqrt(2 * self.config.depth)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear | nn.Embedding):
                 std = residual_std if name.endswith(".proj") else 0.02
@@ -312,6 +325,17 @@ class RET(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+
+    def layers(self) -> list[tuple[Block, nn.Module | None]]:
+        """What each of the `depth` layers runs: its block and its conditioning projection."""
+        repeat = self.config.block_repeat
+        return [
+            (
+                cast(Block, self.blocks[i // repeat]),
+                self.cond_proj[i // repeat] if self.cond_proj else None,
+            )
+            for i in range(self.config.depth)
+        ]
 
     def num_parameters(self) -> int:
         """Number of parameters (the tied head counts once)."""
@@ -334,9 +358,9 @@ class RET(nn.Module):
         """
         cond = self.condition(embedding)[:, None, :]  # (B, 1, C)
         x = torch.cat((cond, self.wte(tokens) + cond), dim=1)  # (B, T+1, C)
-        for layer, block in enumerate(self.blocks):
-            if self.cond_proj:
-                x = x + self.cond_proj[layer](cond)  # (B, 1, C) broadcast over positions
+        for block, proj in self.layers():
+            if proj is not None:
+                x = x + proj(cond)  # (B, 1, C) broadcast over positions
             x = block(x)
         return self._logits(x)  # (B, T+1, V)
 
@@ -361,12 +385,10 @@ class RET(nn.Module):
         first = positions == 0
         prev = self.wte(tokens.masked_fill(first, 0))  # (B, C); ignored ids may be out of range
         x = torch.where(first[:, None], cond, prev + cond)[:, None, :]  # (B, 1, C)
-        for layer, block in enumerate(self.blocks):
-            if self.cond_proj:
-                x = x + self.cond_proj[layer](cond)[:, None, :]
-            x = cast(Block, block).step(
-                x, positions, cache.k[layer], cache.v[layer], slots, length, span
-            )
+        for layer, (block, proj) in enumerate(self.layers()):
+            if proj is not None:
+                x = x + proj(cond)[:, None, :]
+            x = block.step(x, positions, cache.k[layer], cache.v[layer], slots, length, span)
         return self._logits(x[:, 0])  # (B, V)
 
 

@@ -23,7 +23,7 @@ import argparse
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
@@ -35,7 +35,7 @@ from torch import Tensor
 from .checkpoint import load_checkpoint
 from .cpp_step import HEADER, SOURCE, CppStep, RowControls, build_extension
 from .decoding import SamplingParams
-from .model import RET, Block, KVCache
+from .model import RET, KVCache
 
 
 def _torchscript_rope(x: Tensor, positions: Tensor, base: float) -> Tensor:
@@ -103,7 +103,7 @@ def ways(model: RET) -> dict[str, Callable[..., Tensor]]:
     blocks = [
         [p.detach() for p in (b.ln_1.weight, b.ln_1.bias, b.attn.qkv.weight, b.attn.proj.weight,
                               b.ln_2.weight, b.ln_2.bias, b.mlp.fc.weight, b.mlp.proj.weight)]
-        for b in cast(Iterable[Block], model.blocks)
+        for b, _ in model.layers()
     ]  # fmt: skip
     ln_f = [model.ln_f.weight.detach(), model.ln_f.bias.detach()]
     scripted: Any = torch.jit.script(_torchscript_step)

@@ -45,6 +45,7 @@ def shapes(draw: st.DrawFn) -> RETConfig:
         max_length=draw(st.sampled_from([4, 33])),
         rope_base=draw(st.sampled_from([10000.0, 500.0])),
         conditioning=draw(st.sampled_from(["add", "layer"])),
+        block_repeat=draw(st.sampled_from([1, 1, 2])),
     )
 
 

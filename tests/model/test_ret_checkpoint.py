@@ -50,6 +50,25 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path: Path, tiny_model:
     assert load_checkpoint(again).sha256 == loaded.sha256  # stable across saves
 
 
+def test_a_repeated_block_checkpoint_stores_each_block_once(tmp_path: Path) -> None:
+    """block_repeat travels in the card; the weights file holds each block's tensors once,
+    and the loaded model runs them again (a card without the field loads as 1)."""
+    from retd.model.model import config_for
+
+    model = RET(config_for("ret_tiny", {"n_layer": 2, "block_repeat": 3}))
+    directory = save_checkpoint(model, tmp_path / "r", architecture="ret_tiny", card=CARD)
+    card = json.loads((directory / CARD_FILE).read_text())
+    assert card["config"]["block_repeat"] == 3
+    assert {
+        k.split(".")[1] for k in load_file(directory / WEIGHTS_FILE) if k.startswith("blocks.")
+    } == {"0", "1"}
+    loaded = load_checkpoint(directory)
+    assert loaded.config.depth == 6
+    emb, tokens = torch.randn(2, 768), torch.randint(0, 256, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(emb, tokens), model(emb, tokens))
+
+
 def test_card_contents(tiny_dir: Path) -> None:
     card = json.loads((tiny_dir / CARD_FILE).read_text())
     assert card["format"] == "retd-checkpoint/1"

@@ -288,3 +288,41 @@ def test_layer_conditioning_reaches_every_block_and_step_matches_forward(n_layer
     # the projections are used: zeroing one changes the output
     model.cond_proj[n_layer - 1].weight.zero_()
     assert not torch.allclose(model(emb, tokens), reference)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("conditioning", ["add", "layer"])
+def test_a_repeated_block_runs_its_weights_again_and_step_matches_forward(
+    conditioning: str,
+) -> None:
+    """block_repeat 2: the same parameters (and count) as block_repeat 1, each block run twice
+    in a row (block 0, block 0, block 1, block 1), a KV cache layer per run, and the cached
+    step gives the forward pass's logits."""
+    shape = {"n_layer": 2, "conditioning": conditioning}
+    once = RET(config_for("ret_tiny", shape))
+    twice = RET(config_for("ret_tiny", {**shape, "block_repeat": 2}))
+    twice.load_state_dict(once.state_dict())  # the same tensors: nothing added
+    assert twice.num_parameters() == once.num_parameters()
+    assert twice.config.depth == 4 and KVCache(twice.config, 3).k.shape[0] == 4
+    emb, tokens = torch.randn(2, 768), torch.randint(1, 256, (2, 6))
+    cond = twice.condition(emb)[:, None, :]
+    x = torch.cat((cond, twice.wte(tokens) + cond), dim=1)
+    for i in (0, 0, 1, 1):
+        if twice.cond_proj:
+            x = x + twice.cond_proj[i](cond)
+        x = twice.blocks[i](x)
+    reference = twice(emb, tokens)
+    torch.testing.assert_close(reference, twice.ln_f(x) @ twice.wte.weight.T)
+    assert not torch.allclose(reference, once(emb, tokens))
+    cache, slots = KVCache(twice.config, num_slots=2), torch.arange(2)
+    cond2 = twice.condition(emb)
+    got = []
+    for t in range(7):
+        prev = tokens[:, t - 1] if t else torch.zeros(2, dtype=torch.long)
+        got.append(twice.step(cond2, prev, torch.full((2,), t), cache, slots))
+    torch.testing.assert_close(torch.stack(got, 1), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_a_block_repeat_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="block_repeat must be a positive int"):
+        RETConfig(block_repeat=0)
