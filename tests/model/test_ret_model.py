@@ -267,6 +267,18 @@ def test_configs_without_conditioning_load_as_add() -> None:
     assert RETConfig.from_dict(legacy).conditioning == "add"
 
 
+def stepped(model: RET, emb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The cached step's logits at every position of each row, one row a slot: what the
+    forward pass gives at once, (B, T+1, V)."""
+    B, T = tokens.shape
+    cache, slots, cond = KVCache(model.config, num_slots=B), torch.arange(B), model.condition(emb)
+    got = []
+    for t in range(T + 1):
+        prev = tokens[:, t - 1] if t else torch.zeros(B, dtype=torch.long)
+        got.append(model.step(cond, prev, torch.full((B,), t), cache, slots))
+    return torch.stack(got, 1)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("n_layer", [1, 3])
 def test_layer_conditioning_reaches_every_block_and_step_matches_forward(n_layer: int) -> None:
@@ -277,14 +289,7 @@ def test_layer_conditioning_reaches_every_block_and_step_matches_forward(n_layer
     assert len(model.cond_proj) == n_layer
     emb, tokens = torch.randn(2, 768), torch.randint(1, 256, (2, 7))
     reference = model(emb, tokens)  # (2, 8, V)
-    cache = KVCache(config, num_slots=2)
-    cond = model.condition(emb)
-    slots = torch.arange(2)
-    got = []
-    for t in range(8):
-        prev = tokens[:, t - 1] if t else torch.zeros(2, dtype=torch.long)
-        got.append(model.step(cond, prev, torch.full((2,), t), cache, slots))
-    torch.testing.assert_close(torch.stack(got, 1), reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stepped(model, emb, tokens), reference, rtol=1e-4, atol=1e-5)
     # the projections are used: zeroing one changes the output
     model.cond_proj[n_layer - 1].weight.zero_()
     assert not torch.allclose(model(emb, tokens), reference)
@@ -314,13 +319,7 @@ def test_a_repeated_block_runs_its_weights_again_and_step_matches_forward(
     reference = twice(emb, tokens)
     torch.testing.assert_close(reference, twice.ln_f(x) @ twice.wte.weight.T)
     assert not torch.allclose(reference, once(emb, tokens))
-    cache, slots = KVCache(twice.config, num_slots=2), torch.arange(2)
-    cond2 = twice.condition(emb)
-    got = []
-    for t in range(7):
-        prev = tokens[:, t - 1] if t else torch.zeros(2, dtype=torch.long)
-        got.append(twice.step(cond2, prev, torch.full((2,), t), cache, slots))
-    torch.testing.assert_close(torch.stack(got, 1), reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stepped(twice, emb, tokens), reference, rtol=1e-4, atol=1e-5)
 
 
 def test_a_block_repeat_below_one_is_refused() -> None:
