@@ -193,6 +193,7 @@ class CausalSelfAttention(nn.Module):
         self.rope_base = config.rope_base
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.dropout = 0.0  # of the attention weights, in training only (RET.set_dropout)
 
     def _rope(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """RoPE on q and k (B, H, T, D) in one pass: the same elementwise ops, half the calls."""
@@ -211,7 +212,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self._heads(x)  # (B, H, T, D)
         positions = torch.arange(T, device=x.device)
         q, k = self._rope(q, k, positions)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=dropout
+        )  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
     def step(
@@ -269,7 +273,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)); in training the
+    two branches' outputs may be dropped out (`drop`, p 0 unless RET.set_dropout)."""
 
     def __init__(self, config: RETConfig) -> None:
         super().__init__()
@@ -277,10 +282,11 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
+        self.drop = nn.Dropout(0.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.drop(self.attn(self.ln_1(x)))
+        return x + self.drop(self.mlp(self.ln_2(x)))
 
     def step(
         self,
@@ -336,6 +342,16 @@ class RET(nn.Module):
             )
             for i in range(self.config.depth)
         ]
+
+    def set_dropout(self, p: float) -> None:
+        """Dropout p on every block's attention weights and residual branches while in train
+        mode (a training setting, not part of the shape: no parameters, and eval mode, every
+        decode path included, never drops)."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p!r}")
+        for block in self.blocks:
+            cast(Block, block).drop.p = p
+            cast(Block, block).attn.dropout = p
 
     def num_parameters(self) -> int:
         """Number of parameters (the tied head counts once)."""

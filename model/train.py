@@ -72,6 +72,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     embedding_noise: float = 0.0  # std of Gaussian noise per dimension, before re-normalising
+    # Dropout on the attention weights and the blocks' residual branches (RET.set_dropout),
+    # for runs that make many passes over their corpus; 0 = none.
+    dropout: float = 0.0
     eval_every: int = 500
     eval_texts: int = 256  # held-out texts for the loss gap and greedy chrF at each evaluation
     save_every: int = 500
@@ -261,6 +264,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
         raise ValueError(
             f"attention: expected one of {', '.join(ATTENTION_KERNELS)}, got {config.attention!r}"
         )
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"dropout: expected a number in [0, 1), got {config.dropout!r}")
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: 'cuda' but torch sees no CUDA device here")
@@ -299,6 +304,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     model = model_class(config.architecture)(model_config)
     model.init_weights(generator=torch.Generator().manual_seed(config.seed))
     warm_record = warm_start(model, config) if config.init_from else None
+    model.set_dropout(config.dropout)
     model.to(device)
     optimizer = make_optimizer(model, config)
     forward = torch.compile(model, dynamic=True) if config.compile else model

@@ -325,3 +325,31 @@ def test_a_repeated_block_runs_its_weights_again_and_step_matches_forward(
 def test_a_block_repeat_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="block_repeat must be a positive int"):
         RETConfig(block_repeat=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_drops_only_in_training_and_adds_no_parameters(tiny_model: RET, p: float) -> None:
+    """set_dropout(p): in eval mode (every decode path) the logits are the undropped ones; in
+    train mode they vary with the seed and repeat under the same seed; p 0 in train mode is
+    the plain forward. No parameter and no state is added; p outside [0, 1) is refused."""
+    emb, tokens = torch.randn(3, 768), torch.randint(1, 256, (3, 10))
+    keys, count = set(tiny_model.state_dict()), tiny_model.num_parameters()
+    tiny_model.eval()
+    reference = tiny_model(emb, tokens)
+    tiny_model.set_dropout(p)
+    assert set(tiny_model.state_dict()) == keys and tiny_model.num_parameters() == count
+    assert torch.equal(tiny_model(emb, tokens), reference)
+    tiny_model.train()
+    dropped = []
+    for seed in (1, 2, 1):
+        torch.manual_seed(seed)
+        dropped.append(tiny_model(emb, tokens))
+    assert not torch.allclose(dropped[0], reference)
+    assert not torch.allclose(dropped[0], dropped[1])
+    assert torch.equal(dropped[0], dropped[2])
+    tiny_model.set_dropout(0.0)
+    torch.testing.assert_close(tiny_model(emb, tokens), reference)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+            tiny_model.set_dropout(bad)

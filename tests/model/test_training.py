@@ -141,6 +141,26 @@ def test_bfloat16_autocast_trains_as_float32_does(tmp_path: Path) -> None:
         train(fixture_config(tmp_path / "bad", autocast="float8"), progress=False)
 
 
+def test_dropout_trains_and_the_card_records_it(tmp_path: Path) -> None:
+    """A run with dropout: the loss still falls, the steps differ from the same run without
+    it, the card records the rate, and the exported model decodes undropped (eval mode)."""
+    plain = fixture_config(tmp_path / "plain", architecture="ret_tiny")
+    dropped = fixture_config(tmp_path / "dropout", architecture="ret_tiny", dropout=0.2)
+    train(plain, progress=False)
+    checkpoint = train(dropped, progress=False)
+    a, b = losses(Path(plain.out_dir)), losses(Path(dropped.out_dir))
+    assert np.mean(b[-5:]) < b[0] - 1.0, b
+    assert a[0] != b[0] and a != b
+    card = json.loads((checkpoint / "card.json").read_text())
+    assert card["training"]["config"]["dropout"] == 0.2
+    loaded = load_checkpoint(checkpoint, device="cpu").model
+    emb, tokens = torch.randn(2, 768), torch.randint(1, 256, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(loaded(emb, tokens), loaded(emb, tokens))
+    with pytest.raises(ValueError, match=r"dropout: expected a number in \[0, 1\), got 1.0"):
+        train(fixture_config(tmp_path / "bad", dropout=1.0), progress=False)
+
+
 def test_unknown_training_setting_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "train.toml"
     path.write_text("learning_rat = 0.1\n")

@@ -139,13 +139,20 @@ def test_queue_full_refuses_some_and_every_accepted_call_completes(
     with tight.channel() as channel:
         stub = pb_grpc.DecoderStub(channel)
         wait_for_load(stub, 0, 0)
-        futures = [
-            stub.Generate.future(
-                pb.GenerateRequest(embedding=emb(i), max_new_tokens=256, temperature=0.0),
-                timeout=CALL_TIMEOUT_S,
-            )
-            for i in range(n)
-        ]
+
+        def call(i: int) -> grpc.Future:
+            request = pb.GenerateRequest(embedding=emb(i), max_new_tokens=256, temperature=0.0)
+            return stub.Generate.future(request, timeout=CALL_TIMEOUT_S)
+
+        # The first call takes the slot before the others come (else two could wait in the
+        # queue while the worker has not yet moved the first into the slot: only 2 served).
+        futures = [call(0)]
+        poll(
+            lambda: futures[0].done() or load(stub).running == 1,
+            POLL_LIMIT_S,
+            lambda: f"the first call neither runs nor ended; load {load(stub)}",
+        )
+        futures += [call(i) for i in range(1, n)]
         refused, served = [], {}
         for i, future in enumerate(futures):
             try:
@@ -155,6 +162,7 @@ def test_queue_full_refuses_some_and_every_accepted_call_completes(
                 refused.append(error.details())
         assert refused, "12 long calls against 1 slot and a queue of 2: some must be refused"
         assert len(served) >= 3  # the slot and the queue were used
+        assert 0 in served
         for message in refused:
             assert "full" in message and "2" in message, message
         for i, reply in served.items():
