@@ -67,3 +67,29 @@ def batches_in_order(
     for start in range(0, len(encoded), batch_size):
         rows = np.arange(start, min(start + batch_size, len(encoded)))
         yield rows, *make_batch(encoded, rows, eos_id)
+
+
+def bucketed_batches(
+    lengths: np.ndarray, batch_size: int, rng: np.random.Generator, max_tokens: int = 0
+) -> Iterator[np.ndarray]:
+    """An epoch of batches of similar lengths, in random order: shuffle, sort chunks of 64
+    batches by length, cut into batches, shuffle the batches. With `max_tokens`, a batch is
+    also cut before its rows times its longest row (+1 for EOS) would pass it: long texts
+    come in fewer rows, so one long bucket does not take a GPU's memory."""
+    order = rng.permutation(len(lengths))
+    chunk = batch_size * 64
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = order[start : start + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        if not max_tokens:
+            batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+            continue
+        first = 0
+        for i, longest in enumerate(lengths[part] + 1):  # ascending: row i is the longest
+            if i > first and (i - first >= batch_size or (i - first + 1) * longest > max_tokens):
+                batches.append(part[first:i])
+                first = i
+        batches.append(part[first:])
+    for k in rng.permutation(len(batches)):
+        yield batches[k]

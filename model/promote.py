@@ -24,7 +24,7 @@ from typing import Any
 
 from .checkpoint import load_checkpoint
 from .embed import EmbeddedSplit, load_split
-from .train import heldout_losses, heldout_set
+from .loss import heldout_losses, heldout_set
 
 CURVE = "learning_curve.jsonl"
 COPIED = ("model.safetensors", "card.json", "tokenizer.json")

@@ -88,7 +88,8 @@ def train_kbytes_per_s(
     batches of 128 texts of 30-120 bytes (as tokens: bytes / `bytes_per_token`), each
     config's attention on the kernel `retd train` would pick (TrainConfig.attention: "auto"
     unless `attention` names another for it)."""
-    from retd.model.train import attention_kernel, sequence_loss
+    from retd.model.loss import sequence_loss
+    from retd.model.train import attention_kernel
 
     generator = torch.Generator().manual_seed(0)
     lengths = torch.linspace(30, 120, batches).round().long().tolist()

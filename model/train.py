@@ -19,33 +19,23 @@ import math
 import os
 import time
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from retd.model.batches import (
-    IGNORE,
-    batches_in_order,
-    byte_lengths,
-    encode_texts,
-    make_batch,
-    text_bytes,
-)
+from retd.model.batches import bucketed_batches, byte_lengths, encode_texts, make_batch
 from retd.model.checkpoint import DEFAULT_ENCODER, save_checkpoint
 from retd.model.encoder import ENCODER_WEIGHTS_SHA256
-from retd.model.evaluate import greedy_texts, heldout_rows, text_scores
+from retd.model.evaluate import greedy_texts, text_scores
+from retd.model.loss import heldout_losses, heldout_set, sequence_loss
 from retd.model.model import RET, model_class
 from retd.model.run_setup import model_config_for, resolve_tokenizer, warm_start
-from retd.model.tokenizer import BYTES, Tokenizer
-
-if TYPE_CHECKING:
-    from retd.model.embed import EmbeddedSplit
 
 
 @dataclass(frozen=True)
@@ -123,47 +113,11 @@ class TrainConfig:
         return cls(**values)
 
 
-def bucketed_batches(
-    lengths: np.ndarray, batch_size: int, rng: np.random.Generator, max_tokens: int = 0
-) -> Iterator[np.ndarray]:
-    """An epoch of batches of similar lengths, in random order: shuffle, sort chunks of 64
-    batches by length, cut into batches, shuffle the batches. With `max_tokens`, a batch is
-    also cut before its rows times its longest row (+1 for EOS) would pass it: long texts
-    come in fewer rows, so one long bucket does not take a GPU's memory."""
-    order = rng.permutation(len(lengths))
-    chunk = batch_size * 64
-    batches = []
-    for start in range(0, len(order), chunk):
-        part = order[start : start + chunk]
-        part = part[np.argsort(lengths[part], kind="stable")]
-        if not max_tokens:
-            batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
-            continue
-        first = 0
-        for i, longest in enumerate(lengths[part] + 1):  # ascending: row i is the longest
-            if i > first and (i - first >= batch_size or (i - first + 1) * longest > max_tokens):
-                batches.append(part[first:i])
-                first = i
-        batches.append(part[first:])
-    for k in rng.permutation(len(batches)):
-        yield batches[k]
-
-
 def add_noise(embeddings: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
     if std <= 0:
         return embeddings
     noise = torch.randn(embeddings.shape, generator=generator, device=embeddings.device) * std
     return F.normalize(embeddings + noise, dim=-1)
-
-
-def sequence_loss(
-    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    embeddings: torch.Tensor,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-) -> torch.Tensor:
-    logits = model(embeddings, inputs)  # (B, T+1, V)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
 ATTENTION_KERNELS = ("auto", "math", "default")
@@ -213,42 +167,6 @@ def make_optimizer(model: RET, config: TrainConfig) -> torch.optim.AdamW:
         lr=config.learning_rate,
         betas=(0.9, 0.95),
     )
-
-
-def heldout_set(
-    split: EmbeddedSplit, n: int, max_length: int, tokenizer: Tokenizer = BYTES
-) -> tuple[list[str], torch.Tensor, list[np.ndarray]]:
-    """The held-out texts training evaluates on: `n` evenly spaced over the split (which is
-    grouped by source, so every source counts), their embeddings (n, E) float32 and their
-    encoded tokens. `retd promote` scores checkpoints on the same texts."""
-    rows = heldout_rows(len(split.texts), n)
-    texts = [split.texts[i] for i in rows]
-    embeddings = torch.from_numpy(split.embeddings[rows].astype(np.float32))
-    return texts, embeddings, encode_texts(texts, max_length, tokenizer)
-
-
-@torch.no_grad()
-def heldout_losses(
-    model: RET,
-    embeddings: torch.Tensor,
-    encoded: list[np.ndarray],
-    tokenizer: Tokenizer = BYTES,
-    batch_size: int = 128,
-) -> tuple[float, float]:
-    """Loss per byte (nats; the EOS token counts as one byte) on held-out texts with their own
-    embeddings and with the embeddings rolled by one within each batch (another text's
-    embedding). Per byte, not per token, so that models with other tokenizers compare."""
-    model.eval()
-    true_total = shuffled_total = 0.0
-    device = embeddings.device
-    for rows, inputs, targets in batches_in_order(encoded, model.config.eos_id, batch_size):
-        emb, inputs, targets = embeddings[rows], inputs.to(device), targets.to(device)
-        n = int((targets != IGNORE).sum())
-        true_total += float(sequence_loss(model, emb, inputs, targets)) * n
-        shuffled_total += float(sequence_loss(model, emb.roll(1, 0), inputs, targets)) * n
-    model.train()
-    count = text_bytes(encoded, tokenizer)
-    return true_total / count, shuffled_total / count
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path:

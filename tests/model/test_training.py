@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retd.model.batches import make_batch
+from retd.model.batches import bucketed_batches, make_batch
 from retd.model.checkpoint import load_checkpoint
 from retd.model.embed import load_split
 from retd.model.evaluate import (
@@ -27,7 +27,7 @@ from retd.model.evaluate import (
 )
 from retd.model.generation import SamplingParams, generate
 from retd.model.model import RET, config_for
-from retd.model.train import TrainConfig, attention_kernel, bucketed_batches, lr_at, train
+from retd.model.train import TrainConfig, attention_kernel, lr_at, train
 
 FIXTURE = Path(__file__).parents[1] / "data" / "embedded"
 
