@@ -58,6 +58,18 @@ def make_batch(
     return inputs, targets
 
 
+def drop_tokens(
+    inputs: torch.Tensor, p: float, token: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Inputs (B, T) with each token replaced by `token` with probability p (word dropout, as
+    in Bowman et al. 2016: the decoder learns to say what the embedding says, not only what the
+    text so far suggests). The targets stay whole; p 0 returns the inputs themselves."""
+    if p <= 0:
+        return inputs
+    dropped = torch.rand(inputs.shape, generator=generator, device=inputs.device) < p
+    return inputs.masked_fill(dropped, token)
+
+
 @torch.no_grad()
 def batches_in_order(
     encoded: Sequence[np.ndarray], eos_id: int, batch_size: int = 128

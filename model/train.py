@@ -29,7 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from retd.model.batches import bucketed_batches, byte_lengths, encode_texts, make_batch
+from retd.model.batches import (
+    bucketed_batches,
+    byte_lengths,
+    drop_tokens,
+    encode_texts,
+    make_batch,
+)
 from retd.model.checkpoint import DEFAULT_ENCODER, save_checkpoint
 from retd.model.encoder import ENCODER_WEIGHTS_SHA256
 from retd.model.evaluate import greedy_texts, text_scores
@@ -65,6 +71,10 @@ class TrainConfig:
     # Dropout on the attention weights and the blocks' residual branches (RET.set_dropout),
     # for runs that make many passes over their corpus; 0 = none.
     dropout: float = 0.0
+    # The share of input tokens replaced by the end-of-sequence token in training (word
+    # dropout; the targets stay whole): the decoder must take more of the text from the
+    # embedding. 0 = none.
+    token_dropout: float = 0.0
     eval_every: int = 500
     eval_texts: int = 256  # held-out texts for the loss gap and greedy chrF at each evaluation
     save_every: int = 500
@@ -182,8 +192,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
         raise ValueError(
             f"attention: expected one of {', '.join(ATTENTION_KERNELS)}, got {config.attention!r}"
         )
-    if not 0.0 <= config.dropout < 1.0:
-        raise ValueError(f"dropout: expected a number in [0, 1), got {config.dropout!r}")
+    for name in ("dropout", "token_dropout"):
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise ValueError(f"{name}: expected a number in [0, 1), got {getattr(config, name)!r}")
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: 'cuda' but torch sees no CUDA device here")
@@ -345,6 +356,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
                     noise_generator,
                 )
                 inputs, targets = inputs.to(device), targets.to(device)
+                inputs = drop_tokens(
+                    inputs, config.token_dropout, model_config.eos_id, noise_generator
+                )
                 with (
                     attention_kernel(config.attention, device),
                     torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retd.model.batches import bucketed_batches, make_batch
+from retd.model.batches import bucketed_batches, drop_tokens, make_batch
 from retd.model.checkpoint import load_checkpoint
 from retd.model.embed import load_split
 from retd.model.evaluate import (
@@ -141,24 +141,47 @@ def test_bfloat16_autocast_trains_as_float32_does(tmp_path: Path) -> None:
         train(fixture_config(tmp_path / "bad", autocast="float8"), progress=False)
 
 
-def test_dropout_trains_and_the_card_records_it(tmp_path: Path) -> None:
-    """A run with dropout: the loss still falls, the steps differ from the same run without
-    it, the card records the rate, and the exported model decodes undropped (eval mode)."""
+@pytest.mark.parametrize("setting", ["dropout", "token_dropout"])
+def test_dropout_trains_and_the_card_records_it(tmp_path: Path, setting: str) -> None:
+    """A run with dropout (of the blocks, or of input tokens): the loss still falls, the steps
+    differ from the same run without it, the card records the rate, and the exported model
+    decodes deterministically (eval mode). A rate of 1 or more is refused."""
     plain = fixture_config(tmp_path / "plain", architecture="ret_tiny")
-    dropped = fixture_config(tmp_path / "dropout", architecture="ret_tiny", dropout=0.2)
+    dropped = fixture_config(tmp_path / "dropped", architecture="ret_tiny", **{setting: 0.2})
     train(plain, progress=False)
     checkpoint = train(dropped, progress=False)
     a, b = losses(Path(plain.out_dir)), losses(Path(dropped.out_dir))
     assert np.mean(b[-5:]) < b[0] - 1.0, b
     assert a[0] != b[0] and a != b
     card = json.loads((checkpoint / "card.json").read_text())
-    assert card["training"]["config"]["dropout"] == 0.2
+    assert card["training"]["config"][setting] == 0.2
     loaded = load_checkpoint(checkpoint, device="cpu").model
     emb, tokens = torch.randn(2, 768), torch.randint(1, 256, (2, 5))
     with torch.no_grad():
         assert torch.equal(loaded(emb, tokens), loaded(emb, tokens))
-    with pytest.raises(ValueError, match=r"dropout: expected a number in \[0, 1\), got 1.0"):
-        train(fixture_config(tmp_path / "bad", dropout=1.0), progress=False)
+    with pytest.raises(ValueError, match=rf"{setting}: expected a number in \[0, 1\), got 1.0"):
+        train(fixture_config(tmp_path / "bad", **{setting: 1.0}), progress=False)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    p=st.floats(0.0, 0.9),
+    shape=st.tuples(st.integers(1, 64), st.integers(1, 64)),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_token_dropout_replaces_a_share_p_of_the_inputs_and_nothing_else(
+    p: float, shape: tuple[int, int], seed: int
+) -> None:
+    inputs = torch.randint(1, 1792, shape)
+    out = drop_tokens(inputs, p, 0, torch.Generator().manual_seed(seed))
+    again = drop_tokens(inputs, p, 0, torch.Generator().manual_seed(seed))
+    assert torch.equal(out, again)  # the generator decides
+    replaced = out != inputs
+    assert bool((out[replaced] == 0).all())  # a token is kept or becomes the given one
+    n = inputs.numel()
+    assert abs(int(replaced.sum()) - p * n) <= 5 * (n * p * (1 - p)) ** 0.5 + 1  # binomial
+    if p == 0:
+        assert out is inputs
 
 
 def test_unknown_training_setting_is_refused(tmp_path: Path) -> None:
