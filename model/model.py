@@ -212,10 +212,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self._heads(x)  # (B, H, T, D)
         positions = torch.arange(T, device=x.device)
         q, k = self._rope(q, k, positions)
-        dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=dropout
-        )  # (B, H, T, D)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
     def step(

@@ -131,7 +131,9 @@ def test_the_worker_runs_on_its_cpus_and_everything_else_on_the_rest(
             assert set(daemon) == {ALLOWED}
             return
         worker_threads = [m for masks in [daemon, *children.values()] for m in masks]
-        assert worker_threads.count(expected.workers) == 1  # the one model's worker
+        # The one model's worker, and any pool thread torch's OpenMP starts from it (which
+        # inherits its CPUs: under the tests' zygote an idle one appeared on a fresh machine).
+        assert worker_threads.count(expected.workers) >= 1
         assert set(worker_threads) == {expected.workers, expected.rest}
         if engine == "process":  # the worker is the engine process's, not the daemon's
             assert set(daemon) == {expected.rest}
