@@ -66,6 +66,15 @@ def losses(out_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in lines]
 
 
+@pytest.fixture(scope="module")
+def tiny_losses(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    """The step losses of one plain run of the fixture's config in ret_tiny's shape, which the
+    tests of other step settings (bfloat16, dropout) are held against."""
+    config = fixture_config(tmp_path_factory.mktemp("tiny"), architecture="ret_tiny")
+    train(config, progress=False)
+    return losses(Path(config.out_dir))
+
+
 def test_training_lowers_the_loss_and_exports_a_loadable_checkpoint(
     trained: tuple[TrainConfig, Path],
 ) -> None:
@@ -123,15 +132,13 @@ def test_a_warm_start_begins_from_the_given_weights_and_keeps_their_record(
         train(wrong, progress=False)
 
 
-def test_bfloat16_autocast_trains_as_float32_does(tmp_path: Path) -> None:
+def test_bfloat16_autocast_trains_as_float32_does(tmp_path: Path, tiny_losses: list[float]) -> None:
     """The same run with the step's matrix products in bfloat16: the same fall of the loss
     (what the real-data comparison in BENCHMARKS.md found too), float32 weights exported."""
     # ret_tiny: bfloat16 is emulated, and slow, on a CPU without AVX512-BF16 (CI's may be one)
-    plain = fixture_config(tmp_path / "fp32", architecture="ret_tiny")
     fast = fixture_config(tmp_path / "bf16", architecture="ret_tiny", autocast="bfloat16")
-    train(plain, progress=False)
     checkpoint = train(fast, progress=False)
-    a, b = losses(Path(plain.out_dir)), losses(Path(fast.out_dir))
+    a, b = tiny_losses, losses(Path(fast.out_dir))
     assert np.mean(b[-5:]) < b[0] - 1.0, b
     assert abs(np.mean(a[-5:]) - np.mean(b[-5:])) < 0.1, (a[-5:], b[-5:])
     assert a != b  # it did run in bfloat16
@@ -142,15 +149,15 @@ def test_bfloat16_autocast_trains_as_float32_does(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("setting", ["dropout", "token_dropout"])
-def test_dropout_trains_and_the_card_records_it(tmp_path: Path, setting: str) -> None:
+def test_dropout_trains_and_the_card_records_it(
+    tmp_path: Path, tiny_losses: list[float], setting: str
+) -> None:
     """A run with dropout (of the blocks, or of input tokens): the loss still falls, the steps
     differ from the same run without it, the card records the rate, and the exported model
     decodes deterministically (eval mode). A rate of 1 or more is refused."""
-    plain = fixture_config(tmp_path / "plain", architecture="ret_tiny")
     dropped = fixture_config(tmp_path / "dropped", architecture="ret_tiny", **{setting: 0.2})
-    train(plain, progress=False)
     checkpoint = train(dropped, progress=False)
-    a, b = losses(Path(plain.out_dir)), losses(Path(dropped.out_dir))
+    a, b = tiny_losses, losses(Path(dropped.out_dir))
     assert np.mean(b[-5:]) < b[0] - 1.0, b
     assert a[0] != b[0] and a != b
     card = json.loads((checkpoint / "card.json").read_text())
