@@ -195,19 +195,41 @@ def token_accuracy(
     return 100.0 * correct / total, loss_sum / text_bytes(encoded, tokenizer)
 
 
+def nearest(
+    query: np.ndarray,
+    bank: np.ndarray,
+    *,
+    exclude_self: bool = False,
+    dtype: torch.dtype = torch.float32,
+    chunk: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each query row (N, E), the bank row (M, E) nearest by cosine and that similarity:
+    (N,) int64 and (N,) float32. `exclude_self`: the query is the bank itself (N == M) and a
+    row may not be its own neighbour. `dtype` is the products' (bfloat16 halves the time on a
+    CPU with AVX512-BF16, at ~3 decimals of similarity)."""
+    if exclude_self and len(query) != len(bank):
+        raise ValueError(f"exclude_self needs the bank as the query: {len(query)} != {len(bank)}")
+    bank_t = F.normalize(torch.from_numpy(bank.astype(np.float32)), dim=1).to(dtype)
+    indices: list[np.ndarray] = []
+    sims: list[np.ndarray] = []
+    for start in range(0, len(query), chunk):
+        q = F.normalize(torch.from_numpy(query[start : start + chunk].astype(np.float32)), dim=1)
+        scores = (q.to(dtype) @ bank_t.T).float()  # (chunk, M)
+        if exclude_self:
+            own = torch.arange(len(q))
+            scores[own, own + start] = -float("inf")
+        best = scores.max(dim=1)
+        indices.append(best.indices.numpy())
+        sims.append(best.values.numpy())
+    return np.concatenate(indices), np.concatenate(sims)
+
+
 def retrieval_baseline(
     query: np.ndarray, bank: np.ndarray, bank_texts: Sequence[str], chunk: int = 1024
 ) -> tuple[list[str], np.ndarray]:
     """The nearest bank text (cosine) for each query row, and its similarity."""
-    bank_t = torch.from_numpy(F.normalize(torch.from_numpy(bank.astype(np.float32)), dim=1).numpy())
-    texts: list[str] = []
-    sims: list[np.ndarray] = []
-    for start in range(0, len(query), chunk):
-        q = F.normalize(torch.from_numpy(query[start : start + chunk].astype(np.float32)), dim=1)
-        best = (q @ bank_t.T).max(dim=1)
-        texts += [bank_texts[i] for i in best.indices.tolist()]
-        sims.append(best.values.numpy())
-    return texts, np.concatenate(sims)
+    indices, sims = nearest(query, bank, chunk=chunk)
+    return [bank_texts[i] for i in indices.tolist()], sims
 
 
 HEAD_TEXTS = 100  # the scored texts `evaluate_checkpoint(head=...)` writes out

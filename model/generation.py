@@ -111,6 +111,21 @@ class GenerationResult:
     mean_logprob: float
 
 
+def _after_prefixes(
+    model: RET, embeddings: Tensor, prefixes: Sequence[Sequence[int]], generated: Tensor
+) -> Tensor:
+    """Logits (A, V) for the token after each row's prefix and its generated (A, t) tokens,
+    rows right-padded to the longest (causal attention never reads the padding)."""
+    A, t = generated.shape
+    lengths = [len(p) + t for p in prefixes]
+    tokens = torch.zeros(A, max(lengths), dtype=torch.long, device=generated.device)  # (A, T)
+    for r, prefix in enumerate(prefixes):
+        tokens[r, : len(prefix)] = torch.as_tensor(list(prefix), dtype=torch.long)
+        tokens[r, len(prefix) : lengths[r]] = generated[r]
+    logits = model(embeddings, tokens)  # (A, T+1, V): row L predicts the token after L tokens
+    return logits[torch.arange(A, device=logits.device), torch.tensor(lengths)]
+
+
 @torch.no_grad()
 def generate(
     model: RET,
@@ -120,6 +135,7 @@ def generate(
     use_cache: bool = True,
     tokenizer: Tokenizer = BYTES,
     step: Callable[..., Tensor] | None = None,
+    prefixes: Sequence[Sequence[int]] | None = None,
 ) -> list[GenerationResult]:
     """Generate one sequence per embedding row (B, E), row i sampled with params[i]; the
     model's `tokenizer` turns its tokens into text (a checkpoint's `LoadedModel.tokenizer`).
@@ -127,12 +143,18 @@ def generate(
     Each row stops on its own and finished rows drop out of the batch. use_cache=True decodes
     with a KVCache and model.step; use_cache=False re-runs model.forward over the whole prefix at
     every step (the reference path). `step` runs the cached steps in model.step's place (a
-    `retd.model.cpp_step` step function).
+    `retd.model.cpp_step` step function). `prefixes` (uncached only): token ids each row's
+    text follows, read as given and never generated, returned or penalised (retd.model.
+    neighbour_prefix's retrieved neighbour and separator).
     """
     config = model.config
     B = embeddings.shape[0]
     if len(params) != B:
         raise ValueError(f"got {B} embeddings but {len(params)} SamplingParams")
+    if prefixes is not None and (use_cache or len(prefixes) != B):
+        raise ValueError(
+            f"prefixes need use_cache=False and one per row ({B}), got {len(prefixes)}"
+        )
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(
             f"the model has {config.vocab_size} tokens but the tokenizer {tokenizer.vocab_size}: "
@@ -173,8 +195,11 @@ def generate(
             positions = torch.full_like(rows, t)
             # length and span known here: attention reads nothing back from the device
             logits = run_step(cond[rows], previous, positions, cache, rows, t + 1, active[-1] + 1)
-        else:
+        elif prefixes is None:
             logits = model(embeddings[rows], generated[rows, :t])[:, -1]  # (A, V)
+        else:
+            chosen = [prefixes[i] for i in active]
+            logits = _after_prefixes(model, embeddings[rows], chosen, generated[rows, :t])
         tokens, logprobs = sampler(
             logits,
             [params[i] for i in active],

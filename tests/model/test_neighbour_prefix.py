@@ -1,0 +1,104 @@
+"""Retrieve-and-edit (retd.model.neighbour_prefix): the prefixed batches, the neighbour search,
+generation after a prefix, and a short real run on the embedded fixture, resumed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from retd.model.batches import IGNORE
+from retd.model.checkpoint import init_checkpoint
+from retd.model.decoding import SamplingParams
+from retd.model.evaluate import nearest
+from retd.model.generation import generate
+from retd.model.model import RET, config_for
+from retd.model.neighbour_prefix import parse_args, prefixed_batch, run
+
+FIXTURE = Path(__file__).parents[1] / "data" / "embedded"
+
+ids = st.lists(st.integers(1, 255), max_size=12).map(lambda x: np.array(x, np.uint16))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(ids, ids), min_size=1, max_size=6))
+def test_prefixed_batch_scores_only_the_text_and_its_eos(
+    rows: list[tuple[np.ndarray, np.ndarray]],
+) -> None:
+    prefixes, texts = [p for p, _ in rows], [t for _, t in rows]
+    inputs, targets = prefixed_batch(prefixes, texts, eos_id=0)
+    assert targets.shape[1] == inputs.shape[1] + 1
+    for r, (prefix, text) in enumerate(rows):
+        start = len(prefix) + 1
+        assert inputs[r, : start - 1].tolist() == prefix.tolist()
+        assert inputs[r, start - 1] == 0  # the separator
+        assert inputs[r, start : start + len(text)].tolist() == text.tolist()
+        scored = targets[r] != IGNORE
+        # row t predicts token t: the text's tokens and then EOS, nothing of the prefix
+        assert targets[r][scored].tolist() == [*text.tolist(), 0]
+        assert scored.nonzero().flatten().tolist() == list(range(start, start + len(text) + 1))
+
+
+def test_nearest_never_picks_a_row_itself_and_agrees_in_bfloat16() -> None:
+    bank = np.load(FIXTURE / "embeddings/train/shard-00000.npy")
+    doubled = np.concatenate([bank[:5], bank[:5], bank[5:]])  # rows i and i + 5 are one text
+    idx, sims = nearest(doubled, doubled, exclude_self=True)
+    assert (idx != np.arange(len(doubled))).all()
+    assert idx[:5].tolist() == list(range(5, 10)) and idx[5:10].tolist() == list(range(5))
+    assert np.allclose(sims[:10], 1.0, atol=1e-3)
+    fast, fast_sims = nearest(doubled, doubled, exclude_self=True, dtype=torch.bfloat16, chunk=7)
+    assert np.abs(fast_sims - sims).max() < 0.02  # bfloat16 may pick a near tie, never a far row
+    with pytest.raises(ValueError, match="exclude_self"):
+        nearest(bank[:3], bank, exclude_self=True)
+
+
+def test_generation_after_a_prefix_is_the_greedy_path_given_it() -> None:
+    torch.manual_seed(0)
+    model = RET(config_for("ret_tiny")).eval()
+    with torch.no_grad():
+        model.wte.weight.mul_(30)  # at init the embedding drowns the tokens: make them count
+    emb = torch.randn(3, 768)
+    prefixes = [[5, 6, 7, 0], [0], [9, 0]]
+    params = [SamplingParams(12)] * 3
+    after = generate(model, emb, params, use_cache=False, prefixes=prefixes)
+    with torch.no_grad():
+        for r, prefix in enumerate(prefixes):
+            tokens: list[int] = []
+            for _ in range(len(after[r].token_ids)):
+                logits = model(emb[r : r + 1], torch.tensor([prefix + tokens]))[0, -1]
+                tokens.append(int(logits.argmax()))
+            assert after[r].token_ids == tokens[: len(after[r].token_ids)]
+    plain = generate(model, emb, params, use_cache=False)
+    empty = generate(model, emb, params, use_cache=False, prefixes=[[]] * 3)
+    assert [r.token_ids for r in empty] == [r.token_ids for r in plain]
+    assert [r.token_ids for r in after] != [r.token_ids for r in plain]
+    with pytest.raises(ValueError, match="prefixes"):
+        generate(model, emb, params, use_cache=True, prefixes=prefixes)
+
+
+def test_a_short_run_measures_against_retrieval_and_resumes(tmp_path: Path) -> None:
+    init = init_checkpoint(tmp_path / "init", architecture="ret_tiny")
+    argv = [str(tmp_path / "run"), "--init", str(init), "--data-dir", str(FIXTURE),
+            "--batch", "8", "--eval-every", "3", "--max-prefix", "16"]  # fmt: skip
+    report = run(parse_args([*argv, "--max-steps", "4"]))
+    assert report["step"] == 4 and report["chrf"] >= 0 and 0 < report["retrieval"]["chrf"] <= 100
+    assert sum(band["texts"] for band in report["by_similarity"]) == 32  # every held-out text
+    assert -1 <= report["cosine"] <= 1
+    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 0 and log[-1] == report
+    # the neighbours written beside it: the best by cosine among the other training texts
+    with np.load(tmp_path / "run/neighbours.npz") as z:
+        train = np.load(FIXTURE / "embeddings/train/shard-00000.npy").astype(np.float32)
+        exact = nearest(train, train, exclude_self=True)[1]
+        assert np.abs(z["train_sim"] - exact).max() < 0.02
+    again = run(parse_args([*argv, "--max-steps", "7"]))  # the same command goes on
+    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert again["step"] == 7 and log[-1] == again
+    assert all(rec["step"] > 0 for rec in log[log.index(report) + 1 :])  # no fresh start
+    with pytest.raises(SystemExit):
+        parse_args([*argv, "--neighbour-drop", "1.5"])
