@@ -51,7 +51,9 @@ def heldout_losses(
 ) -> tuple[float, float]:
     """Loss per byte (nats; the EOS token counts as one byte) on held-out texts with their own
     embeddings and with the embeddings rolled by one within each batch (another text's
-    embedding). Per byte, not per token, so that models with other tokenizers compare."""
+    embedding). Per byte, not per token, so that models with other tokenizers compare. The
+    model is scored in eval mode and left in the mode it came in."""
+    training = model.training
     model.eval()
     true_total = shuffled_total = 0.0
     device = embeddings.device
@@ -60,6 +62,6 @@ def heldout_losses(
         n = int((targets != IGNORE).sum())
         true_total += float(sequence_loss(model, emb, inputs, targets)) * n
         shuffled_total += float(sequence_loss(model, emb.roll(1, 0), inputs, targets)) * n
-    model.train()
+    model.train(training)
     count = text_bytes(encoded, tokenizer)
     return true_total / count, shuffled_total / count

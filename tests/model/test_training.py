@@ -26,6 +26,7 @@ from retd.model.evaluate import (
     text_scores,
 )
 from retd.model.generation import SamplingParams, generate
+from retd.model.loss import heldout_losses, heldout_set
 from retd.model.model import RET, config_for
 from retd.model.train import TrainConfig, attention_kernel, lr_at, train
 
@@ -298,6 +299,18 @@ def test_scores_of_perfect_and_empty_decoding() -> None:
     assert perfect["chrf"] == pytest.approx(100) and perfect["exact_match"] == 100
     empty = text_scores(["", ""], refs)
     assert empty["chrf"] == 0 and empty["exact_match"] == 0
+
+
+def test_heldout_losses_score_in_eval_mode_and_leave_the_mode_as_it_was() -> None:
+    model = RET(config_for("ret_tiny"))
+    model.set_dropout(0.5)  # a train-mode pass would drop, and differ from call to call
+    _, embeddings, encoded = heldout_set(load_split(FIXTURE, "heldout"), 16, 64)
+    model.eval()
+    scored = heldout_losses(model, embeddings, encoded)
+    assert not model.training
+    model.train()
+    assert heldout_losses(model, embeddings, encoded) == scored
+    assert model.training
 
 
 def test_retrieval_baseline_finds_bank_members() -> None:
