@@ -1,9 +1,11 @@
-"""How a training run starts: its tokenizer and model shape (from the config, or from the
-checkpoint a warm start begins from) and the warm start itself (`retd.model.train`)."""
+"""How a training run starts: its settings (a TOML file over the one it names as its base),
+its tokenizer and model shape (from the config, or from the checkpoint a warm start begins
+from) and the warm start itself (`retd.model.train`)."""
 
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,3 +63,18 @@ def model_config_for(config: TrainConfig, tokenizer: Tokenizer) -> RETConfig:
             f"{tokenizer.vocab_size} tokens"
         )
     return config_for(config.architecture, shape)
+
+
+def toml_over_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A TOML file's settings over those of the file its `base` names (a path relative to it;
+    that file may name a base too): each key replaces the base's whole, a [model] table too."""
+    if path.resolve() in seen:
+        raise ValueError(f"`base` files name each other: {' -> '.join(map(str, seen))} -> {path}")
+    with path.open("rb") as f:
+        values = tomllib.load(f)
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ValueError(f"base in {path} must be a path (a string), got {base!r}")
+    return {**toml_over_base(path.parent / base, (*seen, path.resolve())), **values}

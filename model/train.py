@@ -18,7 +18,6 @@ import json
 import math
 import os
 import time
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from retd.model.encoder import ENCODER_WEIGHTS_SHA256
 from retd.model.evaluate import greedy_texts, text_scores
 from retd.model.loss import heldout_losses, heldout_set, sequence_loss
 from retd.model.model import RET, model_class
-from retd.model.run_setup import model_config_for, resolve_tokenizer, warm_start
+from retd.model.run_setup import model_config_for, resolve_tokenizer, toml_over_base, warm_start
 
 
 @dataclass(frozen=True)
@@ -113,8 +112,7 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-        with path.open("rb") as f:
-            values = tomllib.load(f)
+        values = toml_over_base(path)
         values.update(overrides or {})
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)

@@ -551,3 +551,24 @@ def test_every_training_config_reads_and_its_shape_is_722944_parameters(
     else:
         shape["vocab_size"] = resolve_tokenizer(config).vocab_size
     assert RET(config_for(config.architecture, shape)).num_parameters() == 722_944, shape
+
+
+def test_a_config_over_its_base_replaces_whole_keys_and_refuses_a_cycle(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.toml").write_text(
+        'learning_rate = 4e-3\nseed = 9\nout_dir = "root"\n[model]\nn_layer = 3\nmlp_hidden = 256\n'
+    )
+    (tmp_path / "sub/mid.toml").write_text('base = "../root.toml"\nseed = 1\n')
+    (tmp_path / "sub/leaf.toml").write_text(
+        'base = "mid.toml"\nout_dir = "leaf"\n[model]\nn_layer = 5\n'
+    )
+    leaf = TrainConfig.from_toml(tmp_path / "sub/leaf.toml", {"seed": 2})
+    # the nearest file wins; a table is replaced whole (mlp_hidden is not inherited)
+    assert (leaf.learning_rate, leaf.out_dir, leaf.model) == (4e-3, "leaf", {"n_layer": 5})
+    assert leaf.seed == 2 and TrainConfig.from_toml(tmp_path / "sub/mid.toml").seed == 1
+    (tmp_path / "root.toml").write_text('base = "sub/leaf.toml"\n')
+    with pytest.raises(ValueError, match="`base` files name each other"):
+        TrainConfig.from_toml(tmp_path / "sub/leaf.toml")
+    (tmp_path / "bad.toml").write_text("base = 3\n")
+    with pytest.raises(ValueError, match="base in .*bad.toml must be a path"):
+        TrainConfig.from_toml(tmp_path / "bad.toml")
