@@ -2,6 +2,7 @@
 
     python -m retd.model.shapes [--runs DIR] [--at-step N | --at-minutes M] [--threads 1]
     python -m retd.model.shapes --attention default auto    # training kB/s per attention kernel
+    python -m retd.model.shapes --dropout 0 0.1 --shapes 3x128-bpe1792   # ... per dropout
 
 Prints one markdown row per candidate: its shape, parameters, decode milliseconds per step at
 batch 1 and 64 (random weights, KV cache, greedy) and training kB/s (batches of 128 texts of
@@ -83,18 +84,22 @@ def train_kbytes_per_s(
     batches: int = 4,
     repeats: int = 5,
     attention: Mapping[str, str] | None = None,
+    dropout: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Median training kB/s of text (forward, backward, AdamW step) on the same synthetic
     batches of 128 texts of 30-120 bytes (as tokens: bytes / `bytes_per_token`), each
     config's attention on the kernel `retd train` would pick (TrainConfig.attention: "auto"
-    unless `attention` names another for it)."""
+    unless `attention` names another for it), at the `dropout` named for it (TrainConfig.
+    dropout; 0 unless named)."""
     from retd.model.loss import sequence_loss
     from retd.model.train import attention_kernel
 
     generator = torch.Generator().manual_seed(0)
     lengths = torch.linspace(30, 120, batches).round().long().tolist()
     embeddings = torch.nn.functional.normalize(torch.randn(128, 768, generator=generator), dim=1)
-    models = {name: RET(config) for name, config in configs.items()}
+    models = {name: RET(config) for name, config in configs.items()}  # train mode
+    for name, p in (dropout or {}).items():
+        models[name].set_dropout(p)
     data: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
     for name, config in configs.items():
         per_token = bytes_per_token(config)
@@ -189,21 +194,23 @@ def table(
     return "\n".join(lines)
 
 
-def kernel_table(shapes: Mapping[str, RETConfig], kernels: Sequence[str], repeats: int) -> str:
-    """Training kB/s of each shape on each attention kernel, measured interleaved, and each
-    kernel's ratio to the first."""
-    runs = {f"{name} {k}": config for name, config in shapes.items() for k in kernels}
-    speeds = train_kbytes_per_s(
-        runs, repeats=repeats, attention={f"{n} {k}": k for n in shapes for k in kernels}
-    )
+def setting_table(
+    shapes: Mapping[str, RETConfig], setting: str, values: Sequence[Any], repeats: int
+) -> str:
+    """Training kB/s of each shape at each value of one training setting ("attention": the
+    kernel, or "dropout"), measured interleaved, and each value's ratio to the first."""
+    runs = {f"{name} {v}": config for name, config in shapes.items() for v in values}
+    chosen = {setting: {f"{n} {v}": v for n in shapes for v in values}}
+    speeds = train_kbytes_per_s(runs, repeats=repeats, **chosen)
+    labels = [str(v) if setting == "attention" else f"{setting} {v}" for v in values]
     head = [
         "shape",
-        *(f"train kB/s, {k}" for k in kernels),
-        *(f"{k} / {kernels[0]}" for k in kernels[1:]),
+        *(f"train kB/s, {label}" for label in labels),
+        *(f"{label} / {labels[0]}" for label in labels[1:]),
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in shapes:
-        rates = [speeds[f"{name} {k}"] for k in kernels]
+        rates = [speeds[f"{name} {v}"] for v in values]
         cells = [name, *(f"{r:.1f}" for r in rates), *(f"{r / rates[0]:.2f}" for r in rates[1:])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -226,12 +233,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="training's attention kernel(s) (TrainConfig.attention); with several, each "
         "shape's training kB/s is measured on each, interleaved, and printed as a table",
     )
+    parser.add_argument(
+        "--dropout",
+        nargs="+",
+        type=float,
+        help="training dropout(s) (TrainConfig.dropout): each shape's training kB/s at each, "
+        "interleaved, printed as a table",
+    )
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="these candidates only")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = configs()
+    shapes = {n: c for n, c in configs().items() if n in (args.shapes or SHAPES)}
+    if args.dropout:
+        print(setting_table(shapes, "dropout", args.dropout, args.repeats))
+        return 0
     if len(args.attention) > 1:
-        print(kernel_table(shapes, args.attention, args.repeats))
+        print(setting_table(shapes, "attention", args.attention, args.repeats))
         return 0
     timings = {b: decode_step_ms(shapes, b, args.steps, args.repeats) for b in args.batches}
     speeds = train_kbytes_per_s(

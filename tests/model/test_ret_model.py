@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from retd.model.model import ARCHITECTURES, RET, KVCache, RETConfig, config_for
-from retd.model.shapes import SHAPES, decode_step_ms, kernel_table, table, train_kbytes_per_s
+from retd.model.shapes import SHAPES, decode_step_ms, setting_table, table, train_kbytes_per_s
 
 
 def test_ret_v21_has_exactly_722944_parameters() -> None:
@@ -246,7 +246,7 @@ def test_shapes_are_timed_side_by_side() -> None:
 
 def test_the_kernel_table_times_each_shape_on_each_attention_kernel() -> None:
     shapes = {"one": config_for("ret_tiny"), "two": config_for("ret_tiny", {"n_layer": 2})}
-    lines = kernel_table(shapes, ["default", "auto"], repeats=1).splitlines()
+    lines = setting_table(shapes, "attention", ["default", "auto"], repeats=1).splitlines()
     assert lines[0] == "| shape | train kB/s, default | train kB/s, auto | auto / default |"
     assert len(lines) == 2 + len(shapes)
     for name, line in zip(shapes, lines[2:], strict=True):
@@ -254,6 +254,22 @@ def test_the_kernel_table_times_each_shape_on_each_attention_kernel() -> None:
         default, auto, ratio = (float(c) for c in cells[1:])
         assert cells[0] == name and default > 0 and auto > 0
         assert ratio == pytest.approx(auto / default, abs=0.01)
+
+
+def test_the_dropout_table_trains_each_shape_at_each_dropout(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    set_to: list[float] = []
+    real = RET.set_dropout
+    monkeypatch.setattr(RET, "set_dropout", lambda self, p: (set_to.append(p), real(self, p)))
+    from retd.model.shapes import main
+
+    assert main(["--dropout", "0", "0.25", "--shapes", "1x256-add", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = "| shape | train kB/s, dropout 0.0 | train kB/s, dropout 0.25 |"
+    assert lines[0] == head + " dropout 0.25 / dropout 0.0 |"
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["1x256-add"]
+    assert sorted(set_to) == [0.0, 0.25]  # each run's model trained at its own dropout
 
 
 def test_unknown_conditioning_is_refused() -> None:
