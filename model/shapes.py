@@ -200,8 +200,11 @@ def setting_table(
     """Training kB/s of each shape at each value of one training setting ("attention": the
     kernel, or "dropout"), measured interleaved, and each value's ratio to the first."""
     runs = {f"{name} {v}": config for name, config in shapes.items() for v in values}
-    chosen = {setting: {f"{n} {v}": v for n in shapes for v in values}}
-    speeds = train_kbytes_per_s(runs, repeats=repeats, **chosen)
+    chosen = {f"{n} {v}": v for n in shapes for v in values}
+    if setting == "attention":
+        speeds = train_kbytes_per_s(runs, repeats=repeats, attention=chosen)
+    else:
+        speeds = train_kbytes_per_s(runs, repeats=repeats, dropout=chosen)
     labels = [str(v) if setting == "attention" else f"{setting} {v}" for v in values]
     head = [
         "shape",
