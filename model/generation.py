@@ -123,7 +123,9 @@ def _after_prefixes(
         tokens[r, : len(prefix)] = torch.as_tensor(list(prefix), dtype=torch.long)
         tokens[r, len(prefix) : lengths[r]] = generated[r]
     logits = model(embeddings, tokens)  # (A, T+1, V): row L predicts the token after L tokens
-    return logits[torch.arange(A, device=logits.device), torch.tensor(lengths)]
+    return logits[
+        torch.arange(A, device=logits.device), torch.tensor(lengths, device=logits.device)
+    ]
 
 
 @torch.no_grad()
