@@ -30,12 +30,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retd.model.batches import IGNORE, encode_texts, text_bytes
+from retd.model.batches import IGNORE, encode_texts, make_batch, text_bytes
 from retd.model.checkpoint import load_checkpoint
 from retd.model.decoding_eval import Decoder
 from retd.model.embed import load_split
 from retd.model.evaluate import heldout_rows, nearest, text_scores
 from retd.model.generation import generate
+from retd.model.loss import sequence_loss
 from retd.model.model import RET
 
 POOL = 32  # batches drawn at once, sorted by length, then run in a random order
@@ -45,19 +46,12 @@ def prefixed_batch(
     prefixes: Sequence[np.ndarray], texts: Sequence[np.ndarray], eos_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs (B, T) = prefix, EOS, text, 0-padded; targets (B, T+1) = the text then EOS at
-    the rows that predict them, everything else IGNOREd (RET's row t predicts token t)."""
-    seqs = [
-        np.concatenate([p, [eos_id], t]).astype(np.int64)
-        for p, t in zip(prefixes, texts, strict=True)
-    ]
-    T = max(len(s) for s in seqs)
-    inputs = torch.zeros(len(seqs), T, dtype=torch.long)
-    targets = torch.full((len(seqs), T + 1), IGNORE, dtype=torch.long)
-    for r, (seq, prefix) in enumerate(zip(seqs, prefixes, strict=True)):
-        inputs[r, : len(seq)] = torch.from_numpy(seq)
-        start = len(prefix) + 1
-        targets[r, start : len(seq)] = torch.from_numpy(seq[start:])
-        targets[r, len(seq)] = eos_id
+    the rows that predict them, everything else IGNOREd (RET's row t predicts token t):
+    `make_batch` of the whole sequences, the prefix and separator then unscored."""
+    seqs = [np.concatenate([p, [eos_id], t]) for p, t in zip(prefixes, texts, strict=True)]
+    inputs, targets = make_batch(seqs, np.arange(len(seqs)), eos_id)
+    starts = torch.tensor([len(p) + 1 for p in prefixes])  # (B,): the text's first row
+    targets[torch.arange(targets.shape[1]) < starts[:, None]] = IGNORE
     return inputs, targets
 
 
@@ -115,24 +109,19 @@ class Experiment:
     @torch.no_grad()
     def heldout_loss(self) -> float:
         """Loss per byte of the held-out texts (their EOS counted as one byte)."""
-        self.model.eval()
         total = 0.0
         for s in range(0, len(self.held_refs), 100):
             nbs = self.held_nb[s : s + 100]
             inputs, targets = prefixed_batch(
                 [self.prefix(j) for j in nbs], self.held_encoded[s : s + 100], self.eos
             )
-            logits = self.model(self.held_emb[s : s + 100], inputs)
-            total += float(
-                F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-            )
-        self.model.train()
+            loss = sequence_loss(self.model, self.held_emb[s : s + 100], inputs, targets)
+            total += float(loss) * int((targets != IGNORE).sum())
         return total / text_bytes(self.held_encoded, self.tokenizer)
 
     @torch.no_grad()
     def decode(self) -> list[str]:
         """The held-out texts decoded after their neighbours, `--decoder`'s way."""
-        self.model.eval()
         params = Decoder.parse(self.args.decoder).params(self.model.config.max_length)
         texts: list[str] = []
         for s in range(0, len(self.held_refs), 100):
@@ -142,17 +131,20 @@ class Experiment:
                 use_cache=False, tokenizer=self.tokenizer, prefixes=prefixes,
             )  # fmt: skip
             texts += [r.text for r in results]
-        self.model.train()
         return texts
 
 
 def evaluate(exp: Experiment, step: int, minutes: float, final: bool) -> dict[str, Any]:
+    """Scores the model in eval mode, and leaves it in the mode it came in."""
+    training = exp.model.training
+    exp.model.eval()
     hypotheses = exp.decode()
     scores = text_scores(hypotheses, exp.held_refs)
     record: dict[str, Any] = {
         "step": step, "minutes": round(minutes, 2), "heldout_loss": round(exp.heldout_loss(), 4),
         "chrf": round(scores["chrf"], 2), "bleu": round(scores["bleu"], 2),
     }  # fmt: skip
+    exp.model.train(training)
     if final:
         from retd.model.encoder import SentenceEncoder
 
@@ -239,8 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 keep = torch.rand(len(rows), generator=generator).numpy() >= args.neighbour_drop
                 prefixes = [p if k else p[:0] for p, k in zip(prefixes, keep, strict=True)]
             inputs, targets = prefixed_batch(prefixes, [exp.encoded[i] for i in rows], exp.eos)
-            logits = model(exp.train_emb[rows], inputs)
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            loss = sequence_loss(model, exp.train_emb[rows], inputs, targets)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, minutes(), args.lr, args.minutes)
             opt.zero_grad(set_to_none=True)

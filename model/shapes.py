@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -195,7 +195,10 @@ def table(
 
 
 def setting_table(
-    shapes: Mapping[str, RETConfig], setting: str, values: Sequence[Any], repeats: int
+    shapes: Mapping[str, RETConfig],
+    setting: Literal["attention", "dropout"],
+    values: Sequence[Any],
+    repeats: int,
 ) -> str:
     """Training kB/s of each shape at each value of one training setting ("attention": the
     kernel, or "dropout"), measured interleaved, and each value's ratio to the first."""
