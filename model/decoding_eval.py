@@ -23,6 +23,9 @@ A decoder spec is `name` or comma-separated `key=value` pairs:
                row's seeds fixed, so still deterministic), keeping the one with the highest
                mean chrF against the others (N + 1 decodes a text; measured here, not served)
   t=T          the samples' temperature (mbr only; default 0.6, top-p 0.95)
+  by=cos       pick from the mbr pool by the encoder instead: the text whose re-encoding is
+               nearest (cosine) the input embedding (the sentence encoder runs N + 1 times a
+               text; measured here, not served)
 e.g. `greedy`, `nr=6`, `rp=1.3,rpn=4`, `nr=8,rp=1.2,max=160`, `rp=1.5,rpn=2,eos=-3,cfg=0.2`,
 `rp=1.5,rpn=2,eos=-3,mbr=16,t=0.6`.
 """
@@ -126,6 +129,7 @@ class Decoder:
     guidance: float = 0.0
     mbr: int = 0  # samples drawn beside the decoder's output (0: none)
     temperature: float = 0.6  # theirs
+    by: str = "chrf"  # how the mbr pool is picked from: "chrf" consensus or "cos" re-encoded
 
     @classmethod
     def parse(cls, spec: str) -> Decoder:
@@ -140,6 +144,7 @@ class Decoder:
             "cfg": "guidance",
             "mbr": "mbr",
             "t": "temperature",
+            "by": "by",
         }
         fields: dict[str, Any] = {}
         for item in spec.split(","):
@@ -147,7 +152,11 @@ class Decoder:
             if key not in keys or not value:
                 raise ValueError(f"decoder {spec!r}: expected key=value with key in {list(keys)}")
             name = keys[key]
-            fields[name] = float(value) if isinstance(getattr(cls, name), float) else int(value)
+            default = getattr(cls, name)
+            kind = type(default) if isinstance(default, float | str) else int
+            fields[name] = kind(value)
+        if fields.get("by", "chrf") not in ("chrf", "cos"):
+            raise ValueError(f"decoder {spec!r}: by= must be chrf or cos")
         return cls(spec, **fields)
 
     def params(self, max_length: int) -> SamplingParams:
@@ -179,6 +188,25 @@ def mbr_pick(pool: Sequence[str]) -> str:
     return pool[int(np.argmax(scores))]
 
 
+def cosine_pick(
+    pools: Sequence[Sequence[str]],
+    embeddings: torch.Tensor,
+    encode: Callable[[list[str]], np.ndarray],
+) -> list[str]:
+    """From each row's pool, the text whose re-encoding is nearest (cosine) the row's
+    embedding (the first such on a tie): every pool's texts encoded in one call."""
+    flat = [t for pool in pools for t in pool]
+    encoded = torch.from_numpy(np.asarray(encode(flat), dtype=np.float32))
+    owners = torch.repeat_interleave(torch.tensor([len(p) for p in pools]))
+    cosines = torch.nn.functional.cosine_similarity(encoded, embeddings.float()[owners]).tolist()
+    chosen, start = [], 0
+    for pool in pools:
+        scores = cosines[start : start + len(pool)]
+        chosen.append(pool[int(np.argmax(scores))])
+        start += len(pool)
+    return chosen
+
+
 def guided_step(model: RET, rows: int, weight: float) -> Callable[..., torch.Tensor]:
     """A `generate` step with guidance `weight`: the model's logits plus `weight` times its
     log-probabilities given each row's embedding less those given a zero embedding, which
@@ -203,10 +231,12 @@ def decode_all(
     decoder: Decoder,
     batch_size: int = 256,
     tokenizer: Tokenizer = BYTES,
+    encode: Callable[[list[str]], np.ndarray] | None = None,
 ) -> tuple[list[str], list[FinishReason], list[int]]:
-    """Each row decoded: texts, finish reasons, and bytes generated."""
+    """Each row decoded: texts, finish reasons, and bytes generated. `encode` (texts to
+    embeddings) is the sentence encoder a `by=cos` decoder picks with."""
     if decoder.mbr:
-        return _decode_mbr(model, embeddings, decoder, batch_size, tokenizer)
+        return _decode_mbr(model, embeddings, decoder, batch_size, tokenizer, encode)
     params = decoder.params(model.config.max_length)
     texts: list[str] = []
     reasons: list[FinishReason] = []
@@ -228,6 +258,7 @@ def _decode_mbr(
     decoder: Decoder,
     batch_size: int,
     tokenizer: Tokenizer,
+    encode: Callable[[list[str]], np.ndarray] | None,
 ) -> tuple[list[str], list[FinishReason], list[int]]:
     """`decode_all` for an `mbr` decoder: row i's pool is its deterministic output and
     `decoder.mbr` samples seeded by (i, k); the pick's finish reason and length."""
@@ -243,7 +274,12 @@ def _decode_mbr(
             ]
             for i, result in enumerate(generate(model, chunk, rows, tokenizer=tokenizer)):
                 pools[start + i].append((result.text, result.finish_reason))
-    chosen = [mbr_pick([t for t, _ in pool]) for pool in pools]
+    if decoder.by == "cos":
+        if encode is None:
+            raise ValueError(f"decoder {decoder.spec!r} picks by the encoder: pass encode=")
+        chosen = cosine_pick([[t for t, _ in pool] for pool in pools], embeddings, encode)
+    else:
+        chosen = [mbr_pick([t for t, _ in pool]) for pool in pools]
     reasons = [dict(pool)[t] for pool, t in zip(pools, chosen, strict=True)]
     return chosen, reasons, [len(t.encode("utf-8")) for t in chosen]
 
@@ -283,8 +319,9 @@ def measure(
         decoder = Decoder.parse(spec)
         started = time.perf_counter()
         decoded, reasons, lengths = decode_all(
-            model, torch.from_numpy(embeddings), decoder, tokenizer=tokenizer
-        )
+            model, torch.from_numpy(embeddings), decoder, tokenizer=tokenizer,
+            encode=encoder.encode,
+        )  # fmt: skip
         seconds = time.perf_counter() - started
         figures: dict[str, Any] = {
             k: round(v, 2) for k, v in text_scores(decoded, texts).items() if k != "exact_match"
@@ -299,8 +336,9 @@ def measure(
         figures["decode_s"] = round(seconds, 1)
         report["decoders"][spec] = figures
         shown, _, _ = decode_all(
-            model, torch.from_numpy(example_embeddings), decoder, tokenizer=tokenizer
-        )
+            model, torch.from_numpy(example_embeddings), decoder, tokenizer=tokenizer,
+            encode=encoder.encode,
+        )  # fmt: skip
         for row, text in zip(report["examples"], shown, strict=True):
             row[spec] = text
         if log:

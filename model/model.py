@@ -370,13 +370,17 @@ class RET(nn.Module):
         embedding (B, E), tokens (B, T) long, T >= 0 -> logits (B, T+1, V);
         row t predicts byte t (row 0 from cond alone).
         """
+        return self._logits(self.hidden(embedding, tokens))  # (B, T+1, V)
+
+    def hidden(self, embedding: Tensor, tokens: Tensor) -> Tensor:
+        """The last block's output (B, T+1, C), before ln_f and the head (see forward)."""
         cond = self.condition(embedding)[:, None, :]  # (B, 1, C)
         x = torch.cat((cond, self.wte(tokens) + cond), dim=1)  # (B, T+1, C)
         for block, proj in self.layers():
             if proj is not None:
                 x = x + proj(cond)  # (B, 1, C) broadcast over positions
             x = block(x)
-        return self._logits(x)  # (B, T+1, V)
+        return x
 
     def step(
         self,

@@ -40,6 +40,74 @@ from retd.model.loss import sequence_loss
 from retd.model.model import RET
 
 POOL = 32  # batches drawn at once, sorted by length, then run in a random order
+NEVER = -1e4  # a copy score that contributes nothing (exp(NEVER) underflows to 0)
+
+
+class PointerRET(RET):
+    """RET that can also copy from the prefix (`--pointer`), with no parameter added.
+
+    Row r of a prefix predicts token r (RET's rows), so its final state h_r (after ln_f)
+    stands for "token r comes next". A text row t scores every prefix row r (up to and
+    including the separator's row, whose token ends the text) by h_t . h_r / sqrt(C), and the
+    scores join the vocabulary logits in one softmax: the probability of a token is that of
+    its vocabulary slot plus that of every prefix row holding it (a pointer in the manner of
+    pointer-sentinel models, keyed like kNN-LM). Without an EOS in a row nothing is copied.
+    """
+
+    def forward(self, embedding: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """embedding (B, E), tokens (B, T) = prefix, EOS, text -> log-probabilities (B, T+1, V)."""
+        vocab, scores, values = self._pointer(embedding, tokens)
+        top = scores.amax(-1, keepdim=True).clamp(min=0).detach()  # (B, T+1, 1)
+        index = values[:, None, :].expand_as(scores)
+        copied = torch.zeros_like(vocab).scatter_add_(-1, index, (scores - top).exp())
+        joint = torch.logaddexp(vocab, copied.clamp_min(1e-30).log() + top)  # (B, T+1, V)
+        return joint.log_softmax(-1)
+
+    def loss(
+        self, embedding: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean negative log-likelihood of the targets (B, T+1) that are not IGNORE: the
+        forward's log-probabilities at the targets, without spreading the copies over V."""
+        vocab, scores, values = self._pointer(embedding, tokens)
+        wanted = targets.clamp(min=0)[..., None]  # (B, T+1, 1)
+        holds = values[:, None, :] == wanted  # (B, T+1, R): prefix rows holding the target
+        chosen = torch.logaddexp(
+            vocab.gather(-1, wanted)[..., 0], scores.masked_fill(~holds, NEVER).logsumexp(-1)
+        )
+        total = torch.logaddexp(vocab.logsumexp(-1), scores.logsumexp(-1))  # (B, T+1)
+        scored = targets != IGNORE
+        return (total - chosen)[scored].mean()
+
+    def _pointer(
+        self, embedding: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Vocabulary logits (B, T+1, V), copy scores (B, T+1, R) over the prefix rows (NEVER
+        where a row may not copy) and the token each prefix row holds (B, R)."""
+        h = self.ln_f(self.hidden(embedding, tokens))  # (B, T+1, C)
+        vocab = h @ self.wte.weight.T  # (B, T+1, V)
+        B, T = tokens.shape
+        is_eos = torch.cat(
+            (tokens == self.config.eos_id, tokens.new_ones(B, 1, dtype=torch.bool)), 1
+        )
+        separator = is_eos.int().argmax(1)  # (B,): the first EOS, T where there is none
+        separator = separator.masked_fill(separator == T, -1)  # -1: no prefix rows
+        R = max(int(separator.max()) + 1, 1)  # prefix rows, separator's included
+        rows = torch.arange(R, device=tokens.device)
+        causal = rows[None, :] < torch.arange(T + 1, device=tokens.device)[:, None]  # (T+1, R)
+        valid = causal[None] & (rows[None, None, :] <= separator[:, None, None])  # (B, T+1, R)
+        scores = (h @ h[:, :R].transpose(1, 2)) / math.sqrt(h.shape[-1])  # (B, T+1, R)
+        values = torch.zeros(B, R, dtype=torch.long, device=tokens.device)
+        values[:, : min(R, T)] = tokens[:, :R]
+        return vocab, scores.masked_fill(~valid, NEVER), values
+
+
+def text_loss(
+    model: RET, embeddings: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """The mean loss of the scored targets, a PointerRET's with its copies."""
+    if isinstance(model, PointerRET):
+        return model.loss(embeddings, inputs, targets)
+    return sequence_loss(model, embeddings, inputs, targets)
 
 
 def prefixed_batch(
@@ -68,6 +136,9 @@ class Experiment:
         self.args = args
         loaded = load_checkpoint(args.init)
         self.model: RET = loaded.model
+        if args.pointer:
+            self.model = PointerRET(loaded.model.config)
+            self.model.load_state_dict(loaded.model.state_dict())
         self.tokenizer = loaded.tokenizer
         self.eos = self.model.config.eos_id
         train = load_split(args.data_dir, "train")
@@ -115,7 +186,7 @@ class Experiment:
             inputs, targets = prefixed_batch(
                 [self.prefix(j) for j in nbs], self.held_encoded[s : s + 100], self.eos
             )
-            loss = sequence_loss(self.model, self.held_emb[s : s + 100], inputs, targets)
+            loss = text_loss(self.model, self.held_emb[s : s + 100], inputs, targets)
             total += float(loss) * int((targets != IGNORE).sum())
         return total / text_bytes(self.held_encoded, self.tokenizer)
 
@@ -231,7 +302,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 keep = torch.rand(len(rows), generator=generator).numpy() >= args.neighbour_drop
                 prefixes = [p if k else p[:0] for p, k in zip(prefixes, keep, strict=True)]
             inputs, targets = prefixed_batch(prefixes, [exp.encoded[i] for i in rows], exp.eos)
-            loss = sequence_loss(model, exp.train_emb[rows], inputs, targets)
+            loss = text_loss(model, exp.train_emb[rows], inputs, targets)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, minutes(), args.lr, args.minutes)
             opt.zero_grad(set_to_none=True)
@@ -267,6 +338,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--eval-only", action="store_true")
+    ap.add_argument("--pointer", action="store_true", help="copy from the prefix (PointerRET)")
     args = ap.parse_args(argv)
     if not 0 <= args.neighbour_drop <= 1:
         ap.error(f"--neighbour-drop must be in [0, 1], got {args.neighbour_drop}")

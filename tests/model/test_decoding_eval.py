@@ -1,14 +1,23 @@
 """`python -m retd.model.decoding_eval`'s decoders: their specs, the loop detector,
-guidance (`cfg=W`) as a second pass a step, and minimum Bayes risk over samples (`mbr=N`)."""
+guidance (`cfg=W`) as a second pass a step, and minimum Bayes risk over samples (`mbr=N`),
+picked by consensus or by the encoder (`by=cos`)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from retd.model.decoding_eval import Decoder, decode_all, guided_step, loops, mbr_pick
+from retd.model.decoding_eval import (
+    Decoder,
+    cosine_pick,
+    decode_all,
+    guided_step,
+    loops,
+    mbr_pick,
+)
 from retd.model.generation import generate
 from tests.model.conftest import seeded_model
 
@@ -21,6 +30,9 @@ def test_specs_parse_into_their_fields() -> None:
     assert Decoder.parse("greedy") == Decoder("greedy")
     with pytest.raises(ValueError, match="expected key=value"):
         Decoder.parse("guidance=1")
+    assert Decoder.parse("mbr=4,by=cos").by == "cos" and Decoder.parse("mbr=4").by == "chrf"
+    with pytest.raises(ValueError, match="by= must be chrf or cos"):
+        Decoder.parse("mbr=4,by=bleu")
 
 
 @given(st.text(alphabet="abc ", max_size=12), st.integers(3, 5))
@@ -74,3 +86,47 @@ def test_an_mbr_decoder_picks_from_its_pool_whatever_the_batch() -> None:
         assert picked[2][i] == len(text.encode("utf-8"))
     assert params.temperature == 0.0  # the decoder's own output stays deterministic
     assert any(len({s[i].text for s in samples}) > 1 for i in range(7))  # the pools vary
+
+
+def letters(texts: list[str], dim: int = 26) -> np.ndarray:
+    """A stand-in encoder for the pick's logic: each text's counts of the letters a-z (and
+    zeros to `dim`)."""
+    counts = [[t.count(chr(97 + i)) for i in range(26)] + [0] * (dim - 26) for t in texts]
+    return np.array(counts, dtype=np.float32)
+
+
+pools_of_texts = st.lists(
+    st.lists(st.text(alphabet="abcxyz", min_size=1, max_size=9), min_size=1, max_size=5),
+    min_size=1,
+    max_size=4,
+)
+
+
+@given(pools_of_texts)
+def test_the_cosine_pick_is_the_pool_text_nearest_its_row(pools: list[list[str]]) -> None:
+    targets = torch.from_numpy(letters([pool[-1] for pool in pools]) + 0.01)  # near each last
+    chosen = cosine_pick(pools, targets, letters)
+    for pool, text, target in zip(pools, chosen, targets, strict=True):
+        encoded = torch.from_numpy(letters(pool))
+        cosines = torch.nn.functional.cosine_similarity(encoded, target[None])
+        assert text in pool and cosines[pool.index(text)] >= cosines.max() - 1e-6
+
+
+def test_a_by_cos_decoder_picks_from_its_pool_with_the_encoder_given() -> None:
+    model = seeded_model("ret_tiny", seed=3)
+    dim = model.config.embedding_dim
+    embeddings = torch.randn(6, dim).abs()  # cosine to letter counts varies from row to row
+    decoder = Decoder.parse("max=16,mbr=3,t=1.5,by=cos")
+    with pytest.raises(ValueError, match="pass encode="):
+        decode_all(model, embeddings, decoder)
+    encode = lambda texts: letters(texts, dim)  # noqa: E731
+    picked = decode_all(model, embeddings, decoder, encode=encode)[0]
+    plain = decode_all(model, embeddings, Decoder.parse("max=16"))[0]
+    samples = [
+        generate(model, embeddings, [decoder.sample_params(16, i * 1009 + k) for i in range(6)])
+        for k in range(3)
+    ]
+    pools = [[plain[i]] + [s[i].text for s in samples] for i in range(6)]
+    assert picked == cosine_pick(pools, embeddings, encode)
+    by_chrf = decode_all(model, embeddings, Decoder.parse("max=16,mbr=3,t=1.5"))[0]
+    assert picked != by_chrf  # the two picks differ somewhere

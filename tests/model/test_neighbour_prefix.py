@@ -18,7 +18,7 @@ from retd.model.decoding import SamplingParams
 from retd.model.evaluate import nearest
 from retd.model.generation import generate
 from retd.model.model import RET, config_for
-from retd.model.neighbour_prefix import parse_args, prefixed_batch, run
+from retd.model.neighbour_prefix import PointerRET, parse_args, prefixed_batch, run, text_loss
 
 FIXTURE = Path(__file__).parents[1] / "data" / "embedded"
 
@@ -102,3 +102,61 @@ def test_a_short_run_measures_against_retrieval_and_resumes(tmp_path: Path) -> N
     assert all(rec["step"] > 0 for rec in log[log.index(report) + 1 :])  # no fresh start
     with pytest.raises(SystemExit):
         parse_args([*argv, "--neighbour-drop", "1.5"])
+
+
+def _pointer_pair(seed: int = 0) -> tuple[RET, PointerRET]:
+    """A tiny RET with tokens that count, and the same weights as a PointerRET."""
+    torch.manual_seed(seed)
+    plain = RET(config_for("ret_tiny")).eval()
+    with torch.no_grad():
+        plain.wte.weight.mul_(30)
+    pointer = PointerRET(plain.config).eval()
+    pointer.load_state_dict(plain.state_dict())
+    return plain, pointer
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(ids, ids), min_size=1, max_size=5), st.integers(0, 2**16))
+def test_pointer_moves_mass_only_onto_prefix_tokens(
+    rows: list[tuple[np.ndarray, np.ndarray]], seed: int
+) -> None:
+    plain, pointer = _pointer_pair(seed % 7)
+    prefixes, texts = [p for p, _ in rows], [t for _, t in rows]
+    inputs, targets = prefixed_batch(prefixes, texts, eos_id=0)
+    emb = torch.randn(len(rows), 768, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        joint, alone = pointer(emb, inputs), plain(emb, inputs).log_softmax(-1)
+        assert torch.allclose(joint.exp().sum(-1), torch.ones(joint.shape[:2]), atol=1e-4)
+        scored = targets != IGNORE
+        # `loss` (targets only) is the forward's distribution at the targets
+        full = -joint[scored].gather(-1, targets[scored][:, None]).mean()
+        assert torch.allclose(pointer.loss(emb, inputs, targets), full, atol=1e-4)
+        for r, prefix in enumerate(prefixes):
+            held = [*set(prefix.tolist()), 0]  # a prefix's tokens and its separator's EOS
+            other = torch.ones(joint.shape[-1], dtype=torch.bool)
+            other[held] = False
+            text_rows = slice(len(prefix) + 1, len(prefix) + len(texts[r]) + 2)
+            gained = joint[r, text_rows].exp() - alone[r, text_rows].exp()  # (rows, V)
+            assert (gained[:, other] <= 1e-6).all()  # no token outside the prefix gains
+            assert (gained[:, held].sum(-1) >= -1e-6).all()  # what they lose, the prefix gets
+        # with no EOS in a row there is nothing to copy: RET's own distribution
+        no_eos = inputs.clamp(min=1)
+        assert torch.allclose(pointer(emb, no_eos), plain(emb, no_eos).log_softmax(-1), atol=1e-5)
+
+
+def test_pointer_learns_to_copy_its_prefix_where_ret_cannot_yet() -> None:
+    plain, pointer = _pointer_pair()
+    rng = np.random.default_rng(0)
+    losses = {}
+    for name, model in (("ret", plain), ("pointer", pointer)):
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(60):  # text = its prefix: random tokens, nothing to learn but copying
+            prefixes = [rng.integers(1, 256, 10).astype(np.uint16) for _ in range(16)]
+            inputs, targets = prefixed_batch(prefixes, prefixes, eos_id=0)
+            loss = text_loss(model, torch.zeros(16, 768), inputs, targets)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        losses[name] = float(loss.detach())
+    assert losses["pointer"] < 0.5 * losses["ret"], losses
