@@ -1,19 +1,21 @@
 """Retrieve-and-edit, measured: RET trained to decode with its nearest training text before it.
 
     python -m retd.model.neighbour_prefix OUT [--init CHECKPOINT] [--data-dir build/data]
-        [--minutes 50] [--max-steps N] [--neighbour-drop P] [--threads 1] [--seed 5] [--eval-only]
+        [--minutes 50] [--max-steps N] [--neighbour-drop P] [--pointer] [--threads 1] [--seed 5]
+        [--eval-only]
 
 A sequence is the nearest other embedded training text (cosine of the all-mpnet-base-v2
 embeddings; bfloat16 products), cut to `--max-prefix` tokens, then EOS as a separator, then
 the text: the loss is on the text and its EOS only, and every position is conditioned on the
 text's embedding (RET's forward unchanged, so no parameter is added). `--neighbour-drop P`
 leaves a row's neighbour out with probability P (P = 1: the control, the same fine-tuning with
-an empty prefix, evaluated with none). The held-out texts (500 evenly spaced, as `retd eval`)
-get their nearest training text the same way. Every `--eval-every` steps: held-out loss per
-byte of text and the greedy decode `Decode` makes by default (`--decoder`, parsed as in
-`retd.model.decoding_eval`), scored by chrF and BLEU beside retrieval (the neighbour itself)
-and, at the end, the re-encoded cosine and chrF by neighbour similarity. Writes OUT/log.jsonl,
-OUT/report.json and OUT/state.pt (resumable: the same command goes on).
+an empty prefix, evaluated with none). `--pointer` trains and decodes `PointerRET`, which can
+also copy the neighbour's tokens (the same parameters). The held-out texts (500 evenly spaced,
+as `retd eval`) get their nearest training text the same way. Every `--eval-every` steps:
+held-out loss per byte of text and the greedy decode `Decode` makes by default (`--decoder`,
+parsed as in `retd.model.decoding_eval`), scored by chrF and BLEU beside retrieval (the
+neighbour itself) and, at the end, the re-encoded cosine and chrF by neighbour similarity.
+Writes OUT/log.jsonl, OUT/report.json and OUT/state.pt (resumable: the same command goes on).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Retrieve-and-edit (retd.model.neighbour_prefix): the prefixed batches, the neighbour search,
-generation after a prefix, and a short real run on the embedded fixture, resumed."""
+generation after a prefix, a short real run on the embedded fixture, resumed, and the pointer
+(PointerRET): where it moves probability, that it learns to copy, and the kept checkpoint."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retd.model.batches import IGNORE
-from retd.model.checkpoint import init_checkpoint
+from retd.model.batches import IGNORE, encode_texts
+from retd.model.checkpoint import init_checkpoint, load_checkpoint
 from retd.model.decoding import SamplingParams
+from retd.model.embed import load_split
 from retd.model.evaluate import nearest
 from retd.model.generation import generate
+from retd.model.loss import sequence_loss
 from retd.model.model import RET, config_for
 from retd.model.neighbour_prefix import PointerRET, parse_args, prefixed_batch, run, text_loss
 
@@ -160,3 +163,25 @@ def test_pointer_learns_to_copy_its_prefix_where_ret_cannot_yet() -> None:
             opt.step()
         losses[name] = float(loss.detach())
     assert losses["pointer"] < 0.5 * losses["ret"], losses
+
+
+def test_the_kept_pointer_checkpoint_copies_a_neighbour_that_is_the_text() -> None:
+    """model/checkpoints/ret_v21_bpe1792_pointer (the 75-minute --pointer run): as PointerRET,
+    given the text itself as the neighbour, it puts far more probability on the text than the
+    same weights without the pointer, or the shipped model without a neighbour."""
+    root = Path(__file__).parents[2] / "model" / "checkpoints"
+    loaded = load_checkpoint(root / "ret_v21_bpe1792_pointer")
+    shipped = load_checkpoint(root / "ret_v21_bpe1792").model.eval()
+    assert loaded.model.num_parameters() == 722_944
+    pointer = PointerRET(loaded.model.config).eval()
+    pointer.load_state_dict(loaded.model.state_dict())
+    head = load_split(Path(__file__).parents[1] / "data" / "heldout_head", "heldout")
+    texts = encode_texts(head.texts[:32], 256, loaded.tokenizer)
+    emb = torch.from_numpy(head.embeddings[:32].astype(np.float32))
+    inputs, targets = prefixed_batch([t[:64] for t in texts], texts, eos_id=0)
+    alone_inputs, alone_targets = prefixed_batch([t[:0] for t in texts], texts, eos_id=0)
+    with torch.no_grad():
+        copying = float(pointer.loss(emb, inputs, targets))
+        reading = float(sequence_loss(loaded.model.eval(), emb, inputs, targets))
+        shipped_alone = float(sequence_loss(shipped, emb, alone_inputs, alone_targets))
+    assert copying < 0.5 * reading and copying < 0.5 * shipped_alone, (copying, reading)
