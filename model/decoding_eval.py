@@ -27,7 +27,7 @@ A decoder spec is `name` or comma-separated `key=value` pairs:
                nearest (cosine) the input embedding (the sentence encoder runs N + 1 times a
                text; measured here, not served)
 e.g. `greedy`, `nr=6`, `rp=1.3,rpn=4`, `nr=8,rp=1.2,max=160`, `rp=1.5,rpn=2,eos=-3,cfg=0.2`,
-`rp=1.5,rpn=2,eos=-3,mbr=16,t=0.6`.
+`rp=1.5,rpn=2,eos=-3,mbr=16,t=0.6`, `rp=1.5,rpn=2,eos=-3,mbr=16,t=0.4,by=cos`.
 """
 
 from __future__ import annotations
