@@ -21,6 +21,7 @@ Writes OUT/log.jsonl, OUT/report.json and OUT/state.pt (resumable: the same comm
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -103,6 +104,15 @@ class PointerRET(RET):
         return vocab, scores.masked_fill(~valid, NEVER), values
 
 
+def embeddings_digest(*arrays: np.ndarray) -> str:
+    """A short fingerprint of embedding matrices (their shapes and first four columns)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a[:, :4]).tobytes())
+    return h.hexdigest()[:16]
+
+
 def text_loss(
     model: RET, embeddings: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
@@ -159,7 +169,11 @@ class Experiment:
         self.held_sim = self.neighbours["heldout_sim"][rows]
 
     def _neighbours(self, train: np.ndarray, held: np.ndarray) -> dict[str, np.ndarray]:
+        """The nearest training text of every training and held-out text, searched once and
+        cached in OUT/neighbours.npz with a digest of the embeddings searched: a data directory
+        whose splits have changed since (e.g. more shards embedded) is refused, not misread."""
         path = self.args.out / "neighbours.npz"
+        digest = np.array(embeddings_digest(train, held))
         if not path.exists():
             kw: dict[str, Any] = {"dtype": torch.bfloat16, "chunk": 2048}
             train_idx, train_sim = nearest(train, train, exclude_self=True, **kw)
@@ -170,9 +184,18 @@ class Experiment:
                 train_sim=train_sim,
                 heldout_idx=held_idx,
                 heldout_sim=held_sim,
+                digest=digest,
             )
         with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+            found = {k: z[k] for k in z.files}
+        counts = (len(found["train_idx"]), len(found["heldout_idx"]))
+        if counts != (len(train), len(held)) or found.get("digest", digest) != digest:
+            raise ValueError(
+                f"{path} holds the neighbours of {counts[0]} training and {counts[1]} held-out "
+                f"texts, not of the {len(train)} and {len(held)} embedded in "
+                f"{self.args.data_dir} now: remove it to search again, or use another OUT"
+            )
+        return found
 
     def prefix(self, neighbour: int) -> np.ndarray:
         if self.args.neighbour_drop >= 1:

@@ -105,6 +105,13 @@ def test_a_short_run_measures_against_retrieval_and_resumes(tmp_path: Path) -> N
     assert all(rec["step"] > 0 for rec in log[log.index(report) + 1 :])  # no fresh start
     with pytest.raises(SystemExit):
         parse_args([*argv, "--neighbour-drop", "1.5"])
+    # neighbours searched over other embeddings (the split grew since) are refused, not misread
+    with np.load(tmp_path / "run/neighbours.npz") as z:
+        cached = {k: z[k] for k in z.files}
+    for changed in ({"digest": np.array("0" * 16)}, {"train_idx": cached["train_idx"][:-1]}):
+        np.savez(tmp_path / "run/neighbours.npz", **{**cached, **changed})
+        with pytest.raises(ValueError, match="remove it to search again"):
+            run(parse_args([*argv, "--max-steps", "8"]))
 
 
 def _pointer_pair(seed: int = 0) -> tuple[RET, PointerRET]:
