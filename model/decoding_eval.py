@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from retd.model.encoder import cosine_rows
 from retd.model.generation import FinishReason, SamplingParams, generate
 from retd.model.model import RET, KVCache
 from retd.model.tokenizer import BYTES, Tokenizer
@@ -196,9 +197,8 @@ def cosine_pick(
     """From each row's pool, the text whose re-encoding is nearest (cosine) the row's
     embedding (the first such on a tie): every pool's texts encoded in one call."""
     flat = [t for pool in pools for t in pool]
-    encoded = torch.from_numpy(np.asarray(encode(flat), dtype=np.float32))
-    owners = torch.repeat_interleave(torch.tensor([len(p) for p in pools]))
-    cosines = torch.nn.functional.cosine_similarity(encoded, embeddings.float()[owners]).tolist()
+    owners = np.repeat(np.arange(len(pools)), [len(p) for p in pools])
+    cosines = cosine_rows(np.asarray(encode(flat)), embeddings.float().numpy()[owners]).tolist()
     chosen, start = [], 0
     for pool in pools:
         scores = cosines[start : start + len(pool)]
@@ -294,7 +294,7 @@ def measure(
 ) -> dict[str, Any]:
     """The figures of the module docstring for every decoder, and the examples' outputs."""
     from retd.model.checkpoint import load_checkpoint
-    from retd.model.encoder import SentenceEncoder, cosine_rows
+    from retd.model.encoder import SentenceEncoder
     from retd.model.evaluate import text_scores
 
     loaded = load_checkpoint(checkpoint, device="cpu")

@@ -60,11 +60,19 @@ def test_nearest_never_picks_a_row_itself_and_agrees_in_bfloat16() -> None:
         nearest(bank[:3], bank, exclude_self=True)
 
 
-def test_generation_after_a_prefix_is_the_greedy_path_given_it() -> None:
-    torch.manual_seed(0)
-    model = RET(config_for("ret_tiny")).eval()
+def _pointer_pair(seed: int = 0) -> tuple[RET, PointerRET]:
+    """A tiny RET with tokens that count, and the same weights as a PointerRET."""
+    torch.manual_seed(seed)
+    plain = RET(config_for("ret_tiny")).eval()
     with torch.no_grad():
-        model.wte.weight.mul_(30)  # at init the embedding drowns the tokens: make them count
+        plain.wte.weight.mul_(30)  # at init the embedding drowns the tokens: make them count
+    pointer = PointerRET(plain.config).eval()
+    pointer.load_state_dict(plain.state_dict())
+    return plain, pointer
+
+
+def test_generation_after_a_prefix_is_the_greedy_path_given_it() -> None:
+    model, _ = _pointer_pair()
     emb = torch.randn(3, 768)
     prefixes = [[5, 6, 7, 0], [0], [9, 0]]
     params = [SamplingParams(12)] * 3
@@ -112,17 +120,6 @@ def test_a_short_run_measures_against_retrieval_and_resumes(tmp_path: Path) -> N
         np.savez(tmp_path / "run/neighbours.npz", **{**cached, **changed})
         with pytest.raises(ValueError, match="remove it to search again"):
             run(parse_args([*argv, "--max-steps", "8"]))
-
-
-def _pointer_pair(seed: int = 0) -> tuple[RET, PointerRET]:
-    """A tiny RET with tokens that count, and the same weights as a PointerRET."""
-    torch.manual_seed(seed)
-    plain = RET(config_for("ret_tiny")).eval()
-    with torch.no_grad():
-        plain.wte.weight.mul_(30)
-    pointer = PointerRET(plain.config).eval()
-    pointer.load_state_dict(plain.state_dict())
-    return plain, pointer
 
 
 @settings(max_examples=40, deadline=None)
