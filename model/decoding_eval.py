@@ -177,16 +177,36 @@ class Decoder:
 def mbr_pick(pool: Sequence[str]) -> str:
     """The text of `pool` with the highest mean sentence chrF against the others (the first
     such on a tie): the consensus of the pool, the minimum Bayes risk choice under chrF."""
+    return pool[int(np.argmax(consensus_scores(pool)))]
+
+
+def consensus_scores(pool: Sequence[str]) -> np.ndarray:
+    """Each text's mean sentence chrF against the pool's other texts, (len(pool),) float64
+    (zeros for a pool of one)."""
     from sacrebleu.metrics import CHRF
 
+    if len(pool) < 2:
+        return np.zeros(len(pool))
     chrf = CHRF()
 
     def consensus(i: int) -> float:
         others = [b for j, b in enumerate(pool) if j != i]
         return float(np.mean([chrf.sentence_score(pool[i], [b]).score for b in others]))
 
-    scores = [consensus(i) for i in range(len(pool))] if len(pool) > 1 else [0.0]
-    return pool[int(np.argmax(scores))]
+    return np.array([consensus(i) for i in range(len(pool))])
+
+
+def pool_cosines(
+    pools: Sequence[Sequence[str]],
+    embeddings: torch.Tensor,
+    encode: Callable[[list[str]], np.ndarray],
+) -> list[np.ndarray]:
+    """Each pool's texts re-encoded (every pool in one `encode` call), as their cosines to
+    the pool's row of `embeddings`: one (len(pool),) array a pool."""
+    flat = [t for pool in pools for t in pool]
+    owners = np.repeat(np.arange(len(pools)), [len(p) for p in pools])
+    cosines = cosine_rows(np.asarray(encode(flat)), embeddings.float().numpy()[owners])
+    return np.split(cosines, np.cumsum([len(p) for p in pools])[:-1])
 
 
 def cosine_pick(
@@ -195,16 +215,9 @@ def cosine_pick(
     encode: Callable[[list[str]], np.ndarray],
 ) -> list[str]:
     """From each row's pool, the text whose re-encoding is nearest (cosine) the row's
-    embedding (the first such on a tie): every pool's texts encoded in one call."""
-    flat = [t for pool in pools for t in pool]
-    owners = np.repeat(np.arange(len(pools)), [len(p) for p in pools])
-    cosines = cosine_rows(np.asarray(encode(flat)), embeddings.float().numpy()[owners]).tolist()
-    chosen, start = [], 0
-    for pool in pools:
-        scores = cosines[start : start + len(pool)]
-        chosen.append(pool[int(np.argmax(scores))])
-        start += len(pool)
-    return chosen
+    embedding (the first such on a tie)."""
+    cosines = pool_cosines(pools, embeddings, encode)
+    return [pool[int(np.argmax(c))] for pool, c in zip(pools, cosines, strict=True)]
 
 
 def guided_step(model: RET, rows: int, weight: float) -> Callable[..., torch.Tensor]:

@@ -207,6 +207,21 @@ def nearest(
     (N,) int64 and (N,) float32. `exclude_self`: the query is the bank itself (N == M) and a
     row may not be its own neighbour. `dtype` is the products' (bfloat16 halves the time on a
     CPU with AVX512-BF16, at ~3 decimals of similarity)."""
+    indices, sims = nearest_k(query, bank, 1, exclude_self=exclude_self, dtype=dtype, chunk=chunk)
+    return indices[:, 0], sims[:, 0]
+
+
+def nearest_k(
+    query: np.ndarray,
+    bank: np.ndarray,
+    k: int,
+    *,
+    exclude_self: bool = False,
+    dtype: torch.dtype = torch.float32,
+    chunk: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`nearest`'s search, keeping each query row's `k` nearest bank rows, nearest first:
+    (N, k) int64 indices and (N, k) float32 similarities."""
     if exclude_self and len(query) != len(bank):
         raise ValueError(f"exclude_self needs the bank as the query: {len(query)} != {len(bank)}")
     bank_t = F.normalize(torch.from_numpy(bank.astype(np.float32)), dim=1).to(dtype)
@@ -218,7 +233,7 @@ def nearest(
         if exclude_self:
             own = torch.arange(len(q))
             scores[own, own + start] = -float("inf")
-        best = scores.max(dim=1)
+        best = scores.topk(min(k, scores.shape[1]), dim=1)
         indices.append(best.indices.numpy())
         sims.append(best.values.numpy())
     return np.concatenate(indices), np.concatenate(sims)
@@ -367,19 +382,11 @@ def _per_source(
     """Greedy and Decode-default figures beside the retrieval baseline's on the first `cap`
     embedded texts of each source of a labelled split (sources in file order; "" when the
     corpus is unlabelled)."""
-    from retd.model.corpus import read_sources
     from retd.model.embed import load_split
 
     loaded = load_split(data_dir, split)
-    labels = read_sources(data_dir / "corpus", split)
-    by_line = {text: i for i, text in enumerate(_split_texts(data_dir, split))}
-    rows_of: dict[str, list[int]] = {}
-    for row, text in enumerate(loaded.texts):
-        source = labels[by_line[text]] if text in by_line else ""
-        if len(rows_of.setdefault(source, [])) < cap:
-            rows_of[source].append(row)
     figures: dict[str, dict[str, Any]] = {}
-    for source, rows in rows_of.items():
+    for source, rows in source_rows(data_dir, split, loaded.texts, cap).items():
         refs = [loaded.texts[r] for r in rows]
         vectors = loaded.embeddings[rows]
         inputs = torch.from_numpy(vectors.astype(np.float32))
@@ -394,6 +401,21 @@ def _per_source(
             entry["retrieval"] = scored(retrieved, refs, vectors, time.perf_counter() - started)
         figures[source or "all"] = entry
     return figures
+
+
+def source_rows(data_dir: Path, split: str, texts: Sequence[str], cap: int) -> dict[str, list[int]]:
+    """The rows of the first `cap` of `texts` (a split's embedded texts) from each source of
+    the split, sources in file order ("" when the corpus is unlabelled)."""
+    from retd.model.corpus import read_sources
+
+    labels = read_sources(data_dir / "corpus", split)
+    by_line = {text: i for i, text in enumerate(_split_texts(data_dir, split))}
+    rows_of: dict[str, list[int]] = {}
+    for row, text in enumerate(texts):
+        source = labels[by_line[text]] if text in by_line else ""
+        if len(rows_of.setdefault(source, [])) < cap:
+            rows_of[source].append(row)
+    return rows_of
 
 
 def _split_texts(data_dir: Path, split: str) -> list[str]:

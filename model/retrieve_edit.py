@@ -1,0 +1,265 @@
+"""Retrieve, edit, verify, measured: the model rewrites each of the K nearest training texts,
+and the sentence encoder picks the answer among those edits and the neighbours themselves.
+
+    python -m retd.model.retrieve_edit CHECKPOINT [--pointer] [--data-dir build/data] [--k 8]
+        [--limit 500] [--per-source 0] [--consensus 0.005] [--decoder rp=1.5,rpn=2,eos=-3]
+        [--max-prefix 64] [--threads 1] [--out REPORT.json] [--save-pools POOLS.json]
+
+For each asked embedding: its K nearest embedded training texts (cosine, float32), each cut to
+`--max-prefix` tokens and decoded after as a prefix (EOS between, as `neighbour_prefix` trains;
+`--pointer` decodes as `PointerRET`, which can copy from it), with `--decoder`'s loop breakers.
+The pool is the K edits and the K neighbours; its texts are scored by their cosine to the asked
+embedding (an edit's re-encoding by all-mpnet-base-v2, a neighbour's stored embedding), and,
+with `--consensus W`, W times their mean sentence chrF against the rest of the pool. A pool holds
+the nearest neighbour, so picking by cosine never scores a lower cosine than retrieval; chrF
+and BLEU against the reference are what the pick does not see. Figures on `--limit` held-out
+texts evenly spaced (as `retd eval`) and, with `--per-source N`, on the first N of every source
+of the held-out and ood splits, each beside retrieval from the same training texts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from retd.model.batches import encode_texts
+from retd.model.decoding_eval import Decoder, consensus_scores, pool_cosines
+from retd.model.evaluate import heldout_rows, nearest_k, source_rows, text_scores
+from retd.model.generation import generate
+from retd.model.model import RET
+from retd.model.tokenizer import Tokenizer
+
+Encode = Callable[[list[str]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Pools:
+    """Each asked embedding's candidates: K edits then K neighbours, nearest first."""
+
+    edits: list[list[str]]  # (N, K) the model's text after each neighbour
+    neighbours: list[list[str]]  # (N, K) the training texts
+    cosine: np.ndarray  # (N, 2K) each candidate's cosine to the asked embedding
+
+    def texts(self, row: int) -> list[str]:
+        return self.edits[row] + self.neighbours[row]
+
+    def subset(self, rows: Sequence[int]) -> Pools:
+        return Pools(
+            [self.edits[r] for r in rows], [self.neighbours[r] for r in rows], self.cosine[rows]
+        )
+
+
+@torch.no_grad()
+def edit_after(
+    model: RET,
+    tokenizer: Tokenizer,
+    embeddings: torch.Tensor,
+    neighbours: Sequence[Sequence[str]],
+    decoder: Decoder,
+    max_prefix: int = 64,
+    batch_size: int = 100,
+) -> list[list[str]]:
+    """Row i decoded from embeddings[i] after each of neighbours[i] (cut to `max_prefix`
+    tokens, then EOS): (N, K) texts."""
+    params = decoder.params(model.config.max_length)
+    limit, eos = model.config.max_length, model.config.eos_id
+    edits: list[list[str]] = [[] for _ in neighbours]
+    for k in range(len(neighbours[0]) if neighbours else 0):
+        column = encode_texts([row[k] for row in neighbours], limit, tokenizer)
+        prefixes = [[*tokens[:max_prefix].tolist(), eos] for tokens in column]
+        for start in range(0, len(prefixes), batch_size):
+            results = generate(
+                model, embeddings[start : start + batch_size],
+                [params] * len(prefixes[start : start + batch_size]),
+                use_cache=False, tokenizer=tokenizer, prefixes=prefixes[start : start + batch_size],
+            )  # fmt: skip
+            for i, result in enumerate(results):
+                edits[start + i].append(result.text)
+    return edits
+
+
+def build_pools(
+    model: RET,
+    tokenizer: Tokenizer,
+    asked: np.ndarray,
+    bank: np.ndarray,
+    bank_texts: Sequence[str],
+    k: int,
+    decoder: Decoder,
+    encode: Encode,
+    max_prefix: int = 64,
+) -> Pools:
+    """The pools of the asked (N, 768) embeddings against a bank (M, 768) of training texts."""
+    indices, sims = nearest_k(asked, bank, k)
+    neighbours = [[bank_texts[j] for j in row] for row in indices.tolist()]
+    embeddings = torch.from_numpy(asked.astype(np.float32))
+    edits = edit_after(model, tokenizer, embeddings, neighbours, decoder, max_prefix)
+    edit_cos = np.stack(pool_cosines(edits, embeddings, encode))  # (N, K)
+    return Pools(edits, neighbours, np.concatenate([edit_cos, sims], axis=1))
+
+
+def pick(pools: Pools, consensus: float = 0.0, edits: bool = True) -> np.ndarray:
+    """Each row's chosen candidate (an index into `pools.texts(row)`): the highest cosine,
+    plus `consensus` times its mean chrF against the rest of the pool; `edits=False` picks
+    among the neighbours only (the nearest: retrieval), `edits=True` from the whole pool."""
+    k = len(pools.edits[0]) if pools.edits else 0
+    if not edits:
+        return np.full(len(pools.edits), k)
+    scores = pools.cosine.astype(np.float64)
+    if consensus:
+        agreement = [consensus_scores(pools.texts(r)) for r in range(len(pools.edits))]
+        scores = scores + consensus * np.stack(agreement)
+    return scores.argmax(axis=1)
+
+
+def figures(pools: Pools, refs: Sequence[str], consensus: float) -> dict[str, dict[str, float]]:
+    """chrF, BLEU and cosine of retrieval, the first edit, and the picks, against `refs`."""
+    k = len(pools.edits[0])
+    rows = np.arange(len(refs))
+    choices = {
+        "retrieval": pick(pools, edits=False),
+        "edit_of_nearest": np.zeros(len(refs), dtype=int),
+        "edits_by_cosine": pools.cosine[:, :k].argmax(axis=1),
+        "edits_and_neighbours_by_cosine": pick(pools),
+    }
+    if consensus:
+        choices[f"edits_and_neighbours_by_cosine_and_{consensus}_consensus"] = pick(
+            pools, consensus
+        )
+    report: dict[str, dict[str, float]] = {}
+    for name, chosen in choices.items():
+        scores = text_scores([pools.texts(r)[c] for r, c in enumerate(chosen)], refs)
+        report[name] = {
+            "chrf": round(scores["chrf"], 2),
+            "bleu": round(scores["bleu"], 2),
+            "cosine": round(float(pools.cosine[rows, chosen].mean()), 4),
+            "edit_share": round(float(np.mean(chosen < k)), 3),
+        }
+    return report
+
+
+def run(args: argparse.Namespace, encode: Encode | None = None) -> dict[str, Any]:
+    """The figures of the module docstring; `encode` defaults to the installed encoder."""
+    from retd.model.checkpoint import load_checkpoint
+    from retd.model.embed import load_split
+    from retd.model.neighbour_prefix import PointerRET
+
+    torch.set_num_threads(args.threads)
+    loaded = load_checkpoint(args.checkpoint)
+    model: RET = loaded.model
+    if args.pointer:
+        model = PointerRET(loaded.model.config)
+        model.load_state_dict(loaded.model.state_dict())
+    model.eval()
+    if encode is None:
+        from retd.model.encoder import SentenceEncoder
+
+        encode = SentenceEncoder.load().encode
+    # Every text measured, held-out and per source, searched and decoded in one pass.
+    groups: dict[str, tuple[list[str], np.ndarray]] = {}
+    if args.limit:
+        held = load_split(args.data_dir, "heldout")
+        rows = heldout_rows(len(held.texts), args.limit)
+        groups["heldout"] = ([held.texts[i] for i in rows], held.embeddings[rows])
+    for split in ("heldout", "ood") if args.per_source else ():
+        if not (args.data_dir / "corpus" / f"{split}.txt").exists():
+            continue
+        part = load_split(args.data_dir, split)
+        for source, chosen in source_rows(
+            args.data_dir, split, part.texts, args.per_source
+        ).items():
+            groups[f"{split}/{source}"] = ([part.texts[i] for i in chosen], part.embeddings[chosen])
+    train = load_split(args.data_dir, "train")
+    started = time.perf_counter()
+    pools = build_pools(
+        model, loaded.tokenizer, np.concatenate([v for _, v in groups.values()]),
+        train.embeddings, train.texts, args.k, Decoder.parse(args.decoder), encode,
+        args.max_prefix,
+    )  # fmt: skip
+    report: dict[str, Any] = {
+        "checkpoint": str(args.checkpoint), "pointer": args.pointer, "k": args.k,
+        "decoder": args.decoder, "bank_texts": len(train.texts),
+        "seconds": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
+    if args.save_pools:
+        args.save_pools.write_text(json.dumps({
+            "texts": [t for texts, _ in groups.values() for t in texts],
+            "edits": pools.edits, "neighbours": pools.neighbours, "cosine": pools.cosine.tolist(),
+        }))  # fmt: skip
+    start = 0
+    for name, (texts, _) in groups.items():
+        part_pools = pools.subset(range(start, start + len(texts)))
+        entry = {"texts": len(texts), **figures(part_pools, texts, args.consensus)}
+        if name == "heldout":
+            report["heldout"] = entry
+        else:
+            report.setdefault("per_source", {})[name] = entry
+        start += len(texts)
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The held-out figures as a table, then a per-source table (retrieval / best pick)."""
+    lines = ["| pick | chrF | BLEU | cosine | edits picked |", "|---|---:|---:|---:|---:|"]
+    for name, f in report.get("heldout", {}).items():
+        if isinstance(f, dict):
+            lines.append(
+                f"| {name} | {f['chrf']} | {f['bleu']} | {f['cosine']} | {f['edit_share']} |"
+            )
+    if "per_source" in report:
+        lines += ["", "| source | texts | retrieval | by cosine | by cosine and consensus |"]
+        lines.append("|---|---:|---:|---:|---:|")
+        for source, entry in report["per_source"].items():
+            cells = [
+                f"{f['chrf']} / {f['cosine']}"
+                for name, f in entry.items()
+                if name == "retrieval" or name.startswith("edits_and_neighbours")
+            ]
+            lines.append(f"| {source} | {entry['texts']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m retd.model.retrieve_edit", description=(__doc__ or "").split("\n")[0]
+    )
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--pointer", action="store_true", help="decode as PointerRET")
+    ap.add_argument("--data-dir", type=Path, default=Path("build/data"))
+    ap.add_argument("--k", type=int, default=8, help="neighbours edited per text")
+    ap.add_argument("--limit", type=int, default=500, help="held-out texts, evenly spaced")
+    ap.add_argument("--per-source", type=int, default=0, help="texts of each source (0: none)")
+    ap.add_argument("--consensus", type=float, default=0.005, help="weight of pool agreement")
+    ap.add_argument("--decoder", default="rp=1.5,rpn=2,eos=-3")
+    ap.add_argument("--max-prefix", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None, help="write the report here (JSON)")
+    ap.add_argument("--save-pools", type=Path, default=None, help="write every pool here (JSON)")
+    args = ap.parse_args(argv)
+    if args.k < 1:
+        ap.error(f"--k must be at least 1, got {args.k}")
+    if args.limit < 1 and args.per_source < 1:
+        ap.error("nothing to measure: give --limit or --per-source a positive count")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = run(args)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
