@@ -128,6 +128,18 @@ def _after_prefixes(
     ]
 
 
+def _prefill(model: RET, cond: Tensor, prefixes: Sequence[Sequence[int]], cache: KVCache) -> None:
+    """Feed each row's prefix but its last token through model.step into cache slot = row:
+    position 0 (the embedding alone), then prefix token s - 1 at position s."""
+    for row, prefix in enumerate(prefixes):
+        cache.set_prefix(row, prefix)
+    for s in range(max(len(p) for p in prefixes)):
+        rows = [r for r, p in enumerate(prefixes) if s < len(p)]
+        at = torch.tensor(rows, device=cond.device)
+        fed = torch.tensor([prefixes[r][s - 1] if s else 0 for r in rows], device=cond.device)
+        model.step(cond[at], fed, torch.full_like(at, s), cache, at, s + 1, rows[-1] + 1)
+
+
 @torch.no_grad()
 def generate(
     model: RET,
@@ -145,17 +157,18 @@ def generate(
     Each row stops on its own and finished rows drop out of the batch. use_cache=True decodes
     with a KVCache and model.step; use_cache=False re-runs model.forward over the whole prefix at
     every step (the reference path). `step` runs the cached steps in model.step's place (a
-    `retd.model.cpp_step` step function). `prefixes` (uncached only): token ids each row's
-    text follows, read as given and never generated, returned or penalised (retd.model.
-    neighbour_prefix's retrieved neighbour and separator).
+    `retd.model.cpp_step` step function). `prefixes`: token ids each row's text follows, read
+    as given and never generated, returned or penalised (retd.model.neighbour_prefix's
+    retrieved neighbour and separator); cached, they are fed through model.step first, in
+    the cache `model.cache` makes (a PointerRET's keeps them to copy from).
     """
     config = model.config
     B = embeddings.shape[0]
     if len(params) != B:
         raise ValueError(f"got {B} embeddings but {len(params)} SamplingParams")
-    if prefixes is not None and (use_cache or len(prefixes) != B):
+    if prefixes is not None and (len(prefixes) != B or step is not None):
         raise ValueError(
-            f"prefixes need use_cache=False and one per row ({B}), got {len(prefixes)}"
+            f"prefixes need one per row ({B}) and model.step (no `step`), got {len(prefixes)}"
         )
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(
@@ -182,10 +195,17 @@ def generate(
     horizon = max((p.max_new_tokens for p in params), default=0)
     generated = torch.zeros(B, horizon, dtype=torch.long, device=device)  # (B, horizon)
 
+    # Row i's text starts at position offsets[i]: after its prefix, whose last token (the
+    # separator) is fed at that position, or at 0 with none.
+    offsets = [len(p) for p in prefixes] if prefixes is not None else [0] * B
     if use_cache:
         run_step = step or model.step
         cond = model.condition(embeddings)  # (B, C)
-        cache = KVCache(config, num_slots=B, device=device, dtype=dtype)
+        cache = model.cache(B, device, dtype, length=max(offsets) + max(horizon, 1))
+        if prefixes is not None:
+            _prefill(model, cond, prefixes, cache)
+        start = torch.tensor(offsets, device=device)  # (B,)
+        last = torch.tensor([p[-1] if len(p) else 0 for p in prefixes or [[]] * B], device=device)
 
     for t in range(horizon):
         active = [i for i, buf in enumerate(buffers) if not buf.finished]
@@ -193,10 +213,11 @@ def generate(
             break
         rows = torch.tensor(active, device=device)
         if use_cache:
-            previous = generated[rows, t - 1] if t > 0 else torch.zeros_like(rows)
-            positions = torch.full_like(rows, t)
+            previous = generated[rows, t - 1] if t > 0 else last[rows]
+            positions = start[rows] + t
             # length and span known here: attention reads nothing back from the device
-            logits = run_step(cond[rows], previous, positions, cache, rows, t + 1, active[-1] + 1)
+            length = max(offsets[i] for i in active) + t + 1
+            logits = run_step(cond[rows], previous, positions, cache, rows, length, active[-1] + 1)
         elif prefixes is None:
             logits = model(embeddings[rows], generated[rows, :t])[:, -1]  # (A, V)
         else:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, cast
@@ -149,8 +149,9 @@ def config_for(architecture: str, overrides: Mapping[str, Any] | None = None) ->
 class KVCache:
     """Preallocated keys/values for `num_slots` sequences.
 
-    k, v: (depth, num_slots, n_head, max_length, head_dim). A slot is one sequence's row; the
-    caller decides which slot each sequence uses and which positions are valid.
+    k, v: (depth, num_slots, n_head, length, head_dim), length max_length unless given (a
+    text after a prefix needs more). A slot is one sequence's row; the caller decides which
+    slot each sequence uses and which positions are valid.
     """
 
     def __init__(
@@ -159,14 +160,20 @@ class KVCache:
         num_slots: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        length: int | None = None,
     ) -> None:
         if num_slots <= 0:
             raise ValueError(f"num_slots must be positive, got {num_slots}")
-        shape = (config.depth, num_slots, config.n_head, config.max_length, config.head_dim)
+        self.length = config.max_length if length is None else length
+        shape = (config.depth, num_slots, config.n_head, self.length, config.head_dim)
         self.config = config
         self.num_slots = num_slots
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def set_prefix(self, slot: int, tokens: Sequence[int]) -> None:
+        """The tokens a slot's text follows (fed through `RET.step` before it): plain RET
+        keeps nothing more than their keys and values; a copying model's cache keeps them."""
 
 
 def apply_rope(x: Tensor, positions: Tensor, base: float) -> Tensor:
@@ -400,6 +407,19 @@ class RET(nn.Module):
         from the device).
         Returns logits (B, V).
         """
+        return self._logits(self.step_hidden(cond, tokens, positions, cache, slots, length, span))
+
+    def step_hidden(
+        self,
+        cond: Tensor,
+        tokens: Tensor,
+        positions: Tensor,
+        cache: KVCache,
+        slots: Tensor,
+        length: int | None = None,
+        span: int | None = None,
+    ) -> Tensor:
+        """`step`'s last block output (B, C), before ln_f and the head."""
         first = positions == 0
         prev = self.wte(tokens.masked_fill(first, 0))  # (B, C); ignored ids may be out of range
         x = torch.where(first[:, None], cond, prev + cond)[:, None, :]  # (B, 1, C)
@@ -407,7 +427,17 @@ class RET(nn.Module):
             if proj is not None:
                 x = x + proj(cond)[:, None, :]
             x = block.step(x, positions, cache.k[layer], cache.v[layer], slots, length, span)
-        return self._logits(x[:, 0])  # (B, V)
+        return x[:, 0]  # (B, C)
+
+    def cache(
+        self,
+        num_slots: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        length: int | None = None,
+    ) -> KVCache:
+        """A KV cache for `step` (a model that keeps more per slot returns its own kind)."""
+        return KVCache(self.config, num_slots, device, dtype, length)
 
 
 def model_class(architecture: str) -> type[RET]:

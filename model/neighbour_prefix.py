@@ -41,67 +41,9 @@ from retd.model.evaluate import heldout_rows, nearest, text_scores
 from retd.model.generation import generate
 from retd.model.loss import sequence_loss
 from retd.model.model import RET
+from retd.model.pointer import PointerRET
 
 POOL = 32  # batches drawn at once, sorted by length, then run in a random order
-NEVER = -1e4  # a copy score that contributes nothing (exp(NEVER) underflows to 0)
-
-
-class PointerRET(RET):
-    """RET that can also copy from the prefix (`--pointer`), with no parameter added.
-
-    Row r of a prefix predicts token r (RET's rows), so its final state h_r (after ln_f)
-    stands for "token r comes next". A text row t scores every prefix row r (up to and
-    including the separator's row, whose token ends the text) by h_t . h_r / sqrt(C), and the
-    scores join the vocabulary logits in one softmax: the probability of a token is that of
-    its vocabulary slot plus that of every prefix row holding it (a pointer in the manner of
-    pointer-sentinel models, keyed like kNN-LM). Without an EOS in a row nothing is copied.
-    """
-
-    def forward(self, embedding: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """embedding (B, E), tokens (B, T) = prefix, EOS, text -> log-probabilities (B, T+1, V)."""
-        vocab, scores, values = self._pointer(embedding, tokens)
-        top = scores.amax(-1, keepdim=True).clamp(min=0).detach()  # (B, T+1, 1)
-        index = values[:, None, :].expand_as(scores)
-        copied = torch.zeros_like(vocab).scatter_add_(-1, index, (scores - top).exp())
-        joint = torch.logaddexp(vocab, copied.clamp_min(1e-30).log() + top)  # (B, T+1, V)
-        return joint.log_softmax(-1)
-
-    def loss(
-        self, embedding: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor
-    ) -> torch.Tensor:
-        """Mean negative log-likelihood of the targets (B, T+1) that are not IGNORE: the
-        forward's log-probabilities at the targets, without spreading the copies over V."""
-        vocab, scores, values = self._pointer(embedding, tokens)
-        wanted = targets.clamp(min=0)[..., None]  # (B, T+1, 1)
-        holds = values[:, None, :] == wanted  # (B, T+1, R): prefix rows holding the target
-        chosen = torch.logaddexp(
-            vocab.gather(-1, wanted)[..., 0], scores.masked_fill(~holds, NEVER).logsumexp(-1)
-        )
-        total = torch.logaddexp(vocab.logsumexp(-1), scores.logsumexp(-1))  # (B, T+1)
-        scored = targets != IGNORE
-        return (total - chosen)[scored].mean()
-
-    def _pointer(
-        self, embedding: torch.Tensor, tokens: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Vocabulary logits (B, T+1, V), copy scores (B, T+1, R) over the prefix rows (NEVER
-        where a row may not copy) and the token each prefix row holds (B, R)."""
-        h = self.ln_f(self.hidden(embedding, tokens))  # (B, T+1, C)
-        vocab = h @ self.wte.weight.T  # (B, T+1, V)
-        B, T = tokens.shape
-        is_eos = torch.cat(
-            (tokens == self.config.eos_id, tokens.new_ones(B, 1, dtype=torch.bool)), 1
-        )
-        separator = is_eos.int().argmax(1)  # (B,): the first EOS, T where there is none
-        separator = separator.masked_fill(separator == T, -1)  # -1: no prefix rows
-        R = max(int(separator.max()) + 1, 1)  # prefix rows, separator's included
-        rows = torch.arange(R, device=tokens.device)
-        causal = rows[None, :] < torch.arange(T + 1, device=tokens.device)[:, None]  # (T+1, R)
-        valid = causal[None] & (rows[None, None, :] <= separator[:, None, None])  # (B, T+1, R)
-        scores = (h @ h[:, :R].transpose(1, 2)) / math.sqrt(h.shape[-1])  # (B, T+1, R)
-        values = torch.zeros(B, R, dtype=torch.long, device=tokens.device)
-        values[:, : min(R, T)] = tokens[:, :R]
-        return vocab, scores.masked_fill(~valid, NEVER), values
 
 
 def embeddings_digest(*arrays: np.ndarray) -> str:
@@ -224,7 +166,7 @@ class Experiment:
             prefixes = [[*self.prefix(j).tolist(), self.eos] for j in self.held_nb[s : s + 100]]
             results = generate(
                 self.model, self.held_emb[s : s + 100], [params] * len(prefixes),
-                use_cache=False, tokenizer=self.tokenizer, prefixes=prefixes,
+                tokenizer=self.tokenizer, prefixes=prefixes,
             )  # fmt: skip
             texts += [r.text for r in results]
         return texts

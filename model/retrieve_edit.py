@@ -79,7 +79,7 @@ def edit_after(
             results = generate(
                 model, embeddings[start : start + batch_size],
                 [params] * len(prefixes[start : start + batch_size]),
-                use_cache=False, tokenizer=tokenizer, prefixes=prefixes[start : start + batch_size],
+                tokenizer=tokenizer, prefixes=prefixes[start : start + batch_size],
             )  # fmt: skip
             for i, result in enumerate(results):
                 edits[start + i].append(result.text)
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace, encode: Encode | None = None) -> dict[str, Any
     """The figures of the module docstring; `encode` defaults to the installed encoder."""
     from retd.model.checkpoint import load_checkpoint
     from retd.model.embed import load_split
-    from retd.model.neighbour_prefix import PointerRET
+    from retd.model.pointer import PointerRET
 
     torch.set_num_threads(args.threads)
     loaded = load_checkpoint(args.checkpoint)

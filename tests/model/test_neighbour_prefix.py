@@ -21,7 +21,8 @@ from retd.model.evaluate import nearest
 from retd.model.generation import generate
 from retd.model.loss import sequence_loss
 from retd.model.model import RET, config_for
-from retd.model.neighbour_prefix import PointerRET, parse_args, prefixed_batch, run, text_loss
+from retd.model.neighbour_prefix import parse_args, prefixed_batch, run, text_loss
+from retd.model.pointer import PointerRET
 
 FIXTURE = Path(__file__).parents[1] / "data" / "embedded"
 
@@ -88,8 +89,31 @@ def test_generation_after_a_prefix_is_the_greedy_path_given_it() -> None:
     empty = generate(model, emb, params, use_cache=False, prefixes=[[]] * 3)
     assert [r.token_ids for r in empty] == [r.token_ids for r in plain]
     assert [r.token_ids for r in after] != [r.token_ids for r in plain]
+    cached = generate(model, emb, params, prefixes=prefixes)  # prefilled through model.step
+    assert [r.token_ids for r in cached] == [r.token_ids for r in after]
     with pytest.raises(ValueError, match="prefixes"):
-        generate(model, emb, params, use_cache=True, prefixes=prefixes)
+        generate(model, emb, params, prefixes=prefixes[:2])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.one_of(st.just(None), ids), min_size=1, max_size=5), st.integers(0, 2**16))
+def test_a_pointer_decodes_the_same_with_its_cache_as_without(
+    drawn: list[np.ndarray | None], seed: int
+) -> None:
+    """Cached (prefix fed through PointerRET.step into a CopyCache) and uncached (the forward
+    over prefix and text at every step) decoding agree: tokens and their log-probabilities,
+    rows of different prefix lengths (and none) in one batch, sampled rows included."""
+    _, pointer = _pointer_pair(seed % 5)
+    prefixes = [[] if p is None else [*p.tolist(), 0] for p in drawn]
+    emb = torch.randn(len(drawn), 768, generator=torch.Generator().manual_seed(seed))
+    params = [
+        SamplingParams(10, temperature=float(i % 2), seed=seed + i) for i in range(len(drawn))
+    ]
+    cached = generate(pointer, emb, params, prefixes=prefixes)
+    uncached = generate(pointer, emb, params, use_cache=False, prefixes=prefixes)
+    assert [r.token_ids for r in cached] == [r.token_ids for r in uncached]
+    for a, b in zip(cached, uncached, strict=True):
+        assert a.mean_logprob == pytest.approx(b.mean_logprob, abs=1e-4)
 
 
 def test_a_short_run_measures_against_retrieval_and_resumes(tmp_path: Path) -> None:

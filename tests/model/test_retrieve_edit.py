@@ -18,7 +18,7 @@ from retd.model.decoding_eval import Decoder, consensus_scores
 from retd.model.embed import load_split
 from retd.model.evaluate import heldout_rows, nearest, text_scores
 from retd.model.generation import generate
-from retd.model.neighbour_prefix import PointerRET
+from retd.model.pointer import PointerRET
 from retd.model.retrieve_edit import Pools, edit_after, markdown, parse_args, pick, run
 
 FIXTURE = Path(__file__).parents[1] / "data" / "embedded"
