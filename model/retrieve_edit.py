@@ -3,7 +3,7 @@ and the sentence encoder picks the answer among those edits and the neighbours t
 
     python -m retd.model.retrieve_edit CHECKPOINT [--pointer] [--data-dir build/data] [--k 8]
         [--limit 500] [--per-source 0] [--consensus 0.005] [--decoder rp=1.5,rpn=2,eos=-3]
-        [--max-prefix 64] [--threads 1] [--out REPORT.json] [--save-pools POOLS.json]
+        [--max-prefix 64] [--threads 1] [--no-cache] [--out REPORT.json] [--save-pools POOLS.json]
 
 For each asked embedding: its K nearest embedded training texts (cosine, float32), each cut to
 `--max-prefix` tokens and decoded after as a prefix (EOS between, as `neighbour_prefix` trains;
@@ -14,7 +14,9 @@ with `--consensus W`, W times their mean sentence chrF against the rest of the p
 the nearest neighbour, so picking by cosine never scores a lower cosine than retrieval; chrF
 and BLEU against the reference are what the pick does not see. Figures on `--limit` held-out
 texts evenly spaced (as `retd eval`) and, with `--per-source N`, on the first N of every source
-of the held-out and ood splits, each beside retrieval from the same training texts.
+of the held-out and ood splits, each beside retrieval from the same training texts. The
+report times the search, the decoding (`--no-cache`: generate's uncached reference path, for
+comparison) and the encoding.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ class Pools:
     edits: list[list[str]]  # (N, K) the model's text after each neighbour
     neighbours: list[list[str]]  # (N, K) the training texts
     cosine: np.ndarray  # (N, 2K) each candidate's cosine to the asked embedding
+    seconds: dict[str, float] = field(default_factory=dict)  # search, decode, encode
 
     def texts(self, row: int) -> list[str]:
         return self.edits[row] + self.neighbours[row]
@@ -66,9 +69,10 @@ def edit_after(
     decoder: Decoder,
     max_prefix: int = 64,
     batch_size: int = 100,
+    use_cache: bool = True,
 ) -> list[list[str]]:
     """Row i decoded from embeddings[i] after each of neighbours[i] (cut to `max_prefix`
-    tokens, then EOS): (N, K) texts."""
+    tokens, then EOS): (N, K) texts. `use_cache=False`: generate's reference path."""
     params = decoder.params(model.config.max_length)
     limit, eos = model.config.max_length, model.config.eos_id
     edits: list[list[str]] = [[] for _ in neighbours]
@@ -79,7 +83,8 @@ def edit_after(
             results = generate(
                 model, embeddings[start : start + batch_size],
                 [params] * len(prefixes[start : start + batch_size]),
-                tokenizer=tokenizer, prefixes=prefixes[start : start + batch_size],
+                use_cache=use_cache, tokenizer=tokenizer,
+                prefixes=prefixes[start : start + batch_size],
             )  # fmt: skip
             for i, result in enumerate(results):
                 edits[start + i].append(result.text)
@@ -96,14 +101,27 @@ def build_pools(
     decoder: Decoder,
     encode: Encode,
     max_prefix: int = 64,
+    use_cache: bool = True,
 ) -> Pools:
-    """The pools of the asked (N, 768) embeddings against a bank (M, 768) of training texts."""
+    """The pools of the asked (N, 768) embeddings against a bank (M, 768) of training texts,
+    with the seconds each stage took."""
+    clock = [time.perf_counter()]
+
+    def lap() -> float:
+        clock.append(time.perf_counter())
+        return round(clock[-1] - clock[-2], 2)
+
     indices, sims = nearest_k(asked, bank, k)
+    seconds = {"search": lap()}
     neighbours = [[bank_texts[j] for j in row] for row in indices.tolist()]
     embeddings = torch.from_numpy(asked.astype(np.float32))
-    edits = edit_after(model, tokenizer, embeddings, neighbours, decoder, max_prefix)
+    edits = edit_after(
+        model, tokenizer, embeddings, neighbours, decoder, max_prefix, 100, use_cache
+    )
+    seconds["decode"] = lap()
     edit_cos = np.stack(pool_cosines(edits, embeddings, encode))  # (N, K)
-    return Pools(edits, neighbours, np.concatenate([edit_cos, sims], axis=1))
+    seconds["encode"] = lap()
+    return Pools(edits, neighbours, np.concatenate([edit_cos, sims], axis=1), seconds)
 
 
 def pick(pools: Pools, consensus: float = 0.0, edits: bool = True) -> np.ndarray:
@@ -182,12 +200,12 @@ def run(args: argparse.Namespace, encode: Encode | None = None) -> dict[str, Any
     pools = build_pools(
         model, loaded.tokenizer, np.concatenate([v for _, v in groups.values()]),
         train.embeddings, train.texts, args.k, Decoder.parse(args.decoder), encode,
-        args.max_prefix,
+        args.max_prefix, not args.no_cache,
     )  # fmt: skip
     report: dict[str, Any] = {
         "checkpoint": str(args.checkpoint), "pointer": args.pointer, "k": args.k,
         "decoder": args.decoder, "bank_texts": len(train.texts),
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": {**pools.seconds, "all": round(time.perf_counter() - started, 1)},
     }  # fmt: skip
     if args.save_pools:
         args.save_pools.write_text(json.dumps({
@@ -241,6 +259,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--decoder", default="rp=1.5,rpn=2,eos=-3")
     ap.add_argument("--max-prefix", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-cache", action="store_true", help="decode without the KV cache")
     ap.add_argument("--out", type=Path, default=None, help="write the report here (JSON)")
     ap.add_argument("--save-pools", type=Path, default=None, help="write every pool here (JSON)")
     args = ap.parse_args(argv)
