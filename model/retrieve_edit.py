@@ -111,7 +111,7 @@ def build_pools(
         clock.append(time.perf_counter())
         return round(clock[-1] - clock[-2], 2)
 
-    indices, sims = nearest_k(asked, bank, k)
+    indices, sims = nearest_k(asked, bank, k, chunk=256)  # (256, M) float32 scores at a time
     seconds = {"search": lap()}
     neighbours = [[bank_texts[j] for j in row] for row in indices.tolist()]
     embeddings = torch.from_numpy(asked.astype(np.float32))
