@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .decoding import FinishReason, OutputBuffer, SamplingParams
-from .model import RET, KVCache
+from .model import RET
 from .sampling import Sampler
 from .tokenizer import BYTES, Tokenizer
 
@@ -128,18 +128,6 @@ def _after_prefixes(
     ]
 
 
-def _prefill(model: RET, cond: Tensor, prefixes: Sequence[Sequence[int]], cache: KVCache) -> None:
-    """Feed each row's prefix but its last token through model.step into cache slot = row:
-    position 0 (the embedding alone), then prefix token s - 1 at position s."""
-    for row, prefix in enumerate(prefixes):
-        cache.set_prefix(row, prefix)
-    for s in range(max(len(p) for p in prefixes)):
-        rows = [r for r, p in enumerate(prefixes) if s < len(p)]
-        at = torch.tensor(rows, device=cond.device)
-        fed = torch.tensor([prefixes[r][s - 1] if s else 0 for r in rows], device=cond.device)
-        model.step(cond[at], fed, torch.full_like(at, s), cache, at, s + 1, rows[-1] + 1)
-
-
 @torch.no_grad()
 def generate(
     model: RET,
@@ -159,8 +147,8 @@ def generate(
     every step (the reference path). `step` runs the cached steps in model.step's place (a
     `retd.model.cpp_step` step function). `prefixes`: token ids each row's text follows, read
     as given and never generated, returned or penalised (retd.model.neighbour_prefix's
-    retrieved neighbour and separator); cached, they are fed through model.step first, in
-    the cache `model.cache` makes (a PointerRET's keeps them to copy from).
+    retrieved neighbour and separator); cached, `model.prefill` writes them into the cache
+    `model.cache` makes (a PointerRET's keeps them to copy from) in one forward pass.
     """
     config = model.config
     B = embeddings.shape[0]
@@ -202,8 +190,8 @@ def generate(
         run_step = step or model.step
         cond = model.condition(embeddings)  # (B, C)
         cache = model.cache(B, device, dtype, length=max(offsets) + max(horizon, 1))
-        if prefixes is not None:
-            _prefill(model, cond, prefixes, cache)
+        if prefixes is not None and max(offsets) > 0:
+            model.prefill(embeddings, prefixes, cache)
         start = torch.tensor(offsets, device=device)  # (B,)
         last = torch.tensor([p[-1] if len(p) else 0 for p in prefixes or [[]] * B], device=device)
 

@@ -213,12 +213,17 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(C, dim=2)
         return tuple(t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Full causal attention over x (B, T, C), positions 0..T-1."""
+    def forward(self, x: Tensor, cache: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        """Full causal attention over x (B, T, C), positions 0..T-1. `cache` (this layer's
+        k_cache, v_cache, and slots (B,)): also write each row's keys and values there."""
         B, T, C = x.shape
         q, k, v = self._heads(x)  # (B, H, T, D)
         positions = torch.arange(T, device=x.device)
         q, k = self._rope(q, k, positions)
+        if cache is not None:
+            k_cache, v_cache, slots = cache
+            k_cache[slots, :, :T] = k
+            v_cache[slots, :, :T] = v
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -289,8 +294,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(0.0)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x)))
+    def forward(self, x: Tensor, cache: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), cache))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
     def step(
@@ -379,15 +384,41 @@ class RET(nn.Module):
         """
         return self._logits(self.hidden(embedding, tokens))  # (B, T+1, V)
 
-    def hidden(self, embedding: Tensor, tokens: Tensor) -> Tensor:
-        """The last block's output (B, T+1, C), before ln_f and the head (see forward)."""
+    def hidden(
+        self,
+        embedding: Tensor,
+        tokens: Tensor,
+        cache: KVCache | None = None,
+        slots: Tensor | None = None,
+    ) -> Tensor:
+        """The last block's output (B, T+1, C), before ln_f and the head (see forward). With
+        a `cache`, every layer's keys and values of positions 0..T are written to its
+        `slots` (B,) too: a prefill, after which `step` goes on at position T+1."""
         cond = self.condition(embedding)[:, None, :]  # (B, 1, C)
         x = torch.cat((cond, self.wte(tokens) + cond), dim=1)  # (B, T+1, C)
-        for block, proj in self.layers():
+        for layer, (block, proj) in enumerate(self.layers()):
             if proj is not None:
                 x = x + proj(cond)  # (B, 1, C) broadcast over positions
-            x = block(x)
+            kv = None if cache is None or slots is None else (cache.k[layer], cache.v[layer], slots)
+            x = block(x, kv)
         return x
+
+    def prefill(
+        self, embedding: Tensor, prefixes: Sequence[Sequence[int]], cache: KVCache
+    ) -> Tensor:
+        """Write row i's prefix but its last token into cache slot i in one forward pass
+        (rows right-padded to the longest: causal attention never reads the padding, and a
+        step writes a position before it reads it): position 0 (the embedding alone), then
+        prefix token s - 1 at position s. Returns the hidden states (B, P, C) of positions
+        0..P-1, P the longest prefix."""
+        for slot, prefix in enumerate(prefixes):
+            cache.set_prefix(slot, prefix)
+        longest = max(len(p) for p in prefixes)
+        tokens = torch.zeros(len(prefixes), max(longest - 1, 0), dtype=torch.long)
+        for row, prefix in enumerate(prefixes):
+            tokens[row, : max(len(prefix) - 1, 0)] = torch.as_tensor(list(prefix[:-1]))
+        slots = torch.arange(len(prefixes), device=embedding.device)
+        return self.hidden(embedding, tokens.to(embedding.device), cache, slots)
 
     def step(
         self,

@@ -86,6 +86,15 @@ class PointerRET(RET):
     ) -> KVCache:
         return CopyCache(self.config, num_slots, device, dtype, length)
 
+    def prefill(
+        self, embedding: Tensor, prefixes: Sequence[Sequence[int]], cache: KVCache
+    ) -> Tensor:
+        """RET.prefill, keeping the final states (after ln_f) of the prefix rows to copy."""
+        h = super().prefill(embedding, prefixes, cache)  # (B, P, C)
+        if isinstance(cache, CopyCache):
+            cache.states[: h.shape[0], : h.shape[1]] = self.ln_f(h)
+        return h
+
     def _pointer(self, embedding: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Vocabulary logits (B, T+1, V), copy scores (B, T+1, R) over the prefix rows (NEVER
         where a row may not copy) and the token each prefix row holds (B, R)."""
