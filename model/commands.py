@@ -132,6 +132,8 @@ def _build_phrase_bank(args: argparse.Namespace) -> int:
     from retd.model.encoder import EncoderError, SentenceEncoder, sha256_file
     from retd.model.phrase_bank import embed_phrases, read_phrases, save_phrase_bank
 
+    if args.from_split is not None:
+        return _bank_from_split(args)
     try:
         phrases, repeats = read_phrases(args.texts)
     except (OSError, UnicodeDecodeError) as exc:
@@ -165,6 +167,35 @@ def _build_phrase_bank(args: argparse.Namespace) -> int:
         source=source,
     )
     summary = {"checkpoint": str(path), "phrases": len(phrases), **source, "dtype": args.dtype}
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _bank_from_split(args: argparse.Namespace) -> int:
+    """A bank of a split's embedded texts and the embeddings `retd embed` stored (no
+    re-encoding): the datastore of the training texts, as retrieval answers from it."""
+    from retd.model.embed import load_split
+    from retd.model.phrase_bank import save_phrase_bank
+
+    data_dir, split = args.from_split, args.split
+    try:
+        loaded = load_split(data_dir, split)
+    except (OSError, ValueError):
+        loaded = None
+    if loaded is None or not loaded.texts:
+        print(
+            f"retd build-phrase-bank: {data_dir}: the {split} split has no embedded texts "
+            f"(expected {data_dir}/corpus/{split}.txt and shards under {data_dir}/embeddings/"
+            f"{split}: run `retd corpus` and `retd embed`)",
+            file=sys.stderr,
+        )
+        return 2
+    source = {"data_dir": str(data_dir), "split": split, "texts": len(loaded.texts)}
+    path = save_phrase_bank(
+        args.out, loaded.texts, loaded.embeddings, name=args.name or args.out.name,
+        version=args.version, dtype=args.dtype, source=source,
+    )  # fmt: skip
+    summary = {"checkpoint": str(path), "phrases": len(loaded.texts), **source, "dtype": args.dtype}
     print(json.dumps(summary, indent=2, ensure_ascii=False))
     return 0
 
@@ -314,12 +345,20 @@ def add_commands(
         "build-phrase-bank",
         help=helps["build-phrase-bank"],
         description="Embed every line of a UTF-8 text file (one phrase per line; blank lines "
-        "and repeats are skipped) with the sentence encoder RET decodes, and write a "
-        "phrase_bank checkpoint: serve it with `retd serve --model NAME=DIR`.",
+        "and repeats are skipped) with the sentence encoder RET decodes, or take a corpus "
+        "split's embedded texts with the embeddings `retd embed` stored (--from-split), and "
+        "write a phrase_bank checkpoint: serve it with `retd serve --model NAME=DIR`.",
     )
-    bank.add_argument(
-        "--texts", type=Path, required=True, metavar="FILE", help="the phrases, one per line"
+    given = bank.add_mutually_exclusive_group(required=True)
+    given.add_argument("--texts", type=Path, metavar="FILE", help="the phrases, one per line")
+    given.add_argument(
+        "--from-split",
+        type=Path,
+        metavar="DATA_DIR",
+        help="the embedded texts of a corpus split (`retd corpus` + `retd embed`), with the "
+        "embeddings stored there: nothing is encoded again",
     )
+    bank.add_argument("--split", default="train", help="the split --from-split reads (train)")
     bank.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="checkpoint directory to write"
     )

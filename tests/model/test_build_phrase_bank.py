@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from retd.client.cli import main
+from retd.model.embed import load_split
 from retd.model.encoder import cosine_rows, sha256_file
 from retd.model.phrase_bank import load_phrase_bank, read_phrases
 
@@ -65,3 +66,28 @@ def test_build_phrase_bank_refuses_an_unusable_file(
     assert main(["build-phrase-bank", "--texts", str(texts), "--out", str(tmp_path / "b")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_a_bank_of_the_embedded_training_split_reuses_its_embeddings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = FIXTURE
+    out = tmp_path / "train_bank"
+    assert main(["build-phrase-bank", "--from-split", str(data), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "embed phrases" not in captured.err  # nothing encoded again
+    train = load_split(data, "train")
+    assert json.loads(captured.out)["phrases"] == len(train.texts) == 192
+    loaded = load_phrase_bank(out)
+    assert loaded.bank.phrases == train.texts
+    assert loaded.card["source"] == {"data_dir": str(data), "split": "train", "texts": 192}
+    stored = train.embeddings.astype(np.float32)
+    assert (cosine_rows(loaded.bank.embeddings.float().numpy(), stored) > 0.999).all()
+    _, rows = loaded.bank.search(torch.from_numpy(stored), k=1)
+    assert rows[:, 0].tolist() == list(range(192))  # each text answers its own embedding
+    # a split that was never embedded (or a directory without a corpus) is refused by name
+    for split, where in (("ood", data), ("train", tmp_path)):
+        args = ["build-phrase-bank", "--from-split", str(where), "--split", split]
+        assert main([*args, "--out", str(tmp_path / "none")]) == 2
+        assert f"the {split} split has no embedded texts" in capsys.readouterr().err
+        assert not (tmp_path / "none").exists()
