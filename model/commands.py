@@ -12,8 +12,9 @@ import argparse
 import json
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 DEFAULT_DATA_DIR = Path("build/data")
 DEFAULT_TRAIN_CONFIG = Path(__file__).parent / "configs" / "ret_v21.toml"
@@ -127,13 +128,13 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _build_phrase_bank(args: argparse.Namespace) -> int:
+    if args.from_split is not None:
+        return _bank_from_split(args)
     import torch
 
     from retd.model.encoder import EncoderError, SentenceEncoder, sha256_file
-    from retd.model.phrase_bank import embed_phrases, read_phrases, save_phrase_bank
+    from retd.model.phrase_bank import embed_phrases, read_phrases
 
-    if args.from_split is not None:
-        return _bank_from_split(args)
     try:
         phrases, repeats = read_phrases(args.texts)
     except (OSError, UnicodeDecodeError) as exc:
@@ -157,25 +158,13 @@ def _build_phrase_bank(args: argparse.Namespace) -> int:
         "texts_sha256": sha256_file(args.texts),
         "repeats_dropped": repeats,
     }
-    path = save_phrase_bank(
-        args.out,
-        phrases,
-        embeddings,
-        name=args.name or args.out.name,
-        version=args.version,
-        dtype=args.dtype,
-        source=source,
-    )
-    summary = {"checkpoint": str(path), "phrases": len(phrases), **source, "dtype": args.dtype}
-    print(json.dumps(summary, indent=2, ensure_ascii=False))
-    return 0
+    return _write_bank(args, phrases, embeddings, source)
 
 
 def _bank_from_split(args: argparse.Namespace) -> int:
     """A bank of a split's embedded texts and the embeddings `retd embed` stored (no
     re-encoding): the datastore of the training texts, as retrieval answers from it."""
     from retd.model.embed import load_split
-    from retd.model.phrase_bank import save_phrase_bank
 
     data_dir, split = args.from_split, args.split
     try:
@@ -191,11 +180,23 @@ def _bank_from_split(args: argparse.Namespace) -> int:
         )
         return 2
     source = {"data_dir": str(data_dir), "split": split, "texts": len(loaded.texts)}
+    return _write_bank(args, loaded.texts, loaded.embeddings, source)
+
+
+def _write_bank(
+    args: argparse.Namespace,
+    phrases: Sequence[str],
+    embeddings: Any,
+    source: Mapping[str, Any],
+) -> int:
+    """Save the bank `build-phrase-bank` was asked for and print its summary (JSON)."""
+    from retd.model.phrase_bank import save_phrase_bank
+
     path = save_phrase_bank(
-        args.out, loaded.texts, loaded.embeddings, name=args.name or args.out.name,
-        version=args.version, dtype=args.dtype, source=source,
+        args.out, phrases, embeddings, name=args.name or args.out.name, version=args.version,
+        dtype=args.dtype, source=source,
     )  # fmt: skip
-    summary = {"checkpoint": str(path), "phrases": len(loaded.texts), **source, "dtype": args.dtype}
+    summary = {"checkpoint": str(path), "phrases": len(phrases), **source, "dtype": args.dtype}
     print(json.dumps(summary, indent=2, ensure_ascii=False))
     return 0
 

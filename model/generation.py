@@ -185,7 +185,8 @@ def generate(
 
     # Row i's text starts at position offsets[i]: after its prefix, whose last token (the
     # separator) is fed at that position, or at 0 with none.
-    offsets = [len(p) for p in prefixes] if prefixes is not None else [0] * B
+    rows_prefixes: Sequence[Sequence[int]] = prefixes if prefixes is not None else [[]] * B
+    offsets = [len(p) for p in rows_prefixes]
     if use_cache:
         run_step = step or model.step
         cond = model.condition(embeddings)  # (B, C)
@@ -193,7 +194,7 @@ def generate(
         if prefixes is not None and max(offsets) > 0:
             model.prefill(embeddings, prefixes, cache)
         start = torch.tensor(offsets, device=device)  # (B,)
-        last = torch.tensor([p[-1] if len(p) else 0 for p in prefixes or [[]] * B], device=device)
+        last = torch.tensor([p[-1] if len(p) else 0 for p in rows_prefixes], device=device)
 
     for t in range(horizon):
         active = [i for i, buf in enumerate(buffers) if not buf.finished]

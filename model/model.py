@@ -172,8 +172,8 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
     def set_prefix(self, slot: int, tokens: Sequence[int]) -> None:
-        """The tokens a slot's text follows (fed through `RET.step` before it): plain RET
-        keeps nothing more than their keys and values; a copying model's cache keeps them."""
+        """The tokens a slot's text follows (`RET.prefill` writes their keys and values):
+        plain RET keeps nothing more; a copying model's cache keeps the tokens themselves."""
 
 
 def apply_rope(x: Tensor, positions: Tensor, base: float) -> Tensor:

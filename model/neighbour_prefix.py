@@ -89,10 +89,7 @@ class Experiment:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         loaded = load_checkpoint(args.init)
-        self.model: RET = loaded.model
-        if args.pointer:
-            self.model = PointerRET(loaded.model.config)
-            self.model.load_state_dict(loaded.model.state_dict())
+        self.model: RET = PointerRET.of(loaded.model) if args.pointer else loaded.model
         self.tokenizer = loaded.tokenizer
         self.eos = self.model.config.eos_id
         train = load_split(args.data_dir, "train")

@@ -34,6 +34,14 @@ class PointerRET(RET):
     pointer-sentinel models, keyed like kNN-LM). Without an EOS in a row nothing is copied.
     """
 
+    @classmethod
+    def of(cls, model: RET) -> PointerRET:
+        """A PointerRET with `model`'s config and weights (the pointer adds none), in the
+        training mode `model` is in."""
+        pointer = cls(model.config)
+        pointer.load_state_dict(model.state_dict())
+        return pointer.train(model.training)
+
     def forward(self, embedding: Tensor, tokens: Tensor) -> Tensor:
         """embedding (B, E), tokens (B, T) = prefix, EOS, text -> log-probabilities (B, T+1, V)."""
         vocab, scores, values = self._pointer(embedding, tokens)

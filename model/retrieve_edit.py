@@ -172,11 +172,7 @@ def run(args: argparse.Namespace, encode: Encode | None = None) -> dict[str, Any
 
     torch.set_num_threads(args.threads)
     loaded = load_checkpoint(args.checkpoint)
-    model: RET = loaded.model
-    if args.pointer:
-        model = PointerRET(loaded.model.config)
-        model.load_state_dict(loaded.model.state_dict())
-    model.eval()
+    model: RET = (PointerRET.of(loaded.model) if args.pointer else loaded.model).eval()
     if encode is None:
         from retd.model.encoder import SentenceEncoder
 

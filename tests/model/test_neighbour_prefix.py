@@ -67,9 +67,7 @@ def _pointer_pair(seed: int = 0) -> tuple[RET, PointerRET]:
     plain = RET(config_for("ret_tiny")).eval()
     with torch.no_grad():
         plain.wte.weight.mul_(30)  # at init the embedding drowns the tokens: make them count
-    pointer = PointerRET(plain.config).eval()
-    pointer.load_state_dict(plain.state_dict())
-    return plain, pointer
+    return plain, PointerRET.of(plain)
 
 
 def test_generation_after_a_prefix_is_the_greedy_path_given_it() -> None:
@@ -201,8 +199,7 @@ def test_the_kept_pointer_checkpoint_copies_a_neighbour_that_is_the_text() -> No
     loaded = load_checkpoint(root / "ret_v21_bpe1792_pointer")
     shipped = load_checkpoint(root / "ret_v21_bpe1792").model.eval()
     assert loaded.model.num_parameters() == 722_944
-    pointer = PointerRET(loaded.model.config).eval()
-    pointer.load_state_dict(loaded.model.state_dict())
+    pointer = PointerRET.of(loaded.model).eval()
     head = load_split(Path(__file__).parents[1] / "data" / "heldout_head", "heldout")
     texts = encode_texts(head.texts[:32], 256, loaded.tokenizer)
     emb = torch.from_numpy(head.embeddings[:32].astype(np.float32))

@@ -56,8 +56,7 @@ def test_the_pick_is_the_best_scored_candidate_and_retrieval_the_nearest(
 
 def test_each_edit_is_decoded_after_its_own_neighbour() -> None:
     loaded = load_checkpoint(POINTER)  # the kept pointer weights: edits that follow the prefix
-    model = PointerRET(loaded.model.config).eval()
-    model.load_state_dict(loaded.model.state_dict())
+    model = PointerRET.of(loaded.model).eval()
     tokenizer, limit = loaded.tokenizer, model.config.max_length
     emb = torch.from_numpy(load_split(FIXTURE, "heldout").embeddings[:3].astype(np.float32))
     neighbours = [["The cat sat on the mat.", "a small dog"], ["Stock prices fell.", "rain"],
