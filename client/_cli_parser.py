@@ -34,6 +34,7 @@ SERVER_COMMANDS = {
     "eval": "score a checkpoint on the held-out split (needs retd[encoder])",
     "promote": "make a training run the committed checkpoint if better (needs retd[encoder])",
     "build-phrase-bank": "embed a text file into a phrase bank to serve (needs retd[encoder])",
+    "add-editor": "give a phrase bank a RET checkpoint that edits its answers (retd[encoder])",
 }
 
 _EPILOG = """\

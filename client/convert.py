@@ -210,6 +210,7 @@ def timing(msg: decoder_pb2.Timing) -> Timing:
 _SOURCE = {
     decoder_pb2.ANSWER_SOURCE_GENERATED: AnswerSource.GENERATED,
     decoder_pb2.ANSWER_SOURCE_PHRASE_BANK: AnswerSource.PHRASE_BANK,
+    decoder_pb2.ANSWER_SOURCE_EDITED: AnswerSource.EDITED,
 }
 
 

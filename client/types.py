@@ -50,6 +50,8 @@ class AnswerSource(enum.StrEnum):
     GENERATED = "generated"
     #: It is a phrase bank's nearest phrase.
     PHRASE_BANK = "phrase_bank"
+    #: A phrase bank's editor rewrote one of its nearest phrases (``retd add-editor``).
+    EDITED = "edited"
     #: The server did not say (a server older than phrase banks).
     UNSPECIFIED = "unspecified"
 

@@ -201,6 +201,23 @@ def _write_bank(
     return 0
 
 
+def _add_editor(args: argparse.Namespace) -> int:
+    from retd.model.bank_editor import add_editor
+    from retd.model.checkpoint import CheckpointError
+    from retd.model.retrieve_edit import EditSettings
+
+    try:
+        given = {"k": args.k, "consensus": args.consensus, "decoder": args.decoder}
+        given |= {"max_prefix": args.max_prefix, "pointer": False if args.no_pointer else None}
+        settings = EditSettings(**{k: v for k, v in given.items() if v is not None})
+        entry = add_editor(args.bank, args.checkpoint, settings)
+    except (CheckpointError, ValueError) as exc:
+        print(f"retd add-editor: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"bank": str(args.bank), "editor": entry}, indent=2))
+    return 0
+
+
 def add_commands(
     commands: argparse._SubParsersAction,  # type: ignore[type-arg]
     helps: Mapping[str, str],
@@ -374,3 +391,22 @@ def add_commands(
     bank.add_argument("--batch-size", type=int, default=64, help="texts per encoder batch")
     bank.add_argument("--threads", type=int, default=0, help="torch threads (0: all)")
     bank.set_defaults(run=_build_phrase_bank)
+    editor = commands.add_parser(
+        "add-editor",
+        help=helps["add-editor"],
+        description="Copy a RET checkpoint into a phrase bank (BANK/editor) and record how it "
+        "edits in the bank's card: the served bank then answers Decode by retrieve, edit, "
+        "verify (its K nearest phrases, the model's edit after each, the re-encoded best; "
+        "README, 'Retrieve, edit, verify, served'). Needs the encoder where it is served.",
+    )
+    editor.add_argument("bank", type=Path, help="a phrase_bank checkpoint directory")
+    editor.add_argument("checkpoint", type=Path, help="the RET checkpoint that edits")
+    # Unset, each takes retrieve_edit.EditSettings's default (the README lists them).
+    editor.add_argument("--k", type=int, help="phrases edited per asked embedding")
+    editor.add_argument("--consensus", type=float, help="weight of the candidates' agreement")
+    editor.add_argument("--decoder", help="the edits' loop breakers, as retd eval --decoder")
+    editor.add_argument("--max-prefix", type=int, help="tokens of a phrase the model reads")
+    editor.add_argument(
+        "--no-pointer", action="store_true", help="decode as plain RET (no copying)"
+    )
+    editor.set_defaults(run=_add_editor)

@@ -201,14 +201,17 @@ class SentenceEncoder:
 
     @classmethod
     def load(
-        cls, out_dir: Path = DEFAULT_ENCODER_DIR, precision: str = "float32"
+        cls,
+        out_dir: Path = DEFAULT_ENCODER_DIR,
+        precision: str = "float32",
+        device: str | None = None,
     ) -> SentenceEncoder:
         """The installed encoder, or a copy carried to this machine (`retd.model.carry`) that
         `out_dir` (RETD_ENCODER_DIR) holds where the upstream weights are not installed."""
         carried = _find_model_dir(out_dir)
         if carried is not None and _carried_sha256(carried):
-            return cls(carried, precision=precision)
-        return cls(assemble_encoder(out_dir), precision=precision)
+            return cls(carried, precision=precision, device=device)
+        return cls(assemble_encoder(out_dir), precision=precision, device=device)
 
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """Embed texts in batches of similar length (less padding); rows keep the input order."""

@@ -221,7 +221,8 @@ def embed_phrases(
     return np.concatenate(parts) if parts else np.zeros((0, ENCODER_DIM), np.float32)
 
 
-def _bank_card(path: Path) -> dict[str, Any]:
+def read_bank_card(path: Path) -> dict[str, Any]:
+    """A phrase bank's card.json, checked: its kind, version, encoder and phrase count."""
     card = read_card(path)
     kind = card.get("kind")
     if kind != PHRASE_BANK_KIND:
@@ -309,7 +310,7 @@ def load_phrase_bank(
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     if not (directory / CARD_FILE).is_file():
         raise CheckpointError(f"phrase bank {directory} is missing {CARD_FILE}")
-    card = _bank_card(directory / CARD_FILE)  # first: a checkpoint of another kind says so
+    card = read_bank_card(directory / CARD_FILE)  # first: a checkpoint of another kind says so
     for required in (EMBEDDINGS_FILE, PHRASES_FILE):
         if not (directory / required).is_file():
             raise CheckpointError(f"phrase bank {directory} is missing {required}")

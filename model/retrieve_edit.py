@@ -37,6 +37,7 @@ from retd.model.decoding_eval import Decoder, consensus_scores, pool_cosines
 from retd.model.evaluate import heldout_rows, nearest_k, source_rows, text_scores
 from retd.model.generation import generate
 from retd.model.model import RET
+from retd.model.pointer import PointerRET
 from retd.model.tokenizer import Tokenizer
 
 Encode = Callable[[list[str]], np.ndarray]
@@ -72,56 +73,106 @@ def edit_after(
     use_cache: bool = True,
 ) -> list[list[str]]:
     """Row i decoded from embeddings[i] after each of neighbours[i] (cut to `max_prefix`
-    tokens, then EOS): (N, K) texts. `use_cache=False`: generate's reference path."""
+    tokens, then EOS): (N, K) texts, every (row, neighbour) pair batched together, `batch_size`
+    pairs a call. `use_cache=False`: generate's reference path."""
     params = decoder.params(model.config.max_length)
     limit, eos = model.config.max_length, model.config.eos_id
-    edits: list[list[str]] = [[] for _ in neighbours]
-    for k in range(len(neighbours[0]) if neighbours else 0):
-        column = encode_texts([row[k] for row in neighbours], limit, tokenizer)
-        prefixes = [[*tokens[:max_prefix].tolist(), eos] for tokens in column]
-        for start in range(0, len(prefixes), batch_size):
-            results = generate(
-                model, embeddings[start : start + batch_size],
-                [params] * len(prefixes[start : start + batch_size]),
-                use_cache=use_cache, tokenizer=tokenizer,
-                prefixes=prefixes[start : start + batch_size],
-            )  # fmt: skip
-            for i, result in enumerate(results):
-                edits[start + i].append(result.text)
-    return edits
+    owners = [i for i, row in enumerate(neighbours) for _ in row]
+    column = encode_texts([text for row in neighbours for text in row], limit, tokenizer)
+    prefixes = [[*tokens[:max_prefix].tolist(), eos] for tokens in column]
+    texts: list[str] = []
+    device = next(model.parameters()).device
+    for start in range(0, len(prefixes), batch_size):
+        rows = owners[start : start + batch_size]
+        results = generate(
+            model, embeddings[rows].to(device), [params] * len(rows), use_cache=use_cache,
+            tokenizer=tokenizer, prefixes=prefixes[start : start + batch_size],
+        )  # fmt: skip
+        texts += [result.text for result in results]
+    ends = np.cumsum([len(row) for row in neighbours])
+    return [texts[end - len(row) : end] for row, end in zip(neighbours, ends, strict=True)]
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """How an `Editor` edits: what a phrase bank's card keeps under "editor" (bank_editor)."""
+
+    k: int = 16  # neighbours edited per asked embedding
+    consensus: float = 0.005  # weight of the pool's agreement (mean sentence chrF)
+    decoder: str = "rp=1.5,rpn=2,eos=-3"  # decoding_eval.Decoder's spec
+    max_prefix: int = 64  # tokens of a neighbour the model reads
+    pointer: bool = True  # decode as PointerRET (it can copy from the neighbour)
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.max_prefix < 1 or not self.consensus >= 0:
+            raise ValueError(
+                f"editor: k and max_prefix must be at least 1 and consensus >= 0, got k "
+                f"{self.k}, max_prefix {self.max_prefix}, consensus {self.consensus}"
+            )
+        Decoder.parse(self.decoder)  # raises ValueError naming the spec
+
+
+@dataclass(frozen=True)
+class Editor:
+    """Retrieve, edit, verify with one model: the K neighbours' edits and the neighbours
+    themselves, the answer picked by cosine (+ consensus)."""
+
+    model: RET
+    tokenizer: Tokenizer
+    encode: Encode
+    settings: EditSettings = EditSettings()
+
+    @classmethod
+    def of(cls, model: RET, tokenizer: Tokenizer, encode: Encode, settings: EditSettings) -> Editor:
+        """`model` as the settings decode it (a PointerRET of its weights with `pointer`)."""
+        edits = PointerRET.of(model) if settings.pointer else model
+        return cls(edits.eval(), tokenizer, encode, settings)
+
+    def pools(
+        self, asked: np.ndarray, neighbours: Sequence[Sequence[str]], cosine: np.ndarray,
+        use_cache: bool = True, seconds: dict[str, float] | None = None,
+    ) -> Pools:  # fmt: skip
+        """The pools of the asked (N, E) embeddings whose K nearest texts are `neighbours`
+        (N, K), with their `cosine` (N, K) to the asked; `seconds` gets decode and encode."""
+        started = time.perf_counter()
+        settings = self.settings
+        embeddings = torch.from_numpy(np.asarray(asked, dtype=np.float32))
+        edits = edit_after(
+            self.model, self.tokenizer, embeddings, neighbours, Decoder.parse(settings.decoder),
+            settings.max_prefix, 100, use_cache,
+        )  # fmt: skip
+        decoded = time.perf_counter()
+        edit_cos = np.stack(pool_cosines(edits, embeddings, self.encode))  # (N, K)
+        if seconds is not None:
+            seconds["decode"] = round(decoded - started, 2)
+            seconds["encode"] = round(time.perf_counter() - decoded, 2)
+        together = np.concatenate([edit_cos, np.asarray(cosine, dtype=np.float32)], axis=1)
+        return Pools(edits, [list(row) for row in neighbours], together, seconds or {})
+
+    def answers(
+        self, asked: np.ndarray, neighbours: Sequence[Sequence[str]], cosine: np.ndarray
+    ) -> list[tuple[str, float, int, bool]]:
+        """Each asked embedding's answer: (text, its cosine, which neighbour (0..K-1) it is
+        or edits, whether it is an edit)."""
+        pools = self.pools(asked, neighbours, cosine)
+        k = len(pools.edits[0]) if pools.edits else 0
+        return [
+            (pools.texts(r)[c], float(pools.cosine[r, c]), c % k, c < k)
+            for r, c in enumerate(pick(pools, self.settings.consensus).tolist())
+        ]
 
 
 def build_pools(
-    model: RET,
-    tokenizer: Tokenizer,
-    asked: np.ndarray,
-    bank: np.ndarray,
-    bank_texts: Sequence[str],
-    k: int,
-    decoder: Decoder,
-    encode: Encode,
-    max_prefix: int = 64,
+    editor: Editor, asked: np.ndarray, bank: np.ndarray, bank_texts: Sequence[str],
     use_cache: bool = True,
-) -> Pools:
+) -> Pools:  # fmt: skip
     """The pools of the asked (N, 768) embeddings against a bank (M, 768) of training texts,
     with the seconds each stage took."""
-    clock = [time.perf_counter()]
-
-    def lap() -> float:
-        clock.append(time.perf_counter())
-        return round(clock[-1] - clock[-2], 2)
-
-    indices, sims = nearest_k(asked, bank, k, chunk=256)  # (256, M) float32 scores at a time
-    seconds = {"search": lap()}
+    started = time.perf_counter()
+    indices, sims = nearest_k(asked, bank, editor.settings.k, chunk=256)  # (256, M) at a time
+    seconds = {"search": round(time.perf_counter() - started, 2)}
     neighbours = [[bank_texts[j] for j in row] for row in indices.tolist()]
-    embeddings = torch.from_numpy(asked.astype(np.float32))
-    edits = edit_after(
-        model, tokenizer, embeddings, neighbours, decoder, max_prefix, 100, use_cache
-    )
-    seconds["decode"] = lap()
-    edit_cos = np.stack(pool_cosines(edits, embeddings, encode))  # (N, K)
-    seconds["encode"] = lap()
-    return Pools(edits, neighbours, np.concatenate([edit_cos, sims], axis=1), seconds)
+    return editor.pools(asked, neighbours, sims, use_cache, seconds)
 
 
 def pick(pools: Pools, consensus: float = 0.0, edits: bool = True) -> np.ndarray:
@@ -168,15 +219,15 @@ def run(args: argparse.Namespace, encode: Encode | None = None) -> dict[str, Any
     """The figures of the module docstring; `encode` defaults to the installed encoder."""
     from retd.model.checkpoint import load_checkpoint
     from retd.model.embed import load_split
-    from retd.model.pointer import PointerRET
 
     torch.set_num_threads(args.threads)
     loaded = load_checkpoint(args.checkpoint)
-    model: RET = (PointerRET.of(loaded.model) if args.pointer else loaded.model).eval()
     if encode is None:
         from retd.model.encoder import SentenceEncoder
 
         encode = SentenceEncoder.load().encode
+    settings = EditSettings(args.k, args.consensus, args.decoder, args.max_prefix, args.pointer)
+    editor = Editor.of(loaded.model, loaded.tokenizer, encode, settings)
     # Every text measured, held-out and per source, searched and decoded in one pass.
     groups: dict[str, tuple[list[str], np.ndarray]] = {}
     if args.limit:
@@ -194,9 +245,8 @@ def run(args: argparse.Namespace, encode: Encode | None = None) -> dict[str, Any
     train = load_split(args.data_dir, "train")
     started = time.perf_counter()
     pools = build_pools(
-        model, loaded.tokenizer, np.concatenate([v for _, v in groups.values()]),
-        train.embeddings, train.texts, args.k, Decoder.parse(args.decoder), encode,
-        args.max_prefix, not args.no_cache,
+        editor, np.concatenate([v for _, v in groups.values()]), train.embeddings, train.texts,
+        not args.no_cache,
     )  # fmt: skip
     report: dict[str, Any] = {
         "checkpoint": str(args.checkpoint), "pointer": args.pointer, "k": args.k,

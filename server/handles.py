@@ -26,8 +26,9 @@ class Candidate:
     """One of a phrase bank's nearest phrases."""
 
     text: str
-    score: float  # cosine similarity to the query
-    index: int  # the phrase's row in the bank
+    score: float  # cosine similarity to the query (an edit's: of its re-encoding)
+    index: int  # the phrase's row in the bank (an edit's: of the phrase it edits)
+    edited: bool = False  # the bank's editor rewrote the phrase (a Decode's answer only)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,12 @@ RET's sequences (bounded queue, priorities, deadlines, cancellation, `max_wait_m
 worker answers a whole step with one search: the step's embeddings in one matrix product
 against the bank, `torch.topk` for each row's nearest phrases. A search is a request with
 `SearchParams` (no sampling, no token): it ends in the step it joins (`Scheduler.complete`),
-so every row of a step is a joiner and its request comes with the step (`Step.new`)."""
+so every row of a step is a joiner and its request comes with the step (`Step.new`).
+
+A bank with an editor (model/bank_editor.py) answers a Decode (`SearchParams.edit`) by retrieve,
+edit, verify: the step's edit rows search for their K nearest phrases together, the editor
+rewrites them all in one batch, and each row's answer is the pick among its edits and phrases
+(`retrieve_edit.Editor.answers`)."""
 
 from __future__ import annotations
 
@@ -12,10 +17,12 @@ import logging
 import numpy as np
 import torch
 
+from retd.model.bank_editor import load_editor
 from retd.model.checkpoint import parse_dtype, resolve_device
 from retd.model.decoding import FinishReason
 from retd.model.kinds import PHRASE_BANK_KIND
 from retd.model.phrase_bank import LoadedPhraseBank, load_phrase_bank
+from retd.model.retrieve_edit import Editor
 from retd.server.config import DecodeDefaults, ModelSpec
 from retd.server.engine import Engine, ModelDescription, SequenceRequest
 from retd.server.handles import Candidate, Event, SequenceResult, TokenDelta
@@ -39,7 +46,9 @@ class PhraseBankEngine(Engine):
         name: str,
         loaded: LoadedPhraseBank,
         scheduler_config: SchedulerConfig | None = None,
+        editor: Editor | None = None,
     ) -> None:
+        """`editor`: answer Decodes by retrieve, edit, verify (the bank's card names it)."""
         bank = loaded.bank
         description = ModelDescription(
             architecture=PHRASE_BANK_KIND,
@@ -57,6 +66,7 @@ class PhraseBankEngine(Engine):
         matrix = bank.embeddings
         super().__init__(name, description, matrix.device, matrix.dtype, scheduler_config)
         self.loaded = loaded
+        self.editor = editor
 
     def build_request(
         self,
@@ -67,11 +77,13 @@ class PhraseBankEngine(Engine):
         deadline: float | None,
         max_new_tokens_limit: int = 0,
     ) -> SequenceRequest:
-        """The nearest phrase, whole: max_new_tokens and the loop breakers do not apply to
-        it (the latter are checked all the same)."""
+        """The nearest phrase, whole, or with an editor the pick among the nearest phrases and
+        their edits: max_new_tokens and the loop breakers do not apply to it (they are checked
+        all the same; the edits decode with the editor's own)."""
         query = parse_query(embedding, field, self.limits(max_new_tokens_limit))
         loop_breakers(options, defaults)
-        return SequenceRequest(query, SearchParams(), deadline=deadline, priority=options.priority)
+        params = SearchParams(edit=self.editor is not None)
+        return SequenceRequest(query, params, deadline=deadline, priority=options.priority)
 
     def build_generate_request(
         self,
@@ -96,6 +108,8 @@ class PhraseBankEngine(Engine):
         queries = torch.ones(self.scheduler_config.max_batch_size, self.description.embedding_dim)
         with torch.no_grad():
             self.loaded.bank.search(queries, 1)
+        if self.editor is not None:  # the editor's and the encoder's first call, too
+            self._edit(queries[:1].numpy(), [[0] * self._edit_k()], [[1.0] * self._edit_k()])
 
     def _run_step(self, step: Step) -> tuple[dict[int, tuple[Candidate, ...]], dict[int, str]]:
         return self._search_isolating_faults(step.new)
@@ -139,18 +153,47 @@ class PhraseBankEngine(Engine):
     def _search(self, searches: tuple[Joiner, ...]) -> dict[int, tuple[Candidate, ...]]:
         bank = self.loaded.bank
         wanted = {j.seq_id: _search_params(j).candidates for j in searches}
+        edits = [i for i, j in enumerate(searches) if _search_params(j).edit]
+        most = max(max(wanted.values()), self._edit_k() if edits else 1)
         queries = torch.from_numpy(np.stack([j.request.embedding for j in searches]))
-        scores, indices = bank.search(queries, max(wanted.values()))
+        scores, indices = bank.search(queries, most)
+        score_rows, index_rows = scores.tolist(), indices.tolist()
         matches = {}
-        for search, row_scores, row_indices in zip(
-            searches, scores.tolist(), indices.tolist(), strict=True
-        ):
+        for search, row_scores, row_indices in zip(searches, score_rows, index_rows, strict=True):
             k = wanted[search.seq_id]
             matches[search.seq_id] = tuple(
                 Candidate(bank.phrases[index], score, index)
                 for score, index in zip(row_scores[:k], row_indices[:k], strict=True)
             )
+        if edits:
+            k = self._edit_k()
+            picks = self._edit(
+                queries[edits].numpy(),
+                [index_rows[i][:k] for i in edits],
+                [score_rows[i][:k] for i in edits],
+            )
+            for i, pick in zip(edits, picks, strict=True):
+                matches[searches[i].seq_id] = (pick,)
         return matches
+
+    def _edit_k(self) -> int:
+        """How many nearest phrases the editor rewrites (never more than the bank holds)."""
+        assert self.editor is not None
+        return min(self.editor.settings.k, len(self.loaded.bank))
+
+    def _edit(
+        self, asked: np.ndarray, rows: list[list[int]], scores: list[list[float]]
+    ) -> list[Candidate]:
+        """Each asked embedding's answer among its nearest phrases (`rows`, bank indices,
+        with their `scores`) and the editor's edits of them."""
+        assert self.editor is not None
+        phrases = self.loaded.bank.phrases
+        neighbours = [[phrases[i] for i in row] for row in rows]
+        answers = self.editor.answers(asked, neighbours, np.asarray(scores, dtype=np.float32))
+        return [
+            Candidate(text, score, row[which], edited=edited)
+            for (text, score, which, edited), row in zip(answers, rows, strict=True)
+        ]
 
     def _result(
         self,
@@ -189,6 +232,7 @@ def load_phrase_bank_engine(spec: ModelSpec) -> PhraseBankEngine:
     settings = spec.settings
     device = resolve_device(settings.device)
     loaded = load_phrase_bank(spec.checkpoint, device=device, dtype=parse_dtype(settings.dtype))
+    editor = load_editor(loaded.path, loaded.card, device)
     bank = loaded.bank
     log.info(
         "model %s loaded: phrase bank %s, %d phrases x %d, %s on %s, sha256 %s",
@@ -200,4 +244,14 @@ def load_phrase_bank_engine(spec: ModelSpec) -> PhraseBankEngine:
         device,
         loaded.sha256[:12],
     )
-    return PhraseBankEngine(spec.name, loaded, settings.scheduler)
+    if editor is not None:
+        edits = editor.settings
+        log.info(
+            "model %s edits its answers: %s of the %d nearest phrases (%s), consensus %g",
+            spec.name,
+            "PointerRET" if edits.pointer else "RET",
+            edits.k,
+            edits.decoder,
+            edits.consensus,
+        )
+    return PhraseBankEngine(spec.name, loaded, settings.scheduler, editor)

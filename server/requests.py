@@ -18,6 +18,9 @@ class SearchParams:
 
     candidates: int = 1  # how many nearest phrases to return
     seed: int = 0  # echoed in the response, nothing more: a search is exact
+    # Decode on a bank with an editor (model/bank_editor.py): the answer is the pick of its
+    # nearest phrases and the editor's edits of them (the one candidate returned).
+    edit: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.candidates, bool) or not isinstance(self.candidates, int):

@@ -140,11 +140,18 @@ def decode_response(
         timing=timing([*earlier, result], received_at),
         model=served.name,
         version=served.version,
-        source=pb.ANSWER_SOURCE_PHRASE_BANK if from_bank else pb.ANSWER_SOURCE_GENERATED,
+        source=answer_source(result, from_bank),
     )
     if similarity is not None:
         response.similarity = similarity
     return response
+
+
+def answer_source(result: SequenceResult, from_bank: bool) -> pb.AnswerSource:
+    """What produced a Decode's text: a model, a bank's phrase, or its editor's edit of one."""
+    if not from_bank:
+        return pb.ANSWER_SOURCE_GENERATED
+    return pb.ANSWER_SOURCE_EDITED if result.candidates[0].edited else pb.ANSWER_SOURCE_PHRASE_BANK
 
 
 def item_error(error: ServeError) -> pb.ItemError:

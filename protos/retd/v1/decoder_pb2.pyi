@@ -20,6 +20,7 @@ class AnswerSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ANSWER_SOURCE_UNSPECIFIED: _ClassVar[AnswerSource]
     ANSWER_SOURCE_GENERATED: _ClassVar[AnswerSource]
     ANSWER_SOURCE_PHRASE_BANK: _ClassVar[AnswerSource]
+    ANSWER_SOURCE_EDITED: _ClassVar[AnswerSource]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_EOS: FinishReason
@@ -27,6 +28,7 @@ FINISH_REASON_STOP: FinishReason
 ANSWER_SOURCE_UNSPECIFIED: AnswerSource
 ANSWER_SOURCE_GENERATED: AnswerSource
 ANSWER_SOURCE_PHRASE_BANK: AnswerSource
+ANSWER_SOURCE_EDITED: AnswerSource
 
 class FloatVector(_message.Message):
     __slots__ = ("values",)

@@ -32,7 +32,11 @@ class DecoderStub:
     Every request may name a `model`; empty means the server's default model. A phrase bank
     answers every RPC: its text is a whole phrase (finish_reason EOS, no bytes generated), it
     ignores max_new_tokens and the sampling fields (validated as for RET all the same, so one
-    request suits either kind), and Generate's top_k is how many candidates it returns.
+    request suits either kind), and Generate's top_k is how many candidates it returns. A bank
+    with an editor (`retd add-editor`) answers Decode by retrieve, edit, verify instead: its
+    editor model rewrites each of the bank's K nearest phrases and the sentence encoder picks
+    the edit or phrase nearest the embedding (source ANSWER_SOURCE_EDITED when an edit won);
+    its Generate and a hybrid Decode's first look stay the plain search.
     Errors come back as gRPC statuses whose message names the offending field:
     INVALID_ARGUMENT (bad input), NOT_FOUND (unknown model), RESOURCE_EXHAUSTED
     (queue full or message too large), DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE
@@ -90,7 +94,11 @@ class DecoderServicer:
     Every request may name a `model`; empty means the server's default model. A phrase bank
     answers every RPC: its text is a whole phrase (finish_reason EOS, no bytes generated), it
     ignores max_new_tokens and the sampling fields (validated as for RET all the same, so one
-    request suits either kind), and Generate's top_k is how many candidates it returns.
+    request suits either kind), and Generate's top_k is how many candidates it returns. A bank
+    with an editor (`retd add-editor`) answers Decode by retrieve, edit, verify instead: its
+    editor model rewrites each of the bank's K nearest phrases and the sentence encoder picks
+    the edit or phrase nearest the embedding (source ANSWER_SOURCE_EDITED when an edit won);
+    its Generate and a hybrid Decode's first look stay the plain search.
     Errors come back as gRPC statuses whose message names the offending field:
     INVALID_ARGUMENT (bad input), NOT_FOUND (unknown model), RESOURCE_EXHAUSTED
     (queue full or message too large), DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE
@@ -203,7 +211,11 @@ class Decoder:
     Every request may name a `model`; empty means the server's default model. A phrase bank
     answers every RPC: its text is a whole phrase (finish_reason EOS, no bytes generated), it
     ignores max_new_tokens and the sampling fields (validated as for RET all the same, so one
-    request suits either kind), and Generate's top_k is how many candidates it returns.
+    request suits either kind), and Generate's top_k is how many candidates it returns. A bank
+    with an editor (`retd add-editor`) answers Decode by retrieve, edit, verify instead: its
+    editor model rewrites each of the bank's K nearest phrases and the sentence encoder picks
+    the edit or phrase nearest the embedding (source ANSWER_SOURCE_EDITED when an edit won);
+    its Generate and a hybrid Decode's first look stay the plain search.
     Errors come back as gRPC statuses whose message names the offending field:
     INVALID_ARGUMENT (bad input), NOT_FOUND (unknown model), RESOURCE_EXHAUSTED
     (queue full or message too large), DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE
