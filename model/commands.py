@@ -89,6 +89,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.server:
+        return _eval_served(args)
     from retd.model.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(
@@ -103,6 +105,18 @@ def _eval(args: argparse.Namespace) -> int:
         head=args.head,
     )
     print(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _eval_served(args: argparse.Namespace) -> int:
+    from retd.client import Client
+    from retd.model.served_eval import evaluate_served, markdown
+
+    with Client(args.server, timeout=3600) as client:
+        report = evaluate_served(
+            client, str(args.checkpoint), args.data_dir, args.limit, args.per_source
+        )
+    print(markdown(report) if args.markdown else json.dumps(report, indent=2, ensure_ascii=False))
     return 0
 
 
@@ -308,7 +322,18 @@ def add_commands(
         description="chrF, BLEU, exact match and re-encoded cosine (greedy and beam search), "
         "byte accuracy, and the nearest-neighbour retrieval baseline, on held-out texts.",
     )
-    evaluate.add_argument("checkpoint", type=Path, help="checkpoint directory")
+    evaluate.add_argument(
+        "checkpoint", type=Path, help="checkpoint directory (with --server: a served model's name)"
+    )
+    evaluate.add_argument(
+        "--server",
+        metavar="ADDRESS",
+        help="score what a running retd server's Decode answers for the model named instead "
+        "(every field unset), beside retrieval: --limit and --per-source choose the texts",
+    )
+    evaluate.add_argument(
+        "--markdown", action="store_true", help="with --server: print a table, not JSON"
+    )
     evaluate.add_argument(
         "--limit", type=int, default=500, help="held-out texts to score (evenly spaced)"
     )

@@ -15,7 +15,9 @@ as `retd eval`) get their nearest training text the same way. Every `--eval-ever
 held-out loss per byte of text and the greedy decode `Decode` makes by default (`--decoder`,
 parsed as in `retd.model.decoding_eval`), scored by chrF and BLEU beside retrieval (the
 neighbour itself) and, at the end, the re-encoded cosine and chrF by neighbour similarity.
-Writes OUT/log.jsonl, OUT/report.json and OUT/state.pt (resumable: the same command goes on).
+Writes OUT/log.jsonl, OUT/report.json and OUT/state.pt (resumable: the same command goes on),
+and at the end OUT/checkpoint: the trained weights as a RET checkpoint whose card says how it
+was trained and decodes (what `retd add-editor BANK OUT/checkpoint` gives a phrase bank).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import hashlib
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from retd.model.batches import IGNORE, encode_texts, make_batch, text_bytes
-from retd.model.checkpoint import load_checkpoint
+from retd.model.checkpoint import load_checkpoint, save_checkpoint
 from retd.model.decoding_eval import Decoder
 from retd.model.embed import load_split
 from retd.model.evaluate import heldout_rows, nearest, text_scores
@@ -89,6 +92,7 @@ class Experiment:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         loaded = load_checkpoint(args.init)
+        self.init = loaded
         self.model: RET = PointerRET.of(loaded.model) if args.pointer else loaded.model
         self.tokenizer = loaded.tokenizer
         self.eos = self.model.config.eos_id
@@ -280,7 +284,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     final = record(final=True)
     save()
     (args.out / "report.json").write_text(json.dumps(final, indent=2) + "\n")
+    write_checkpoint(exp, step, minutes(), final)
     return final
+
+
+def write_checkpoint(exp: Experiment, step: int, minutes: float, final: dict[str, Any]) -> Path:
+    """OUT/checkpoint: the trained weights, with the init's card (tokenizer, encoder, decode
+    defaults) and what this run did."""
+    args, init = exp.args, exp.init
+    keep = ("encoder", "decode_defaults")
+    card = {k: v for k, v in init.card.items() if k in keep}
+    card["trained"] = True
+    card["version"] = f"{init.version}-{'pointer' if args.pointer else 'prefix'}.{step}"
+    card["training"] = {
+        "command": "python -m retd.model.neighbour_prefix " + " ".join(args.argv),
+        "init_from": str(args.init),
+        "decodes": "after a neighbour: retd add-editor BANK THIS"
+        + ("" if args.pointer else " --no-pointer"),
+        "datastore": f"{len(exp.train_texts):,} embedded training texts ({args.data_dir})",
+        "steps": step, "minutes": round(minutes, 2), "learning_rate": args.lr,
+        "batch_size": args.batch, "max_prefix": args.max_prefix, "seed": args.seed,
+        "threads": args.threads,
+        "heldout": {k: v for k, v in final.items() if k != "examples"},
+    }  # fmt: skip
+    return save_checkpoint(
+        exp.model, args.out / "checkpoint", architecture=init.architecture, card=card,
+        tokenizer=exp.tokenizer,
+    )  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -304,6 +334,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--pointer", action="store_true", help="copy from the prefix (PointerRET)")
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the card's "command"
     if not 0 <= args.neighbour_drop <= 1:
         ap.error(f"--neighbour-drop must be in [0, 1], got {args.neighbour_drop}")
     return args

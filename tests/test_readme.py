@@ -136,3 +136,32 @@ def test_make_serve_installs_what_the_examples_after_it_call() -> None:
     ).stdout
     assert "pip install" in dry_run and "-e '.[server,tools]'" in dry_run
     assert "grpcurl" in (REPO / "README.md").read_text().split("## Calling the daemon")[0]
+
+
+def test_make_serve_serves_the_edit_bank_once_make_train_has_built_it(tmp_path: Path) -> None:
+    """Without EDIT_BANK, the shipped checkpoint alone; with it, the bank as the default model
+    beside the shipped checkpoint (and the encoder installed first); CHECKPOINT= overrides."""
+
+    def serve_command(*variables: str) -> str:
+        dry_run = subprocess.run(
+            ["make", "-n", "serve", *variables], cwd=REPO, capture_output=True, text=True,
+            check=True,
+        ).stdout  # fmt: skip
+        return " ".join(dry_run.replace("\\\n", " ").split("retd serve")[-1].split())
+
+    bank = tmp_path / "bank"
+    assert serve_command(f"EDIT_BANK={bank}") == ""  # nothing built: the shipped checkpoint
+    bank.mkdir()
+    (bank / "card.json").write_text("{}")
+    assert serve_command(f"EDIT_BANK={bank}") == (
+        f"--model edit={bank} --model ret_v21=model/checkpoints/ret_v21_bpe1792 "
+        "--default-model edit"
+    )
+    assert serve_command(f"EDIT_BANK={bank}", "CHECKPOINT=c") == "--checkpoint c"
+    for variables, encoder in (([f"EDIT_BANK={bank}"], True), (["EDIT_BANK=none"], False)):
+        dry_run = subprocess.run(
+            ["make", "-n", "-B", "serve", *variables], cwd=REPO, capture_output=True, text=True,
+            check=True,
+        ).stdout  # fmt: skip
+        # the editor re-encodes its edits: the encoder is installed first
+        assert ("-e '.[encoder,tools]'" in dry_run) is encoder, dry_run

@@ -133,6 +133,14 @@ def test_a_short_run_measures_against_retrieval_and_resumes(tmp_path: Path) -> N
     log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     assert again["step"] == 7 and log[-1] == again
     assert all(rec["step"] > 0 for rec in log[log.index(report) + 1 :])  # no fresh start
+    # the trained weights as a checkpoint that loads, with how it was made on its card
+    saved = load_checkpoint(tmp_path / "run/checkpoint")
+    state = torch.load(tmp_path / "run/state.pt")["model"]
+    assert all(torch.equal(saved.model.state_dict()[k], v) for k, v in state.items())
+    training = saved.card["training"]
+    assert saved.trained and training["steps"] == 7 and training["init_from"] == str(init)
+    assert training["command"].endswith("--max-steps 7") and saved.version.endswith("prefix.7")
+    assert training["heldout"]["chrf"] == again["chrf"]
     with pytest.raises(SystemExit):
         parse_args([*argv, "--neighbour-drop", "1.5"])
     # neighbours searched over other embeddings (the split grew since) are refused, not misread

@@ -103,6 +103,9 @@ def test_generate_and_a_hybrid_first_look_stay_the_plain_search(
         first_look = client.decode(ASKED[0], model=RET, hybrid=Hybrid(EDITED, -1.0))
     assert (first_look.text, first_look.source) == (plain[0], AnswerSource.PHRASE_BANK)
     assert first_look.similarity == pytest.approx(float(scores[0, 0]), abs=1e-4)
+    with Client(served.address, timeout=60) as client:
+        info = client.model_info(EDITED)
+    assert info.kind == "phrase_bank" and info.card["editor"]["k"] == K  # the card says so
 
 
 def test_a_bad_field_is_refused_by_name_and_the_bank_keeps_answering(

@@ -1,0 +1,121 @@
+"""What a running server's Decode answers, scored: `retd eval MODEL --server ADDRESS`.
+
+The held-out texts `retd eval` scores (`--limit` evenly spaced, and with `--per-source N` the
+first N of each source of the held-out and ood splits) are sent to the served MODEL as
+DecodeBatch calls with every decoding field unset: what a caller who sets nothing gets, whatever
+the model is (a RET checkpoint with its card's loop breakers, a phrase bank, a bank with an
+editor). Each group is scored by chrF, BLEU and the re-encoded cosine beside the retrieval
+baseline (the nearest training text), with which kind of answer came back (generated, phrase,
+edit) and the calls' seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retd.model.encoder import cosine_rows
+from retd.model.evaluate import heldout_rows, retrieval_baseline, source_rows, text_scores
+
+Encode = Callable[[list[str]], np.ndarray]
+
+
+def served_answers(
+    client: Any, model: str, embeddings: np.ndarray, batch: int = 32
+) -> tuple[list[str], Counter[str]]:
+    """The served model's Decode of every row (`batch` rows a call) and how many answers
+    each source (generated, phrase_bank, edited) gave. A failed item raises its error."""
+    texts: list[str] = []
+    sources: Counter[str] = Counter()
+    for start in range(0, len(embeddings), batch):
+        for item in client.decode_batch(embeddings[start : start + batch], model=model):
+            result = item.unwrap()
+            texts.append(result.text)
+            sources[str(result.source)] += 1
+    return texts, sources
+
+
+def scores(
+    answers: list[str], refs: list[str], embeddings: np.ndarray, encode: Encode
+) -> dict[str, Any]:
+    """chrF and BLEU against `refs`, and the answers' re-encoded cosine to `embeddings`."""
+    figures: dict[str, Any] = {k: round(v, 2) for k, v in text_scores(answers, refs).items()}
+    cosine = cosine_rows(encode(answers), embeddings.astype(np.float32))
+    figures["cosine"] = round(float(cosine.mean()), 4)
+    return figures
+
+
+def evaluate_served(
+    client: Any,
+    model: str,
+    data_dir: Path,
+    limit: int = 500,
+    per_source: int = 0,
+    encode: Encode | None = None,
+) -> dict[str, Any]:
+    """The module docstring's figures: report["heldout"] and report["per_source"][group],
+    each {"decode": ..., "retrieval": ..., "texts": n}."""
+    from retd.model.embed import load_split
+
+    if encode is None:
+        from retd.model.encoder import SentenceEncoder
+
+        encode = SentenceEncoder.load().encode
+    groups: dict[str, tuple[list[str], np.ndarray]] = {}
+    held = load_split(data_dir, "heldout")
+    if limit:
+        rows = heldout_rows(len(held.texts), limit)
+        groups["heldout"] = ([held.texts[i] for i in rows], held.embeddings[rows])
+    for split in ("heldout", "ood") if per_source else ():
+        if not (data_dir / "corpus" / f"{split}.txt").exists():
+            continue
+        part = held if split == "heldout" else load_split(data_dir, split)
+        for source, chosen in source_rows(data_dir, split, part.texts, per_source).items():
+            groups[f"{split}/{source}"] = ([part.texts[i] for i in chosen], part.embeddings[chosen])
+    train = load_split(data_dir, "train")
+    report: dict[str, Any] = {"model": model, "bank_texts": len(train.texts)}
+    for name, (refs, embeddings) in groups.items():
+        started = time.perf_counter()
+        answers, sources = served_answers(client, model, embeddings)
+        entry = {
+            "texts": len(refs),
+            "decode": scores(answers, refs, embeddings, encode),
+            "sources": dict(sources),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        if train.texts:
+            retrieved, _ = retrieval_baseline(embeddings, train.embeddings, train.texts)
+            entry["retrieval"] = scores(retrieved, refs, embeddings, encode)
+        pairs = zip(refs[:4], answers[:4], strict=True)
+        entry["examples"] = [{"reference": r, "decode": a} for r, a in pairs]
+        if name == "heldout":
+            report["heldout"] = entry
+        else:
+            report.setdefault("per_source", {})[name] = entry
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """One row a group: Decode's and retrieval's chrF / cosine, and who answered."""
+    lines = [
+        f"| {report['model']} | texts | Decode chrF | BLEU | cosine | retrieval chrF | BLEU | "
+        "cosine | answered by |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    groups = {"heldout": report.get("heldout"), **report.get("per_source", {})}
+    for name, entry in groups.items():
+        if entry is None:
+            continue
+        d, r = entry["decode"], entry.get("retrieval", {})
+        by = ", ".join(f"{k} {v}" for k, v in sorted(entry["sources"].items()))
+        cells: Sequence[Any] = (
+            name, entry["texts"], d["chrf"], d["bleu"], d["cosine"],
+            r.get("chrf", "-"), r.get("bleu", "-"), r.get("cosine", "-"), by,
+        )  # fmt: skip
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
