@@ -219,20 +219,25 @@ def nearest_k(
     exclude_self: bool = False,
     dtype: torch.dtype = torch.float32,
     chunk: int = 1024,
+    own: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`nearest`'s search, keeping each query row's `k` nearest bank rows, nearest first:
-    (N, k) int64 indices and (N, k) float32 similarities."""
+    (N, k) int64 indices and (N, k) float32 similarities. `own`: each query's own row in the
+    bank, never its neighbour (`exclude_self` is own = every row)."""
     if exclude_self and len(query) != len(bank):
         raise ValueError(f"exclude_self needs the bank as the query: {len(query)} != {len(bank)}")
+    if exclude_self:
+        own = np.arange(len(query))
     bank_t = F.normalize(torch.from_numpy(bank.astype(np.float32)), dim=1).to(dtype)
     indices: list[np.ndarray] = []
     sims: list[np.ndarray] = []
     for start in range(0, len(query), chunk):
         q = F.normalize(torch.from_numpy(query[start : start + chunk].astype(np.float32)), dim=1)
         scores = (q.to(dtype) @ bank_t.T).float()  # (chunk, M)
-        if exclude_self:
-            own = torch.arange(len(q))
-            scores[own, own + start] = -float("inf")
+        if own is not None:
+            scores[torch.arange(len(q)), torch.from_numpy(own[start : start + chunk])] = -float(
+                "inf"
+            )
         best = scores.topk(min(k, scores.shape[1]), dim=1)
         indices.append(best.indices.numpy())
         sims.append(best.values.numpy())

@@ -2,12 +2,14 @@
 
     python -m retd.model.neighbour_prefix OUT [--init CHECKPOINT] [--data-dir build/data]
         [--minutes 50] [--max-steps N] [--neighbour-drop P] [--pointer] [--threads 1] [--seed 5]
-        [--eval-only]
+        [--eval-only] [--neighbours 1] [--queries 0]
 
 A sequence is the nearest other embedded training text (cosine of the all-mpnet-base-v2
-embeddings; bfloat16 products), cut to `--max-prefix` tokens, then EOS as a separator, then
-the text: the loss is on the text and its EOS only, and every position is conditioned on the
-text's embedding (RET's forward unchanged, so no parameter is added). `--neighbour-drop P`
+embeddings; bfloat16 products; with `--neighbours K`, one of its K nearest, drawn afresh each
+time; `--queries N` trains on N of the texts, drawn with the seed, so only N are searched),
+cut to `--max-prefix` tokens, then EOS as a separator, then the text: the loss is on the text
+and its EOS only, and every position is conditioned on the text's embedding (RET's forward
+unchanged, so no parameter is added). `--neighbour-drop P`
 leaves a row's neighbour out with probability P (P = 1: the control, the same fine-tuning with
 an empty prefix, evaluated with none). `--pointer` trains and decodes `PointerRET`, which can
 also copy the neighbour's tokens (the same parameters). The held-out texts (500 evenly spaced,
@@ -40,7 +42,7 @@ from retd.model.batches import IGNORE, encode_texts, make_batch, text_bytes
 from retd.model.checkpoint import load_checkpoint, save_checkpoint
 from retd.model.decoding_eval import Decoder
 from retd.model.embed import load_split
-from retd.model.evaluate import heldout_rows, nearest, text_scores
+from retd.model.evaluate import heldout_rows, nearest, nearest_k, text_scores
 from retd.model.generation import generate
 from retd.model.loss import sequence_loss
 from retd.model.model import RET
@@ -117,12 +119,16 @@ class Experiment:
         whose splits have changed since (e.g. more shards embedded) is refused, not misread."""
         path = self.args.out / "neighbours.npz"
         digest = np.array(embeddings_digest(train, held))
+        queries = self.query_rows(len(train))
         if not path.exists():
-            kw: dict[str, Any] = {"dtype": torch.bfloat16, "chunk": 2048}
-            train_idx, train_sim = nearest(train, train, exclude_self=True, **kw)
+            kw: dict[str, Any] = {"dtype": torch.bfloat16, "chunk": 512}
+            train_idx, train_sim = nearest_k(
+                train[queries], train, self.args.neighbours, own=queries, **kw
+            )
             held_idx, held_sim = nearest(held, train, **kw)
             np.savez(
                 path,
+                train_rows=queries,
                 train_idx=train_idx,
                 train_sim=train_sim,
                 heldout_idx=held_idx,
@@ -131,14 +137,30 @@ class Experiment:
             )
         with np.load(path) as z:
             found = {k: z[k] for k in z.files}
-        counts = (len(found["train_idx"]), len(found["heldout_idx"]))
-        if counts != (len(train), len(held)) or found.get("digest", digest) != digest:
+        if found["train_idx"].ndim == 1:  # written before --neighbours: every text, its nearest
+            found["train_idx"] = found["train_idx"][:, None]
+            found.setdefault("train_rows", np.arange(len(found["train_idx"])))
+        shape = (len(found["heldout_idx"]), *found["train_idx"].shape)
+        if (
+            shape != (len(held), len(queries), self.args.neighbours)
+            or not np.array_equal(found["train_rows"], queries)
+            or found.get("digest", digest) != digest
+        ):
             raise ValueError(
-                f"{path} holds the neighbours of {counts[0]} training and {counts[1]} held-out "
-                f"texts, not of the {len(train)} and {len(held)} embedded in "
-                f"{self.args.data_dir} now: remove it to search again, or use another OUT"
+                f"{path} holds {shape[2]} neighbours of {shape[1]} training and {shape[0]} "
+                f"held-out texts, not {self.args.neighbours} of the {len(queries)} training "
+                f"(--queries) and {len(held)} held-out texts embedded in {self.args.data_dir} "
+                "now: remove it to search again, or use another OUT"
             )
         return found
+
+    def query_rows(self, n: int) -> np.ndarray:
+        """The training texts trained on (all, or `--queries` of them drawn with the seed);
+        every training text is a neighbour all the same."""
+        if not 0 < self.args.queries < n:
+            return np.arange(n)
+        drawn = np.random.default_rng(self.args.seed).permutation(n)[: self.args.queries]
+        return np.sort(drawn)
 
     def prefix(self, neighbour: int) -> np.ndarray:
         if self.args.neighbour_drop >= 1:
@@ -254,18 +276,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.eval_only:
             return first
     generator = torch.Generator().manual_seed(args.seed + step)
-    nbs_of = exp.neighbours["train_idx"]
+    rows_of, nbs_of = exp.neighbours["train_rows"], exp.neighbours["train_idx"]  # (Q,), (Q, K)
     model.train()
     finished = lambda: minutes() >= args.minutes or step >= args.max_steps  # noqa: E731
     while not finished():
-        pool = torch.randint(len(exp.encoded), (args.batch * POOL,), generator=generator).numpy()
-        size = exp.lengths[pool] + exp.lengths[nbs_of[pool]].clip(max=args.max_prefix)
-        pool = pool[np.argsort(size, kind="stable")]
+        drawn = torch.randint(len(rows_of), (args.batch * POOL,), generator=generator).numpy()
+        rank = torch.randint(nbs_of.shape[1], (len(drawn),), generator=generator).numpy()
+        pool, pool_nbs = rows_of[drawn], nbs_of[drawn, rank]  # a row and one of its K nearest
+        size = exp.lengths[pool] + exp.lengths[pool_nbs].clip(max=args.max_prefix)
+        order = np.argsort(size, kind="stable")
+        pool, pool_nbs = pool[order], pool_nbs[order]
         for b in torch.randperm(POOL, generator=generator).tolist():
             if finished():
                 break
             rows = pool[b * args.batch : (b + 1) * args.batch]
-            prefixes = [exp.prefix(j) for j in nbs_of[rows]]
+            prefixes = [exp.prefix(j) for j in pool_nbs[b * args.batch : (b + 1) * args.batch]]
             if 0 < args.neighbour_drop < 1:
                 keep = torch.rand(len(rows), generator=generator).numpy() >= args.neighbour_drop
                 prefixes = [p if k else p[:0] for p, k in zip(prefixes, keep, strict=True)]
@@ -304,6 +329,7 @@ def write_checkpoint(exp: Experiment, step: int, minutes: float, final: dict[str
         "datastore": f"{len(exp.train_texts):,} embedded training texts ({args.data_dir})",
         "steps": step, "minutes": round(minutes, 2), "learning_rate": args.lr,
         "batch_size": args.batch, "max_prefix": args.max_prefix, "seed": args.seed,
+        "neighbours": args.neighbours, "queries": len(exp.neighbours["train_rows"]),
         "threads": args.threads,
         "heldout": {k: v for k, v in final.items() if k != "examples"},
     }  # fmt: skip
@@ -333,8 +359,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--pointer", action="store_true", help="copy from the prefix (PointerRET)")
+    ap.add_argument(
+        "--neighbours", type=int, default=1, help="train after one of each text's K nearest (1)"
+    )
+    ap.add_argument(
+        "--queries", type=int, default=0, help="train on this many of the texts (0: all)"
+    )
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the card's "command"
+    if args.neighbours < 1 or args.queries < 0:
+        ap.error(f"--neighbours must be >= 1 and --queries >= 0: {args.neighbours}, {args.queries}")
     if not 0 <= args.neighbour_drop <= 1:
         ap.error(f"--neighbour-drop must be in [0, 1], got {args.neighbour_drop}")
     return args
