@@ -223,6 +223,7 @@ def _add_editor(args: argparse.Namespace) -> int:
     try:
         given = {"k": args.k, "consensus": args.consensus, "decoder": args.decoder}
         given |= {"max_prefix": args.max_prefix, "pointer": False if args.no_pointer else None}
+        given["encoder"] = args.encoder_precision
         settings = EditSettings(**{k: v for k, v in given.items() if v is not None})
         entry = add_editor(args.bank, args.checkpoint, settings)
     except (CheckpointError, ValueError) as exc:
@@ -433,5 +434,12 @@ def add_commands(
     editor.add_argument("--max-prefix", type=int, help="tokens of a phrase the model reads")
     editor.add_argument(
         "--no-pointer", action="store_true", help="decode as plain RET (no copying)"
+    )
+    from retd.model.encoder import PRECISIONS  # numpy only, as the client
+
+    editor.add_argument(
+        "--encoder-precision",
+        choices=PRECISIONS,
+        help="the re-encoding's precision (fast: bfloat16 for longer texts, `retd embed`'s)",
     )
     editor.set_defaults(run=_add_editor)

@@ -34,6 +34,7 @@ import torch
 
 from retd.model.batches import encode_texts
 from retd.model.decoding_eval import Decoder, consensus_scores, pool_cosines
+from retd.model.encoder import PRECISIONS
 from retd.model.evaluate import heldout_rows, nearest_k, source_rows, text_scores
 from retd.model.generation import generate
 from retd.model.model import RET
@@ -102,8 +103,11 @@ class EditSettings:
     decoder: str = "rp=1.5,rpn=2,eos=-3"  # decoding_eval.Decoder's spec
     max_prefix: int = 64  # tokens of a neighbour the model reads
     pointer: bool = True  # decode as PointerRET (it can copy from the neighbour)
+    encoder: str = "float32"  # the re-encoding's precision: SentenceEncoder's, e.g. "fast"
 
     def __post_init__(self) -> None:
+        if self.encoder not in PRECISIONS:
+            raise ValueError(f"editor: encoder must be one of {PRECISIONS}, got {self.encoder!r}")
         if self.k < 1 or self.max_prefix < 1 or not self.consensus >= 0:
             raise ValueError(
                 f"editor: k and max_prefix must be at least 1 and consensus >= 0, got k "

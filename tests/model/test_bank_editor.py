@@ -49,8 +49,14 @@ def test_an_editor_is_copied_in_and_its_settings_recorded(
     assert editor is not None and editor.settings == EditSettings(3, 0.005, "rp=1.2,max=9")
     assert load_editor(bank, before.card, after.bank.embeddings.device, encode) is None
     # a second add-editor replaces the first
-    assert main(["add-editor", str(bank), str(POINTER), "--no-pointer"]) == 0
-    assert load_phrase_bank(bank).card["editor"]["pointer"] is False
+    assert (
+        main(["add-editor", str(bank), str(POINTER), "--no-pointer", "--encoder-precision", "fast"])
+        == 0
+    )
+    entry = load_phrase_bank(bank).card["editor"]
+    assert entry["pointer"] is False and entry["encoder"] == "fast"
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        EditSettings(encoder="int4")
 
 
 @pytest.mark.parametrize(
@@ -59,6 +65,7 @@ def test_an_editor_is_copied_in_and_its_settings_recorded(
         (["--k", "0"], "k and max_prefix must be at least 1"),
         (["--consensus", "-1"], "consensus >= 0"),
         (["--decoder", "rp"], "decoder 'rp': expected key=value"),
+        (["--encoder-precision", "fast", "--max-prefix", "0"], "k and max_prefix"),
     ],
 )
 def test_add_editor_refuses_bad_settings(
