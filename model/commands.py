@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +89,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    if args.server:
-        return _eval_served(args)
+    if args.server:  # a client of a server: the server package's (retd.server.bench)
+        return int(args.eval_served(args))
     from retd.model.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(
@@ -105,18 +105,6 @@ def _eval(args: argparse.Namespace) -> int:
         head=args.head,
     )
     print(json.dumps(report, indent=2, ensure_ascii=False))
-    return 0
-
-
-def _eval_served(args: argparse.Namespace) -> int:
-    from retd.client import Client
-    from retd.model.served_eval import evaluate_served, markdown
-
-    with Client(args.server, timeout=3600) as client:
-        report = evaluate_served(
-            client, str(args.checkpoint), args.data_dir, args.limit, args.per_source
-        )
-    print(markdown(report) if args.markdown else json.dumps(report, indent=2, ensure_ascii=False))
     return 0
 
 
@@ -236,9 +224,11 @@ def _add_editor(args: argparse.Namespace) -> int:
 def add_commands(
     commands: argparse._SubParsersAction,  # type: ignore[type-arg]
     helps: Mapping[str, str],
+    eval_served: Callable[[argparse.Namespace], int] | None = None,
 ) -> None:
     """Add the training commands; `helps`: each command's one-line help (the CLI's one table
-    of commands, `retd.client.cli.SERVER_COMMANDS`)."""
+    of commands, `retd.client.cli.SERVER_COMMANDS`); `eval_served` runs `retd eval --server`
+    (a client of a running server, which this package does not import)."""
     data = argparse.ArgumentParser(add_help=False)
     data.add_argument(
         "--data-dir",
@@ -366,7 +356,7 @@ def add_commands(
     )
     evaluate.add_argument("--no-encoder", action="store_true", help="skip the re-encoded cosine")
     evaluate.add_argument("--no-write", action="store_true", help="leave the card unchanged")
-    evaluate.set_defaults(run=_eval)
+    evaluate.set_defaults(run=_eval, eval_served=eval_served)
     promote = commands.add_parser(
         "promote",
         parents=[data],

@@ -22,6 +22,13 @@ from retd.server.config import ConfigError, add_arguments, load_config
 log = logging.getLogger("retd.server")
 
 
+def _eval_served(args: argparse.Namespace) -> int:
+    """`retd eval MODEL --server ADDRESS`: imported when run (it needs torch and the encoder)."""
+    from retd.server.bench.served_eval import main
+
+    return main(args)
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args)
@@ -91,7 +98,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         bench.description = bench_module.__doc__
         bench_module.add_arguments(bench)
         bench.set_defaults(run=bench_module.main)
-    add_training_commands(commands, SERVER_COMMANDS)
+    add_training_commands(commands, SERVER_COMMANDS, _eval_served)
     return parser
 
 

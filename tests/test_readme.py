@@ -142,10 +142,13 @@ def test_make_serve_serves_the_edit_bank_once_make_train_has_built_it(tmp_path: 
     """Without EDIT_BANK, the shipped checkpoint alone; with it, the bank as the default model
     beside the shipped checkpoint (and the encoder installed first); CHECKPOINT= overrides."""
 
+    # as a user's make runs it, not as a sub-make of `make test` (no "Entering directory")
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+
     def serve_command(*variables: str) -> str:
         dry_run = subprocess.run(
             ["make", "-n", "serve", *variables], cwd=REPO, capture_output=True, text=True,
-            check=True,
+            check=True, env=env,
         ).stdout  # fmt: skip
         return " ".join(dry_run.replace("\\\n", " ").split("retd serve")[-1].split())
 
@@ -161,7 +164,7 @@ def test_make_serve_serves_the_edit_bank_once_make_train_has_built_it(tmp_path: 
     for variables, encoder in (([f"EDIT_BANK={bank}"], True), (["EDIT_BANK=none"], False)):
         dry_run = subprocess.run(
             ["make", "-n", "-B", "serve", *variables], cwd=REPO, capture_output=True, text=True,
-            check=True,
+            check=True, env=env,
         ).stdout  # fmt: skip
         # the editor re-encodes its edits: the encoder is installed first
         assert ("-e '.[encoder,tools]'" in dry_run) is encoder, dry_run

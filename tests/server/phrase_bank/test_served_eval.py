@@ -10,7 +10,7 @@ import pytest
 
 from retd.client import Client
 from retd.client.cli import main
-from retd.model.served_eval import evaluate_served, markdown
+from retd.server.bench.served_eval import evaluate_served, markdown
 from tests.conftest import RunningServer
 from tests.server.phrase_bank.conftest import BANK, FIXTURE, RET
 

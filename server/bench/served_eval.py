@@ -11,6 +11,8 @@ edit) and the calls' seconds.
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -98,6 +100,18 @@ def evaluate_served(
         else:
             report.setdefault("per_source", {})[name] = entry
     return report
+
+
+def main(args: argparse.Namespace) -> int:
+    """`retd eval MODEL --server ADDRESS [--limit N] [--per-source N] [--markdown]`."""
+    from retd.client import Client
+
+    with Client(args.server, timeout=3600) as client:
+        report = evaluate_served(
+            client, str(args.checkpoint), args.data_dir, args.limit, args.per_source
+        )
+    print(markdown(report) if args.markdown else json.dumps(report, indent=2, ensure_ascii=False))
+    return 0
 
 
 def markdown(report: dict[str, Any]) -> str:
