@@ -16,7 +16,8 @@ and BLEU against the reference are what the pick does not see. Figures on `--lim
 texts evenly spaced (as `retd eval`) and, with `--per-source N`, on the first N of every source
 of the held-out and ood splits, each beside retrieval from the same training texts. The
 report times the search, the decoding (`--no-cache`: generate's uncached reference path, for
-comparison) and the encoding.
+comparison) and the encoding. `Editor` is that decoder as one object (`EditSettings` its
+settings); a phrase bank with an editor serves it (model/bank_editor.py, `retd add-editor`).
 """
 
 from __future__ import annotations
