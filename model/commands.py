@@ -209,9 +209,11 @@ def _add_editor(args: argparse.Namespace) -> int:
     from retd.model.retrieve_edit import EditSettings
 
     try:
-        given = {"k": args.k, "consensus": args.consensus, "decoder": args.decoder}
-        given |= {"max_prefix": args.max_prefix, "pointer": False if args.no_pointer else None}
-        given["encoder"] = args.encoder_precision
+        given = {
+            "k": args.k, "consensus": args.consensus, "decoder": args.decoder,
+            "max_prefix": args.max_prefix, "pointer": False if args.no_pointer else None,
+            "encoder": args.encoder_precision,
+        }  # fmt: skip
         settings = EditSettings(**{k: v for k, v in given.items() if v is not None})
         entry = add_editor(args.bank, args.checkpoint, settings)
     except (CheckpointError, ValueError) as exc:

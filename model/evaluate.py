@@ -178,6 +178,25 @@ def text_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[st
 
 
 @torch.no_grad()
+def reference_scores(
+    hypotheses: list[str],
+    references: Sequence[str],
+    embeddings: np.ndarray,
+    encode: Callable[[list[str]], np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """`text_scores` rounded to 2 decimals and, with `encode` (a sentence encoder), the
+    hypotheses' re-encoded cosine to `embeddings` (N, E), rounded to 4."""
+    figures: dict[str, Any] = {
+        k: round(v, 2) for k, v in text_scores(hypotheses, references).items()
+    }
+    if encode is not None:
+        from retd.model.encoder import cosine_rows
+
+        cosine = cosine_rows(encode(hypotheses), embeddings.astype(np.float32))
+        figures["cosine"] = round(float(cosine.mean()), 4)
+    return figures
+
+
 def token_accuracy(
     model: RET, embeddings: torch.Tensor, texts: Sequence[str], tokenizer: Tokenizer = BYTES
 ) -> tuple[float, float]:
@@ -235,9 +254,8 @@ def nearest_k(
         q = F.normalize(torch.from_numpy(query[start : start + chunk].astype(np.float32)), dim=1)
         scores = (q.to(dtype) @ bank_t.T).float()  # (chunk, M)
         if own is not None:
-            scores[torch.arange(len(q)), torch.from_numpy(own[start : start + chunk])] = -float(
-                "inf"
-            )
+            never = torch.from_numpy(own[start : start + chunk])  # each row's own bank row
+            scores[torch.arange(len(q)), never] = -float("inf")
         best = scores.topk(min(k, scores.shape[1]), dim=1)
         indices.append(best.indices.numpy())
         sims.append(best.values.numpy())
@@ -295,27 +313,17 @@ def evaluate_checkpoint(
 
         encoder = SentenceEncoder.load()
 
-    def scored(decoded: list[str], seconds: float) -> dict[str, Any]:
-        figures: dict[str, Any] = {k: round(v, 2) for k, v in text_scores(decoded, texts).items()}
-        if encoder is not None:
-            from retd.model.encoder import cosine_rows
-
-            cosine = cosine_rows(encoder.encode(decoded), embeddings.numpy())
-            figures["cosine"] = round(float(cosine.mean()), 4)
-        figures["seconds"] = round(seconds, 1)
-        return figures
+    encode = None if encoder is None else encoder.encode
 
     def scored_for(
         decoded: list[str], refs: list[str], rows: np.ndarray, seconds: float
     ) -> dict[str, Any]:
-        figures: dict[str, Any] = {k: round(v, 2) for k, v in text_scores(decoded, refs).items()}
-        if encoder is not None:
-            from retd.model.encoder import cosine_rows
-
-            cosine = cosine_rows(encoder.encode(decoded), rows.astype(np.float32))
-            figures["cosine"] = round(float(cosine.mean()), 4)
+        figures = reference_scores(decoded, refs, rows, encode)
         figures["seconds"] = round(seconds, 1)
         return figures
+
+    def scored(decoded: list[str], seconds: float) -> dict[str, Any]:
+        return scored_for(decoded, texts, embeddings.numpy(), seconds)
 
     report: dict[str, Any] = {"heldout_texts": len(texts)}
     tokenizer = loaded.tokenizer
@@ -406,6 +414,28 @@ def _per_source(
             entry["retrieval"] = scored(retrieved, refs, vectors, time.perf_counter() - started)
         figures[source or "all"] = entry
     return figures
+
+
+def measured_texts(
+    data_dir: Path, limit: int, per_source: int
+) -> dict[str, tuple[list[str], np.ndarray]]:
+    """The texts and embeddings a measurement scores, by group: "heldout", `limit` held-out
+    texts evenly spaced (none when 0), then "SPLIT/SOURCE", the first `per_source` of every
+    source of the held-out and ood splits (none when 0)."""
+    from retd.model.embed import load_split
+
+    groups: dict[str, tuple[list[str], np.ndarray]] = {}
+    held = load_split(data_dir, "heldout") if limit or per_source else None
+    if limit and held is not None:
+        rows = heldout_rows(len(held.texts), limit)
+        groups["heldout"] = ([held.texts[i] for i in rows], held.embeddings[rows])
+    for split in ("heldout", "ood") if per_source else ():
+        if not (data_dir / "corpus" / f"{split}.txt").exists():
+            continue
+        part = held if split == "heldout" and held is not None else load_split(data_dir, split)
+        for source, chosen in source_rows(data_dir, split, part.texts, per_source).items():
+            groups[f"{split}/{source}"] = ([part.texts[i] for i in chosen], part.embeddings[chosen])
+    return groups
 
 
 def source_rows(data_dir: Path, split: str, texts: Sequence[str], cap: int) -> dict[str, list[int]]:

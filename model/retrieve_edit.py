@@ -36,7 +36,7 @@ import torch
 from retd.model.batches import encode_texts
 from retd.model.decoding_eval import Decoder, consensus_scores, pool_cosines
 from retd.model.encoder import PRECISIONS
-from retd.model.evaluate import heldout_rows, nearest_k, source_rows, text_scores
+from retd.model.evaluate import measured_texts, nearest_k, text_scores
 from retd.model.generation import generate
 from retd.model.model import RET
 from retd.model.pointer import PointerRET
@@ -234,19 +234,7 @@ def run(args: argparse.Namespace, encode: Encode | None = None) -> dict[str, Any
     settings = EditSettings(args.k, args.consensus, args.decoder, args.max_prefix, args.pointer)
     editor = Editor.of(loaded.model, loaded.tokenizer, encode, settings)
     # Every text measured, held-out and per source, searched and decoded in one pass.
-    groups: dict[str, tuple[list[str], np.ndarray]] = {}
-    if args.limit:
-        held = load_split(args.data_dir, "heldout")
-        rows = heldout_rows(len(held.texts), args.limit)
-        groups["heldout"] = ([held.texts[i] for i in rows], held.embeddings[rows])
-    for split in ("heldout", "ood") if args.per_source else ():
-        if not (args.data_dir / "corpus" / f"{split}.txt").exists():
-            continue
-        part = load_split(args.data_dir, split)
-        for source, chosen in source_rows(
-            args.data_dir, split, part.texts, args.per_source
-        ).items():
-            groups[f"{split}/{source}"] = ([part.texts[i] for i in chosen], part.embeddings[chosen])
+    groups = measured_texts(args.data_dir, args.limit, args.per_source)
     train = load_split(args.data_dir, "train")
     started = time.perf_counter()
     pools = build_pools(

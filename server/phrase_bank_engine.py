@@ -159,11 +159,13 @@ class PhraseBankEngine(Engine):
         scores, indices = bank.search(queries, most)
         score_rows, index_rows = scores.tolist(), indices.tolist()
         matches = {}
-        for search, row_scores, row_indices in zip(searches, score_rows, index_rows, strict=True):
+        for i, search in enumerate(searches):
+            if i in edits:  # answered by the editor below
+                continue
             k = wanted[search.seq_id]
             matches[search.seq_id] = tuple(
                 Candidate(bank.phrases[index], score, index)
-                for score, index in zip(row_scores[:k], row_indices[:k], strict=True)
+                for score, index in zip(score_rows[i][:k], index_rows[i][:k], strict=True)
             )
         if edits:
             k = self._edit_k()

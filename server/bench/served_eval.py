@@ -15,16 +15,14 @@ import argparse
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from retd.model.encoder import cosine_rows
-from retd.model.evaluate import heldout_rows, retrieval_baseline, source_rows, text_scores
-
-Encode = Callable[[list[str]], np.ndarray]
+from retd.model.evaluate import measured_texts, reference_scores, retrieval_baseline
+from retd.model.retrieve_edit import Encode
 
 
 def served_answers(
@@ -40,16 +38,6 @@ def served_answers(
             texts.append(result.text)
             sources[str(result.source)] += 1
     return texts, sources
-
-
-def scores(
-    answers: list[str], refs: list[str], embeddings: np.ndarray, encode: Encode
-) -> dict[str, Any]:
-    """chrF and BLEU against `refs`, and the answers' re-encoded cosine to `embeddings`."""
-    figures: dict[str, Any] = {k: round(v, 2) for k, v in text_scores(answers, refs).items()}
-    cosine = cosine_rows(encode(answers), embeddings.astype(np.float32))
-    figures["cosine"] = round(float(cosine.mean()), 4)
-    return figures
 
 
 def evaluate_served(
@@ -68,17 +56,7 @@ def evaluate_served(
         from retd.model.encoder import SentenceEncoder
 
         encode = SentenceEncoder.load().encode
-    groups: dict[str, tuple[list[str], np.ndarray]] = {}
-    held = load_split(data_dir, "heldout")
-    if limit:
-        rows = heldout_rows(len(held.texts), limit)
-        groups["heldout"] = ([held.texts[i] for i in rows], held.embeddings[rows])
-    for split in ("heldout", "ood") if per_source else ():
-        if not (data_dir / "corpus" / f"{split}.txt").exists():
-            continue
-        part = held if split == "heldout" else load_split(data_dir, split)
-        for source, chosen in source_rows(data_dir, split, part.texts, per_source).items():
-            groups[f"{split}/{source}"] = ([part.texts[i] for i in chosen], part.embeddings[chosen])
+    groups = measured_texts(data_dir, limit, per_source)
     train = load_split(data_dir, "train")
     report: dict[str, Any] = {"model": model, "bank_texts": len(train.texts)}
     for name, (refs, embeddings) in groups.items():
@@ -86,13 +64,13 @@ def evaluate_served(
         answers, sources = served_answers(client, model, embeddings)
         entry = {
             "texts": len(refs),
-            "decode": scores(answers, refs, embeddings, encode),
+            "decode": reference_scores(answers, refs, embeddings, encode),
             "sources": dict(sources),
             "seconds": round(time.perf_counter() - started, 1),
         }
         if train.texts:
             retrieved, _ = retrieval_baseline(embeddings, train.embeddings, train.texts)
-            entry["retrieval"] = scores(retrieved, refs, embeddings, encode)
+            entry["retrieval"] = reference_scores(retrieved, refs, embeddings, encode)
         pairs = zip(refs[:4], answers[:4], strict=True)
         entry["examples"] = [{"reference": r, "decode": a} for r, a in pairs]
         if name == "heldout":
