@@ -104,7 +104,9 @@ class EditSettings:
     decoder: str = "rp=1.5,rpn=2,eos=-3"  # decoding_eval.Decoder's spec
     max_prefix: int = 64  # tokens of a neighbour the model reads
     pointer: bool = True  # decode as PointerRET (it can copy from the neighbour)
-    encoder: str = "float32"  # the re-encoding's precision: SentenceEncoder's, e.g. "fast"
+    # The re-encoding's precision, SentenceEncoder's: "auto" is "fast" (bfloat16) where that is
+    # native, else "float32"; per source the picks are the same (README: A bank with an editor).
+    encoder: str = "auto"
 
     def __post_init__(self) -> None:
         if self.encoder not in PRECISIONS:

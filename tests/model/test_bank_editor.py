@@ -39,6 +39,7 @@ def test_an_editor_is_copied_in_and_its_settings_recorded(
     assert after.card["editor"] == entry
     assert entry["k"] == 3 and entry["decoder"] == "rp=1.2,max=9" and entry["pointer"] is True
     assert entry["consensus"] == EditSettings().consensus  # unset: the default
+    assert entry["encoder"] == "auto"  # resolved where the bank is served (auto_precision)
     copied = sorted(p.name for p in (bank / EDITOR_DIR).iterdir())
     assert copied == sorted(p.name for p in POINTER.iterdir())
 

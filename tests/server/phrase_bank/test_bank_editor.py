@@ -35,7 +35,10 @@ def bank(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     folder = tmp_path_factory.mktemp("edited_bank")
     bank = save_phrase_bank(folder / "bank", TEXTS, MEMBERS, name="fixture-edited")
+    # float32: the server and the offline answers below re-encode alike without compiling
+    # the bfloat16 path ("auto", the default, would on a CPU with bfloat16 instructions)
     argv = ["add-editor", str(bank), str(POINTER), "--k", str(K), "--max-prefix", "16"]
+    argv += ["--encoder-precision", "float32"]
     assert main([*argv, "--decoder", "rp=1.5,rpn=2,eos=-3,max=24"]) == 0
     return bank
 
