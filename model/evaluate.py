@@ -177,7 +177,6 @@ def text_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[st
     }
 
 
-@torch.no_grad()
 def reference_scores(
     hypotheses: list[str],
     references: Sequence[str],
@@ -197,6 +196,7 @@ def reference_scores(
     return figures
 
 
+@torch.no_grad()
 def token_accuracy(
     model: RET, embeddings: torch.Tensor, texts: Sequence[str], tokenizer: Tokenizer = BYTES
 ) -> tuple[float, float]:

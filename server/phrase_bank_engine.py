@@ -152,17 +152,17 @@ class PhraseBankEngine(Engine):
 
     def _search(self, searches: tuple[Joiner, ...]) -> dict[int, tuple[Candidate, ...]]:
         bank = self.loaded.bank
-        wanted = {j.seq_id: _search_params(j).candidates for j in searches}
-        edits = [i for i, j in enumerate(searches) if _search_params(j).edit]
-        most = max(max(wanted.values()), self._edit_k() if edits else 1)
+        params = [_search_params(j) for j in searches]
+        edits = [i for i, p in enumerate(params) if p.edit]
+        most = max(max(p.candidates for p in params), self._edit_k() if edits else 1)
         queries = torch.from_numpy(np.stack([j.request.embedding for j in searches]))
         scores, indices = bank.search(queries, most)
         score_rows, index_rows = scores.tolist(), indices.tolist()
         matches = {}
-        for i, search in enumerate(searches):
-            if i in edits:  # answered by the editor below
+        for i, (search, p) in enumerate(zip(searches, params, strict=True)):
+            if p.edit:  # answered by the editor below
                 continue
-            k = wanted[search.seq_id]
+            k = p.candidates
             matches[search.seq_id] = tuple(
                 Candidate(bank.phrases[index], score, index)
                 for score, index in zip(score_rows[i][:k], index_rows[i][:k], strict=True)

@@ -61,12 +61,12 @@ def test_each_edit_is_decoded_after_its_own_neighbour() -> None:
     emb = torch.from_numpy(load_split(FIXTURE, "heldout").embeddings[:3].astype(np.float32))
     neighbours = [["The cat sat on the mat.", "a small dog"], ["Stock prices fell.", "rain"],
                   ["A word of the day.", "To be or not to be."]]  # fmt: skip
-    decoder = Decoder.parse("rp=1.5,rpn=2,max=12")
-    edits = edit_after(model, tokenizer, emb, neighbours, decoder, max_prefix=8, batch_size=2)
+    decoder, cut = Decoder.parse("rp=1.5,rpn=2,max=12"), 8  # cut: neighbour tokens read
+    edits = edit_after(model, tokenizer, emb, neighbours, decoder, max_prefix=cut, batch_size=2)
     assert [len(row) for row in edits] == [2, 2, 2]
     for r, row in enumerate(neighbours):
         for k, text in enumerate(row):
-            prefix = [*encode_texts([text], limit, tokenizer)[0][:8].tolist(), 0]
+            prefix = [*encode_texts([text], limit, tokenizer)[0][:cut].tolist(), 0]
             alone = generate(model, emb[r : r + 1], [decoder.params(limit)], use_cache=False,
                              tokenizer=tokenizer, prefixes=[prefix])  # fmt: skip
             assert edits[r][k] == alone[0].text
