@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from .checkpoint import CARD_FILE, CheckpointError, atomic_write, load_checkpoint
+from .encoder import Encode
 from .phrase_bank import BANK_ENCODER, read_bank_card
-from .retrieve_edit import Editor, EditSettings, Encode
+from .retrieve_edit import Editor, EditSettings
 
 EDITOR_DIR = "editor"
 EDITOR_KEY = "editor"

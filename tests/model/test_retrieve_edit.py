@@ -77,6 +77,7 @@ def test_a_run_scores_every_pick_beside_retrieval_from_the_same_bank(tmp_path: P
     init = init_checkpoint(tmp_path / "init", architecture="ret_tiny")
     argv = [str(init), "--data-dir", str(FIXTURE), "--k", "2", "--limit", "6",
             "--per-source", "3", "--decoder", "max=12", "--max-prefix", "8",
+            "--encoder-precision", "float32",  # CI never compiles the bfloat16 path
             "--save-pools", str(tmp_path / "pools.json")]  # fmt: skip
     report = run(parse_args(argv))
     held, train = load_split(FIXTURE, "heldout"), load_split(FIXTURE, "train")
@@ -87,6 +88,7 @@ def test_a_run_scores_every_pick_beside_retrieval_from_the_same_bank(tmp_path: P
     assert retrieval["chrf"] == round(text_scores([train.texts[i] for i in idx], refs)["chrf"], 2)
     assert retrieval["cosine"] == pytest.approx(float(sims.mean()), abs=1e-4)
     assert report["bank_texts"] == len(train.texts) and report["heldout"]["texts"] == 6
+    assert report["encoder_precision"] == "float32"
     by_cosine = report["heldout"]["edits_and_neighbours_by_cosine"]
     assert by_cosine["cosine"] >= retrieval["cosine"]  # the pool holds the nearest
     assert retrieval["edit_share"] == 0 and report["heldout"]["edit_of_nearest"]["edit_share"] == 1
