@@ -17,8 +17,9 @@ sums rounded one by one, as ATen's ops round them.
 
 The extension is built by torch.utils.cpp_extension (g++ and ninja) on first use and cached
 under torch's extensions directory (`TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions),
-named by its sources' hash; `python -m retd.model.cpp_step` builds it ahead of time (the
-Makefile's install does).
+in a folder per Python and torch install, named by its sources' hash; builders take turns by an
+flock, so a build killed half-way (its torch `lock` file left behind) never hangs the next;
+`python -m retd.model.cpp_step` builds it ahead of time (the Makefile's install does).
 
     step = step_function(model, "auto")   # the C++ prefix step if it builds here, else eager
     logits = step(cond, tokens, positions, cache, slots, length, span)
@@ -26,10 +27,12 @@ Makefile's install does).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -94,14 +97,33 @@ def source_digest(source: Path) -> str:
 
 def build_extension(name: str, source: Path) -> ModuleType:
     """The extension module `name` built from `source` (beside it: the header it includes),
-    or loaded from torch's cache where it was built from the same files and flags."""
+    or loaded from its build directory where it was built from the same files and flags."""
     from torch.utils.cpp_extension import load
 
     _find_ninja()
     # torch rebuilds when a source or a flag changes: the header's hash is a flag
     header = hashlib.sha256(source.with_name(HEADER.name).read_bytes()).hexdigest()[:16]
     flags = ["-O3", "-ffp-contract=off", f"-DRETD_DECODE_H_{header}"]
-    return load(name, [str(source)], extra_cflags=flags)
+    folder = build_directory(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    # torch guards a build with a `lock` file that a builder killed mid-build leaves behind,
+    # and every later load would wait on it forever. The kernel lets go of an flock when its
+    # holder dies, and every builder holds this one: held here, a `lock` file is a dead one's.
+    with (folder / "retd.flock").open("a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (folder / "lock").unlink(missing_ok=True)
+        return load(name, [str(source)], extra_cflags=flags, build_directory=str(folder))
+
+
+def build_directory(name: str) -> Path:
+    """Where extension `name` is built and cached: under TORCH_EXTENSIONS_DIR (else torch's
+    default root), one folder per Python and torch install, so that two virtual environments
+    (their include paths differ) never rebuild over each other's build."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    install = f"{sys.version}|{torch.__version__}|{torch.__file__}".encode()
+    return root / f"retd_{hashlib.sha256(install).hexdigest()[:12]}" / name
 
 
 def _find_ninja() -> None:

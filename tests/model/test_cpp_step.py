@@ -6,6 +6,8 @@ step's ops with that attention in SDPA's place; and the same greedy text."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -551,3 +553,39 @@ def test_the_step_benchmark_builds_a_revisions_step_to_time_against(tiny_model: 
     logits, ms = run(head, tiny_model, 3, 8, spread=True)
     assert torch.equal(logits, run(CppStep(tiny_model, prefix=True), tiny_model, 3, 8, True)[0])
     assert ms > 0
+
+
+TINY_EXTENSION = """#include <Python.h>
+#define CAT(a, b) a##b
+#define INIT(name) CAT(PyInit_, name)
+#define STR(a) #a
+#define NAME(a) STR(a)
+static PyModuleDef tiny = {PyModuleDef_HEAD_INIT, NAME(TORCH_EXTENSION_NAME), nullptr, -1, nullptr};
+PyMODINIT_FUNC INIT(TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&tiny); }
+"""
+
+
+def test_a_build_killed_half_way_does_not_hang_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's `lock` file, as a builder killed while compiling leaves it behind, made every
+    later daemon wait at start-up forever; the next builder now clears it and builds."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    source = tmp_path / "tiny.cpp"
+    source.write_text(TINY_EXTENSION)
+    source.with_name(cpp_step.HEADER.name).write_text("// header\n")
+    folder = cpp_step.build_directory("retd_tiny")
+    folder.mkdir(parents=True)
+    (folder / "lock").touch()  # what the killed builder left
+    build = (
+        "from pathlib import Path; from retd.model.cpp_step import build_extension; "
+        f"print(build_extension('retd_tiny', Path({str(source)!r})).__name__)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", build], capture_output=True, text=True, timeout=240, check=True
+    )
+    assert done.stdout.split() == ["retd_tiny"]
+    assert not (folder / "lock").exists()
+    assert (
+        folder.parent.name.startswith("retd_") and folder.parent.parent == tmp_path / "extensions"
+    )
