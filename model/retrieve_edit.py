@@ -16,11 +16,11 @@ of the pool. A pool holds the nearest neighbour, so picking by cosine never scor
 cosine than retrieval; chrF and BLEU against the reference are what the pick does not see.
 Figures on `--limit` held-out texts evenly spaced (as `retd eval`) and, with `--per-source N`,
 on the first N of every source of the held-out and ood splits, each beside retrieval from the
-same training texts. Unset, each editing flag is `EditSettings`' default, what a bank's editor
-serves. The report times the search, the decoding (`--no-cache`: generate's uncached reference
-path, for comparison) and the encoding. `Editor` is that decoder as one object (`EditSettings`
-its settings); a phrase bank with an editor serves it (model/bank_editor.py,
-`retd add-editor`).
+same training texts. Unset, each editing flag but `--pointer` is `EditSettings`' default,
+what a bank's editor serves. The report times the search, the decoding (`--no-cache`:
+generate's uncached reference path, for comparison) and the encoding. `Editor` is that decoder
+as one object (`EditSettings` its settings); a phrase bank with an editor serves it
+(model/bank_editor.py, `retd add-editor`).
 """
 
 from __future__ import annotations
@@ -300,7 +300,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--pointer", action="store_true", help="decode as PointerRET")
     ap.add_argument("--data-dir", type=Path, default=Path("build/data"))
-    # Unset, each editing setting is what a bank's editor uses (EditSettings' defaults).
+    # Unset, each editing setting but --pointer is what a bank's editor uses (EditSettings').
     ap.add_argument("--k", type=int, default=EDIT.k, help="neighbours edited per text")
     ap.add_argument("--limit", type=int, default=500, help="held-out texts, evenly spaced")
     ap.add_argument("--per-source", type=int, default=0, help="texts of each source (0: none)")
