@@ -152,15 +152,25 @@ def test_make_serve_serves_the_edit_bank_once_make_train_has_built_it(tmp_path: 
         ).stdout  # fmt: skip
         return " ".join(dry_run.replace("\\\n", " ").split("retd serve")[-1].split())
 
+    def says_how_to_build_it(*variables: str) -> bool:
+        dry_run = subprocess.run(
+            ["make", "-n", "serve", *variables], cwd=REPO, capture_output=True, text=True,
+            check=True, env=env,
+        ).stdout  # fmt: skip
+        return "make datastore builds" in dry_run.split("retd serve")[0]
+
     bank = tmp_path / "bank"
     assert serve_command(f"EDIT_BANK={bank}") == ""  # nothing built: the shipped checkpoint
+    assert says_how_to_build_it(f"EDIT_BANK={bank}")
     bank.mkdir()
     (bank / "card.json").write_text("{}")
     assert serve_command(f"EDIT_BANK={bank}") == (
         f"--model edit={bank} --model ret_v21=model/checkpoints/ret_v21_bpe1792 "
         "--default-model edit"
     )
+    assert not says_how_to_build_it(f"EDIT_BANK={bank}")
     assert serve_command(f"EDIT_BANK={bank}", "CHECKPOINT=c") == "--checkpoint c"
+    assert not says_how_to_build_it(f"EDIT_BANK={tmp_path / 'none'}", "CHECKPOINT=c")
     for variables, encoder in (([f"EDIT_BANK={bank}"], True), (["EDIT_BANK=none"], False)):
         dry_run = subprocess.run(
             ["make", "-n", "-B", "serve", *variables], cwd=REPO, capture_output=True, text=True,
@@ -168,3 +178,37 @@ def test_make_serve_serves_the_edit_bank_once_make_train_has_built_it(tmp_path: 
         ).stdout  # fmt: skip
         # the editor re-encodes its edits: the encoder is installed first
         assert ("-e '.[encoder,tools]'" in dry_run) is encoder, dry_run
+
+
+def test_make_datastore_builds_what_make_serve_serves_with_the_shipped_editor(
+    tmp_path: Path,
+) -> None:
+    """`make datastore`: the corpus, every text embedded, the training split as EDIT_BANK, the
+    shipped editor added to it (a checkpoint that is in the repository), and nothing trained."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    bank, data = tmp_path / "bank", tmp_path / "data"
+    dry_run = subprocess.run(
+        ["make", "-n", "-B", "datastore", f"EDIT_BANK={bank}", f"TRAIN_DATA={data}"],
+        cwd=REPO, capture_output=True, text=True, check=True, env=env,
+    ).stdout  # fmt: skip
+    steps = [
+        line.split("/bin/retd ", 1)[1] for line in dry_run.splitlines() if "/bin/retd " in line
+    ]
+    editor = "model/checkpoints/ret_v21_bpe1792_pointer"
+    assert steps == [
+        f"corpus --data-dir {data}",
+        f"embed --data-dir {data}",
+        f"build-phrase-bank --from-split {data} --out {bank}",
+        f"add-editor {bank} {editor}",
+    ], dry_run
+    assert "apt-get install" in dry_run  # the corpus's packages, where missing
+    card = json.loads((REPO / editor / "card.json").read_text())
+    assert card["kind"] == "ret" and "pointer" in card["version"], card  # the shipped editor
+    # the serve target takes the bank this builds
+    bank.mkdir()
+    (bank / "card.json").write_text("{}")
+    serve = subprocess.run(
+        ["make", "-n", "serve", f"EDIT_BANK={bank}"], cwd=REPO, capture_output=True, text=True,
+        check=True, env=env,
+    ).stdout  # fmt: skip
+    assert f"--model edit={bank}" in serve
