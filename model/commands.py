@@ -213,6 +213,7 @@ def _add_editor(args: argparse.Namespace) -> int:
             "k": args.k, "consensus": args.consensus, "decoder": args.decoder,
             "max_prefix": args.max_prefix, "pointer": False if args.no_pointer else None,
             "encoder": args.encoder_precision,
+            "drop_degenerate": False if args.keep_degenerate else None,
         }  # fmt: skip
         settings = EditSettings(**{k: v for k, v in given.items() if v is not None})
         entry = add_editor(args.bank, args.checkpoint, settings)
@@ -434,4 +435,8 @@ def add_commands(
         choices=PRECISIONS,
         help="the re-encoding's precision (fast: bfloat16 for longer texts, `retd embed`'s)",
     )
+    editor.add_argument(
+        "--keep-degenerate", action="store_true",
+        help="let edits that add a run of 4+ equal characters or a ' -- ' tail be answers",
+    )  # fmt: skip
     editor.set_defaults(run=_add_editor)

@@ -3,8 +3,8 @@ and the sentence encoder picks the answer among those edits and the neighbours t
 
     python -m retd.model.retrieve_edit CHECKPOINT [--pointer] [--data-dir build/data] [--k 16]
         [--limit 500] [--per-source 0] [--consensus 0.005] [--decoder rp=1.5,rpn=2,eos=-3]
-        [--max-prefix 64] [--encoder-precision auto] [--threads 1] [--no-cache]
-        [--out REPORT.json] [--save-pools POOLS.json]
+        [--max-prefix 64] [--encoder-precision auto] [--keep-degenerate] [--threads 1]
+        [--no-cache] [--out REPORT.json] [--save-pools POOLS.json]
 
 For each asked embedding: its K nearest embedded training texts (cosine, float32), each cut to
 `--max-prefix` tokens and decoded after as a prefix (EOS between, as `neighbour_prefix` trains;
@@ -12,14 +12,16 @@ For each asked embedding: its K nearest embedded training texts (cosine, float32
 The pool is the K edits and the K neighbours; its texts are scored by their cosine to the asked
 embedding (an edit's re-encoding by all-mpnet-base-v2 at `--encoder-precision`, a neighbour's
 stored embedding), and, with `--consensus W`, W times their mean sentence chrF against the rest
-of the pool. A pool holds the nearest neighbour, so picking by cosine never scores a lower
-cosine than retrieval; chrF and BLEU against the reference are what the pick does not see.
-Figures on `--limit` held-out texts evenly spaced (as `retd eval`) and, with `--per-source N`,
-on the first N of every source of the held-out and ood splits, each beside retrieval from the
-same training texts. Unset, each editing flag but `--pointer` is `EditSettings`' default,
-what a bank's editor serves. The report times the search, the decoding (`--no-cache`:
-generate's uncached reference path, for comparison) and the encoding. `Editor` is that decoder
-as one object (`EditSettings` its settings); a phrase bank with an editor serves it
+of the pool; the served pick ("served", a bank's answer) also leaves out the edits that add a
+run of 4+ equal characters or a " -- " tail their neighbour lacks (`degenerate`;
+`--keep-degenerate` lets them be picked). A pool holds the nearest neighbour, so picking by
+cosine never scores a lower cosine than retrieval; chrF and BLEU against the reference are what
+the pick does not see. Figures on `--limit` held-out texts evenly spaced (as `retd eval`) and,
+with `--per-source N`, on the first N of every source of the held-out and ood splits, each
+beside retrieval from the same training texts. Unset, each editing flag but `--pointer` is
+`EditSettings`' default, what a bank's editor serves. The report times the search, the decoding
+(`--no-cache`: generate's uncached reference path, for comparison) and the encoding. `Editor` is
+that decoder as one object (`EditSettings` its settings); a phrase bank with an editor serves it
 (model/bank_editor.py, `retd add-editor`).
 """
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -108,6 +111,9 @@ class EditSettings:
     # The re-encoding's precision, SentenceEncoder's: "auto" is "fast" (bfloat16) where that is
     # native, else "float32"; per source the picks are the same (README: A bank with an editor).
     encoder: str = "auto"
+    # Edits that add a degenerate run or a dictionary tail their phrase lacks (`degenerate`)
+    # are not candidates.
+    drop_degenerate: bool = True
 
     def __post_init__(self) -> None:
         if self.encoder not in PRECISIONS:
@@ -162,11 +168,13 @@ class Editor:
     ) -> list[tuple[str, float, int, bool]]:
         """Each asked embedding's answer: (text, its cosine, which neighbour (0..K-1) it is
         or edits, whether it is an edit)."""
-        pools = self.pools(asked, neighbours, cosine)
+        pools, settings = self.pools(asked, neighbours, cosine), self.settings
         k = len(pools.edits[0]) if pools.edits else 0
         return [
             (pools.texts(r)[c], float(pools.cosine[r, c]), c % k, c < k)
-            for r, c in enumerate(pick(pools, self.settings.consensus).tolist())
+            for r, c in enumerate(
+                pick(pools, settings.consensus, drop_degenerate=settings.drop_degenerate).tolist()
+            )
         ]
 
 
@@ -183,10 +191,23 @@ def build_pools(
     return editor.pools(asked, neighbours, sims, use_cache, seconds)
 
 
-def pick(pools: Pools, consensus: float = 0.0, edits: bool = True) -> np.ndarray:
+# What a degenerating edit adds: a run of 4+ equal characters ("........", "wwwww") or a
+# dictionary's " -- " tail (GCIDE's "Short for hacker. -- Anni"i*al*ly, adv.").
+DEGENERATE = (re.compile(r"(\S)\1{3,}"), re.compile(" -- "))
+
+
+def degenerate(edit: str, phrase: str) -> bool:
+    """Whether `edit` has one of `DEGENERATE`'s patterns that the `phrase` it edits lacks."""
+    return any(p.search(edit) is not None and p.search(phrase) is None for p in DEGENERATE)
+
+
+def pick(
+    pools: Pools, consensus: float = 0.0, edits: bool = True, drop_degenerate: bool = False
+) -> np.ndarray:
     """Each row's chosen candidate (an index into `pools.texts(row)`): the highest cosine,
-    plus `consensus` times its mean chrF against the rest of the pool; `edits=False` picks
-    among the neighbours only (the nearest: retrieval), `edits=True` from the whole pool."""
+    plus `consensus` times its mean chrF against the rest of the pool (all 2K texts);
+    `edits=False` picks among the neighbours only (the nearest: retrieval), `edits=True` from
+    the whole pool, less the `degenerate` edits with `drop_degenerate`."""
     k = len(pools.edits[0]) if pools.edits else 0
     if not edits:
         return np.full(len(pools.edits), k)
@@ -194,13 +215,23 @@ def pick(pools: Pools, consensus: float = 0.0, edits: bool = True) -> np.ndarray
     if consensus:
         agreement = [consensus_scores(pools.texts(r)) for r in range(len(pools.edits))]
         scores = scores + consensus * np.stack(agreement)
+    if drop_degenerate:
+        dropped = [
+            [degenerate(e, n) for e, n in zip(row, pools.neighbours[r], strict=True)] + [False] * k
+            for r, row in enumerate(pools.edits)
+        ]
+        scores = np.where(np.array(dropped, dtype=bool), -np.inf, scores)
     return scores.argmax(axis=1)
 
 
-def figures(pools: Pools, refs: Sequence[str], consensus: float) -> dict[str, dict[str, float]]:
-    """chrF, BLEU and cosine of retrieval, the first edit, and the picks, against `refs`."""
+def figures(
+    pools: Pools, refs: Sequence[str], settings: EditSettings
+) -> dict[str, dict[str, float]]:
+    """chrF, BLEU and cosine of retrieval, the first edit, and the picks, against `refs`;
+    "served" is the settings' pick, what a bank's editor answers."""
     k = len(pools.edits[0])
     rows = np.arange(len(refs))
+    consensus = settings.consensus
     choices = {
         "retrieval": pick(pools, edits=False),
         "edit_of_nearest": np.zeros(len(refs), dtype=int),
@@ -211,6 +242,7 @@ def figures(pools: Pools, refs: Sequence[str], consensus: float) -> dict[str, di
         choices[f"edits_and_neighbours_by_cosine_and_{consensus}_consensus"] = pick(
             pools, consensus
         )
+    choices["served"] = pick(pools, consensus, drop_degenerate=settings.drop_degenerate)
     report: dict[str, dict[str, float]] = {}
     for name, chosen in choices.items():
         scores = text_scores([pools.texts(r)[c] for r, c in enumerate(chosen)], refs)
@@ -235,8 +267,9 @@ def run(args: argparse.Namespace, encode: Encode | None = None) -> dict[str, Any
 
         encode = SentenceEncoder.load(precision=args.encoder_precision).encode
     settings = EditSettings(
-        args.k, args.consensus, args.decoder, args.max_prefix, args.pointer, args.encoder_precision
-    )
+        args.k, args.consensus, args.decoder, args.max_prefix, args.pointer,
+        args.encoder_precision, drop_degenerate=not args.keep_degenerate,
+    )  # fmt: skip
     editor = Editor.of(loaded.model, loaded.tokenizer, encode, settings)
     # Every text measured, held-out and per source, searched and decoded in one pass.
     groups = measured_texts(args.data_dir, args.limit, args.per_source)
@@ -249,6 +282,7 @@ def run(args: argparse.Namespace, encode: Encode | None = None) -> dict[str, Any
     report: dict[str, Any] = {
         "checkpoint": str(args.checkpoint), "pointer": args.pointer, "k": args.k,
         "decoder": args.decoder, "encoder_precision": args.encoder_precision,
+        "drop_degenerate": settings.drop_degenerate,
         "bank_texts": len(train.texts),
         "seconds": {**pools.seconds, "all": round(time.perf_counter() - started, 1)},
     }  # fmt: skip
@@ -260,7 +294,7 @@ def run(args: argparse.Namespace, encode: Encode | None = None) -> dict[str, Any
     start = 0
     for name, (texts, _) in groups.items():
         part_pools = pools.subset(range(start, start + len(texts)))
-        entry = {"texts": len(texts), **figures(part_pools, texts, args.consensus)}
+        entry = {"texts": len(texts), **figures(part_pools, texts, settings)}
         if name == "heldout":
             report["heldout"] = entry
         else:
@@ -270,7 +304,7 @@ def run(args: argparse.Namespace, encode: Encode | None = None) -> dict[str, Any
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The held-out figures as a table, then a per-source table (retrieval / best pick)."""
+    """The held-out figures as a table, then a per-source table (retrieval / the picks)."""
     lines = ["| pick | chrF | BLEU | cosine | edits picked |", "|---|---:|---:|---:|---:|"]
     for name, f in report.get("heldout", {}).items():
         if isinstance(f, dict):
@@ -278,14 +312,15 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {name} | {f['chrf']} | {f['bleu']} | {f['cosine']} | {f['edit_share']} |"
             )
     if "per_source" in report:
-        lines += ["", "| source | texts | retrieval | by cosine | by cosine and consensus |"]
-        lines.append("|---|---:|---:|---:|---:|")
+        shown = [
+            name
+            for name in next(iter(report["per_source"].values()))
+            if name in ("retrieval", "served") or name.startswith("edits_and_neighbours")
+        ]
+        lines += ["", "| source | texts | " + " | ".join(shown) + " |"]
+        lines.append("|---|---:|" + "---:|" * len(shown))
         for source, entry in report["per_source"].items():
-            cells = [
-                f"{f['chrf']} / {f['cosine']}"
-                for name, f in entry.items()
-                if name == "retrieval" or name.startswith("edits_and_neighbours")
-            ]
+            cells = [f"{entry[name]['chrf']} / {entry[name]['cosine']}" for name in shown]
             lines.append(f"| {source} | {entry['texts']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -308,6 +343,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--decoder", default=EDIT.decoder)
     ap.add_argument("--max-prefix", type=int, default=EDIT.max_prefix)
     ap.add_argument("--encoder-precision", choices=PRECISIONS, default=EDIT.encoder)
+    ap.add_argument(
+        "--keep-degenerate", action="store_true", default=not EDIT.drop_degenerate,
+        help="let degenerate edits be picked (served)",
+    )  # fmt: skip
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-cache", action="store_true", help="decode without the KV cache")
     ap.add_argument("--out", type=Path, default=None, help="write the report here (JSON)")

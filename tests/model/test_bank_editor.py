@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from retd.client.cli import main
-from retd.model.bank_editor import EDITOR_DIR, load_editor
+from retd.model.bank_editor import EDITOR_DIR, editor_settings, load_editor
 from retd.model.checkpoint import CheckpointError, init_checkpoint
 from retd.model.embed import load_split
 from retd.model.phrase_bank import load_phrase_bank, save_phrase_bank
@@ -40,6 +40,7 @@ def test_an_editor_is_copied_in_and_its_settings_recorded(
     assert entry["k"] == 3 and entry["decoder"] == "rp=1.2,max=9" and entry["pointer"] is True
     assert entry["consensus"] == EditSettings().consensus  # unset: the default
     assert entry["encoder"] == "auto"  # resolved where the bank is served (auto_precision)
+    assert entry["drop_degenerate"] is True
     copied = sorted(p.name for p in (bank / EDITOR_DIR).iterdir())
     assert copied == sorted(p.name for p in POINTER.iterdir())
 
@@ -50,12 +51,16 @@ def test_an_editor_is_copied_in_and_its_settings_recorded(
     assert editor is not None and editor.settings == EditSettings(3, 0.005, "rp=1.2,max=9")
     assert load_editor(bank, before.card, after.bank.embeddings.device, encode) is None
     # a second add-editor replaces the first
-    assert (
-        main(["add-editor", str(bank), str(POINTER), "--no-pointer", "--encoder-precision", "fast"])
-        == 0
-    )
+    argv = ["add-editor", str(bank), str(POINTER), "--no-pointer", "--encoder-precision", "fast"]
+    assert main([*argv, "--keep-degenerate"]) == 0
     entry = load_phrase_bank(bank).card["editor"]
     assert entry["pointer"] is False and entry["encoder"] == "fast"
+    assert entry["drop_degenerate"] is False
+    # a card written before drop_degenerate existed takes its default
+    del entry["drop_degenerate"]
+    assert editor_settings({"editor": entry}, bank) == EditSettings(
+        pointer=False, encoder="fast", drop_degenerate=EditSettings().drop_degenerate
+    )
     with pytest.raises(ValueError, match="encoder must be one of"):
         EditSettings(encoder="int4")
 

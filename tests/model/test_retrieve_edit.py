@@ -4,6 +4,7 @@ embedded fixture with the real encoder."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,17 @@ from retd.model.embed import load_split
 from retd.model.evaluate import heldout_rows, nearest, text_scores
 from retd.model.generation import generate
 from retd.model.pointer import PointerRET
-from retd.model.retrieve_edit import Pools, edit_after, markdown, parse_args, pick, run
+from retd.model.retrieve_edit import (
+    Editor,
+    EditSettings,
+    Pools,
+    degenerate,
+    edit_after,
+    markdown,
+    parse_args,
+    pick,
+    run,
+)
 
 FIXTURE = Path(__file__).parents[1] / "data" / "embedded"
 POINTER = Path(__file__).parents[2] / "model/checkpoints/ret_v21_bpe1792_pointer"
@@ -52,6 +63,49 @@ def test_the_pick_is_the_best_scored_candidate_and_retrieval_the_nearest(
             assert pool.cosine[row, c] >= pool.cosine[row, k]
         if weight == 1e6:  # agreement rules: the pool's consensus
             assert agreement[c] == pytest.approx(agreement.max())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet="ab .-", max_size=12), st.sampled_from([" zzzz", " ....", " -- a, adv."]))
+def test_an_edit_is_degenerate_when_it_adds_a_run_or_a_dictionary_tail(
+    phrase: str, added: str
+) -> None:
+    assert not degenerate(phrase, phrase)  # nothing added: never
+    both = phrase + " aaaa -- b"  # a phrase that has a run and a tail: nothing can add them
+    assert not degenerate(both + added, both)
+    clean = re.sub(r"(\S)\1{3,}", "", phrase).replace(" -- ", " ")
+    if re.search(r"(\S)\1{3,}", clean) is None and " -- " not in clean:
+        assert degenerate(clean + added, clean)  # it adds one
+        assert not degenerate(clean + " ok.", clean)
+
+
+def test_dropping_degenerate_edits_leaves_every_other_pick_alone() -> None:
+    phrase, garbage, fine = "A phrase.", 'A phrase -- Short"ic, adv.', "A phrase, edited."
+    cosine = np.array([[0.9, 0.8, 0.5, 0.4], [0.3, 0.8, 0.5, 0.4], [0.9, 0.2, 0.5, 0.4]])
+    pool = Pools(
+        [[garbage, fine], [garbage, fine], [garbage, "Dots........"]],
+        [[phrase, phrase], [phrase, phrase], [phrase, "Dots."]],
+        cosine,
+    )
+    assert pick(pool).tolist() == [0, 1, 0]  # by cosine, the garbage wins rows 0 and 2
+    # row 0: the next best (the fine edit); row 1 untouched; row 2: both edits degenerate, so
+    # the nearest neighbour
+    assert pick(pool, drop_degenerate=True).tolist() == [1, 1, 2]
+    assert pick(pool, 0.005, drop_degenerate=True)[2] == 2  # agreement cannot bring one back
+
+    class Fixed(Editor):  # the answers of these pools, as a bank's editor gives them
+        def pools(self, *args: object, **kwargs: object) -> Pools:
+            return pool
+
+    expected = {
+        True: [(fine, 1, True), (fine, 1, True), (phrase, 0, False)],
+        False: [(garbage, 0, True), (fine, 1, True), (garbage, 0, True)],
+    }
+    for drop, answers in expected.items():
+        settings = EditSettings(consensus=0, drop_degenerate=drop)
+        served = Fixed(None, None, None, settings)  # type: ignore[arg-type]
+        got = served.answers(np.zeros((3, 768)), pool.neighbours, cosine[:, 2:])
+        assert [(text, which, edited) for text, _, which, edited in got] == answers
 
 
 def test_each_edit_is_decoded_after_its_own_neighbour() -> None:
@@ -88,7 +142,9 @@ def test_a_run_scores_every_pick_beside_retrieval_from_the_same_bank(tmp_path: P
     assert retrieval["chrf"] == round(text_scores([train.texts[i] for i in idx], refs)["chrf"], 2)
     assert retrieval["cosine"] == pytest.approx(float(sims.mean()), abs=1e-4)
     assert report["bank_texts"] == len(train.texts) and report["heldout"]["texts"] == 6
-    assert report["encoder_precision"] == "float32"
+    assert report["encoder_precision"] == "float32" and report["drop_degenerate"] is True
+    served = report["heldout"]["served"]  # the settings' pick: consensus, degenerate edits out
+    assert served["cosine"] >= retrieval["cosine"] - 1e-4  # the nearest is always a candidate
     by_cosine = report["heldout"]["edits_and_neighbours_by_cosine"]
     assert by_cosine["cosine"] >= retrieval["cosine"]  # the pool holds the nearest
     assert retrieval["edit_share"] == 0 and report["heldout"]["edit_of_nearest"]["edit_share"] == 1
@@ -96,6 +152,10 @@ def test_a_run_scores_every_pick_beside_retrieval_from_the_same_bank(tmp_path: P
     assert report["per_source"]["heldout/"]["texts"] == 3
     table = markdown(report)
     assert "| edits_and_neighbours_by_cosine |" in table and "| heldout/ | 3 |" in table
+    assert "| source | texts | retrieval | edits_and_neighbours_by_cosine |" in table
+    assert table.splitlines()[-1].count("|") == 2 + 2 + 3  # retrieval, two picks, served
+    kept = run(parse_args([*argv[:-2], "--keep-degenerate"]))
+    assert kept["drop_degenerate"] is False
     saved = json.loads((tmp_path / "pools.json").read_text())  # every text measured, in order
     assert saved["texts"] == refs + [held.texts[i] for i in range(3)]
     assert [len(row) for row in saved["edits"]] == [2] * 9 and np.shape(saved["cosine"]) == (9, 4)
