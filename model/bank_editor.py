@@ -6,7 +6,7 @@ edit after each, and the one of those 2K texts whose re-encoding is nearest the 
 first look) stay the bank's plain search.
 
     retd add-editor BANK CHECKPOINT [--k 16] [--consensus 0.005] [--decoder rp=1.5,rpn=2,eos=-3]
-        [--max-prefix 64] [--no-pointer] [--encoder-precision auto]
+        [--max-prefix 64] [--no-pointer] [--encoder-precision auto] [--keep-degenerate]
 """
 
 from __future__ import annotations
