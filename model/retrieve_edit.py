@@ -201,20 +201,26 @@ def degenerate(edit: str, phrase: str) -> bool:
     return any(p.search(edit) is not None and p.search(phrase) is None for p in DEGENERATE)
 
 
+def agreement(pools: Pools) -> np.ndarray:
+    """(N, 2K) each candidate's mean sentence chrF against the rest of its pool."""
+    return np.stack([consensus_scores(pools.texts(r)) for r in range(len(pools.edits))])
+
+
 def pick(
-    pools: Pools, consensus: float = 0.0, edits: bool = True, drop_degenerate: bool = False
-) -> np.ndarray:
+    pools: Pools, consensus: float = 0.0, edits: bool = True, drop_degenerate: bool = False,
+    agreed: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
     """Each row's chosen candidate (an index into `pools.texts(row)`): the highest cosine,
-    plus `consensus` times its mean chrF against the rest of the pool (all 2K texts);
-    `edits=False` picks among the neighbours only (the nearest: retrieval), `edits=True` from
-    the whole pool, less the `degenerate` edits with `drop_degenerate`."""
+    plus `consensus` times its mean chrF against the rest of the pool (all 2K texts; `agreed`:
+    `agreement(pools)` already computed); `edits=False` picks among the neighbours only (the
+    nearest: retrieval), `edits=True` from the whole pool, less the `degenerate` edits with
+    `drop_degenerate`."""
     k = len(pools.edits[0]) if pools.edits else 0
     if not edits:
         return np.full(len(pools.edits), k)
     scores = pools.cosine.astype(np.float64)
     if consensus:
-        agreement = [consensus_scores(pools.texts(r)) for r in range(len(pools.edits))]
-        scores = scores + consensus * np.stack(agreement)
+        scores = scores + consensus * (agreement(pools) if agreed is None else agreed)
     if drop_degenerate:
         dropped = [
             [degenerate(e, n) for e, n in zip(row, pools.neighbours[r], strict=True)] + [False] * k
@@ -238,11 +244,12 @@ def figures(
         "edits_by_cosine": pools.cosine[:, :k].argmax(axis=1),
         "edits_and_neighbours_by_cosine": pick(pools),
     }
+    agreed = agreement(pools) if consensus else None  # the slow part: once
     if consensus:
         choices[f"edits_and_neighbours_by_cosine_and_{consensus}_consensus"] = pick(
-            pools, consensus
+            pools, consensus, agreed=agreed
         )
-    choices["served"] = pick(pools, consensus, drop_degenerate=settings.drop_degenerate)
+    choices["served"] = pick(pools, consensus, True, settings.drop_degenerate, agreed)
     report: dict[str, dict[str, float]] = {}
     for name, chosen in choices.items():
         scores = text_scores([pools.texts(r)[c] for r, c in enumerate(chosen)], refs)
