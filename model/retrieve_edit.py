@@ -125,6 +125,10 @@ class EditSettings:
             )
         Decoder.parse(self.decoder)  # raises ValueError naming the spec
 
+    def pick(self, pools: Pools, agreed: np.ndarray | None = None) -> np.ndarray:
+        """What a bank's editor answers from `pools`: `pick` with these settings."""
+        return pick(pools, self.consensus, True, self.drop_degenerate, agreed)
+
 
 @dataclass(frozen=True)
 class Editor:
@@ -168,13 +172,11 @@ class Editor:
     ) -> list[tuple[str, float, int, bool]]:
         """Each asked embedding's answer: (text, its cosine, which neighbour (0..K-1) it is
         or edits, whether it is an edit)."""
-        pools, settings = self.pools(asked, neighbours, cosine), self.settings
+        pools = self.pools(asked, neighbours, cosine)
         k = len(pools.edits[0]) if pools.edits else 0
         return [
             (pools.texts(r)[c], float(pools.cosine[r, c]), c % k, c < k)
-            for r, c in enumerate(
-                pick(pools, settings.consensus, drop_degenerate=settings.drop_degenerate).tolist()
-            )
+            for r, c in enumerate(self.settings.pick(pools).tolist())
         ]
 
 
@@ -249,7 +251,7 @@ def figures(
         choices[f"edits_and_neighbours_by_cosine_and_{consensus}_consensus"] = pick(
             pools, consensus, agreed=agreed
         )
-    choices["served"] = pick(pools, consensus, True, settings.drop_degenerate, agreed)
+    choices["served"] = settings.pick(pools, agreed)
     report: dict[str, dict[str, float]] = {}
     for name, chosen in choices.items():
         scores = text_scores([pools.texts(r)[c] for r, c in enumerate(chosen)], refs)
