@@ -137,6 +137,12 @@ define CORPUS
 		apt-get install -y --no-install-recommends $(CORPUS_DEBS)
 	$(BIN)/retd corpus --data-dir $(TRAIN_DATA)
 endef
+# $(call BANK,EDITOR): the embedded training split as EDIT_BANK, with EDITOR added to it.
+define BANK
+	$(BIN)/retd build-phrase-bank --from-split $(TRAIN_DATA) --out $(EDIT_BANK)
+	$(BIN)/retd add-editor $(EDIT_BANK) $(1)
+	@echo "make serve now serves $(EDIT_BANK) (retrieve, edit, verify) as the default model"
+endef
 train: $(VENV)/.train
 	$(CORPUS)
 	test -f $(TRAIN_DATA)/tokenizer.json || $(BIN)/retd tokenizer --data-dir $(TRAIN_DATA)
@@ -146,9 +152,7 @@ train: $(VENV)/.train
 	$(BIN)/retd eval $(TRAIN_OUT)/checkpoint --data-dir $(TRAIN_DATA)
 	$(BIN)/python -m retd.model.neighbour_prefix $(TRAIN_OUT)-pointer --pointer --lr 3e-4 \
 		--minutes $(POINTER_MINUTES) --init $(TRAIN_OUT)/checkpoint --data-dir $(TRAIN_DATA)
-	$(BIN)/retd build-phrase-bank --from-split $(TRAIN_DATA) --out $(EDIT_BANK)
-	$(BIN)/retd add-editor $(EDIT_BANK) $(TRAIN_OUT)-pointer/checkpoint
-	@echo "make serve now serves $(EDIT_BANK) (retrieve, edit, verify) as the default model"
+	$(call BANK,$(TRAIN_OUT)-pointer/checkpoint)
 
 ## What `make serve` serves by default, without training anything: the corpus, every text
 ## embedded (resumable; ~2.5 h on 2 cores here, minutes on a GPU), the training split as
@@ -157,9 +161,7 @@ train: $(VENV)/.train
 datastore: $(VENV)/.train
 	$(CORPUS)
 	$(BIN)/retd embed --data-dir $(TRAIN_DATA)
-	$(BIN)/retd build-phrase-bank --from-split $(TRAIN_DATA) --out $(EDIT_BANK)
-	$(BIN)/retd add-editor $(EDIT_BANK) $(SHIPPED_EDITOR)
-	@echo "make serve now serves $(EDIT_BANK) (retrieve, edit, verify) as the default model"
+	$(call BANK,$(SHIPPED_EDITOR))
 
 ## On a machine with one NVIDIA GPU (no network needed): the CUDA tests, the model and the
 ## server on the device (float32, bfloat16), device memory; JSON + table into GPU_OUT.
