@@ -155,7 +155,7 @@ train: $(VENV)/.train
 	$(call BANK,$(TRAIN_OUT)-pointer/checkpoint)
 
 ## What `make serve` serves by default, without training anything: the corpus, every text
-## embedded (resumable; ~2.5 h on 2 cores here, minutes on a GPU), the training split as
+## embedded (resumable; ~2 h 50 min on 2 cores here, minutes on a GPU), the training split as
 ## EDIT_BANK, and the shipped editor added to it (the measured system: README, "Retrieve,
 ## edit, verify").
 datastore: $(VENV)/.train

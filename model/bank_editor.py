@@ -2,18 +2,20 @@
 the settings under the card's "editor" key. A bank with an editor answers `Decode` by
 retrieve, edit, verify (`retd.model.retrieve_edit.Editor`): its K nearest phrases, the model's
 edit after each, and the one of those 2K texts whose re-encoding is nearest the asked embedding
-(plus the pool's agreement). Its other answers (Generate's nearest phrases, a hybrid Decode's
-first look) stay the bank's plain search.
+(plus the pool's agreement), or with `pick_weights` (by default the checkpoint card's fitted
+pick) the best by the learnt pick (model/pick.py). Its other answers (Generate's nearest
+phrases, a hybrid Decode's first look) stay the bank's plain search.
 
     retd add-editor BANK CHECKPOINT [--k 16] [--consensus 0.005] [--decoder rp=1.5,rpn=2,eos=-3]
         [--max-prefix 64] [--no-pointer] [--encoder-precision auto] [--keep-degenerate]
+        [--pick card|cosine|PICK.json]
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +24,22 @@ import torch
 from .checkpoint import CARD_FILE, CheckpointError, atomic_write, load_checkpoint
 from .encoder import Encode
 from .phrase_bank import BANK_ENCODER, read_bank_card
+from .pick import chosen_weights
 from .retrieve_edit import Editor, EditSettings
 
 EDITOR_DIR = "editor"
 EDITOR_KEY = "editor"
 
 
-def add_editor(bank: Path, checkpoint: Path, settings: EditSettings) -> dict[str, Any]:
+def add_editor(
+    bank: Path, checkpoint: Path, settings: EditSettings, pick: str = "card"
+) -> dict[str, Any]:
     """Copy `checkpoint` into `bank`/editor and record `settings` in the bank's card (the
-    embeddings and phrases are untouched). Returns the card's "editor" entry."""
+    embeddings and phrases are untouched), their pick weights `pick`'s (`pick.chosen_weights`:
+    by default the checkpoint card's fitted pick). Returns the card's "editor" entry."""
     card = read_bank_card(bank / CARD_FILE)
     loaded = load_checkpoint(checkpoint)  # a RET checkpoint that loads, or CheckpointError
+    settings = replace(settings, pick_weights=chosen_weights(pick, loaded.card))
     encoder = loaded.card.get("encoder", {})
     if encoder.get("name") != card["encoder"].get("name", BANK_ENCODER["name"]):
         raise CheckpointError(

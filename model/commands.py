@@ -216,7 +216,7 @@ def _add_editor(args: argparse.Namespace) -> int:
             "drop_degenerate": False if args.keep_degenerate else None,
         }  # fmt: skip
         settings = EditSettings(**{k: v for k, v in given.items() if v is not None})
-        entry = add_editor(args.bank, args.checkpoint, settings)
+        entry = add_editor(args.bank, args.checkpoint, settings, args.pick)
     except (CheckpointError, ValueError) as exc:
         print(f"retd add-editor: {exc}", file=sys.stderr)
         return 2
@@ -438,5 +438,11 @@ def add_commands(
     editor.add_argument(
         "--keep-degenerate", action="store_true",
         help="let edits that add a run of 4+ equal characters or a ' -- ' tail be answers",
+    )  # fmt: skip
+    editor.add_argument(
+        "--pick", default="card",
+        help="the pick's weights: card (the checkpoint card's fitted pick, else the rule), "
+        "cosine (cosine + consensus x agreement) or a JSON file of python -m "
+        "retd.model.fit_pick's",
     )  # fmt: skip
     editor.set_defaults(run=_add_editor)

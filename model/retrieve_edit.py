@@ -3,8 +3,8 @@ and the sentence encoder picks the answer among those edits and the neighbours t
 
     python -m retd.model.retrieve_edit CHECKPOINT [--pointer] [--data-dir build/data] [--k 16]
         [--limit 500] [--per-source 0] [--consensus 0.005] [--decoder rp=1.5,rpn=2,eos=-3]
-        [--max-prefix 64] [--encoder-precision auto] [--keep-degenerate] [--threads 1]
-        [--no-cache] [--out REPORT.json] [--save-pools POOLS.json]
+        [--max-prefix 64] [--encoder-precision auto] [--keep-degenerate] [--pick card]
+        [--threads 1] [--no-cache] [--out REPORT.json] [--save-pools POOLS.json]
 
 For each asked embedding: its K nearest embedded training texts (cosine, float32), each cut to
 `--max-prefix` tokens and decoded after as a prefix (EOS between, as `neighbour_prefix` trains;
@@ -14,7 +14,10 @@ embedding (an edit's re-encoding by all-mpnet-base-v2 at `--encoder-precision`, 
 stored embedding), and, with `--consensus W`, W times their mean sentence chrF against the rest
 of the pool; the served pick ("served", a bank's answer) also leaves out the edits that add a
 run of 4+ equal characters or a " -- " tail their neighbour lacks (`degenerate`;
-`--keep-degenerate` lets them be picked). A pool holds the nearest neighbour, so picking by
+`--keep-degenerate` lets them be picked). With `--pick card` (the default, as `retd add-editor`)
+the served pick is the checkpoint card's learnt one where it has one (model/pick.py: a weighted
+sum of each candidate's features), "served_without_weights" beside it the rule it replaces;
+`--pick cosine` serves the rule. A pool holds the nearest neighbour, so picking by
 cosine never scores a lower cosine than retrieval; chrF and BLEU against the reference are what
 the pick does not see. Figures on `--limit` held-out texts evenly spaced (as `retd eval`) and,
 with `--per-source N`, on the first N of every source of the held-out and ood splits, each
@@ -31,7 +34,7 @@ import argparse
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,13 @@ from retd.model.encoder import PRECISIONS, Encode
 from retd.model.evaluate import measured_texts, nearest_k, text_scores
 from retd.model.generation import generate
 from retd.model.model import RET
+from retd.model.pick import (
+    PICK_CHOICES,
+    check_weights,
+    chosen_weights,
+    learnt_scores,
+    pool_features,
+)
 from retd.model.pointer import PointerRET
 from retd.model.tokenizer import Tokenizer
 
@@ -114,8 +124,12 @@ class EditSettings:
     # Edits that add a degenerate run or a dictionary tail their phrase lacks (`degenerate`)
     # are not candidates.
     drop_degenerate: bool = True
+    # The learnt pick (model/pick.py): each candidate scored by these weights of its features;
+    # empty: cosine + consensus × agreement.
+    pick_weights: Mapping[str, float] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "pick_weights", check_weights(self.pick_weights))
         if self.encoder not in PRECISIONS:
             raise ValueError(f"editor: encoder must be one of {PRECISIONS}, got {self.encoder!r}")
         if self.k < 1 or self.max_prefix < 1 or not self.consensus >= 0:
@@ -127,7 +141,7 @@ class EditSettings:
 
     def pick(self, pools: Pools, agreed: np.ndarray | None = None) -> np.ndarray:
         """What a bank's editor answers from `pools`: `pick` with these settings."""
-        return pick(pools, self.consensus, True, self.drop_degenerate, agreed)
+        return pick(pools, self.consensus, True, self.drop_degenerate, agreed, self.pick_weights)
 
 
 @dataclass(frozen=True)
@@ -210,18 +224,24 @@ def agreement(pools: Pools) -> np.ndarray:
 
 def pick(
     pools: Pools, consensus: float = 0.0, edits: bool = True, drop_degenerate: bool = False,
-    agreed: np.ndarray | None = None,
+    agreed: np.ndarray | None = None, weights: Mapping[str, float] | None = None,
 ) -> np.ndarray:  # fmt: skip
     """Each row's chosen candidate (an index into `pools.texts(row)`): the highest cosine,
     plus `consensus` times its mean chrF against the rest of the pool (all 2K texts; `agreed`:
-    `agreement(pools)` already computed); `edits=False` picks among the neighbours only (the
-    nearest: retrieval), `edits=True` from the whole pool, less the `degenerate` edits with
-    `drop_degenerate`."""
+    `agreement(pools)` already computed), or with `weights` the highest learnt score
+    (model/pick.py); `edits=False` picks among the neighbours only (the nearest: retrieval),
+    `edits=True` from the whole pool, less the `degenerate` edits with `drop_degenerate`."""
     k = len(pools.edits[0]) if pools.edits else 0
     if not edits:
         return np.full(len(pools.edits), k)
     scores = pools.cosine.astype(np.float64)
-    if consensus:
+    if weights:
+        agreed = agreement(pools) if agreed is None else agreed
+        scores = np.stack([
+            learnt_scores(pool_features(e, n, c, a), weights)
+            for e, n, c, a in zip(pools.edits, pools.neighbours, pools.cosine, agreed, strict=True)
+        ])  # fmt: skip
+    elif consensus:
         scores = scores + consensus * (agreement(pools) if agreed is None else agreed)
     if drop_degenerate:
         dropped = [
@@ -246,10 +266,14 @@ def figures(
         "edits_by_cosine": pools.cosine[:, :k].argmax(axis=1),
         "edits_and_neighbours_by_cosine": pick(pools),
     }
-    agreed = agreement(pools) if consensus else None  # the slow part: once
+    agreed = agreement(pools) if consensus or settings.pick_weights else None  # slow: once
     if consensus:
         choices[f"edits_and_neighbours_by_cosine_and_{consensus}_consensus"] = pick(
             pools, consensus, agreed=agreed
+        )
+    if settings.pick_weights:  # the rule the weights replace, beside them
+        choices["served_without_weights"] = pick(
+            pools, consensus, True, settings.drop_degenerate, agreed
         )
     choices["served"] = settings.pick(pools, agreed)
     report: dict[str, dict[str, float]] = {}
@@ -278,6 +302,7 @@ def run(args: argparse.Namespace, encode: Encode | None = None) -> dict[str, Any
     settings = EditSettings(
         args.k, args.consensus, args.decoder, args.max_prefix, args.pointer,
         args.encoder_precision, drop_degenerate=not args.keep_degenerate,
+        pick_weights=chosen_weights(args.pick, loaded.card),
     )  # fmt: skip
     editor = Editor.of(loaded.model, loaded.tokenizer, encode, settings)
     # Every text measured, held-out and per source, searched and decoded in one pass.
@@ -356,6 +381,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--keep-degenerate", action="store_true", default=not EDIT.drop_degenerate,
         help="let degenerate edits be picked (served)",
     )  # fmt: skip
+    ap.add_argument("--pick", default="card", help=f"the served pick's weights: {PICK_CHOICES}")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-cache", action="store_true", help="decode without the KV cache")
     ap.add_argument("--out", type=Path, default=None, help="write the report here (JSON)")

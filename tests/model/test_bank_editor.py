@@ -48,7 +48,10 @@ def test_an_editor_is_copied_in_and_its_settings_recorded(
         return np.ones((len(texts), 768), np.float32)
 
     editor = load_editor(bank, after.card, after.bank.embeddings.device, encode)
-    assert editor is not None and editor.settings == EditSettings(3, 0.005, "rp=1.2,max=9")
+    fitted = json.loads((POINTER / "card.json").read_text())["pick"]["weights"]
+    assert entry["pick_weights"] == fitted  # unset --pick: the checkpoint card's fitted pick
+    assert editor is not None
+    assert editor.settings == EditSettings(3, 0.005, "rp=1.2,max=9", pick_weights=fitted)
     assert load_editor(bank, before.card, after.bank.embeddings.device, encode) is None
     # a second add-editor replaces the first
     argv = ["add-editor", str(bank), str(POINTER), "--no-pointer", "--encoder-precision", "fast"]
@@ -59,15 +62,31 @@ def test_an_editor_is_copied_in_and_its_settings_recorded(
     # a card written before drop_degenerate existed takes its default
     del entry["drop_degenerate"]
     assert editor_settings({"editor": entry}, bank) == EditSettings(
-        pointer=False, encoder="fast", drop_degenerate=EditSettings().drop_degenerate
-    )
+        pointer=False, encoder="fast", drop_degenerate=EditSettings().drop_degenerate,
+        pick_weights=fitted,
+    )  # fmt: skip
     with pytest.raises(ValueError, match="encoder must be one of"):
         EditSettings(encoder="int4")
+
+
+def test_the_pick_is_the_cards_the_rule_or_a_fitted_file(bank: Path, tmp_path: Path) -> None:
+    assert main(["add-editor", str(bank), str(POINTER), "--pick", "cosine"]) == 0
+    assert load_phrase_bank(bank).card["editor"]["pick_weights"] == {}  # cosine + consensus
+    fitted = tmp_path / "pick.json"
+    fitted.write_text(json.dumps({"weights": {"cosine": 1, "length_ratio": 0.5}}))
+    assert main(["add-editor", str(bank), str(POINTER), "--pick", str(fitted)]) == 0
+    entry = load_phrase_bank(bank).card["editor"]
+    assert entry["pick_weights"] == {"cosine": 1.0, "length_ratio": 0.5}
+    settings = editor_settings({"editor": entry}, bank)
+    assert settings is not None and settings.pick_weights == entry["pick_weights"]
+    del entry["pick_weights"]  # a card written before the learnt pick: the rule
+    assert editor_settings({"editor": entry}, bank) == EditSettings()
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["--pick", "nowhere.json"], "--pick must be card, cosine or a JSON file"),
         (["--k", "0"], "k and max_prefix must be at least 1"),
         (["--consensus", "-1"], "consensus >= 0"),
         (["--decoder", "rp"], "decoder 'rp': expected key=value"),

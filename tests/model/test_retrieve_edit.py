@@ -154,6 +154,11 @@ def test_a_run_scores_every_pick_beside_retrieval_from_the_same_bank(tmp_path: P
     assert table.splitlines()[-1].count("|") == 2 + 2 + 3  # retrieval, two picks, served
     kept = run(parse_args([*argv[:-2], "--keep-degenerate"]))
     assert kept["drop_degenerate"] is False
+    assert "served_without_weights" not in report["heldout"]  # ret_tiny's card: no pick
+    longer = {"cosine": 1.0, "length_ratio": 1.0}
+    (tmp_path / "pick.json").write_text(json.dumps({"weights": longer}))
+    learnt = run(parse_args([*argv[:-2], "--pick", str(tmp_path / "pick.json")]))["heldout"]
+    assert learnt["served_without_weights"] == report["heldout"]["served"]  # the rule, beside
     saved = json.loads((tmp_path / "pools.json").read_text())  # every text measured, in order
     assert saved["texts"] == refs + [held.texts[i] for i in range(3)]
     assert [len(row) for row in saved["edits"]] == [2] * 9 and np.shape(saved["cosine"]) == (9, 4)
@@ -163,6 +168,9 @@ def test_a_run_scores_every_pick_beside_retrieval_from_the_same_bank(tmp_path: P
     chosen = pick(held_pools, 0.005, drop_degenerate=True)
     answers = [held_pools.texts(r)[c] for r, c in enumerate(chosen.tolist())]
     assert report["heldout"]["served"]["chrf"] == round(text_scores(answers, refs)["chrf"], 2)
+    chosen = pick(held_pools, 0.005, drop_degenerate=True, weights=longer)
+    answers = [held_pools.texts(r)[c] for r, c in enumerate(chosen.tolist())]
+    assert learnt["served"]["chrf"] == round(text_scores(answers, refs)["chrf"], 2)
     for wrong in (["--k", "0"], ["--limit", "0"]):
         with pytest.raises(SystemExit):
             parse_args([str(init), *wrong])

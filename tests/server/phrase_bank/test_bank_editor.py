@@ -17,6 +17,7 @@ from retd.model.bank_editor import load_editor
 from retd.model.checkpoint import init_checkpoint
 from retd.model.embed import load_split
 from retd.model.phrase_bank import load_phrase_bank, save_phrase_bank
+from retd.model.retrieve_edit import agreement, pick
 from retd.v1 import decoder_pb2 as pb
 from retd.v1 import decoder_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer, start_server
@@ -82,6 +83,21 @@ def test_decode_answers_what_the_editor_picks_offline(
     assert any(edited for *_, edited in offline)  # the pointer edits some of them
     # a phrase that answers unedited is the bank's, whole
     assert all(r.text in TEXTS for r in results if r.source == pb.ANSWER_SOURCE_PHRASE_BANK)
+
+
+def test_the_served_pick_is_the_editor_cards_learnt_one(bank: Path) -> None:
+    # The answers above are the learnt pick's (the editor card's weights, recorded by
+    # add-editor), and on these texts it is not the rule's: a server picking by the rule
+    # would fail the comparison above.
+    loaded = load_phrase_bank(bank)
+    editor = load_editor(bank, loaded.card, torch.device("cpu"))
+    assert editor is not None and editor.settings.pick_weights
+    scores, rows = loaded.bank.search(torch.from_numpy(ASKED), K)
+    pools = editor.pools(ASKED, [[TEXTS[i] for i in row] for row in rows.tolist()], scores.numpy())
+    agreed = agreement(pools)
+    settings = editor.settings
+    rule = pick(pools, settings.consensus, True, settings.drop_degenerate, agreed)
+    assert (settings.pick(pools, agreed) != rule).any()
 
 
 def test_one_decode_through_the_client_says_an_edit_answered(
