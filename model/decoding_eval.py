@@ -184,16 +184,27 @@ def consensus_scores(pool: Sequence[str]) -> np.ndarray:
     """Each text's mean sentence chrF against the pool's other texts, (len(pool),) float64
     (zeros for a pool of one)."""
     from sacrebleu.metrics import CHRF
+    from sacrebleu.metrics.helpers import extract_all_char_ngrams
 
     if len(pool) < 2:
         return np.zeros(len(pool))
     chrf = CHRF()
+    # sacrebleu's own steps of `chrf.sentence_score(a, [b])` (chrF: character n-grams only),
+    # with each text's n-grams extracted once rather than 2 (len(pool) - 1) times.
+    grams = [
+        extract_all_char_ngrams(chrf._preprocess_segment(t), chrf.char_order, chrf.whitespace)
+        for t in pool
+    ]
 
-    def consensus(i: int) -> float:
-        others = [b for j, b in enumerate(pool) if j != i]
-        return float(np.mean([chrf.sentence_score(pool[i], [b]).score for b in others]))
+    def score(hyp: int, ref: int) -> float:
+        stats: list[int] = []
+        for h, r in zip(grams[hyp], grams[ref], strict=True):
+            stats.extend(chrf._get_match_statistics(h, r))
+        return float(chrf._compute_score_from_stats(stats).score)
 
-    return np.array([consensus(i) for i in range(len(pool))])
+    return np.array(
+        [np.mean([score(i, j) for j in range(len(pool)) if j != i]) for i in range(len(pool))]
+    )
 
 
 def pool_cosines(

@@ -248,12 +248,17 @@ def load_phrase_bank_engine(spec: ModelSpec) -> PhraseBankEngine:
     )
     if editor is not None:
         edits = editor.settings
+        picked = (
+            f"the learnt pick ({len(edits.pick_weights)} feature weights)"
+            if edits.pick_weights
+            else f"cosine + {edits.consensus:g} x agreement"
+        )
         log.info(
-            "model %s edits its answers: %s of the %d nearest phrases (%s), consensus %g",
+            "model %s edits its answers: %s of the %d nearest phrases (%s), picked by %s",
             spec.name,
             "PointerRET" if edits.pointer else "RET",
             edits.k,
             edits.decoder,
-            edits.consensus,
+            picked,
         )
     return PhraseBankEngine(spec.name, loaded, settings.scheduler, editor)

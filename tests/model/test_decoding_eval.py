@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from retd.model.decoding_eval import (
     Decoder,
+    consensus_scores,
     cosine_pick,
     decode_all,
     guided_step,
@@ -61,6 +62,23 @@ def test_the_mbr_pick_is_one_of_the_pool_and_a_majority_wins(pool: list[str]) ->
     # a text said by most of the pool (sharing no letter with the rest) is its consensus
     majority = "quiz glyph rhythm"
     assert mbr_pick([majority] * (len(pool) + 1) + pool) == majority
+
+
+@given(st.lists(st.text(alphabet="abAB .,é\t", max_size=24), min_size=0, max_size=6))
+def test_the_consensus_is_each_texts_mean_sentence_chrf_against_the_others(
+    pool: list[str],
+) -> None:
+    # consensus_scores reuses each text's n-grams; sacrebleu's sentence_score is the reference
+    from sacrebleu.metrics import CHRF
+
+    chrf = CHRF()
+    expected = [
+        np.mean([chrf.sentence_score(a, [b]).score for j, b in enumerate(pool) if j != i])
+        if len(pool) > 1
+        else 0.0  # a pool of one agrees with nothing
+        for i, a in enumerate(pool)
+    ]
+    assert consensus_scores(pool).tolist() == expected
 
 
 def test_the_mbr_pick_is_the_consensus_not_the_outlier() -> None:
