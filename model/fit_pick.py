@@ -36,8 +36,8 @@ import torch
 from retd.model.decoding_eval import consensus_scores
 from retd.model.embed import SHARD_SIZE, shard_order
 from retd.model.encoder import PRECISIONS
-from retd.model.pick import FEATURES, fit, pool_features, served_weights
-from retd.model.retrieve_edit import EditSettings, degenerate
+from retd.model.pick import fit, learnt_scores, pool_features, served_weights
+from retd.model.retrieve_edit import EditSettings, degenerate_edits
 
 EDIT = EditSettings()
 
@@ -101,9 +101,10 @@ def build_pools(args: argparse.Namespace, settings: EditSettings) -> set[int]:
     if args.pools.exists():
         done = {json.loads(line)["line"] for line in args.pools.open(encoding="utf-8")}
     chosen = chosen_lines(args.data_dir / "corpus", seen, args.per_source, args.seed)
-    todo = [(i, s) for i, s in chosen[: args.max_pools or None] if i not in done]
+    chosen = chosen[: args.max_pools or None]
+    todo = [(i, s) for i, s in chosen if i not in done]
     print(f"fit_pick: {len(done)} pools there, {len(todo)} to build", flush=True)
-    wanted = {i for i, _ in chosen[: args.max_pools or None]}
+    wanted = {i for i, _ in chosen}
     if not todo:
         return wanted
     loaded = load_checkpoint(args.checkpoint)
@@ -148,8 +149,7 @@ def featurise(pools: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
         texts = pool["edits"] + pool["neighbours"]
         agreed = consensus_scores(texts)
         features.append(pool_features(pool["edits"], pool["neighbours"], pool["cosine"], agreed))
-        pairs = zip(pool["edits"], pool["neighbours"], strict=True)
-        dropped.append([degenerate(e, n) for e, n in pairs] + [False] * len(pool["neighbours"]))
+        dropped.append(degenerate_edits(pool["edits"], pool["neighbours"]))
         target.append([chrf.sentence_score(t, [pool["ref"]]).score / 100 for t in texts])
     return {
         "features": np.array(features),
@@ -160,8 +160,7 @@ def featurise(pools: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 def chosen_target(data: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
     """(P,) the target of each pool's pick under `weights` (degenerate edits never picked)."""
-    w = np.array([weights.get(name, 0.0) for name in FEATURES])
-    scores = np.where(data["dropped"], -np.inf, data["features"] @ w)  # (P, 2K)
+    scores = np.where(data["dropped"], -np.inf, learnt_scores(data["features"], weights))
     return data["target"][np.arange(len(scores)), scores.argmax(axis=1)]
 
 

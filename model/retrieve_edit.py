@@ -35,7 +35,7 @@ import json
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +217,13 @@ def degenerate(edit: str, phrase: str) -> bool:
     return any(p.search(edit) is not None and p.search(phrase) is None for p in DEGENERATE)
 
 
+def degenerate_edits(edits: Sequence[str], neighbours: Sequence[str]) -> list[bool]:
+    """(2K,) which of a pool's candidates `degenerate` leaves out: edits only, never a
+    neighbour."""
+    pairs = zip(edits, neighbours, strict=True)
+    return [degenerate(e, n) for e, n in pairs] + [False] * len(neighbours)
+
+
 def agreement(pools: Pools) -> np.ndarray:
     """(N, 2K) each candidate's mean sentence chrF against the rest of its pool."""
     return np.stack([consensus_scores(pools.texts(r)) for r in range(len(pools.edits))])
@@ -234,7 +241,6 @@ def pick(
     k = len(pools.edits[0]) if pools.edits else 0
     if not edits:
         return np.full(len(pools.edits), k)
-    scores = pools.cosine.astype(np.float64)
     if weights:
         agreed = agreement(pools) if agreed is None else agreed
         scores = np.stack([
@@ -242,12 +248,13 @@ def pick(
             for e, n, c, a in zip(pools.edits, pools.neighbours, pools.cosine, agreed, strict=True)
         ])  # fmt: skip
     elif consensus:
-        scores = scores + consensus * (agreement(pools) if agreed is None else agreed)
+        agreed = agreement(pools) if agreed is None else agreed
+        scores = pools.cosine.astype(np.float64) + consensus * agreed
+    else:
+        scores = pools.cosine.astype(np.float64)
     if drop_degenerate:
-        dropped = [
-            [degenerate(e, n) for e, n in zip(row, pools.neighbours[r], strict=True)] + [False] * k
-            for r, row in enumerate(pools.edits)
-        ]
+        rows = zip(pools.edits, pools.neighbours, strict=True)
+        dropped = [degenerate_edits(e, n) for e, n in rows]
         scores = np.where(np.array(dropped, dtype=bool), -np.inf, scores)
     return scores.argmax(axis=1)
 
@@ -272,9 +279,7 @@ def figures(
             pools, consensus, agreed=agreed
         )
     if settings.pick_weights:  # the rule the weights replace, beside them
-        choices["served_without_weights"] = pick(
-            pools, consensus, True, settings.drop_degenerate, agreed
-        )
+        choices["served_without_weights"] = replace(settings, pick_weights={}).pick(pools, agreed)
     choices["served"] = settings.pick(pools, agreed)
     report: dict[str, dict[str, float]] = {}
     for name, chosen in choices.items():
