@@ -54,21 +54,28 @@ venv: $(VENV)/.server
 dev: $(VENV)/.dev
 encoder: $(VENV)/.encoder
 
-## Serve the shipped, trained RET v2.1 on 127.0.0.1:50051 (or CHECKPOINT=DIR; Ctrl-C drains).
-## Where `make datastore` (or `make train`) has built EDIT_BANK (the training texts with the
-## pointer editor), the default model is that bank, answering Decode by retrieve, edit, verify
-## (README), beside the shipped checkpoint as `ret_v21`; it needs the encoder, which it then
-## installs. Without it, the model alone, and a line saying how to build the bank.
+## Serve on 127.0.0.1:50051 (Ctrl-C drains) the measured default: EDIT_BANK, the training
+## texts with the pointer editor, answering Decode by retrieve, edit, verify (README), beside
+## the shipped checkpoint as `ret_v21`. Where neither `make datastore` nor `make train` has
+## built EDIT_BANK, it is built first from the committed codes of the training texts
+## (model/datastore) and the corpus (~10 min, once; README, "A datastore that travels").
+## CHECKPOINT=DIR serves that checkpoint alone, with nothing built.
 EDIT_BANK ?= build/banks/train
 SHIPPED := model/checkpoints/ret_v21_bpe1792
 SHIPPED_EDITOR := model/checkpoints/ret_v21_bpe1792_pointer
-EDITING := $(if $(CHECKPOINT),,$(wildcard $(EDIT_BANK)/card.json))
-serve: $(VENV)/.server $(if $(EDITING),$(VENV)/.encoder)
-	$(if $(EDITING)$(CHECKPOINT),,@echo "no $(EDIT_BANK) yet: serving the model alone;" \
-		"make datastore builds the measured retrieve-edit-verify default (README)")
-	$(BIN)/retd serve $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
-		$(if $(EDITING),--model edit=$(EDIT_BANK) --model ret_v21=$(SHIPPED) --default-model edit) \
+SHIPPED_CODES := model/datastore
+serve: $(VENV)/.server $(if $(CHECKPOINT),,$(VENV)/.encoder $(EDIT_BANK)/card.json)
+	$(BIN)/retd serve $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT), \
+		--model edit=$(EDIT_BANK) --model ret_v21=$(SHIPPED) --default-model edit) \
 		$(SERVE_ARGS)
+
+# The coded bank: the corpus's training texts, each with its committed codes (those the codes
+# lack, from newer packages, embedded here), and the shipped editor.
+$(EDIT_BANK)/card.json: | $(VENV)/.train
+	$(CORPUS)
+	$(BIN)/retd build-phrase-bank --from-split $(TRAIN_DATA) --codes $(SHIPPED_CODES) \
+		--out $(EDIT_BANK)
+	$(BIN)/retd add-editor $(EDIT_BANK) $(SHIPPED_EDITOR)
 
 ## Install what the tests need, check hygiene (ruff, mypy), and run every test, on
 ## PYTEST_WORKERS processes (pytest-xdist; 0: in this one).

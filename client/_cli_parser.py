@@ -35,6 +35,7 @@ SERVER_COMMANDS = {
     "promote": "make a training run the committed checkpoint if better (needs retd[encoder])",
     "build-phrase-bank": "embed a text file into a phrase bank to serve (needs retd[encoder])",
     "add-editor": "give a phrase bank a RET checkpoint that edits its answers (retd[encoder])",
+    "compress-bank": "store a phrase bank's embeddings as 32-byte codes (needs retd[encoder])",
 }
 
 _EPILOG = """\

@@ -130,6 +130,13 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _build_phrase_bank(args: argparse.Namespace) -> int:
+    if args.codes is not None:
+        from retd.model.datastore_codes import bank_from_codes
+
+        if args.from_split is None:
+            print("retd build-phrase-bank: --codes needs --from-split", file=sys.stderr)
+            return 2
+        return bank_from_codes(args)
     if args.from_split is not None:
         return _bank_from_split(args)
     import torch
@@ -201,6 +208,12 @@ def _write_bank(
     summary = {"checkpoint": str(path), "phrases": len(phrases), **source, "dtype": args.dtype}
     print(json.dumps(summary, indent=2, ensure_ascii=False))
     return 0
+
+
+def _compress_bank(args: argparse.Namespace) -> int:
+    from retd.model.datastore_codes import compress_bank
+
+    return compress_bank(args)
 
 
 def _add_editor(args: argparse.Namespace) -> int:
@@ -397,6 +410,12 @@ def add_commands(
     )
     bank.add_argument("--split", default="train", help="the split --from-split reads (train)")
     bank.add_argument(
+        "--codes", type=Path, metavar="DIR",
+        help="with --from-split: the split's texts (no embeddings needed) with the codes "
+        "`retd compress-bank` wrote to DIR (model/datastore: the training split's), as a "
+        "coded bank; texts the codes lack are embedded",
+    )  # fmt: skip
+    bank.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="checkpoint directory to write"
     )
     bank.add_argument("--name", help="the bank's name on its card (default: DIR's name)")
@@ -446,3 +465,20 @@ def add_commands(
         "retd.model.fit_pick's",
     )  # fmt: skip
     editor.set_defaults(run=_add_editor)
+    compressed = commands.add_parser(
+        "compress-bank",
+        help=helps["compress-bank"],
+        description="Fit OPQ product quantisation (faiss) on a phrase bank's embeddings and "
+        "write them as M-byte codes with each phrase's key, for `retd build-phrase-bank "
+        "--codes` (README, 'A datastore that travels').",
+    )
+    compressed.add_argument("bank", type=Path, help="a phrase_bank checkpoint directory")
+    compressed.add_argument("--out", type=Path, required=True, metavar="DIR")
+    compressed.add_argument("--m", type=int, default=32, help="bytes a phrase (default 32)")
+    compressed.add_argument("--sample", type=int, default=100_000, help="rows fit on")
+    compressed.add_argument("--seed", type=int, default=0, help="the sample's and fit's seed")
+    compressed.add_argument(
+        "--opq-iterations", type=int, default=50, help="the rotation's iterations (50)"
+    )
+    compressed.add_argument("--threads", type=int, default=1, help="the fit's threads (1)")
+    compressed.set_defaults(run=_compress_bank)

@@ -11,6 +11,9 @@ A bank checkpoint is a directory of three files:
   each row L2-normalised;
 - `phrases.json`: the phrases as a JSON list of strings (UTF-8); row i embeds phrases[i]. JSON
   keeps any text intact, newlines included.
+
+A coded bank (`dtype: "opq"`, model/coded_bank.py) keeps `codes.safetensors`, 32 bytes a
+phrase, in place of the embeddings, and re-embeds the candidates its codes find.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import (
@@ -38,7 +42,8 @@ from .checkpoint import (
     read_card,
     resolve_device,
 )
-from .encoder import ENCODER_DIM, ENCODER_NAME, ENCODER_WEIGHTS_SHA256, sha256_file
+from .coded_bank import CODED, CODES_FILE, RESCORE, CodedPhraseBank, Quantizer, read_codes
+from .encoder import ENCODER_DIM, ENCODER_NAME, ENCODER_WEIGHTS_SHA256, Encode, sha256_file
 
 EMBEDDINGS_FILE = "embeddings.safetensors"
 PHRASES_FILE = "phrases.json"
@@ -53,6 +58,27 @@ BANK_ENCODER: Mapping[str, Any] = MappingProxyType(
 )
 # A stored row's norm may differ from 1 by float16 rounding (about 1e-3), not more.
 NORM_TOLERANCE = 1e-2
+
+
+class Searchable(Protocol):
+    """What serves a bank: its phrases and a search (`PhraseBank`, coded_bank's
+    `CodedPhraseBank`)."""
+
+    phrases: list[str]
+    max_bytes: int
+
+    def __len__(self) -> int: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class PhraseBank:
@@ -81,6 +107,14 @@ class PhraseBank:
     def dim(self) -> int:
         return int(self.embeddings.shape[1])
 
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeddings.dtype
+
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The `k` nearest phrases of each query row (queries need not be unit length):
         (scores, rows), both (len(queries), min(k, len(self))), best first. Scores are cosine
@@ -96,9 +130,9 @@ class PhraseBank:
 class LoadedPhraseBank:
     """A phrase bank ready to search, with where it came from."""
 
-    bank: PhraseBank
+    bank: Searchable
     card: dict[str, Any]
-    sha256: str  # of the embeddings file
+    sha256: str  # of the embeddings (or codes) file
     path: Path
 
     @property
@@ -118,7 +152,7 @@ def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _phrases_json(phrases: Sequence[str]) -> bytes:
+def phrases_json(phrases: Sequence[str]) -> bytes:
     return (json.dumps(list(phrases), ensure_ascii=False, indent=0) + "\n").encode("utf-8")
 
 
@@ -168,7 +202,7 @@ def save_phrase_bank(
         directory / EMBEDDINGS_FILE,
         lambda tmp: save_file({EMBEDDINGS_TENSOR: stored}, tmp, metadata={"format": "pt"}),
     )
-    phrases_data = _phrases_json(phrases)
+    phrases_data = phrases_json(phrases)
     atomic_write(directory / PHRASES_FILE, lambda tmp: Path(tmp).write_bytes(phrases_data))
     card = {
         "format": CARD_FORMAT,
@@ -236,7 +270,7 @@ def read_bank_card(path: Path) -> dict[str, Any]:
     return card
 
 
-def _read_phrases(path: Path, card: Mapping[str, Any]) -> list[str]:
+def read_phrases_json(path: Path, card: Mapping[str, Any]) -> list[str]:
     try:
         data = path.read_bytes()
         phrases = json.loads(data.decode("utf-8"))
@@ -297,30 +331,74 @@ def _check_rows(matrix: torch.Tensor, path: Path) -> None:
         )
 
 
-def load_phrase_bank(
+def save_coded_bank(
     directory: str | Path,
+    phrases: Sequence[str],
+    quantizer: Quantizer,
+    codes: np.ndarray,
     *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-) -> LoadedPhraseBank:
-    """Load and check a phrase-bank directory; `dtype` None keeps the stored dtype."""
+    name: str,
+    source: Mapping[str, Any] | None = None,
+    rescore: int = RESCORE,
+) -> Path:
+    """Write a coded phrase bank (coded_bank): row i of `codes` codes phrases[i]'s embedding."""
     directory = Path(directory)
-    device = resolve_device(device) if isinstance(device, str) else device
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    if not (directory / CARD_FILE).is_file():
-        raise CheckpointError(f"phrase bank {directory} is missing {CARD_FILE}")
-    card = read_bank_card(directory / CARD_FILE)  # first: a checkpoint of another kind says so
-    for required in (EMBEDDINGS_FILE, PHRASES_FILE):
-        if not (directory / required).is_file():
-            raise CheckpointError(f"phrase bank {directory} is missing {required}")
-    matrix, digest = _read_embeddings(directory / EMBEDDINGS_FILE, card)
-    phrases = _read_phrases(directory / PHRASES_FILE, card)
-    if len(phrases) != matrix.shape[0]:
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {**quantizer.tensors(), "codes": np.asarray(codes, dtype=np.uint8)}
+    atomic_write(directory / CODES_FILE, lambda tmp: save_numpy(tensors, tmp))
+    data = phrases_json(phrases)
+    atomic_write(directory / PHRASES_FILE, lambda tmp: Path(tmp).write_bytes(data))
+    card = {
+        "format": CARD_FORMAT,
+        "kind": PHRASE_BANK_KIND,
+        "name": name,
+        "version": "1",
+        "encoder": dict(BANK_ENCODER),
+        "phrase_count": len(phrases),
+        "dtype": CODED,
+        "rescore": rescore,
+        "weights_sha256": sha256_file(directory / CODES_FILE),
+        "phrases_sha256": _sha256_bytes(data),
+        "source": dict(source or {}),
+    }
+    text = json.dumps(card, indent=2, sort_keys=True) + "\n"
+    atomic_write(directory / CARD_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return directory
+
+
+def _coded(
+    directory: Path, card: Mapping[str, Any], phrases: list[str], encode: Encode | None
+) -> tuple[CodedPhraseBank, str]:
+    """A coded bank's search over `phrases`, re-embedding with `encode` (None: the installed
+    encoder, `auto` precision), and its codes file's sha256."""
+    tensors, digest = read_codes(
+        directory / CODES_FILE, ("rotation", "centroids", "codes"), card.get("weights_sha256")
+    )
+    rescore = card.get("rescore", RESCORE)
+    if not isinstance(rescore, int) or isinstance(rescore, bool) or rescore < 1:
+        raise CheckpointError(f"{directory / CARD_FILE}: rescore must be a positive integer")
+    if encode is None:
+        from .encoder import SentenceEncoder
+
+        encode = SentenceEncoder.load(precision="auto").encode
+    quantizer = Quantizer(tensors["rotation"], tensors["centroids"])
+    if quantizer.rotation.shape[0] != card["encoder"]["dim"]:
         raise CheckpointError(
-            f"phrase bank {directory}: {PHRASES_FILE} holds {len(phrases)} phrases but "
-            f"{EMBEDDINGS_FILE} has {matrix.shape[0]} rows; row i must embed phrase i"
+            f"{directory / CODES_FILE} codes {quantizer.rotation.shape[0]}-dim vectors but "
+            f"encoder {card['encoder'].get('name')!r} embeds into {card['encoder']['dim']}"
         )
+    try:
+        return CodedPhraseBank(phrases, quantizer, tensors["codes"], encode, rescore), digest
+    except ValueError as exc:
+        raise CheckpointError(f"phrase bank {directory}: {exc}") from None
+
+
+def _counted(
+    directory: Path, card: Mapping[str, Any], phrases: list[str] | None = None
+) -> list[str]:
+    """The bank's phrases (read here unless given), as many as its card names, at least one."""
+    if phrases is None:
+        phrases = read_phrases_json(directory / PHRASES_FILE, card)
     if card["phrase_count"] != len(phrases):
         raise CheckpointError(
             f"phrase bank {directory}: {CARD_FILE} names {card['phrase_count']!r} phrases "
@@ -328,6 +406,42 @@ def load_phrase_bank(
         )
     if not phrases:
         raise CheckpointError(f"phrase bank {directory} holds no phrase")
+    return phrases
+
+
+def load_phrase_bank(
+    directory: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    encode: Encode | None = None,
+) -> LoadedPhraseBank:
+    """Load and check a phrase-bank directory; `dtype` None keeps the stored dtype. A coded
+    bank (coded_bank) searches on the CPU and re-embeds with `encode` (None: the installed
+    sentence encoder)."""
+    directory = Path(directory)
+    device = resolve_device(device) if isinstance(device, str) else device
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    if not (directory / CARD_FILE).is_file():
+        raise CheckpointError(f"phrase bank {directory} is missing {CARD_FILE}")
+    card = read_bank_card(directory / CARD_FILE)  # first: a checkpoint of another kind says so
+    coded = card.get("dtype") == CODED
+    for required in (CODES_FILE if coded else EMBEDDINGS_FILE, PHRASES_FILE):
+        if not (directory / required).is_file():
+            raise CheckpointError(f"phrase bank {directory} is missing {required}")
+    if coded:
+        phrases = _counted(directory, card)
+        bank, digest = _coded(directory, card, phrases, encode)
+        return LoadedPhraseBank(bank, card, digest, directory)
+    matrix, digest = _read_embeddings(directory / EMBEDDINGS_FILE, card)
+    phrases = read_phrases_json(directory / PHRASES_FILE, card)
+    if len(phrases) != matrix.shape[0]:
+        raise CheckpointError(
+            f"phrase bank {directory}: {PHRASES_FILE} holds {len(phrases)} phrases but "
+            f"{EMBEDDINGS_FILE} has {matrix.shape[0]} rows; row i must embed phrase i"
+        )
+    _counted(directory, card, phrases)
     _check_rows(matrix, directory / EMBEDDINGS_FILE)
     matrix = matrix.to(device=device, dtype=dtype or matrix.dtype).contiguous()
     return LoadedPhraseBank(PhraseBank(phrases, matrix), card, digest, directory)

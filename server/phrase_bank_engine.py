@@ -13,16 +13,19 @@ rewrites them all in one batch, and each row's answer is the pick among its edit
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from retd.model.bank_editor import load_editor
-from retd.model.checkpoint import parse_dtype, resolve_device
+from retd.model.bank_editor import editor_settings, load_editor
+from retd.model.checkpoint import CARD_FILE, parse_dtype, resolve_device
+from retd.model.coded_bank import CodedPhraseBank, is_coded
 from retd.model.decoding import FinishReason
+from retd.model.encoder import Encode
 from retd.model.kinds import PHRASE_BANK_KIND
-from retd.model.phrase_bank import LoadedPhraseBank, load_phrase_bank
-from retd.model.retrieve_edit import Editor
+from retd.model.phrase_bank import LoadedPhraseBank, load_phrase_bank, read_bank_card
+from retd.model.retrieve_edit import Editor, EditSettings
 from retd.server.config import DecodeDefaults, ModelSpec
 from retd.server.engine import Engine, ModelDescription, SequenceRequest
 from retd.server.handles import Candidate, Event, SequenceResult, TokenDelta
@@ -63,8 +66,7 @@ class PhraseBankEngine(Engine):
             parameter_count=len(bank) * bank.dim,
             phrase_count=len(bank),
         )
-        matrix = bank.embeddings
-        super().__init__(name, description, matrix.device, matrix.dtype, scheduler_config)
+        super().__init__(name, description, bank.device, bank.dtype, scheduler_config)
         self.loaded = loaded
         self.editor = editor
 
@@ -229,21 +231,40 @@ def _search_params(joiner: Joiner) -> SearchParams:
     return params
 
 
+def _coded_bank_encoder(bank: Path, device: torch.device) -> Encode | None:
+    """A coded bank's re-embedding, shared with its editor (at the editor's precision): the
+    sentence encoder, loaded once; None for a bank that searches its stored embeddings."""
+    if not is_coded(bank):
+        return None
+    card = read_bank_card(bank / CARD_FILE)
+    settings = editor_settings(card, bank) or EditSettings()
+    from retd.model.encoder import SentenceEncoder  # transformers: only where a bank needs it
+
+    return SentenceEncoder.load(precision=settings.encoder, device=str(device)).encode
+
+
 def load_phrase_bank_engine(spec: ModelSpec) -> PhraseBankEngine:
     """Load a phrase bank onto its device (not yet warmed up)."""
     settings = spec.settings
     device = resolve_device(settings.device)
-    loaded = load_phrase_bank(spec.checkpoint, device=device, dtype=parse_dtype(settings.dtype))
-    editor = load_editor(loaded.path, loaded.card, device)
+    encode = _coded_bank_encoder(Path(spec.checkpoint), device)
+    loaded = load_phrase_bank(
+        spec.checkpoint, device=device, dtype=parse_dtype(settings.dtype), encode=encode
+    )
+    editor = load_editor(loaded.path, loaded.card, device, encode)
     bank = loaded.bank
+    stored = (
+        f"{bank.quantizer.m}-byte codes, {bank.rescore} re-embedded a search, on cpu"
+        if isinstance(bank, CodedPhraseBank)
+        else f"{settings.dtype} on {device}"
+    )
     log.info(
-        "model %s loaded: phrase bank %s, %d phrases x %d, %s on %s, sha256 %s",
+        "model %s loaded: phrase bank %s, %d phrases x %d, %s, sha256 %s",
         spec.name,
         loaded.version,
         len(bank),
         bank.dim,
-        settings.dtype,
-        device,
+        stored,
         loaded.sha256[:12],
     )
     if editor is not None:

@@ -144,30 +144,40 @@ def test_make_serve_installs_what_the_examples_after_it_call() -> None:
     assert "grpcurl" in (REPO / "README.md").read_text().split("## Calling the daemon")[0]
 
 
-def test_make_serve_serves_the_edit_bank_once_make_train_has_built_it(tmp_path: Path) -> None:
-    """Without EDIT_BANK, the shipped checkpoint alone; with it, the bank as the default model
-    beside the shipped checkpoint (and the encoder installed first); CHECKPOINT= overrides."""
+def test_make_serve_serves_the_edit_bank_built_from_the_committed_codes_where_missing(
+    tmp_path: Path,
+) -> None:
+    """The edit bank as the default model beside the shipped checkpoint (the encoder installed
+    first); where no bank is built yet, it is built first from the corpus and the committed
+    codes, with the shipped editor; CHECKPOINT= serves that checkpoint alone, nothing built."""
 
     def serve_command(*variables: str) -> str:
         dry_run = make_dry_run("serve", *variables)
         return " ".join(dry_run.replace("\\\n", " ").split("retd serve")[-1].split())
 
-    def says_how_to_build_it(*variables: str) -> bool:
-        return "make datastore builds" in make_dry_run("serve", *variables).split("retd serve")[0]
+    def steps(*variables: str) -> list[str]:
+        before = make_dry_run("serve", *variables).replace("\\\n", " ").split("retd serve")[0]
+        return [" ".join(line.split("/bin/retd ", 1)[1].split()) for line in before.splitlines()
+                if "/bin/retd " in line]  # fmt: skip
 
-    bank = tmp_path / "bank"
-    assert serve_command(f"EDIT_BANK={bank}") == ""  # nothing built: the shipped checkpoint
-    assert says_how_to_build_it(f"EDIT_BANK={bank}")
-    bank.mkdir()
-    (bank / "card.json").write_text("{}")
-    assert serve_command(f"EDIT_BANK={bank}") == (
+    bank, data = tmp_path / "bank", tmp_path / "data"
+    served = (
         f"--model edit={bank} --model ret_v21=model/checkpoints/ret_v21_bpe1792 "
         "--default-model edit"
     )
-    assert not says_how_to_build_it(f"EDIT_BANK={bank}")
+    assert serve_command(f"EDIT_BANK={bank}") == served
+    assert steps(f"EDIT_BANK={bank}", f"TRAIN_DATA={data}") == [
+        f"corpus --data-dir {data}",
+        f"build-phrase-bank --from-split {data} --codes model/datastore --out {bank}",
+        f"add-editor {bank} model/checkpoints/ret_v21_bpe1792_pointer",
+    ]
+    assert (REPO / "model/datastore/codes.safetensors").is_file()  # committed, not built
+    bank.mkdir()
+    (bank / "card.json").write_text("{}")
+    assert serve_command(f"EDIT_BANK={bank}") == served and steps(f"EDIT_BANK={bank}") == []
     assert serve_command(f"EDIT_BANK={bank}", "CHECKPOINT=c") == "--checkpoint c"
-    assert not says_how_to_build_it(f"EDIT_BANK={tmp_path / 'none'}", "CHECKPOINT=c")
-    for variables, encoder in (([f"EDIT_BANK={bank}"], True), (["EDIT_BANK=none"], False)):
+    assert steps(f"EDIT_BANK={tmp_path / 'none'}", "CHECKPOINT=c") == []
+    for variables, encoder in (([f"EDIT_BANK={bank}"], True), (["CHECKPOINT=c"], False)):
         dry_run = make_dry_run("-B", "serve", *variables)
         # the editor re-encodes its edits: the encoder is installed first
         assert ("-e '.[encoder,tools]'" in dry_run) is encoder, dry_run

@@ -176,5 +176,5 @@ def _run_raw_phrase_bank(
         seconds,
         torch_threads=torch.get_num_threads(),
         phrases=len(bank),
-        dtype=str(bank.embeddings.dtype).removeprefix("torch."),
+        dtype=str(bank.dtype).removeprefix("torch."),
     )
