@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,13 +210,47 @@ def compress(
     return quantizer, codes
 
 
+def write_codes(
+    directory: Path, quantizer: Quantizer, codes: np.ndarray, **more: np.ndarray
+) -> None:
+    """`directory`/codes.safetensors: the quantizer, the (N, M) codes and `more` tensors."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {**quantizer.tensors(), "codes": np.asarray(codes, dtype=np.uint8), **more}
+    atomic_write(directory / CODES_FILE, lambda tmp: save_file(tensors, tmp))
+
+
+def load_codes(
+    directory: Path, card: Mapping[str, Any], phrases: list[str], encode: Encode | None
+) -> tuple[CodedPhraseBank, str]:
+    """A coded bank's search over `phrases` (read and counted by the caller), re-embedding
+    with `encode` (None: the installed encoder, `auto` precision), and its codes' sha256."""
+    tensors, digest = read_codes(
+        directory / CODES_FILE, QUANTIZER_TENSORS + ("codes",), card.get("weights_sha256")
+    )
+    rescore = card.get("rescore", RESCORE)
+    if not isinstance(rescore, int) or isinstance(rescore, bool) or rescore < 1:
+        raise CheckpointError(f"{directory / CARD_FILE}: rescore must be a positive integer")
+    quantizer = Quantizer(tensors["rotation"], tensors["centroids"])
+    if quantizer.rotation.shape[0] != card["encoder"]["dim"]:
+        raise CheckpointError(
+            f"{directory / CODES_FILE} codes {quantizer.rotation.shape[0]}-dim vectors but "
+            f"encoder {card['encoder'].get('name')!r} embeds into {card['encoder']['dim']}"
+        )
+    if encode is None:
+        from .encoder import SentenceEncoder
+
+        encode = SentenceEncoder.load(precision="auto").encode
+    try:
+        return CodedPhraseBank(phrases, quantizer, tensors["codes"], encode, rescore), digest
+    except ValueError as exc:
+        raise CheckpointError(f"phrase bank {directory}: {exc}") from None
+
+
 def save_codes(
     directory: Path, quantizer: Quantizer, codes: np.ndarray, keys: np.ndarray, card: dict[str, Any]
 ) -> Path:
     """compress-bank's output: the quantizer, codes and keys, and a card (`card` merged in)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {**quantizer.tensors(), "codes": codes, "keys": keys}
-    atomic_write(directory / CODES_FILE, lambda tmp: save_file(tensors, tmp))
+    write_codes(directory, quantizer, codes, keys=keys)
     card = {
         "format": CARD_FORMAT,
         "kind": CODES_KIND,

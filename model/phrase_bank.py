@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import (
@@ -42,7 +41,7 @@ from .checkpoint import (
     read_card,
     resolve_device,
 )
-from .coded_bank import CODED, CODES_FILE, RESCORE, CodedPhraseBank, Quantizer, read_codes
+from .coded_bank import CODED, CODES_FILE, RESCORE, Quantizer, load_codes, write_codes
 from .encoder import ENCODER_DIM, ENCODER_NAME, ENCODER_WEIGHTS_SHA256, Encode, sha256_file
 
 EMBEDDINGS_FILE = "embeddings.safetensors"
@@ -202,19 +201,26 @@ def save_phrase_bank(
         directory / EMBEDDINGS_FILE,
         lambda tmp: save_file({EMBEDDINGS_TENSOR: stored}, tmp, metadata={"format": "pt"}),
     )
-    phrases_data = phrases_json(phrases)
-    atomic_write(directory / PHRASES_FILE, lambda tmp: Path(tmp).write_bytes(phrases_data))
+    return _write_phrases_and_card(
+        directory, phrases, EMBEDDINGS_FILE, name=name, version=version,
+        encoder=dict(encoder), dtype=dtype, source=dict(source or {}),
+    )  # fmt: skip
+
+
+def _write_phrases_and_card(
+    directory: Path, phrases: Sequence[str], stored: str, **fields: Any
+) -> Path:
+    """phrases.json and card.json beside the `stored` file (the embeddings or the codes,
+    written first): the card names `fields`, the count and both files' sha256."""
+    data = phrases_json(phrases)
+    atomic_write(directory / PHRASES_FILE, lambda tmp: Path(tmp).write_bytes(data))
     card = {
         "format": CARD_FORMAT,
         "kind": PHRASE_BANK_KIND,
-        "name": name,
-        "version": version,
-        "encoder": dict(encoder),
+        **fields,
         "phrase_count": len(phrases),
-        "dtype": dtype,
-        "weights_sha256": sha256_file(directory / EMBEDDINGS_FILE),
-        "phrases_sha256": _sha256_bytes(phrases_data),
-        "source": dict(source or {}),
+        "weights_sha256": sha256_file(directory / stored),
+        "phrases_sha256": _sha256_bytes(data),
     }
     text = json.dumps(card, indent=2, sort_keys=True) + "\n"
     atomic_write(directory / CARD_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
@@ -343,54 +349,11 @@ def save_coded_bank(
 ) -> Path:
     """Write a coded phrase bank (coded_bank): row i of `codes` codes phrases[i]'s embedding."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {**quantizer.tensors(), "codes": np.asarray(codes, dtype=np.uint8)}
-    atomic_write(directory / CODES_FILE, lambda tmp: save_numpy(tensors, tmp))
-    data = phrases_json(phrases)
-    atomic_write(directory / PHRASES_FILE, lambda tmp: Path(tmp).write_bytes(data))
-    card = {
-        "format": CARD_FORMAT,
-        "kind": PHRASE_BANK_KIND,
-        "name": name,
-        "version": "1",
-        "encoder": dict(BANK_ENCODER),
-        "phrase_count": len(phrases),
-        "dtype": CODED,
-        "rescore": rescore,
-        "weights_sha256": sha256_file(directory / CODES_FILE),
-        "phrases_sha256": _sha256_bytes(data),
-        "source": dict(source or {}),
-    }
-    text = json.dumps(card, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / CARD_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    return directory
-
-
-def _coded(
-    directory: Path, card: Mapping[str, Any], phrases: list[str], encode: Encode | None
-) -> tuple[CodedPhraseBank, str]:
-    """A coded bank's search over `phrases`, re-embedding with `encode` (None: the installed
-    encoder, `auto` precision), and its codes file's sha256."""
-    tensors, digest = read_codes(
-        directory / CODES_FILE, ("rotation", "centroids", "codes"), card.get("weights_sha256")
-    )
-    rescore = card.get("rescore", RESCORE)
-    if not isinstance(rescore, int) or isinstance(rescore, bool) or rescore < 1:
-        raise CheckpointError(f"{directory / CARD_FILE}: rescore must be a positive integer")
-    if encode is None:
-        from .encoder import SentenceEncoder
-
-        encode = SentenceEncoder.load(precision="auto").encode
-    quantizer = Quantizer(tensors["rotation"], tensors["centroids"])
-    if quantizer.rotation.shape[0] != card["encoder"]["dim"]:
-        raise CheckpointError(
-            f"{directory / CODES_FILE} codes {quantizer.rotation.shape[0]}-dim vectors but "
-            f"encoder {card['encoder'].get('name')!r} embeds into {card['encoder']['dim']}"
-        )
-    try:
-        return CodedPhraseBank(phrases, quantizer, tensors["codes"], encode, rescore), digest
-    except ValueError as exc:
-        raise CheckpointError(f"phrase bank {directory}: {exc}") from None
+    write_codes(directory, quantizer, codes)
+    return _write_phrases_and_card(
+        directory, phrases, CODES_FILE, name=name, version="1", encoder=dict(BANK_ENCODER),
+        dtype=CODED, rescore=rescore, source=dict(source or {}),
+    )  # fmt: skip
 
 
 def _counted(
@@ -432,7 +395,7 @@ def load_phrase_bank(
             raise CheckpointError(f"phrase bank {directory} is missing {required}")
     if coded:
         phrases = _counted(directory, card)
-        bank, digest = _coded(directory, card, phrases, encode)
+        bank, digest = load_codes(directory, card, phrases, encode)
         return LoadedPhraseBank(bank, card, digest, directory)
     matrix, digest = _read_embeddings(directory / EMBEDDINGS_FILE, card)
     phrases = read_phrases_json(directory / PHRASES_FILE, card)
