@@ -161,10 +161,10 @@ train: $(VENV)/.train
 		--minutes $(POINTER_MINUTES) --init $(TRAIN_OUT)/checkpoint --data-dir $(TRAIN_DATA)
 	$(call BANK,$(TRAIN_OUT)-pointer/checkpoint)
 
-## What `make serve` serves by default, without training anything: the corpus, every text
-## embedded (resumable; ~2 h 50 min on 2 cores here, minutes on a GPU), the training split as
-## EDIT_BANK, and the shipped editor added to it (the measured system: README, "Retrieve,
-## edit, verify").
+## The exact EDIT_BANK in place of the coded one, without training anything: the corpus, every
+## text embedded (resumable; ~2 h 50 min on 2 cores here, minutes on a GPU), the training split
+## as EDIT_BANK, and the shipped editor added to it (README, "Retrieve, edit, verify"); `make
+## serve` then serves it.
 datastore: $(VENV)/.train
 	$(CORPUS)
 	$(BIN)/retd embed --data-dir $(TRAIN_DATA)
