@@ -88,12 +88,16 @@ def bank_from_codes(args: argparse.Namespace, encode: Encode | None = None) -> i
     path = data_dir / "corpus" / f"{split}.txt"
     try:
         texts = read_texts(path)
-        quantizer, codes, keys, card = load_shipped(args.codes)
-    except (OSError, CheckpointError) as exc:
-        print(f"retd build-phrase-bank: {exc} (run `retd corpus` first)", file=sys.stderr)
+    except OSError as exc:
+        print(f"retd build-phrase-bank: {exc} (`retd corpus` writes it)", file=sys.stderr)
         return 2
     if not texts:
         print(f"retd build-phrase-bank: {path} holds no text", file=sys.stderr)
+        return 2
+    try:
+        quantizer, codes, keys, card = load_shipped(args.codes)
+    except CheckpointError as exc:
+        print(f"retd build-phrase-bank: {exc}", file=sys.stderr)
         return 2
     mine, embedded = codes_for(texts, quantizer, codes, keys, encode or _lazy_encoder())
     source: dict[str, Any] = {

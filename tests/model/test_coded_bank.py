@@ -174,6 +174,10 @@ def test_compress_then_build_from_codes(tmp_path: Path, capsys: pytest.CaptureFi
     assert [texts[r] for r in rows[:, 0].tolist()] == ["phrase 150", "phrase 420"]
     assert np.allclose(scores[:, 0].numpy(), 1.0, atol=1e-5)
     assert main([*argv[:3], "--codes", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "cannot read" in capsys.readouterr().err  # the codes directory
+    no_corpus = ["build-phrase-bank", "--from-split", str(tmp_path), "--codes", str(shipped)]
+    assert main([*no_corpus, "--out", str(out)]) == 2
+    assert "`retd corpus` writes it" in capsys.readouterr().err
 
 
 def test_a_coded_bank_that_is_not_what_its_card_says_is_refused(tmp_path: Path) -> None:
