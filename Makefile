@@ -58,7 +58,8 @@ encoder: $(VENV)/.encoder
 ## texts with the pointer editor, answering Decode by retrieve, edit, verify (README), beside
 ## the shipped checkpoint as `ret_v21`. Where neither `make datastore` nor `make train` has
 ## built EDIT_BANK, it is built first from the committed codes of the training texts
-## (model/datastore) and the corpus (~10 min, once; README, "A datastore that travels").
+## (model/datastore) and the corpus (82 s after the installs here, once; README, "A datastore
+## that travels").
 ## CHECKPOINT=DIR serves that checkpoint alone, with nothing built.
 EDIT_BANK ?= build/banks/train
 SHIPPED := model/checkpoints/ret_v21_bpe1792
