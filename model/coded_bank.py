@@ -1,5 +1,5 @@
 """Phrase banks whose embeddings are stored as codes: 32 bytes a phrase instead of 1,536, so
-that the training split's 951k embeddings travel in the repository (model/datastore, 30 MB)
+that the training split's 951k embeddings travel in the repository (model/datastore, 37 MB)
 and a fresh clone serves the retrieve-edit-verify default without embedding them for hours.
 
 A `Quantizer` is OPQ product quantisation (faiss): a learnt rotation of the 768-dim space,
@@ -45,8 +45,8 @@ QUANTIZER_TENSORS = ("rotation", "centroids")
 
 
 def _faiss(threads: int = 1) -> Any:
-    """faiss on `threads` OpenMP threads (searches take one: its threads spin while waiting,
-    and on a busy 2-core machine a fit on both ran ~10× slower than on one)."""
+    """faiss on `threads` OpenMP threads (searches take one: its threads spin while waiting;
+    with another job on this 2-core machine, a test's fit on both took over 300 s, on one 96 s)."""
     import faiss  # training and searching the codes
 
     faiss.omp_set_num_threads(threads)
