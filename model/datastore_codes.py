@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,9 +25,6 @@ from .checkpoint import CheckpointError
 from .coded_bank import codes_for, compress, load_shipped, save_codes, text_keys
 from .encoder import Encode
 from .phrase_bank import load_phrase_bank, save_coded_bank
-
-#: The committed codes of the training split (`make datastore`'s bank, compressed).
-SHIPPED_CODES = Path(__file__).parent / "datastore"
 
 
 def compress_bank(args: argparse.Namespace) -> int:
