@@ -13,7 +13,6 @@ phrases, a hybrid Decode's first look) stay the bank's plain search.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CARD_FILE, CheckpointError, atomic_write, load_checkpoint
+from .checkpoint import CARD_FILE, CheckpointError, load_checkpoint, write_card
 from .encoder import Encode
 from .phrase_bank import BANK_ENCODER, read_bank_card
 from .pick import chosen_weights
@@ -52,8 +51,7 @@ def add_editor(
     shutil.copytree(checkpoint, target)
     entry = {**asdict(settings), "checkpoint": EDITOR_DIR, "weights_sha256": loaded.sha256}
     card[EDITOR_KEY] = entry
-    text = json.dumps(card, indent=2, sort_keys=True) + "\n"
-    atomic_write(bank / CARD_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_card(bank, card)
     return entry
 
 

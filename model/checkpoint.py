@@ -105,6 +105,12 @@ def atomic_write(path: Path, write: Any) -> None:
             os.unlink(tmp)
 
 
+def write_card(directory: Path, card: Mapping[str, Any]) -> None:
+    """`directory`/card.json, indented with sorted keys, written atomically."""
+    text = json.dumps(card, indent=2, sort_keys=True) + "\n"
+    atomic_write(directory / CARD_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def save_checkpoint(
     model: RET,
     directory: str | Path,
@@ -164,8 +170,7 @@ def save_checkpoint(
         lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
     )
     full_card["weights_sha256"] = sha256_file(directory / WEIGHTS_FILE)
-    text = json.dumps(full_card, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / CARD_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_card(directory, full_card)
     return directory
 
 

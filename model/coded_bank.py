@@ -21,6 +21,7 @@ the new texts are embedded.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -33,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from .checkpoint import CARD_FILE, CARD_FORMAT, CheckpointError, atomic_write
+from .checkpoint import CARD_FILE, CARD_FORMAT, CheckpointError, atomic_write, write_card
 from .encoder import Encode, sha256_file
 
 CODES_FILE = "codes.safetensors"
@@ -51,6 +52,14 @@ def _faiss(threads: int = 1) -> Any:
 
     faiss.omp_set_num_threads(threads)
     return faiss
+
+
+@functools.cache
+def installed_encode() -> Encode:
+    """The installed sentence encoder's `auto` encode, loaded once, at its first use."""
+    from .encoder import SentenceEncoder
+
+    return SentenceEncoder.load(precision="auto").encode
 
 
 def is_coded(bank: Path) -> bool:
@@ -236,14 +245,13 @@ def load_codes(
             f"{directory / CODES_FILE} codes {quantizer.rotation.shape[0]}-dim vectors but "
             f"encoder {card['encoder'].get('name')!r} embeds into {card['encoder']['dim']}"
         )
-    if encode is None:
-        from .encoder import SentenceEncoder
-
-        encode = SentenceEncoder.load(precision="auto").encode
     try:
-        return CodedPhraseBank(phrases, quantizer, tensors["codes"], encode, rescore), digest
+        bank = CodedPhraseBank(
+            phrases, quantizer, tensors["codes"], encode or installed_encode(), rescore
+        )
     except ValueError as exc:
         raise CheckpointError(f"phrase bank {directory}: {exc}") from None
+    return bank, digest
 
 
 def save_codes(
@@ -259,8 +267,7 @@ def save_codes(
         "codes_sha256": sha256_file(directory / CODES_FILE),
         **card,
     }
-    text = json.dumps(card, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / CARD_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_card(directory, card)
     return directory
 
 
@@ -283,7 +290,11 @@ def read_codes(
             "the ones the card describes"
         )
     codes, rotation, centroids = tensors["codes"], tensors["rotation"], tensors["centroids"]
-    if codes.dtype != np.uint8 or codes.ndim != 2 or centroids.shape[:2] != (codes.shape[1], 256):
+    if (
+        codes.dtype != np.uint8
+        or codes.ndim != 2
+        or centroids.shape[:2] != (codes.shape[1], CENTROIDS)
+    ):
         raise CheckpointError(
             f"{path}: codes must be (phrases, M) uint8 with (M, 256, D/M) centroids; got "
             f"{codes.dtype} {codes.shape} and {centroids.shape}"

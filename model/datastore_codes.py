@@ -19,27 +19,33 @@ import json
 import sys
 from typing import Any
 
-import numpy as np
-
 from .checkpoint import CheckpointError
-from .coded_bank import codes_for, compress, load_shipped, save_codes, text_keys
+from .coded_bank import (
+    codes_for,
+    compress,
+    installed_encode,
+    is_coded,
+    load_shipped,
+    save_codes,
+    text_keys,
+)
 from .encoder import Encode
-from .phrase_bank import load_phrase_bank, save_coded_bank
+from .phrase_bank import PhraseBank, load_phrase_bank, save_coded_bank
 
 
 def compress_bank(args: argparse.Namespace) -> int:
     """`retd compress-bank`: BANK's embeddings as codes, with keys, in --out."""
+    if is_coded(args.bank):  # before loading it, which would load the encoder for nothing
+        print(f"retd compress-bank: {args.bank} is coded already", file=sys.stderr)
+        return 2
     try:
         loaded = load_phrase_bank(args.bank)
     except CheckpointError as exc:
         print(f"retd compress-bank: {exc}", file=sys.stderr)
         return 2
-    embeddings = getattr(loaded.bank, "embeddings", None)
-    if embeddings is None:
-        print(f"retd compress-bank: {args.bank} is coded already", file=sys.stderr)
-        return 2
+    assert isinstance(loaded.bank, PhraseBank)  # a bank of stored embeddings: not coded
     try:
-        vectors = embeddings.float().numpy()
+        vectors = loaded.bank.embeddings.float().numpy()
         quantizer, codes = compress(
             vectors, args.m, args.sample, args.seed, args.opq_iterations, args.threads
         )
@@ -59,20 +65,6 @@ def compress_bank(args: argparse.Namespace) -> int:
     summary = {"codes": str(args.out), "phrases": len(codes), "bytes_a_phrase": quantizer.m}
     print(json.dumps(summary, indent=2))
     return 0
-
-
-def _lazy_encoder() -> Encode:
-    """The installed encoder's `auto` encode, loaded at its first call (most builds need none)."""
-    loaded: list[Encode] = []
-
-    def encode(texts: list[str]) -> np.ndarray:
-        if not loaded:
-            from .encoder import SentenceEncoder
-
-            loaded.append(SentenceEncoder.load(precision="auto").encode)
-        return loaded[0](texts)
-
-    return encode
 
 
 def bank_from_codes(args: argparse.Namespace, encode: Encode | None = None) -> int:
@@ -95,7 +87,9 @@ def bank_from_codes(args: argparse.Namespace, encode: Encode | None = None) -> i
     except CheckpointError as exc:
         print(f"retd build-phrase-bank: {exc}", file=sys.stderr)
         return 2
-    mine, embedded = codes_for(texts, quantizer, codes, keys, encode or _lazy_encoder())
+    mine, embedded = codes_for(
+        texts, quantizer, codes, keys, encode or (lambda batch: installed_encode()(batch))
+    )
     source: dict[str, Any] = {
         "data_dir": str(data_dir),
         "split": split,

@@ -40,6 +40,7 @@ from .checkpoint import (
     atomic_write,
     read_card,
     resolve_device,
+    write_card,
 )
 from .coded_bank import CODED, CODES_FILE, RESCORE, Quantizer, load_codes, write_codes
 from .encoder import ENCODER_DIM, ENCODER_NAME, ENCODER_WEIGHTS_SHA256, Encode, sha256_file
@@ -222,8 +223,7 @@ def _write_phrases_and_card(
         "weights_sha256": sha256_file(directory / stored),
         "phrases_sha256": _sha256_bytes(data),
     }
-    text = json.dumps(card, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / CARD_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_card(directory, card)
     return directory
 
 
@@ -356,12 +356,8 @@ def save_coded_bank(
     )  # fmt: skip
 
 
-def _counted(
-    directory: Path, card: Mapping[str, Any], phrases: list[str] | None = None
-) -> list[str]:
-    """The bank's phrases (read here unless given), as many as its card names, at least one."""
-    if phrases is None:
-        phrases = read_phrases_json(directory / PHRASES_FILE, card)
+def _counted(directory: Path, card: Mapping[str, Any], phrases: list[str]) -> list[str]:
+    """`phrases`, checked: as many as the bank's card names, at least one."""
     if card["phrase_count"] != len(phrases):
         raise CheckpointError(
             f"phrase bank {directory}: {CARD_FILE} names {card['phrase_count']!r} phrases "
@@ -394,7 +390,7 @@ def load_phrase_bank(
         if not (directory / required).is_file():
             raise CheckpointError(f"phrase bank {directory} is missing {required}")
     if coded:
-        phrases = _counted(directory, card)
+        phrases = _counted(directory, card, read_phrases_json(directory / PHRASES_FILE, card))
         bank, digest = load_codes(directory, card, phrases, encode)
         return LoadedPhraseBank(bank, card, digest, directory)
     matrix, digest = _read_embeddings(directory / EMBEDDINGS_FILE, card)

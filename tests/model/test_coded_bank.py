@@ -173,6 +173,8 @@ def test_compress_then_build_from_codes(tmp_path: Path, capsys: pytest.CaptureFi
     scores, rows = loaded.bank.search(torch.from_numpy(vectors[[150, 420]]), 3)
     assert [texts[r] for r in rows[:, 0].tolist()] == ["phrase 150", "phrase 420"]
     assert np.allclose(scores[:, 0].numpy(), 1.0, atol=1e-5)
+    assert main(["compress-bank", str(out), "--out", str(tmp_path / "again")]) == 2
+    assert "is coded already" in capsys.readouterr().err
     assert main([*argv[:3], "--codes", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert "cannot read" in capsys.readouterr().err  # the codes directory
     no_corpus = ["build-phrase-bank", "--from-split", str(tmp_path), "--codes", str(shipped)]
